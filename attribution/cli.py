@@ -1,0 +1,140 @@
+"""Command-line interface: `python -m attribution COMMAND ...`.
+
+Each command parses its options, says what it will compute and where the results go, calls the library and
+prints the result. A user error ends with one line on stderr and exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import AttributionError
+
+
+def _tqdm_progress(desc: str) -> Callable[[int, int, str], None]:
+    """A progress callback (done, total, message) drawn as a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int, message: str = "") -> None:
+        nonlocal bar
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=total, desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True)
+        bar.n = done
+        if message:
+            bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+        if done >= total:
+            bar.close()
+            bar = None
+
+    return update
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# -- train ---------------------------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, read_index_file, train
+
+    indices = read_index_file(args.indices) if args.indices else None
+    cfg = TrainConfig(dataset=args.dataset, out=args.out, epochs=args.epochs, seed=args.seed,
+                      batch_size=args.batch_size, lr=args.lr, checkpoints=args.checkpoints, preset=args.preset,
+                      resolution=args.resolution, indices=indices, index_file=args.indices, device=args.device,
+                      flip={"auto": None, "on": True, "off": False}[args.flip],
+                      save_epochs=[int(e) for e in args.save_epochs.split(",")] if args.save_epochs else [])
+    info(f"training a {cfg.preset} DDPM on {cfg.dataset}"
+         f"{f' ({len(indices)} indices from {args.indices})' if indices else ''} for {cfg.epochs} epochs, "
+         f"seed {cfg.seed}; checkpoints at epochs {cfg.save_epochs} -> {cfg.out}")
+    out = train(cfg, progress=_tqdm_progress("epochs"))
+    print(out)
+    return 0
+
+
+# -- generate ------------------------------------------------------------------------------------------------------
+
+def cmd_generate(args) -> int:
+    from .data import pixels_to_pil, tensor_to_pixels
+    from .fileio import atomic_path, save_npz
+    from .models import load_model
+    from .sampling import sample
+
+    model = load_model(args.checkpoint, args.device)
+    out = Path(args.out)
+    info(f"generating {args.n} images from {model.spec} with {args.sampler} ({args.steps} steps), seeds "
+         f"{args.seed}..{args.seed + args.n - 1} -> {out}/")
+    traj = sample(model, args.n, args.seed, args.steps, args.sampler, progress=_tqdm_progress("sampling"))
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = tensor_to_pixels(__import__("torch").from_numpy(traj.final))
+    for i, seed in enumerate(traj.seeds):
+        with atomic_path(out / f"seed-{seed:06d}.png") as tmp:
+            pixels_to_pil(pixels[i]).save(tmp, format="PNG")
+    arrays = {"images": pixels[..., 0] if pixels.shape[-1] == 1 else pixels, "seeds": traj.seeds}
+    if args.trajectory:
+        arrays.update(timesteps=traj.timesteps, xt=traj.xt, x0_pred=traj.x0_pred)
+    save_npz(out / "samples.npz", **arrays)
+    print(f"wrote {len(pixels)} PNGs and samples.npz to {out}")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m attribution",
+                                description="Which training images made a diffusion model generate this?")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a small DDPM (UNet2DModel) on a dataset or a subset of it")
+    t.add_argument("--dataset", required=True, help="dataset spec, e.g. digits, animals-2, folder:PATH")
+    t.add_argument("--out", required=True, help="run folder to write (epoch-N/ checkpoints + run.json)")
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--indices", help="train only on these training-split indices (.npy or text file)")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--checkpoints", type=int, default=5, help="number of evenly spaced saved epochs (default 5)")
+    t.add_argument("--save-epochs", help="explicit comma-separated epochs to save instead of --checkpoints")
+    t.add_argument("--preset", default="small", help="UNet size: small (0.65M parameters) or tiny (tests)")
+    t.add_argument("--resolution", type=int, help="model resolution (default: the dataset's)")
+    t.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
+                   help="random horizontal flips (auto: on except for digits)")
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate images (PNGs + samples.npz)")
+    g.add_argument("--checkpoint", required=True, help="digits, animals-2, NAME@epoch-N, or a folder")
+    g.add_argument("--n", type=int, default=16)
+    g.add_argument("--seed", type=int, default=0, help="image i gets seed SEED+i")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    g.add_argument("--out", required=True)
+    g.add_argument("--trajectory", action="store_true", help="also store x_t and predicted x0 of every step")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    from . import cli_engine
+
+    cli_engine.add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AttributionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130

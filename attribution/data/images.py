@@ -1,0 +1,149 @@
+"""Reading user images and image files safely, and converting them to what a model sees.
+
+Model tensors are float32 in [-1, 1], shape (C, R, R). Pixels are uint8 arrays of shape (H, W, C).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import ImageError
+
+# Larger images are refused before decoding (a 20000 x 20000 PNG would need 1.2 GB as RGB).
+MAX_PIXELS = 4096 * 4096
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image from a path or bytes; raise `ImageError` with one clear line otherwise."""
+    label = name or (Path(source).name if not isinstance(source, bytes) else "upload")
+    if not isinstance(source, bytes):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"image file not found: {path}")
+        source = path.read_bytes()
+    try:
+        img = Image.open(io.BytesIO(source))
+    except UnidentifiedImageError:
+        raise ImageError(f"{label} is not an image file PIL can read (PNG, JPEG, BMP, GIF, WebP, TIFF)") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{label} is {w}x{h} pixels; images larger than {MAX_PIXELS:,} pixels are refused")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{label} is truncated or corrupt ({exc})") from None
+    return img
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert to 'L' (1 channel) or 'RGB' (3 channels); transparency is composited onto black."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.astype(np.uint8))
+    if channels == 1:
+        return img.convert("L")
+    if channels == 3:
+        return img.convert("RGB")
+    raise ImageError(f"models with {channels} channels are not supported (1 or 3)")
+
+
+def resize_square(img: Image.Image, resolution: int) -> Image.Image:
+    """Centre-crop to a square, then resize to resolution x resolution (bicubic, antialiased)."""
+    w, h = img.size
+    side = min(w, h)
+    if w != h:
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if side != resolution:
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return img
+
+
+def image_to_pixels(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
+    """PIL image -> uint8 (R, R, C) as the model sees it."""
+    arr = np.asarray(resize_square(to_mode(img, channels), resolution), dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, C) -> float32 (..., C, H, W) in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(pixels)).float().div(127.5).sub(1.0)
+    return t.movedim(-1, -3)
+
+
+def tensor_to_pixels(x: torch.Tensor) -> np.ndarray:
+    """float (..., C, H, W) in [-1, 1] -> uint8 (..., H, W, C), clipped."""
+    x = x.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).numpy()
+
+
+def pixels_to_pil(pixels: np.ndarray, display_size: int | None = None) -> Image.Image:
+    """uint8 (H, W, C) -> PIL, optionally enlarged (nearest neighbour, so pixels stay visible)."""
+    arr = pixels[:, :, 0] if pixels.shape[-1] == 1 else pixels
+    img = Image.fromarray(arr)
+    if display_size and display_size != img.width:
+        img = img.resize((display_size, display_size), Image.Resampling.NEAREST)
+    return img
+
+
+def load_image_pixels(source: str | os.PathLike | bytes, resolution: int, channels: int,
+                      name: str | None = None) -> np.ndarray:
+    """Read one image file and return it as the model sees it: uint8 (R, R, C)."""
+    return image_to_pixels(open_image(source, name), resolution, channels)
+
+
+def load_npz_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an .npz with `images` (uint8, N x H x W or N x H x W x C) and optional `labels` (N,).
+
+    Returns (images as N x H x W x C uint8, labels or None). No pickles are read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"npz file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "images" not in data.files:
+                raise ImageError(f"{path.name} has no 'images' array (found: {', '.join(data.files) or 'nothing'})")
+            images = data["images"]
+            labels = data["labels"] if "labels" in data.files else None
+    except ImageError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, ValueError (pickled object arrays), OSError
+        raise ImageError(f"{path.name} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if images.dtype != np.uint8:
+        raise ImageError(f"{path.name}: 'images' must be uint8 in 0..255, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] == 0:
+        raise ImageError(f"{path.name}: 'images' must be N x H x W or N x H x W x C with C in (1, 3), "
+                         f"got shape {tuple(images.shape)}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise ImageError(f"{path.name}: 'labels' must be N integers, got {labels.dtype} {tuple(labels.shape)}")
+    return images, labels
+
+
+def convert_pixels(images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+    """Bring a uint8 (N, H, W, C) array to (N, R, R, channels), resizing and converting mode as needed."""
+    n, h, w, c = images.shape
+    if h == w == resolution and c == channels:
+        return images
+    out = np.empty((n, resolution, resolution, channels), dtype=np.uint8)
+    for i in range(n):
+        arr = images[i, :, :, 0] if c == 1 else images[i]
+        out[i] = image_to_pixels(Image.fromarray(arr), resolution, channels)
+    return out

@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad path, an unknown name, an out-of-range option) is raised as an
+`AttributionError` whose message is one line that says what is wrong and what to do. The CLI prints that line and
+exits non-zero; the app shows it in an error box. Anything else is a bug and keeps its traceback.
+"""
+
+
+class AttributionError(Exception):
+    """Base class: the message is one line meant for the user."""
+
+
+class DatasetError(AttributionError):
+    """An unknown dataset name, a missing or malformed dataset file or folder."""
+
+
+class ImageError(AttributionError):
+    """A file that is not a usable image (not an image, truncated, too large, wrong shape)."""
+
+
+class CheckpointError(AttributionError):
+    """A missing, incomplete or unsupported checkpoint directory."""
+
+
+class ConfigError(AttributionError):
+    """An option outside its allowed range or set."""
+
+
+class CacheMismatchError(AttributionError):
+    """A cache folder whose stored configuration differs from the one asked for."""

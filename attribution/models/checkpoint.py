@@ -1,0 +1,218 @@
+"""Checkpoints: naming, loading and saving diffusers `UNet2DModel` DDPMs, safely and offline.
+
+A checkpoint spec is one of:
+- a shipped alias: `digits`, `animals-2` (the models under `models/` in this repository);
+- a training run folder (made by `python -m attribution train`), whose `epoch-NNNN/` subfolders are checkpoints;
+- a `DDPMPipeline` folder (`model_index.json`, `unet/`, optional `scheduler/`), e.g. a downloaded
+  google/ddpm-cifar10-32;
+- a bare `UNet2DModel` folder (`config.json` + `diffusion_pytorch_model.safetensors`).
+
+Any of them may end in `@epoch-N` (an intermediate checkpoint of a run) or `@final` (the last, the default).
+
+Weights are read only from safetensors, or from a PyTorch .bin with `torch.load(weights_only=True)`, so a
+checkpoint cannot run code. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..fileio import atomic_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_DIR = REPO_ROOT / "models"
+SHIPPED = {"digits": SHIPPED_DIR / "digits", "animals-2": SHIPPED_DIR / "animals-2"}
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DEFAULT_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                    "beta_schedule": "linear", "prediction_type": "epsilon"}
+_EPOCH_RE = re.compile(r"^epoch-(\d+)$")
+
+
+@dataclass
+class CheckpointInfo:
+    """Where a checkpoint lives and what it is.
+
+    Attributes:
+        spec: the spec as the user wrote it (normalised, e.g. "digits@epoch-20").
+        unet_dir: folder holding the UNet `config.json` and weights.
+        scheduler_config: path of a `scheduler_config.json`, or None (the DDPM default schedule applies).
+        run_dir: the training-run folder it belongs to, if any (its `run.json` has the training metadata).
+        epoch: the training epoch of a run checkpoint, else None.
+        siblings: the specs of all checkpoints of the same run, oldest first.
+    """
+
+    spec: str
+    unet_dir: Path
+    scheduler_config: Path | None
+    run_dir: Path | None = None
+    epoch: int | None = None
+    siblings: list[str] = field(default_factory=list)
+
+    @property
+    def weights_path(self) -> Path:
+        for name in WEIGHT_NAMES:
+            if (self.unet_dir / name).is_file():
+                return self.unet_dir / name
+        raise CheckpointError(f"{self.unet_dir} has no weights file ({' or '.join(WEIGHT_NAMES)})")
+
+    @property
+    def schedule_note(self) -> str:
+        if self.scheduler_config is not None:
+            return f"noise schedule from {self.scheduler_config}"
+        return "no scheduler_config.json found: using the DDPM default (T=1000, linear betas 1e-4..0.02, epsilon)"
+
+    def content_hash(self) -> str:
+        """sha256 of the weights file (first 16 hex digits): the checkpoint's identity in cache keys."""
+        h = hashlib.sha256()
+        with open(self.weights_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()[:16]
+
+    def run_metadata(self) -> dict:
+        if self.run_dir and (self.run_dir / "run.json").is_file():
+            return json.loads((self.run_dir / "run.json").read_text())
+        return {}
+
+
+def _run_epochs(run_dir: Path) -> list[tuple[int, Path]]:
+    eps = []
+    for p in run_dir.iterdir() if run_dir.is_dir() else []:
+        m = _EPOCH_RE.match(p.name)
+        if m and p.is_dir():
+            eps.append((int(m.group(1)), p))
+    return sorted(eps)
+
+
+def _pipeline_parts(folder: Path) -> tuple[Path, Path | None]:
+    """(unet_dir, scheduler_config or None) for a pipeline folder or a bare UNet folder."""
+    if (folder / "unet").is_dir():
+        unet_dir = folder / "unet"
+        sched = folder / "scheduler" / "scheduler_config.json"
+    else:
+        unet_dir = folder
+        sched = folder / "scheduler_config.json"
+        if not sched.is_file():
+            sched = folder.parent / "scheduler" / "scheduler_config.json"
+    if not (unet_dir / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a diffusers UNet2DModel or DDPMPipeline folder: "
+                              f"missing {unet_dir / 'config.json'}")
+    if not any((unet_dir / n).is_file() for n in WEIGHT_NAMES):
+        raise CheckpointError(f"{unet_dir} has config.json but no weights ({' or '.join(WEIGHT_NAMES)})")
+    return unet_dir, sched if sched.is_file() else None
+
+
+def resolve_checkpoint(spec: str) -> CheckpointInfo:
+    """Turn a checkpoint spec into a `CheckpointInfo`; raise `CheckpointError` naming what is missing."""
+    spec = str(spec).strip()
+    base, _, which = spec.partition("@")
+    folder = SHIPPED.get(base, Path(base).expanduser())
+    if base in SHIPPED and not folder.is_dir():
+        raise CheckpointError(f"the shipped model {base!r} is missing from {folder}; re-clone the repository")
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint not found: {base!r} is neither a shipped model "
+                              f"({', '.join(SHIPPED)}) nor an existing folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {base!r} is a file; give the folder that holds config.json and the weights")
+    epochs = _run_epochs(folder)
+    if epochs:
+        siblings = [f"{base}@epoch-{e}" for e, _ in epochs]
+        if which in ("", "final", "last"):
+            epoch, path = epochs[-1]
+        else:
+            m = re.fullmatch(r"epoch-?(\d+)", which)
+            match = [p for e, p in epochs if m and e == int(m.group(1))]
+            if not match:
+                raise CheckpointError(f"{base} has no checkpoint {which!r}; available: "
+                                      f"{', '.join(f'epoch-{e}' for e, _ in epochs)}")
+            epoch, path = int(m.group(1)), match[0]
+        unet_dir, sched = _pipeline_parts(path)
+        return CheckpointInfo(f"{base}@epoch-{epoch}", unet_dir, sched, folder, epoch, siblings)
+    if which not in ("", "final", "last"):
+        raise CheckpointError(f"{base} is a single checkpoint, not a training run; drop '@{which}'")
+    unet_dir, sched = _pipeline_parts(folder)
+    return CheckpointInfo(base, unet_dir, sched, None, None, [base])
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} could not be loaded safely with weights_only=True ({type(exc).__name__}); "
+                              "convert it to safetensors") from None
+
+
+def load_unet(info: CheckpointInfo):
+    """Build the `UNet2DModel` from its config and load its weights (eval mode, CPU, float32)."""
+    from diffusers import UNet2DModel
+
+    try:
+        config = json.loads((info.unet_dir / "config.json").read_text())
+        unet = UNet2DModel.from_config(config)
+    except Exception as exc:
+        raise CheckpointError(f"{info.unet_dir / 'config.json'} is not a UNet2DModel config ({exc})") from None
+    state = _read_weights(info.weights_path)
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"weights in {info.weights_path} do not match its config.json "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected tensors, "
+                              f"e.g. {(missing or unexpected)[0]})")
+    return unet.float().eval()
+
+
+def load_schedule_config(info: CheckpointInfo) -> dict:
+    """The DDPM noise-schedule config: the checkpoint's own when it has one, else `DEFAULT_SCHEDULE`."""
+    if info.scheduler_config is None:
+        return dict(DEFAULT_SCHEDULE)
+    try:
+        cfg = json.loads(info.scheduler_config.read_text())
+    except Exception as exc:
+        raise CheckpointError(f"{info.scheduler_config} is not valid JSON ({exc})") from None
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas",
+            "clip_sample", "clip_sample_range")
+    out = dict(DEFAULT_SCHEDULE)
+    out.update({k: cfg[k] for k in keys if k in cfg and cfg[k] is not None})
+    return out
+
+
+def save_checkpoint(target: Path, unet, schedule: dict, extra: dict | None = None) -> None:
+    """Write a DDPMPipeline-style folder atomically: model_index.json, unet/, scheduler/, attribution.json."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(target) as tmp:
+        (tmp / "unet").mkdir()
+        (tmp / "scheduler").mkdir()
+        (tmp / "unet" / "config.json").write_text(json.dumps(dict(unet.config), indent=2, default=list) + "\n")
+        state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+        save_file(state, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+        sched = {"_class_name": "DDPMScheduler", **schedule}
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
+        index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                 "scheduler": ["diffusers", "DDPMScheduler"]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if extra:
+            (tmp / "attribution.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+
+
+def list_shipped() -> list[str]:
+    """Every shipped checkpoint spec, final first, then intermediate ones."""
+    out = []
+    for alias, folder in SHIPPED.items():
+        if folder.is_dir():
+            out.append(alias)
+            out.extend(f"{alias}@epoch-{e}" for e, _ in _run_epochs(folder)[:-1])
+    return out

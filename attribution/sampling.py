@@ -1,0 +1,76 @@
+"""Generation with the full sampling trajectory kept.
+
+Image i of a call with `seed=S` is generated from its own CPU generator seeded with S + i (initial noise and, for
+DDPM, every step's noise), so an image depends only on its seed: `gen:S` names the same image everywhere, on any
+device and in any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .models.adapter import DiffusionModel
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass
+class Trajectory:
+    """A sampling run, kept whole for per-step (Journey) attribution.
+
+    Attributes:
+        timesteps: int64 (S,), the model timestep of each sampling step, in sampling order (high t first).
+        xt: float32 (S, N, C, H, W), the noisy input x_t the model saw at each step.
+        x0_pred: float32 (S, N, C, H, W), the model's prediction of the clean image at each step.
+        final: float32 (N, C, H, W) in [-1, 1], the generated images.
+        seeds: int64 (N,), the seed of each image.
+    """
+
+    timesteps: np.ndarray
+    xt: np.ndarray
+    x0_pred: np.ndarray
+    final: np.ndarray
+    seeds: np.ndarray
+    sampler: str
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"timesteps": self.timesteps, "xt": self.xt, "x0_pred": self.x0_pred, "images": self.final,
+                "seeds": self.seeds}
+
+
+@torch.no_grad()
+def sample(model: DiffusionModel, n: int, seed: int = 0, steps: int = 50, sampler: str = "ddim",
+           progress: Callable[[int, int, str], None] | None = None) -> Trajectory:
+    """Generate `n` images with seeds seed..seed+n-1, keeping x_t and the predicted x0 at every step."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; use one of: {', '.join(SAMPLERS)}")
+    if n < 1:
+        raise ConfigError(f"--n must be at least 1, got {n}")
+    if not 1 <= steps <= model.num_timesteps:
+        raise ConfigError(f"--steps must be within 1..{model.num_timesteps}, got {steps}")
+    sched = model.schedule.make_scheduler(sampler)
+    sched.set_timesteps(steps)
+    seeds = np.arange(seed, seed + n, dtype=np.int64)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    shape = (model.channels, model.resolution, model.resolution)
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(model.device)
+    params = model.parameters()
+    xts, x0s = [], []
+    for i, t in enumerate(sched.timesteps):
+        tt = torch.full((n,), int(t), device=model.device, dtype=torch.long)
+        eps = model.eps(params, x, tt, model.condition(n))
+        extra = {"generator": gens} if sampler == "ddpm" else {}
+        step = sched.step(eps.cpu() if sampler == "ddpm" else eps, t, x.cpu() if sampler == "ddpm" else x, **extra)
+        xts.append(x.float().cpu())
+        x0s.append(step.pred_original_sample.float().cpu())
+        x = step.prev_sample.to(model.device)
+        if progress:
+            progress(i + 1, len(sched.timesteps), f"step {i + 1}/{len(sched.timesteps)} (t={int(t)})")
+    final = x.float().cpu().clamp(-1, 1)
+    return Trajectory(sched.timesteps.numpy().astype(np.int64), torch.stack(xts).numpy(),
+                      torch.stack(x0s).numpy(), final.numpy(), seeds, sampler)
