@@ -1,5 +1,164 @@
-"""CLI commands of the attribution engine (added in the engine work)."""
+"""CLI commands of the attribution engine: featurize, score, self-influence."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from .cli import _tqdm_progress, info
+from .errors import ConfigError
+
+
+def add_feature_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="digits, animals-2, NAME@epoch-N or a folder; several separated by commas = an ensemble")
+    p.add_argument("--dataset", help="training set spec (default: the one the checkpoint was trained on)")
+    p.add_argument("--method", default="dtrak", help="dtrak, trak, grad-dot, grad-cos, relative-if, renorm-if")
+    p.add_argument("--fn", help="output function (D-TRAK only): square, simple, elbo, avg, l1, l2, linf, interp")
+    p.add_argument("--eta", type=float, help="Simple/Square interpolation weight in [0, 1] (implies --fn interp)")
+    p.add_argument("--timesteps", type=int, default=10, help="K, timesteps averaged over (default 10)")
+    p.add_argument("--strategy", default="uniform", help="uniform (0, T/K, ...) or cumulative (0..K-1)")
+    p.add_argument("--noises", type=int, default=1, help="noise draws per timestep")
+    p.add_argument("--proj-dim", type=int, default=4096, help="k, the projection dimension (default 4096)")
+    p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
+    p.add_argument("--seed", type=int, default=0, help="noise and projection seed")
+    p.add_argument("--params", help="take gradients only over parameters with these comma-separated name prefixes")
+    p.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
+    p.add_argument("--store", help="use this feature-store folder instead of the automatic one")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+
+
+def build(args, need_features: bool = True):
+    """(method, [attributors], train dataset) from the shared options."""
+    from .data import load_dataset
+    from .engine import Attributor
+    from .features.config import FeatureConfig
+    from .features.projectors import default_projector
+    from .methods import get_method
+    from .models import load_model
+
+    method = get_method(args.method)
+    fn = "interp" if args.eta is not None and args.fn is None else args.fn
+    fn = method.check_fn(fn)
+    specs = [s for s in args.checkpoint.split(",") if s.strip()]
+    if args.store and len(specs) > 1:
+        raise ConfigError("--store names one feature folder; it cannot be used with an ensemble of checkpoints")
+    attributors, train = [], None
+    for spec in specs:
+        model = load_model(spec, args.device)
+        dataset = args.dataset or model.info.run_metadata().get("config", {}).get("dataset")
+        if not dataset:
+            raise ConfigError(f"{spec} does not record its training set; pass --dataset")
+        train = load_dataset(dataset, "train", model.resolution, model.channels)
+        projector = default_projector(model.device) if args.projector == "auto" else args.projector
+        cfg = FeatureConfig(fn=fn, eta=1.0 if args.eta is None else args.eta, timesteps=args.timesteps,
+                            strategy=args.strategy, noises=args.noises, proj_dim=args.proj_dim, projector=projector,
+                            seed=args.seed, params=args.params)
+        cfg.gradient_spec(model.num_timesteps)  # validates K against T before anything is written
+        attributors.append(Attributor(model, train, cfg, cache=args.cache, store_dir=args.store,
+                                      batch_size=args.batch_size))
+    return method, attributors, train
+
+
+def featurize_all(attributors) -> None:
+    for att in attributors:
+        info(f"featurizing {att.train.spec} ({att.train.split}, {len(att.train)} images) with {att.model.spec}: "
+             f"fn={att.cfg.fn}, K={att.cfg.timesteps} {att.cfg.strategy}, {att.cfg.noises} noise(s), "
+             f"{att.grad_dim:,} parameters -> k={att.proj_dim} ({att.cfg.projector})")
+        info(f"cache: {att.store_path}")
+        att.featurize(progress=_tqdm_progress("featurize"))
+
+
+def cmd_featurize(args) -> int:
+    _, attributors, _ = build(args)
+    featurize_all(attributors)
+    for att in attributors:
+        print(att.store_path)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .engine import ensemble_scores, rank
+    from .targets import resolve_targets
+
+    method, attributors, train = build(args)
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {args.top}")
+    targets = resolve_targets(args.target, attributors[0].model, train.spec)
+    for note in targets.notes:
+        info(note)
+    featurize_all(attributors)
+    lam = attributors[0].resolve_lambda(method, args.lam)
+    info(f"scoring {len(targets)} target(s) with {method.title}" + (f", lambda={lam:.4g}" if lam else ""))
+    scores = ensemble_scores(attributors, method, targets.images, targets.keys, lam)
+    if args.out:
+        from .fileio import save_npy
+
+        save_npy(args.out, scores.astype(np.float32))
+        info(f"wrote scores {scores.shape} (targets x training images, dataset order) to {args.out}")
+    results = []
+    for m in range(len(targets)):
+        pro, opp = rank(scores[m], train, args.top, 1), rank(scores[m], train, args.top, -1)
+        results.append({"method": method.name, "lambda": lam, "target": targets.names[m],
+                        "target_label": targets.labels[m],
+                        "proponents": [{"index": r.index, "label": r.class_name, "score": r.score} for r in pro],
+                        "opponents": [{"index": r.index, "label": r.class_name, "score": r.score} for r in opp]})
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        return 0
+    for res in results:
+        print(f"target {res['target']}" + (f" (label {res['target_label']})" if res["target_label"] else ""))
+        for kind in ("proponents", "opponents"):
+            print(f"  {kind}:")
+            for r in res[kind]:
+                print(f"    #{r['index']:<6} {r['label']:<10} {r['score']:+.6g}")
+    return 0
+
+
+def cmd_self_influence(args) -> int:
+    method, attributors, train = build(args)
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {args.top}")
+    featurize_all(attributors)
+    lam = attributors[0].resolve_lambda(method, args.lam)
+    values = np.mean([att.self_influence(method, lam) for att in attributors], axis=0)
+    if args.out:
+        from .fileio import save_npy
+
+        save_npy(args.out, values.astype(np.float32))
+        info(f"wrote self-influence ({len(values)},) to {args.out}")
+    order = np.argsort(-values, kind="stable")
+    print(f"self-influence ({method.title}" + (f", lambda={lam:.4g}" if lam else "") + ")")
+    print("  highest (atypical, memorised):")
+    for i in order[:args.top]:
+        print(f"    #{i:<6} {train.label_name(i):<10} {values[i]:.6g}")
+    print("  lowest (typical, many similar images):")
+    for i in order[::-1][:args.top]:
+        print(f"    #{i:<6} {train.label_name(i):<10} {values[i]:.6g}")
+    return 0
 
 
 def add_commands(sub) -> None:
-    return None
+    f = sub.add_parser("featurize", help="compute and cache training-set features")
+    add_feature_options(f)
+    f.set_defaults(func=cmd_featurize)
+
+    s = sub.add_parser("score", help="rank training images by influence on a target")
+    add_feature_options(s)
+    s.add_argument("--target", required=True, help="PATH (image or .npz), train:I, val:I or gen:SEED")
+    s.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: 0.1 x mean kernel eigenvalue)")
+    s.add_argument("--top", type=int, default=5)
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.add_argument("--out", help="write the full score matrix (targets x training images) as .npy")
+    s.set_defaults(func=cmd_score)
+
+    si = sub.add_parser("self-influence", help="rank training images by self-influence (memorisation)")
+    add_feature_options(si)
+    si.add_argument("--lambda", dest="lam", type=float)
+    si.add_argument("--top", type=int, default=10)
+    si.add_argument("--out", help="write all self-influence values as .npy")
+    si.set_defaults(func=cmd_self_influence)

@@ -49,10 +49,10 @@ def save_npy(target: str | os.PathLike, array: np.ndarray) -> None:
             np.save(f, array, allow_pickle=False)
 
 
-def save_npz(target: str | os.PathLike, **arrays: np.ndarray) -> None:
+def save_npz(target: str | os.PathLike, compress: bool = True, **arrays: np.ndarray) -> None:
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            (np.savez_compressed if compress else np.savez)(f, **arrays)
 
 
 @contextlib.contextmanager

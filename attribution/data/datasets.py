@@ -254,8 +254,8 @@ def _list_images(folder: Path) -> list[tuple[Path, str]]:
     """(file, class) pairs: one subfolder per class; files directly in `folder` get class ''."""
     items = []
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in p.parts):
-            rel = p.relative_to(folder)
+        rel = p.relative_to(folder)  # hidden names are skipped below `folder` only, not in the path above it
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in rel.parts):
             items.append((p, rel.parts[0] if len(rel.parts) > 1 else ""))
     return items
 
@@ -264,7 +264,9 @@ def _folder(kind, arg, split):
     root = Path(arg).expanduser()
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root}")
+    split_roots = [root]
     if (root / "train").is_dir():
+        split_roots = [root / s for s in SPLITS if (root / s).is_dir()]
         root = root / split
         if not root.is_dir():
             raise DatasetError(f"{root.parent} has train/ but no {split}/ folder")
@@ -274,7 +276,8 @@ def _folder(kind, arg, split):
     items = _list_images(root)
     if not items:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
-    classes = sorted({c for _, c in items})
+    # Class names from every split, so that a label means the same class in train/ and val/.
+    classes = sorted({c for r in split_roots for _, c in (items if r == root else _list_images(r))})
     images, sizes, modes = [], {}, {}
     for path, _ in items:
         try:

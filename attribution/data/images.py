@@ -32,6 +32,10 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
         img = Image.open(io.BytesIO(source))
     except UnidentifiedImageError:
         raise ImageError(f"{label} is not an image file PIL can read (PNG, JPEG, BMP, GIF, WebP, TIFF)") from None
+    except Image.DecompressionBombError:  # PIL refuses > 2 x Image.MAX_IMAGE_PIXELS (about 179M pixels) itself
+        raise ImageError(f"{label} is far larger than {MAX_PIXELS:,} pixels; images that large are refused") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a header cut short (JPEG, BMP, WebP)
+        raise ImageError(f"{label} is truncated or corrupt ({exc})") from None
     w, h = img.size
     if w * h > MAX_PIXELS:
         raise ImageError(f"{label} is {w}x{h} pixels; images larger than {MAX_PIXELS:,} pixels are refused")

@@ -1,0 +1,73 @@
+"""The feature configuration: everything that defines a feature set (and so its cache identity)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import ConfigError
+from .gradients import GradientSpec
+from .outputs import OUTPUT_FUNCTIONS
+from .projectors import PROJECTORS
+from .timesteps import STRATEGIES, select_timesteps
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How per-sample features phi(x) are computed.
+
+    Attributes:
+        fn: output function whose gradient is taken (see `outputs.OUTPUT_FUNCTIONS`).
+        eta: interpolation weight, used by fn="interp" only.
+        timesteps: K, the number of timesteps averaged over.
+        strategy: "uniform" (evenly spaced from 0) or "cumulative" (the first K).
+        noises: noise draws per timestep.
+        proj_dim: k, the projection dimension (ignored by the identity projector).
+        projector: "sjlt", "gaussian", "trak-cuda" or "identity".
+        seed: seed of the noise and of the projection.
+        params: comma-separated parameter-name prefixes to take gradients over (None: all parameters).
+    """
+
+    fn: str = "square"
+    eta: float = 1.0
+    timesteps: int = 10
+    strategy: str = "uniform"
+    noises: int = 1
+    proj_dim: int = 4096
+    projector: str = "sjlt"
+    seed: int = 0
+    params: str | None = None
+
+    def __post_init__(self):
+        if self.fn not in OUTPUT_FUNCTIONS:
+            raise ConfigError(f"unknown output function {self.fn!r}; use one of: {', '.join(OUTPUT_FUNCTIONS)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown timestep strategy {self.strategy!r}; use one of: {', '.join(STRATEGIES)}")
+        if self.projector not in PROJECTORS:
+            raise ConfigError(f"unknown projector {self.projector!r}; use one of: {', '.join(PROJECTORS)}")
+        if self.timesteps < 1:
+            raise ConfigError(f"the number of timesteps K must be positive, got {self.timesteps}")
+        if self.noises < 1:
+            raise ConfigError(f"noises per timestep must be positive, got {self.noises}")
+        if self.projector != "identity" and self.proj_dim < 1:
+            raise ConfigError(f"the projection dimension k must be positive, got {self.proj_dim}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"eta must be within [0, 1], got {self.eta}")
+        if self.fn != "interp" and self.eta != 1.0:
+            raise ConfigError("eta applies only to the Simple/Square interpolation: use --fn interp with --eta")
+
+    def gradient_spec(self, num_timesteps: int) -> GradientSpec:
+        ts = select_timesteps(self.strategy, self.timesteps, num_timesteps)
+        return GradientSpec(self.fn, tuple(ts.tolist()), self.noises, self.seed, self.eta, self.params)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.projector == "identity":
+            d["proj_dim"] = None
+        if self.fn != "interp":
+            d.pop("eta")
+        return d
+
+    def slug(self) -> str:
+        k = "exact" if self.projector == "identity" else f"k{self.proj_dim}"
+        fn = f"interp{self.eta:g}" if self.fn == "interp" else self.fn
+        return f"{fn}-K{self.timesteps}{self.strategy[0]}-n{self.noises}-{self.projector}-{k}-s{self.seed}"

@@ -1,0 +1,49 @@
+"""Which timesteps and which noise a feature is computed at.
+
+Timestep strategies (D-TRAK, Sec. 2.4 of METHODS.md):
+- `uniform`: range(0, T, T // K), the first K of them: for K=10, T=1000 that is 0, 100, ..., 900;
+- `cumulative`: the first K timesteps, 0..K-1.
+
+Noise is a pure function of (seed, sample key, timestep, draw): a sample's feature never depends on batch size or
+position. The key names the sample: "train/17", "val/3", "gen/42" or "file/<content hash>", so a training image
+used as a target gets exactly the noise of its own training row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..errors import ConfigError
+
+STRATEGIES = ("uniform", "cumulative")
+
+
+def select_timesteps(strategy: str, k: int, num_timesteps: int) -> torch.Tensor:
+    """The K timesteps of a strategy, as an int64 tensor."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown timestep strategy {strategy!r}; use one of: {', '.join(STRATEGIES)}")
+    if not 1 <= k <= num_timesteps:
+        raise ConfigError(f"the number of timesteps K must be within 1..{num_timesteps}, got {k}")
+    if strategy == "uniform":
+        return torch.arange(0, num_timesteps, num_timesteps // k, dtype=torch.long)[:k]
+    return torch.arange(k, dtype=torch.long)
+
+
+def noise_seed(seed: int, key: str, t: int, draw: int = 0) -> int:
+    digest = hashlib.sha256(f"{seed}/{key}/{t}/{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def noise_for(keys: list[str], timesteps: torch.Tensor, shape: tuple[int, ...], seed: int, draws: int = 1,
+              ) -> torch.Tensor:
+    """Standard normal noise of shape (len(keys), len(timesteps) * draws, *shape), one CPU stream per entry."""
+    out = torch.empty((len(keys), len(timesteps) * draws, *shape))
+    gen = torch.Generator()
+    for i, key in enumerate(keys):
+        for j, t in enumerate(timesteps.tolist()):
+            for d in range(draws):
+                gen.manual_seed(noise_seed(seed, key, t, d))
+                out[i, j * draws + d] = torch.randn(shape, generator=gen)
+    return out

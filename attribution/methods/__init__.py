@@ -1,0 +1,22 @@
+"""Attribution methods: one file each, one interface (`base.Method`), one registry."""
+
+from ..errors import ConfigError
+from .base import KernelMethod, Method, TrainFeatures
+from .dtrak import DTRAK
+from .grad_cos import GradCos
+from .grad_dot import GradDot
+from .relative_if import RelativeInfluence
+from .renorm_if import RenormalizedInfluence
+from .trak import TRAK
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (DTRAK, TRAK, GradDot, GradCos, RelativeInfluence,
+                                                        RenormalizedInfluence)}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; use one of: {', '.join(METHODS)}")
+    return METHODS[name]()
+
+
+__all__ = ["METHODS", "get_method", "Method", "KernelMethod", "TrainFeatures"]

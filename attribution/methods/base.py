@@ -1,0 +1,78 @@
+"""The interface every attribution method implements.
+
+A method is (1) the output function its features are built from and (2) a scoring rule over those features.
+Features, the kernel and caching live elsewhere (features/, kernel.py, store.py); the `engine.Attributor` wires
+them together, so the CLI, the app and the evaluations reach every method the same way:
+
+    method = get_method("dtrak")
+    scores = method.score(train, G, lam)          # (M, N): targets x training images
+    self_inf = method.self_influence(train, lam)  # (N,)
+
+Sign convention (all methods): a positive score means the training image pushes the model toward the target
+(a proponent); a negative score pushes it away (an opponent). Proponents are the largest scores, opponents the
+most negative.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..kernel import Kernel
+
+
+@dataclass
+class TrainFeatures:
+    """Training-set features and what is derived from them (computed lazily, once)."""
+
+    X: np.ndarray  # (N, k) float32, possibly a read-only memmap
+    kernel_loader: "callable"  # () -> Kernel, cached by the store
+
+    @functools.cached_property
+    def kernel(self) -> Kernel:
+        return self.kernel_loader()
+
+    @functools.cached_property
+    def norms(self) -> np.ndarray:
+        return np.linalg.norm(np.asarray(self.X, dtype=np.float64), axis=1)
+
+
+class Method(ABC):
+    name: ClassVar[str]  # CLI / registry name
+    title: ClassVar[str]  # display name
+    summary: ClassVar[str]
+    default_fn: ClassVar[str] = "simple"  # output function of its features
+    fixed_fn: ClassVar[bool] = True  # False: the user may choose another output function
+    uses_lambda: ClassVar[bool] = True
+
+    @abstractmethod
+    def score(self, train: TrainFeatures, G: np.ndarray, lam: float | None) -> np.ndarray:
+        """Scores of targets G (M, k) against the N training rows: shape (M, N), float64."""
+
+    def self_influence(self, train: TrainFeatures, lam: float | None) -> np.ndarray:
+        """tau(x_n)_n for every training image, shape (N,)."""
+        X = np.asarray(train.X, dtype=np.float64)
+        return np.array([self.score(train, X[i:i + 1], lam)[0, i] for i in range(len(X))])
+
+    def check_fn(self, fn: str | None) -> str:
+        if fn is None or fn == self.default_fn:
+            return self.default_fn
+        if self.fixed_fn:
+            raise ConfigError(f"{self.title} uses the {self.default_fn} output function; for another one "
+                              f"use --method dtrak --fn {fn}")
+        return fn
+
+
+class KernelMethod(Method):
+    """tau(g) = g^T (X^T X + lambda I)^{-1} X^T (TRAK with Q = I, as the D-TRAK paper does for diffusion)."""
+
+    def score(self, train, G, lam):
+        return train.kernel.scores(G, lam)
+
+    def self_influence(self, train, lam):
+        return train.kernel.self_influence(lam)

@@ -1,0 +1,18 @@
+"""Gradient dot product (D-TRAK paper, appendix A.3, "Gradient"; Charpiat et al. 2019): phi(x)^T phi(x_n)."""
+
+import numpy as np
+
+from .base import Method
+
+
+class GradDot(Method):
+    name = "grad-dot"
+    title = "Gradient (dot)"
+    summary = "dot product of projected loss gradients, no kernel"
+    uses_lambda = False
+
+    def score(self, train, G, lam):
+        return np.asarray(G, dtype=np.float64) @ np.asarray(train.X, dtype=np.float64).T
+
+    def self_influence(self, train, lam):
+        return train.norms**2

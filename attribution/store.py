@@ -1,0 +1,150 @@
+"""The feature store: the only module that reads and writes `cache/`.
+
+Layout (one folder per feature set; the name carries a readable slug and a hash of the full identity):
+
+    cache/
+      features/
+        <checkpoint hash>/
+          <dataset slug>-<split>/
+            <feature slug>-<identity hash>/
+              config.json     the identity (checkpoint, dataset, split, feature config, projector) + provenance
+              features.npy    float32 (N, k) memmap, rows in dataset order
+              done.npy        bool (N,): rows that are finished (written after their rows are flushed)
+              kernel.npz      U (N, r), sigma (r,), V (k, r): thin SVD of the features, once complete
+
+Featurizing writes rows in batches: rows first (flushed), then the done mask (atomically replaced), so a kill at
+any point loses at most the batch in flight and a rerun resumes at the first unfinished row. A folder appears
+under its final name only once config.json and empty arrays exist (created in a temporary folder, then renamed).
+Opening a folder whose config.json differs from the identity asked for is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CacheMismatchError
+from .fileio import atomic_dir, save_npy, save_npz
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cache_root(root: str | os.PathLike | None = None) -> Path:
+    """The cache folder: `root`, else $ATTRIBUTION_CACHE, else cache/ in the repository."""
+    return Path(root or os.environ.get("ATTRIBUTION_CACHE") or REPO_ROOT / "cache")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "x"
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} there, {vb!r} asked")
+    return out
+
+
+class FeatureStore:
+    """One feature set on disk (see the module docstring)."""
+
+    def __init__(self, path: Path, identity: dict, n_rows: int, dim: int, provenance: dict | None = None):
+        self.path, self.identity, self.n_rows, self.dim = Path(path), identity, n_rows, dim
+        self.provenance = provenance or {}
+
+    # -- locating and opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def default_path(cls, root: Path, identity: dict, feature_slug: str) -> Path:
+        ds = f"{_slug(identity['dataset'])}-{identity['split']}"
+        return root / "features" / identity["checkpoint"] / ds / f"{feature_slug}-{identity_hash(identity)}"
+
+    @classmethod
+    def open(cls, path: Path, identity: dict, n_rows: int, dim: int, provenance: dict | None = None,
+             create: bool = True) -> "FeatureStore":
+        """Open the store at `path`, creating it when absent; refuse one made for another identity."""
+        store = cls(path, identity, n_rows, dim, provenance)
+        cfg_path = path / "config.json"
+        if cfg_path.is_file():
+            stored = json.loads(cfg_path.read_text())
+            differences = _diff(stored.get("identity", {}), identity)
+            if differences:
+                raise CacheMismatchError(f"cache folder {path} was made for another configuration "
+                                         f"({'; '.join(differences[:4])}); use another folder or delete it")
+            return store
+        if path.exists() and any(path.iterdir()):
+            raise CacheMismatchError(f"{path} exists but is not a feature store (no config.json); "
+                                     "choose an empty or new folder")
+        if not create:
+            raise CacheMismatchError(f"no features at {path}; run featurize first")
+        with atomic_dir(path) as tmp:
+            (tmp / "config.json").write_text(json.dumps({"identity": identity, "provenance": provenance or {},
+                                                         "shape": [n_rows, dim]}, indent=2, sort_keys=True) + "\n")
+            mm = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n_rows, dim))
+            del mm
+            np.save(tmp / "done.npy", np.zeros(n_rows, dtype=bool))
+        return store
+
+    # -- rows --------------------------------------------------------------------------------------------------
+
+    def done(self) -> np.ndarray:
+        return np.load(self.path / "done.npy", allow_pickle=False)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done().all())
+
+    def write_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Write finished rows, flush them, then mark them done (atomically)."""
+        mm = np.load(self.path / "features.npy", mmap_mode="r+")
+        mm[rows] = values.astype(np.float32)
+        mm.flush()
+        del mm
+        done = self.done()
+        done[rows] = True
+        save_npy(self.path / "done.npy", done)
+
+    def features(self) -> np.ndarray:
+        """The (N, k) float32 features, memory-mapped read-only."""
+        return np.load(self.path / "features.npy", mmap_mode="r")
+
+    # -- kernel ------------------------------------------------------------------------------------------------
+
+    def load_kernel_arrays(self) -> dict[str, np.ndarray] | None:
+        path = self.path / "kernel.npz"
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def save_kernel_arrays(self, **arrays: np.ndarray) -> None:
+        save_npz(self.path / "kernel.npz", compress=False, **arrays)
+
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+
+def list_stores(root: Path | None = None) -> list[dict]:
+    """Every feature store under the cache root, with its config and progress (for a Runs view)."""
+    out = []
+    for cfg in sorted(cache_root(root).glob("features/*/*/*/config.json")):
+        try:
+            data = json.loads(cfg.read_text())
+            done = np.load(cfg.parent / "done.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            continue
+        out.append({"path": str(cfg.parent), **data, "done": int(done.sum()), "rows": int(done.size)})
+    return out

@@ -1,0 +1,77 @@
+"""Targets: the images whose training-data origins we ask about.
+
+A target spec is one of
+- `train:I` / `val:I`: image I of the dataset's training or validation split;
+- `gen:SEED`: the image the checkpoint generates from SEED (DDIM, 50 steps; see sampling.py);
+- a PATH to an image file (converted to the model's resolution and channels: centre crop, resize, mode), or to an
+  .npz whose `images` array (uint8, N x H x W [x C]) must already match the model's resolution and channels.
+
+Each target gets a noise key ("train/I", "val/I", "gen/SEED", "file/<hash>") so its feature is reproducible, and a
+training image used as a target gets exactly the noise of its own training row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import ImageDataset, load_dataset
+from .data.images import load_image_pixels, load_npz_images, pixels_to_tensor
+from .errors import ImageError
+from .models.adapter import DiffusionModel
+
+
+@dataclass
+class Targets:
+    images: torch.Tensor  # (M, C, H, W) in [-1, 1]
+    keys: list[str]
+    names: list[str]
+    labels: list[str | None]
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def pixels_key(pixels: np.ndarray) -> str:
+    return "file/" + hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:16]
+
+
+def from_pixels(pixels: np.ndarray, names: list[str] | None = None, labels=None) -> Targets:
+    """Targets from model-view uint8 pixels (M, R, R, C), e.g. an upload in the app."""
+    keys = [pixels_key(p) for p in pixels]
+    return Targets(pixels_to_tensor(pixels), keys, names or [k for k in keys], list(labels or [None] * len(keys)))
+
+
+def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int = 50) -> Targets:
+    spec = spec.strip()
+    kind, _, arg = spec.partition(":")
+    if kind in ("train", "val") and arg.lstrip("-").isdigit():
+        data: ImageDataset = load_dataset(dataset, kind, model.resolution, model.channels)
+        i = data.check_index(int(arg))
+        return Targets(data.tensors([i]), [f"{kind}/{i}"], [spec], [data.label_name(i)])
+    if kind == "gen" and arg.lstrip("-").isdigit():
+        from .sampling import sample
+
+        traj = sample(model, 1, int(arg), steps=steps)
+        return Targets(torch.from_numpy(traj.final), [f"gen/{int(arg)}"], [spec], [None])
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".npz":
+        images, labels = load_npz_images(path)
+        want = (model.resolution, model.resolution, model.channels)
+        if images.shape[1:] != want:
+            raise ImageError(f"{path.name} holds {'x'.join(map(str, images.shape[1:]))} images but {model.spec} "
+                             f"expects {'x'.join(map(str, want))} (H x W x C)")
+        t = from_pixels(images, [f"{path.name}[{i}]" for i in range(len(images))],
+                        [str(v) for v in labels] if labels is not None else None)
+        return t
+    if not path.exists():
+        raise ImageError(f"target {spec!r} is neither train:I, val:I, gen:SEED nor an existing image or .npz file")
+    pixels = load_image_pixels(path, model.resolution, model.channels)
+    t = from_pixels(pixels[None], [path.name])
+    t.notes.append(f"{path.name} converted to {model.resolution}x{model.resolution}, {model.channels} channel(s)")
+    return t
