@@ -32,36 +32,21 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
-def build(args, need_features: bool = True):
-    """(method, [attributors], train dataset) from the shared options."""
-    from .data import load_dataset
-    from .engine import Attributor
-    from .features.config import FeatureConfig
-    from .features.projectors import default_projector
+def build(args):
+    """(method, [attributors], train dataset) from the shared options; several checkpoints form an ensemble."""
+    from .engine import open_attributor
     from .methods import get_method
     from .models import load_model
 
     method = get_method(args.method)
-    fn = "interp" if args.eta is not None and args.fn is None else args.fn
-    fn = method.check_fn(fn)
     specs = [s for s in args.checkpoint.split(",") if s.strip()]
     if args.store and len(specs) > 1:
         raise ConfigError("--store names one feature folder; it cannot be used with an ensemble of checkpoints")
-    attributors, train = [], None
-    for spec in specs:
-        model = load_model(spec, args.device)
-        dataset = args.dataset or model.info.run_metadata().get("config", {}).get("dataset")
-        if not dataset:
-            raise ConfigError(f"{spec} does not record its training set; pass --dataset")
-        train = load_dataset(dataset, "train", model.resolution, model.channels)
-        projector = default_projector(model.device) if args.projector == "auto" else args.projector
-        cfg = FeatureConfig(fn=fn, eta=1.0 if args.eta is None else args.eta, timesteps=args.timesteps,
-                            strategy=args.strategy, noises=args.noises, proj_dim=args.proj_dim, projector=projector,
-                            seed=args.seed, params=args.params)
-        cfg.gradient_spec(model.num_timesteps)  # validates K against T before anything is written
-        attributors.append(Attributor(model, train, cfg, cache=args.cache, store_dir=args.store,
-                                      batch_size=args.batch_size))
-    return method, attributors, train
+    attributors = [open_attributor(load_model(spec, args.device), method, args.dataset, args.fn, args.eta,
+                                   args.timesteps, args.strategy, args.noises, args.proj_dim, args.projector,
+                                   args.seed, args.params, args.cache, args.store, args.batch_size)
+                   for spec in specs]
+    return method, attributors, attributors[0].train
 
 
 def featurize_all(attributors) -> None:

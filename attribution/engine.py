@@ -157,3 +157,30 @@ def rank(scores: np.ndarray, data: ImageDataset, top: int = 5, sign: int = 1) ->
     order = np.argsort(-sign * scores, kind="stable")[:top]
     return [Ranked(int(i), int(data.labels[i]) if data.labels[i] >= 0 else None, data.label_name(int(i)),
                    float(scores[i])) for i in order if sign * scores[i] > 0]
+
+
+def training_dataset_of(model: DiffusionModel, dataset: str | None = None) -> ImageDataset:
+    """The training split a model is attributed against: `dataset`, else the one its training run recorded."""
+    from .data import load_dataset
+
+    spec = dataset or (model.info.run_metadata().get("config", {}).get("dataset") if model.info else None)
+    if not spec:
+        raise ConfigError(f"{model.spec} does not record its training set; name the dataset (--dataset)")
+    return load_dataset(spec, "train", model.resolution, model.channels)
+
+
+def open_attributor(model: DiffusionModel, method: Method, dataset: str | None = None, fn: str | None = None,
+                    eta: float | None = None, timesteps: int = 10, strategy: str = "uniform", noises: int = 1,
+                    proj_dim: int = 4096, projector: str = "auto", seed: int = 0, params: str | None = None,
+                    cache: str | None = None, store_dir: str | None = None, batch_size: int = 32) -> Attributor:
+    """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk."""
+    from .features.projectors import default_projector
+
+    fn = method.check_fn("interp" if eta is not None and fn is None else fn)
+    train = training_dataset_of(model, dataset)
+    cfg = FeatureConfig(fn=fn, eta=1.0 if eta is None else eta, timesteps=timesteps, strategy=strategy,
+                        noises=noises, proj_dim=proj_dim,
+                        projector=default_projector(model.device) if projector == "auto" else projector,
+                        seed=seed, params=params)
+    cfg.gradient_spec(model.num_timesteps)  # K against T
+    return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size)

@@ -166,7 +166,11 @@ def load_unet(info: CheckpointInfo):
     except Exception as exc:
         raise CheckpointError(f"{info.unet_dir / 'config.json'} is not a UNet2DModel config ({exc})") from None
     state = _read_weights(info.weights_path)
-    missing, unexpected = unet.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors whose shapes differ from the config's (strict=False only skips names)
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), type(exc).__name__)
+        raise CheckpointError(f"weights in {info.weights_path} do not match its config.json ({first})") from None
     if missing or unexpected:
         raise CheckpointError(f"weights in {info.weights_path} do not match its config.json "
                               f"({len(missing)} missing, {len(unexpected)} unexpected tensors, "
