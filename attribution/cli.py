@@ -82,6 +82,12 @@ def cmd_generate(args) -> int:
     if args.trajectory:
         arrays.update(timesteps=traj.timesteps, xt=traj.xt, x0_pred=traj.x0_pred)
     save_npz(out / "samples.npz", **arrays)
+    if args.grid:
+        from .data.images import grid_image
+
+        with atomic_path(args.grid) as tmp:
+            grid_image(pixels, scale=args.grid_scale).save(tmp, format="PNG")
+        info(f"wrote a {len(pixels)}-image grid to {args.grid}")
     print(f"wrote {len(pixels)} PNGs and samples.npz to {out}")
     return 0
 
@@ -118,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     g.add_argument("--out", required=True)
     g.add_argument("--trajectory", action="store_true", help="also store x_t and predicted x0 of every step")
+    g.add_argument("--grid", help="also write all images as one grid PNG to this path")
+    g.add_argument("--grid-scale", type=int, default=4, help="pixel enlargement of the grid (default 4)")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
 

@@ -84,7 +84,10 @@ def image_to_pixels(img: Image.Image, resolution: int, channels: int) -> np.ndar
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (..., H, W, C) -> float32 (..., C, H, W) in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(pixels)).float().div(127.5).sub(1.0)
+    arr = np.ascontiguousarray(pixels)
+    if not arr.flags.writeable:  # datasets keep read-only pixels; torch warns on wrapping those, so copy
+        arr = arr.copy()
+    t = torch.from_numpy(arr).float().div(127.5).sub(1.0)
     return t.movedim(-1, -3)
 
 
@@ -151,3 +154,16 @@ def convert_pixels(images: np.ndarray, resolution: int, channels: int) -> np.nda
         arr = images[i, :, :, 0] if c == 1 else images[i]
         out[i] = image_to_pixels(Image.fromarray(arr), resolution, channels)
     return out
+
+
+def grid_image(pixels: np.ndarray, columns: int | None = None, scale: int = 4, pad: int = 1) -> Image.Image:
+    """uint8 (N, H, W, C) -> one PIL grid (columns default to ceil(sqrt(N))), enlarged `scale` times."""
+    n, h, w, c = pixels.shape
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = pixels[i]
+    img = pixels_to_pil(canvas)
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)

@@ -1,0 +1,94 @@
+"""UI helpers shared by the attribution pages (Attribute, Self-influence): cached attributors, targets, tiles.
+
+Not a page. Heavy objects are cached with `st.cache_resource` (an Attributor keeps its kernel decomposition in
+memory, so moving the lambda slider costs milliseconds); the functions without Streamlit calls are unit-tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import streamlit as st
+from attribution.data import ImageDataset, load_dataset
+from attribution.engine import Attributor, Ranked, open_attributor, rank
+from attribution.features.config import FeatureConfig
+from attribution.features.outputs import OUTPUT_FUNCTIONS
+from attribution.methods import METHODS, get_method
+from attribution.models import DiffusionModel
+from attribution.targets import Targets, from_pixels
+
+from app_pages._ui import cached_model, display_size
+
+PROJ_DIMS = (512, 1024, 2048, 4096, 8192, 16384)
+PROJECTORS = ("auto", "sjlt", "gaussian", "identity")
+METHOD_TITLES = {name: cls.title for name, cls in METHODS.items()}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything the user picks in the Attribute form (hashable: it keys the caches)."""
+
+    checkpoint: str
+    dataset: str | None
+    method: str = "dtrak"
+    fn: str | None = None
+    eta: float | None = None
+    timesteps: int = 10
+    strategy: str = "uniform"
+    proj_dim: int = 4096
+    projector: str = "auto"
+    seed: int = 0
+
+
+@st.cache_resource(max_entries=6, show_spinner=False)
+def cached_attributor(opts: RunOptions) -> Attributor:
+    """One Attributor per (checkpoint, dataset, feature config); validation errors surface as AttributionError."""
+    model = cached_model(opts.checkpoint)
+    method = get_method(opts.method)
+    return open_attributor(model, method, opts.dataset, opts.fn, opts.eta, opts.timesteps, opts.strategy,
+                           proj_dim=opts.proj_dim, projector=opts.projector, seed=opts.seed)
+
+
+def feature_fn_options(method: str) -> list[str]:
+    """Output functions the method accepts (only D-TRAK lets the user choose)."""
+    cls = METHODS[method]
+    return list(OUTPUT_FUNCTIONS) if not cls.fixed_fn else [cls.default_fn]
+
+
+def target_from_pixels(pixels: np.ndarray, name: str, label: str | None = None) -> Targets:
+    return from_pixels(pixels[None], [name], [label])
+
+
+def target_from_split(model: DiffusionModel, dataset: str, split: str, index: int) -> Targets:
+    data = load_dataset(dataset, split, model.resolution, model.channels)
+    i = data.check_index(index)
+    return Targets(data.tensors([i]), [f"{split}/{i}"], [f"{split}:{i}"], [data.label_name(i)])
+
+
+def lambda_options(att: Attributor) -> list[float]:
+    """A log-spaced lambda grid (4 per decade) around the kernel's scale, including the default."""
+    kernel = att.train_features().kernel
+    grid = kernel.lambda_grid(per_decade=4)
+    return sorted({float(f"{v:.3g}") for v in grid} | {float(f"{kernel.default_lambda():.3g}")})
+
+
+def ranked_tiles(items: list[Ranked], data: ImageDataset, title: str, key: str) -> None:
+    """A row of training images with rank, index, class and signed score under each (the paper's figure style)."""
+    st.markdown(f"**{title}**")
+    if not items:
+        st.caption("none with this sign")
+        return
+    size = display_size(data.resolution, 80)
+    cols = st.columns(len(items))
+    for col, r in zip(cols, items):
+        col.image(data.thumbnail(r.index, size), output_format="PNG",
+                  caption=f"#{r.index} · {r.class_name} · {r.score:+.3g}")
+
+
+def top_lists(scores: np.ndarray, data: ImageDataset, n_pro: int, n_opp: int):
+    return rank(scores, data, n_pro, 1), rank(scores, data, n_opp, -1)
+
+
+def feature_config_of(att: Attributor) -> FeatureConfig:
+    return att.cfg

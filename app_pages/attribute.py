@@ -1,0 +1,159 @@
+"""Attribute: which training images pushed the model toward (or away from) a target image."""
+
+import numpy as np
+import streamlit as st
+import torch
+
+from attribution.data import pixels_to_pil, tensor_to_pixels
+from attribution.engine import training_dataset_of
+from attribution.errors import AttributionError
+from attribution.features.timesteps import STRATEGIES
+from attribution.methods import METHODS, get_method
+from attribution.report import equivalent_cli, positive_share, ranking_rows, to_csv, to_npz_bytes
+from attribution.sampling import sample
+from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attributor,
+                             feature_fn_options, lambda_options, ranked_tiles, target_from_pixels,
+                             target_from_split, top_lists)
+from app_pages._ui import display_size, fail, progress_bar, require_model
+
+st.title("Attribute")
+st.caption("Proponents pushed the model toward the target (positive score); opponents pushed it away.")
+model = require_model()
+dataset = st.session_state.get("dataset")
+size = display_size(model.resolution, 128)
+
+# -- 1. the target -----------------------------------------------------------------------------------------------
+st.subheader("Target")
+sources = ["Generated", "Uploaded", "Training image", "Validation image"]
+source = st.radio("Attribute", sources, horizontal=True, key="attr_source", label_visibility="collapsed")
+try:
+    if source == "Generated":
+        gen = st.session_state.get("generated")
+        seeds = gen["seeds"] if gen and gen["checkpoint"] == model.spec else []
+        seed = (st.selectbox("Generated image (seed)", seeds, key="attr_gen_seed") if seeds else
+                st.number_input("Seed to generate (DDIM, 50 steps)", 0, 2**31 - 1, 0, key="attr_seed"))
+        if seeds:
+            pixels = gen["pixels"][seeds.index(seed)]
+        else:
+            pixels = tensor_to_pixels(torch.from_numpy(sample(model, 1, int(seed)).final))[0]
+        target = target_from_pixels(pixels, f"gen:{seed}")
+        target.keys[0] = f"gen/{seed}"  # the same noise key the CLI uses for gen:SEED
+        target_spec = f"gen:{seed}"
+    elif source == "Uploaded":
+        up = st.session_state.get("uploaded")
+        if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
+            st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
+            st.stop()
+        target = target_from_pixels(up["pixels"], up["name"])
+        target_spec = up["name"]
+    else:
+        split = "train" if source == "Training image" else "val"
+        idx = st.number_input(f"{split} index", 0, 10**7, 0, key=f"attr_{split}_idx")
+        target = target_from_split(model, training_dataset_of(model, dataset).spec, split, int(idx))
+        target_spec = f"{split}:{int(idx)}"
+except AttributionError as exc:
+    fail(exc)
+st.image(pixels_to_pil(tensor_to_pixels(target.images[0]), size), output_format="PNG",
+         caption=f"{target_spec}" + (f" · label {target.labels[0]}" if target.labels[0] else ""))
+
+# -- 2. method and options (a form: nothing runs until Run) --------------------------------------------------------
+st.subheader("Method")
+with st.form("attr_form"):
+    c1, c2, c3 = st.columns(3)
+    method = c1.selectbox("Method", list(METHODS), format_func=METHOD_TITLES.get, key="attr_method")
+    fn = c2.selectbox("Output function (D-TRAK)", feature_fn_options("dtrak"), key="attr_fn",
+                      help="Used by D-TRAK; TRAK and the gradient baselines use the training loss (simple).")
+    eta = c3.slider("η (for interp)", 0.0, 1.0, 1.0, 0.05, key="attr_eta")
+    c4, c5, c6, c7 = st.columns(4)
+    timesteps = c4.number_input("Timesteps K", 1, model.num_timesteps, 10, key="attr_K")
+    strategy = c5.selectbox("Timestep strategy", STRATEGIES, key="attr_strategy")
+    proj_dim = c6.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="attr_k")
+    projector = c7.selectbox("Projector", PROJECTORS, key="attr_projector")
+    c8, c9 = st.columns(2)
+    compare = c8.selectbox("Compare with method", ["(none)", *METHODS], key="attr_compare",
+                           format_func=lambda m: METHOD_TITLES.get(m, m))
+    siblings = model.info.siblings if model.info else []
+    compare_ckpt = c9.selectbox("…or with checkpoint", ["(none)", *[s for s in siblings if s != model.spec]],
+                                key="attr_compare_ckpt")
+    run = st.form_submit_button("Run attribution", type="primary")
+
+
+def options_for(method_name: str, checkpoint: str) -> RunOptions:
+    cls = METHODS[method_name]
+    chosen_fn = None if cls.fixed_fn else fn
+    return RunOptions(checkpoint, dataset, method_name, chosen_fn, eta if chosen_fn == "interp" else None,
+                      int(timesteps), strategy, int(proj_dim), projector)
+
+
+runs = [(METHOD_TITLES[method], options_for(method, model.spec))]
+if compare != "(none)":
+    runs.append((METHOD_TITLES[compare], options_for(compare, model.spec)))
+if compare_ckpt != "(none)":
+    runs.append((f"{METHOD_TITLES[method]} @ {compare_ckpt}", options_for(method, compare_ckpt)))
+
+if run:
+    st.session_state["attr_runs"] = runs
+    st.session_state["attr_target"] = (target_spec, target.keys[0])
+    results = {}
+    with st.status("Attributing…", expanded=True) as status:
+        try:
+            for title, opts in runs:
+                att = cached_attributor(opts)
+                status.update(label=f"{title}: training features (cached after the first run)…")
+                st.caption(f"{title}: cache `{att.store_path}`")
+                att.featurize(progress=progress_bar(f"{title}: featurizing {len(att.train)} training images"))
+                status.update(label=f"{title}: kernel and target features…")
+                results[opts] = att.features_of(target.images, target.keys)
+                att.train_features().kernel  # decompose once; later lambda changes are instant
+        except AttributionError as exc:
+            status.update(state="error")
+            fail(exc)
+        status.update(label="Done", state="complete", expanded=False)
+    st.session_state["attr_features"] = results
+
+features = st.session_state.get("attr_features")
+if not features or st.session_state.get("attr_target", (None,))[0] != target_spec:
+    st.info("Pick the options and press **Run attribution**. The first run for a checkpoint and feature "
+            "configuration featurizes the whole training set (progress shown, cached in `cache/`, resumable).")
+    st.stop()
+
+# -- 3. results: lambda slider re-scores instantly -------------------------------------------------------------------
+st.subheader("Results")
+n_pro = st.slider("Proponents shown", 1, 16, 5, key="attr_npro")
+n_opp = st.slider("Opponents shown", 0, 16, 3, key="attr_nopp")
+columns = st.columns(len(st.session_state["attr_runs"]))
+for col, (title, opts) in zip(columns, st.session_state["attr_runs"]):
+    if opts not in features:
+        continue
+    with col:
+        try:
+            att = cached_attributor(opts)
+            m = get_method(opts.method)
+            lam = None
+            if m.uses_lambda:
+                grid = lambda_options(att)
+                default = float(f"{att.train_features().kernel.default_lambda():.3g}")
+                lam = st.select_slider(f"λ ({title})", grid, value=default, key=f"lam_{hash(opts)}",
+                                       format_func=lambda v: f"{v:.3g}")
+            scores = att.scores(m, features[opts], lam)[0]
+        except AttributionError as exc:
+            fail(exc)
+        st.markdown(f"#### {title}")
+        pro, opp = top_lists(scores, att.train, n_pro, n_opp)
+        ranked_tiles(pro, att.train, "Proponents", f"pro_{hash(opts)}")
+        if n_opp:
+            ranked_tiles(opp, att.train, "Opponents", f"opp_{hash(opts)}")
+        share = positive_share(scores, n_pro)
+        st.caption(f"The top {n_pro} hold {share:.0%} of the positive score mass (a normalised share, not a "
+                   f"probability). Same-class share of the top {n_pro}: "
+                   + (f"{np.mean([r.class_name == target.labels[0] for r in pro]):.0%}" if target.labels[0]
+                      and pro else "n/a"))
+        rows = ranking_rows(scores, att.train)
+        d1, d2 = st.columns(2)
+        d1.download_button("Scores (.csv)", to_csv(rows), file_name=f"scores-{opts.method}.csv", mime="text/csv",
+                           key=f"csv_{hash(opts)}")
+        d2.download_button("Scores (.npz)", to_npz_bytes(scores=scores[None].astype(np.float32),
+                                                         target=target.images.numpy()),
+                           file_name=f"scores-{opts.method}.npz", key=f"npz_{hash(opts)}")
+        st.code(equivalent_cli(opts.checkpoint, att.train.spec, opts.method, att.cfg, target_spec, lam,
+                               n_pro), language="bash")

@@ -1,0 +1,83 @@
+"""Self-influence: how much each training image supports itself, the memorisation signal (D-TRAK paper, D.3).
+
+High self-influence: atypical or unique images the model had to memorise. Low: typical images with many similar
+neighbours in the training set.
+"""
+
+import numpy as np
+import plotly.express as px
+import streamlit as st
+
+from attribution.errors import AttributionError
+from attribution.methods import METHODS, get_method
+from attribution.report import to_csv
+from app_pages._attr import METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attributor, lambda_options
+from app_pages._ui import display_size, fail, progress_bar, require_model
+
+st.title("Self-influence")
+st.caption("τ(xₙ)ₙ: the score of each training image for itself. High values mark atypical, memorised images; "
+           "low values typical ones with many similar neighbours.")
+model = require_model()
+dataset = st.session_state.get("dataset")
+usable = [m for m in METHODS if m != "grad-cos"]  # cosine self-similarity is always 1
+
+with st.form("si_form"):
+    c1, c2, c3 = st.columns(3)
+    method = c1.selectbox("Method", usable, format_func=METHOD_TITLES.get, key="si_method")
+    timesteps = c2.number_input("Timesteps K", 1, model.num_timesteps, 10, key="si_K")
+    proj_dim = c3.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="si_k")
+    run = st.form_submit_button("Compute", type="primary")
+
+opts = RunOptions(model.spec, dataset, method, None, None, int(timesteps), "uniform", int(proj_dim), "auto")
+if run:
+    try:
+        att = cached_attributor(opts)
+        with st.status("Featurizing the training set (cached after the first run)…") as status:
+            att.featurize(progress=progress_bar(f"featurizing {len(att.train)} training images"))
+            status.update(label="Features ready", state="complete")
+    except AttributionError as exc:
+        fail(exc)
+    st.session_state["si_opts"] = opts
+
+opts = st.session_state.get("si_opts")
+if opts is None:
+    st.info("Choose a method and press **Compute**. The features are shared with the Attribute page.")
+    st.stop()
+
+try:
+    att = cached_attributor(opts)
+    m = get_method(opts.method)
+    lam = None
+    if m.uses_lambda:
+        lam = st.select_slider("λ", lambda_options(att), value=float(f"{att.train_features().kernel.default_lambda():.3g}"),
+                               key="si_lambda", format_func=lambda v: f"{v:.3g}")
+    values = att.self_influence(m, lam)
+except AttributionError as exc:
+    fail(exc)
+
+data = att.train
+order = np.argsort(-values, kind="stable")
+n_show = st.slider("Images shown", 4, 32, 10, key="si_n")
+size = display_size(data.resolution, 80)
+classes = sorted({data.label_name(i) for i in range(len(data))})
+pick = st.multiselect("Classes", classes, key="si_classes", placeholder="all classes")
+if pick:
+    order = np.array([i for i in order if data.label_name(i) in pick])
+
+st.markdown(f"**Highest self-influence** ({METHOD_TITLES[opts.method]})")
+st.image([data.thumbnail(i, size) for i in order[:n_show]], width=size, output_format="PNG",
+         caption=[f"#{i} · {data.label_name(i)} · {values[i]:.3g}" for i in order[:n_show]])
+st.markdown("**Lowest self-influence**")
+low = order[::-1][:n_show]
+st.image([data.thumbnail(i, size) for i in low], width=size, output_format="PNG",
+         caption=[f"#{i} · {data.label_name(i)} · {values[i]:.3g}" for i in low])
+
+fig = px.histogram(x=values, color=[data.label_name(i) for i in range(len(data))], nbins=60,
+                   labels={"x": "self-influence", "color": "class"}, title="Distribution over the training set")
+fig.update_layout(barmode="overlay", height=320, margin=dict(t=40, b=10))
+fig.update_traces(opacity=0.6)
+st.plotly_chart(fig, key="si_hist")
+rows = [{"index": int(i), "label": data.label_name(int(i)), "self_influence": float(values[i])} for i in order]
+st.dataframe(rows, height=240, hide_index=True)
+st.download_button("Self-influence (.csv)", to_csv(rows), file_name=f"self-influence-{opts.method}.csv",
+                   mime="text/csv")

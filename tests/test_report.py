@@ -1,0 +1,62 @@
+"""Tables, exports, shares and the equivalent CLI line."""
+
+import io
+import shlex
+
+import numpy as np
+
+from attribution.cli import build_parser
+from attribution.data.datasets import ImageDataset
+from attribution.data.images import grid_image
+from attribution.features.config import FeatureConfig
+from attribution.report import equivalent_cli, positive_share, ranking_rows, to_csv, to_npz_bytes
+
+
+def _dataset(n=5):
+    return ImageDataset("toy", "train", np.zeros((n, 4, 4, 1), np.uint8), np.arange(n) % 2, ["even", "odd"],
+                        np.arange(n))
+
+
+def test_ranking_rows_sorted_with_labels():
+    scores = np.array([0.1, -0.5, 0.9, 0.0, 0.3])
+    rows = ranking_rows(scores, _dataset())
+    assert [r["index"] for r in rows] == [2, 4, 0, 3, 1]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[0]["label"] == "even" and rows[1]["label"] == "even" and rows[-1]["label"] == "odd"
+    csv_text = to_csv(rows)
+    assert csv_text.splitlines()[0] == "rank,index,label,score"
+    assert csv_text.splitlines()[1].startswith("1,2,even,0.9")
+
+
+def test_positive_share():
+    scores = np.array([3.0, 1.0, -2.0, 0.0, 1.0])
+    assert positive_share(scores, 1) == 3.0 / 5.0
+    assert positive_share(scores, 10) == 1.0
+    assert positive_share(-np.ones(3), 2) == 0.0
+
+
+def test_npz_bytes_round_trip():
+    raw = to_npz_bytes(scores=np.arange(6, dtype=np.float32).reshape(2, 3))
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["scores"], np.arange(6).reshape(2, 3))
+
+
+def test_equivalent_cli_parses_back_to_the_same_options():
+    cfg = FeatureConfig(fn="interp", eta=0.25, timesteps=7, strategy="cumulative", proj_dim=1024, projector="sjlt",
+                        seed=3)
+    line = equivalent_cli("digits@epoch-24", "digits", "dtrak", cfg, "gen:5", 0.125, top=4)
+    argv = shlex.split(line)[3:]  # drop "python -m attribution"
+    args = build_parser().parse_args(argv)
+    assert (args.command, args.checkpoint, args.dataset, args.method) == ("score", "digits@epoch-24", "digits",
+                                                                          "dtrak")
+    assert (args.fn, args.eta, args.timesteps, args.strategy, args.proj_dim, args.projector, args.seed) == (
+        "interp", 0.25, 7, "cumulative", 1024, "sjlt", 3)
+    assert (args.target, args.lam, args.top) == ("gen:5", 0.125, 4)
+
+
+def test_grid_image_layout():
+    pixels = np.stack([np.full((2, 3, 1), 10 * i, np.uint8) for i in range(5)])
+    img = np.asarray(grid_image(pixels, scale=1, pad=1))
+    # ceil(sqrt(5)) = 3 columns, 2 rows: height 2*(2+1)+1, width 3*(3+1)+1
+    assert img.shape == (7, 13)
+    assert img[1, 1] == 0 and img[1, 5] == 10 and img[4, 1] == 30 and img[4, 9] == 255  # empty cell stays white
