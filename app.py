@@ -1,0 +1,125 @@
+"""Streamlit entry point: `streamlit run app.py` (or `python -m attribution app`).
+
+This file is the frame around every page: page config, the shared sidebar (dataset, checkpoint, device) and the
+page list. Pages read the sidebar's choices from `st.session_state["dataset"]` and `st.session_state["checkpoint"]`.
+
+Defaults: the shipped `digits` checkpoint and dataset when present; the environment variables
+`ATTRIBUTION_CHECKPOINT` and `ATTRIBUTION_DATASET` override them (the tests point them at a tiny model).
+"""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+st.set_page_config(page_title="Diffusion data attribution", page_icon=":material/scatter_plot:", layout="wide")
+
+from attribution.data import BUILTIN_DATASETS  # noqa: E402  (set_page_config must come first)
+from attribution.device import describe_device, resolve_device  # noqa: E402
+from attribution.errors import AttributionError  # noqa: E402
+from attribution.models import list_shipped, resolve_checkpoint  # noqa: E402
+
+# The page list: one entry per page file in app_pages/, grouped into sidebar sections. Add new pages here
+# (e.g. "Attribution": attribute, self-influence, timesteps, journey), each with an explicit url_path.
+# The folder must not be called `pages/`: Streamlit (1.67) then runs a deep link such as /generate on a fresh server,
+# and every AppTest rerun, as an old-style page *without* this file, so the sidebar and session keys go missing.
+PAGES = {
+    "": [
+        st.Page("app_pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
+    ],
+    "Images": [
+        st.Page("app_pages/generate.py", title="Generate", icon=":material/auto_awesome:", url_path="generate"),
+        st.Page("app_pages/upload.py", title="Upload", icon=":material/upload:", url_path="upload"),
+        st.Page("app_pages/training_data.py", title="Training data", icon=":material/grid_view:",
+                url_path="training-data"),
+    ],
+    "Attribution": [
+        st.Page("app_pages/attribute.py", title="Attribute", icon=":material/hub:", url_path="attribute"),
+        st.Page("app_pages/self_influence.py", title="Self-influence", icon=":material/psychology:",
+                url_path="self-influence"),
+    ],
+}
+
+
+def _unique(items):
+    return list(dict.fromkeys(i for i in items if i))
+
+
+def checkpoint_options() -> tuple[list[str], str | None]:
+    """(selectbox options, default): ATTRIBUTION_CHECKPOINT, else shipped `digits`, then every shipped spec."""
+    shipped = list_shipped()
+    env = os.environ.get("ATTRIBUTION_CHECKPOINT", "").strip()
+    default = env or ("digits" if "digits" in shipped else (shipped[0] if shipped else None))
+    extra = []
+    if env:
+        try:  # offer the earlier epochs of a run given by the environment, like the shipped ones
+            extra = resolve_checkpoint(env).siblings[:-1]
+        except AttributionError:
+            pass
+    return _unique([default, *extra, *shipped]), default
+
+
+def dataset_options() -> tuple[list[str], str]:
+    env = os.environ.get("ATTRIBUTION_DATASET", "").strip()
+    default = env or "digits"
+    return _unique([default, *BUILTIN_DATASETS]), default
+
+
+def dataset_ui() -> str:
+    """Dataset picker; returns the chosen spec (a custom spec overrides the list)."""
+    options, _ = dataset_options()
+    picked = st.selectbox("Dataset", options, index=0, key="dataset_pick", bind="query-params",
+                          help="The training set whose images get credit.")
+    custom = st.text_input("…or a dataset spec", key="dataset_custom", bind="query-params",
+                           placeholder="folder:/path/to/images",
+                           help="folder:PATH (one subfolder per class), npz:PATH, cifar10:ROOT, cifar2:ROOT, "
+                                "animals:cat,dog").strip()
+    return custom or picked
+
+
+def checkpoint_ui() -> str | None:
+    """Checkpoint picker; returns the chosen spec or None when there is nothing to choose."""
+    options, _ = checkpoint_options()
+    picked = st.selectbox("Checkpoint", options, index=0 if options else None, key="checkpoint_pick",
+                          bind="query-params", placeholder="no shipped models yet",
+                          help="A shipped model, optionally an earlier epoch (NAME@epoch-N).")
+    custom = st.text_input("…or a checkpoint folder", key="checkpoint_custom", bind="query-params",
+                           placeholder="runs/digits or runs/digits@epoch-20",
+                           help="A training-run folder (python -m attribution train), a DDPMPipeline folder or a "
+                                "UNet2DModel folder; add @epoch-N for an earlier checkpoint of a run.").strip()
+    return custom or picked
+
+
+def checkpoint_summary(spec: str | None, dataset: str) -> None:
+    """What the chosen checkpoint is, and a warning when it was trained on another dataset."""
+    if not spec:
+        return
+    try:
+        info = resolve_checkpoint(spec)
+    except AttributionError as exc:
+        st.error(str(exc))
+        return
+    meta = info.run_metadata()
+    trained_on = meta.get("config", {}).get("dataset")
+    parts = [f"`{info.spec}`"]
+    if trained_on:
+        parts.append(f"trained on **{trained_on}**")
+    if meta.get("resolution"):
+        parts.append(f"{meta['resolution']}×{meta['resolution']} px")
+    if info.epoch is not None and len(info.siblings) > 1:
+        parts.append(f"checkpoint {info.siblings.index(info.spec) + 1} of {len(info.siblings)}"
+                     if info.spec in info.siblings else f"epoch {info.epoch}")
+    st.caption(" · ".join(parts))
+    if trained_on and trained_on != dataset:
+        st.warning(f"This checkpoint was trained on {trained_on}, but the dataset chosen is {dataset}; "
+                   "attribution credits the dataset the model was trained on.", icon=":material/warning:")
+
+
+with st.sidebar:
+    st.session_state["dataset"] = dataset_ui()
+    st.session_state["checkpoint"] = checkpoint_ui()
+    checkpoint_summary(st.session_state["checkpoint"], st.session_state["dataset"])
+    st.caption(f"Device: {describe_device(resolve_device())}")
+
+st.navigation(PAGES).run()

@@ -1,0 +1,70 @@
+"""Generate: sample images from the chosen checkpoint; the last batch becomes the attribution targets."""
+
+import time
+
+import streamlit as st
+
+from attribution.errors import AttributionError
+from attribution.sampling import SAMPLERS
+from app_pages._ui import (display_size, fail, generate_images, image_grid, pngs_zip, progress_bar,
+                          require_model)
+
+st.title("Generate")
+model = require_model()
+st.caption(f"`{model.spec}` · {model.resolution}×{model.resolution} px, {model.channels} channel(s) · "
+           f"{model.info.schedule_note if model.info else ''}")
+
+
+def _queue() -> None:
+    """Submit callback: remember the job, so this run can draw the button disabled while it works.
+
+    Inside a form, editing the inputs never reruns the script; only the button would, so disabling it is enough to
+    keep a click from aborting the job. (Disabling the inputs too would reset their values after the job.)
+    """
+    st.session_state["generate_job"] = {k: st.session_state[f"gen_{k}"] for k in ("seed", "n", "steps", "sampler")}
+
+
+job = st.session_state.pop("generate_job", None)
+with st.form("generate"):
+    c1, c2, c3, c4 = st.columns(4)
+    c1.number_input("Seed", 0, 2**31 - 1, 0, key="gen_seed",
+                    help="Image i gets seed SEED+i, so a seed names the same image everywhere.")
+    c2.number_input("Images", 1, 64, 8, key="gen_n")
+    c3.number_input("Steps", 1, model.num_timesteps, 50, key="gen_steps",
+                    help="Sampling steps; fewer is faster and rougher.")
+    c4.selectbox("Sampler", SAMPLERS, key="gen_sampler",
+                 help="ddim is deterministic given the seed; ddpm adds fresh (seeded) noise at every step.")
+    st.form_submit_button("Generate", type="primary", on_click=_queue, disabled=job is not None)
+
+if job is not None:
+    start = time.time()
+    with st.status(f"Generating {job['n']} images with {job['sampler']} ({job['steps']} steps)…") as status:
+        try:
+            result = generate_images(model, job["n"], job["seed"], job["steps"], job["sampler"],
+                                     progress=progress_bar("Sampling"))
+        except AttributionError as exc:
+            status.update(state="error")
+            fail(exc)
+        status.update(label=f"Generated {job['n']} images in {time.time() - start:.1f} s", state="complete")
+    st.session_state["generated"] = {**result, "seconds": round(time.time() - start, 1)}
+    st.rerun()  # redraw with the form enabled
+
+generated = st.session_state.get("generated")
+if not generated:
+    st.info("Choose a seed and the number of images, then press **Generate**.")
+    st.stop()
+
+seeds, pixels = generated["seeds"], generated["pixels"]
+st.subheader(f"{len(seeds)} images · seeds {seeds[0]}–{seeds[-1]}")
+st.caption(f"`{generated['checkpoint']}` · {generated['sampler']}, {generated['steps']} steps · "
+           f"{generated.get('seconds', '?')} s")
+if generated["checkpoint"] != model.spec:
+    st.warning(f"These images came from `{generated['checkpoint']}`, not the checkpoint now selected.")
+size = display_size(pixels.shape[1], 96)
+image_grid(pixels, [f"seed {s}" for s in seeds], size, key="generated_grid")
+st.caption("These images are the targets for attribution on the next pages.")
+st.download_button("Download PNGs (.zip)", pngs_zip(pixels, [f"seed-{s:06d}.png" for s in seeds]),
+                   file_name="generated.zip", mime="application/zip", icon=":material/download:")
+st.code(f"python -m attribution generate --checkpoint {generated['checkpoint']} --n {len(seeds)} "
+        f"--seed {seeds[0]} --steps {generated['steps']} --sampler {generated['sampler']} --out out/gen",
+        language="bash", wrap_lines=True)

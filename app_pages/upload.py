@@ -1,0 +1,43 @@
+"""Upload: your own image as an attribution target, shown as the model sees it."""
+
+import streamlit as st
+
+from attribution.data import pixels_to_pil
+from attribution.data.images import IMAGE_SUFFIXES
+from attribution.errors import AttributionError
+from app_pages._ui import display_size, read_upload, require_model
+
+st.title("Upload")
+model = require_model()
+st.markdown(f"The image is centre-cropped to a square, resized to **{model.resolution}×{model.resolution}** "
+            f"and converted to **{'grayscale' if model.channels == 1 else 'RGB'}**: exactly what `{model.spec}` "
+            "sees. Transparency becomes black.")
+
+file = st.file_uploader("Image (PNG, JPEG, BMP, GIF, WebP, TIFF)", type=[s.lstrip(".") for s in IMAGE_SUFFIXES],
+                        key="upload_file")
+if file is not None:
+    try:
+        st.session_state["uploaded"] = {**read_upload(file.getvalue(), file.name, model.resolution, model.channels),
+                                        "checkpoint": model.spec}
+    except AttributionError as exc:
+        st.error(str(exc), icon=":material/error:")
+        st.stop()
+
+uploaded = st.session_state.get("uploaded")
+if not uploaded:
+    st.info("Upload an image to use it as an attribution target.")
+    st.stop()
+if (uploaded["resolution"], uploaded["channels"]) != (model.resolution, model.channels):
+    st.warning(f"{uploaded['name']} was prepared for `{uploaded['checkpoint']}` "
+               f"({uploaded['resolution']}×{uploaded['resolution']}); upload it again for the checkpoint now "
+               "selected.")
+
+left, right = st.columns(2)
+with left:
+    st.markdown(f"**Original** · {uploaded['name']}")
+    st.image(uploaded["preview"], width=256)
+with right:
+    st.markdown(f"**As the model sees it** · {uploaded['resolution']}×{uploaded['resolution']}")
+    st.image(pixels_to_pil(uploaded["pixels"], display_size(uploaded["resolution"], 256)), width=256,
+             output_format="PNG")
+st.caption(f"Stored as the upload target (sha256 {uploaded['sha256']}).")
