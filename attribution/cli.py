@@ -52,6 +52,10 @@ def cmd_train(args) -> int:
                       resolution=args.resolution, indices=indices, index_file=args.indices, device=args.device,
                       flip={"auto": None, "on": True, "off": False}[args.flip],
                       save_epochs=[int(e) for e in args.save_epochs.split(",")] if args.save_epochs else [])
+    from .data import load_dataset
+    from .train import subset_indices
+
+    subset_indices(cfg, len(load_dataset(cfg.dataset, "train", cfg.resolution)))  # validate before reporting
     info(f"training a {cfg.preset} DDPM on {cfg.dataset}"
          f"{f' ({len(indices)} indices from {args.indices})' if indices else ''} for {cfg.epochs} epochs, "
          f"seed {cfg.seed}; checkpoints at epochs {cfg.save_epochs} -> {cfg.out}")
@@ -66,9 +70,10 @@ def cmd_generate(args) -> int:
     from .data import pixels_to_pil, tensor_to_pixels
     from .fileio import atomic_path, save_npz
     from .models import load_model
-    from .sampling import sample
+    from .sampling import check_sampling, sample
 
     model = load_model(args.checkpoint, args.device)
+    check_sampling(model, args.n, args.steps, args.sampler)
     out = Path(args.out)
     info(f"generating {args.n} images from {model.spec} with {args.sampler} ({args.steps} steps), seeds "
          f"{args.seed}..{args.seed + args.n - 1} -> {out}/")

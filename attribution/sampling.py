@@ -43,16 +43,21 @@ class Trajectory:
                 "seeds": self.seeds}
 
 
-@torch.no_grad()
-def sample(model: DiffusionModel, n: int, seed: int = 0, steps: int = 50, sampler: str = "ddim",
-           progress: Callable[[int, int, str], None] | None = None) -> Trajectory:
-    """Generate `n` images with seeds seed..seed+n-1, keeping x_t and the predicted x0 at every step."""
+def check_sampling(model: DiffusionModel, n: int, steps: int, sampler: str) -> None:
+    """Raise `ConfigError` (one line) for options `sample` cannot honour."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; use one of: {', '.join(SAMPLERS)}")
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     if not 1 <= steps <= model.num_timesteps:
         raise ConfigError(f"--steps must be within 1..{model.num_timesteps}, got {steps}")
+
+
+@torch.no_grad()
+def sample(model: DiffusionModel, n: int, seed: int = 0, steps: int = 50, sampler: str = "ddim",
+           progress: Callable[[int, int, str], None] | None = None) -> Trajectory:
+    """Generate `n` images with seeds seed..seed+n-1, keeping x_t and the predicted x0 at every step."""
+    check_sampling(model, n, steps, sampler)
     sched = model.schedule.make_scheduler(sampler)
     sched.set_timesteps(steps)
     seeds = np.arange(seed, seed + n, dtype=np.int64)

@@ -106,18 +106,22 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
+def subset_indices(cfg: TrainConfig, n_all: int) -> np.ndarray:
+    """The sorted training-split indices a run trains on (all of them without an index file)."""
+    if cfg.indices is None:
+        return np.arange(n_all)
+    idx = np.asarray(cfg.indices, dtype=np.int64)
+    if idx.min() < 0 or idx.max() >= n_all:
+        raise ConfigError(f"index file has indices outside 0..{n_all - 1} (the {cfg.dataset} training split)")
+    return np.unique(idx)
+
+
 def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     """Train a DDPM as configured; return the run folder."""
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, "train", cfg.resolution)
     n_all = len(data)
-    if cfg.indices is not None:
-        idx = np.asarray(cfg.indices, dtype=np.int64)
-        if idx.min() < 0 or idx.max() >= n_all:
-            raise ConfigError(f"index file has indices outside 0..{n_all - 1} (the {cfg.dataset} training split)")
-        idx = np.unique(idx)
-    else:
-        idx = np.arange(n_all)
+    idx = subset_indices(cfg, n_all)
     x_all = data.tensors(idx)  # (N, C, R, R) in [-1, 1]
     n = len(x_all)
     flip = FLIP_DEFAULT.get(cfg.dataset.split(":")[0], False) if cfg.flip is None else cfg.flip

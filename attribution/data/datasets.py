@@ -4,7 +4,7 @@ A dataset spec is a string:
 
 | spec | what it is | model resolution |
 |---|---|---|
-| `digits` | scikit-learn `load_digits`: 1797 grayscale 8x8 digits, upscaled bilinearly to 16x16 | 16 |
+| `digits` | scikit-learn `load_digits`: 1797 grayscale 8x8 digits, upscaled (bicubic) to 16x16 | 16 |
 | `animals` | animal-mnist 0.4 (MIT): 10,000 white-on-black silhouettes, 28x28, 10 classes | 28 |
 | `animals-2` | the two animal classes in `ANIMALS_2` (2,000 images), mirroring the D-TRAK paper's CIFAR-2 | 28 |
 | `animals:cat,dog` | any subset of animal classes, named or numbered | 28 |
@@ -212,13 +212,13 @@ def _animal_classes(kind, arg) -> tuple[str, ...]:
 def _animals(kind, arg, split):
     images, labels = _animal_arrays()
     classes = _animal_classes(kind, arg)
-    keep = np.flatnonzero(np.isin(labels, [ANIMAL_CLASSES.index(c) for c in classes]))
-    # Relabel to 0..len(classes)-1 in the order given.
-    relabel = {ANIMAL_CLASSES.index(c): i for i, c in enumerate(classes)}
+    # The hold-out is drawn once over all 10,000 images, so every class subset shares one split: the validation
+    # images of `animals-2` are never training images of `animals` or of `animals:bird,cow`.
+    in_split = _stratified_val(labels) if split == "val" else ~_stratified_val(labels)
+    keep = np.flatnonzero(in_split & np.isin(labels, [ANIMAL_CLASSES.index(c) for c in classes]))
+    relabel = {ANIMAL_CLASSES.index(c): i for i, c in enumerate(classes)}  # 0..len(classes)-1 in the order given
     sub_labels = np.array([relabel[int(v)] for v in labels[keep]])
-    sub_images, sub_labels, names, idx, notes = _split(images[keep][..., None], sub_labels, split, list(classes),
-                                                       ["animal-mnist 0.4 silhouettes (MIT)"])
-    return sub_images, sub_labels, names, keep[idx], notes
+    return images[keep][..., None], sub_labels, list(classes), keep, ["animal-mnist 0.4 silhouettes (MIT)"]
 
 
 def _cifar(kind, arg, split):

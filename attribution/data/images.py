@@ -55,7 +55,10 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        if hi > lo:
+            arr = (arr - lo) / (hi - lo) * 255
+        else:  # a constant image keeps its level relative to the type's range (16-bit: 0..65535)
+            arr = np.full_like(arr, 255.0 * min(1.0, max(0.0, lo / (65535.0 if img.mode.startswith("I") else 1.0))))
         img = Image.fromarray(arr.astype(np.uint8))
     if channels == 1:
         return img.convert("L")

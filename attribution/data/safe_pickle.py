@@ -16,6 +16,8 @@ _ALLOWED = {
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
     ("_codecs", "encode"),
+    ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5 arrays
+    ("numpy._core.numeric", "_frombuffer"),
 }
 
 

@@ -86,6 +86,7 @@ class DiffusionModel:
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.schedule = schedule
         self.info = info
+        self._identity = info.content_hash() if info is not None else None
         if schedule.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type {schedule.prediction_type!r} is not supported; "
                               "use an epsilon- or v-prediction model")
@@ -108,7 +109,13 @@ class DiffusionModel:
         return self.info.spec if self.info else "(in memory)"
 
     def identity(self) -> str:
-        """A content hash of the weights (cache key)."""
+        """A content hash of the weights (cache key), computed once: a run folder retrained in place while this
+        model is loaded must not lend the new hash to the old weights."""
+        if getattr(self, "_identity", None) is None:
+            self._identity = self._hash_weights()
+        return self._identity
+
+    def _hash_weights(self) -> str:
         if self.info is not None:
             return self.info.content_hash()
         import hashlib
