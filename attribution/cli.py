@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=16)
     g.add_argument("--seed", type=int, default=0, help="image i gets seed SEED+i")
     g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
+                   help="ddpm (default; crisper on small models) or ddim; both deterministic given the seed")
     g.add_argument("--out", required=True)
     g.add_argument("--trajectory", action="store_true", help="also store x_t and predicted x0 of every step")
     g.add_argument("--grid", help="also write all images as one grid PNG to this path")

@@ -50,6 +50,8 @@ def build(args):
 
 
 def featurize_all(attributors) -> None:
+    for att in attributors:  # open (or refuse: CacheMismatchError) every feature folder before any work is reported
+        _ = att.store
     for att in attributors:
         info(f"featurizing {att.train.spec} ({att.train.split}, {len(att.train)} images) with {att.model.spec}: "
              f"fn={att.cfg.fn}, K={att.cfg.timesteps} {att.cfg.strategy}, {att.cfg.noises} noise(s), "
@@ -66,6 +68,12 @@ def cmd_featurize(args) -> int:
     return 0
 
 
+def check_lambda(method, lam: float | None) -> None:
+    """Refuse a bad --lambda before anything is featurized (featurizing can take hours)."""
+    if lam is not None and method.uses_lambda and not (lam > 0 and np.isfinite(lam)):
+        raise ConfigError(f"lambda must be a positive number, got {lam}")
+
+
 def cmd_score(args) -> int:
     from .engine import ensemble_scores, rank
     from .targets import resolve_targets
@@ -73,6 +81,7 @@ def cmd_score(args) -> int:
     method, attributors, train = build(args)
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
+    check_lambda(method, args.lam)
     targets = resolve_targets(args.target, attributors[0].model, train.spec)
     for note in targets.notes:
         info(note)
@@ -108,6 +117,7 @@ def cmd_self_influence(args) -> int:
     method, attributors, train = build(args)
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
+    check_lambda(method, args.lam)
     featurize_all(attributors)
     lam = attributors[0].resolve_lambda(method, args.lam)
     values = np.mean([att.self_influence(method, lam) for att in attributors], axis=0)

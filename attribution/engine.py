@@ -126,10 +126,17 @@ class Attributor:
             raise ConfigError(f"lambda must be a positive number, got {lam}")
         return float(lam)
 
+    def check_method(self, method: Method) -> None:
+        """A method with a fixed output function (TRAK, the gradient baselines) needs features of that function."""
+        if method.fixed_fn and self.cfg.fn != method.default_fn:
+            raise ConfigError(f"{method.title} needs {method.default_fn} features, these are {self.cfg.fn} features")
+
     def scores(self, method: Method, G: np.ndarray, lam: float | None = None) -> np.ndarray:
+        self.check_method(method)
         return method.score(self.train_features(), G, self.resolve_lambda(method, lam))
 
     def self_influence(self, method: Method, lam: float | None = None) -> np.ndarray:
+        self.check_method(method)
         return method.self_influence(self.train_features(), self.resolve_lambda(method, lam))
 
 

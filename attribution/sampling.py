@@ -16,7 +16,9 @@ import torch
 from .errors import ConfigError
 from .models.adapter import DiffusionModel
 
-SAMPLERS = ("ddim", "ddpm")
+# DDPM first (the default): on the small CPU-trained models DDIM's deterministic path gives visibly blurrier samples
+# than DDPM at the same 50 steps. Both are deterministic given the seed.
+SAMPLERS = ("ddpm", "ddim")
 
 
 @dataclass
@@ -54,7 +56,7 @@ def check_sampling(model: DiffusionModel, n: int, steps: int, sampler: str) -> N
 
 
 @torch.no_grad()
-def sample(model: DiffusionModel, n: int, seed: int = 0, steps: int = 50, sampler: str = "ddim",
+def sample(model: DiffusionModel, n: int, seed: int = 0, steps: int = 50, sampler: str = "ddpm",
            progress: Callable[[int, int, str], None] | None = None) -> Trajectory:
     """Generate `n` images with seeds seed..seed+n-1, keeping x_t and the predicted x0 at every step."""
     check_sampling(model, n, steps, sampler)

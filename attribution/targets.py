@@ -2,7 +2,7 @@
 
 A target spec is one of
 - `train:I` / `val:I`: image I of the dataset's training or validation split;
-- `gen:SEED`: the image the checkpoint generates from SEED (DDIM, 50 steps; see sampling.py);
+- `gen:SEED`: the image the checkpoint generates from SEED (the default sampler, DDPM with 50 steps);
 - a PATH to an image file (converted to the model's resolution and channels: centre crop, resize, mode), or to an
   .npz whose `images` array (uint8, N x H x W [x C]) must already match the model's resolution and channels.
 
