@@ -6,6 +6,7 @@ memory, so moving the lambda slider costs milliseconds); the functions without S
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,12 @@ class RunOptions:
     seed: int = 0
 
 
+def opts_key(opts: RunOptions) -> str:
+    """A short digest of the options that is the same in every process (unlike `hash()`, which is salted per
+    process for strings): for widget keys that must stay put across reruns and servers."""
+    return hashlib.sha256(repr(opts).encode()).hexdigest()[:12]
+
+
 @st.cache_resource(max_entries=6, show_spinner=False)
 def cached_attributor(opts: RunOptions) -> Attributor:
     """One Attributor per (checkpoint, dataset, feature config); validation errors surface as AttributionError."""
@@ -60,6 +67,18 @@ def target_from_pixels(pixels: np.ndarray, name: str, label: str | None = None) 
     return from_pixels(pixels[None], [name], [label])
 
 
+@st.cache_data(max_entries=16, show_spinner="Generating the target (DDPM, 50 steps)…")
+def generated_pixels(checkpoint: str, seed: int) -> np.ndarray:
+    """uint8 (R, R, C): the image `checkpoint` generates from `seed` (what the CLI's gen:SEED target is), sampled
+    once per (checkpoint, seed) rather than on every rerun of the page."""
+    import torch
+
+    from attribution.data import tensor_to_pixels
+    from attribution.sampling import sample
+
+    return tensor_to_pixels(torch.from_numpy(sample(cached_model(checkpoint), 1, int(seed)).final))[0]
+
+
 def target_from_split(model: DiffusionModel, dataset: str, split: str, index: int) -> Targets:
     data = load_dataset(dataset, split, model.resolution, model.channels)
     i = data.check_index(index)
@@ -74,16 +93,20 @@ def lambda_options(att: Attributor) -> list[float]:
 
 
 def ranked_tiles(items: list[Ranked], data: ImageDataset, title: str, key: str) -> None:
-    """A row of training images with rank, index, class and signed score under each (the paper's figure style)."""
-    st.markdown(f"**{title}**")
-    if not items:
-        st.caption("none with this sign")
-        return
-    size = display_size(data.resolution, 80)
-    cols = st.columns(len(items))
-    for col, r in zip(cols, items):
-        col.image(data.thumbnail(r.index, size), output_format="PNG",
-                  caption=f"#{r.index} · {r.class_name} · {r.score:+.3g}")
+    """A row of training images with index, class and signed score under each (the paper's figure style).
+
+    `key` names the row's container (CSS class `.st-key-<key>` in the browser, `get_by_key` in AppTest).
+    """
+    with st.container(key=key):
+        st.markdown(f"**{title}**")
+        if not items:
+            st.caption("none with this sign")
+            return
+        size = display_size(data.resolution, 80)
+        with st.container(horizontal=True, gap="xsmall"):  # same tile size in every row, whatever the count
+            for r in items:
+                st.image(data.thumbnail(r.index, size), width=size, output_format="PNG",
+                         caption=f"#{r.index} · {r.class_name} · {r.score:+.3g}")
 
 
 def top_lists(scores: np.ndarray, data: ImageDataset, n_pro: int, n_opp: int):

@@ -1,19 +1,20 @@
 """Attribute: which training images pushed the model toward (or away from) a target image."""
 
+import hashlib
+
 import numpy as np
 import streamlit as st
-import torch
 
 from attribution.data import pixels_to_pil, tensor_to_pixels
 from attribution.engine import training_dataset_of
 from attribution.errors import AttributionError
 from attribution.features.timesteps import STRATEGIES
 from attribution.methods import METHODS, get_method
+from attribution.store import cache_root
 from attribution.report import equivalent_cli, positive_share, ranking_rows, to_csv, to_npz_bytes
-from attribution.sampling import sample
 from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attributor,
-                             feature_fn_options, lambda_options, ranked_tiles, target_from_pixels,
-                             target_from_split, top_lists)
+                             feature_fn_options, generated_pixels, lambda_options, opts_key, ranked_tiles,
+                             target_from_pixels, target_from_split, top_lists)
 from app_pages._ui import display_size, fail, progress_bar, require_model
 
 st.title("Attribute")
@@ -31,14 +32,20 @@ try:
         gen = st.session_state.get("generated")
         seeds = gen["seeds"] if gen and gen["checkpoint"] == model.spec else []
         seed = (st.selectbox("Generated image (seed)", seeds, key="attr_gen_seed") if seeds else
-                st.number_input("Seed to generate (DDIM, 50 steps)", 0, 2**31 - 1, 0, key="attr_seed"))
+                st.number_input("Seed to generate (DDPM, 50 steps)", 0, 2**31 - 1, 0, key="attr_seed"))
         if seeds:
             pixels = gen["pixels"][seeds.index(seed)]
-        else:
-            pixels = tensor_to_pixels(torch.from_numpy(sample(model, 1, int(seed)).final))[0]
-        target = target_from_pixels(pixels, f"gen:{seed}")
-        target.keys[0] = f"gen/{seed}"  # the same noise key the CLI uses for gen:SEED
-        target_spec = f"gen:{seed}"
+        else:  # cached per (checkpoint, seed): not sampled again on every rerun
+            pixels = generated_pixels(model.spec, int(seed))
+        if not seeds or (gen["steps"], gen["sampler"]) == (50, "ddpm"):
+            target = target_from_pixels(pixels, f"gen:{seed}")
+            target.keys[0] = f"gen/{seed}"  # the same noise key the CLI uses for gen:SEED
+            target_spec = f"gen:{seed}"
+        else:  # not the CLI's gen:SEED image (DDPM, 50 steps): name the PNG of the Generate page's zip instead,
+            target_spec = f"seed-{int(seed):06d}.png"  # which the CLI reads back to the same pixels and noise key
+            target = target_from_pixels(pixels, target_spec)
+            st.caption(f"Generated with {gen['sampler']}, {gen['steps']} steps: the command line below reads it "
+                       f"as `{target_spec}` from the Generate page's download.")
     elif source == "Uploaded":
         up = st.session_state.get("uploaded")
         if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
@@ -53,6 +60,9 @@ try:
         target_spec = f"{split}:{int(idx)}"
 except AttributionError as exc:
     fail(exc)
+# What the stored results belong to: results for another target, checkpoint or dataset are never shown as this one's.
+target_id = (model.spec, dataset, target_spec, target.keys[0],
+             hashlib.sha256(target.images.numpy().tobytes()).hexdigest()[:16])
 st.image(pixels_to_pil(tensor_to_pixels(target.images[0]), size), output_format="PNG",
          caption=f"{target_spec}" + (f" · label {target.labels[0]}" if target.labels[0] else ""))
 
@@ -86,14 +96,14 @@ def options_for(method_name: str, checkpoint: str) -> RunOptions:
 
 
 runs = [(METHOD_TITLES[method], options_for(method, model.spec))]
-if compare != "(none)":
+if compare not in ("(none)", method):  # comparing a method with itself would repeat its column (and widget keys)
     runs.append((METHOD_TITLES[compare], options_for(compare, model.spec)))
 if compare_ckpt != "(none)":
     runs.append((f"{METHOD_TITLES[method]} @ {compare_ckpt}", options_for(method, compare_ckpt)))
 
 if run:
-    st.session_state["attr_runs"] = runs
-    st.session_state["attr_target"] = (target_spec, target.keys[0])
+    for stale in ("attr_runs", "attr_target", "attr_features"):  # a failed run must not leave older results
+        st.session_state.pop(stale, None)  # labelled as this target's
     results = {}
     with st.status("Attributing…", expanded=True) as status:
         try:
@@ -109,12 +119,13 @@ if run:
             status.update(state="error")
             fail(exc)
         status.update(label="Done", state="complete", expanded=False)
-    st.session_state["attr_features"] = results
+    st.session_state.update(attr_runs=runs, attr_target=target_id, attr_features=results)
 
 features = st.session_state.get("attr_features")
-if not features or st.session_state.get("attr_target", (None,))[0] != target_spec:
+if not features or st.session_state.get("attr_target") != target_id:
     st.info("Pick the options and press **Run attribution**. The first run for a checkpoint and feature "
-            "configuration featurizes the whole training set (progress shown, cached in `cache/`, resumable).")
+            f"configuration featurizes the whole training set (progress shown, cached in `{cache_root()}`, "
+            "resumable).")
     st.stop()
 
 # -- 3. results: lambda slider re-scores instantly -------------------------------------------------------------------
@@ -122,10 +133,11 @@ st.subheader("Results")
 n_pro = st.slider("Proponents shown", 1, 16, 5, key="attr_npro")
 n_opp = st.slider("Opponents shown", 0, 16, 3, key="attr_nopp")
 columns = st.columns(len(st.session_state["attr_runs"]))
-for col, (title, opts) in zip(columns, st.session_state["attr_runs"]):
+for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_runs"])):
     if opts not in features:
         continue
-    with col:
+    with col, st.container(key=f"attr_result_{i}"):
+        st.markdown(f"#### {title}")
         try:
             att = cached_attributor(opts)
             m = get_method(opts.method)
@@ -133,16 +145,15 @@ for col, (title, opts) in zip(columns, st.session_state["attr_runs"]):
             if m.uses_lambda:
                 grid = lambda_options(att)
                 default = float(f"{att.train_features().kernel.default_lambda():.3g}")
-                lam = st.select_slider(f"λ ({title})", grid, value=default, key=f"lam_{hash(opts)}",
+                lam = st.select_slider(f"λ ({title})", grid, value=default, key=f"attr_lam_{opts_key(opts)}",
                                        format_func=lambda v: f"{v:.3g}")
             scores = att.scores(m, features[opts], lam)[0]
         except AttributionError as exc:
             fail(exc)
-        st.markdown(f"#### {title}")
         pro, opp = top_lists(scores, att.train, n_pro, n_opp)
-        ranked_tiles(pro, att.train, "Proponents", f"pro_{hash(opts)}")
+        ranked_tiles(pro, att.train, "Proponents", f"attr_pro_{i}")
         if n_opp:
-            ranked_tiles(opp, att.train, "Opponents", f"opp_{hash(opts)}")
+            ranked_tiles(opp, att.train, "Opponents", f"attr_opp_{i}")
         share = positive_share(scores, n_pro)
         st.caption(f"The top {n_pro} hold {share:.0%} of the positive score mass (a normalised share, not a "
                    f"probability). Same-class share of the top {n_pro}: "
@@ -151,9 +162,9 @@ for col, (title, opts) in zip(columns, st.session_state["attr_runs"]):
         rows = ranking_rows(scores, att.train)
         d1, d2 = st.columns(2)
         d1.download_button("Scores (.csv)", to_csv(rows), file_name=f"scores-{opts.method}.csv", mime="text/csv",
-                           key=f"csv_{hash(opts)}")
+                           key=f"attr_csv_{i}")
         d2.download_button("Scores (.npz)", to_npz_bytes(scores=scores[None].astype(np.float32),
                                                          target=target.images.numpy()),
-                           file_name=f"scores-{opts.method}.npz", key=f"npz_{hash(opts)}")
+                           file_name=f"scores-{opts.method}.npz", key=f"attr_npz_{i}")
         st.code(equivalent_cli(opts.checkpoint, att.train.spec, opts.method, att.cfg, target_spec, lam,
-                               n_pro), language="bash")
+                               n_pro), language="bash", wrap_lines=True)

@@ -11,7 +11,7 @@ import streamlit as st
 from attribution.errors import AttributionError
 from attribution.methods import METHODS, get_method
 from attribution.report import to_csv
-from app_pages._attr import METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attributor, lambda_options
+from app_pages._attr import METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attributor, lambda_options, opts_key
 from app_pages._ui import display_size, fail, progress_bar, require_model
 
 st.title("Self-influence")
@@ -40,7 +40,7 @@ if run:
     st.session_state["si_opts"] = opts
 
 opts = st.session_state.get("si_opts")
-if opts is None:
+if opts is None or (opts.checkpoint, opts.dataset) != (model.spec, dataset):  # none yet, or for another model
     st.info("Choose a method and press **Compute**. The features are shared with the Attribute page.")
     st.stop()
 
@@ -49,8 +49,10 @@ try:
     m = get_method(opts.method)
     lam = None
     if m.uses_lambda:
-        lam = st.select_slider("λ", lambda_options(att), value=float(f"{att.train_features().kernel.default_lambda():.3g}"),
-                               key="si_lambda", format_func=lambda v: f"{v:.3g}")
+        # One slider per feature set: another set has another lambda grid, which an old value may not be on.
+        lam = st.select_slider("λ", lambda_options(att),
+                               value=float(f"{att.train_features().kernel.default_lambda():.3g}"),
+                               key=f"si_lambda_{opts_key(opts)}", format_func=lambda v: f"{v:.3g}")
     values = att.self_influence(m, lam)
 except AttributionError as exc:
     fail(exc)
@@ -64,13 +66,12 @@ pick = st.multiselect("Classes", classes, key="si_classes", placeholder="all cla
 if pick:
     order = np.array([i for i in order if data.label_name(i) in pick])
 
-st.markdown(f"**Highest self-influence** ({METHOD_TITLES[opts.method]})")
-st.image([data.thumbnail(i, size) for i in order[:n_show]], width=size, output_format="PNG",
-         caption=[f"#{i} · {data.label_name(i)} · {values[i]:.3g}" for i in order[:n_show]])
-st.markdown("**Lowest self-influence**")
-low = order[::-1][:n_show]
-st.image([data.thumbnail(i, size) for i in low], width=size, output_format="PNG",
-         caption=[f"#{i} · {data.label_name(i)} · {values[i]:.3g}" for i in low])
+for title, shown, key in ((f"**Highest self-influence** ({METHOD_TITLES[opts.method]})", order[:n_show], "si_high"),
+                          ("**Lowest self-influence**", order[::-1][:n_show], "si_low")):
+    with st.container(key=key):
+        st.markdown(title)
+        st.image([data.thumbnail(i, size) for i in shown], width=size, output_format="PNG",
+                 caption=[f"#{i} · {data.label_name(i)} · {values[i]:.3g}" for i in shown])
 
 fig = px.histogram(x=values, color=[data.label_name(i) for i in range(len(data))], nbins=60,
                    labels={"x": "self-influence", "color": "class"}, title="Distribution over the training set")

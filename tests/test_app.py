@@ -7,6 +7,8 @@ AppTest runs the script in this process, so the app reads `ATTRIBUTION_CHECKPOIN
 from __future__ import annotations
 
 import io
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +20,25 @@ from attribution.errors import ImageError
 from app_pages._ui import display_size, page_indices, read_upload
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
+# The attribution tests featurize the 1618 digits once per feature set (K=2, k=512): ~15-40 s on two busy cores.
+RUN_TIMEOUT = 300
+TILE = re.compile(r"^#(\d+) · (.+) · ([+-]\S+)$")  # "#index · class · signed score" under a ranked tile
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    """One feature cache for the session (test_browser.py's server uses the same folder), never the repo's cache/."""
+    path = tmp_path_factory.getbasetemp() / "attribution-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture
-def app(tiny_run, monkeypatch) -> AppTest:
+def app(tiny_run, feature_cache, monkeypatch) -> AppTest:
     """The app after its first run, pointed at the tiny run and the digits dataset."""
     monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
     monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(feature_cache))
     at = AppTest.from_file(str(APP), default_timeout=60).run()
     assert not at.exception
     return at
@@ -71,8 +85,9 @@ def test_generate(app):
     assert app.number_input(key="gen_seed").value == 3  # the form keeps its values after the job
 
 
-def test_generate_with_a_missing_checkpoint_shows_one_line(tiny_run, monkeypatch):
+def test_generate_with_a_missing_checkpoint_shows_one_line(tiny_run, feature_cache, monkeypatch):
     monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run / "nope"))
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(feature_cache))
     at = AppTest.from_file(str(APP), default_timeout=60).run()
     at.switch_page("app_pages/generate.py").run()
     assert not at.exception
@@ -115,6 +130,163 @@ def test_upload_rejects_non_images_and_keeps_working(app):
     uploaded = app.session_state["uploaded"]
     assert uploaded["pixels"].shape == (16, 16, 1) and uploaded["name"] == "red.png"
     assert len(app.get("image")) == 2  # original and "as the model sees it"
+
+
+# -- attribution pages ---------------------------------------------------------------------------------------------
+
+
+def run_attribution(at: AppTest, source: str, index: int, compare: str = "(none)", K: int = 2,
+                    k: int = 512) -> AppTest:
+    """Attribute page: choose a dataset target, set the form and press Run attribution."""
+    at.switch_page("app_pages/attribute.py").run()
+    assert not at.exception
+    at.radio(key="attr_source").set_value(source).run()
+    split = "train" if source == "Training image" else "val"
+    at.number_input(key=f"attr_{split}_idx").set_value(index)
+    at.number_input(key="attr_K").set_value(K)
+    at.selectbox(key="attr_k").set_value(k)
+    at.selectbox(key="attr_compare").set_value(compare)
+    next(b for b in at.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
+    assert not at.exception, at.exception
+    return at
+
+
+def tiles(at: AppTest, key: str) -> list[tuple[int, str, float]]:
+    """(index, class, score) of the ranked tiles in the container `key`, in the order shown."""
+    out = []
+    for element in at.main.get_by_key(key).get("image"):
+        for img in element.proto.imgs:
+            m = TILE.match(img.caption)
+            assert m, img.caption
+            out.append((int(m[1]), m[2], float(m[3])))
+    return out
+
+
+def test_attribute_validation_target_with_comparison_and_lambda(app):
+    run_attribution(app, "Validation image", 5, compare="trak")
+    assert not app.main.error
+    headers = [md.value for md in app.main.markdown if md.value.startswith("#### ")]
+    assert headers == ["#### D-TRAK", "#### TRAK"]
+
+    for i in range(2):
+        pro, opp = tiles(app, f"attr_pro_{i}"), tiles(app, f"attr_opp_{i}")
+        assert len(pro) == 5 and 0 < len(opp) <= 3
+        assert all(s > 0 for _, _, s in pro) and all(s < 0 for _, _, s in opp)
+        assert [s for _, _, s in pro] == sorted((s for _, _, s in pro), reverse=True)
+        assert [s for _, _, s in opp] == sorted(s for _, _, s in opp)  # most negative first
+        assert all(c.isdigit() for _, c, _ in pro + opp)  # digits classes are "0".."9"
+        result = app.main.get_by_key(f"attr_result_{i}")
+        assert "of the positive score mass" in " ".join(c.value for c in result.caption)
+        assert [d.label for d in result.get("download_button")] == ["Scores (.csv)", "Scores (.npz)"]
+        cli = result.code[0].value
+        assert cli.startswith("python -m attribution score") and "--target val:5" in cli
+        assert f"--method {('dtrak', 'trak')[i]}" in cli and "--timesteps 2" in cli and "--proj-dim 512" in cli
+
+    # Another lambda re-scores from the cached kernel: new scores, no featurizing, well under a second or two.
+    slider = app.main.get_by_key("attr_result_0").select_slider[0]
+    before, cli_before = tiles(app, "attr_pro_0"), app.main.get_by_key("attr_result_0").code[0].value
+    trak_before = tiles(app, "attr_pro_1")
+    assert slider.value in [float(o) for o in slider.options]
+    new = float(slider.options[0]) if float(slider.options[0]) != slider.value else float(slider.options[-1])
+    start = time.perf_counter()
+    slider.set_value(new).run()
+    elapsed = time.perf_counter() - start
+    assert not app.exception
+    after = tiles(app, "attr_pro_0")
+    assert [s for _, _, s in after] != [s for _, _, s in before]
+    assert not app.status and not app.get("progress")  # nothing was featurized on this rerun
+    assert elapsed < 10, elapsed
+    assert app.main.get_by_key("attr_result_0").code[0].value != cli_before  # the CLI line carries --lambda
+    assert tiles(app, "attr_pro_1") == trak_before  # TRAK's column keeps its own lambda
+
+    # Another checkpoint (the run's first epoch) with the same target spec, then another target: the stored results
+    # are never shown as theirs.
+    other = next(o for o in app.sidebar.selectbox(key="checkpoint_pick").options if o.endswith("@epoch-1"))
+    app.sidebar.selectbox(key="checkpoint_pick").set_value(other).run()
+    assert not app.exception
+    assert not [md for md in app.main.markdown if md.value.startswith("#### ")]
+    assert "Run attribution" in app.main.info[0].value
+    app.sidebar.selectbox(key="checkpoint_pick").set_value(app.sidebar.selectbox(key="checkpoint_pick").options[0])
+    app.run()
+    assert [md.value for md in app.main.markdown if md.value.startswith("#### ")] == ["#### D-TRAK", "#### TRAK"]
+    app.number_input(key="attr_val_idx").set_value(6).run()
+    assert not app.exception
+    assert not [md for md in app.main.markdown if md.value.startswith("#### ")]
+    assert "Run attribution" in app.main.info[0].value
+
+
+def test_attribute_generated_targets(app):
+    """A generated target is the CLI's gen:SEED (DDPM, 50 steps) or, made otherwise, the PNG the Generate page
+    downloads, so the command line shown reproduces it."""
+    app.switch_page("app_pages/attribute.py").run()
+    app.radio(key="attr_source").set_value("Generated").run()
+    assert not app.exception
+    assert shown_images(app) == ["gen:0"]  # nothing generated yet: the seed's DDPM-50 image
+    app.switch_page("app_pages/generate.py").run()
+    app.number_input(key="gen_seed").set_value(3)
+    app.number_input(key="gen_n").set_value(2)
+    app.number_input(key="gen_steps").set_value(4)
+    app.button[0].click().run()
+    app.switch_page("app_pages/attribute.py").run()
+    assert not app.exception
+    assert app.selectbox(key="attr_gen_seed").options == ["3", "4"]
+    assert shown_images(app) == ["seed-000003.png"]
+    assert any("`seed-000003.png`" in c.value for c in app.main.caption)
+
+
+def test_attribute_training_image_is_its_own_top_proponent(app):
+    index = 7
+    run_attribution(app, "Training image", index, compare="dtrak")  # comparing D-TRAK with itself: one column
+    assert [md.value for md in app.main.markdown if md.value.startswith("#### ")] == ["#### D-TRAK"]
+    slider = app.main.get_by_key("attr_result_0").select_slider[0]
+    slider.set_value(float(slider.options[0])).run()  # the smallest lambda on the slider
+    assert not app.exception
+    pro = tiles(app, "attr_pro_0")
+    assert pro[0][0] == index
+    first_caption = app.main.get_by_key("attr_pro_0").get("image")[0].proto.imgs[0].caption
+    assert first_caption.startswith(f"#{index} ·")
+    assert "--target train:7" in app.main.get_by_key("attr_result_0").code[0].value
+
+
+def test_attribute_with_a_missing_checkpoint_shows_one_line(app, tiny_run):
+    app.switch_page("app_pages/attribute.py").run()
+    app.sidebar.text_input(key="checkpoint_custom").set_value(str(tiny_run / "missing-folder")).run()
+    assert not app.exception
+    errors = [e.value for e in app.main.error]
+    assert len(errors) == 1 and "\n" not in errors[0] and "checkpoint not found" in errors[0]
+    assert not app.main.get("radio")  # the page stopped before the target picker
+
+
+def test_self_influence(app):
+    app.switch_page("app_pages/self_influence.py").run()
+    assert not app.exception and app.main.info  # nothing computed yet: guidance
+    app.selectbox(key="si_method").set_value("dtrak")
+    app.number_input(key="si_K").set_value(2)
+    app.selectbox(key="si_k").set_value(512)
+    next(b for b in app.button if b.label == "Compute").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+
+    def grid(key):
+        images = [img for element in app.main.get_by_key(key).get("image") for img in element.proto.imgs]
+        values = []
+        for img in images:
+            m = re.match(r"^#(\d+) · (\d) · (\S+)$", img.caption)
+            assert m, img.caption
+            values.append(float(m[3]))
+        return values
+
+    high, low = grid("si_high"), grid("si_low")
+    assert len(high) == len(low) == 10
+    assert high == sorted(high, reverse=True) and low == sorted(low)
+    assert min(high) >= max(low)
+    table = app.dataframe[0].value
+    assert len(table) == 1618 and list(table.columns) == ["index", "label", "self_influence"]
+    assert table["self_influence"].is_monotonic_decreasing
+
+    # Another checkpoint in the sidebar: these values are not shown as its own.
+    other = next(o for o in app.sidebar.selectbox(key="checkpoint_pick").options if o.endswith("@epoch-1"))
+    app.sidebar.selectbox(key="checkpoint_pick").set_value(other).run()
+    assert not app.exception and app.main.info and not app.dataframe
 
 
 # -- the pure helpers behind the pages ------------------------------------------------------------------------------
