@@ -1,96 +1,100 @@
-"""Regenerate the README screenshots of the app: docs/app-generate.png and docs/app-training-data.png.
+"""Regenerate the README screenshots of the app: docs/app-generate.png, app-training-data.png and app-attribute.png.
 
     OMP_NUM_THREADS=1 python docs/make_screenshots.py                       # the shipped digits model and dataset
-    ATTRIBUTION_CHECKPOINT=runs/x python docs/make_screenshots.py --sampler ddpm --steps 250
+    ATTRIBUTION_CHECKPOINT=runs/x python docs/make_screenshots.py --sampler ddim --steps 250
 
-Starts `streamlit run app.py` on a free port, drives system Chromium (/usr/bin/chromium or
-chromium-headless-shell) with Playwright, and stops the server again.
+Starts `streamlit run app.py` on a free port (tests/browser_support.py, shared with tests/test_browser.py), drives
+system Chromium (/usr/bin/chromium or chromium-headless-shell) with Playwright, and stops the server again.
+
+The app's defaults apply: the shipped `digits` checkpoint and dataset, and the repository's cache/ for features
+(ATTRIBUTION_CHECKPOINT, ATTRIBUTION_DATASET and ATTRIBUTION_CACHE in the environment override them, as for the app).
+The Attribute shot runs D-TRAK (K=10, k=4096, the form's defaults) compared with TRAK on validation image 12: the
+first time, that featurizes the training set twice (several minutes per method on one core); later runs reuse the
+cached features.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import browser_support as bs  # noqa: E402
+
+FEATURIZE_TIMEOUT_MS = 20 * 60_000  # the first Attribute run featurizes the training set for D-TRAK and TRAK
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def shot_generate(page, url: str, out: Path, n_images: int, sampler: str, steps: int) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/generate")
+    bs.wait_for_app_run(page)
+    page.locator(".st-key-gen_n input").fill(str(n_images))
+    page.locator(".st-key-gen_steps input").fill(str(steps))
+    if sampler != "ddpm":  # the app's default (first in the list)
+        bs.choose(page, "gen_sampler", sampler)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("[data-testid='stImage'] img")).to_have_count(n_images, timeout=300_000)
+    bs.wait_for_app_run(page)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    bs.full_page_screenshot(page, out)
 
 
-def _wait(page) -> None:
-    page.locator("[data-testid='stApp'][data-test-connection-state='CONNECTED']").wait_for(state="attached")
-    page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for(state="attached",
-                                                                                       timeout=120_000)
+def shot_training_data(page, url: str, out: Path) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/training-data")
+    bs.wait_for_app_run(page)
+    expect(page.locator("[data-testid='stImage'] img")).not_to_have_count(0)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    bs.full_page_screenshot(page, out)
 
 
-def _full_page_screenshot(page, path: Path) -> None:
-    """Streamlit scrolls inside its main container, so grow the viewport to the content and load lazy images."""
-    height = page.evaluate("document.querySelector('[data-testid=stMain]').scrollHeight")
-    page.set_viewport_size({"width": page.viewport_size["width"], "height": max(600, int(height) + 40)})
-    page.evaluate("document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
-    page.wait_for_function("[...document.querySelectorAll('[data-testid=stImage] img')]"
-                           ".every(i => i.complete && i.naturalWidth > 0)")
-    page.screenshot(path=str(path), full_page=True)
+def shot_attribute(page, url: str, out: Path, val_index: int, compare: str) -> None:
+    """Validation image `val_index`, the form's defaults (D-TRAK, K=10, k=4096), compared with `compare`."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/attribute")
+    bs.wait_for_app_run(page)
+    page.locator(".st-key-attr_source").get_by_text("Validation image").click()
+    bs.wait_for_app_run(page)
+    index = page.locator(".st-key-attr_val_idx input")
+    index.fill(str(val_index))
+    index.press("Enter")
+    bs.wait_for_app_run(page)
+    expect(page.get_by_test_id("stImageCaption").first).to_contain_text(f"val:{val_index}")
+    bs.choose(page, "attr_compare", compare)
+    page.get_by_role("button", name="Run attribution").click()
+    expect(page.get_by_role("heading", name="Results")).to_be_visible(timeout=FEATURIZE_TIMEOUT_MS)
+    bs.wait_for_app_run(page, timeout=FEATURIZE_TIMEOUT_MS)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    expect(page.locator(".st-key-attr_pro_1 [data-testid='stImage']").first).to_be_visible()
+    bs.full_page_screenshot(page, out)
 
 
-def main(out_dir: Path = ROOT / "docs", n_images: int = 16, sampler: str = "ddim", steps: int = 50) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def main(out_dir: Path = ROOT / "docs", n_images: int = 16, sampler: str = "ddpm", steps: int = 50,
+         val_index: int = 12, compare: str = "TRAK") -> None:
+    from playwright.sync_api import sync_playwright
 
-    exe = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-headless-shell") if Path(p).is_file()),
-               shutil.which("chromium-headless-shell") or shutil.which("chromium"))
-    if exe is None:
+    if bs.chromium_path() is None:
         sys.exit("no Chromium found: apt-get install chromium (or chromium-headless-shell)")
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true",
-                             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                time.sleep(0.3)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu",
-                                                                   "--disable-dev-shm-usage"])
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            page.goto(f"{url}/generate")
-            _wait(page)
-            page.locator(".st-key-gen_n input").fill(str(n_images))
-            page.locator(".st-key-gen_steps input").fill(str(steps))
-            if sampler != "ddim":
-                page.locator(".st-key-gen_sampler").click()
-                page.get_by_role("option", name=sampler).click()
-            page.get_by_role("button", name="Generate").click()
-            expect(page.locator("[data-testid='stImage'] img")).to_have_count(n_images, timeout=300_000)
-            _wait(page)
-            _full_page_screenshot(page, out_dir / "app-generate.png")
-
-            page.set_viewport_size({"width": 1280, "height": 860})
-            page.goto(f"{url}/training-data")
-            _wait(page)
-            expect(page.locator("[data-testid='stImage'] img")).not_to_have_count(0)
-            _full_page_screenshot(page, out_dir / "app-training-data.png")
-            browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    print(f"wrote {out_dir / 'app-generate.png'} and {out_dir / 'app-training-data.png'}")
+    outs = {"generate": out_dir / "app-generate.png", "training": out_dir / "app-training-data.png",
+            "attribute": out_dir / "app-attribute.png"}
+    with bs.app_server({}) as url, sync_playwright() as p:
+        browser = bs.launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        shot_generate(page, url, outs["generate"], n_images, sampler, steps)
+        page.close()
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        shot_training_data(page, url, outs["training"])
+        page.close()
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        shot_attribute(page, url, outs["attribute"], val_index, compare)
+        page.close()
+        browser.close()
+    print("wrote " + ", ".join(str(p) for p in outs.values()))
 
 
 if __name__ == "__main__":
@@ -98,7 +102,9 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16, help="images to generate")
-    parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--val-index", type=int, default=12, help="validation image attributed")
+    parser.add_argument("--compare", default="TRAK", help="'Compare with method' option for the Attribute shot")
     args = parser.parse_args()
-    main(n_images=args.n, sampler=args.sampler, steps=args.steps)
+    main(n_images=args.n, sampler=args.sampler, steps=args.steps, val_index=args.val_index, compare=args.compare)

@@ -1,40 +1,18 @@
 """End-to-end: `streamlit run app.py` driven by system Chromium through Playwright (UX.md §5.3).
 
 Run with `pytest -m browser`; skipped when no Chromium binary is installed. Playwright's own browser downloads are
-never used (`playwright install` is not needed).
+never used (`playwright install` is not needed). The server and page helpers live in tests/browser_support.py, which
+docs/make_screenshots.py (the README screenshots, on the shipped digits model) uses too.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = ROOT / "docs" / "app-attribute.png"  # shown in the README
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-
-
-def chromium_path() -> str | None:
-    for candidate in ("/usr/bin/chromium", "/usr/bin/chromium-headless-shell"):
-        if Path(candidate).is_file():
-            return candidate
-    return shutil.which("chromium-headless-shell") or shutil.which("chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from browser_support import (ServerError, app_server, choose, chromium_path, full_page_screenshot, launch_chromium,
+                             wait_for_app_run)
 
 
 @pytest.fixture(scope="module")
@@ -43,64 +21,29 @@ def server(tiny_run, tmp_path_factory):
 
     Features go to the session's shared cache folder (the one test_app.py uses), never the repository's cache/.
     """
-    port = free_port()
     cache = tmp_path_factory.getbasetemp() / "attribution-cache"
     cache.mkdir(exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", ATTRIBUTION_CHECKPOINT=str(tiny_run), ATTRIBUTION_DATASET="digits",
+    env = dict(OMP_NUM_THREADS="1", ATTRIBUTION_CHECKPOINT=str(tiny_run), ATTRIBUTION_DATASET="digits",
                ATTRIBUTION_CACHE=str(cache))
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-             "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with app_server(env, log_path=log) as url:
+            yield url
+    except ServerError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
 def browser():
-    exe = chromium_path()
-    if exe is None:
+    if chromium_path() is None:
         pytest.skip("no Chromium binary (/usr/bin/chromium or chromium-headless-shell); "
                     "apt-get install chromium or chromium-headless-shell")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        b = launch_chromium(p)
         yield b
         b.close()
-
-
-def wait_for_app_run(page, timeout: float = 60_000) -> None:
-    """Websocket up, script run finished, nothing left as a skeleton (Streamlit's own e2e recipe)."""
-    from playwright.sync_api import expect
-
-    page.locator("[data-testid='stApp'][data-test-connection-state='CONNECTED']").wait_for(state="attached",
-                                                                                          timeout=timeout)
-    page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for(state="attached",
-                                                                                       timeout=timeout)
-    expect(page.get_by_test_id("stSkeleton")).to_have_count(0)
 
 
 @pytest.mark.browser
@@ -126,33 +69,9 @@ def test_generate_in_browser(server, browser, tmp_path):
     page.close()
 
 
-def full_page_screenshot(page, path: Path) -> None:
-    """Streamlit scrolls inside its main container (`full_page` alone stops at the viewport): grow the viewport to
-    the content first, then wait until every image has loaded."""
-    height = page.evaluate("document.querySelector('[data-testid=stMain]').scrollHeight")
-    page.set_viewport_size({"width": page.viewport_size["width"], "height": max(600, int(height) + 40)})
-    wait_for_app_run(page)
-    page.evaluate("document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
-    loaded = ("[...document.querySelectorAll('[data-testid=stImage] img')]"
-              ".every(i => i.complete && i.naturalWidth > 0)")
-    try:
-        page.wait_for_function(loaded, timeout=60_000)
-    except Exception:
-        images = page.evaluate("[...document.querySelectorAll('[data-testid=stImage] img')]"
-                               ".map(i => [i.complete, i.naturalWidth, i.src])")
-        raise AssertionError(f"images not loaded (complete, naturalWidth, src): {images}") from None
-    page.screenshot(path=str(path), full_page=True)
-
-
-def choose(page, key: str, option: str) -> None:
-    """Pick `option` in the selectbox with widget key `key` (a form's selectbox does not rerun the app)."""
-    page.locator(f".st-key-{key} [role='combobox']").click()
-    page.get_by_role("option", name=option, exact=True).click()
-
-
 @pytest.mark.browser
 def test_attribute_in_browser(server, browser, tmp_path):
-    """Validation image 5, K=2, k=512, D-TRAK compared with TRAK: tiles with captions; a screenshot for the README."""
+    """Validation image 5, K=2, k=512, D-TRAK compared with TRAK: tiles with captions; a full-page screenshot."""
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -187,8 +106,5 @@ def test_attribute_in_browser(server, browser, tmp_path):
         assert img.evaluate("el => el.complete && el.naturalWidth > 0")
     expect(page.get_by_test_id("stCode").first).to_contain_text("--target val:5")
 
-    shot = tmp_path / "attribute.png"
-    full_page_screenshot(page, shot)
-    if os.environ.get("ATTRIBUTION_UPDATE_DOCS"):  # refresh the README picture on request only
-        shutil.copyfile(shot, SCREENSHOT)
+    full_page_screenshot(page, tmp_path / "attribute.png")
     page.close()

@@ -1,0 +1,81 @@
+"""The shipped default models: present, complete, generating what they should, and attributing sensibly.
+
+These run on the real shipped `digits` model (0.65M parameters), with a reduced feature configuration (K=2
+timesteps, k=2048) so that featurizing its 1,618 training images takes about a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.data import load_dataset, tensor_to_pixels
+from attribution.engine import open_attributor
+from attribution.methods import get_method
+from attribution.models import SHIPPED, list_shipped, load_model, resolve_checkpoint
+from attribution.sampling import sample
+
+
+@pytest.mark.parametrize("alias,dataset", [("digits", "digits"), ("animals-2", "animals-2")])
+def test_shipped_model_is_complete(alias, dataset):
+    info = resolve_checkpoint(alias)
+    meta = json.loads((SHIPPED[alias] / "run.json").read_text())
+    assert meta["config"]["dataset"] == dataset
+    assert len(info.siblings) >= 5, "at least 4 intermediate checkpoints plus the final one"
+    for spec in info.siblings:
+        sib = resolve_checkpoint(spec)
+        assert sib.weights_path.suffix == ".safetensors"
+        assert sib.weights_path.stat().st_size < 4 * 2**20, "checkpoints stay small"
+    assert alias in list_shipped() and f"{alias}@epoch-{resolve_checkpoint(info.siblings[0]).epoch}" in list_shipped()
+
+
+@pytest.fixture(scope="module")
+def digits_classifier():
+    """A pixel logistic-regression classifier of the digits training split (about 97% on its validation split)."""
+    from sklearn.linear_model import LogisticRegression
+
+    train = load_dataset("digits", "train")
+    val = load_dataset("digits", "val")
+    clf = LogisticRegression(max_iter=2000).fit(train.pixels.reshape(len(train), -1) / 255.0, train.labels)
+    assert clf.score(val.pixels.reshape(len(val), -1) / 255.0, val.labels) > 0.9
+    return clf
+
+
+def test_shipped_digits_generate_recognisable_digits(digits_classifier):
+    model = load_model("digits", "cpu")
+    pixels = tensor_to_pixels(torch.from_numpy(sample(model, 32, seed=0).final))
+    proba = digits_classifier.predict_proba(pixels.reshape(32, -1) / 255.0)
+    # Recognisable: the classifier is confident on most samples, and they are not all one digit.
+    assert np.mean(proba.max(1) > 0.5) >= 0.75, proba.max(1).round(2)
+    assert len(set(proba.argmax(1))) >= 6
+
+
+@pytest.fixture(scope="module")
+def digits_attributor(tmp_path_factory):
+    model = load_model("digits", "cpu")
+    att = open_attributor(model, get_method("dtrak"), timesteps=2, proj_dim=2048, projector="sjlt",
+                          cache=str(tmp_path_factory.mktemp("cache")))
+    att.featurize()
+    return att
+
+
+def test_training_image_is_its_own_top_proponent(digits_attributor):
+    att, method = digits_attributor, get_method("dtrak")
+    idx = np.random.default_rng(0).choice(len(att.train), size=40, replace=False)
+    G = att.features_of(att.train.tensors(idx), [f"train/{i}" for i in idx])
+    S = att.scores(method, G, None)  # the default lambda
+    assert np.mean(S.argmax(1) == idx) >= 0.95
+
+
+def test_generated_digits_have_same_class_proponents(digits_attributor, digits_classifier):
+    att, method = digits_attributor, get_method("dtrak")
+    traj = sample(att.model, 24, seed=100)
+    labels = digits_classifier.predict(tensor_to_pixels(torch.from_numpy(traj.final)).reshape(24, -1) / 255.0)
+    S = att.scores(method, att.features_of(torch.from_numpy(traj.final), [f"gen/{s}" for s in traj.seeds]), None)
+    top5 = np.argsort(-S, axis=1)[:, :5]
+    same = np.mean(att.train.labels[top5] == labels[:, None])
+    # "Mostly the same class": well above the 10% chance level of ten balanced classes.
+    assert same >= 0.5, same
