@@ -28,7 +28,7 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", help="take gradients only over parameters with these comma-separated name prefixes")
     p.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
     p.add_argument("--store", help="use this feature-store folder instead of the automatic one")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16, help="training images per gradient batch")
     p.add_argument("--device", default="auto")
 
 

@@ -33,7 +33,7 @@ Progress = Callable[[int, int, str], None]
 
 class Attributor:
     def __init__(self, model: DiffusionModel, train: ImageDataset, features: FeatureConfig,
-                 cache: str | None = None, store_dir: str | None = None, batch_size: int = 32):
+                 cache: str | None = None, store_dir: str | None = None, batch_size: int = 16):
         if (train.resolution, train.channels) != (model.resolution, model.channels):
             raise ConfigError(f"dataset {train.spec} is {train.resolution}x{train.resolution}x{train.channels} but "
                               f"{model.spec} expects {model.resolution}x{model.resolution}x{model.channels}; "
@@ -179,7 +179,7 @@ def training_dataset_of(model: DiffusionModel, dataset: str | None = None) -> Im
 def open_attributor(model: DiffusionModel, method: Method, dataset: str | None = None, fn: str | None = None,
                     eta: float | None = None, timesteps: int = 10, strategy: str = "uniform", noises: int = 1,
                     proj_dim: int = 4096, projector: str = "auto", seed: int = 0, params: str | None = None,
-                    cache: str | None = None, store_dir: str | None = None, batch_size: int = 32) -> Attributor:
+                    cache: str | None = None, store_dir: str | None = None, batch_size: int = 16) -> Attributor:
     """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk."""
     from .features.projectors import default_projector
 

@@ -21,7 +21,7 @@ from .outputs import OUTPUT_FUNCTIONS, output_value
 from .timesteps import noise_for
 
 # Roughly how many noisy images one vmap call pushes through the UNet (bounds activation memory).
-IMAGES_PER_CALL = 256
+IMAGES_PER_CALL = 64
 
 
 @dataclass(frozen=True)
