@@ -13,7 +13,6 @@ import numpy as np
 import streamlit as st
 from attribution.data import ImageDataset, load_dataset
 from attribution.engine import Attributor, Ranked, open_attributor, rank
-from attribution.features.config import FeatureConfig
 from attribution.features.outputs import OUTPUT_FUNCTIONS
 from attribution.methods import METHODS, get_method
 from attribution.models import DiffusionModel
@@ -111,7 +110,3 @@ def ranked_tiles(items: list[Ranked], data: ImageDataset, title: str, key: str) 
 
 def top_lists(scores: np.ndarray, data: ImageDataset, n_pro: int, n_opp: int):
     return rank(scores, data, n_pro, 1), rank(scores, data, n_opp, -1)
-
-
-def feature_config_of(att: Attributor) -> FeatureConfig:
-    return att.cfg

@@ -67,6 +67,8 @@ def cmd_train(args) -> int:
 # -- generate ------------------------------------------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
+    import torch
+
     from .data import pixels_to_pil, tensor_to_pixels
     from .fileio import atomic_path, save_npz
     from .models import load_model
@@ -79,7 +81,7 @@ def cmd_generate(args) -> int:
          f"{args.seed}..{args.seed + args.n - 1} -> {out}/")
     traj = sample(model, args.n, args.seed, args.steps, args.sampler, progress=_tqdm_progress("sampling"))
     out.mkdir(parents=True, exist_ok=True)
-    pixels = tensor_to_pixels(__import__("torch").from_numpy(traj.final))
+    pixels = tensor_to_pixels(torch.from_numpy(traj.final))
     for i, seed in enumerate(traj.seeds):
         with atomic_path(out / f"seed-{seed:06d}.png") as tmp:
             pixels_to_pil(pixels[i]).save(tmp, format="PNG")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ class Attributor:
                          "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "scaling": SCALING}
         root = cache_root(cache)
         self.store_path = (FeatureStore.default_path(root, self.identity, features.slug()) if store_dir is None
-                           else __import__("pathlib").Path(store_dir))
+                           else Path(store_dir))
         self._projector = None
         self._store = None
         self._train_features = None

@@ -16,6 +16,7 @@ most negative.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -31,7 +32,7 @@ class TrainFeatures:
     """Training-set features and what is derived from them (computed lazily, once)."""
 
     X: np.ndarray  # (N, k) float32, possibly a read-only memmap
-    kernel_loader: "callable"  # () -> Kernel, cached by the store
+    kernel_loader: Callable[[], Kernel]  # loads (or fits and caches) the decomposition
 
     @functools.cached_property
     def kernel(self) -> Kernel:
@@ -54,10 +55,9 @@ class Method(ABC):
     def score(self, train: TrainFeatures, G: np.ndarray, lam: float | None) -> np.ndarray:
         """Scores of targets G (M, k) against the N training rows: shape (M, N), float64."""
 
+    @abstractmethod
     def self_influence(self, train: TrainFeatures, lam: float | None) -> np.ndarray:
         """tau(x_n)_n for every training image, shape (N,)."""
-        X = np.asarray(train.X, dtype=np.float64)
-        return np.array([self.score(train, X[i:i + 1], lam)[0, i] for i in range(len(X))])
 
     def check_fn(self, fn: str | None) -> str:
         if fn is None or fn == self.default_fn:
