@@ -6,7 +6,7 @@ st.title("Which training images made this image?")
 st.markdown(
     """
 This app traces images made by a diffusion model back to the **training images** that shaped them, with
-TRAK-style data attribution (D-TRAK, Journey-TRAK). Every training image gets a signed score for a target image:
+TRAK-style data attribution (D-TRAK and TRAK, with the gradient baselines of the D-TRAK paper). Every training image gets a signed score for a target image:
 
 - **Proponents** have large *positive* scores: training on them made the model more likely to produce the target.
   Removing them would make it less likely.
@@ -23,19 +23,23 @@ st.markdown(
 1. **Pick a dataset and a checkpoint** in the sidebar. The shipped `digits` model is the quickest; any training
    run folder works too.
 2. **Choose a target image:** generate one from a seed, or upload your own.
-3. **Look at the training data** the model learnt from, filtered by class.
+3. **Attribute it:** the Attribute page ranks every training image by its influence on the target; the
+   Self-influence page ranks them by how much they support themselves (memorisation).
+4. **Look at the training data** the model learnt from, filtered by class.
 """
 )
-col1, col2, col3 = st.columns(3)
+col1, col2, col3, col4 = st.columns(4)
 col1.page_link("app_pages/generate.py", label="Generate images", icon=":material/auto_awesome:")
 col2.page_link("app_pages/upload.py", label="Upload an image", icon=":material/upload:")
-col3.page_link("app_pages/training_data.py", label="Browse training data", icon=":material/grid_view:")
+col3.page_link("app_pages/attribute.py", label="Attribute", icon=":material/hub:")
+col4.page_link("app_pages/training_data.py", label="Browse training data", icon=":material/grid_view:")
 
 st.subheader("From the command line")
 st.markdown("The same library runs without the app; every command prints what it computes and where it writes.")
 st.code(
     """python -m attribution train --dataset digits --out runs/digits          # train a small DDPM
 python -m attribution generate --checkpoint digits --n 16 --out out/gen   # images with seeds 0..15
+python -m attribution score --checkpoint digits --target gen:3             # proponents and opponents
 python -m attribution app                                                  # this app""",
     language="bash",
 )

@@ -99,6 +99,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# -- app -----------------------------------------------------------------------------------------------------------
+
+def cmd_app(args) -> int:
+    """Serve the Streamlit app (the same as `streamlit run app.py`)."""
+    import subprocess
+
+    app = Path(__file__).resolve().parents[1] / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
+           "--server.port", str(args.port)]
+    info(f"serving the app on http://localhost:{args.port}")
+    return subprocess.call(cmd)
+
+
 # -- parser --------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-scale", type=int, default=4, help="pixel enlargement of the grid (default 4)")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("app", help="serve the Streamlit app")
+    a.add_argument("--port", type=int, default=8501)
+    a.set_defaults(func=cmd_app)
 
     from . import cli_engine
 

@@ -136,3 +136,29 @@ def test_generate_bad_options(results, tiny_run, capsys, option, value, expected
     # `generate` says what it will do before sample() checks the options, so the error is the last line.
     assert [ln for ln in lines if ln.startswith("error:")] == [lines[-1]] and expected in lines[-1]
     assert not (results["tmp"] / "bad").exists()
+
+
+def test_app_command_serves_the_app():
+    """`python -m attribution app` starts the Streamlit server: its health endpoint answers "ok"."""
+    import time
+    import urllib.request
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from browser_support import free_port
+
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "attribution", "app", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    try:
+        deadline, answer = time.time() + 60, None
+        while time.time() < deadline and proc.poll() is None and answer != b"ok":
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    answer = r.read()
+            except OSError:
+                time.sleep(0.3)
+        assert answer == b"ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
