@@ -102,8 +102,9 @@ def test_attribute_in_browser(server, browser, tmp_path):
     expect(page.locator(".st-key-attr_pro_1 [data-testid='stImage']")).to_have_count(5)
     assert page.get_by_test_id("stImage").count() >= 11  # the target and 2 x 5 proponents at least
     expect(proponents.first.get_by_test_id("stImageCaption")).to_have_text(re.compile(r"^#\d+ · \d · \+"))
-    for img in proponents.locator("img").all():  # rendered, not broken
-        assert img.evaluate("el => el.complete && el.naturalWidth > 0")
+    for img in proponents.locator("img").all():  # rendered, not broken (waits while an image is still loading)
+        page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(),
+                               timeout=30_000)
     expect(page.get_by_test_id("stCode").first).to_contain_text("--target val:5")
 
     full_page_screenshot(page, tmp_path / "attribute.png")

@@ -281,7 +281,7 @@ def test_ddim_trajectory_matches_diffusers_loop(model):
     """The same loop written with diffusers' DDIMScheduler directly (eta = 0), on the same noise and batch."""
     from diffusers import DDIMScheduler
 
-    traj = sample(model, 2, seed=11, steps=20)
+    traj = sample(model, 2, seed=11, steps=20, sampler="ddim")
     sched = DDIMScheduler(**DEFAULT_SCHEDULE, clip_sample=True, set_alpha_to_one=False)
     sched.set_timesteps(20)
     x = torch.stack([torch.randn((1, 16, 16), generator=torch.Generator().manual_seed(s)) for s in (11, 12)])
@@ -304,7 +304,7 @@ def test_ddpm_sampler(model):
     b = sample(model, 2, seed=3, steps=10, sampler="ddpm")
     assert np.array_equal(a.final, b.final) and a.sampler == "ddpm"
     assert np.isfinite(a.xt).all() and a.final.min() >= -1 and a.final.max() <= 1
-    ddim = sample(model, 2, seed=3, steps=10)
+    ddim = sample(model, 2, seed=3, steps=10, sampler="ddim")
     assert np.abs(a.final - ddim.final).max() > 0.1  # DDPM adds fresh noise each step: a different image
     single = sample(model, 1, seed=4, steps=10, sampler="ddpm")  # each image's step noise is its own too
     np.testing.assert_allclose(a.final[1], single.final[0], atol=BATCH_ATOL, rtol=0)
