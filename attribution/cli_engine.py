@@ -69,8 +69,10 @@ def cmd_featurize(args) -> int:
 
 def check_lambda(method, lam: float | None) -> None:
     """Refuse a bad --lambda before anything is featurized (featurizing can take hours)."""
-    if lam is not None and method.uses_lambda and not (lam > 0 and np.isfinite(lam)):
-        raise ConfigError(f"lambda must be a positive number, got {lam}")
+    from .kernel import check_lambda as check
+
+    if lam is not None and method.uses_lambda:
+        check(lam)
 
 
 def cmd_score(args) -> int:

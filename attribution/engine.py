@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .features.config import FeatureConfig
 from .features.gradients import param_count, per_sample_gradients
 from .features.projectors import SCALING, make_projector
-from .kernel import Kernel
+from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
 from .models.adapter import DiffusionModel
 from .store import FeatureStore, cache_root
@@ -123,8 +123,7 @@ class Attributor:
             return None
         if lam is None:
             return self.train_features().kernel.default_lambda()
-        if not (lam > 0 and np.isfinite(lam)):
-            raise ConfigError(f"lambda must be a positive number, got {lam}")
+        check_lambda(lam)
         return float(lam)
 
     def check_method(self, method: Method) -> None:

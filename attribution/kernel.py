@@ -79,17 +79,17 @@ class Kernel:
 
     def scores(self, G: np.ndarray, lam: float) -> np.ndarray:
         """tau for targets G (M, k): shape (M, N)."""
-        _check_lambda(lam)
+        check_lambda(lam)
         return (self.coords(G) * (self.sigma / (self.sigma**2 + lam))) @ self.U.T
 
     def self_influence(self, lam: float) -> np.ndarray:
-        _check_lambda(lam)
+        check_lambda(lam)
         s2 = self.sigma**2
         return (self.U**2 * (s2 / (s2 + lam))).sum(1)
 
     def inverse_norms(self, lam: float) -> np.ndarray:
         """||(X^T X + lambda I)^{-1} phi(x_n)|| for every training row (Relative Influence's denominator)."""
-        _check_lambda(lam)
+        check_lambda(lam)
         s2 = self.sigma**2
         return np.sqrt((self.U**2 * (s2 / (s2 + lam) ** 2)).sum(1))
 
@@ -102,6 +102,7 @@ class Kernel:
         return cls(arrays["U"].astype(np.float64), arrays["sigma"].astype(np.float64), arrays["V"].astype(np.float64))
 
 
-def _check_lambda(lam: float) -> None:
+def check_lambda(lam: float) -> None:
+    """The one rule for the ridge lambda: a positive, finite number."""
     if not (lam > 0 and np.isfinite(lam)):
         raise ConfigError(f"lambda must be a positive number, got {lam}")
