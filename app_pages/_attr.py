@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import streamlit as st
-from attribution.data import ImageDataset, load_dataset
+from attribution.data import ImageDataset
 from attribution.engine import Attributor, Ranked, open_attributor, rank
 from attribution.features.outputs import OUTPUT_FUNCTIONS
 from attribution.methods import METHODS, get_method
-from attribution.models import DiffusionModel
 from attribution.targets import Targets, from_pixels
 
 from app_pages._ui import cached_model, display_size
@@ -76,12 +75,6 @@ def generated_pixels(checkpoint: str, seed: int) -> np.ndarray:
     from attribution.sampling import sample
 
     return tensor_to_pixels(torch.from_numpy(sample(cached_model(checkpoint), 1, int(seed)).final))[0]
-
-
-def target_from_split(model: DiffusionModel, dataset: str, split: str, index: int) -> Targets:
-    data = load_dataset(dataset, split, model.resolution, model.channels)
-    i = data.check_index(index)
-    return Targets(data.tensors([i]), [f"{split}/{i}"], [f"{split}:{i}"], [data.label_name(i)])
 
 
 def lambda_options(att: Attributor) -> list[float]:

@@ -11,10 +11,11 @@ from attribution.errors import AttributionError
 from attribution.features.timesteps import STRATEGIES
 from attribution.methods import METHODS, get_method
 from attribution.store import cache_root
+from attribution.targets import resolve_targets
 from attribution.report import equivalent_cli, positive_share, ranking_rows, to_csv, to_npz_bytes
 from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attributor,
                              feature_fn_options, generated_pixels, lambda_options, opts_key, ranked_tiles,
-                             target_from_pixels, target_from_split, top_lists)
+                             target_from_pixels, top_lists)
 from app_pages._ui import display_size, fail, progress_bar, require_model
 
 st.title("Attribute")
@@ -56,7 +57,7 @@ try:
     else:
         split = "train" if source == "Training image" else "val"
         idx = st.number_input(f"{split} index", 0, 10**7, 0, key=f"attr_{split}_idx")
-        target = target_from_split(model, training_dataset_of(model, dataset).spec, split, int(idx))
+        target = resolve_targets(f"{split}:{int(idx)}", model, training_dataset_of(model, dataset).spec)
         target_spec = f"{split}:{int(idx)}"
 except AttributionError as exc:
     fail(exc)
