@@ -2,11 +2,17 @@
 
 For each sample x0 the feature gradient is
 
-    g(x0) = (1 / (K D)) sum_{k, d} grad_theta f(theta; x0, t_k, eps_{k,d})
+    g(x0) = (1 / K) sum_k g_k,   g_k = (1 / D) sum_d grad_theta f(theta; x0, t_k, eps_{k,d})
 
-computed with `torch.func` (`vmap` over samples of `grad` of a function that runs the UNet on that sample's K x D
-noisy copies at once), over all UNet parameters or a named subset. Projection happens afterwards, once (it is
-linear, so projecting the average equals averaging the projections).
+computed with `torch.func` (`vmap` over samples of `grad` of a function that runs the UNet on a sample's noisy
+copies at once), over all UNet parameters or a named subset. Projection happens afterwards, once (it is linear, so
+projecting the average equals averaging the projections).
+
+Timesteps are shared by every sample (`GradientSpec.timesteps`) or given per sample (a (B, K) tensor: a training
+image at the timestep it was drawn at in training, a Journey step at its own t). With `normalize` (Diffusion-ReTrac)
+each per-timestep gradient g_k is divided by its norm before the average; `gradient_norms` returns the norms
+||g_k|| themselves (the gradient-norm-versus-timestep analysis). Both need one gradient per (sample, timestep),
+so they vmap over (sample, timestep) pairs instead of over samples: the same UNet work, more gradient memory.
 """
 
 from __future__ import annotations
@@ -26,7 +32,17 @@ IMAGES_PER_CALL = 64
 
 @dataclass(frozen=True)
 class GradientSpec:
-    """What to differentiate: output function, timesteps and noise."""
+    """What to differentiate: output function, timesteps and noise.
+
+    Attributes:
+        fn: output function (see `outputs.OUTPUT_FUNCTIONS`).
+        timesteps: the K timesteps every sample is taken at (unless a call gives per-sample timesteps).
+        draws: noise draws per timestep, D.
+        seed: noise seed.
+        eta: interpolation weight of fn="interp".
+        params: comma-separated parameter-name prefixes (None: all parameters).
+        normalize: unit-normalise each per-timestep gradient before averaging (Diffusion-ReTrac).
+    """
 
     fn: str
     timesteps: tuple[int, ...]
@@ -34,6 +50,7 @@ class GradientSpec:
     seed: int = 0
     eta: float = 1.0
     params: str | None = None
+    normalize: bool = False
 
     def __post_init__(self):
         assert self.fn in OUTPUT_FUNCTIONS, self.fn
@@ -44,36 +61,77 @@ def param_count(model: DiffusionModel, subset: str | None = None) -> int:
 
 
 def per_sample_gradients(model: DiffusionModel, x0: torch.Tensor, keys: list[str], spec: GradientSpec,
-                         ) -> torch.Tensor:
+                         timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """Flattened per-sample gradients, shape (B, P) float32, in `named_parameters` order.
 
     Args:
         model: the adapter (its `eps` is differentiated functionally).
         x0: images in [-1, 1], shape (B, C, H, W).
         keys: one noise key per image (see `timesteps.noise_for`).
-        spec: output function, timesteps, noise draws and seed, parameter subset.
+        spec: output function, timesteps, noise draws and seed, parameter subset, normalisation.
+        timesteps: optional int (B, K): per-sample timesteps replacing `spec.timesteps`.
     """
+    mean, _ = _gradients(model, x0, keys, spec, timesteps, per_timestep=spec.normalize)
+    return mean
+
+
+def gradient_norms(model: DiffusionModel, x0: torch.Tensor, keys: list[str], spec: GradientSpec,
+                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """||g_k|| for every sample and timestep, shape (B, K) float32 (g_k averaged over the D noise draws)."""
+    _, norms = _gradients(model, x0, keys, spec, timesteps, per_timestep=True)
+    return norms
+
+
+def _noise(keys: list[str], ts: torch.Tensor, shape: tuple[int, ...], seed: int, draws: int) -> torch.Tensor:
+    if bool((ts == ts[:1]).all()):  # shared timesteps: one call
+        return noise_for(keys, ts[0], shape, seed, draws)
+    return torch.cat([noise_for([k], row, shape, seed, draws) for k, row in zip(keys, ts)])
+
+
+def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool):
     device = model.device
     params = model.parameters(spec.params)
     names = list(params)
     z0 = model.encode(x0.to(device))
-    ts = torch.tensor(spec.timesteps, dtype=torch.long)
-    noise = noise_for(keys, ts, tuple(z0.shape[1:]), spec.seed, spec.draws).to(device)  # (B, K*D, C, H, W)
-    t_all = ts.repeat_interleave(spec.draws).to(device)  # (K*D,)
-    w_all = model.schedule.elbo_weight(t_all)
-    total = len(t_all)
-    cond = model.condition(1)
-
-    def f(p, z0_i, eps_i, t_chunk, w_chunk):  # z0_i (C, H, W), eps_i (n, C, H, W)
-        x_t = model.schedule.add_noise(z0_i.expand_as(eps_i), eps_i, t_chunk)
-        eps_hat = model.eps(p, x_t, t_chunk, cond)
-        return output_value(spec.fn, eps_hat, eps_i, w_chunk, spec.eta) / total
-
-    per_sample = vmap(grad(f), in_dims=(None, 0, 0, None, None))
     b = z0.shape[0]
-    step = max(1, IMAGES_PER_CALL // max(1, b))
-    acc = torch.zeros(b, sum(p.numel() for p in params.values()), device=device)
-    for s in range(0, total, step):
-        g = per_sample(params, z0, noise[:, s:s + step], t_all[s:s + step], w_all[s:s + step])
-        acc += torch.cat([g[n].reshape(b, -1) for n in names], 1)
-    return acc
+    ts = (torch.tensor(spec.timesteps, dtype=torch.long).expand(b, -1) if timesteps is None
+          else torch.as_tensor(timesteps, dtype=torch.long).reshape(b, -1))
+    k, d = ts.shape[1], spec.draws
+    noise = _noise(keys, ts, tuple(z0.shape[1:]), spec.seed, d).to(device)  # (B, K*D, C, H, W)
+    t_all = ts.repeat_interleave(d, dim=1).to(device)  # (B, K*D)
+    w_all = model.schedule.elbo_weight(t_all)
+    cond = model.condition(1)
+    dim = sum(p.numel() for p in params.values())
+
+    def f(p, z0_i, eps_i, t_i, w_i, scale):  # z0_i (C, H, W), eps_i (n, C, H, W), t_i / w_i (n,)
+        x_t = model.schedule.add_noise(z0_i.expand_as(eps_i), eps_i, t_i)
+        return output_value(spec.fn, model.eps(p, x_t, t_i, cond), eps_i, w_i, spec.eta) * scale
+
+    def flat(g, rows):
+        return torch.cat([g[n].reshape(rows, -1) for n in names], 1)
+
+    acc = torch.zeros(b, dim, device=device)
+    if not per_timestep:  # vmap over samples, each call a chunk of every sample's K*D noisy copies
+        per_sample = vmap(grad(f), in_dims=(None, 0, 0, 0, 0, None))
+        step = max(1, IMAGES_PER_CALL // b)
+        for s in range(0, k * d, step):
+            acc += flat(per_sample(params, z0, noise[:, s:s + step], t_all[:, s:s + step], w_all[:, s:s + step],
+                                   1.0 / (k * d)), b)
+        return acc, None
+    # vmap over (sample, timestep) pairs, each with its D noisy copies
+    per_item = vmap(grad(f), in_dims=(None, 0, 0, 0, 0, None))
+    owner = torch.arange(b, device=device).repeat_interleave(k)
+    z_items = z0.repeat_interleave(k, dim=0)
+    eps_items = noise.reshape(b * k, d, *noise.shape[2:])
+    t_items, w_items = t_all.reshape(b * k, d), w_all.reshape(b * k, d)
+    norms = torch.empty(b * k, device=device)
+    step = max(1, IMAGES_PER_CALL // d)
+    for s in range(0, b * k, step):
+        sl = slice(s, s + step)
+        g = flat(per_item(params, z_items[sl], eps_items[sl], t_items[sl], w_items[sl], 1.0 / d), len(z_items[sl]))
+        n = g.norm(dim=1)
+        norms[sl] = n
+        if spec.normalize:
+            g = g / n.clamp_min(1e-30)[:, None]
+        acc.index_add_(0, owner[sl], g / k)
+    return acc, norms.reshape(b, k)
