@@ -13,13 +13,16 @@ from .errors import ConfigError
 
 def add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="digits, animals-2, NAME@epoch-N or a folder; several separated by commas = an ensemble")
+                   help="digits, animals-2, NAME@epoch-N or a folder; several separated by commas = an ensemble "
+                        "(checkpoint methods: the run's checkpoints up to the one given, or the list given)")
     p.add_argument("--dataset", help="training set spec (default: the one the checkpoint was trained on)")
-    p.add_argument("--method", default="dtrak", help="dtrak, trak, grad-dot, grad-cos, relative-if, renorm-if")
+    p.add_argument("--method", default="dtrak", help="dtrak, trak, grad-dot, grad-cos, relative-if, renorm-if; "
+                                                     "over checkpoints: tracin, retrac, tracincp, gas")
     p.add_argument("--fn", help="output function (D-TRAK only): square, simple, elbo, avg, l1, l2, linf, interp")
     p.add_argument("--eta", type=float, help="Simple/Square interpolation weight in [0, 1] (implies --fn interp)")
     p.add_argument("--timesteps", type=int, default=10, help="K, timesteps averaged over (default 10)")
-    p.add_argument("--strategy", default="uniform", help="uniform (0, T/K, ...) or cumulative (0..K-1)")
+    p.add_argument("--strategy", default="uniform", help="uniform (0, T/K, ...), cumulative (0..K-1) or training "
+                                                            "(training images at their training timestep)")
     p.add_argument("--noises", type=int, default=1, help="noise draws per timestep")
     p.add_argument("--proj-dim", type=int, default=4096, help="k, the projection dimension (default 4096)")
     p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
@@ -32,37 +35,43 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
 
 
 def build(args):
-    """(method, [attributors], train dataset) from the shared options; several checkpoints form an ensemble."""
-    from .engine import open_attributor
+    """(Attribution, train dataset) from the shared options; several checkpoints form an ensemble, and a
+    checkpoint method (tracin, retrac, tracincp, gas) runs over a training run's checkpoints."""
+    from .engine import open_attribution
     from .methods import get_method
-    from .models import load_model
 
     method = get_method(args.method)
-    specs = [s for s in args.checkpoint.split(",") if s.strip()]
-    if args.store and len(specs) > 1:
-        raise ConfigError("--store names one feature folder; it cannot be used with an ensemble of checkpoints")
-    attributors = [open_attributor(load_model(spec, args.device), method, args.dataset, args.fn, args.eta,
-                                   args.timesteps, args.strategy, args.noises, args.proj_dim, args.projector,
-                                   args.seed, args.params, args.cache, args.store, args.batch_size)
-                   for spec in specs]
-    return method, attributors, attributors[0].train
+    attribution = open_attribution(args.checkpoint, method, args.device, dataset=args.dataset, fn=args.fn,
+                                   eta=args.eta, timesteps=args.timesteps, strategy=args.strategy,
+                                   noises=args.noises, proj_dim=args.proj_dim, projector=args.projector,
+                                   seed=args.seed, params=args.params, cache=args.cache, store_dir=args.store,
+                                   batch_size=args.batch_size)
+    if len(attribution.members) > 1:
+        info(f"{method.title} over {len(attribution.members)} checkpoints, weights "
+             + ", ".join(f"{a.model.spec}: {w:.3g}" for a, w in zip(attribution.members, attribution.weights))
+             + f" ({attribution.weights_note})")
+    return attribution, attribution.train
 
 
-def featurize_all(attributors) -> None:
-    for att in attributors:  # open (or refuse: CacheMismatchError) every feature folder before any work is reported
+def featurize_all(attribution) -> None:
+    for att in attribution.members:  # open (or refuse: CacheMismatchError) every feature folder before any work
         _ = att.store
-    for att in attributors:
+    for att in attribution.members:
+        strategy = (f"each training image at its {att.train_timesteps_source} training timestep, targets at K="
+                    f"{att.cfg.timesteps}" if att.cfg.strategy == "training" else f"K={att.cfg.timesteps} "
+                    f"{att.cfg.strategy}")
         info(f"featurizing {att.train.spec} ({att.train.split}, {len(att.train)} images) with {att.model.spec}: "
-             f"fn={att.cfg.fn}, K={att.cfg.timesteps} {att.cfg.strategy}, {att.cfg.noises} noise(s), "
-             f"{att.grad_dim:,} parameters -> k={att.proj_dim} ({att.cfg.projector})")
+             f"fn={att.cfg.fn}, {strategy}, {att.cfg.noises} noise(s)"
+             + (", unit-normalised" if att.cfg.normalize else "")
+             + f", {att.grad_dim:,} parameters -> k={att.proj_dim} ({att.cfg.projector})")
         info(f"cache: {att.store_path}")
         att.featurize(progress=_tqdm_progress("featurize"))
 
 
 def cmd_featurize(args) -> int:
-    _, attributors, _ = build(args)
-    featurize_all(attributors)
-    for att in attributors:
+    attribution, _ = build(args)
+    featurize_all(attribution)
+    for att in attribution.members:
         print(att.store_path)
     return 0
 
@@ -76,20 +85,21 @@ def check_lambda(method, lam: float | None) -> None:
 
 
 def cmd_score(args) -> int:
-    from .engine import ensemble_scores, rank
+    from .engine import rank
     from .targets import resolve_targets
 
-    method, attributors, train = build(args)
+    attribution, train = build(args)
+    method = attribution.method
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     check_lambda(method, args.lam)
-    targets = resolve_targets(args.target, attributors[0].model, train.spec)
+    targets = resolve_targets(args.target, attribution.target_model, train.spec)
     for note in targets.notes:
         info(note)
-    featurize_all(attributors)
-    lam = attributors[0].resolve_lambda(method, args.lam)
+    featurize_all(attribution)
+    lam = attribution.resolve_lambda(args.lam)
     info(f"scoring {len(targets)} target(s) with {method.title}" + (f", lambda={lam:.4g}" if lam else ""))
-    scores = ensemble_scores(attributors, method, targets.images, targets.keys, lam)
+    scores = attribution.scores(attribution.features_of(targets.images, targets.keys), lam)
     if args.out:
         from .fileio import save_npy
 
@@ -115,13 +125,14 @@ def cmd_score(args) -> int:
 
 
 def cmd_self_influence(args) -> int:
-    method, attributors, train = build(args)
+    attribution, train = build(args)
+    method = attribution.method
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     check_lambda(method, args.lam)
-    featurize_all(attributors)
-    lam = attributors[0].resolve_lambda(method, args.lam)
-    values = np.mean([att.self_influence(method, lam) for att in attributors], axis=0)
+    featurize_all(attribution)
+    lam = attribution.resolve_lambda(args.lam)
+    values = attribution.self_influence(lam)
     if args.out:
         from .fileio import save_npy
 

@@ -5,12 +5,15 @@
     G = attributor.features_of(images, keys)          # target features (M, k)
     S = attributor.scores(get_method("dtrak"), G, lam)
 
-Several attributors (checkpoints or independently trained models) form an ensemble: `ensemble_scores` averages
-their scores (the TRAK ensemble of the D-TRAK paper, Table 7).
+Several attributors form an `Attribution`: a weighted sum of their scores. Independently trained models or
+checkpoints averaged (the TRAK ensemble of the D-TRAK paper, Table 7), or, for the checkpoint methods (TracInCP,
+GAS, Diffusion-TracIn/ReTrac), the checkpoints of one training run weighted by the learning rate they were
+trained at (`tracin_weights`). `open_attribution` builds either from user options, for the CLI and the app.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from .errors import ConfigError
 from .features.config import FeatureConfig
 from .features.gradients import param_count, per_sample_gradients
 from .features.projectors import SCALING, make_projector
+from .features.timesteps import sampled_timesteps
 from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
 from .models.adapter import DiffusionModel
@@ -46,6 +50,11 @@ class Attributor:
         self.identity = {"checkpoint": model.identity(), "dataset": train.spec, "dataset_hash": train.content_hash,
                          "split": train.split, "n": len(train), "features": features.to_dict(),
                          "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "scaling": SCALING}
+        self.train_timesteps, self.train_timesteps_source = None, None
+        if features.strategy == "training":
+            self.train_timesteps, self.train_timesteps_source = training_timesteps(model, train, features.seed)
+            digest = hashlib.sha256(self.train_timesteps.astype(np.int64).tobytes()).hexdigest()[:16]
+            self.identity["train_timesteps"] = {"source": self.train_timesteps_source, "hash": digest}
         root = cache_root(cache)
         self.store_path = (FeatureStore.default_path(root, self.identity, features.slug()) if store_dir is None
                            else Path(store_dir))
@@ -66,18 +75,24 @@ class Attributor:
     def store(self) -> FeatureStore:
         if self._store is None:
             provenance = {"checkpoint_spec": self.model.spec, "projector": self.projector.describe(),
-                          "timesteps": list(self.grad_spec.timesteps), "created": time.strftime("%Y-%m-%d %H:%M"),
-                          "torch": torch.__version__}
+                          "timesteps": (f"each training image at its {self.train_timesteps_source} timestep"
+                                        if self.train_timesteps is not None else list(self.grad_spec.timesteps)),
+                          "created": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__}
             self._store = FeatureStore.open(self.store_path, self.identity, len(self.train), self.proj_dim,
                                             provenance)
         return self._store
 
-    def features_of(self, images: torch.Tensor, keys: Sequence[str]) -> np.ndarray:
-        """Projected features of images (M, C, H, W) in [-1, 1] with noise keys; shape (M, k) float32."""
+    def features_of(self, images: torch.Tensor, keys: Sequence[str], timesteps: np.ndarray | None = None,
+                    ) -> np.ndarray:
+        """Projected features of images (M, C, H, W) in [-1, 1] with noise keys; shape (M, k) float32.
+
+        `timesteps` (M, K) replaces the configured timesteps per image (training rows of the "training" strategy).
+        """
         out = []
         for s in range(0, len(images), self.batch_size):
+            ts = None if timesteps is None else torch.as_tensor(timesteps[s:s + self.batch_size]).reshape(-1, 1)
             g = per_sample_gradients(self.model, images[s:s + self.batch_size], list(keys[s:s + self.batch_size]),
-                                     self.grad_spec)
+                                     self.grad_spec, ts)
             out.append(self.projector.project(g).cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
@@ -90,10 +105,12 @@ class Attributor:
         for s in range(0, len(todo), self.batch_size):
             rows = todo[s:s + self.batch_size]
             keys = [f"{self.train.split}/{i}" for i in rows]
-            store.write_rows(rows, self.features_of(self.train.tensors(rows), keys))
+            ts = None if self.train_timesteps is None else self.train_timesteps[rows]
+            store.write_rows(rows, self.features_of(self.train.tensors(rows), keys, ts))
             if progress:
                 done = done_before + s + len(rows)
-                rate = (s + len(rows)) * len(self.grad_spec.timesteps) / (time.perf_counter() - start)
+                per_row = 1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)
+                rate = (s + len(rows)) * per_row / (time.perf_counter() - start)
                 progress(done, n, f"{rate:.0f} sample-timesteps/s")
         if progress and not len(todo):
             progress(n, n, "cached")
@@ -140,14 +157,105 @@ class Attributor:
         return method.self_influence(self.train_features(), self.resolve_lambda(method, lam))
 
 
-def ensemble_scores(attributors: Sequence[Attributor], method: Method, images: torch.Tensor, keys: Sequence[str],
-                    lam: float | None = None) -> np.ndarray:
-    """Mean of the scores of several attributors (checkpoints or independently trained models)."""
-    total = None
-    for att in attributors:
-        s = att.scores(method, att.features_of(images, keys), lam)
-        total = s if total is None else total + s
-    return total / len(attributors)
+class Attribution:
+    """A method over one or more attributors: scores are the weighted sum of each member's scores.
+
+    One member with weight 1 is the plain case; an ensemble averages (weights 1/C); the checkpoint methods weight
+    each checkpoint of a training run by its learning rate (`tracin_weights`).
+    """
+
+    def __init__(self, method: Method, members: Sequence[Attributor], weights: Sequence[float] | None = None,
+                 weights_note: str = ""):
+        if not members:
+            raise ConfigError("an attribution needs at least one checkpoint")
+        if method.across_checkpoints and len(members) < 2:
+            raise ConfigError(f"{method.title} sums over the checkpoints of a training run and needs at least two; "
+                              f"{members[0].model.spec} is a single checkpoint (give a later checkpoint of a run "
+                              "or several, comma-separated)")
+        for att in members:
+            att.check_method(method)
+        self.method, self.members = method, list(members)
+        self.weights = [1.0 / len(members)] * len(members) if weights is None else [float(w) for w in weights]
+        self.weights_note = weights_note or ("" if len(members) == 1 else "mean over the checkpoints")
+
+    @property
+    def train(self) -> ImageDataset:
+        return self.members[0].train
+
+    @property
+    def cfg(self) -> FeatureConfig:
+        return self.members[0].cfg
+
+    @property
+    def target_model(self) -> DiffusionModel:
+        """The model that generates `gen:SEED` targets: the checkpoint named (the last of a run's checkpoints for
+        the checkpoint methods), else the first member."""
+        return self.members[-1 if self.method.across_checkpoints else 0].model
+
+    def featurize(self, progress: Callable[[Attributor], Progress | None] | None = None) -> None:
+        """Featurize every member; `progress(member)` returns that member's progress callback."""
+        for att in self.members:
+            att.featurize(progress(att) if progress else None)
+
+    def features_of(self, images: torch.Tensor, keys: Sequence[str]) -> list[np.ndarray]:
+        return [att.features_of(images, keys) for att in self.members]
+
+    def resolve_lambda(self, lam: float | None) -> float | None:
+        return self.members[0].resolve_lambda(self.method, lam)
+
+    def scores(self, G: Sequence[np.ndarray], lam: float | None = None) -> np.ndarray:
+        """(M, N) scores of targets whose per-member features are G (from `features_of`)."""
+        lam = self.resolve_lambda(lam)
+        return sum(w * att.scores(self.method, g, lam) for w, att, g in zip(self.weights, self.members, G))
+
+    def self_influence(self, lam: float | None = None) -> np.ndarray:
+        lam = self.resolve_lambda(lam)
+        return sum(w * att.self_influence(self.method, lam) for w, att in zip(self.weights, self.members))
+
+
+def tracin_weights(models: Sequence[DiffusionModel]) -> tuple[list[float], str]:
+    """TracInCP's per-checkpoint step sizes: for each checkpoint, the learning rates of the optimizer steps since
+    the previous chosen checkpoint (or the start), summed and divided by the steps per epoch, i.e. the mean
+    learning rate times the epochs in that interval (each image is visited once per epoch). Taken from the run's
+    recorded schedule; equal weights (1 each) when a checkpoint does not come from a recorded run."""
+    from .train import lr_lambda
+
+    runs = {str(m.info.run_dir) if m.info and m.info.run_dir else None for m in models}
+    meta = models[0].info.run_metadata() if models[0].info else {}
+    saved = {c["epoch"]: c["step"] for c in meta.get("checkpoints", [])}
+    epochs = [m.info.epoch if m.info else None for m in models]
+    cfg = meta.get("config", {})
+    if len(runs) != 1 or None in runs or any(e not in saved for e in epochs) or "lr" not in cfg:
+        return [1.0] * len(models), "equal weights (the checkpoints do not share a recorded training run)"
+    if epochs != sorted(set(epochs)):
+        raise ConfigError("give the checkpoints of a run in training order, each once")
+    steps_per_epoch = saved[epochs[0]] // epochs[0]
+    total = cfg["epochs"] * steps_per_epoch
+    schedule = lr_lambda(total, max(1, int(cfg.get("warmup_fraction", 0.0) * total)))
+    weights, prev = [], 0
+    for e in epochs:
+        weights.append(sum(cfg["lr"] * schedule(s) for s in range(prev, saved[e])) / steps_per_epoch)
+        prev = saved[e]
+    return weights, "learning rate x epochs since the previous checkpoint (from run.json)"
+
+
+def checkpoint_specs(spec: str, method: Method) -> list[str]:
+    """The checkpoints a method runs over: the comma-separated specs as given; for a checkpoint method given one
+    checkpoint of a training run, that run's checkpoints up to and including it."""
+    from .models.checkpoint import resolve_checkpoint
+
+    specs = [s.strip() for s in spec.split(",") if s.strip()]
+    if not specs:
+        raise ConfigError("no checkpoint given")
+    if method.across_checkpoints and len(specs) == 1:
+        info = resolve_checkpoint(specs[0])
+        specs = info.siblings[:info.siblings.index(info.spec) + 1] if info.spec in info.siblings else [info.spec]
+        if len(specs) < 2:
+            raise ConfigError(f"{method.title} sums over the checkpoints of a training run and needs at least two; "
+                              f"{info.spec} is " + ("the first checkpoint of its run (pick a later one)"
+                                                    if info.run_dir else "a single checkpoint, not part of a run")
+                              + " or give several, comma-separated")
+    return specs
 
 
 @dataclass
@@ -185,9 +293,41 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
 
     fn = method.check_fn("interp" if eta is not None and fn is None else fn)
     train = training_dataset_of(model, dataset)
-    cfg = FeatureConfig(fn=fn, eta=1.0 if eta is None else eta, timesteps=timesteps, strategy=strategy,
-                        noises=noises, proj_dim=proj_dim,
+    cfg = FeatureConfig(fn=fn, eta=1.0 if eta is None else eta, timesteps=timesteps,
+                        strategy=method.strategy or strategy, noises=noises, proj_dim=proj_dim,
                         projector=default_projector(model.device) if projector == "auto" else projector,
-                        seed=seed, params=params)
+                        seed=seed, params=params, normalize=method.normalize)
     cfg.gradient_spec(model.num_timesteps)  # K against T
     return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size)
+
+
+def open_attribution(checkpoints: str, method: Method, device: str = "auto", load=None, **options) -> Attribution:
+    """An Attribution from user-facing options: `checkpoints` is one spec or several, comma-separated (an
+    ensemble; a checkpoint method expands one run checkpoint to the run's checkpoints up to it, see
+    `checkpoint_specs`); `options` are those of `open_attributor`; `load(spec)` loads a model (default
+    `load_model(spec, device)`; the app passes its cached loader)."""
+    from .models import load_model
+
+    specs = checkpoint_specs(checkpoints, method)
+    if options.get("store_dir") and len(specs) > 1:
+        raise ConfigError("--store names one feature folder; it cannot be used with several checkpoints")
+    models = [(load or (lambda s: load_model(s, device)))(spec) for spec in specs]
+    members = [open_attributor(m, method, **options) for m in models]
+    if method.across_checkpoints:
+        weights, note = tracin_weights(models)
+        return Attribution(method, members, weights, note)
+    return Attribution(method, members)
+
+
+def training_timesteps(model: DiffusionModel, train: ImageDataset, seed: int) -> tuple[np.ndarray, str]:
+    """The timestep of each training row for the "training" strategy, and its source: "recorded" (the epoch
+    that ended at this checkpoint, when its run trained on exactly this dataset) or "sampled" (one uniform draw
+    per image, keyed by seed and row)."""
+    info = model.info
+    recorded = info.training_timesteps() if info else None
+    meta = info.run_metadata() if info else {}
+    if (recorded is not None and train.split == "train" and len(recorded) == len(train)
+            and meta.get("dataset_hash") == train.content_hash and meta.get("n_train") == len(train)):
+        return recorded, "recorded"
+    keys = [f"{train.split}/{i}" for i in range(len(train))]
+    return sampled_timesteps(keys, model.num_timesteps, seed).numpy(), "sampled"

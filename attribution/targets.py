@@ -3,6 +3,7 @@
 A target spec is one of
 - `train:I` / `val:I`: image I of the dataset's training or validation split;
 - `gen:SEED`: the image the checkpoint generates from SEED (the default sampler, DDPM with 50 steps);
+  `gen:A-B` the images of seeds A..B (inclusive);
 - a PATH to an image file (converted to the model's resolution and channels: centre crop, resize, mode), or to an
   .npz whose `images` array (uint8, N x H x W [x C]) must already match the model's resolution and channels.
 
@@ -13,6 +14,7 @@ training image used as a target gets exactly the noise of its own training row.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +61,16 @@ def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int =
 
         traj = sample(model, 1, int(arg), steps=steps)
         return Targets(torch.from_numpy(traj.final), [f"gen/{int(arg)}"], [spec], [None])
+    seeds = re.fullmatch(r"(\d+)-(\d+)", arg) if kind == "gen" else None
+    if seeds:
+        from .sampling import sample
+
+        first, last = int(seeds.group(1)), int(seeds.group(2))
+        if last < first:
+            raise ImageError(f"target {spec!r}: the seed range must go upwards (gen:A-B with A <= B)")
+        traj = sample(model, last - first + 1, first, steps=steps)
+        return Targets(torch.from_numpy(traj.final), [f"gen/{s}" for s in traj.seeds],
+                       [f"gen:{s}" for s in traj.seeds], [None] * len(traj.seeds))
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".npz":
         images, labels = load_npz_images(path)
@@ -70,7 +82,8 @@ def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int =
                         [str(v) for v in labels] if labels is not None else None)
         return t
     if not path.exists():
-        raise ImageError(f"target {spec!r} is neither train:I, val:I, gen:SEED nor an existing image or .npz file")
+        raise ImageError(f"target {spec!r} is neither train:I, val:I, gen:SEED, gen:A-B nor an existing image "
+                         "or .npz file")
     pixels = load_image_pixels(path, model.resolution, model.channels)
     t = from_pixels(pixels[None], [path.name])
     t.notes.append(f"{path.name} converted to {model.resolution}x{model.resolution}, {model.channels} channel(s)")

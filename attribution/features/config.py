@@ -19,12 +19,15 @@ class FeatureConfig:
         fn: output function whose gradient is taken (see `outputs.OUTPUT_FUNCTIONS`).
         eta: interpolation weight, used by fn="interp" only.
         timesteps: K, the number of timesteps averaged over.
-        strategy: "uniform" (evenly spaced from 0) or "cumulative" (the first K).
+        strategy: "uniform" (evenly spaced from 0), "cumulative" (the first K) or "training" (training images at
+            their training timestep, targets at the uniform K; see `timesteps.py`).
         noises: noise draws per timestep.
         proj_dim: k, the projection dimension (ignored by the identity projector).
         projector: "sjlt", "gaussian", "trak-cuda" or "identity".
         seed: seed of the noise and of the projection.
         params: comma-separated parameter-name prefixes to take gradients over (None: all parameters).
+        normalize: unit-normalise each per-timestep gradient before averaging, and so every training gradient of
+            the "training" strategy (Diffusion-ReTrac).
     """
 
     fn: str = "square"
@@ -36,6 +39,7 @@ class FeatureConfig:
     projector: str = "sjlt"
     seed: int = 0
     params: str | None = None
+    normalize: bool = False
 
     def __post_init__(self):
         if self.fn not in OUTPUT_FUNCTIONS:
@@ -57,7 +61,8 @@ class FeatureConfig:
 
     def gradient_spec(self, num_timesteps: int) -> GradientSpec:
         ts = select_timesteps(self.strategy, self.timesteps, num_timesteps)
-        return GradientSpec(self.fn, tuple(ts.tolist()), self.noises, self.seed, self.eta, self.params)
+        return GradientSpec(self.fn, tuple(ts.tolist()), self.noises, self.seed, self.eta, self.params,
+                            self.normalize)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -65,9 +70,15 @@ class FeatureConfig:
             d["proj_dim"] = None
         if self.fn != "interp":
             d.pop("eta")
+        if not self.normalize:  # absent from configs made before the option existed: their caches stay valid
+            d.pop("normalize")
+        if self.strategy == "training":  # K applies to targets only: training rows use their own timestep
+            d.pop("timesteps")
         return d
 
     def slug(self) -> str:
         k = "exact" if self.projector == "identity" else f"k{self.proj_dim}"
         fn = f"interp{self.eta:g}" if self.fn == "interp" else self.fn
-        return f"{fn}-K{self.timesteps}{self.strategy[0]}-n{self.noises}-{self.projector}-{k}-s{self.seed}"
+        unit = "-unit" if self.normalize else ""
+        ts = "Ttrain" if self.strategy == "training" else f"K{self.timesteps}{self.strategy[0]}"
+        return f"{fn}-{ts}-n{self.noises}{unit}-{self.projector}-{k}-s{self.seed}"

@@ -76,9 +76,13 @@ def per_sample_gradients(model: DiffusionModel, x0: torch.Tensor, keys: list[str
 
 
 def gradient_norms(model: DiffusionModel, x0: torch.Tensor, keys: list[str], spec: GradientSpec,
-                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
-    """||g_k|| for every sample and timestep, shape (B, K) float32 (g_k averaged over the D noise draws)."""
-    _, norms = _gradients(model, x0, keys, spec, timesteps, per_timestep=True)
+                   timesteps: torch.Tensor | None = None, fixed_noise: bool = False) -> torch.Tensor:
+    """||g_k|| for every sample and timestep, shape (B, K) float32 (g_k averaged over the D noise draws).
+
+    With `fixed_noise` a sample sees the same D noise draws at every timestep (those keyed to its first
+    timestep), so a norm-versus-timestep curve varies with t only.
+    """
+    _, norms = _gradients(model, x0, keys, spec, timesteps, per_timestep=True, fixed_noise=fixed_noise)
     return norms
 
 
@@ -88,7 +92,7 @@ def _noise(keys: list[str], ts: torch.Tensor, shape: tuple[int, ...], seed: int,
     return torch.cat([noise_for([k], row, shape, seed, draws) for k, row in zip(keys, ts)])
 
 
-def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool):
+def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise: bool = False):
     device = model.device
     params = model.parameters(spec.params)
     names = list(params)
@@ -97,7 +101,10 @@ def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool):
     ts = (torch.tensor(spec.timesteps, dtype=torch.long).expand(b, -1) if timesteps is None
           else torch.as_tensor(timesteps, dtype=torch.long).reshape(b, -1))
     k, d = ts.shape[1], spec.draws
-    noise = _noise(keys, ts, tuple(z0.shape[1:]), spec.seed, d).to(device)  # (B, K*D, C, H, W)
+    if fixed_noise:
+        noise = _noise(keys, ts[:, :1], tuple(z0.shape[1:]), spec.seed, d).repeat(1, k, 1, 1, 1).to(device)
+    else:
+        noise = _noise(keys, ts, tuple(z0.shape[1:]), spec.seed, d).to(device)  # (B, K*D, C, H, W)
     t_all = ts.repeat_interleave(d, dim=1).to(device)  # (B, K*D)
     w_all = model.schedule.elbo_weight(t_all)
     cond = model.condition(1)

@@ -2,7 +2,10 @@
 
 Timestep strategies (D-TRAK, Sec. 2.4 of METHODS.md):
 - `uniform`: range(0, T, T // K), the first K of them: for K=10, T=1000 that is 0, 100, ..., 900;
-- `cumulative`: the first K timesteps, 0..K-1.
+- `cumulative`: the first K timesteps, 0..K-1;
+- `training` (Diffusion-TracIn): each training image at the timestep it was drawn at in the training epoch that
+  ended at the checkpoint (recorded by `attribution train`), else at one timestep drawn per image from its key;
+  targets at the K uniform timesteps.
 
 Noise is a pure function of (seed, sample key, timestep, draw): a sample's feature never depends on batch size or
 position. The key names the sample: "train/17", "val/3", "gen/42" or "file/<content hash>", so a training image
@@ -17,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 
-STRATEGIES = ("uniform", "cumulative")
+STRATEGIES = ("uniform", "cumulative", "training")
 
 
 def select_timesteps(strategy: str, k: int, num_timesteps: int) -> torch.Tensor:
@@ -26,7 +29,7 @@ def select_timesteps(strategy: str, k: int, num_timesteps: int) -> torch.Tensor:
         raise ConfigError(f"unknown timestep strategy {strategy!r}; use one of: {', '.join(STRATEGIES)}")
     if not 1 <= k <= num_timesteps:
         raise ConfigError(f"the number of timesteps K must be within 1..{num_timesteps}, got {k}")
-    if strategy == "uniform":
+    if strategy in ("uniform", "training"):  # training: the targets' grid (training rows use their own t)
         return torch.arange(0, num_timesteps, num_timesteps // k, dtype=torch.long)[:k]
     return torch.arange(k, dtype=torch.long)
 
@@ -47,3 +50,9 @@ def noise_for(keys: list[str], timesteps: torch.Tensor, shape: tuple[int, ...], 
                 gen.manual_seed(noise_seed(seed, key, t, d))
                 out[i, j * draws + d] = torch.randn(shape, generator=gen)
     return out
+
+
+def sampled_timesteps(keys: list[str], num_timesteps: int, seed: int) -> torch.Tensor:
+    """One timestep per sample drawn uniformly from [0, T), a pure function of (seed, key): the stand-in for
+    training timesteps a checkpoint did not record."""
+    return torch.tensor([noise_seed(seed, key, -1) % num_timesteps for key in keys], dtype=torch.long)

@@ -3,14 +3,19 @@
 from ..errors import ConfigError
 from .base import KernelMethod, Method, TrainFeatures
 from .dtrak import DTRAK
+from .gas import GAS
 from .grad_cos import GradCos
 from .grad_dot import GradDot
 from .relative_if import RelativeInfluence
 from .renorm_if import RenormalizedInfluence
+from .retrac import DiffusionReTrac
+from .tracin import DiffusionTracIn
+from .tracincp import TracInCP
 from .trak import TRAK
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DTRAK, TRAK, GradDot, GradCos, RelativeInfluence,
-                                                        RenormalizedInfluence)}
+                                                        RenormalizedInfluence, DiffusionTracIn, DiffusionReTrac,
+                                                        TracInCP, GAS)}
 
 
 def get_method(name: str) -> Method:

@@ -50,6 +50,9 @@ class Method(ABC):
     default_fn: ClassVar[str] = "simple"  # output function of its features
     fixed_fn: ClassVar[bool] = True  # False: the user may choose another output function
     uses_lambda: ClassVar[bool] = True
+    across_checkpoints: ClassVar[bool] = False  # True: scores sum over a run's checkpoints (needs two or more)
+    strategy: ClassVar[str | None] = None  # a timestep strategy the features must use (None: the user's choice)
+    normalize: ClassVar[bool] = False  # unit-normalised per-timestep gradients (Diffusion-ReTrac)
 
     @abstractmethod
     def score(self, train: TrainFeatures, G: np.ndarray, lam: float | None) -> np.ndarray:
@@ -66,6 +69,17 @@ class Method(ABC):
             raise ConfigError(f"{self.title} uses the {self.default_fn} output function; for another one "
                               f"use --method dtrak --fn {fn}")
         return fn
+
+
+def dot_scores(train: TrainFeatures, G: np.ndarray) -> np.ndarray:
+    """<g_target, g_train> for every pair: (M, N) float64."""
+    return np.asarray(G, dtype=np.float64) @ np.asarray(train.X, dtype=np.float64).T
+
+
+def cosine_scores(train: TrainFeatures, G: np.ndarray) -> np.ndarray:
+    """cos(g_target, g_train) for every pair: (M, N) float64."""
+    g_norm = np.linalg.norm(np.asarray(G, dtype=np.float64), axis=1, keepdims=True)
+    return dot_scores(train, G) / np.maximum(g_norm, 1e-30) / np.maximum(train.norms, 1e-30)[None, :]
 
 
 class KernelMethod(Method):

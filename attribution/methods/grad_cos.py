@@ -1,9 +1,7 @@
 """Gradient cosine similarity (D-TRAK paper, appendix A.3, "Gradient", cosine form)."""
 
-import numpy as np
-
 from ..errors import ConfigError
-from .base import Method
+from .base import Method, cosine_scores
 
 
 class GradCos(Method):
@@ -13,10 +11,7 @@ class GradCos(Method):
     uses_lambda = False
 
     def score(self, train, G, lam):
-        G = np.asarray(G, dtype=np.float64)
-        g_norm = np.linalg.norm(G, axis=1, keepdims=True)
-        dots = G @ np.asarray(train.X, dtype=np.float64).T
-        return dots / np.maximum(g_norm, 1e-30) / np.maximum(train.norms, 1e-30)[None, :]
+        return cosine_scores(train, G)
 
     def self_influence(self, train, lam):
         raise ConfigError("self-influence is always 1 under cosine similarity; use grad-dot, trak or dtrak")

@@ -1,8 +1,6 @@
 """Gradient dot product (D-TRAK paper, appendix A.3, "Gradient"; Charpiat et al. 2019): phi(x)^T phi(x_n)."""
 
-import numpy as np
-
-from .base import Method
+from .base import Method, dot_scores
 
 
 class GradDot(Method):
@@ -12,7 +10,7 @@ class GradDot(Method):
     uses_lambda = False
 
     def score(self, train, G, lam):
-        return np.asarray(G, dtype=np.float64) @ np.asarray(train.X, dtype=np.float64).T
+        return dot_scores(train, G)
 
     def self_influence(self, train, lam):
         return train.norms**2

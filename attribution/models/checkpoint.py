@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError
@@ -75,6 +76,12 @@ class CheckpointInfo:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         return h.hexdigest()[:16]
+
+    def training_timesteps(self) -> np.ndarray | None:
+        """The timestep each training image was drawn at in the epoch this checkpoint closed (int64 (N,), in
+        training-set order), when the training run recorded it (`training_timesteps.npy` beside `unet/`)."""
+        path = self.unet_dir.parent / "training_timesteps.npy"
+        return np.load(path, allow_pickle=False).astype(np.int64) if path.is_file() else None
 
     def run_metadata(self) -> dict:
         if self.run_dir and (self.run_dir / "run.json").is_file():

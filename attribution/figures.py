@@ -1,0 +1,105 @@
+"""Plotly figures from plain data, shared by the app and the CLI's HTML exports (no Streamlit here).
+
+Every scatter carries `customdata` [training index, timestep] per point and uses markers, so the app can map a click
+(plotly selection event) back to a training image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .analysis.influential import TopKStats
+from .analysis.norms import TrainingNorms
+
+NORM_TITLE = "‖∇θ L(x, t)‖"
+
+
+def _axes(fig: go.Figure, log_y: bool, title: str, x: str = "timestep t", y: str = NORM_TITLE) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", height=420,
+                      margin=dict(l=60, r=20, t=50, b=50), legend=dict(itemsizing="constant"))
+    fig.update_yaxes(type="log" if log_y else "linear")
+    return fig
+
+
+def norm_curve_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], training_t: dict[str, int | None],
+                      title: str, log_y: bool = True) -> go.Figure:
+    """Norm versus timestep of one image, one line (with markers) per checkpoint; a dashed vertical line at the
+    timestep the image was drawn at in training for that checkpoint's epoch."""
+    fig = go.Figure()
+    colors = _palette(len(curves))
+    for (name, (ts, norms)), color in zip(curves.items(), colors):
+        fig.add_trace(go.Scatter(x=ts, y=norms, mode="lines+markers", name=name, marker=dict(size=4, color=color),
+                                 line=dict(color=color), hovertemplate="t=%{x}<br>norm=%{y:.4g}<extra>" + name
+                                 + "</extra>"))
+        t = training_t.get(name)
+        if t is not None:
+            fig.add_vline(x=int(t), line_dash="dash", line_color=color, opacity=0.7,
+                          annotation_text=f"trained at t={int(t)}" if len(curves) == 1 else None)
+    return _axes(fig, log_y, title)
+
+
+def norm_scatter_figure(result: TrainingNorms, class_name: Callable[[int], str], log_y: bool = True,
+                        normalize_per_bin: bool = False, bins: int = 20, num_timesteps: int = 1000) -> go.Figure:
+    """Norm of each sampled training image against its training timestep, coloured by class; markers carry
+    customdata [index, timestep]. `normalize_per_bin` divides each norm by the median norm of its timestep bin
+    (what is left is the image's own, timestep-free, gradient size)."""
+    norms = result.norms / per_bin_median(result, bins, num_timesteps) if normalize_per_bin else result.norms
+    names = np.array([class_name(int(i)) for i in result.indices])
+    fig = go.Figure()
+    for cls, color in zip(sorted(set(names), key=_natural), _palette(len(set(names)))):
+        sel = names == cls
+        fig.add_trace(go.Scatter(
+            x=result.timesteps[sel], y=norms[sel], mode="markers", name=cls, marker=dict(size=6, color=color,
+                                                                                          opacity=0.75),
+            customdata=np.stack([result.indices[sel], result.timesteps[sel]], 1),
+            hovertemplate="#%{customdata[0]} · " + cls + "<br>t=%{x}<br>%{y:.4g}<extra></extra>"))
+    y = f"{NORM_TITLE} / median of its t-bin" if normalize_per_bin else NORM_TITLE
+    return _axes(fig, log_y, f"{result.checkpoint}: training images at their training timestep "
+                 f"(Spearman ρ = {result.spearman():+.2f})", y=y)
+
+
+def per_checkpoint_figure(results: Sequence[TrainingNorms], bins: int = 10, num_timesteps: int = 1000,
+                          log_y: bool = True) -> go.Figure:
+    """Median norm per timestep bin, one line per checkpoint: how the timestep dependence evolves in training."""
+    fig = go.Figure()
+    for res, color in zip(results, _palette(len(results))):
+        rows = res.binned(bins, num_timesteps)
+        fig.add_trace(go.Scatter(x=[(r["t_from"] + r["t_to"]) / 2 for r in rows], y=[r["median"] for r in rows],
+                                 mode="lines+markers", name=f"{res.checkpoint} (ρ={res.spearman():+.2f})",
+                                 line=dict(color=color), marker=dict(color=color)))
+    return _axes(fig, log_y, "Median gradient norm per timestep bin, per checkpoint", y=f"median {NORM_TITLE}")
+
+
+def influential_figure(stats: Sequence[TopKStats]) -> go.Figure:
+    """Distinct training images among the top-k proponents of all targets, one bar per method."""
+    fig = go.Figure(go.Bar(x=[s.method for s in stats], y=[s.unique for s in stats],
+                           text=[f"{s.unique} ({s.unique_share:.0%})" for s in stats], textposition="outside",
+                           marker_color=_palette(len(stats))))
+    k, m = (stats[0].k, stats[0].targets) if stats else (0, 0)
+    fig.update_layout(title=f"Unique training images in the top-{k} proponents of {m} targets (max {k * m})",
+                      yaxis_title="unique images", template="plotly_white", height=380,
+                      margin=dict(l=60, r=20, t=50, b=40))
+    return fig
+
+
+def per_bin_median(result: TrainingNorms, bins: int, num_timesteps: int) -> np.ndarray:
+    """For each point, the median norm of the points in its timestep bin."""
+    which = np.minimum((result.timesteps * bins) // num_timesteps, bins - 1)
+    medians = np.ones(bins)
+    for b in range(bins):
+        if (which == b).any():
+            medians[b] = np.median(result.norms[which == b])
+    return np.maximum(medians[which], 1e-30)
+
+
+def _natural(text: str):
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
+def _palette(n: int) -> list[str]:
+    base = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf"]
+    return [base[i % len(base)] for i in range(n)]

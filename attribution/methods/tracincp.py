@@ -1,0 +1,20 @@
+"""TracInCP (Pruthi et al. 2020; D-TRAK paper, appendix A.3): sum over checkpoints c of
+eta_c <phi_c(x), phi_c(x_n)>, phi_c the projected gradient of the training loss (Simple) at checkpoint c, averaged
+over the K feature timesteps (the same features as TRAK at that checkpoint). The D-TRAK paper averages four evenly
+spaced checkpoints; eta_c weights each by the learning rate it was trained at (`engine.tracin_weights`)."""
+
+from .base import Method, dot_scores
+
+
+class TracInCP(Method):
+    name = "tracincp"
+    title = "TracInCP"
+    summary = "learning-rate-weighted sum over checkpoints of loss-gradient dot products"
+    uses_lambda = False
+    across_checkpoints = True
+
+    def score(self, train, G, lam):
+        return dot_scores(train, G)
+
+    def self_influence(self, train, lam):
+        return train.norms**2
