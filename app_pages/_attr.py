@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 from attribution.data import ImageDataset
-from attribution.engine import Attributor, Ranked, open_attributor, rank
+from attribution.engine import Attribution, Ranked, open_attribution, rank
 from attribution.features.outputs import OUTPUT_FUNCTIONS
 from attribution.methods import METHODS, get_method
 from attribution.targets import Targets, from_pixels
@@ -47,12 +47,21 @@ def opts_key(opts: RunOptions) -> str:
 
 
 @st.cache_resource(max_entries=6, show_spinner=False)
-def cached_attributor(opts: RunOptions) -> Attributor:
-    """One Attributor per (checkpoint, dataset, feature config); validation errors surface as AttributionError."""
-    model = cached_model(opts.checkpoint)
-    method = get_method(opts.method)
-    return open_attributor(model, method, opts.dataset, opts.fn, opts.eta, opts.timesteps, opts.strategy,
-                           proj_dim=opts.proj_dim, projector=opts.projector, seed=opts.seed)
+def cached_attribution(opts: RunOptions) -> Attribution:
+    """One Attribution per (checkpoint, dataset, method, feature config): one attributor, or a run's checkpoints
+    for the checkpoint methods; validation errors surface as AttributionError."""
+    return open_attribution(opts.checkpoint, get_method(opts.method), load=cached_model, dataset=opts.dataset,
+                            fn=opts.fn, eta=opts.eta, timesteps=opts.timesteps, strategy=opts.strategy,
+                            proj_dim=opts.proj_dim, projector=opts.projector, seed=opts.seed)
+
+
+def featurize_with_progress(att: Attribution, title: str = "") -> None:
+    """Featurize every member of `att`, one progress bar per checkpoint."""
+    from app_pages._ui import progress_bar
+
+    prefix = f"{title}: " if title else ""
+    att.featurize(lambda member: progress_bar(
+        f"{prefix}featurizing {len(member.train)} training images with {member.model.spec}"))
 
 
 def feature_fn_options(method: str) -> list[str]:
@@ -77,9 +86,9 @@ def generated_pixels(checkpoint: str, seed: int) -> np.ndarray:
     return tensor_to_pixels(torch.from_numpy(sample(cached_model(checkpoint), 1, int(seed)).final))[0]
 
 
-def lambda_options(att: Attributor) -> list[float]:
+def lambda_options(att: Attribution) -> list[float]:
     """A log-spaced lambda grid (4 per decade) around the kernel's scale, including the default."""
-    kernel = att.train_features().kernel
+    kernel = att.members[0].train_features().kernel
     grid = kernel.lambda_grid(per_decade=4)
     return sorted({float(f"{v:.3g}") for v in grid} | {float(f"{kernel.default_lambda():.3g}")})
 

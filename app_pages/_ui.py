@@ -21,7 +21,7 @@ from attribution.models import DiffusionModel, load_model
 # -- cached loaders ------------------------------------------------------------------------------------------------
 
 
-@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+@st.cache_resource(max_entries=8, show_spinner="Loading the model…")
 def cached_model(spec: str, device: str = "auto") -> DiffusionModel:
     """A loaded checkpoint, shared by all sessions: treat it as read-only."""
     return load_model(spec, device)

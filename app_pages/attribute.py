@@ -9,14 +9,14 @@ from attribution.data import pixels_to_pil, tensor_to_pixels
 from attribution.engine import training_dataset_of
 from attribution.errors import AttributionError
 from attribution.features.timesteps import STRATEGIES
-from attribution.methods import METHODS, get_method
+from attribution.methods import METHODS
 from attribution.store import cache_root
 from attribution.targets import resolve_targets
 from attribution.report import equivalent_cli, positive_share, ranking_rows, to_csv, to_npz_bytes
-from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attributor,
-                             feature_fn_options, generated_pixels, lambda_options, opts_key, ranked_tiles,
+from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attribution,
+                             feature_fn_options, featurize_with_progress, generated_pixels, lambda_options, opts_key, ranked_tiles,
                              target_from_pixels, top_lists)
-from app_pages._ui import display_size, fail, progress_bar, require_model
+from app_pages._ui import display_size, fail, require_model
 
 st.title("Attribute")
 st.caption("Proponents pushed the model toward the target (positive score); opponents pushed it away.")
@@ -109,13 +109,18 @@ if run:
     with st.status("Attributing…", expanded=True) as status:
         try:
             for title, opts in runs:
-                att = cached_attributor(opts)
+                att = cached_attribution(opts)
                 status.update(label=f"{title}: training features (cached after the first run)…")
-                st.caption(f"{title}: cache `{att.store_path}`")
-                att.featurize(progress=progress_bar(f"{title}: featurizing {len(att.train)} training images"))
+                for member in att.members:
+                    st.caption(f"{title}: cache `{member.store_path}`")
+                if len(att.members) > 1:
+                    st.caption(f"{title} over {len(att.members)} checkpoints, weighted by {att.weights_note}: "
+                               + ", ".join(f"{a.model.spec} {w:.3g}" for a, w in zip(att.members, att.weights)))
+                featurize_with_progress(att, title)
                 status.update(label=f"{title}: kernel and target features…")
                 results[opts] = att.features_of(target.images, target.keys)
-                att.train_features().kernel  # decompose once; later lambda changes are instant
+                if att.method.uses_lambda:
+                    att.members[0].train_features().kernel  # decompose once; later lambda changes are instant
         except AttributionError as exc:
             status.update(state="error")
             fail(exc)
@@ -140,15 +145,14 @@ for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_run
     with col, st.container(key=f"attr_result_{i}"):
         st.markdown(f"#### {title}")
         try:
-            att = cached_attributor(opts)
-            m = get_method(opts.method)
+            att = cached_attribution(opts)
             lam = None
-            if m.uses_lambda:
+            if att.method.uses_lambda:
                 grid = lambda_options(att)
-                default = float(f"{att.train_features().kernel.default_lambda():.3g}")
+                default = float(f"{att.members[0].train_features().kernel.default_lambda():.3g}")
                 lam = st.select_slider(f"λ ({title})", grid, value=default, key=f"attr_lam_{opts_key(opts)}",
                                        format_func=lambda v: f"{v:.3g}")
-            scores = att.scores(m, features[opts], lam)[0]
+            scores = att.scores(features[opts], lam)[0]
         except AttributionError as exc:
             fail(exc)
         pro, opp = top_lists(scores, att.train, n_pro, n_opp)

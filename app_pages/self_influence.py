@@ -9,17 +9,18 @@ import plotly.express as px
 import streamlit as st
 
 from attribution.errors import AttributionError
-from attribution.methods import METHODS, get_method
+from attribution.methods import METHODS
 from attribution.report import to_csv
-from app_pages._attr import METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attributor, lambda_options, opts_key
-from app_pages._ui import display_size, fail, progress_bar, require_model
+from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attribution, featurize_with_progress,
+                             lambda_options, opts_key)
+from app_pages._ui import display_size, fail, require_model
 
 st.title("Self-influence")
 st.caption("τ(xₙ)ₙ: the score of each training image for itself. High values mark atypical, memorised images; "
            "low values typical ones with many similar neighbours.")
 model = require_model()
 dataset = st.session_state.get("dataset")
-usable = [m for m in METHODS if m != "grad-cos"]  # cosine self-similarity is always 1
+usable = [m for m in METHODS if m not in ("grad-cos", "gas", "retrac")]  # unit gradients: the same for every image
 
 with st.form("si_form"):
     c1, c2, c3 = st.columns(3)
@@ -31,9 +32,9 @@ with st.form("si_form"):
 opts = RunOptions(model.spec, dataset, method, None, None, int(timesteps), "uniform", int(proj_dim), "auto")
 if run:
     try:
-        att = cached_attributor(opts)
+        att = cached_attribution(opts)
         with st.status("Featurizing the training set (cached after the first run)…") as status:
-            att.featurize(progress=progress_bar(f"featurizing {len(att.train)} training images"))
+            featurize_with_progress(att)
             status.update(label="Features ready", state="complete")
     except AttributionError as exc:
         fail(exc)
@@ -45,15 +46,14 @@ if opts is None or (opts.checkpoint, opts.dataset) != (model.spec, dataset):  # 
     st.stop()
 
 try:
-    att = cached_attributor(opts)
-    m = get_method(opts.method)
+    att = cached_attribution(opts)
     lam = None
-    if m.uses_lambda:
+    if att.method.uses_lambda:
         # One slider per feature set: another set has another lambda grid, which an old value may not be on.
         lam = st.select_slider("λ", lambda_options(att),
-                               value=float(f"{att.train_features().kernel.default_lambda():.3g}"),
+                               value=float(f"{att.members[0].train_features().kernel.default_lambda():.3g}"),
                                key=f"si_lambda_{opts_key(opts)}", format_func=lambda v: f"{v:.3g}")
-    values = att.self_influence(m, lam)
+    values = att.self_influence(lam)
 except AttributionError as exc:
     fail(exc)
 

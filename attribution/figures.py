@@ -103,3 +103,21 @@ def _palette(n: int) -> list[str]:
     base = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
             "#17becf"]
     return [base[i % len(base)] for i in range(n)]
+
+
+def selected_points(selection) -> list[tuple[int, int]]:
+    """(training index, timestep) of the points in a plotly selection event (`event.selection` of
+    `st.plotly_chart(..., on_select="rerun")`) of a figure whose markers carry customdata [index, timestep].
+    Streamlit 1.67 returns each point's customdata as a list or as a dict with string keys ({'0': 3, '1': 500}):
+    both are read."""
+    points = (selection or {}).get("points", []) if isinstance(selection, dict) else getattr(selection, "points", [])
+    out = []
+    for p in points or []:
+        cd = p.get("customdata") if isinstance(p, dict) else None
+        if isinstance(cd, dict):
+            cd = [cd[k] for k in sorted(cd, key=int)]
+        if cd is not None and len(cd) >= 2:
+            pair = (int(cd[0]), int(cd[1]))
+            if pair not in out:
+                out.append(pair)
+    return out

@@ -136,7 +136,7 @@ def test_upload_rejects_non_images_and_keeps_working(app):
 
 
 def run_attribution(at: AppTest, source: str, index: int, compare: str = "(none)", K: int = 2,
-                    k: int = 512) -> AppTest:
+                    k: int = 512, method: str = "dtrak") -> AppTest:
     """Attribute page: choose a dataset target, set the form and press Run attribution."""
     at.switch_page("app_pages/attribute.py").run()
     assert not at.exception
@@ -146,6 +146,7 @@ def run_attribution(at: AppTest, source: str, index: int, compare: str = "(none)
     at.number_input(key="attr_K").set_value(K)
     at.selectbox(key="attr_k").set_value(k)
     at.selectbox(key="attr_compare").set_value(compare)
+    at.selectbox(key="attr_method").set_value(method)
     next(b for b in at.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
     assert not at.exception, at.exception
     return at
@@ -316,3 +317,50 @@ def test_read_upload():
 
 def test_display_size():
     assert display_size(16, 96) == 96 and display_size(28, 96) == 84 and display_size(200, 96) == 200
+
+
+def test_attribute_with_a_checkpoint_method_matches_the_library(app, tiny_run, feature_cache):
+    """TracInCP on the Attribute page sums over the run's two checkpoints, exactly as the library does."""
+    from attribution.engine import open_attribution
+    from attribution.methods import get_method
+    from attribution.targets import resolve_targets
+
+    at = run_attribution(app, "Validation image", 4, method="tracincp")
+    assert any("over 2 checkpoints" in c.value for c in at.caption), [c.value for c in at.caption]
+    shown = tiles(at, "attr_pro_0")
+    att = open_attribution(str(tiny_run), get_method("tracincp"), dataset="digits", timesteps=2, proj_dim=512,
+                           projector="sjlt", cache=str(feature_cache))
+    target = resolve_targets("val:4", att.target_model, "digits")
+    scores = att.scores(att.features_of(target.images, target.keys))[0]
+    want = np.argsort(-scores, kind="stable")[:len(shown)]
+    assert [i for i, _, _ in shown] == want.tolist()
+    # captions show 3 significant digits: within half a unit of the third, 0.5% relative
+    np.testing.assert_allclose([s for _, _, s in shown], scores[want], rtol=5e-3)
+
+
+def test_timesteps_page(app, tiny_run):
+    app.switch_page("app_pages/timesteps.py").run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    assert any("recorded" in c.value for c in app.caption)  # the one-image curve marks the training timestep
+    app.number_input(key="ts_samples").set_value(30)
+    next(b for b in app.button if b.label == "Compute norms").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    table = next(d for d in app.dataframe if "median norm" in d.value.columns)
+    assert int(table.value["images"].sum()) == 30
+    assert any("Spearman" in c.value and "30 images" in c.value for c in app.caption)
+    # per checkpoint: the tiny run has two
+    app.number_input(key="ts_samples_c").set_value(20)
+    next(b for b in app.button if b.label == "Compute for 2 checkpoints").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    per = next(d for d in app.dataframe if "checkpoint" in d.value.columns)
+    assert per.value["checkpoint"].tolist() == [f"{tiny_run}@epoch-1", f"{tiny_run}@epoch-2"]
+    # generally influential: two methods, three generated targets, top 2
+    app.multiselect(key="ts_infl_methods").set_value(["tracin", "retrac"])
+    app.number_input(key="ts_infl_n").set_value(3)
+    app.number_input(key="ts_infl_k").set_value(2)
+    next(b for b in app.button if b.label == "Compute").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    counts = [m.value for m in app.markdown if "distinct of 6" in m.value]
+    assert len(counts) == 2, [m.value for m in app.markdown]
+    for text in counts:
+        assert 2 <= int(re.search(r"(\d+) distinct", text)[1]) <= 6

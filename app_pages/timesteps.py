@@ -1,0 +1,174 @@
+"""Timesteps: how loss-gradient norms depend on the diffusion timestep, and what that does to TracIn-style
+attribution (Diffusion-ReTrac paper). Four views: one image over a grid of timesteps, the training set at its
+training timesteps (click a point to open the image), the same per checkpoint, and the generally influential
+training images per method."""
+
+import numpy as np
+import streamlit as st
+
+from attribution.analysis.influential import top_k_stats
+from attribution.analysis.norms import NormConfig, sample_curve, training_norms
+from attribution.engine import checkpoint_specs, training_dataset_of, training_timesteps
+from attribution.errors import AttributionError
+from attribution.figures import (influential_figure, norm_curve_figure, norm_scatter_figure, per_checkpoint_figure,
+                                 selected_points)
+from attribution.methods import METHODS, get_method
+from attribution.targets import resolve_targets
+from app_pages._attr import METHOD_TITLES, RunOptions, cached_attribution, featurize_with_progress
+from app_pages._ui import cached_model, display_size, fail, progress_bar, require_model
+
+st.title("Timesteps")
+st.caption("Per-sample gradient norms ‖∇θ L(x, t)‖ depend strongly on the timestep t. Plain TracIn therefore favours "
+           "training images drawn at timesteps with large gradients, whatever the target (\"generally influential\" "
+           "samples); Diffusion-ReTrac normalises the gradients to remove that bias.")
+model = require_model()
+dataset = st.session_state.get("dataset")
+try:
+    train = training_dataset_of(model, dataset)
+    run_specs = checkpoint_specs(model.spec, get_method("tracin")) if model.info and model.info.run_dir else [
+        model.spec]
+except AttributionError as exc:
+    fail(exc)
+size = display_size(train.resolution, 80)
+log_y = st.toggle("Logarithmic norm axis", True, key="ts_log")
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def curve(spec: str, dataset_spec: str, index: int, grid: int) -> tuple[np.ndarray, np.ndarray, int, str]:
+    m = cached_model(spec)
+    data = training_dataset_of(m, dataset_spec)
+    ts, norms = sample_curve(m, data.tensors([index])[0], f"{data.split}/{index}", NormConfig(grid=grid))
+    trained, source = training_timesteps(m, data, 0)
+    return ts, norms, int(trained[index]), source
+
+
+one, scatter, per_ckpt, influential = st.tabs(["One image", "Training set", "Per checkpoint",
+                                               "Generally influential"])
+
+# -- one image over a grid of timesteps ---------------------------------------------------------------------------
+with one:
+    c1, c2, c3 = st.columns([1, 1, 2])
+    index = int(c1.number_input("Training image", 0, len(train) - 1, 0, key="ts_index"))
+    grid = int(c2.select_slider("Timesteps", [10, 25, 50, 100, 200], 100, key="ts_grid"))
+    ckpts = c3.multiselect("Checkpoints", run_specs, [model.spec], key="ts_ckpts")
+    c1.image(train.thumbnail(index, size), width=size, output_format="PNG",
+             caption=f"#{index} · {train.label_name(index)}")
+    if ckpts:
+        curves, marks, sources = {}, {}, set()
+        with st.spinner("Gradient norms at every timestep (fixed noise)…"):
+            for spec in ckpts:
+                ts, norms, trained, source = curve(spec, train.spec, index, grid)
+                curves[spec], marks[spec] = (ts, norms), trained
+                sources.add(source)
+        st.plotly_chart(norm_curve_figure(curves, marks, f"train:{index}: gradient norm versus timestep", log_y),
+                        key="ts_curve")
+        st.caption(f"Dashed lines: the timestep this image was drawn at in the epoch that ended at each checkpoint "
+                   f"({', '.join(sorted(sources))}). The same noise is used at every timestep.")
+
+# -- the training set at its training timesteps ---------------------------------------------------------------------
+with scatter:
+    with st.form("ts_scatter_form"):
+        c1, c2 = st.columns(2)
+        samples = int(c1.number_input("Training images (random subset)", 10, len(train), min(500, len(train)),
+                                      key="ts_samples"))
+        per_bin = c2.toggle("Divide by the median norm of the timestep bin", False, key="ts_per_bin",
+                            help="What remains is each image's own gradient size, with the timestep effect removed.")
+        go = st.form_submit_button("Compute norms", type="primary")
+    key = (model.spec, train.spec, samples)
+    if go:
+        try:
+            res = training_norms(model, train, NormConfig(samples=samples),
+                                 progress=progress_bar(f"gradient norms of {samples} training images"))
+        except AttributionError as exc:
+            fail(exc)
+        st.session_state["ts_scatter"] = (key, res)
+    stored = st.session_state.get("ts_scatter")
+    if not stored or stored[0] != key:
+        st.info("Press **Compute norms** (about 5 s per 100 images on two CPU cores; cached in `cache/norms/`).")
+    else:
+        res = stored[1]
+        fig = norm_scatter_figure(res, train.label_name, log_y, normalize_per_bin=per_bin,
+                                  num_timesteps=model.num_timesteps)
+        event = st.plotly_chart(fig, key="ts_scatter_chart", on_select="rerun", selection_mode=("points", "box"))
+        st.caption(f"{res.source.capitalize()} training timesteps · Spearman ρ(norm, t) = {res.spearman():+.3f} over "
+                   f"{len(res.norms)} images. Click or box-select points to open the training images.")
+        picked = selected_points(event.selection if event else None)
+        if picked:
+            shown = picked[:16]
+            norm_of = dict(zip(res.indices.tolist(), res.norms.tolist()))
+            st.image([train.thumbnail(i, size) for i, _ in shown], width=size, output_format="PNG",
+                     caption=[f"#{i} · {train.label_name(i)} · t={t} · {norm_of.get(i, float('nan')):.3g}"
+                              for i, t in shown])
+        st.dataframe([{"t from": b["t_from"], "t to": b["t_to"], "images": b["count"], "median norm": b["median"]}
+                      for b in res.binned(10, model.num_timesteps)], hide_index=True, key="ts_bins")
+
+# -- per checkpoint --------------------------------------------------------------------------------------------------
+with per_ckpt:
+    if len(run_specs) < 2:
+        st.info(f"{model.spec} is not a later checkpoint of a training run: there is nothing to compare.")
+    else:
+        with st.form("ts_ckpt_form"):
+            samples_c = int(st.number_input("Training images per checkpoint", 10, len(train), min(300, len(train)),
+                                            key="ts_samples_c"))
+            go_c = st.form_submit_button(f"Compute for {len(run_specs)} checkpoints", type="primary")
+        key_c = (tuple(run_specs), train.spec, samples_c)
+        if go_c:
+            results = []
+            try:
+                for spec in run_specs:
+                    results.append(training_norms(cached_model(spec), train, NormConfig(samples=samples_c),
+                                                  progress=progress_bar(f"{spec}: {samples_c} images")))
+            except AttributionError as exc:
+                fail(exc)
+            st.session_state["ts_per_ckpt"] = (key_c, results)
+        stored = st.session_state.get("ts_per_ckpt")
+        if stored and stored[0] == key_c:
+            results = stored[1]
+            st.plotly_chart(per_checkpoint_figure(results, num_timesteps=model.num_timesteps, log_y=log_y),
+                            key="ts_ckpt_chart")
+            st.dataframe([{"checkpoint": r.checkpoint, "timesteps": r.source, "Spearman ρ(norm, t)": r.spearman(),
+                           "median norm, t < 100": r.binned(10)[0]["median"],
+                           "median norm, t ≥ 900": r.binned(10)[-1]["median"]} for r in results],
+                         hide_index=True, key="ts_ckpt_table")
+
+# -- generally influential samples -------------------------------------------------------------------------------
+with influential:
+    st.caption("For many generated targets, count the distinct training images among each method's top-k "
+               "proponents. Few distinct images = the same images rank high for every target.")
+    choices = [m for m in ("tracin", "retrac", "trak", "dtrak", "tracincp", "gas") if m in METHODS]
+    with st.form("ts_infl_form"):
+        c1, c2, c3 = st.columns([2, 1, 1])
+        methods = c1.multiselect("Methods", choices, ["tracin", "retrac", "trak", "dtrak"],
+                                 format_func=METHOD_TITLES.get, key="ts_infl_methods")
+        n_targets = int(c2.number_input("Generated targets (seeds 0..)", 2, 200, 20, key="ts_infl_n"))
+        k = int(c3.number_input("Top k", 1, 100, 10, key="ts_infl_k"))
+        go_i = st.form_submit_button("Compute", type="primary")
+    key_i = (model.spec, train.spec, tuple(methods), n_targets, k)
+    if go_i:
+        stats = []
+        with st.status("Scoring…", expanded=True) as status:
+            try:
+                targets = None
+                for name in methods:
+                    att = cached_attribution(RunOptions(model.spec, dataset, name))
+                    if targets is None:
+                        status.update(label=f"Generating {n_targets} targets…")
+                        targets = resolve_targets(f"gen:0-{n_targets - 1}", att.target_model, train.spec)
+                    status.update(label=f"{METHOD_TITLES[name]}: training features (cached after the first run)…")
+                    featurize_with_progress(att, METHOD_TITLES[name])
+                    status.update(label=f"{METHOD_TITLES[name]}: {n_targets} targets…")
+                    stats.append(top_k_stats(name, att.scores(att.features_of(targets.images, targets.keys)), k))
+            except AttributionError as exc:
+                status.update(state="error")
+                fail(exc)
+            status.update(label="Done", state="complete", expanded=False)
+        st.session_state["ts_infl"] = (key_i, stats)
+    stored = st.session_state.get("ts_infl")
+    if stored and stored[0] == key_i:
+        stats = stored[1]
+        st.plotly_chart(influential_figure(stats), key="ts_infl_chart")
+        for s in stats:
+            st.markdown(f"**{METHOD_TITLES[s.method]}**: {s.unique} distinct of {s.targets * s.k}; most recurring")
+            shown = s.recurring[:8]
+            st.image([train.thumbnail(i, size) for i, _ in shown], width=size, output_format="PNG",
+                     caption=[f"#{i} · {train.label_name(i)} · in {c}" for i, c in shown])
