@@ -10,6 +10,7 @@ projector) and a few training images, so every score has an independent float64 
 from __future__ import annotations
 
 import copy
+import re
 import json
 
 import numpy as np
@@ -271,3 +272,54 @@ def test_timestep_bias_on_the_shipped_digits_model():
     # would fail for a model without the bias
     assert rho < -0.5, rho
     assert bins[0]["median"] > 3 * bins[-1]["median"], bins
+
+
+# -- the CLI -----------------------------------------------------------------------------------------------------
+
+
+def test_norms_command_writes_table_curve_and_figure(tiny_run, tmp_path):
+    import csv
+
+    from attribution.cli import main
+
+    out = tmp_path / "norms"
+    assert main(["norms", "--checkpoint", str(tiny_run), "--all-checkpoints", "--dataset", "digits", "--samples",
+                 "20", "--grid", "5", "--index", "7", "--out", str(out), "--cache", str(tmp_path / "c"),
+                 "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(out / "training_norms.csv")))
+    assert len(rows) == 40 and {r["checkpoint"] for r in rows} == {f"{tiny_run}@epoch-1", f"{tiny_run}@epoch-2"}
+    summary = json.loads((out / "summary.json").read_text())
+    from scipy.stats import spearmanr
+
+    for ck in summary["checkpoints"]:
+        mine = [r for r in rows if r["checkpoint"] == ck["checkpoint"]]
+        rho = spearmanr([float(r["norm"]) for r in mine], [int(r["timestep"]) for r in mine]).statistic
+        assert ck["spearman_norm_vs_t"] == pytest.approx(rho, abs=1e-4)
+        assert ck["timesteps"] == "recorded"
+        recorded = np.load(tiny_run / ck["checkpoint"].split("@")[1] / "training_timesteps.npy")
+        assert all(int(r["timestep"]) == recorded[int(r["index"])] for r in mine)
+        assert ck["sample"] == {"index": 7, "training_timestep": int(recorded[7])}
+    curve = list(csv.DictReader(open(out / "sample_curve.csv")))
+    assert [int(r["timestep"]) for r in curve[:5]] == grid_timesteps(1000, 5).tolist() and len(curve) == 10
+    assert "plotly" in (out / "norms.html").read_text()[:200000].lower()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["norms", "--timesteps", "5,1000"], r"timestep 1000 is outside \[0, 1000\)"),
+    (["norms", "--timesteps", "5,x"], "comma-separated integers"),
+    (["norms", "--index", "5000"], "index 5000"),
+    (["norms", "--samples", "0"], "--samples must be at least 1"),
+    (["score", "--method", "tracin", "--target", "val:0"], "needs at least two"),
+    (["influential", "--top", "0"], "--top must be at least 1"),
+    (["influential", "--methods", "tracin,nope"], "unknown method 'nope'"),
+])
+def test_analysis_bad_input_is_one_line(tiny_run, tmp_path, capsys, args, message):
+    from attribution.cli import main
+
+    ckpt = f"{tiny_run}@epoch-1" if args[0] == "score" else str(tiny_run)
+    rc = main([*args, "--checkpoint", ckpt, "--dataset", "digits", "--device", "cpu",
+               *(["--out", str(tmp_path / "o")] if args[0] != "score" else [])])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert re.search(message, err), err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing written
