@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_engine
 
     cli_engine.add_commands(sub)
+    from . import cli_journey
+
+    cli_journey.add_command(sub)
     return p
 
 

@@ -15,7 +15,8 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="digits, animals-2, NAME@epoch-N or a folder; several separated by commas = an ensemble")
     p.add_argument("--dataset", help="training set spec (default: the one the checkpoint was trained on)")
-    p.add_argument("--method", default="dtrak", help="dtrak, trak, grad-dot, grad-cos, relative-if, renorm-if")
+    p.add_argument("--method", default="dtrak", help="dtrak, trak, grad-dot, grad-cos, relative-if, renorm-if, "
+                                                     "journey-trak (gen:SEED targets)")
     p.add_argument("--fn", help="output function (D-TRAK only): square, simple, elbo, avg, l1, l2, linf, interp")
     p.add_argument("--eta", type=float, help="Simple/Square interpolation weight in [0, 1] (implies --fn interp)")
     p.add_argument("--timesteps", type=int, default=10, help="K, timesteps averaged over (default 10)")
@@ -86,10 +87,20 @@ def cmd_score(args) -> int:
     targets = resolve_targets(args.target, attributors[0].model, train.spec)
     for note in targets.notes:
         info(note)
+    if method.needs_trajectory:  # Journey TRAK: refuse targets without a trajectory before featurizing
+        from .journey import require_trajectories
+
+        require_trajectories(targets, method.title)
     featurize_all(attributors)
     lam = attributors[0].resolve_lambda(method, args.lam)
     info(f"scoring {len(targets)} target(s) with {method.title}" + (f", lambda={lam:.4g}" if lam else ""))
-    scores = ensemble_scores(attributors, method, targets.images, targets.keys, lam)
+    if method.needs_trajectory:
+        from .engine import target_features
+
+        scores = np.mean([att.scores(method, target_features(att, method, targets, cache=args.cache), lam)
+                          for att in attributors], axis=0)
+    else:
+        scores = ensemble_scores(attributors, method, targets.images, targets.keys, lam)
     if args.out:
         from .fileio import save_npy
 
@@ -116,6 +127,8 @@ def cmd_score(args) -> int:
 
 def cmd_self_influence(args) -> int:
     method, attributors, train = build(args)
+    if method.needs_trajectory:
+        method.self_influence(None, None)  # raises its one-line ConfigError before any featurizing
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     check_lambda(method, args.lam)

@@ -5,12 +5,13 @@ from .base import KernelMethod, Method, TrainFeatures
 from .dtrak import DTRAK
 from .grad_cos import GradCos
 from .grad_dot import GradDot
+from .journey_trak import JourneyTRAK
 from .relative_if import RelativeInfluence
 from .renorm_if import RenormalizedInfluence
 from .trak import TRAK
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DTRAK, TRAK, GradDot, GradCos, RelativeInfluence,
-                                                        RenormalizedInfluence)}
+                                                        RenormalizedInfluence, JourneyTRAK)}
 
 
 def get_method(name: str) -> Method:

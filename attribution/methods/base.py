@@ -50,6 +50,7 @@ class Method(ABC):
     default_fn: ClassVar[str] = "simple"  # output function of its features
     fixed_fn: ClassVar[bool] = True  # False: the user may choose another output function
     uses_lambda: ClassVar[bool] = True
+    needs_trajectory: ClassVar[bool] = False  # True: target features come from a sampling trajectory (gen:SEED)
 
     @abstractmethod
     def score(self, train: TrainFeatures, G: np.ndarray, lam: float | None) -> np.ndarray:
