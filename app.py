@@ -38,6 +38,7 @@ PAGES = {
         st.Page("app_pages/attribute.py", title="Attribute", icon=":material/hub:", url_path="attribute"),
         st.Page("app_pages/self_influence.py", title="Self-influence", icon=":material/psychology:",
                 url_path="self-influence"),
+        st.Page("app_pages/journey.py", title="Journey", icon=":material/timeline:", url_path="journey"),
     ],
 }
 

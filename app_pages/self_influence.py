@@ -19,7 +19,8 @@ st.caption("τ(xₙ)ₙ: the score of each training image for itself. High value
            "low values typical ones with many similar neighbours.")
 model = require_model()
 dataset = st.session_state.get("dataset")
-usable = [m for m in METHODS if m != "grad-cos"]  # cosine self-similarity is always 1
+usable = [m for m in METHODS if m != "grad-cos"  # cosine self-similarity is always 1
+          and not METHODS[m].needs_trajectory]  # training images have no sampling trajectory
 
 with st.form("si_form"):
     c1, c2, c3 = st.columns(3)

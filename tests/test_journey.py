@@ -311,3 +311,116 @@ def test_score_command_with_journey_trak(tiny_run, small_npz, cache, tmp_path, c
     assert res["method"] == "journey-trak" and res["proponents"]
     scores = np.load(tmp_path / "s.npy")[0]
     assert res["proponents"][0]["index"] == int(np.argmax(scores))
+
+
+# -- the Journey page (and Journey TRAK on the Attribute page) -------------------------------------------------------
+
+
+@pytest.fixture
+def app(tiny_run, small_npz, cache, monkeypatch):
+    """The app pointed at the tiny run and the 96-image npz training set (a sidebar warning says it differs from
+    the run's own dataset, which is fine here)."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
+    monkeypatch.setenv("ATTRIBUTION_DATASET", f"npz:{small_npz}")
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(cache))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception
+    return at
+
+
+def captions(at, key: str) -> list[str]:
+    return [img.caption for el in at.main.get_by_key(key).get("image") for img in el.proto.imgs]
+
+
+def tile_indices(at, key: str) -> list[int]:
+    return [int(c.split(" · ")[0].lstrip("#")) for c in captions(at, key)]
+
+
+def compute_journey(at, **values):
+    at.switch_page("app_pages/journey.py").run()
+    assert not at.exception
+    for key, value in {"jr_steps": 8, "jr_every": 3, "jr_R": 2, "jr_K": 2, **values}.items():
+        at.number_input(key=key).set_value(value)
+    at.selectbox(key="jr_k").set_value(512)
+    at.selectbox(key="jr_method").set_value("trak")
+    next(b for b in at.button if b.label == "Compute journey").click().run()
+    assert not at.exception, at.exception
+    assert not at.main.error, [e.value for e in at.main.error]
+    return at.session_state["jr_result"]["journey"]
+
+
+def test_journey_page_slider_play_and_film_strip(app, tiny_run, small_npz, cache):
+    from attribution.engine import open_attributor
+
+    app.switch_page("app_pages/journey.py").run()
+    assert "Compute journey" in app.main.info[0].value
+    app.number_input(key="jr_seed").set_value(3)
+    j = compute_journey(app)
+    assert j.steps.tolist() == [1, 4, 7] and j.meta["mode"] == "sampled" and j.meta["name"] == "gen:3"
+
+    # What the page shows is the library's journey: step 7 (the last) first, its top proponents by score.
+    trak = get_method("trak")
+    att = open_attributor(load_model(str(tiny_run), "cpu"), trak, f"npz:{small_npz}", timesteps=2, proj_dim=512,
+                          cache=str(cache))
+    lam = float(app.main.select_slider(key="jr_lam_trak").value)
+    S = j.scores(att, trak, lam)
+    assert app.main.select_slider(key="jr_step").value == 7
+    assert captions(app, "jr_images")[0] == f"x_t · step 7, t={int(j.timesteps[2])}"
+    pro = tile_indices(app, "jr_pro")
+    assert pro == [int(i) for i in np.argsort(-S[2], kind="stable")[:6] if S[2, i] > 0]
+    film = captions(app, "jr_film")
+    assert [c.split(" · ")[0] for c in film] == ["1", "4", "7"]
+    assert [int(c.split(" · ")[1].lstrip("#")) for c in film] == np.argmax(S, 1).tolist()
+
+    # Scrubbing re-renders from the stored journey: other proponents, no job, quickly.
+    start = time.perf_counter()
+    app.main.select_slider(key="jr_step").set_value(1).run()
+    assert time.perf_counter() - start < 10
+    assert not app.exception and not app.status and not app.get("progress")
+    assert captions(app, "jr_images")[0] == f"x_t · step 1, t={int(j.timesteps[0])}"
+    assert tile_indices(app, "jr_pro") == [int(i) for i in np.argsort(-S[0], kind="stable")[:6] if S[0, i] > 0]
+
+    # Play starts at the first step and advances one attributed step per tick, then stops at the last.
+    app.main.select_slider(key="jr_step").set_value(7).run()
+    app.button(key="jr_play").click().run()
+    assert app.session_state["jr_playing"] and app.main.select_slider(key="jr_step").value == 4
+    app.run()
+    assert app.main.select_slider(key="jr_step").value == 7
+    app.run()
+    assert not app.session_state["jr_playing"] and app.main.select_slider(key="jr_step").value == 7
+    assert app.button(key="jr_play").label == "Play"
+
+
+def test_journey_page_noises_an_upload_forward(app, train):
+    app.session_state["uploaded"] = {"name": "mine.png", "sha256": "abc", "pixels": train.pixels[5],
+                                     "resolution": 16, "channels": 1}
+    app.switch_page("app_pages/journey.py").run()
+    app.radio(key="jr_source").set_value("Uploaded image").run()
+    assert "noising it forward" in app.main.info[0].value
+    j = compute_journey(app, jr_steps=6, jr_every=2)
+    assert j.meta["mode"] == "forward" and j.meta["name"] == "mine.png"
+    np.testing.assert_allclose(j.final, train.tensors([5])[0].numpy())
+    assert "--image mine.png" in app.main.code[0].value
+
+
+def test_attribute_page_journey_trak(app, train):
+    app.switch_page("app_pages/attribute.py").run()
+    app.number_input(key="attr_seed").set_value(2)
+    app.selectbox(key="attr_method").set_value("journey-trak")
+    app.number_input(key="attr_K").set_value(2)
+    app.selectbox(key="attr_k").set_value(512)
+    next(b for b in app.button if b.label == "Run attribution").click().run()
+    assert not app.exception and not app.main.error
+    assert [md.value for md in app.main.markdown if md.value.startswith("#### ")] == ["#### Journey TRAK"]
+    scores = [float(c.split(" · ")[2]) for c in captions(app, "attr_pro_0")]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+    assert "--method journey-trak" in app.main.get_by_key("attr_result_0").code[0].value
+
+    app.session_state["uploaded"] = {"name": "mine.png", "sha256": "abc", "pixels": train.pixels[5],
+                                     "resolution": 16, "channels": 1}
+    app.radio(key="attr_source").set_value("Uploaded").run()
+    next(b for b in app.button if b.label == "Run attribution").click().run()
+    errors = [e.value for e in app.main.error]
+    assert not app.exception and len(errors) == 1 and "mine.png has none" in errors[0] and "\n" not in errors[0]
