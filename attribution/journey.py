@@ -380,7 +380,8 @@ def formation_figure(f: Formation, current: int | None = None, title: str | None
                       legend={"orientation": "h", "y": -0.25}, hovermode="x unified")
     fig.update_xaxes(title_text="sampling step (0 = pure noise)")
     fig.update_yaxes(title_text="x̂0 distance", secondary_y=False, rangemode="tozero")
-    fig.update_yaxes(title_text="similarity / overlap", secondary_y=True, range=[-0.05, 1.05])
+    fig.update_yaxes(title_text="similarity / overlap", secondary_y=True, range=[-0.05, 1.05],
+                     tickvals=[0, 0.25, 0.5, 0.75, 1], showgrid=False)
     return fig
 
 

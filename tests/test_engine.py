@@ -597,7 +597,7 @@ def featurized(model, digits, digits_val, tmp_path_factory):
 
 def test_methods_match_their_formulas(featurized):
     att, X, G = featurized
-    assert set(METHODS) == {"dtrak", "trak", "grad-dot", "grad-cos", "relative-if", "renorm-if"}
+    assert set(METHODS) == {"dtrak", "trak", "grad-dot", "grad-cos", "relative-if", "renorm-if", "journey-trak"}
     k = X.shape[1]
     lam = 0.05 * np.trace(X @ X.T) / len(X)
     A = np.linalg.solve(X.T @ X + lam * np.eye(k), X.T)  # (k, N), dense float64
@@ -610,6 +610,7 @@ def test_methods_match_their_formulas(featurized):
         "trak": kernel,
         "relative-if": kernel / np.linalg.norm(A, axis=0)[None, :],
         "renorm-if": kernel / xnorm[None, :],
+        "journey-trak": kernel,  # on features G; its trajectory-averaged features: tests/test_journey.py
     }
     for name, want in expected.items():
         got = att.scores(get_method(name), G, lam)
