@@ -424,3 +424,44 @@ def test_attribute_page_journey_trak(app, train):
     next(b for b in app.button if b.label == "Run attribution").click().run()
     errors = [e.value for e in app.main.error]
     assert not app.exception and len(errors) == 1 and "mine.png has none" in errors[0] and "\n" not in errors[0]
+
+
+def test_journey_cli_forward_noises_an_image_file(tiny_run, small_npz, cache, tmp_path, capsys, train):
+    from PIL import Image
+
+    from attribution.cli import main
+
+    Image.fromarray(train.pixels[7, :, :, 0]).save(tmp_path / "seven.png")
+    base = ["journey", "--checkpoint", str(tiny_run), "--dataset", f"npz:{small_npz}", "--steps", "6", "--every",
+            "2", "--resamples", "1", "--method", "trak", "--timesteps", "2", "--proj-dim", "256", "--cache", str(cache)]
+    assert main(base + ["--image", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an existing image file" in err[0]
+    assert main(base + ["--image", str(tmp_path / "seven.png"), "--out", str(tmp_path / "out")]) == 0
+    assert "noising it forward" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "journey.json").read_text())
+    assert meta["mode"] == "forward" and meta["name"] == "seven.png"
+    with np.load(tmp_path / "out" / "journey.npz") as z:
+        np.testing.assert_allclose(z["final"], train.tensors([7])[0].numpy())
+
+
+def test_journey_page_resamples_a_generated_image_with_its_sampler(app, tiny_run, model):
+    from attribution.sampling import sample
+
+    traj = sample(model, 2, 3, steps=6, sampler="ddim")
+    app.session_state["generated"] = {"checkpoint": model.spec, "seeds": [3, 4], "pixels": None, "steps": 6,
+                                      "sampler": "ddim"}
+    app.switch_page("app_pages/journey.py").run()
+    app.radio(key="jr_source").set_value("Generated image").run()
+    app.selectbox(key="jr_gen_seed").set_value(4).run()
+    assert any("ddim, 6 steps" in c.value for c in app.main.caption)
+    app.number_input(key="jr_every").set_value(2)
+    app.number_input(key="jr_R").set_value(1)
+    app.number_input(key="jr_K").set_value(2)
+    app.selectbox(key="jr_k").set_value(512)
+    app.selectbox(key="jr_method").set_value("trak")
+    next(b for b in app.button if b.label == "Compute journey").click().run()
+    assert not app.exception and not app.main.error
+    j = app.session_state["jr_result"]["journey"]
+    assert j.meta["config"]["sampler"] == "ddim" and j.meta["config"]["steps"] == 6 and j.meta["name"] == "gen:4"
+    np.testing.assert_allclose(j.final, traj.final[1], atol=1e-4)  # the same image (batch of 2 vs 1: ~2e-6)
