@@ -8,15 +8,31 @@ import torch
 
 from attribution.data import pixels_to_pil, pixels_to_tensor, tensor_to_pixels
 from attribution.errors import AttributionError
+from attribution.engine import Attributor, open_attributor
 from attribution.journey import JourneyConfig, formation, formation_figure, run_journey, top_indices
 from attribution.methods import METHODS, get_method
 from attribution.report import to_npz_bytes
 from attribution.sampling import SAMPLERS
-from app_pages._attr import PROJ_DIMS, RunOptions, cached_attributor, lambda_options, ranked_tiles, top_lists
-from app_pages._ui import display_size, fail, progress_bar, require_model
+from app_pages._attr import PROJ_DIMS, RunOptions, ranked_tiles, top_lists
+from app_pages._ui import cached_model, display_size, fail, progress_bar, require_model
 
 JOURNEY_METHODS = ("dtrak", "trak")
 N_PRO, N_OPP, FORMATION_TOP = 6, 3, 8
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def journey_attributor(opts: RunOptions) -> Attributor:
+    """One Attributor per (checkpoint, dataset, method, K, k); it keeps the kernel in memory (features and kernel
+    are shared with the other pages through the disk cache)."""
+    return open_attributor(cached_model(opts.checkpoint), get_method(opts.method), opts.dataset,
+                           timesteps=opts.timesteps, proj_dim=opts.proj_dim, projector=opts.projector)
+
+
+def lambda_grid(att: Attributor) -> list[float]:
+    """Log-spaced lambdas (4 per decade) around the kernel's scale, including the default."""
+    kernel = att.train_features().kernel
+    return sorted({float(f"{v:.3g}") for v in kernel.lambda_grid(per_decade=4)}
+                  | {float(f"{kernel.default_lambda():.3g}")})
 
 st.title("Journey")
 st.caption("Attribution of every denoising step: at step t the model's guess of the clean image, x̂0, is re-noised "
@@ -82,7 +98,7 @@ if run:
     with st.status("Computing the journey…", expanded=True) as status:
         try:
             cfg.check(model.num_timesteps)
-            att = cached_attributor(opts)
+            att = journey_attributor(opts)
             status.update(label="Training features (cached after the first run)…")
             att.featurize(progress=progress_bar(f"Featurizing {len(att.train)} training images"))
             status.update(label=f"Sampling and attributing {len(cfg.step_indices())} steps…")
@@ -104,9 +120,9 @@ if not result or result["id"] != image_id:
 
 # -- 3. results -----------------------------------------------------------------------------------------------------
 journey, opts, cfg = result["journey"], result["opts"], result["cfg"]
-att = cached_attributor(opts)
+att = journey_attributor(opts)
 m = get_method(opts.method)
-grid = lambda_options(att)
+grid = lambda_grid(att)
 default = float(f"{att.train_features().kernel.default_lambda():.3g}")
 lam = st.select_slider("λ", grid, value=default, key=f"jr_lam_{opts.method}", format_func=lambda v: f"{v:.3g}")
 scores = journey.scores(att, m, lam)
