@@ -77,9 +77,9 @@ def cmd_journey(args) -> int:
     method = get_method(args.method)
     att = open_attributor(model, method, args.dataset, timesteps=args.timesteps, proj_dim=args.proj_dim,
                           projector=args.projector, seed=args.feature_seed, cache=args.cache)
-    from .cli_engine import featurize_all
-
-    featurize_all([att])
+    info(f"training features: {att.train.spec} ({len(att.train)} images), fn={att.cfg.fn}, K={att.cfg.timesteps}, "
+         f"k={att.proj_dim} ({att.cfg.projector}); cache: {att.store_path}")
+    att.featurize(progress=_tqdm_progress("featurize"))
     run_journey_cli(att, method, cfg, args, image, name)
     return 0
 
