@@ -39,6 +39,7 @@ PAGES = {
         st.Page("app_pages/self_influence.py", title="Self-influence", icon=":material/psychology:",
                 url_path="self-influence"),
         st.Page("app_pages/timesteps.py", title="Timesteps", icon=":material/timeline:", url_path="timesteps"),
+        st.Page("app_pages/journey.py", title="Journey", icon=":material/route:", url_path="journey"),
     ],
 }
 

@@ -6,12 +6,13 @@ import numpy as np
 import streamlit as st
 
 from attribution.data import pixels_to_pil, tensor_to_pixels
-from attribution.engine import training_dataset_of
+from attribution.engine import target_features, training_dataset_of
 from attribution.errors import AttributionError
 from attribution.features.timesteps import STRATEGIES
+from attribution.journey import require_trajectories
 from attribution.methods import METHODS
 from attribution.store import cache_root
-from attribution.targets import resolve_targets
+from attribution.targets import Generated, resolve_targets
 from attribution.report import equivalent_cli, positive_share, ranking_rows, to_csv, to_npz_bytes
 from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attribution,
                              feature_fn_options, featurize_with_progress, generated_pixels, lambda_options, opts_key, ranked_tiles,
@@ -38,6 +39,7 @@ try:
             pixels = gen["pixels"][seeds.index(seed)]
         else:  # cached per (checkpoint, seed): not sampled again on every rerun
             pixels = generated_pixels(model.spec, int(seed))
+        made = (50, "ddpm") if not seeds else (int(gen["steps"]), gen["sampler"])
         if not seeds or (gen["steps"], gen["sampler"]) == (50, "ddpm"):
             target = target_from_pixels(pixels, f"gen:{seed}")
             target.keys[0] = f"gen/{seed}"  # the same noise key the CLI uses for gen:SEED
@@ -47,6 +49,7 @@ try:
             target = target_from_pixels(pixels, target_spec)
             st.caption(f"Generated with {gen['sampler']}, {gen['steps']} steps: the command line below reads it "
                        f"as `{target_spec}` from the Generate page's download.")
+        target.generated = [Generated(int(seed), *made)]  # its trajectory can be re-sampled (Journey TRAK)
     elif source == "Uploaded":
         up = st.session_state.get("uploaded")
         if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
@@ -109,6 +112,8 @@ if run:
     with st.status("Attributing…", expanded=True) as status:
         try:
             for title, opts in runs:
+                if METHODS[opts.method].needs_trajectory:  # before featurizing: an upload has no trajectory
+                    require_trajectories(target, title)
                 att = cached_attribution(opts)
                 status.update(label=f"{title}: training features (cached after the first run)…")
                 for member in att.members:
@@ -118,7 +123,7 @@ if run:
                                + ", ".join(f"{a.model.spec} {w:.3g}" for a, w in zip(att.members, att.weights)))
                 featurize_with_progress(att, title)
                 status.update(label=f"{title}: kernel and target features…")
-                results[opts] = att.features_of(target.images, target.keys)
+                results[opts] = [target_features(member, att.method, target) for member in att.members]
                 if att.method.uses_lambda:
                     att.members[0].train_features().kernel  # decompose once; later lambda changes are instant
         except AttributionError as exc:

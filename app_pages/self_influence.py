@@ -20,7 +20,8 @@ st.caption("τ(xₙ)ₙ: the score of each training image for itself. High value
            "low values typical ones with many similar neighbours.")
 model = require_model()
 dataset = st.session_state.get("dataset")
-usable = [m for m in METHODS if m not in ("grad-cos", "gas", "retrac")]  # unit gradients: the same for every image
+# unit gradients make self-influence the same for every image; training images have no sampling trajectory
+usable = [m for m in METHODS if m not in ("grad-cos", "gas", "retrac") and not METHODS[m].needs_trajectory]
 
 with st.form("si_form"):
     c1, c2, c3 = st.columns(3)

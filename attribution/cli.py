@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_engine.add_commands(sub)
     cli_analysis.add_commands(sub)
+
+    from . import cli_journey
+
+    cli_journey.add_command(sub)
     return p
 
 

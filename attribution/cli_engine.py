@@ -16,8 +16,9 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
                    help="digits, animals-2, NAME@epoch-N or a folder; several separated by commas = an ensemble "
                         "(checkpoint methods: the run's checkpoints up to the one given, or the list given)")
     p.add_argument("--dataset", help="training set spec (default: the one the checkpoint was trained on)")
-    p.add_argument("--method", default="dtrak", help="dtrak, trak, grad-dot, grad-cos, relative-if, renorm-if; "
-                                                     "over checkpoints: tracin, retrac, tracincp, gas")
+    p.add_argument("--method", default="dtrak", help="dtrak, trak, grad-dot, grad-cos, relative-if, renorm-if, "
+                                                     "journey-trak (gen:SEED targets); over checkpoints: tracin, "
+                                                     "retrac, tracincp, gas")
     p.add_argument("--fn", help="output function (D-TRAK only): square, simple, elbo, avg, l1, l2, linf, interp")
     p.add_argument("--eta", type=float, help="Simple/Square interpolation weight in [0, 1] (implies --fn interp)")
     p.add_argument("--timesteps", type=int, default=10, help="K, timesteps averaged over (default 10)")
@@ -85,7 +86,7 @@ def check_lambda(method, lam: float | None) -> None:
 
 
 def cmd_score(args) -> int:
-    from .engine import rank
+    from .engine import rank, target_features
     from .targets import resolve_targets
 
     attribution, train = build(args)
@@ -96,10 +97,15 @@ def cmd_score(args) -> int:
     targets = resolve_targets(args.target, attribution.target_model, train.spec)
     for note in targets.notes:
         info(note)
+    if method.needs_trajectory:  # Journey TRAK: refuse targets without a trajectory before featurizing
+        from .journey import require_trajectories
+
+        require_trajectories(targets, method.title)
     featurize_all(attribution)
     lam = attribution.resolve_lambda(args.lam)
     info(f"scoring {len(targets)} target(s) with {method.title}" + (f", lambda={lam:.4g}" if lam else ""))
-    scores = attribution.scores(attribution.features_of(targets.images, targets.keys), lam)
+    scores = attribution.scores([target_features(att, method, targets, cache=args.cache)
+                                 for att in attribution.members], lam)
     if args.out:
         from .fileio import save_npy
 
@@ -127,6 +133,8 @@ def cmd_score(args) -> int:
 def cmd_self_influence(args) -> int:
     attribution, train = build(args)
     method = attribution.method
+    if method.needs_trajectory:
+        method.self_influence(None, None)  # raises its one-line ConfigError before any featurizing
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     check_lambda(method, args.lam)

@@ -258,6 +258,17 @@ def checkpoint_specs(spec: str, method: Method) -> list[str]:
     return specs
 
 
+def target_features(att: Attributor, method: Method, targets, progress: Progress | None = None,
+                    cache: str | None = None) -> np.ndarray:
+    """Features (M, k) of `targets` for `method`: of the images themselves, or, for a method that needs a sampling
+    trajectory (Journey TRAK), averaged over the trajectory of each generated target (ConfigError for others)."""
+    if method.needs_trajectory:
+        from .journey import trajectory_features
+
+        return trajectory_features(att, targets, progress, cache)
+    return att.features_of(targets.images, targets.keys)
+
+
 @dataclass
 class Ranked:
     index: int

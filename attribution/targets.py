@@ -27,6 +27,15 @@ from .errors import ImageError
 from .models.adapter import DiffusionModel
 
 
+@dataclass(frozen=True)
+class Generated:
+    """How a generated target was sampled (its trajectory can be recomputed: Journey TRAK needs it)."""
+
+    seed: int
+    steps: int = 50
+    sampler: str = "ddpm"
+
+
 @dataclass
 class Targets:
     images: torch.Tensor  # (M, C, H, W) in [-1, 1]
@@ -34,6 +43,7 @@ class Targets:
     names: list[str]
     labels: list[str | None]
     notes: list[str] = field(default_factory=list)
+    generated: list[Generated | None] = field(default_factory=list)  # per target; empty: none generated
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -60,7 +70,8 @@ def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int =
         from .sampling import sample
 
         traj = sample(model, 1, int(arg), steps=steps)
-        return Targets(torch.from_numpy(traj.final), [f"gen/{int(arg)}"], [spec], [None])
+        return Targets(torch.from_numpy(traj.final), [f"gen/{int(arg)}"], [spec], [None],
+                       generated=[Generated(int(arg), steps, "ddpm")])
     seeds = re.fullmatch(r"(\d+)-(\d+)", arg) if kind == "gen" else None
     if seeds:
         from .sampling import sample
@@ -70,7 +81,8 @@ def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int =
             raise ImageError(f"target {spec!r}: the seed range must go upwards (gen:A-B with A <= B)")
         traj = sample(model, last - first + 1, first, steps=steps)
         return Targets(torch.from_numpy(traj.final), [f"gen/{s}" for s in traj.seeds],
-                       [f"gen:{s}" for s in traj.seeds], [None] * len(traj.seeds))
+                       [f"gen:{s}" for s in traj.seeds], [None] * len(traj.seeds),
+                       generated=[Generated(int(s), steps, "ddpm") for s in traj.seeds])
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".npz":
         images, labels = load_npz_images(path)

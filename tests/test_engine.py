@@ -597,9 +597,11 @@ def featurized(model, digits, digits_val, tmp_path_factory):
 
 def test_methods_match_their_formulas(featurized):
     att, X, G = featurized
-    # the checkpoint methods (tracin, retrac, tracincp, gas) are tested in test_tracin.py
+    # the checkpoint methods (tracin, retrac, tracincp, gas) are tested in test_tracin.py, journey-trak in
+    # test_journey.py (its target features come from a sampling trajectory)
     assert {n for n, m in METHODS.items() if not m.across_checkpoints} == {"dtrak", "trak", "grad-dot", "grad-cos",
-                                                                             "relative-if", "renorm-if"}
+                                                                             "relative-if", "renorm-if",
+                                                                             "journey-trak"}
     k = X.shape[1]
     lam = 0.05 * np.trace(X @ X.T) / len(X)
     A = np.linalg.solve(X.T @ X + lam * np.eye(k), X.T)  # (k, N), dense float64
@@ -612,6 +614,7 @@ def test_methods_match_their_formulas(featurized):
         "trak": kernel,
         "relative-if": kernel / np.linalg.norm(A, axis=0)[None, :],
         "renorm-if": kernel / xnorm[None, :],
+        "journey-trak": kernel,  # on features G; its trajectory-averaged features: tests/test_journey.py
     }
     for name, want in expected.items():
         got = att.scores(get_method(name), G, lam)

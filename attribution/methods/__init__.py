@@ -6,6 +6,7 @@ from .dtrak import DTRAK
 from .gas import GAS
 from .grad_cos import GradCos
 from .grad_dot import GradDot
+from .journey_trak import JourneyTRAK
 from .relative_if import RelativeInfluence
 from .renorm_if import RenormalizedInfluence
 from .retrac import DiffusionReTrac
@@ -15,7 +16,7 @@ from .trak import TRAK
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DTRAK, TRAK, GradDot, GradCos, RelativeInfluence,
                                                         RenormalizedInfluence, DiffusionTracIn, DiffusionReTrac,
-                                                        TracInCP, GAS)}
+                                                        TracInCP, GAS, JourneyTRAK)}
 
 
 def get_method(name: str) -> Method:

@@ -53,6 +53,7 @@ class Method(ABC):
     across_checkpoints: ClassVar[bool] = False  # True: scores sum over a run's checkpoints (needs two or more)
     strategy: ClassVar[str | None] = None  # a timestep strategy the features must use (None: the user's choice)
     normalize: ClassVar[bool] = False  # unit-normalised per-timestep gradients (Diffusion-ReTrac)
+    needs_trajectory: ClassVar[bool] = False  # True: target features come from a sampling trajectory (gen:SEED)
 
     @abstractmethod
     def score(self, train: TrainFeatures, G: np.ndarray, lam: float | None) -> np.ndarray:

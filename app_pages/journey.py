@@ -1,0 +1,202 @@
+"""Journey: which training images guide each denoising step of one image (Journey-TRAK, per-step attribution)."""
+
+import shlex
+
+import numpy as np
+import streamlit as st
+import torch
+
+from attribution.data import pixels_to_pil, pixels_to_tensor, tensor_to_pixels
+from attribution.errors import AttributionError
+from attribution.engine import Attributor, open_attributor
+from attribution.journey import JourneyConfig, formation, formation_figure, run_journey, top_indices
+from attribution.methods import METHODS, get_method
+from attribution.report import to_npz_bytes
+from attribution.sampling import SAMPLERS
+from app_pages._attr import PROJ_DIMS, RunOptions, ranked_tiles, top_lists
+from app_pages._ui import cached_model, display_size, fail, progress_bar, require_model
+
+JOURNEY_METHODS = ("dtrak", "trak")
+N_PRO, N_OPP, FORMATION_TOP = 6, 3, 8
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def journey_attributor(opts: RunOptions) -> Attributor:
+    """One Attributor per (checkpoint, dataset, method, K, k); it keeps the kernel in memory (features and kernel
+    are shared with the other pages through the disk cache)."""
+    return open_attributor(cached_model(opts.checkpoint), get_method(opts.method), opts.dataset,
+                           timesteps=opts.timesteps, proj_dim=opts.proj_dim, projector=opts.projector)
+
+
+def lambda_grid(att: Attributor) -> list[float]:
+    """Log-spaced lambdas (4 per decade) around the kernel's scale, including the default."""
+    kernel = att.train_features().kernel
+    return sorted({float(f"{v:.3g}") for v in kernel.lambda_grid(per_decade=4)}
+                  | {float(f"{kernel.default_lambda():.3g}")})
+
+st.title("Journey")
+st.caption("Attribution of every denoising step: at step t the model's guess of the clean image, x̂0, is re-noised "
+           "to t and attributed (Journey-TRAK). The proponents change along the way, and the image's features are "
+           "decided within a narrow window of steps.")
+model = require_model()
+dataset = st.session_state.get("dataset")
+size = display_size(model.resolution, 128)
+
+# -- 1. the image ------------------------------------------------------------------------------------------------
+source = st.radio("Image", ["Seed", "Generated image", "Uploaded image"], horizontal=True, key="jr_source",
+                  label_visibility="collapsed")
+image, fixed, seed = None, None, 0
+if source == "Seed":
+    seed = int(st.number_input("Seed (the image gen:SEED)", 0, 2**31 - 1, 0, key="jr_seed"))
+    name, source_id = f"gen:{seed}", f"gen/{seed}"
+elif source == "Generated image":
+    gen = st.session_state.get("generated")
+    if not gen or gen["checkpoint"] != model.spec:
+        st.info("Generate images on the **Generate** page first, or pick a seed.")
+        st.stop()
+    seed = int(st.selectbox("Generated image (seed)", gen["seeds"], key="jr_gen_seed"))
+    fixed = (int(gen["steps"]), gen["sampler"])
+    name, source_id = f"gen:{seed}", f"gen/{seed}"
+    st.caption(f"Sampled again with {fixed[1]}, {fixed[0]} steps: the same image as on the Generate page (a seed "
+               "names one image), now with its whole trajectory.")
+else:
+    up = st.session_state.get("uploaded")
+    if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
+        st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
+        st.stop()
+    st.info("An uploaded image has no sampling trajectory, so it is attributed by **noising it forward**: x_t is the "
+            "image noised to each chosen step's t and x̂0 the model's one-step prediction from x_t.",
+            icon=":material/info:")
+    image = pixels_to_tensor(up["pixels"])
+    name, source_id = up["name"], f"upload/{up['sha256']}"
+
+# -- 2. options (a form: nothing runs until Compute) --------------------------------------------------------------
+with st.form("jr_form"):
+    c1, c2, c3, c4 = st.columns(4)
+    method = c1.selectbox("Method", JOURNEY_METHODS, format_func=lambda m: METHODS[m].title, key="jr_method")
+    if fixed is None:
+        sampler = c2.selectbox("Sampler", SAMPLERS, key="jr_sampler")
+        steps = int(c3.number_input("Sampling steps", 1, model.num_timesteps, 50, key="jr_steps"))
+    else:
+        sampler, steps = fixed[1], fixed[0]
+        c2.caption(f"Sampler: **{sampler}**")
+        c3.caption(f"Sampling steps: **{steps}**")
+    every = int(c4.number_input("Attribute every N-th step", 1, model.num_timesteps, 5, key="jr_every",
+                                help="Counted back from the last step, which is always attributed."))
+    c5, c6, c7 = st.columns(3)
+    resamples = int(c5.number_input("Re-noisings per step (R)", 1, 64, 20, key="jr_R",
+                                    help="Noise draws of the re-noised x̂0 averaged per step (Journey-TRAK: 20)."))
+    timesteps = int(c6.number_input("Training-feature timesteps K", 1, model.num_timesteps, 10, key="jr_K"))
+    proj_dim = c7.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="jr_k")
+    run = st.form_submit_button("Compute journey", type="primary")
+
+image_id = (model.spec, dataset, source_id)
+if run:
+    st.session_state.pop("jr_result", None)  # a failed run must not leave an older journey labelled as this one
+    cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=every, resamples=resamples)
+    opts = RunOptions(model.spec, dataset, method, None, None, timesteps, "uniform", int(proj_dim), "auto")
+    with st.status("Computing the journey…", expanded=True) as status:
+        try:
+            cfg.check(model.num_timesteps)
+            att = journey_attributor(opts)
+            status.update(label="Training features (cached after the first run)…")
+            att.featurize(progress=progress_bar(f"Featurizing {len(att.train)} training images"))
+            status.update(label=f"Sampling and attributing {len(cfg.step_indices())} steps…")
+            journey = run_journey(att, cfg, progress_bar("Journey"), image=image, name=name)
+            att.train_features().kernel  # decompose once; lambda changes are then instant
+        except AttributionError as exc:
+            status.update(state="error")
+            fail(exc)
+        status.update(label=f"Journey ready ({journey.meta['seconds']} s to compute, cached)", state="complete",
+                      expanded=False)
+    st.session_state["jr_result"] = {"id": image_id, "journey": journey, "opts": opts, "cfg": cfg}
+    st.session_state["jr_playing"] = False
+
+result = st.session_state.get("jr_result")
+if not result or result["id"] != image_id:
+    st.info("Choose the options and press **Compute journey**. Journeys are cached on disk, so the slider below "
+            "never recomputes; the first run for a feature configuration also featurizes the training set.")
+    st.stop()
+
+# -- 3. results -----------------------------------------------------------------------------------------------------
+journey, opts, cfg = result["journey"], result["opts"], result["cfg"]
+att = journey_attributor(opts)
+m = get_method(opts.method)
+grid = lambda_grid(att)
+default = float(f"{att.train_features().kernel.default_lambda():.3g}")
+lam = st.select_slider("λ", grid, value=default, key=f"jr_lam_{opts.method}", format_func=lambda v: f"{v:.3g}")
+scores = journey.scores(att, m, lam)
+form = formation(journey, scores, att.train, top=FORMATION_TOP)
+labels = [int(s) for s in journey.steps]
+t_of = dict(zip(labels, (int(t) for t in journey.timesteps)))
+a, b = form.window()
+st.markdown(f"**{journey.meta['name']}** · {METHODS[opts.method].title} · {cfg.sampler}, {cfg.steps} steps, "
+            f"{len(journey)} attributed · x̂0 approaches the final image between steps **{a}** and **{b}**")
+if st.session_state.get("jr_step") not in labels:
+    st.session_state["jr_step"] = labels[-1]
+
+
+def _toggle_play() -> None:
+    playing = not st.session_state.get("jr_playing", False)
+    st.session_state["jr_playing"] = playing
+    if playing and st.session_state.get("jr_step") == labels[-1]:
+        st.session_state["jr_step"] = labels[0]
+
+
+playing = st.session_state.get("jr_playing", False)
+st.button("Stop" if playing else "Play", icon=":material/stop:" if playing else ":material/play_arrow:",
+          key="jr_play", on_click=_toggle_play, help="Step through the attributed steps.")
+
+
+def _pixels(x: np.ndarray) -> np.ndarray:
+    return tensor_to_pixels(torch.from_numpy(x))
+
+
+@st.fragment(run_every=0.8 if playing else None)
+def step_panel() -> None:
+    """The slider and everything that depends on the step: only this part reruns while scrubbing or playing."""
+    if st.session_state.get("jr_playing"):
+        i = labels.index(st.session_state["jr_step"])
+        if i + 1 >= len(labels):
+            st.session_state["jr_playing"] = False
+            st.rerun()  # the whole page: stops the timer
+        st.session_state["jr_step"] = labels[i + 1]
+    step = st.select_slider("Step (0 = pure noise)", labels, key="jr_step",
+                            format_func=lambda s: f"{s} · t={t_of[s]}")
+    i = labels.index(step)
+    with st.container(horizontal=True, gap="small", key="jr_images"):
+        for pix, caption in ((journey.xt[i], f"x_t · step {step}, t={t_of[step]}"),
+                             (journey.x0[i], f"x̂0 · distance {form.x0_distance[i]:.3f}"),
+                             (journey.final, "final image")):
+            st.image(pixels_to_pil(_pixels(pix), size), caption=caption, width=size, output_format="PNG")
+    pro, opp = top_lists(scores[i], att.train, N_PRO, N_OPP)
+    ranked_tiles(pro, att.train, f"Proponents at step {step}", "jr_pro")
+    ranked_tiles(opp, att.train, f"Opponents at step {step}", "jr_opp")
+    st.plotly_chart(formation_figure(form, current=step), key="jr_formation", config={"displayModeBar": False})
+
+
+step_panel()
+
+# -- 4. film strip: the top proponent of each step --------------------------------------------------------------
+st.markdown("**Top proponent per step**")
+top1 = top_indices(scores, 1)[:, 0]
+strip = display_size(model.resolution, 56)
+with st.container(horizontal=True, gap="xsmall", key="jr_film"):
+    for s, idx, row in zip(labels, top1, scores):
+        st.image(att.train.thumbnail(int(idx), strip), width=strip, output_format="PNG",
+                 caption=f"{s} · #{int(idx)} · {row[idx]:+.2g}")
+st.caption(f"Step · training index · score. The top-{FORMATION_TOP} overlap with the last step is "
+           + ", ".join(f"{v:.2f}" for v in form.overlap) + ".")
+
+d1, _ = st.columns(2)
+d1.download_button("Journey (.npz)", to_npz_bytes(**journey.arrays(), scores=scores.astype(np.float32),
+                                                  x0_distance=form.x0_distance,
+                                                  proponent_similarity=form.proponent_similarity,
+                                                  overlap=form.overlap),
+                   file_name=f"journey-{journey.meta['name'].replace(':', '-')}.npz", key="jr_npz")
+cli = ["python", "-m", "attribution", "journey", "--checkpoint", opts.checkpoint, "--dataset", att.train.spec]
+cli += ["--image", journey.meta["name"]] if image is not None else ["--seed", str(cfg.seed)]
+cli += ["--steps", str(cfg.steps), "--sampler", cfg.sampler, "--every", str(cfg.every), "--resamples",
+        str(cfg.resamples), "--method", opts.method, "--timesteps", str(opts.timesteps), "--proj-dim",
+        str(opts.proj_dim), "--lambda", f"{lam:.6g}", "--out", "out/journey"]
+st.code(" ".join(shlex.quote(p) for p in cli), language="bash", wrap_lines=True)

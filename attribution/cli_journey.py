@@ -1,0 +1,127 @@
+"""CLI command `journey`: per-denoising-step attribution of one generated (or uploaded) image.
+
+    python -m attribution journey --checkpoint digits --seed 3 --every 5 --out out/journey-3
+
+Writes to --out: journey.npz (per-step x_t, x̂0, features, the full steps x N score matrix, top/bottom indices and
+scores, formation measures), journey.json (options, lambda, per-step proponents/opponents and measures) and
+formation.html (the plotly formation curve). The computed journey is cached, so a rerun (another --lambda or
+--top) only re-scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from .cli import _tqdm_progress, info
+from .errors import ConfigError
+
+JOURNEY_METHODS = ("dtrak", "trak")
+
+
+def add_command(sub) -> None:
+    j = sub.add_parser("journey", help="attribute every denoising step of one generated image (Journey-TRAK)")
+    j.add_argument("--checkpoint", required=True, help="digits, animals-2, NAME@epoch-N or a folder")
+    j.add_argument("--dataset", help="training set spec (default: the one the checkpoint was trained on)")
+    src = j.add_mutually_exclusive_group(required=True)
+    src.add_argument("--seed", type=int, help="the generated image (gen:SEED)")
+    src.add_argument("--image", help="an image file without a trajectory: attributed by noising it forward")
+    j.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    j.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    j.add_argument("--every", type=int, help="every N-th step, counted back from the last (default: steps // 10)")
+    j.add_argument("--at", help="explicit comma-separated step indices, 0 = first (noisiest) step")
+    j.add_argument("--resamples", type=int, default=20, help="R, re-noisings of x̂0 averaged per step (default 20)")
+    j.add_argument("--method", default="dtrak", help="dtrak (Square output, default) or trak (Simple loss)")
+    j.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: 0.1 x mean kernel eigenvalue)")
+    j.add_argument("--top", type=int, default=5, help="proponents/opponents listed per step (default 5)")
+    j.add_argument("--timesteps", type=int, default=10, help="K of the training features (default 10)")
+    j.add_argument("--proj-dim", type=int, default=4096, help="k, the projection dimension (default 4096)")
+    j.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
+    j.add_argument("--feature-seed", type=int, default=0, help="noise and projection seed of the features")
+    j.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
+    j.add_argument("--out", help="folder for journey.npz, journey.json and formation.html")
+    j.add_argument("--device", default="auto")
+    j.set_defaults(func=cmd_journey)
+
+
+def cmd_journey(args) -> int:
+    from .engine import open_attributor
+    from .journey import JourneyConfig, parse_steps
+    from .kernel import check_lambda
+    from .methods import get_method
+    from .models import load_model
+
+    if args.method not in JOURNEY_METHODS:
+        raise ConfigError(f"journey scores steps with {' or '.join(JOURNEY_METHODS)}, got --method {args.method}")
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {args.top}")
+    if args.lam is not None:
+        check_lambda(args.lam)
+    cfg = JourneyConfig(seed=args.seed if args.seed is not None else 0, steps=args.steps, sampler=args.sampler,
+                        every=args.every, at=parse_steps(args.at), resamples=args.resamples)
+    model = load_model(args.checkpoint, args.device)
+    cfg.check(model.num_timesteps)
+    image, name = None, f"gen:{args.seed}"
+    if args.image:
+        from .data.images import load_image_pixels, pixels_to_tensor
+        from .errors import ImageError
+
+        path = Path(args.image).expanduser()
+        if not path.is_file():
+            raise ImageError(f"--image {args.image!r} is not an existing image file")
+        image, name = pixels_to_tensor(load_image_pixels(path, model.resolution, model.channels)), path.name
+        info(f"{name} has no sampling trajectory: attributing it by noising it forward (x_t = the image noised to "
+             "each step's t, x̂0 = the model's one-step prediction)")
+    method = get_method(args.method)
+    att = open_attributor(model, method, args.dataset, timesteps=args.timesteps, proj_dim=args.proj_dim,
+                          projector=args.projector, seed=args.feature_seed, cache=args.cache)
+    info(f"training features: {att.train.spec} ({len(att.train)} images), fn={att.cfg.fn}, K={att.cfg.timesteps}, "
+         f"k={att.proj_dim} ({att.cfg.projector}); cache: {att.store_path}")
+    att.featurize(progress=_tqdm_progress("featurize"))
+    run_journey_cli(att, method, cfg, args, image, name)
+    return 0
+
+
+def run_journey_cli(att, method, cfg, args, image, name) -> None:
+    import time
+
+    from .journey import formation, formation_figure, run_journey, step_rankings, top_indices
+
+    steps = cfg.step_indices()
+    info(f"journey of {name}: {cfg.sampler} {cfg.steps} steps, attributing {len(steps)} step(s) "
+         f"{steps.tolist()} with {method.title}, R={cfg.resamples} re-noisings each")
+    start = time.perf_counter()
+    journey = run_journey(att, cfg, _tqdm_progress("journey"), args.cache, image=image, name=name)
+    info(f"journey ready in {time.perf_counter() - start:.1f} s (computed in {journey.meta['seconds']} s)")
+    lam = att.resolve_lambda(method, args.lam)
+    scores = journey.scores(att, method, lam)
+    form = formation(journey, scores, att.train, top=max(args.top, 1))
+    rankings = step_rankings(scores, att.train, args.top)
+    a, b = form.window()
+    print(f"{name}: x̂0 approaches the final image between steps {a} and {b} (lambda={lam:.4g})")
+    for i, (s, t) in enumerate(zip(journey.steps, journey.timesteps)):
+        pro = rankings[i]["proponents"][:3]
+        top = ", ".join(f"#{r['index']} ({r['label']}) {r['score']:+.3g}" for r in pro) or "none"
+        print(f"  step {int(s):>3} t={int(t):>4}  x̂0 dist {form.x0_distance[i]:.3f}  "
+              f"proponents~final {form.proponent_similarity[i]:+.2f}  overlap {form.overlap[i]:.2f}  top: {top}")
+    if not args.out:
+        return
+    from .fileio import atomic_path, save_npz, write_json
+
+    out = Path(args.out)
+    pro_i, opp_i = top_indices(scores, args.top, 1), top_indices(scores, args.top, -1)
+    save_npz(out / "journey.npz", **journey.arrays(), scores=scores.astype(np.float32),
+             top_index=pro_i, top_score=np.take_along_axis(scores, pro_i, 1).astype(np.float32),
+             bottom_index=opp_i, bottom_score=np.take_along_axis(scores, opp_i, 1).astype(np.float32),
+             x0_distance=form.x0_distance, proponent_similarity=form.proponent_similarity, overlap=form.overlap)
+    write_json(out / "journey.json", {
+        **journey.meta, "method": method.name, "lambda": lam, "top": args.top, "features_decided": [a, b],
+        "steps": [{"step": int(s), "t": int(t), "x0_distance": float(form.x0_distance[i]),
+                   "proponent_similarity": float(form.proponent_similarity[i]), "overlap": float(form.overlap[i]),
+                   **rankings[i]} for i, (s, t) in enumerate(zip(journey.steps, journey.timesteps))]})
+    fig = formation_figure(form, title=f"Feature formation of {name} ({method.title})")
+    with atomic_path(out / "formation.html") as tmp:
+        fig.write_html(tmp, include_plotlyjs=True)
+    info(f"wrote journey.npz, journey.json and formation.html to {out}")

@@ -1,0 +1,397 @@
+"""Journey: attribution of each denoising step of one image (Journey-TRAK, Georgiev et al. 2023).
+
+    journey = run_journey(attributor, JourneyConfig(seed=3, steps=50, every=5, resamples=20), progress)
+    S = journey.scores(attributor, get_method("dtrak"), lam)        # (steps chosen, N): instant, from the kernel
+    f = formation(journey, S, attributor.train)                     # how far each step is from the final image
+
+At sampling step i (timestep t_i) the model sees x_t and predicts the clean image x̂0(t_i). The step's target
+feature is the gradient of the attributor's output function at x̂0(t_i) re-noised to t_i, averaged over R noise
+draws ("resamples"), projected like the training features. Only the features (steps x k) are stored: scores for
+any lambda are one product with the cached kernel.
+
+An image without a sampling trajectory (an upload) is attributed by noising it forward instead: x_t is the image
+noised to each chosen t and x̂0 the model's one-step prediction from it (`forward_trajectory`).
+
+The D-TRAK paper's "Journey TRAK" baseline (its appendix A.3) averages the per-step scores over all sampling steps
+into one attribution of the final image; by linearity that is the score of the mean per-step feature
+(`baseline_features`, used by `methods/journey_trak.py`).
+
+Results are cached under cache/journey/<checkpoint hash>/ (an .npz of arrays and a .json written last), so the
+app's step slider and a repeated command never recompute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .features.gradients import per_sample_gradients
+from .fileio import read_json, save_npz, write_json
+from .sampling import SAMPLERS, Trajectory, check_sampling, sample
+from .store import _slug, cache_root, identity_hash
+
+Progress = Callable[[int, int, str], None]
+JOURNEY_VERSION = 1  # bump when the stored arrays change meaning
+
+
+# -- configuration -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JourneyConfig:
+    """Which trajectory and which of its steps to attribute.
+
+    Attributes:
+        seed: the generated image (its own CPU generator, as everywhere: `gen:SEED`).
+        steps: sampling steps of the sampler.
+        sampler: "ddpm" or "ddim".
+        every: attribute every N-th step, counted back from the last one (so the last step is always included);
+            None with `at` None: about 10 steps (every = steps // 10).
+        at: explicit step indices in sampling order (0 = the first, noisiest step; steps-1 = the last).
+        resamples: R, noise draws of the re-noised x̂0 averaged per step.
+    """
+
+    seed: int = 0
+    steps: int = 50
+    sampler: str = "ddpm"
+    every: int | None = None
+    at: tuple[int, ...] | None = None
+    resamples: int = 20
+
+    def check(self, num_timesteps: int) -> None:
+        """Raise `ConfigError` (one line) for options no sampler run can honour."""
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; use one of: {', '.join(SAMPLERS)}")
+        if not 1 <= self.steps <= num_timesteps:
+            raise ConfigError(f"--steps must be within 1..{num_timesteps}, got {self.steps}")
+        if self.resamples < 1:
+            raise ConfigError(f"--resamples must be at least 1, got {self.resamples}")
+        if self.every is not None and self.at is not None:
+            raise ConfigError("give either --every or --at, not both")
+        if self.every is not None and self.every < 1:
+            raise ConfigError(f"--every must be at least 1, got {self.every}")
+        if self.at is not None:
+            if not self.at:
+                raise ConfigError("--at needs at least one step index")
+            bad = [i for i in self.at if not 0 <= i < self.steps]
+            if bad:
+                raise ConfigError(f"step {bad[0]} is outside the sampler's range 0..{self.steps - 1} "
+                                  f"({self.steps} {self.sampler} steps; 0 is the first, noisiest step)")
+
+    def step_indices(self) -> np.ndarray:
+        """The chosen step indices, ascending (sampling order)."""
+        if self.at is not None:
+            return np.array(sorted(set(int(i) for i in self.at)), dtype=np.int64)
+        every = self.every if self.every is not None else max(1, self.steps // 10)
+        return np.arange((self.steps - 1) % every, self.steps, every, dtype=np.int64)
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "steps": self.steps, "sampler": self.sampler,
+                "step_indices": self.step_indices().tolist(), "resamples": self.resamples}
+
+
+def parse_steps(text: str | None) -> tuple[int, ...] | None:
+    """'0,10,49' -> (0, 10, 49); a one-line ConfigError for anything else."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(p) for p in text.replace(" ", "").split(",") if p)
+    except ValueError:
+        raise ConfigError(f"--at takes comma-separated step indices such as 0,10,49; got {text!r}") from None
+
+
+# -- trajectories ----------------------------------------------------------------------------------------------------
+
+
+def sampled_trajectory(model, cfg: JourneyConfig, progress: Progress | None = None) -> Trajectory:
+    """The sampling run of image `cfg.seed` (x_t and x̂0 at every step)."""
+    cfg.check(model.num_timesteps)
+    check_sampling(model, 1, cfg.steps, cfg.sampler)
+    return sample(model, 1, cfg.seed, cfg.steps, cfg.sampler, progress=progress)
+
+
+@torch.no_grad()
+def forward_trajectory(model, image: torch.Tensor, cfg: JourneyConfig, key: str) -> Trajectory:
+    """A trajectory for an image that has none: x_t = the image noised to each sampling timestep (noise keyed by
+    `key`), x̂0 = the model's one-step prediction from x_t (clipped to [-1, 1]); `final` is the image itself."""
+    from .features.timesteps import noise_for
+
+    cfg.check(model.num_timesteps)
+    sched = model.schedule.make_scheduler(cfg.sampler)
+    sched.set_timesteps(cfg.steps)
+    ts = sched.timesteps.to(torch.long)
+    x0 = image.reshape(1, *image.shape[-3:]).float()
+    eps = noise_for([key], ts, tuple(x0.shape[1:]), seed=0)[0]  # (S, C, H, W)
+    xt = model.schedule.add_noise(x0.expand_as(eps), eps, ts).float()
+    abar = model.schedule.alphas_cumprod[ts].float().reshape(-1, 1, 1, 1)
+    preds = []
+    for s in range(0, len(ts), 16):
+        e = model.predict_eps(xt[s:s + 16].to(model.device), ts[s:s + 16].to(model.device)).float().cpu()
+        preds.append((xt[s:s + 16] - (1 - abar[s:s + 16]).sqrt() * e) / abar[s:s + 16].sqrt())
+    x0_pred = torch.cat(preds).clamp(-1, 1)
+    return Trajectory(ts.numpy().astype(np.int64), xt[:, None].numpy(), x0_pred[:, None].numpy(),
+                      x0.clamp(-1, 1).numpy(), np.array([-1], dtype=np.int64), cfg.sampler)
+
+
+# -- the result ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Journey:
+    """Per-step target features of one image along its trajectory (only the chosen steps are kept).
+
+    Attributes:
+        steps: int64 (n,), the chosen step indices in sampling order.
+        timesteps: int64 (n,), their model timesteps (high t first).
+        xt: float32 (n, C, H, W), the noisy input at each chosen step.
+        x0: float32 (n, C, H, W), the predicted clean image x̂0 at each chosen step.
+        final: float32 (C, H, W) in [-1, 1], the final image.
+        features: float32 (n, k), the projected per-step target features.
+        meta: JSON-able description (config, source, name, feature identity, seconds).
+    """
+
+    steps: np.ndarray
+    timesteps: np.ndarray
+    xt: np.ndarray
+    x0: np.ndarray
+    final: np.ndarray
+    features: np.ndarray
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def scores(self, att, method, lam: float | None = None) -> np.ndarray:
+        """Scores of every chosen step against the N training images, shape (n, N)."""
+        return att.scores(method, self.features, lam)
+
+    def x0_distance(self) -> np.ndarray:
+        """Root-mean-square pixel distance of x̂0 at each step to the final image ([-1, 1] units)."""
+        diff = (self.x0 - self.final[None]).reshape(len(self), -1).astype(np.float64)
+        return np.sqrt((diff**2).mean(1))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"steps": self.steps, "timesteps": self.timesteps, "xt": self.xt, "x0": self.x0,
+                "final": self.final, "features": self.features}
+
+    def save(self, path: Path) -> None:
+        """npz first, then the json (the completion marker), both atomically."""
+        save_npz(path.with_suffix(".npz"), **self.arrays())
+        write_json(path.with_suffix(".json"), self.meta)
+
+    @classmethod
+    def load(cls, path: Path) -> Journey | None:
+        npz, meta = path.with_suffix(".npz"), path.with_suffix(".json")
+        if not (npz.exists() and meta.exists()):
+            return None
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return cls(meta=read_json(meta), **arrays)
+
+
+def journey_path(att, cfg: JourneyConfig, source: str, cache: str | None = None) -> Path:
+    """cache/journey/<checkpoint hash>/<readable slug>-<hash of everything the result depends on> (no suffix)."""
+    ident = {"version": JOURNEY_VERSION, "features": att.identity, "journey": cfg.to_dict(), "source": source}
+    slug = _slug(f"{source.replace('/', '-')}-{cfg.sampler}{cfg.steps}-{att.cfg.fn}-R{cfg.resamples}")
+    return cache_root(cache) / "journey" / att.identity["checkpoint"] / f"{slug}-{identity_hash(ident)}"
+
+
+def step_features(att, x0: np.ndarray, timesteps: np.ndarray, keys: list[str], resamples: int,
+                  progress: Progress | None = None) -> np.ndarray:
+    """Projected features of images x0 (n, C, H, W), each re-noised at its own timestep with R draws: (n, k)."""
+    spec = dataclasses.replace(att.grad_spec, draws=int(resamples))
+    out = []
+    for s in range(0, len(x0), att.batch_size):
+        rows = slice(s, s + att.batch_size)
+        ts = torch.as_tensor(np.asarray(timesteps[rows]), dtype=torch.long)[:, None]
+        g = per_sample_gradients(att.model, torch.from_numpy(np.ascontiguousarray(x0[rows])), keys[rows], spec,
+                                 timesteps=ts)
+        out.append(att.projector.project(g).cpu().numpy())
+        if progress:
+            done = min(len(x0), s + att.batch_size)
+            progress(done, len(x0), f"step features {done}/{len(x0)}")
+    return np.concatenate(out).astype(np.float32)
+
+
+def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache: str | None = None,
+                image: torch.Tensor | None = None, name: str | None = None, use_cache: bool = True) -> Journey:
+    """The journey of image `cfg.seed` (sampled) or of `image` (C, H, W) in [-1, 1] (noised forward), loaded from
+    the cache when it was computed before with the same checkpoint, features and options."""
+    cfg.check(att.model.num_timesteps)
+    if image is not None:
+        from .data import tensor_to_pixels
+        from .targets import pixels_key
+
+        source = pixels_key(tensor_to_pixels(image.reshape(-1, *image.shape[-2:])))
+    else:
+        source = f"gen/{cfg.seed}"
+    path = journey_path(att, cfg, source, cache)
+    if use_cache:
+        found = Journey.load(path)
+        if found is not None:
+            if progress:
+                progress(1, 1, "cached")
+            return found
+    start = time.perf_counter()
+    idx = cfg.step_indices()
+    total = cfg.steps + len(idx)
+
+    def staged(offset: int) -> Progress | None:
+        return None if progress is None else (lambda d, _t, msg="": progress(offset + d, total, msg))
+
+    if image is None:
+        traj = sampled_trajectory(att.model, cfg, staged(0))
+    else:
+        traj = forward_trajectory(att.model, image, cfg, source)
+        if progress:
+            progress(cfg.steps, total, "noised forward")
+    ts = traj.timesteps[idx]
+    keys = [f"{source}/step{int(t)}" for t in ts]
+    x0 = traj.x0_pred[idx, 0]
+    feats = step_features(att, x0, ts, keys, cfg.resamples, staged(cfg.steps))
+    meta = {"config": cfg.to_dict(), "source": source, "mode": "forward" if image is not None else "sampled",
+            "name": name or (f"gen:{cfg.seed}" if image is None else source), "checkpoint": att.model.spec,
+            "checkpoint_hash": att.identity["checkpoint"], "dataset": att.train.spec, "fn": att.cfg.fn,
+            "feature_store": str(att.store_path), "proj_dim": att.proj_dim,
+            "seconds": round(time.perf_counter() - start, 2), "version": JOURNEY_VERSION}
+    journey = Journey(idx, ts.astype(np.int64), traj.xt[idx, 0], x0, traj.final[0], feats, meta)
+    if use_cache:
+        journey.save(path)
+    return journey
+
+
+# -- the "Journey TRAK" baseline (D-TRAK paper, appendix A.3) ---------------------------------------------------
+
+
+def baseline_features(att, seed: int, steps: int = 50, sampler: str = "ddpm", resamples: int = 1,
+                      progress: Progress | None = None, cache: str | None = None) -> np.ndarray:
+    """Mean of the per-step features over every sampling step of image `seed`: (k,). Its scores are the mean of
+    the per-step scores (scores are linear in the feature)."""
+    cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=1, resamples=resamples)
+    return run_journey(att, cfg, progress, cache).features.mean(0)
+
+
+def require_trajectories(targets, method_title: str = "Journey TRAK") -> None:
+    """One-line ConfigError unless every target is a generated image with a known seed (and so a trajectory)."""
+    gen = getattr(targets, "generated", None) or [None] * len(targets)
+    for name, g in zip(targets.names, gen):
+        if g is None:
+            raise ConfigError(f"{method_title} needs a generated target with a sampling trajectory (gen:SEED); "
+                              f"{name} has none: use another method, or the journey command (--image) to attribute "
+                              "it by noising it forward")
+
+
+def trajectory_features(att, targets, progress: Progress | None = None, cache: str | None = None) -> np.ndarray:
+    """Journey-TRAK baseline features of generated targets, (M, k)."""
+    require_trajectories(targets)
+    return np.stack([baseline_features(att, g.seed, g.steps, g.sampler, progress=progress, cache=cache)
+                     for g in targets.generated]).astype(np.float32)
+
+
+# -- feature formation -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Formation:
+    """How far each chosen step already is from the final image.
+
+    Attributes:
+        steps, timesteps: as in the journey.
+        x0_distance: RMS pixel distance of x̂0 to the final image.
+        proponent_similarity: mean pixel correlation of the step's top-k proponents with the final image.
+        overlap: |top-k of the step ∩ top-k of the last chosen step| / k.
+        top: k.
+    """
+
+    steps: np.ndarray
+    timesteps: np.ndarray
+    x0_distance: np.ndarray
+    proponent_similarity: np.ndarray
+    overlap: np.ndarray
+    top: int
+
+    def window(self, lo: float = 0.1, hi: float = 0.9) -> tuple[int, int]:
+        """(first, last) step index over which x̂0's distance to the final image falls from `hi` to `lo` of its
+        total drop: where the image's features are decided."""
+        d = self.x0_distance
+        span = d[0] - d[-1]
+        if len(d) < 2 or span <= 0:
+            return int(self.steps[0]), int(self.steps[-1])
+        rel = (d - d[-1]) / span
+        start = int(np.argmax(rel <= hi))
+        end = int(np.argmax(rel <= lo))
+        return int(self.steps[max(0, start - 1)]), int(self.steps[end])
+
+
+def pixel_correlation(images: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each image's pixels with `ref`'s (images (m, ...), ref (...)): (m,)."""
+    a = images.reshape(len(images), -1).astype(np.float64)
+    b = ref.reshape(-1).astype(np.float64)
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean()
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b)
+    return np.divide(a @ b, den, out=np.zeros(len(a)), where=den > 0)
+
+
+def top_indices(scores: np.ndarray, top: int, sign: int = 1) -> np.ndarray:
+    """(n, top): per row, the indices of the `top` largest (sign=1) or most negative (sign=-1) scores."""
+    return np.argsort(-sign * scores, axis=1, kind="stable")[:, :top]
+
+
+def formation(journey: Journey, scores: np.ndarray, train, top: int = 8) -> Formation:
+    """Formation measures of a journey from its (n, N) scores and the training set (pixels of the proponents)."""
+    idx = top_indices(scores, top)
+    final = journey.final
+    sim = np.array([pixel_correlation(train.tensors(row).numpy(), final).mean() for row in idx])
+    last = set(idx[-1].tolist())
+    overlap = np.array([len(last & set(row.tolist())) / top for row in idx])
+    return Formation(journey.steps, journey.timesteps, journey.x0_distance(), sim, overlap, top)
+
+
+def formation_figure(f: Formation, current: int | None = None, title: str | None = None):
+    """A plotly figure of the formation measures over the sampling steps, the current step marked."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    custom = np.asarray(f.timesteps)[:, None]
+    hover = "step %{x} (t=%{customdata[0]})<br>%{y:.3f}<extra>%{fullData.name}</extra>"
+    fig.add_trace(go.Scatter(x=f.steps, y=f.x0_distance, name="x̂0 distance to final (RMS)", mode="lines+markers",
+                             customdata=custom, hovertemplate=hover, line={"color": "#1f77b4"}), secondary_y=False)
+    fig.add_trace(go.Scatter(x=f.steps, y=f.proponent_similarity, mode="lines+markers", customdata=custom,
+                             name=f"top-{f.top} proponents ~ final (pixel corr.)", hovertemplate=hover,
+                             line={"color": "#ff7f0e"}), secondary_y=True)
+    fig.add_trace(go.Scatter(x=f.steps, y=f.overlap, mode="lines+markers", customdata=custom,
+                             name=f"top-{f.top} overlap with last step", hovertemplate=hover,
+                             line={"color": "#7f7f7f", "dash": "dot"}), secondary_y=True)
+    a, b = f.window()
+    fig.add_vrect(x0=a, x1=b, fillcolor="#1f77b4", opacity=0.08, line_width=0,
+                  annotation_text="features decided", annotation_position="top left")
+    if current is not None:
+        fig.add_vline(x=current, line_color="#d62728", line_width=2)
+    fig.update_layout(title=title, height=320, margin={"l": 50, "r": 50, "t": 40 if title else 20, "b": 40},
+                      legend={"orientation": "h", "y": -0.25}, hovermode="x unified")
+    fig.update_xaxes(title_text="sampling step (0 = pure noise)")
+    fig.update_yaxes(title_text="x̂0 distance", secondary_y=False, rangemode="tozero")
+    fig.update_yaxes(title_text="similarity / overlap", secondary_y=True, range=[-0.05, 1.05],
+                     tickvals=[0, 0.25, 0.5, 0.75, 1], showgrid=False)
+    return fig
+
+
+def step_rankings(scores: np.ndarray, train, top: int = 5) -> list[dict]:
+    """Per step: proponents and opponents ({index, label, score}), as in `score --json`."""
+    from .engine import rank
+
+    out = []
+    for row in scores:
+        out.append({kind: [{"index": r.index, "label": r.class_name, "score": r.score}
+                           for r in rank(row, train, top, sign)]
+                    for kind, sign in (("proponents", 1), ("opponents", -1))})
+    return out
