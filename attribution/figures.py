@@ -7,6 +7,7 @@ Every scatter carries `customdata` [training index, timestep] per point and uses
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -57,7 +58,8 @@ def norm_scatter_figure(result: TrainingNorms, class_name: Callable[[int], str],
             customdata=np.stack([result.indices[sel], result.timesteps[sel]], 1),
             hovertemplate="#%{customdata[0]} · " + cls + "<br>t=%{x}<br>%{y:.4g}<extra></extra>"))
     y = f"{NORM_TITLE} / median of its t-bin" if normalize_per_bin else NORM_TITLE
-    return _axes(fig, log_y, f"{result.checkpoint}: training images at their training timestep "
+    name = Path(result.checkpoint).name  # a folder spec's last part: titles stay short
+    return _axes(fig, log_y, f"{name}: training images at their training timestep "
                  f"(Spearman ρ = {result.spearman():+.2f})", y=y)
 
 

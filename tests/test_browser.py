@@ -109,3 +109,29 @@ def test_attribute_in_browser(server, browser, tmp_path):
 
     full_page_screenshot(page, tmp_path / "attribute.png")
     page.close()
+
+
+@pytest.mark.browser
+def test_timesteps_scatter_click_opens_the_training_image(server, browser, tmp_path):
+    """Training-set norms on the Timesteps page; clicking a marker of the plotly scatter shows that training image
+    (a plotly selection event, which AppTest cannot simulate)."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/timesteps")
+    wait_for_app_run(page, timeout=120_000)
+    expect(page.get_by_role("heading", name="Timesteps")).to_be_visible()
+    page.get_by_role("tab", name="Training set").click()
+    samples = page.locator(".st-key-ts_samples input")
+    samples.fill("40")
+    page.get_by_role("button", name="Compute norms").click()
+    chart = page.locator(".st-key-ts_scatter_chart")
+    expect(chart.locator(".scatterlayer .point").first).to_be_visible(timeout=120_000)
+    wait_for_app_run(page)
+    point = chart.locator(".scatterlayer .point").first
+    point.click(force=True)
+    caption = page.get_by_test_id("stImageCaption").filter(has_text=re.compile(r"^#\d+ · \d · t=\d+ · "))
+    expect(caption.first).to_be_visible(timeout=60_000)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    page.screenshot(path=str(tmp_path / "timesteps.png"), full_page=True)
+    page.close()
