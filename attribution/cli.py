@@ -154,14 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--port", type=int, default=8501)
     a.set_defaults(func=cmd_app)
 
-    from . import cli_analysis, cli_engine
+    from . import cli_analysis, cli_engine, cli_journey
 
-    cli_engine.add_commands(sub)
-    cli_analysis.add_commands(sub)
-
-    from . import cli_journey
-
-    cli_journey.add_command(sub)
+    for module in (cli_engine, cli_journey, cli_analysis):
+        module.add_commands(sub)
     return p
 
 

@@ -21,7 +21,7 @@ from .errors import ConfigError
 JOURNEY_METHODS = ("dtrak", "trak")
 
 
-def add_command(sub) -> None:
+def add_commands(sub) -> None:
     j = sub.add_parser("journey", help="attribute every denoising step of one generated image (Journey-TRAK)")
     j.add_argument("--checkpoint", required=True, help="digits, animals-2, NAME@epoch-N or a folder")
     j.add_argument("--dataset", help="training set spec (default: the one the checkpoint was trained on)")

@@ -323,3 +323,23 @@ def test_analysis_bad_input_is_one_line(tiny_run, tmp_path, capsys, args, messag
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert re.search(message, err), err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing written
+
+
+# -- figures and plot selections ---------------------------------------------------------------------------------
+
+
+def test_scatter_customdata_and_selection_mapping():
+    from attribution.figures import norm_scatter_figure, selected_points
+
+    res = TrainingNorms("ck", np.array([4, 9, 2, 7]), np.array([10, 900, 15, 950]), np.array([2.0, 0.1, 4.0, 0.2]),
+                        np.array([1, 1, 0, 0]), "recorded")
+    fig = norm_scatter_figure(res, lambda i: {4: "1", 9: "1", 2: "0", 7: "0"}[i], normalize_per_bin=True, bins=2)
+    points = {(int(c[0]), int(c[1])): y for tr in fig.data for c, y in zip(tr.customdata, tr.y)}
+    assert set(points) == {(4, 10), (9, 900), (2, 15), (7, 950)}
+    # per-bin normalisation: each norm over the median of its timestep bin ([0, 500) -> 3.0, [500, 1000) -> 0.15)
+    assert points[(2, 15)] == pytest.approx(4.0 / 3.0) and points[(9, 900)] == pytest.approx(0.1 / 0.15)
+    # Streamlit returns customdata as a list or as a dict with string keys; duplicates are dropped
+    event = {"points": [{"customdata": [9, 900]}, {"customdata": {"1": 15, "0": 2}}, {"customdata": [9, 900]},
+                        {"x": 3}]}
+    assert selected_points(event) == [(9, 900), (2, 15)]
+    assert selected_points(None) == [] and selected_points({}) == []
