@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..features.gradients import GradientSpec, gradient_norms
 from ..features.outputs import OUTPUT_FUNCTIONS
 from ..models.adapter import DiffusionModel
-from ..store import FeatureStore, cache_root, identity_hash
+from ..store import FeatureStore, _slug, cache_root, identity_hash
 
 Progress = Callable[[int, int, str], None]
 
@@ -140,7 +140,7 @@ def training_norms(model: DiffusionModel, train: ImageDataset, cfg: NormConfig, 
     identity = {"checkpoint": model.identity(), "dataset": train.spec, "dataset_hash": train.content_hash,
                 "split": train.split, "rows": identity_hash({"rows": rows.tolist(), "t": ts.tolist()}),
                 "source": source, "config": asdict(cfg)}
-    path = (cache_root(cache) / "norms" / model.identity() / f"{train.spec}-{train.split}".replace("/", "_")
+    path = (cache_root(cache) / "norms" / model.identity() / f"{_slug(train.spec)}-{train.split}"
             / f"{cfg.fn}-n{len(rows)}-d{cfg.draws}-s{cfg.seed}-{identity_hash(identity)}")
     store = FeatureStore.open(path, identity, len(rows), 1, {"checkpoint_spec": model.spec})
     todo = np.flatnonzero(~store.done())
