@@ -14,6 +14,7 @@ import streamlit as st
 from attribution.data import ImageDataset
 from attribution.engine import Attribution, Ranked, open_attribution, rank
 from attribution.features.outputs import OUTPUT_FUNCTIONS
+from attribution.kernel import Kernel
 from attribution.methods import METHODS, get_method
 from attribution.targets import Targets, from_pixels
 
@@ -86,11 +87,13 @@ def generated_pixels(checkpoint: str, seed: int) -> np.ndarray:
     return tensor_to_pixels(torch.from_numpy(sample(cached_model(checkpoint), 1, int(seed)).final))[0]
 
 
-def lambda_options(att: Attribution) -> list[float]:
-    """A log-spaced lambda grid (4 per decade) around the kernel's scale, including the default."""
-    kernel = att.members[0].train_features().kernel
-    grid = kernel.lambda_grid(per_decade=4)
-    return sorted({float(f"{v:.3g}") for v in grid} | {float(f"{kernel.default_lambda():.3g}")})
+def lambda_slider(label: str, kernel: Kernel, key: str) -> float:
+    """A λ select-slider over a log-spaced grid (4 per decade, 3 significant digits) around the kernel's scale,
+    starting at the default λ. Give each feature set its own `key`: another set has another grid, which an old
+    value may not be on."""
+    default = float(f"{kernel.default_lambda():.3g}")
+    grid = sorted({float(f"{v:.3g}") for v in kernel.lambda_grid(per_decade=4)} | {default})
+    return st.select_slider(label, grid, value=default, key=key, format_func=lambda v: f"{v:.3g}")
 
 
 def ranked_tiles(items: list[Ranked], data: ImageDataset, title: str, key: str) -> None:

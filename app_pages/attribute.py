@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from attribution.data import pixels_to_pil, tensor_to_pixels
-from attribution.engine import target_features, training_dataset_of
+from attribution.engine import training_dataset_of
 from attribution.errors import AttributionError
 from attribution.features.timesteps import STRATEGIES
 from attribution.journey import require_trajectories
@@ -15,8 +15,8 @@ from attribution.store import cache_root
 from attribution.targets import Generated, resolve_targets
 from attribution.report import equivalent_cli, positive_share, ranking_rows, to_csv, to_npz_bytes
 from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attribution,
-                             feature_fn_options, featurize_with_progress, generated_pixels, lambda_options, opts_key, ranked_tiles,
-                             target_from_pixels, top_lists)
+                             feature_fn_options, featurize_with_progress, generated_pixels, lambda_slider, opts_key,
+                             ranked_tiles, target_from_pixels, top_lists)
 from app_pages._ui import display_size, fail, require_model
 
 st.title("Attribute")
@@ -123,7 +123,7 @@ if run:
                                + ", ".join(f"{a.model.spec} {w:.3g}" for a, w in zip(att.members, att.weights)))
                 featurize_with_progress(att, title)
                 status.update(label=f"{title}: kernel and target features…")
-                results[opts] = [target_features(member, att.method, target) for member in att.members]
+                results[opts] = att.target_features(target)
                 if att.method.uses_lambda:
                     att.members[0].train_features().kernel  # decompose once; later lambda changes are instant
         except AttributionError as exc:
@@ -153,10 +153,8 @@ for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_run
             att = cached_attribution(opts)
             lam = None
             if att.method.uses_lambda:
-                grid = lambda_options(att)
-                default = float(f"{att.members[0].train_features().kernel.default_lambda():.3g}")
-                lam = st.select_slider(f"λ ({title})", grid, value=default, key=f"attr_lam_{opts_key(opts)}",
-                                       format_func=lambda v: f"{v:.3g}")
+                lam = lambda_slider(f"λ ({title})", att.members[0].train_features().kernel,
+                                    f"attr_lam_{opts_key(opts)}")
             scores = att.scores(features[opts], lam)[0]
         except AttributionError as exc:
             fail(exc)

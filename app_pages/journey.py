@@ -13,7 +13,7 @@ from attribution.journey import JourneyConfig, formation, formation_figure, run_
 from attribution.methods import METHODS, get_method
 from attribution.report import to_npz_bytes
 from attribution.sampling import SAMPLERS
-from app_pages._attr import PROJ_DIMS, RunOptions, ranked_tiles, top_lists
+from app_pages._attr import PROJ_DIMS, RunOptions, lambda_slider, ranked_tiles, top_lists
 from app_pages._ui import cached_model, display_size, fail, progress_bar, require_model
 
 JOURNEY_METHODS = ("dtrak", "trak")
@@ -28,16 +28,10 @@ def journey_attributor(opts: RunOptions) -> Attributor:
                            timesteps=opts.timesteps, proj_dim=opts.proj_dim, projector=opts.projector)
 
 
-def lambda_grid(att: Attributor) -> list[float]:
-    """Log-spaced lambdas (4 per decade) around the kernel's scale, including the default."""
-    kernel = att.train_features().kernel
-    return sorted({float(f"{v:.3g}") for v in kernel.lambda_grid(per_decade=4)}
-                  | {float(f"{kernel.default_lambda():.3g}")})
-
 st.title("Journey")
 st.caption("Attribution of every denoising step: at step t the model's guess of the clean image, x̂0, is re-noised "
-           "to t and attributed (Journey-TRAK). The proponents change along the way, and the image's features are "
-           "decided within a narrow window of steps.")
+           "to t and attributed (Journey-TRAK). The proponents change along the way, and the formation curve shows "
+           "over which steps the image's features are decided.")
 model = require_model()
 dataset = st.session_state.get("dataset")
 size = display_size(model.resolution, 128)
@@ -122,9 +116,7 @@ if not result or result["id"] != image_id:
 journey, opts, cfg = result["journey"], result["opts"], result["cfg"]
 att = journey_attributor(opts)
 m = get_method(opts.method)
-grid = lambda_grid(att)
-default = float(f"{att.train_features().kernel.default_lambda():.3g}")
-lam = st.select_slider("λ", grid, value=default, key=f"jr_lam_{opts.method}", format_func=lambda v: f"{v:.3g}")
+lam = lambda_slider("λ", att.train_features().kernel, f"jr_lam_{opts.method}")
 scores = journey.scores(att, m, lam)
 form = formation(journey, scores, att.train, top=FORMATION_TOP)
 labels = [int(s) for s in journey.steps]

@@ -12,7 +12,7 @@ from attribution.errors import AttributionError
 from attribution.methods import METHODS
 from attribution.report import to_csv
 from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attribution, featurize_with_progress,
-                             lambda_options, opts_key)
+                             lambda_slider, opts_key)
 from app_pages._ui import display_size, fail, require_model
 
 st.title("Self-influence")
@@ -50,10 +50,7 @@ try:
     att = cached_attribution(opts)
     lam = None
     if att.method.uses_lambda:
-        # One slider per feature set: another set has another lambda grid, which an old value may not be on.
-        lam = st.select_slider("λ", lambda_options(att),
-                               value=float(f"{att.members[0].train_features().kernel.default_lambda():.3g}"),
-                               key=f"si_lambda_{opts_key(opts)}", format_func=lambda v: f"{v:.3g}")
+        lam = lambda_slider("λ", att.members[0].train_features().kernel, f"si_lambda_{opts_key(opts)}")
     values = att.self_influence(lam)
 except AttributionError as exc:
     fail(exc)

@@ -18,9 +18,9 @@ from app_pages._attr import METHOD_TITLES, RunOptions, cached_attribution, featu
 from app_pages._ui import cached_model, display_size, fail, progress_bar, require_model
 
 st.title("Timesteps")
-st.caption("Per-sample gradient norms ‖∇θ L(x, t)‖ depend strongly on the timestep t. Plain TracIn therefore favours "
-           "training images drawn at timesteps with large gradients, whatever the target (\"generally influential\" "
-           "samples); Diffusion-ReTrac normalises the gradients to remove that bias.")
+st.caption("Per-sample gradient norms ‖∇θ L(x, t)‖ depend strongly on the timestep t. Plain TracIn therefore "
+           "favours training images drawn at timesteps with large gradients, whatever the target (\"generally "
+           "influential\" samples); Diffusion-ReTrac normalises the gradients to remove that bias.")
 model = require_model()
 dataset = st.session_state.get("dataset")
 try:
@@ -157,7 +157,7 @@ with influential:
                     status.update(label=f"{METHOD_TITLES[name]}: training features (cached after the first run)…")
                     featurize_with_progress(att, METHOD_TITLES[name])
                     status.update(label=f"{METHOD_TITLES[name]}: {n_targets} targets…")
-                    stats.append(top_k_stats(name, att.scores(att.features_of(targets.images, targets.keys)), k))
+                    stats.append(top_k_stats(name, att.scores(att.target_features(targets)), k))
             except AttributionError as exc:
                 status.update(state="error")
                 fail(exc)

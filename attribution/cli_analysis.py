@@ -116,7 +116,7 @@ def cmd_influential(args) -> int:
             info(f"{len(targets)} target(s): {targets.names[0]} .. {targets.names[-1]}")
         featurize_all(attribution)
         info(f"scoring with {method.title} ({len(attribution.members)} checkpoint(s))")
-        scores = attribution.scores(attribution.features_of(targets.images, targets.keys))
+        scores = attribution.scores(attribution.target_features(targets, cache=args.cache))
         all_scores[method.name] = scores.astype(np.float32)
         stats.append(top_k_stats(method.name, scores, args.top))
     write_json(out / "influential.json", {"targets": targets.names, "checkpoint": args.checkpoint,

@@ -86,7 +86,7 @@ def check_lambda(method, lam: float | None) -> None:
 
 
 def cmd_score(args) -> int:
-    from .engine import rank, target_features
+    from .engine import rank
     from .targets import resolve_targets
 
     attribution, train = build(args)
@@ -104,8 +104,7 @@ def cmd_score(args) -> int:
     featurize_all(attribution)
     lam = attribution.resolve_lambda(args.lam)
     info(f"scoring {len(targets)} target(s) with {method.title}" + (f", lambda={lam:.4g}" if lam else ""))
-    scores = attribution.scores([target_features(att, method, targets, cache=args.cache)
-                                 for att in attribution.members], lam)
+    scores = attribution.scores(attribution.target_features(targets, cache=args.cache), lam)
     if args.out:
         from .fileio import save_npy
 

@@ -198,7 +198,14 @@ class Attribution:
             att.featurize(progress(att) if progress else None)
 
     def features_of(self, images: torch.Tensor, keys: Sequence[str]) -> list[np.ndarray]:
+        """Per-member features of images (the features of the images themselves)."""
+        if self.method.needs_trajectory:
+            raise ConfigError(f"{self.method.title} attributes sampling trajectories: use target_features(targets)")
         return [att.features_of(images, keys) for att in self.members]
+
+    def target_features(self, targets, cache: str | None = None) -> list[np.ndarray]:
+        """Per-member features of resolved `Targets` for this method (trajectory-averaged for Journey TRAK)."""
+        return [target_features(att, self.method, targets, cache=cache) for att in self.members]
 
     def resolve_lambda(self, lam: float | None) -> float | None:
         return self.members[0].resolve_lambda(self.method, lam)

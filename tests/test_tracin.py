@@ -343,3 +343,12 @@ def test_scatter_customdata_and_selection_mapping():
                         {"x": 3}]}
     assert selected_points(event) == [(9, 900), (2, 15)]
     assert selected_points(None) == [] and selected_points({}) == []
+
+
+def test_trajectory_methods_refuse_image_features(run_models, digits):
+    """Journey TRAK's target features come from a sampling trajectory: scoring plain image features through it
+    would silently be TRAK, so `features_of` refuses and callers go through `target_features`."""
+    att = Attribution(get_method("journey-trak"),
+                      [Attributor(run_models[-1], subset(digits, 4), FeatureConfig(fn="simple", projector="identity"))])
+    with pytest.raises(ConfigError, match="target_features"):
+        att.features_of(digits.tensors([0]), ["train/0"])
