@@ -1,0 +1,64 @@
+"""Similarity-baseline embeddings: pixels, and an open_clip image tower loaded only from a local file."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.errors import ConfigError
+from attribution.features.embeddings import CLIP_MEAN, CLIP_STD, ClipEmbedder, pixel_embeddings
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_name(tmp_path_factory):
+    """A tiny open_clip config registered for the tests (randomly initialised: no weights exist offline)."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip_cfg")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+    (folder / "tiny-clip-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return "tiny-clip-test"
+
+
+def test_pixel_embeddings_are_the_flattened_pixels():
+    x = torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    emb = pixel_embeddings(x)
+    assert emb.shape == (2, 48) and emb.dtype == np.float32
+    np.testing.assert_array_equal(emb[1], x[1].numpy().ravel())
+
+
+def test_clip_preprocess_matches_a_direct_computation(tiny_clip_name):
+    emb = ClipEmbedder.random(tiny_clip_name)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    got = emb.preprocess(x)
+    rgb = ((x + 1) / 2).repeat(1, 3, 1, 1)
+    up = torch.nn.functional.interpolate(rgb, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    want = (up - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(got, want)
+
+
+def test_clip_weights_round_trip_through_a_local_file(tiny_clip_name, tmp_path):
+    emb = ClipEmbedder.random(tiny_clip_name, seed=3)
+    x = torch.rand(5, 1, 16, 16) * 2 - 1
+    torch.save(emb.model.state_dict(), tmp_path / "w.pt")
+    loaded = ClipEmbedder.from_file(tmp_path / "w.pt", tiny_clip_name)
+    np.testing.assert_array_equal(loaded.embed(x), emb.embed(x))
+    # batching does not change an embedding
+    loaded.batch_size = 2
+    np.testing.assert_allclose(loaded.embed(x), emb.embed(x), atol=1e-5)
+    assert loaded.identity.startswith(f"{tiny_clip_name}:")
+
+
+@pytest.mark.parametrize("case", ["missing", "none", "junk", "unknown-model"])
+def test_clip_bad_input_is_one_line(tiny_clip_name, tmp_path, case):
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    args = {"missing": (tmp_path / "nope.pt", tiny_clip_name), "none": (None, tiny_clip_name),
+            "junk": (tmp_path / "junk.pt", tiny_clip_name), "unknown-model": (tmp_path / "junk.pt", "ViT-nope")}[case]
+    with pytest.raises(ConfigError) as err:
+        ClipEmbedder.from_file(*args)
+    assert "\n" not in str(err.value)
+    if case in ("missing", "none"):
+        assert "none ship and nothing is downloaded" in str(err.value)
