@@ -1,0 +1,150 @@
+"""The one options schema: small validated dataclasses whose fields carry their help text and choices.
+
+From one schema come the argparse options of every command (`add_arguments`), the values read back
+(`from_args`), the equivalent command line of a result (`command_line`) and the app's option widgets (which read
+`fields_of` for labels, help and choices). Choices come from the registries (methods, output functions, timestep
+strategies, projectors), so the CLI and the app cannot offer something the library rejects.
+
+    @dataclass(frozen=True)
+    class Example:
+        k: int = field(default=4096, metadata=opt("k, the projection dimension", flag="--proj-dim"))
+
+Field metadata (`opt`): help (one line), flag (default --field-name), choices (a tuple or a zero-argument
+callable that returns one, evaluated when needed), required, run_only (how to compute, not what: cache folders,
+batch size, device; left out of the equivalent command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, dataclass, fields
+from typing import Any
+
+from .errors import ConfigError
+
+
+def opt(help: str, *, flag: str | None = None, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+        required: bool = False, run_only: bool = False, metavar: str | None = None) -> dict:
+    """Metadata for a schema field (see the module docstring)."""
+    return {"help": help, "flag": flag, "choices": choices, "required": required, "run_only": run_only,
+            "metavar": metavar}
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One field of a schema, as the CLI and the app see it."""
+
+    name: str
+    flag: str
+    help: str
+    type: type
+    default: Any
+    choices: tuple[str, ...] | None
+    required: bool
+    run_only: bool
+    metavar: str | None
+
+    @property
+    def optional(self) -> bool:
+        """Whether None is a valid value (the option may be left unset)."""
+        return self.default is None
+
+
+def _base_type(annotation) -> type:
+    """int for `int`, `int | None` and "int | None" annotations (postponed annotations are strings)."""
+    if isinstance(annotation, str):
+        names = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
+        return {"int": int, "float": float, "str": str, "bool": bool}[names[0]]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def fields_of(schema) -> list[OptionSpec]:
+    """The option specs of a schema class (or instance), in declaration order."""
+    out = []
+    for f in fields(schema):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        choices = meta.get("choices")
+        if callable(choices):
+            choices = choices()
+        out.append(OptionSpec(f.name, meta.get("flag") or "--" + f.name.replace("_", "-"), meta["help"],
+                              _base_type(f.type), _default(f), tuple(choices) if choices else None,
+                              meta.get("required", False), meta.get("run_only", False), meta.get("metavar")))
+    return out
+
+
+def _default(f: Field):
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser, schema, exclude: Sequence[str] = ()) -> None:
+    """Add one argparse option per schema field (except `exclude`)."""
+    for spec in fields_of(schema):
+        if spec.name in exclude:
+            continue
+        kwargs: dict[str, Any] = {"dest": spec.name, "help": _help(spec)}
+        if spec.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = spec.default
+        else:
+            kwargs.update(type=spec.type, default=spec.default, required=spec.required)
+            if spec.choices:
+                kwargs["choices"] = spec.choices
+            if spec.metavar:
+                kwargs["metavar"] = spec.metavar
+        parser.add_argument(spec.flag, **kwargs)
+
+
+def _help(spec: OptionSpec) -> str:
+    text = spec.help
+    if spec.default not in (None, False, "") and not spec.required:
+        text += f" (default {spec.default})"
+    return text
+
+
+def from_args(schema: type, args: argparse.Namespace, **overrides):
+    """An instance of `schema` from parsed arguments (fields absent from `args` keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in fields(schema) if hasattr(args, f.name)}
+    values.update(overrides)
+    return schema(**values)
+
+
+def command_line(command: str, options: Sequence[Any], extra: Sequence[tuple[str, Any]] = ()) -> str:
+    """`python -m attribution COMMAND --flag value ...` for schema instances: every field that is set and not
+    run-only (defaults included, so the line does not depend on future defaults), then `extra` (flag, value)
+    pairs; shell-quoted."""
+    parts = ["python", "-m", "attribution", command]
+    for instance in options:
+        for spec in fields_of(instance):
+            value = getattr(instance, spec.name)
+            if spec.run_only or value is None:
+                continue
+            if spec.type is bool:
+                parts.append(spec.flag if value else "--no-" + spec.flag[2:])
+            else:
+                parts += [spec.flag, _format(value)]
+    for flag, value in extra:
+        if value is not None:
+            parts += [flag, _format(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _format(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def check_choice(name: str, value: str | None, choices: Sequence[str]) -> None:
+    """The one-line refusal of a value outside its choices (for values that did not come through argparse)."""
+    if value is not None and value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; use one of: {', '.join(choices)}")
