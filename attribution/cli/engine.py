@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 
-from .cli import _tqdm_progress, info
-from .errors import ConfigError
+from .common import info, progress_bar
+from ..errors import ConfigError
 
 
 def add_feature_options(p: argparse.ArgumentParser) -> None:
@@ -38,8 +38,8 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
 def build(args):
     """(Attribution, train dataset) from the shared options; several checkpoints form an ensemble, and a
     checkpoint method (tracin, retrac, tracincp, gas) runs over a training run's checkpoints."""
-    from .engine import open_attribution
-    from .methods import get_method
+    from ..engine import open_attribution
+    from ..methods import get_method
 
     method = get_method(args.method)
     attribution = open_attribution(args.checkpoint, method, args.device, dataset=args.dataset, fn=args.fn,
@@ -66,7 +66,7 @@ def featurize_all(attribution) -> None:
              + (", unit-normalised" if att.cfg.normalize else "")
              + f", {att.grad_dim:,} parameters -> k={att.proj_dim} ({att.cfg.projector})")
         info(f"cache: {att.store_path}")
-        att.featurize(progress=_tqdm_progress("featurize"))
+        att.featurize(progress=progress_bar("featurize"))
 
 
 def cmd_featurize(args) -> int:
@@ -79,15 +79,15 @@ def cmd_featurize(args) -> int:
 
 def check_lambda(method, lam: float | None) -> None:
     """Refuse a bad --lambda before anything is featurized (featurizing can take hours)."""
-    from .kernel import check_lambda as check
+    from ..kernel import check_lambda as check
 
     if lam is not None and method.uses_lambda:
         check(lam)
 
 
 def cmd_score(args) -> int:
-    from .engine import rank
-    from .targets import resolve_targets
+    from ..engine import rank
+    from ..targets import resolve_targets
 
     attribution, train = build(args)
     method = attribution.method
@@ -98,7 +98,7 @@ def cmd_score(args) -> int:
     for note in targets.notes:
         info(note)
     if method.needs_trajectory:  # Journey TRAK: refuse targets without a trajectory before featurizing
-        from .journey import require_trajectories
+        from ..journey import require_trajectories
 
         require_trajectories(targets, method.title)
     featurize_all(attribution)
@@ -106,7 +106,7 @@ def cmd_score(args) -> int:
     info(f"scoring {len(targets)} target(s) with {method.title}" + (f", lambda={lam:.4g}" if lam else ""))
     scores = attribution.scores(attribution.target_features(targets, cache=args.cache), lam)
     if args.out:
-        from .fileio import save_npy
+        from ..fileio import save_npy
 
         save_npy(args.out, scores.astype(np.float32))
         info(f"wrote scores {scores.shape} (targets x training images, dataset order) to {args.out}")
@@ -141,7 +141,7 @@ def cmd_self_influence(args) -> int:
     lam = attribution.resolve_lambda(args.lam)
     values = attribution.self_influence(lam)
     if args.out:
-        from .fileio import save_npy
+        from ..fileio import save_npy
 
         save_npy(args.out, values.astype(np.float32))
         info(f"wrote self-influence ({len(values)},) to {args.out}")

@@ -4,16 +4,15 @@ top-k proponents per method over many targets, the Diffusion-ReTrac paper's "gen
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .cli import _tqdm_progress, info
-from .errors import ConfigError
+from .common import info, progress_bar
+from ..errors import ConfigError
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    from .fileio import atomic_path
+    from ..fileio import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -22,7 +21,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _write_html(path: Path, figures, title: str) -> None:
-    from .fileio import atomic_path
+    from ..fileio import atomic_path
 
     parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
              for i, fig in enumerate(figures)]
@@ -32,12 +31,12 @@ def _write_html(path: Path, figures, title: str) -> None:
 
 
 def cmd_norms(args) -> int:
-    from .analysis.norms import NormConfig, check_timesteps, sample_curve, training_norms
-    from .engine import checkpoint_specs, training_dataset_of, training_timesteps
-    from .figures import norm_curve_figure, norm_scatter_figure, per_checkpoint_figure
-    from .fileio import write_json
-    from .methods import get_method
-    from .models import load_model
+    from ..analysis.norms import NormConfig, check_timesteps, sample_curve, training_norms
+    from ..engine import checkpoint_specs, training_dataset_of, training_timesteps
+    from ..figures import norm_curve_figure, norm_scatter_figure, per_checkpoint_figure
+    from ..fileio import write_json
+    from ..methods import get_method
+    from ..models import load_model
 
     cfg = NormConfig(fn=args.fn, grid=args.grid, samples=args.samples, draws=args.draws, seed=args.seed,
                      params=args.params)
@@ -62,7 +61,7 @@ def cmd_norms(args) -> int:
         curves[model.spec] = sample_curve(model, train.tensors([index])[0], f"{train.split}/{index}", cfg, grid)
         all_t, source = training_timesteps(model, train, cfg.seed)
         trained_at[model.spec] = int(all_t[index])
-        res = training_norms(model, train, cfg, args.cache, _tqdm_progress(f"norms {model.spec}"))
+        res = training_norms(model, train, cfg, args.cache, progress_bar(f"norms {model.spec}"))
         results.append(res)
         summary.append({"checkpoint": model.spec, "timesteps": source, "samples": len(res.norms),
                         "spearman_norm_vs_t": round(res.spearman(), 4), "bins": res.binned(10, model.num_timesteps),
@@ -91,13 +90,13 @@ def cmd_norms(args) -> int:
 def cmd_influential(args) -> int:
     import numpy as np
 
-    from .analysis.influential import top_k_stats
-    from .cli_engine import featurize_all
-    from .engine import open_attribution
-    from .figures import influential_figure
-    from .fileio import save_npz, write_json
-    from .methods import get_method
-    from .targets import resolve_targets
+    from ..analysis.influential import top_k_stats
+    from .engine import featurize_all
+    from ..engine import open_attribution
+    from ..figures import influential_figure
+    from ..fileio import save_npz, write_json
+    from ..methods import get_method
+    from ..targets import resolve_targets
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = [get_method(m) for m in names]  # unknown names fail here, before any work

@@ -10,13 +10,12 @@ formation.html (the plotly formation curve). The computed journey is cached, so 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
-from .cli import _tqdm_progress, info
-from .errors import ConfigError
+from .common import info, progress_bar
+from ..errors import ConfigError
 
 JOURNEY_METHODS = ("dtrak", "trak")
 
@@ -47,11 +46,11 @@ def add_commands(sub) -> None:
 
 
 def cmd_journey(args) -> int:
-    from .engine import open_attributor
-    from .journey import JourneyConfig, parse_steps
-    from .kernel import check_lambda
-    from .methods import get_method
-    from .models import load_model
+    from ..engine import open_attributor
+    from ..journey import JourneyConfig, parse_steps
+    from ..kernel import check_lambda
+    from ..methods import get_method
+    from ..models import load_model
 
     if args.method not in JOURNEY_METHODS:
         raise ConfigError(f"journey scores steps with {' or '.join(JOURNEY_METHODS)}, got --method {args.method}")
@@ -65,8 +64,8 @@ def cmd_journey(args) -> int:
     cfg.check(model.num_timesteps)
     image, name = None, f"gen:{args.seed}"
     if args.image:
-        from .data.images import load_image_pixels, pixels_to_tensor
-        from .errors import ImageError
+        from ..data.images import load_image_pixels, pixels_to_tensor
+        from ..errors import ImageError
 
         path = Path(args.image).expanduser()
         if not path.is_file():
@@ -79,7 +78,7 @@ def cmd_journey(args) -> int:
                           projector=args.projector, seed=args.feature_seed, cache=args.cache)
     info(f"training features: {att.train.spec} ({len(att.train)} images), fn={att.cfg.fn}, K={att.cfg.timesteps}, "
          f"k={att.proj_dim} ({att.cfg.projector}); cache: {att.store_path}")
-    att.featurize(progress=_tqdm_progress("featurize"))
+    att.featurize(progress=progress_bar("featurize"))
     run_journey_cli(att, method, cfg, args, image, name)
     return 0
 
@@ -87,13 +86,13 @@ def cmd_journey(args) -> int:
 def run_journey_cli(att, method, cfg, args, image, name) -> None:
     import time
 
-    from .journey import formation, formation_figure, run_journey, step_rankings, top_indices
+    from ..journey import formation, formation_figure, run_journey, step_rankings, top_indices
 
     steps = cfg.step_indices()
     info(f"journey of {name}: {cfg.sampler} {cfg.steps} steps, attributing {len(steps)} step(s) "
          f"{steps.tolist()} with {method.title}, R={cfg.resamples} re-noisings each")
     start = time.perf_counter()
-    journey = run_journey(att, cfg, _tqdm_progress("journey"), args.cache, image=image, name=name)
+    journey = run_journey(att, cfg, progress_bar("journey"), args.cache, image=image, name=name)
     info(f"journey ready in {time.perf_counter() - start:.1f} s (computed in {journey.meta['seconds']} s)")
     lam = att.resolve_lambda(method, args.lam)
     scores = journey.scores(att, method, lam)
@@ -108,7 +107,7 @@ def run_journey_cli(att, method, cfg, args, image, name) -> None:
               f"proponents~final {form.proponent_similarity[i]:+.2f}  overlap {form.overlap[i]:.2f}  top: {top}")
     if not args.out:
         return
-    from .fileio import atomic_path, save_npz, write_json
+    from ..fileio import atomic_path, save_npz, write_json
 
     out = Path(args.out)
     pro_i, opp_i = top_indices(scores, args.top, 1), top_indices(scores, args.top, -1)

@@ -1,50 +1,17 @@
-"""Command-line interface: `python -m attribution COMMAND ...`.
-
-Each command parses its options, says what it will compute and where the results go, calls the library and
-prints the result. A user error ends with one line on stderr and exit status 2; no traceback.
-"""
+"""CLI commands for models: `train`, `generate` and `app` (serve the Streamlit app)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from .errors import AttributionError
-
-
-def _tqdm_progress(desc: str) -> Callable[[int, int, str], None]:
-    """A progress callback (done, total, message) drawn as a tqdm bar on stderr."""
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int, message: str = "") -> None:
-        nonlocal bar
-        if bar is None or bar.total != total:
-            if bar is not None:
-                bar.close()
-            bar = tqdm(total=total, desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True)
-        bar.n = done
-        if message:
-            bar.set_postfix_str(message, refresh=False)
-        bar.refresh()
-        if done >= total:
-            bar.close()
-            bar = None
-
-    return update
-
-
-def info(msg: str) -> None:
-    print(msg, file=sys.stderr)
+from .common import info, progress_bar
 
 
 # -- train ---------------------------------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, read_index_file, train
+    from ..train import TrainConfig, read_index_file, train
 
     indices = read_index_file(args.indices) if args.indices else None
     cfg = TrainConfig(dataset=args.dataset, out=args.out, epochs=args.epochs, seed=args.seed,
@@ -52,14 +19,14 @@ def cmd_train(args) -> int:
                       resolution=args.resolution, indices=indices, index_file=args.indices, device=args.device,
                       flip={"auto": None, "on": True, "off": False}[args.flip],
                       save_epochs=[int(e) for e in args.save_epochs.split(",")] if args.save_epochs else [])
-    from .data import load_dataset
-    from .train import subset_indices
+    from ..data import load_dataset
+    from ..train import subset_indices
 
     subset_indices(cfg, len(load_dataset(cfg.dataset, "train", cfg.resolution)))  # validate before reporting
     info(f"training a {cfg.preset} DDPM on {cfg.dataset}"
          f"{f' ({len(indices)} indices from {args.indices})' if indices else ''} for {cfg.epochs} epochs, "
          f"seed {cfg.seed}; checkpoints at epochs {cfg.save_epochs} -> {cfg.out}")
-    out = train(cfg, progress=_tqdm_progress("epochs"))
+    out = train(cfg, progress=progress_bar("epochs"))
     print(out)
     return 0
 
@@ -69,17 +36,17 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from .data import pixels_to_pil, tensor_to_pixels
-    from .fileio import atomic_path, save_npz
-    from .models import load_model
-    from .sampling import check_sampling, sample
+    from ..data import pixels_to_pil, tensor_to_pixels
+    from ..fileio import atomic_path, save_npz
+    from ..models import load_model
+    from ..sampling import check_sampling, sample
 
     model = load_model(args.checkpoint, args.device)
     check_sampling(model, args.n, args.steps, args.sampler)
     out = Path(args.out)
     info(f"generating {args.n} images from {model.spec} with {args.sampler} ({args.steps} steps), seeds "
          f"{args.seed}..{args.seed + args.n - 1} -> {out}/")
-    traj = sample(model, args.n, args.seed, args.steps, args.sampler, progress=_tqdm_progress("sampling"))
+    traj = sample(model, args.n, args.seed, args.steps, args.sampler, progress=progress_bar("sampling"))
     out.mkdir(parents=True, exist_ok=True)
     pixels = tensor_to_pixels(torch.from_numpy(traj.final))
     for i, seed in enumerate(traj.seeds):
@@ -90,7 +57,7 @@ def cmd_generate(args) -> int:
         arrays.update(timesteps=traj.timesteps, xt=traj.xt, x0_pred=traj.x0_pred)
     save_npz(out / "samples.npz", **arrays)
     if args.grid:
-        from .data.images import grid_image
+        from ..data.images import grid_image
 
         with atomic_path(args.grid) as tmp:
             grid_image(pixels, scale=args.grid_scale).save(tmp, format="PNG")
@@ -105,20 +72,14 @@ def cmd_app(args) -> int:
     """Serve the Streamlit app (the same as `streamlit run app.py`)."""
     import subprocess
 
-    app = Path(__file__).resolve().parents[1] / "app.py"
+    app = Path(__file__).resolve().parents[2] / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
            "--server.port", str(args.port)]
     info(f"serving the app on http://localhost:{args.port}")
     return subprocess.call(cmd)
 
 
-# -- parser --------------------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m attribution",
-                                description="Which training images made a diffusion model generate this?")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_commands(sub) -> None:
     t = sub.add_parser("train", help="train a small DDPM (UNet2DModel) on a dataset or a subset of it")
     t.add_argument("--dataset", required=True, help="dataset spec, e.g. digits, animals-2, folder:PATH")
     t.add_argument("--out", required=True, help="run folder to write (epoch-N/ checkpoints + run.json)")
@@ -153,22 +114,3 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("app", help="serve the Streamlit app")
     a.add_argument("--port", type=int, default=8501)
     a.set_defaults(func=cmd_app)
-
-    from . import cli_analysis, cli_engine, cli_journey
-
-    for module in (cli_engine, cli_journey, cli_analysis):
-        module.add_commands(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except AttributionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
-        return 130
