@@ -277,7 +277,7 @@ def test_evaluate_table_rows_match_single_calls():
 
 def test_sweep_matches_individual_lds_for_lists_callables_and_spectral_scores():
     rng = np.random.default_rng(12)
-    masks, F, effect = _linear_bank(rng, m=12, n=30, t=10, noise=1.0)
+    masks, F, _ = _linear_bank(rng, m=12, n=30, t=10, noise=1.0)
     X, G = rng.standard_normal((30, 50)), rng.standard_normal((10, 50))  # training and target features
     U, sigma, Vt = np.linalg.svd(X, full_matrices=False)
     spectral = L.SpectralScores(U, sigma, G @ Vt.T)
@@ -373,3 +373,22 @@ def test_sweep_bad_input():
         L.lds_sweep(L.SpectralScores(np.eye(9)[:, :3], np.ones(3), np.ones((4, 3))), masks, F, [1.0])
     with pytest.raises(ConfigError, match="2 lambdas for 1"):
         L.lds_sweep([-effect], masks, F, [1.0, 2.0])
+
+
+def test_constant_scores_on_equal_size_subsets_are_undefined_not_ranked_by_rounding():
+    rng = np.random.default_rng(17)
+    m, n, t = 10, 40, 6
+    masks = np.zeros((m, n), bool)
+    for row in masks:
+        row[rng.permutation(n)[: n // 2]] = True  # equal-size subsets, as D-TRAK draws them
+    F = rng.standard_normal((m, 1, 1, t))
+    scores = np.full((t, n), 0.1) + np.arange(t)[:, None]  # one value per target: predicts nothing
+    r = L.lds(scores, masks, F, n_resamples=50)
+    assert r.standard.value == 0.0 and r.standard.n_undefined == t
+    assert np.all(r.standard.replicates == 0.0)
+    # the same column with last-bit differences (another summation order) is still constant, not a ranking
+    eps = np.finfo(float).eps
+    pred = np.array([[1.0], [1.0 + 2 * eps], [1.0 - eps], [1.0 + eps]])
+    truth = np.array([[4.0], [3.0], [1.0], [2.0]])
+    assert L.spearman_per_target(pred, truth)[0] == 0.0
+    assert spearmanr(pred[:, 0], truth[:, 0]).statistic == pytest.approx(0.8)  # what ranking the bits would give

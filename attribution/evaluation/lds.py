@@ -66,6 +66,21 @@ CHUNK_CELLS = 2_000_000
 KERNEL_CELLS = 8_000_000
 VARIANTS = ("standard", "centered")
 
+# One line each, for every place that shows these figures (pages, CLI, BENCHMARKS.md).
+EXPLAIN = {
+    "standard": "LDS: per-target Spearman, across retrained subset models, of the predicted and the measured loss "
+                "(D-TRAK's definition; comparable with the paper).",
+    "centered": "Centered LDS: the same after removing each model's mean loss over targets, so a score that only "
+                "says 'this image lowers every loss' gets 0.",
+    "seed": "Seed-vs-seed ceiling: how well one retraining seed's losses predict the other seeds' (retraining noise).",
+    "noise": "Noise-vs-noise ceiling: how well one set of noise draws predicts another (F's own sampling noise).",
+    "random": "Random scores: the LDS a method without information reaches; the range is the central 95% of draws.",
+    "common_mode": "Common-mode share: the fraction of the loss variance across retrained models that all targets "
+                   "share (one model fits everything better or worse).",
+    "ci": "Intervals: 95% bootstrap over targets, and over retrained models and targets (two-way, model-aware); "
+          "only the two-way one says whether a difference is real.",
+}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
@@ -148,9 +163,21 @@ def center(x: np.ndarray) -> np.ndarray:
     return c
 
 
+def _flatten_constant_columns(x: np.ndarray) -> np.ndarray:
+    """Make columns that are constant up to rounding (range below CENTER_TOL of their largest magnitude) exactly
+    constant: e.g. the sums of equal scores over equal-size subsets, which a rank correlation would otherwise rank
+    by their last bits."""
+    flat = np.ptp(x, axis=0) <= CENTER_TOL * np.abs(x).max(axis=0)
+    if not flat.any():
+        return x
+    x = x.copy()
+    x[:, flat] = x[0, flat]
+    return x
+
+
 def _zranks(x: np.ndarray) -> np.ndarray:
     """Average ranks down each column of (M, T), centered and scaled to unit norm (zero for a constant column)."""
-    r = rankdata(x, axis=0)
+    r = rankdata(_flatten_constant_columns(x), axis=0)
     r -= r.mean(axis=0)
     norm = np.sqrt((r * r).sum(axis=0))
     return np.divide(r, norm, out=np.zeros_like(r), where=norm > 0)
@@ -162,7 +189,7 @@ def spearman_per_target(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def common_mode_share(F: np.ndarray) -> float:
-    """Fraction of the across-subset variance of Fbar that all targets share.
+    """Fraction of the across-subset variance of Fbar that all targets share (F: (M, S, R, T), or Fbar itself).
 
     With D = Fbar minus each target's mean over subsets (a per-target offset does not change any Spearman across
     subsets) and c_j = mean_m D[j, m] (retrained model j's mean over targets, relative to the average model), D splits
@@ -173,7 +200,7 @@ def common_mode_share(F: np.ndarray) -> float:
     It is the two-way ANOVA share of the subset (model) effect. Without any common mode, with T independent target
     columns of equal variance, it is about 1/T; near 1, every target ranks the retrained models alike.
     """
-    fbar = ground_truth(F) if np.ndim(F) == 4 else np.asarray(F, dtype=np.float64)
+    fbar = ground_truth(check_outputs(F)) if np.ndim(F) != 2 else np.asarray(F, dtype=np.float64)
     d = fbar - fbar.mean(axis=0)
     total = float((d * d).sum())
     if total == 0.0:
@@ -228,6 +255,7 @@ def _rank_kernel(x: np.ndarray) -> np.ndarray:
     For subset counts c (b, M), ``c @ K + 1/2`` is the average rank (1-based) of every original subset j within each
     resample: (number of drawn subsets below it) + (number drawn tied with it, itself included, + 1) / 2. All values
     are multiples of 1/2 far below 2^23, so float32 holds them exactly."""
+    x = _flatten_constant_columns(x)
     less = x[:, None, :] < x[None, :, :]
     equal = x[:, None, :] == x[None, :, :]
     return (less + np.float32(0.5) * equal).astype(np.float32).reshape(x.shape[0], -1)
@@ -342,6 +370,7 @@ class Comparison:
 
 def _n_undefined(pred: np.ndarray, truth: np.ndarray) -> int:
     """Targets whose prediction or ground truth is constant across subsets (their Spearman counts as 0)."""
+    pred, truth = _flatten_constant_columns(pred), _flatten_constant_columns(truth)
     return int(((np.ptp(pred, axis=0) == 0) | (np.ptp(truth, axis=0) == 0)).sum())
 
 
@@ -524,31 +553,34 @@ class LdsTable:
         return out
 
     def rows(self) -> list[dict]:
-        """Plain rows for display and CSV: methods, then ceilings and random baselines."""
+        """Plain rows for display and CSV: the methods, the ceilings, the random baselines. Columns: ``name``,
+        ``kind`` (method / ceiling / random), and per variant its value and interval bounds
+        (``standard_ci_targets_low`` ... ``centered_ci_two_way_high``). For random rows the two-way columns hold the
+        central 95% of the random draws (chance level) and the target columns are NaN."""
+        nan2 = (float("nan"), float("nan"))
 
-        def row(name: str, kind: str, std: Estimate | None, cen: Estimate | None) -> dict:
-            out = {"name": name, "kind": kind}
-            for variant, est in (("standard", std), ("centered", cen)):
-                out[variant] = est.value if est is not None else float("nan")
-                lo_t, hi_t = est.ci_targets if est is not None else (float("nan"),) * 2
-                lo_w, hi_w = est.ci_two_way if est is not None else (float("nan"),) * 2
-                out.update({f"{variant}_ci_targets_low": lo_t, f"{variant}_ci_targets_high": hi_t,
-                            f"{variant}_ci_two_way_low": lo_w, f"{variant}_ci_two_way_high": hi_w})
-            return out
+        def cols(variant: str, value: float, ci_targets: tuple[float, float], ci_two_way: tuple[float, float]) -> dict:
+            return {variant: value, f"{variant}_ci_targets_low": ci_targets[0],
+                    f"{variant}_ci_targets_high": ci_targets[1], f"{variant}_ci_two_way_low": ci_two_way[0],
+                    f"{variant}_ci_two_way_high": ci_two_way[1]}
 
-        rows = [row(name, "method", r.standard, r.centered) for name, r in self.methods.items()]
-        for name, res in (("seed-vs-seed ceiling", self.ceilings.seed), ("noise-vs-noise ceiling", self.ceilings.noise)):
-            if res is not None:
-                rows.append(row(name, "ceiling", res.standard, res.centered))
-        for name, std, cen in (("random scores", self.random.standard_draws, self.random.centered_draws),
-                               ("random target-agnostic scores", self.random.shared_standard_draws, None)):
-            r = {"name": name, "kind": "random", "standard": float(std.mean()),
-                 "centered": float(cen.mean()) if cen is not None else 0.0}
-            for variant, draws in (("standard", std), ("centered", cen)):
-                lo, hi = RandomBaseline.spread(draws) if draws is not None else (0.0, 0.0)
-                r.update({f"{variant}_ci_targets_low": float("nan"), f"{variant}_ci_targets_high": float("nan"),
-                          f"{variant}_ci_two_way_low": lo, f"{variant}_ci_two_way_high": hi})
-            rows.append(r)
+        def result_row(name: str, kind: str, r: LdsResult) -> dict:
+            return {"name": name, "kind": kind,
+                    **{k: v for variant in VARIANTS for k, v in cols(variant, r[variant].value, r[variant].ci_targets,
+                                                                     r[variant].ci_two_way).items()}}
+
+        rows = [result_row(name, "method", r) for name, r in self.methods.items()]
+        for name, r in (("seed-vs-seed ceiling", self.ceilings.seed), ("noise-vs-noise ceiling", self.ceilings.noise)):
+            if r is not None:
+                rows.append(result_row(name, "ceiling", r))
+        rnd, spread = self.random, RandomBaseline.spread
+        rows.append({"name": "random scores", "kind": "random",
+                     **cols("standard", rnd.standard, nan2, spread(rnd.standard_draws)),
+                     **cols("centered", rnd.centered, nan2, spread(rnd.centered_draws))})
+        rows.append({"name": "random target-agnostic scores", "kind": "random",
+                     **cols("standard", float(rnd.shared_standard_draws.mean()), nan2,
+                            spread(rnd.shared_standard_draws)),
+                     **cols("centered", 0.0, nan2, (0.0, 0.0))})
         return rows
 
 
