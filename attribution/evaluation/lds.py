@@ -64,6 +64,8 @@ DEFAULT_RANDOM_DRAWS = 20
 # targets in blocks whose (M, M * block) rank kernel has at most KERNEL_CELLS cells (~32 MB).
 CHUNK_CELLS = 2_000_000
 KERNEL_CELLS = 8_000_000
+# Matrix products up to this many multiply-adds skip BLAS (see `_matmul`).
+SMALL_PRODUCT = 20_000_000
 VARIANTS = ("standard", "centered")
 
 # One line each, for every place that shows these figures (pages, CLI, BENCHMARKS.md).
@@ -140,7 +142,7 @@ def _check_count(value: int, name: str, minimum: int) -> int:
 
 def predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """g = masks @ (-scores).T: the (M, T) predicted output of each subset's model on each target (float64)."""
-    return masks.astype(np.float64) @ -np.asarray(scores, dtype=np.float64).T
+    return _matmul(masks.astype(np.float64), -np.asarray(scores, dtype=np.float64).T)
 
 
 def ground_truth(F: np.ndarray) -> np.ndarray:
@@ -261,10 +263,12 @@ def _rank_kernel(x: np.ndarray) -> np.ndarray:
     return (less + np.float32(0.5) * equal).astype(np.float32).reshape(x.shape[0], -1)
 
 
-def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b through einsum's own loop: these products are short (inner size M), and a multithreaded BLAS call on
-    them costs 10-100x more than the arithmetic when the cores are busy with other work."""
-    return np.einsum("ik,kn->in", a, b)
+def _matmul(a: np.ndarray, b: np.ndarray, force_loop: bool = False) -> np.ndarray:
+    """a @ b. Small products, and the resampling's short ones (inner size M), go through einsum's own loop: a
+    multithreaded BLAS call on them costs 10-100x its arithmetic when the cores are busy with other work."""
+    if force_loop or a.shape[0] * a.shape[1] * b.shape[1] <= SMALL_PRODUCT:
+        return np.einsum("ik,kn->in", a, b)
+    return a @ b
 
 
 def _resampled_lds(preds: Sequence[np.ndarray], truth: np.ndarray, res: Resamples) -> np.ndarray:
@@ -288,11 +292,11 @@ def _resampled_lds(preds: Sequence[np.ndarray], truth: np.ndarray, res: Resample
             weights = counts[:, :, None]
             w_targets = res.targets[lo:lo + step, cols] / t
             # rank - (M + 1) / 2 = c @ K - M / 2: deviations from the weighted mean rank, exact in float32
-            dev = _matmul(counts, k_truth).reshape(b, m, width) - np.float32(m / 2)
+            dev = _matmul(counts, k_truth, force_loop=True).reshape(b, m, width) - np.float32(m / 2)
             wdev = dev * weights
             sd_truth = np.sqrt(np.einsum("bjt,bjt->bt", dev, wdev, dtype=np.float64))
             for k, kp in enumerate(k_preds):
-                dev_p = _matmul(counts, kp).reshape(b, m, width) - np.float32(m / 2)
+                dev_p = _matmul(counts, kp, force_loop=True).reshape(b, m, width) - np.float32(m / 2)
                 cov = np.einsum("bjt,bjt->bt", dev_p, wdev, dtype=np.float64)
                 sd = np.sqrt(np.einsum("bjt,bjt->bt", dev_p * weights, dev_p, dtype=np.float64))
                 denom = sd * sd_truth
@@ -378,7 +382,7 @@ def _estimate(per_target_runs: Sequence[np.ndarray], replicate_runs: np.ndarray,
               undefined: int) -> Estimate:
     """Average over runs (one run for a method; one per seed or noise set for a ceiling) of per-target Spearman."""
     per_target = np.mean(per_target_runs, axis=0)
-    target_reps = res.targets @ per_target / per_target.size
+    target_reps = _matmul(res.targets.astype(np.float64), per_target[:, None])[:, 0] / per_target.size
     replicates = np.mean(replicate_runs, axis=0)
     return Estimate(float(per_target.mean()), per_target, _percentile_ci(target_reps), _percentile_ci(replicates),
                     replicates, target_reps, undefined)
@@ -518,10 +522,10 @@ def random_baseline(masks: np.ndarray, F: np.ndarray, n_draws: int = DEFAULT_RAN
     z_std, z_cen = _zranks(fbar), _zranks(center(fbar))
     std, cen, shared = np.empty(n_draws), np.empty(n_draws), np.empty(n_draws)
     for k in range(n_draws):
-        g = root @ rng.standard_normal((m, t))
+        g = _matmul(root, rng.standard_normal((m, t)))
         std[k] = (_zranks(g) * z_std).sum(axis=0).mean()
         cen[k] = (_zranks(center(g)) * z_cen).sum(axis=0).mean()
-        g_shared = np.repeat(root @ rng.standard_normal((m, 1)), t, axis=1)
+        g_shared = np.repeat(_matmul(root, rng.standard_normal((m, 1))), t, axis=1)
         shared[k] = (_zranks(g_shared) * z_std).sum(axis=0).mean()
     return RandomBaseline(std, cen, shared)
 
@@ -664,8 +668,8 @@ def lds_sweep(source: Sequence[np.ndarray] | Callable[[float], np.ndarray] | Spe
             raise ConfigError("a sweep over a score function needs a non-empty list of lambdas")
         if isinstance(source, SpectralScores):
             source.check(t, n)
-            projected = -(masks.astype(np.float64) @ source.U)  # (M, r): masks @ (-U)
-            preds = (projected * source.weights(lam) @ source.coords.T for lam in lambdas)
+            projected = -_matmul(masks.astype(np.float64), source.U)  # (M, r): masks @ (-U), once
+            preds = (_matmul(projected * source.weights(lam), source.coords.T) for lam in lambdas)
         else:
             preds = (predictions(check_scores(source(lam), t, n, name=f"scores at lambda={lam}"), masks)
                      for lam in lambdas)
@@ -687,7 +691,9 @@ def lds_sweep(source: Sequence[np.ndarray] | Callable[[float], np.ndarray] | Spe
         if two_way:
             kept.append(g)
     values = {v: np.array([p.mean() for p in per_target[v]]) for v in VARIANTS}
-    ci_t = {v: np.array([_percentile_ci(res.targets @ p / t) for p in per_target[v]]) for v in VARIANTS}
+    targets = res.targets.astype(np.float64)
+    ci_t = {v: np.array([_percentile_ci(_matmul(targets, p[:, None])[:, 0] / t) for p in per_target[v]])
+            for v in VARIANTS}
     ci_w = {v: None for v in VARIANTS}
     if two_way:
         fb = {"standard": fbar, "centered": center(fbar)}
