@@ -215,7 +215,7 @@ def common_mode_share(F: np.ndarray) -> float:
 # Resampling
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not objects
 class Resamples:
     """Bootstrap resamples of a bank as counts: ``subsets[b, j]`` = how often subset j is drawn in resample b (each
     row sums to M, at least 2 distinct subsets), ``targets[b, m]`` likewise for targets (rows sum to T)."""
@@ -320,7 +320,7 @@ def is_real(ci: tuple[float, float]) -> bool:
 # Results
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not objects
 class Estimate:
     """One LDS-type figure: the mean over targets of per-target Spearman correlations, with its intervals.
 
@@ -341,7 +341,7 @@ class Estimate:
         return float(self.replicates.std(ddof=1)) if self.replicates.size > 1 else 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not objects
 class LdsResult:
     """Standard (the headline, comparable with the paper) and centered LDS of one score array on one bank."""
 
@@ -450,7 +450,7 @@ def compare(a: LdsResult, b: LdsResult, names: tuple[str, str] = ("a", "b")) -> 
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not objects
 class Ceilings:
     """Noise ceilings of a bank (None where the bank has a single seed / noise set)."""
 
@@ -480,7 +480,7 @@ def ceilings(F: np.ndarray, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
     return Ceilings(seed_result, noise_result)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not objects
 class RandomBaseline:
     """LDS of seeded random scores: i.i.d. normal per (target, image), and target-agnostic (one normal value per
     image shared by all targets; its centered LDS is 0 by construction, so only the standard one is kept)."""
@@ -530,7 +530,7 @@ def random_baseline(masks: np.ndarray, F: np.ndarray, n_draws: int = DEFAULT_RAN
     return RandomBaseline(std, cen, shared)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not objects
 class LdsTable:
     """Every method's standard and centered LDS on one bank, with the bank's ceilings, random baseline and
     common-mode share; all methods share one set of resamples, so any two can be compared pairwise."""
@@ -607,7 +607,7 @@ def evaluate(named_scores: Mapping[str, np.ndarray], masks: np.ndarray, F: np.nd
 # LDS at many lambdas (or any family of score arrays)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not objects
 class SpectralScores:
     """Scores in the TRAK kernel's eigenbasis (attribution/kernel.py): scores(lam) = (coords * w) @ U.T with
     w = sigma / (sigma^2 + lam). Build it from a `Kernel` and target features G as
@@ -635,7 +635,7 @@ class SpectralScores:
         return (self.coords * self.weights(lam)) @ self.U.T
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not objects
 class Sweep:
     """LDS along a family of score arrays (e.g. over lambda). Intervals are over targets; two-way ones only when
     asked for (they cost a bootstrap per point)."""
