@@ -123,3 +123,41 @@ def selected_points(selection) -> list[tuple[int, int]]:
             if pair not in out:
                 out.append(pair)
     return out
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------------
+
+def lds_lambda_figure(lambdas: np.ndarray, standard: np.ndarray, centered: np.ndarray,
+                      ci: np.ndarray | None = None, marks: dict[str, float] | None = None,
+                      ceiling: float | None = None, title: str = "LDS versus λ") -> go.Figure:
+    """LDS (and centered LDS) along λ on a log axis, a shaded target-bootstrap band, dotted vertical lines at the
+    named λ values (`marks`: default, retraining-free, optimal, current) and a dashed line at the seed ceiling."""
+    fig = go.Figure()
+    if ci is not None:
+        fig.add_trace(go.Scatter(x=np.r_[lambdas, lambdas[::-1]], y=np.r_[ci[:, 1], ci[::-1, 0]], fill="toself",
+                                 fillcolor="rgba(31,119,180,0.15)", line=dict(width=0), hoverinfo="skip",
+                                 name="95% CI (targets)"))
+    fig.add_trace(go.Scatter(x=lambdas, y=standard, mode="lines+markers", name="LDS", marker=dict(size=5),
+                             customdata=lambdas, hovertemplate="λ=%{x:.3g}<br>LDS=%{y:.3f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=lambdas, y=centered, mode="lines+markers", name="centered LDS",
+                             marker=dict(size=5), line=dict(dash="dot"),
+                             hovertemplate="λ=%{x:.3g}<br>centered=%{y:.3f}<extra></extra>"))
+    for (name, lam), color in zip((marks or {}).items(), _palette(max(1, len(marks or {})))):
+        fig.add_vline(x=lam, line_dash="dot", line_color=color, annotation_text=name,
+                      annotation_position="top left")
+    if ceiling is not None and np.isfinite(ceiling):
+        fig.add_hline(y=ceiling, line_dash="dash", line_color="gray", annotation_text="seed ceiling")
+    fig.update_layout(title=title, xaxis_title="λ", yaxis_title="LDS (Spearman)", template="plotly_white",
+                      height=400, margin=dict(l=60, r=20, t=50, b=50))
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def per_target_figure(values: dict[str, np.ndarray], title: str = "LDS per target") -> go.Figure:
+    """Histograms (overlaid) of per-target Spearman correlations, one per method or ceiling."""
+    fig = go.Figure()
+    for (name, v), color in zip(values.items(), _palette(len(values))):
+        fig.add_trace(go.Histogram(x=v, name=name, opacity=0.6, marker_color=color, xbins=dict(size=0.05)))
+    fig.update_layout(barmode="overlay", title=title, xaxis_title="Spearman over retrained models",
+                      yaxis_title="targets", template="plotly_white", height=360, margin=dict(l=60, r=20, t=50, b=50))
+    return fig

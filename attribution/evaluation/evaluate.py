@@ -1,0 +1,140 @@
+"""Any method of the engine against a ground-truth bank: scores of the bank's targets, then the LDS statistics.
+
+    bank = Bank.load("digits")
+    run = score_bank(bank, "dtrak", progress=...)                   # featurizes (cached), target features once
+    table = lds_table(bank, {"D-TRAK": run.scores()}, split="val")   # LDS, centered LDS, ceilings, CIs
+    sweep = lambda_sweep(bank, run, split="gen")                    # LDS at every lambda, milliseconds each
+
+The attributed model is the bank's full model (trained by the bank's recipe on the whole training split), the
+training set is the bank's dataset, and the targets are the bank's validation and generated images with their
+noise keys ("val/3", "gen/17"), exactly the images whose F the retrained models measured. Scores from other tools
+enter through `check_external_scores` (targets x training images, in the bank's order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..engine import Attribution, open_attribution
+from ..errors import ConfigError
+from ..methods import get_method
+from ..targets import Generated, Targets
+from .bank import Bank
+from .lambda_choice import gcv_lambda
+from .lds import LdsTable, Sweep, evaluate, lds_sweep
+
+SPLITS = ("val", "gen", "all")
+Progress = Callable[[int, int, str], None]
+
+
+def bank_targets(bank: Bank) -> Targets:
+    """The bank's targets as engine targets (generated ones keep their seed, so Journey TRAK can re-sample them)."""
+    keys = list(bank.target_keys)
+    steps = int(bank.meta.get("gen_steps", 50))
+    generated = [Generated(int(k.split("/")[1]), steps, "ddpm") if k.startswith("gen/") else None for k in keys]
+    return Targets(torch.from_numpy(np.asarray(bank.target_images, dtype=np.float32)), keys,
+                   [k.replace("/", ":") for k in keys], [None] * len(keys), generated=generated)
+
+
+@dataclass
+class BankRun:
+    """One method's attribution of every bank target: target features per member, and scores at any lambda."""
+
+    method: str
+    attribution: Attribution
+    G: list[np.ndarray] = field(repr=False)
+    default_lambda: float | None
+    options: dict
+
+    @property
+    def uses_lambda(self) -> bool:
+        return self.default_lambda is not None
+
+    def scores(self, lam: float | None = None) -> np.ndarray:
+        """(T, N) scores at `lam` (default: the method's default lambda)."""
+        return self.attribution.scores(self.G, lam if lam is not None else self.default_lambda)
+
+    def lambda_grid(self, per_decade: int = 4) -> np.ndarray:
+        kernel = self.attribution.members[0].train_features().kernel
+        return kernel.lambda_grid(per_decade=per_decade)
+
+    def gcv(self, rows: np.ndarray | None = None) -> float:
+        """The retraining-free lambda (GCV over the feature dimensions; `lambda_choice`) from the targets' own
+        features (rows: a subset of targets; validation or generated images, never training ones)."""
+        member = self.attribution.members[0]
+        G = self.G[0] if rows is None else self.G[0][rows]
+        return gcv_lambda(member.train_features().kernel, G).best
+
+
+def score_bank(bank: Bank, method: str, progress: Progress | None = None, device: str = "auto",
+               **options) -> BankRun:
+    """Featurize the bank's training set with the bank's model (cached, resumable) and compute the target features
+    of every bank target for `method`; `options` are those of `engine.open_attributor` (fn, timesteps, proj_dim,
+    projector, seed, ...)."""
+    m = get_method(method)
+    attribution = open_attribution(bank.model_spec, m, device, dataset=bank.dataset, **options)
+    if len(attribution.train) != bank.masks.shape[1]:
+        raise ConfigError(f"bank {bank.meta['name']} has masks over {bank.masks.shape[1]} training images but "
+                          f"{attribution.train.spec} has {len(attribution.train)}; the bank was built for "
+                          "another dataset")
+    attribution.featurize((lambda member: progress) if progress else None)
+    G = attribution.target_features(bank_targets(bank))
+    lam = attribution.resolve_lambda(None)
+    return BankRun(method, attribution, G, lam, dict(options))
+
+
+def split_rows(bank: Bank, split: str) -> np.ndarray:
+    """Target indices of a split: "val", "gen" or "all"."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown target split {split!r}; use one of: {', '.join(SPLITS)}")
+    rows = np.arange(len(bank.target_keys)) if split == "all" else np.flatnonzero(bank.split(split))
+    if not len(rows):
+        raise ConfigError(f"bank {bank.meta['name']} has no {split} targets")
+    return rows
+
+
+def finished_bank(bank: Bank) -> Bank:
+    """The subsets whose every seed is done (a bank still building is evaluated on what it has)."""
+    done = bank.finished()
+    if done.masks.shape[0] < 2:
+        raise ConfigError(f"bank {bank.meta['name']} has {done.masks.shape[0]} finished subsets; LDS needs at "
+                          "least 2 (rerun `python -m attribution bank build` to continue it)")
+    return done
+
+
+def lds_table(bank: Bank, named_scores: dict[str, np.ndarray], split: str = "val", n_resamples: int = 1000,
+              seed: int = 0) -> LdsTable:
+    """LDS (standard and centered, with target and two-way CIs), ceilings, random baselines and the common-mode
+    share for full (T, N) score arrays restricted to one target split."""
+    done = finished_bank(bank)
+    rows = split_rows(bank, split)
+    return evaluate({k: np.asarray(v)[rows] for k, v in named_scores.items()}, done.masks, done.F[..., rows],
+                    n_resamples=n_resamples, seed=seed)
+
+
+def lambda_sweep(bank: Bank, run: BankRun, split: str = "val", lambdas: np.ndarray | None = None,
+                 n_resamples: int = 1000) -> Sweep:
+    """LDS of `run` at every lambda (default: the kernel's grid, 4 per decade), one split."""
+    if not run.uses_lambda:
+        raise ConfigError(f"{run.method} has no lambda to sweep")
+    done = finished_bank(bank)
+    rows = split_rows(bank, split)
+    lambdas = run.lambda_grid() if lambdas is None else np.asarray(lambdas, dtype=np.float64)
+    return lds_sweep(lambda lam: run.scores(lam)[rows], done.masks, done.F[..., rows], lambdas=lambdas,
+                     n_resamples=n_resamples)
+
+
+def check_external_scores(bank: Bank, scores: np.ndarray, source: str = "scores") -> np.ndarray:
+    """A score array from another tool: (targets x training images) in the bank's target and dataset order."""
+    scores = np.asarray(scores)
+    want = (len(bank.target_keys), bank.masks.shape[1])
+    if scores.ndim != 2 or scores.shape != want:
+        raise ConfigError(f"{source} has shape {scores.shape}; bank {bank.meta['name']} needs {want[0]} targets x "
+                          f"{want[1]} training images (targets in the order of `bank info`)")
+    if not np.issubdtype(scores.dtype, np.number) or not np.isfinite(scores).all():
+        raise ConfigError(f"{source} holds NaN, infinite or non-numeric values")
+    return scores.astype(np.float64)
