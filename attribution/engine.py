@@ -26,7 +26,7 @@ from .data import ImageDataset
 from .errors import ConfigError
 from .features.config import FeatureConfig
 from .features.gradients import param_count, per_sample_gradients
-from .features.projectors import SCALING, make_projector
+from .features.projectors import SCALING, make_projector, matrix_identity
 from .features.timesteps import sampled_timesteps
 from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
@@ -50,6 +50,9 @@ class Attributor:
         self.identity = {"checkpoint": model.identity(), "dataset": train.spec, "dataset_hash": train.content_hash,
                          "split": train.split, "n": len(train), "features": features.to_dict(),
                          "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "scaling": SCALING}
+        matrix = matrix_identity(features.projector, model.device)
+        if matrix is not None:  # only trak-cuda: CPU-generated matrices keep the identity (and folder) they had
+            self.identity["projection"] = matrix
         self.train_timesteps, self.train_timesteps_source = None, None
         if features.strategy == "training":
             self.train_timesteps, self.train_timesteps_source = training_timesteps(model, train, features.seed)
@@ -67,8 +70,8 @@ class Attributor:
     @property
     def projector(self):
         if self._projector is None:
-            self._projector = make_projector(self.cfg.projector, self.grad_dim, self.proj_dim, self.cfg.seed,
-                                             self.model.device)
+            self._projector = make_projector(self.cfg.projector, self.grad_dim, self.proj_dim,
+                                             self.cfg.projection_seed, self.model.device)
         return self._projector
 
     @property

@@ -1,0 +1,194 @@
+"""Engine correctness and GPU readiness (issue 9): device-independent projection matrices and the store identity
+that records them, fast_jl's limits, v-prediction output functions, the kernel's memory bound, the ensemble's
+default lambda. Tests marked `cuda` need a GPU and skip cleanly without one (`bench/gpu_check.py` runs the rest of
+the GPU checks in one command).
+"""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.data import load_dataset
+from attribution.data.datasets import ImageDataset
+from attribution.engine import Attribution, Attributor
+from attribution.errors import CacheMismatchError, ConfigError
+from attribution.features.config import FeatureConfig
+from attribution.features.gradients import GradientSpec, output_values, per_sample_gradients
+from attribution.features.projectors import (FAST_JL_MAX_CHUNK, TrakGaussianProjector, check_fast_jl_dim,
+                                             fast_jl_chunks, matrix_identity, pow2_row_scale)
+from attribution.features.timesteps import noise_for
+from attribution.kernel import Kernel
+from attribution.methods import get_method
+from attribution.models.adapter import DiffusionModel, NoiseSchedule
+from attribution.models.checkpoint import DEFAULT_SCHEDULE
+from attribution.models.presets import unet_for
+from attribution.store import FeatureStore
+
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_model(seed: int = 0, prediction_type: str = "epsilon") -> DiffusionModel:
+    torch.manual_seed(seed)
+    schedule = NoiseSchedule.from_config({**DEFAULT_SCHEDULE, "prediction_type": prediction_type})
+    return DiffusionModel(unet_for(16, 1, "tiny"), schedule, None, "cpu")
+
+
+def subset(d: ImageDataset, n: int) -> ImageDataset:
+    return ImageDataset(d.spec, d.split, d.pixels[:n].copy(), d.labels[:n].copy(), list(d.class_names),
+                        d.source_index[:n].copy())
+
+
+@pytest.fixture(scope="module")
+def digits() -> ImageDataset:
+    return load_dataset("digits")
+
+
+def one_line(exc_info) -> str:
+    msg = str(exc_info.value)
+    assert msg and "\n" not in msg, f"error message should be one line: {msg!r}"
+    return msg
+
+
+# -- 1. projection matrices that do not depend on the machine ----------------------------------------------------
+
+
+def test_gaussian_blocks_come_from_a_cpu_generator_and_equal_trakers_cpu_matrix():
+    """Block b is N(0, 1) from a CPU generator seeded with seed + 1000 b (traker's CPU BasicProjector), whatever
+    device the projector is built for; k = 250 has blocks of 100, 100 and a partial 50."""
+    from trak.projectors import BasicProjector, ProjectionType
+
+    p = TrakGaussianProjector(3000, 250, 7, CPU)
+    for b, width in enumerate((100, 100, 50)):
+        ref = torch.empty(3000, 100).normal_(generator=torch.Generator(device="cpu").manual_seed(7 + 1000 * b))
+        assert torch.equal(p.block(b), ref[:, :width])
+    # The matrix does not depend on the device the model sits on: a projector made for another device
+    # (never used for matmuls here) builds bit-identical blocks, drawn on the CPU.
+    assert torch.equal(TrakGaussianProjector(3000, 250, 7, torch.device("meta")).block(1, CPU), p.block(1))
+    grads = torch.randn(4, 3000, generator=torch.Generator().manual_seed(0))
+    theirs = BasicProjector(grad_dim=3000, proj_dim=250, seed=7, proj_type=ProjectionType.normal, device="cpu",
+                            block_size=100, dtype=torch.float32).project(grads, model_id=0)
+    torch.testing.assert_close(p.project(grads), theirs / 250**0.5, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_gaussian_projection_on_cuda_equals_the_cpu_projection():
+    grads = torch.randn(4, 3000, generator=torch.Generator().manual_seed(0))
+    cpu = TrakGaussianProjector(3000, 250, 7, CPU).project(grads)
+    cuda = TrakGaussianProjector(3000, 250, 7, torch.device("cuda")).project(grads.cuda()).cpu()
+    torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-5)  # same matrix; float32 matmul order differs
+
+
+def test_cpu_generated_matrices_keep_the_store_identity(digits, tmp_path):
+    """sjlt and gaussian stores carry no device in their identity (their folders are those made before);
+    trak-cuda names the GPU, and without one it is refused before anything is written."""
+    model, train = tiny_model(), subset(digits, 3)
+    for name in ("sjlt", "gaussian"):
+        assert matrix_identity(name, CPU) is None
+        att = Attributor(model, train, FeatureConfig(projector=name, timesteps=2, proj_dim=512), cache=tmp_path)
+        assert "projection" not in att.identity
+    with pytest.raises(ConfigError) as exc:
+        Attributor(model, train, FeatureConfig(projector="trak-cuda", timesteps=2, proj_dim=512), cache=tmp_path)
+    assert "CUDA" in one_line(exc)
+    assert not any(tmp_path.rglob("config.json"))
+
+
+def test_a_store_projected_on_another_gpu_is_refused_with_how_to_refeaturize(tmp_path):
+    identity = {"checkpoint": "abc", "dataset": "digits", "split": "train", "features": {"projector": "trak-cuda"},
+                "projection": {"device": "NVIDIA H100 80GB HBM3", "sms": 132}}
+    path = tmp_path / "store"
+    FeatureStore.open(path, identity, 4, 512)
+    before = (path / "config.json").read_text()
+    here = {**identity, "projection": {"device": "NVIDIA A100-SXM4-40GB", "sms": 108}}
+    with pytest.raises(CacheMismatchError) as exc:
+        FeatureStore.open(path, here, 4, 512)
+    msg = one_line(exc)
+    assert "another matrix" in msg and "sms: 132 there, 108 asked" in msg and "re-featurize" in msg
+    # A trak-cuda store written before the matrix was recorded is refused the same way.
+    old = {k: v for k, v in identity.items() if k != "projection"}
+    FeatureStore.open(tmp_path / "old", old, 4, 512)
+    with pytest.raises(CacheMismatchError, match="another matrix"):
+        FeatureStore.open(tmp_path / "old", identity, 4, 512)
+    assert (path / "config.json").read_text() == before
+    assert json.loads(before)["identity"]["projection"]["sms"] == 132
+
+
+# -- 2. fast_jl limits -------------------------------------------------------------------------------------------
+
+
+def test_fast_jl_needs_k_a_multiple_of_512_and_names_the_nearest():
+    for k in (512, 4096, 32768):
+        check_fast_jl_dim(k)
+        FeatureConfig(projector="trak-cuda", proj_dim=k)
+    for k, near in ((1000, 1024), (700, 512), (100, 512), (5000, 5120), (4095, 4096)):
+        with pytest.raises(ConfigError) as exc:
+            FeatureConfig(projector="trak-cuda", proj_dim=k)
+        assert f"--proj-dim {near}" in one_line(exc)
+    FeatureConfig(projector="sjlt", proj_dim=1000)  # other projectors take any k
+
+
+def test_fast_jl_chunks_stay_under_trakers_single_kernel_limit():
+    assert FAST_JL_MAX_CHUNK == (2**32 - 1) // 32  # traker's get_parameter_chunk_sizes at batch 32: ~134M
+    assert fast_jl_chunks(35_746_307) == [35_746_307]  # the D-TRAK CIFAR UNet: one kernel
+    sizes = fast_jl_chunks(300_000_000)
+    assert sizes == [FAST_JL_MAX_CHUNK, FAST_JL_MAX_CHUNK, 300_000_000 - 2 * FAST_JL_MAX_CHUNK]
+
+
+def test_power_of_two_prescaling_survives_the_fp16_cast():
+    """A gradient whose entries sit near fp16's subnormal range (~1e-6: a unit-normalised gradient spread over
+    many coordinates, or a late-training loss gradient) loses several per cent in a plain fp16 cast (subnormal
+    spacing 6e-8) and far less when scaled by a power of two first; the scale is undone exactly."""
+    g = torch.randn(3, 200_000, generator=torch.Generator().manual_seed(0)) * 1e-6
+    g[1] *= 1e-3  # a row a thousand times smaller: plain fp16 flushes it to zero
+    scale = pow2_row_scale(g)
+    assert torch.equal(torch.log2(scale), torch.log2(scale).round())  # powers of two: lossless to undo
+    back = (g * scale).half().float() / scale
+
+    def rel(y):
+        return ((y - g).norm(dim=1) / g.norm(dim=1)).max().item()
+
+    assert rel(g.half().float()) > 0.02  # measured: 1.0 (the small row vanishes); the other rows ~0.03
+    assert rel(back) < 1e-3  # measured ~3e-4: fp16's 11-bit mantissa
+
+
+# -- 6. v-prediction ----------------------------------------------------------------------------------------------
+
+
+def test_v_prediction_simple_is_the_training_loss_exactly(digits):
+    """For a v-prediction model the Simple output function is the v-MSE it is trained with (diffusers'
+    get_velocity target), and its features are that loss's gradient, not the epsilon MSE of a converted eps_hat."""
+    from diffusers import DDPMScheduler
+
+    model = tiny_model(1, "v_prediction")
+    x0 = digits.tensors(range(3))
+    keys = [f"train/{i}" for i in range(3)]
+    spec = GradientSpec("simple", (10, 400, 900), 1, 0)
+    ts = torch.tensor(spec.timesteps)
+    eps = noise_for(keys, ts, tuple(x0.shape[1:]), 0, 1)  # (B, K, C, H, W): the features' noise
+    sched = DDPMScheduler.from_config({**DEFAULT_SCHEDULE, "prediction_type": "v_prediction"})
+    unet = model.unet
+    losses, grads = [], []
+    for i in range(3):
+        x0s = x0[i].expand_as(eps[i])
+        x_t = sched.add_noise(x0s, eps[i], ts)
+        with torch.enable_grad():
+            ps = [p.requires_grad_(True) for p in unet.parameters()]
+            loss = torch.nn.functional.mse_loss(unet(x_t, ts).sample, sched.get_velocity(x0s, eps[i], ts))
+            g = torch.autograd.grad(loss, ps)
+            for p in ps:
+                p.requires_grad_(False)
+        losses.append(loss.item())
+        grads.append(torch.cat([x.reshape(-1) for x in g]))
+    ours = output_values(model, x0, keys, spec)
+    np.testing.assert_allclose(ours.numpy(), losses, rtol=1e-5)  # float32 UNet, the same ops: ~1e-7 measured
+    feats = per_sample_gradients(model, x0, keys, spec)
+    torch.testing.assert_close(feats, torch.stack(grads), rtol=1e-4, atol=1e-6)
+    # The epsilon MSE of the converted prediction is another loss (so another feature): it must differ.
+    eps_hat = model.predict_eps(model.schedule.add_noise(x0[0].expand_as(eps[0]), eps[0], ts), ts)
+    assert abs(torch.nn.functional.mse_loss(eps_hat, eps[0]).item() - losses[0]) > 1e-3 * losses[0]
