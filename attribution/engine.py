@@ -211,7 +211,11 @@ class Attribution:
         return [target_features(att, self.method, targets, cache=cache) for att in self.members]
 
     def resolve_lambda(self, lam: float | None) -> float | None:
-        return self.members[0].resolve_lambda(self.method, lam)
+        """`lam`, checked; by default the mean of every member's default (each 0.1 x its mean eigenvalue), so an
+        ensemble's lambda is not set by its first member alone."""
+        if lam is not None or not self.method.uses_lambda:
+            return self.members[0].resolve_lambda(self.method, lam)
+        return float(np.mean([att.resolve_lambda(self.method, None) for att in self.members]))
 
     def scores(self, G: Sequence[np.ndarray], lam: float | None = None) -> np.ndarray:
         """(M, N) scores of targets whose per-member features are G (from `features_of`)."""
