@@ -207,8 +207,10 @@ class Attribution:
         return [att.features_of(images, keys) for att in self.members]
 
     def target_features(self, targets, cache: str | None = None) -> list[np.ndarray]:
-        """Per-member features of resolved `Targets` for this method (trajectory-averaged for Journey TRAK)."""
-        return [target_features(att, self.method, targets, cache=cache) for att in self.members]
+        """Per-member features of resolved `Targets` for this method (trajectory-averaged for Journey TRAK: the
+        trajectory `target_model` samples for gen:SEED, sampled once and scored with every member)."""
+        return [target_features(att, self.method, targets, cache=cache, sampler_model=self.target_model)
+                for att in self.members]
 
     def resolve_lambda(self, lam: float | None) -> float | None:
         """`lam`, checked; by default the mean of every member's default (each 0.1 x its mean eigenvalue), so an
@@ -273,13 +275,14 @@ def checkpoint_specs(spec: str, method: Method) -> list[str]:
 
 
 def target_features(att: Attributor, method: Method, targets, progress: Progress | None = None,
-                    cache: str | None = None) -> np.ndarray:
+                    cache: str | None = None, sampler_model: DiffusionModel | None = None) -> np.ndarray:
     """Features (M, k) of `targets` for `method`: of the images themselves, or, for a method that needs a sampling
-    trajectory (Journey TRAK), averaged over the trajectory of each generated target (ConfigError for others)."""
+    trajectory (Journey TRAK), averaged over the trajectory of each generated target (ConfigError for others),
+    sampled by `sampler_model` (default `att.model`)."""
     if method.needs_trajectory:
         from .journey import trajectory_features
 
-        return trajectory_features(att, targets, progress, cache)
+        return trajectory_features(att, targets, progress, cache, sampler_model)
     return att.features_of(targets.images, targets.keys)
 
 
