@@ -32,6 +32,11 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
     p.add_argument("--store", help="use this feature-store folder instead of the automatic one")
     p.add_argument("--batch-size", type=int, default=16, help="training images per gradient batch")
+    p.add_argument("--checkpoint-weights", default="lr", metavar="lr|uniform",
+                   help="checkpoint methods: lr (default) weights each checkpoint by the learning rate x epochs "
+                        "since the previous one, all projected with --seed; uniform is TracInCP/GAS as the D-TRAK "
+                        "paper runs them (appendix A.3): the mean over the checkpoints, checkpoint c projected with "
+                        "seed + c")
     p.add_argument("--device", default="auto")
 
 
@@ -46,7 +51,8 @@ def build(args):
                                    eta=args.eta, timesteps=args.timesteps, strategy=args.strategy,
                                    noises=args.noises, proj_dim=args.proj_dim, projector=args.projector,
                                    seed=args.seed, params=args.params, cache=args.cache, store_dir=args.store,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size,
+                                   checkpoint_weights=getattr(args, "checkpoint_weights", "lr"))
     if len(attribution.members) > 1:
         info(f"{method.title} over {len(attribution.members)} checkpoints, weights "
              + ", ".join(f"{a.model.spec}: {w:.3g}" for a, w in zip(attribution.members, attribution.weights))

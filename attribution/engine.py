@@ -315,7 +315,8 @@ def training_dataset_of(model: DiffusionModel, dataset: str | None = None) -> Im
 def open_attributor(model: DiffusionModel, method: Method, dataset: str | None = None, fn: str | None = None,
                     eta: float | None = None, timesteps: int = 10, strategy: str = "uniform", noises: int = 1,
                     proj_dim: int = 4096, projector: str = "auto", seed: int = 0, params: str | None = None,
-                    cache: str | None = None, store_dir: str | None = None, batch_size: int = 16) -> Attributor:
+                    cache: str | None = None, store_dir: str | None = None, batch_size: int = 16,
+                    proj_seed: int | None = None) -> Attributor:
     """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk."""
     from .features.projectors import default_projector
 
@@ -324,22 +325,49 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
     cfg = FeatureConfig(fn=fn, eta=1.0 if eta is None else eta, timesteps=timesteps,
                         strategy=method.strategy or strategy, noises=noises, proj_dim=proj_dim,
                         projector=default_projector(model.device) if projector == "auto" else projector,
-                        seed=seed, params=params, normalize=method.normalize)
+                        seed=seed, params=params, normalize=method.normalize, proj_seed=proj_seed)
     cfg.gradient_spec(model.num_timesteps)  # K against T
     return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size)
 
 
-def open_attribution(checkpoints: str, method: Method, device: str = "auto", load=None, **options) -> Attribution:
+CHECKPOINT_WEIGHTS = {
+    "lr": "learning rate x epochs since the previous checkpoint (TracIn's step sizes), one projection for all",
+    "uniform": "1/C for each of the C checkpoints, a projection seed per checkpoint (D-TRAK appendix A.3)",
+}
+
+
+def check_checkpoint_weights(value: str, method: Method) -> None:
+    """The one rule for --checkpoint-weights: lr or uniform, and only for the checkpoint methods."""
+    if value not in CHECKPOINT_WEIGHTS:
+        raise ConfigError(f"unknown --checkpoint-weights {value!r}; use one of: {', '.join(CHECKPOINT_WEIGHTS)}")
+    if value != "lr" and not method.across_checkpoints:
+        raise ConfigError(f"--checkpoint-weights applies to the checkpoint methods (tracincp, gas, tracin, "
+                          f"retrac), not {method.name}")
+
+
+def open_attribution(checkpoints: str, method: Method, device: str = "auto", load=None,
+                     checkpoint_weights: str = "lr", **options) -> Attribution:
     """An Attribution from user-facing options: `checkpoints` is one spec or several, comma-separated (an
     ensemble; a checkpoint method expands one run checkpoint to the run's checkpoints up to it, see
     `checkpoint_specs`); `options` are those of `open_attributor`; `load(spec)` loads a model (default
-    `load_model(spec, device)`; the app passes its cached loader)."""
+    `load_model(spec, device)`; the app passes its cached loader).
+
+    `checkpoint_weights` (checkpoint methods): "lr" weights checkpoint c by the learning rate it was trained at
+    (`tracin_weights`), every checkpoint projected with one seed; "uniform" is TracInCP / GAS as the D-TRAK paper
+    runs them (appendix A.3): the mean over the C checkpoints, checkpoint c projected with seed + c."""
     from .models import load_model
 
+    check_checkpoint_weights(checkpoint_weights, method)
     specs = checkpoint_specs(checkpoints, method)
     if options.get("store_dir") and len(specs) > 1:
         raise ConfigError("--store names one feature folder; it cannot be used with several checkpoints")
     models = [(load or (lambda s: load_model(s, device)))(spec) for spec in specs]
+    if method.across_checkpoints and checkpoint_weights == "uniform":
+        seed = options.get("seed", 0)
+        members = [open_attributor(m, method, **options, proj_seed=None if c == 0 else seed + c)
+                   for c, m in enumerate(models)]
+        return Attribution(method, members, [1.0 / len(models)] * len(models),
+                           f"uniform: 1/{len(models)} each, projection seed {seed}..{seed + len(models) - 1}")
     members = [open_attributor(m, method, **options) for m in models]
     if method.across_checkpoints:
         weights, note = tracin_weights(models)
