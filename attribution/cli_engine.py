@@ -123,6 +123,11 @@ def cmd_score(args) -> int:
                         "target_label": targets.labels[m],
                         "proponents": [{"index": r.index, "label": r.class_name, "score": r.score} for r in pro],
                         "opponents": [{"index": r.index, "label": r.class_name, "score": r.score} for r in opp]})
+    names = np.array([train.label_name(i) for i in range(len(train))])
+    if len(targets) > 1 and set(targets.labels) <= set(names):  # labelled targets (val:A-B): a check that can fail
+        from .analysis.sanity import class_agreement
+
+        info(class_agreement(scores, names, np.array(targets.labels), min(args.top, len(train))).describe())
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         return 0
@@ -169,7 +174,8 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("score", help="rank training images by influence on a target")
     add_feature_options(s)
-    s.add_argument("--target", required=True, help="PATH (image or .npz), train:I, val:I or gen:SEED")
+    s.add_argument("--target", required=True, help="PATH (image or .npz), train:I, val:I, gen:SEED; ranges "
+                                                          "train:A-B, val:A-B (class agreement reported), gen:A-B")
     s.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: 0.1 x mean kernel eigenvalue)")
     s.add_argument("--top", type=int, default=5)
     s.add_argument("--json", action="store_true", help="print the result as JSON")
