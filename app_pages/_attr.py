@@ -39,6 +39,7 @@ class RunOptions:
     proj_dim: int = 4096
     projector: str = "auto"
     seed: int = 0
+    checkpoint_weights: str = "lr"  # checkpoint methods: lr or uniform (engine.CHECKPOINT_WEIGHTS)
 
 
 def opts_key(opts: RunOptions) -> str:
@@ -53,7 +54,8 @@ def cached_attribution(opts: RunOptions) -> Attribution:
     for the checkpoint methods; validation errors surface as AttributionError."""
     return open_attribution(opts.checkpoint, get_method(opts.method), load=cached_model, dataset=opts.dataset,
                             fn=opts.fn, eta=opts.eta, timesteps=opts.timesteps, strategy=opts.strategy,
-                            proj_dim=opts.proj_dim, projector=opts.projector, seed=opts.seed)
+                            proj_dim=opts.proj_dim, projector=opts.projector, seed=opts.seed,
+                            checkpoint_weights=opts.checkpoint_weights)
 
 
 def featurize_with_progress(att: Attribution, title: str = "") -> None:

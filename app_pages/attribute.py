@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from attribution.data import pixels_to_pil, tensor_to_pixels
-from attribution.engine import training_dataset_of
+from attribution.engine import CHECKPOINT_WEIGHTS, training_dataset_of
 from attribution.errors import AttributionError
 from attribution.features.timesteps import STRATEGIES
 from attribution.journey import require_trajectories
@@ -83,7 +83,13 @@ with st.form("attr_form"):
     strategy = c5.selectbox("Timestep strategy", STRATEGIES, key="attr_strategy")
     proj_dim = c6.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="attr_k")
     projector = c7.selectbox("Projector", PROJECTORS, key="attr_projector")
-    c8, c9 = st.columns(2)
+    c8, c9, c10 = st.columns(3)
+    ckpt_weights = c10.selectbox(
+        "Checkpoint weights", list(CHECKPOINT_WEIGHTS), key="attr_ckpt_weights",
+        format_func={"lr": "learning rate (default)", "uniform": "uniform (D-TRAK A.3)"}.get,
+        help="TracInCP, GAS, Diffusion-TracIn/ReTrac only. Learning rate (default): each checkpoint weighted by "
+             "the learning rate x epochs since the previous one, one projection. Uniform: TracInCP/GAS as the "
+             "D-TRAK paper runs them, the mean over the checkpoints, a projection seed per checkpoint.")
     compare = c8.selectbox("Compare with method", ["(none)", *METHODS], key="attr_compare",
                            format_func=lambda m: METHOD_TITLES.get(m, m))
     siblings = model.info.siblings if model.info else []
@@ -96,7 +102,8 @@ def options_for(method_name: str, checkpoint: str) -> RunOptions:
     cls = METHODS[method_name]
     chosen_fn = None if cls.fixed_fn else fn
     return RunOptions(checkpoint, dataset, method_name, chosen_fn, eta if chosen_fn == "interp" else None,
-                      int(timesteps), strategy, int(proj_dim), projector)
+                      int(timesteps), strategy, int(proj_dim), projector,
+                      checkpoint_weights=ckpt_weights if cls.across_checkpoints else "lr")
 
 
 runs = [(METHOD_TITLES[method], options_for(method, model.spec))]
@@ -175,4 +182,4 @@ for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_run
                                                          target=target.images.numpy()),
                            file_name=f"scores-{opts.method}.npz", key=f"attr_npz_{i}")
         st.code(equivalent_cli(opts.checkpoint, att.train.spec, opts.method, att.cfg, target_spec, lam,
-                               n_pro), language="bash", wrap_lines=True)
+                               n_pro, opts.checkpoint_weights), language="bash", wrap_lines=True)

@@ -21,6 +21,10 @@ st.title("Timesteps")
 st.caption("Per-sample gradient norms ‖∇θ L(x, t)‖ depend strongly on the timestep t. Plain TracIn therefore "
            "favours training images drawn at timesteps with large gradients, whatever the target (\"generally "
            "influential\" samples); Diffusion-ReTrac normalises the gradients to remove that bias.")
+st.caption("Direction: the Diffusion-ReTrac paper reports norms rising toward noise (large t). On the "
+           "ε-prediction DDPMs here they fall with t: the ε-MSE gradient is proportional to the prediction error, "
+           "which is largest at small t (recovering faint noise from a nearly clean image; the shipped digits "
+           "model's loss falls from ~0.17 at t = 10 to ~0.0004 at t = 900, where x_t is almost pure noise).")
 model = require_model()
 dataset = st.session_state.get("dataset")
 try:

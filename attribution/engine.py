@@ -26,7 +26,7 @@ from .data import ImageDataset
 from .errors import ConfigError
 from .features.config import FeatureConfig
 from .features.gradients import param_count, per_sample_gradients
-from .features.projectors import SCALING, make_projector
+from .features.projectors import SCALING, make_projector, matrix_identity
 from .features.timesteps import sampled_timesteps
 from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
@@ -50,6 +50,9 @@ class Attributor:
         self.identity = {"checkpoint": model.identity(), "dataset": train.spec, "dataset_hash": train.content_hash,
                          "split": train.split, "n": len(train), "features": features.to_dict(),
                          "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "scaling": SCALING}
+        matrix = matrix_identity(features.projector, model.device)
+        if matrix is not None:  # only trak-cuda: CPU-generated matrices keep the identity (and folder) they had
+            self.identity["projection"] = matrix
         self.train_timesteps, self.train_timesteps_source = None, None
         if features.strategy == "training":
             self.train_timesteps, self.train_timesteps_source = training_timesteps(model, train, features.seed)
@@ -67,8 +70,8 @@ class Attributor:
     @property
     def projector(self):
         if self._projector is None:
-            self._projector = make_projector(self.cfg.projector, self.grad_dim, self.proj_dim, self.cfg.seed,
-                                             self.model.device)
+            self._projector = make_projector(self.cfg.projector, self.grad_dim, self.proj_dim,
+                                             self.cfg.projection_seed, self.model.device)
         return self._projector
 
     @property
@@ -204,11 +207,17 @@ class Attribution:
         return [att.features_of(images, keys) for att in self.members]
 
     def target_features(self, targets, cache: str | None = None) -> list[np.ndarray]:
-        """Per-member features of resolved `Targets` for this method (trajectory-averaged for Journey TRAK)."""
-        return [target_features(att, self.method, targets, cache=cache) for att in self.members]
+        """Per-member features of resolved `Targets` for this method (trajectory-averaged for Journey TRAK: the
+        trajectory `target_model` samples for gen:SEED, sampled once and scored with every member)."""
+        return [target_features(att, self.method, targets, cache=cache, sampler_model=self.target_model)
+                for att in self.members]
 
     def resolve_lambda(self, lam: float | None) -> float | None:
-        return self.members[0].resolve_lambda(self.method, lam)
+        """`lam`, checked; by default the mean of every member's default (each 0.1 x its mean eigenvalue), so an
+        ensemble's lambda is not set by its first member alone."""
+        if lam is not None or not self.method.uses_lambda:
+            return self.members[0].resolve_lambda(self.method, lam)
+        return float(np.mean([att.resolve_lambda(self.method, None) for att in self.members]))
 
     def scores(self, G: Sequence[np.ndarray], lam: float | None = None) -> np.ndarray:
         """(M, N) scores of targets whose per-member features are G (from `features_of`)."""
@@ -266,13 +275,14 @@ def checkpoint_specs(spec: str, method: Method) -> list[str]:
 
 
 def target_features(att: Attributor, method: Method, targets, progress: Progress | None = None,
-                    cache: str | None = None) -> np.ndarray:
+                    cache: str | None = None, sampler_model: DiffusionModel | None = None) -> np.ndarray:
     """Features (M, k) of `targets` for `method`: of the images themselves, or, for a method that needs a sampling
-    trajectory (Journey TRAK), averaged over the trajectory of each generated target (ConfigError for others)."""
+    trajectory (Journey TRAK), averaged over the trajectory of each generated target (ConfigError for others),
+    sampled by `sampler_model` (default `att.model`)."""
     if method.needs_trajectory:
         from .journey import trajectory_features
 
-        return trajectory_features(att, targets, progress, cache)
+        return trajectory_features(att, targets, progress, cache, sampler_model)
     return att.features_of(targets.images, targets.keys)
 
 
@@ -305,7 +315,8 @@ def training_dataset_of(model: DiffusionModel, dataset: str | None = None) -> Im
 def open_attributor(model: DiffusionModel, method: Method, dataset: str | None = None, fn: str | None = None,
                     eta: float | None = None, timesteps: int = 10, strategy: str = "uniform", noises: int = 1,
                     proj_dim: int = 4096, projector: str = "auto", seed: int = 0, params: str | None = None,
-                    cache: str | None = None, store_dir: str | None = None, batch_size: int = 16) -> Attributor:
+                    cache: str | None = None, store_dir: str | None = None, batch_size: int = 16,
+                    proj_seed: int | None = None) -> Attributor:
     """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk."""
     from .features.projectors import default_projector
 
@@ -314,22 +325,49 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
     cfg = FeatureConfig(fn=fn, eta=1.0 if eta is None else eta, timesteps=timesteps,
                         strategy=method.strategy or strategy, noises=noises, proj_dim=proj_dim,
                         projector=default_projector(model.device) if projector == "auto" else projector,
-                        seed=seed, params=params, normalize=method.normalize)
+                        seed=seed, params=params, normalize=method.normalize, proj_seed=proj_seed)
     cfg.gradient_spec(model.num_timesteps)  # K against T
     return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size)
 
 
-def open_attribution(checkpoints: str, method: Method, device: str = "auto", load=None, **options) -> Attribution:
+CHECKPOINT_WEIGHTS = {
+    "lr": "learning rate x epochs since the previous checkpoint (TracIn's step sizes), one projection for all",
+    "uniform": "1/C for each of the C checkpoints, a projection seed per checkpoint (D-TRAK appendix A.3)",
+}
+
+
+def check_checkpoint_weights(value: str, method: Method) -> None:
+    """The one rule for --checkpoint-weights: lr or uniform, and only for the checkpoint methods."""
+    if value not in CHECKPOINT_WEIGHTS:
+        raise ConfigError(f"unknown --checkpoint-weights {value!r}; use one of: {', '.join(CHECKPOINT_WEIGHTS)}")
+    if value != "lr" and not method.across_checkpoints:
+        raise ConfigError(f"--checkpoint-weights applies to the checkpoint methods (tracincp, gas, tracin, "
+                          f"retrac), not {method.name}")
+
+
+def open_attribution(checkpoints: str, method: Method, device: str = "auto", load=None,
+                     checkpoint_weights: str = "lr", **options) -> Attribution:
     """An Attribution from user-facing options: `checkpoints` is one spec or several, comma-separated (an
     ensemble; a checkpoint method expands one run checkpoint to the run's checkpoints up to it, see
     `checkpoint_specs`); `options` are those of `open_attributor`; `load(spec)` loads a model (default
-    `load_model(spec, device)`; the app passes its cached loader)."""
+    `load_model(spec, device)`; the app passes its cached loader).
+
+    `checkpoint_weights` (checkpoint methods): "lr" weights checkpoint c by the learning rate it was trained at
+    (`tracin_weights`), every checkpoint projected with one seed; "uniform" is TracInCP / GAS as the D-TRAK paper
+    runs them (appendix A.3): the mean over the C checkpoints, checkpoint c projected with seed + c."""
     from .models import load_model
 
+    check_checkpoint_weights(checkpoint_weights, method)
     specs = checkpoint_specs(checkpoints, method)
     if options.get("store_dir") and len(specs) > 1:
         raise ConfigError("--store names one feature folder; it cannot be used with several checkpoints")
     models = [(load or (lambda s: load_model(s, device)))(spec) for spec in specs]
+    if method.across_checkpoints and checkpoint_weights == "uniform":
+        seed = options.get("seed", 0)
+        members = [open_attributor(m, method, **options, proj_seed=None if c == 0 else seed + c)
+                   for c, m in enumerate(models)]
+        return Attribution(method, members, [1.0 / len(models)] * len(models),
+                           f"uniform: 1/{len(models)} each, projection seed {seed}..{seed + len(models) - 1}")
     members = [open_attributor(m, method, **options) for m in models]
     if method.across_checkpoints:
         weights, note = tracin_weights(models)

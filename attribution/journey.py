@@ -196,9 +196,13 @@ class Journey:
         return cls(meta=read_json(meta), **arrays)
 
 
-def journey_path(att, cfg: JourneyConfig, source: str, cache: str | None = None) -> Path:
-    """cache/journey/<checkpoint hash>/<readable slug>-<hash of everything the result depends on> (no suffix)."""
+def journey_path(att, cfg: JourneyConfig, source: str, cache: str | None = None, sampled_by: str | None = None,
+                 ) -> Path:
+    """cache/journey/<checkpoint hash>/<readable slug>-<hash of everything the result depends on> (no suffix).
+    `sampled_by`: the weights hash of another checkpoint that sampled the trajectory (an ensemble member)."""
     ident = {"version": JOURNEY_VERSION, "features": att.identity, "journey": cfg.to_dict(), "source": source}
+    if sampled_by is not None and sampled_by != att.identity["checkpoint"]:
+        ident["sampled_by"] = sampled_by
     slug = _slug(f"{source.replace('/', '-')}-{cfg.sampler}{cfg.steps}-{att.cfg.fn}-R{cfg.resamples}")
     return cache_root(cache) / "journey" / att.identity["checkpoint"] / f"{slug}-{identity_hash(ident)}"
 
@@ -221,9 +225,14 @@ def step_features(att, x0: np.ndarray, timesteps: np.ndarray, keys: list[str], r
 
 
 def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache: str | None = None,
-                image: torch.Tensor | None = None, name: str | None = None, use_cache: bool = True) -> Journey:
+                image: torch.Tensor | None = None, name: str | None = None, use_cache: bool = True,
+                sampler_model=None) -> Journey:
     """The journey of image `cfg.seed` (sampled) or of `image` (C, H, W) in [-1, 1] (noised forward), loaded from
-    the cache when it was computed before with the same checkpoint, features and options."""
+    the cache when it was computed before with the same checkpoint, features and options.
+
+    `sampler_model` samples the trajectory instead of `att.model` (default): an ensemble's members score the one
+    trajectory of the image the target checkpoint generates, each with its own gradients."""
+    sampler_model = sampler_model or att.model
     cfg.check(att.model.num_timesteps)
     if image is not None:
         from .data import tensor_to_pixels
@@ -232,7 +241,8 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
         source = pixels_key(tensor_to_pixels(image.reshape(-1, *image.shape[-2:])))
     else:
         source = f"gen/{cfg.seed}"
-    path = journey_path(att, cfg, source, cache)
+    sampled_by = sampler_model.identity() if image is None and sampler_model is not att.model else None
+    path = journey_path(att, cfg, source, cache, sampled_by)
     if use_cache:
         found = Journey.load(path)
         if found is not None:
@@ -247,7 +257,7 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
         return None if progress is None else (lambda d, _t, msg="": progress(offset + d, total, msg))
 
     if image is None:
-        traj = sampled_trajectory(att.model, cfg, staged(0))
+        traj = sampled_trajectory(sampler_model, cfg, staged(0))
     else:
         traj = forward_trajectory(att.model, image, cfg, source)
         if progress:
@@ -258,6 +268,7 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
     feats = step_features(att, x0, ts, keys, cfg.resamples, staged(cfg.steps))
     meta = {"config": cfg.to_dict(), "source": source, "mode": "forward" if image is not None else "sampled",
             "name": name or (f"gen:{cfg.seed}" if image is None else source), "checkpoint": att.model.spec,
+            "sampled_by": sampler_model.spec if image is None else None,
             "checkpoint_hash": att.identity["checkpoint"], "dataset": att.train.spec, "fn": att.cfg.fn,
             "feature_store": str(att.store_path), "proj_dim": att.proj_dim,
             "seconds": round(time.perf_counter() - start, 2), "version": JOURNEY_VERSION}
@@ -271,11 +282,11 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
 
 
 def baseline_features(att, seed: int, steps: int = 50, sampler: str = "ddpm", resamples: int = 1,
-                      progress: Progress | None = None, cache: str | None = None) -> np.ndarray:
-    """Mean of the per-step features over every sampling step of image `seed`: (k,). Its scores are the mean of
-    the per-step scores (scores are linear in the feature)."""
+                      progress: Progress | None = None, cache: str | None = None, sampler_model=None) -> np.ndarray:
+    """Mean of the per-step features over every sampling step of image `seed` (sampled by `sampler_model`, default
+    `att.model`): (k,). Its scores are the mean of the per-step scores (scores are linear in the feature)."""
     cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=1, resamples=resamples)
-    return run_journey(att, cfg, progress, cache).features.mean(0)
+    return run_journey(att, cfg, progress, cache, sampler_model=sampler_model).features.mean(0)
 
 
 def require_trajectories(targets, method_title: str = "Journey TRAK") -> None:
@@ -288,10 +299,13 @@ def require_trajectories(targets, method_title: str = "Journey TRAK") -> None:
                               "it by noising it forward")
 
 
-def trajectory_features(att, targets, progress: Progress | None = None, cache: str | None = None) -> np.ndarray:
-    """Journey-TRAK baseline features of generated targets, (M, k)."""
+def trajectory_features(att, targets, progress: Progress | None = None, cache: str | None = None,
+                        sampler_model=None) -> np.ndarray:
+    """Journey-TRAK baseline features of generated targets, (M, k): the trajectories `sampler_model` (default
+    `att.model`) samples, with `att`'s gradients."""
     require_trajectories(targets)
-    return np.stack([baseline_features(att, g.seed, g.steps, g.sampler, progress=progress, cache=cache)
+    return np.stack([baseline_features(att, g.seed, g.steps, g.sampler, progress=progress, cache=cache,
+                                       sampler_model=sampler_model)
                      for g in targets.generated]).astype(np.float32)
 
 

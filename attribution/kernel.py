@@ -35,7 +35,12 @@ class Kernel:
 
     @classmethod
     def fit(cls, X: np.ndarray, block: int = 4096) -> "Kernel":
-        """Thin SVD of the (N, k) features via the smaller Gram matrix, in float64."""
+        """Thin SVD of the (N, k) features via the smaller Gram matrix, in float64.
+
+        X (often a float32 memmap) is read in blocks and never converted to float64 as a whole: the Gram matrix
+        is accumulated block by block, so the peak is that matrix and its eigenvectors (2 x min(N, k)^2 x 8
+        bytes: 17 GiB at k = 32768 with N > k), one float64 block, and the result U (N x r) and V (k x r).
+        """
         n, k = X.shape
         if n <= k:
             gram = torch.zeros(n, n, dtype=torch.float64)
@@ -43,17 +48,29 @@ class Kernel:
                 xb = torch.from_numpy(np.asarray(X[:, s:s + block], dtype=np.float64))
                 gram += xb @ xb.T
             evals, evecs = torch.linalg.eigh(gram)
+            del gram
             keep = evals > evals.max().clamp_min(0) * RANK_TOL
-            s2, U = evals[keep].flip(0), evecs[:, keep].flip(1)
+            s2, U = evals[keep].flip(0), evecs[:, keep].flip(1).contiguous()
             sigma = s2.sqrt()
-            V = torch.from_numpy(np.asarray(X, dtype=np.float64)).T @ U / sigma  # (k, r)
+            V = torch.empty(k, U.shape[1], dtype=torch.float64)
+            for s in range(0, k, block):  # V = X^T U / sigma, by column blocks of X
+                xb = torch.from_numpy(np.asarray(X[:, s:s + block], dtype=np.float64))
+                V[s:s + block] = xb.T @ U / sigma
         else:
-            Xt = torch.from_numpy(np.asarray(X, dtype=np.float64))
-            evals, evecs = torch.linalg.eigh(Xt.T @ Xt)
+            gram = torch.zeros(k, k, dtype=torch.float64)
+            rows = max(1, block)
+            for s in range(0, n, rows):  # X^T X accumulated over row blocks (bounded memory)
+                xb = torch.from_numpy(np.asarray(X[s:s + rows], dtype=np.float64))
+                gram += xb.T @ xb
+            evals, evecs = torch.linalg.eigh(gram)
+            del gram
             keep = evals > evals.max().clamp_min(0) * RANK_TOL
-            s2, V = evals[keep].flip(0), evecs[:, keep].flip(1)
+            s2, V = evals[keep].flip(0), evecs[:, keep].flip(1).contiguous()
             sigma = s2.sqrt()
-            U = Xt @ V / sigma
+            U = torch.empty(n, V.shape[1], dtype=torch.float64)
+            for s in range(0, n, rows):  # U = X V / sigma, by row blocks
+                xb = torch.from_numpy(np.asarray(X[s:s + rows], dtype=np.float64))
+                U[s:s + rows] = xb @ V / sigma
         if sigma.numel() == 0:
             raise ConfigError("all training features are zero; the kernel is empty")
         return cls(U.numpy(), sigma.numpy(), V.numpy())

@@ -41,7 +41,7 @@ def positive_share(scores: np.ndarray, top: int) -> float:
 
 
 def equivalent_cli(checkpoint: str, dataset: str, method: str, cfg: FeatureConfig, target: str,
-                   lam: float | None, top: int = 5) -> str:
+                   lam: float | None, top: int = 5, checkpoint_weights: str = "lr") -> str:
     """The `python -m attribution score ...` command that reproduces a result."""
     parts = ["python", "-m", "attribution", "score", "--checkpoint", checkpoint, "--dataset", dataset,
              "--method", method]
@@ -55,6 +55,8 @@ def equivalent_cli(checkpoint: str, dataset: str, method: str, cfg: FeatureConfi
         parts += ["--proj-dim", str(cfg.proj_dim)]
     if cfg.params:
         parts += ["--params", cfg.params]
+    if checkpoint_weights != "lr":
+        parts += ["--checkpoint-weights", checkpoint_weights]
     parts += ["--target", target]
     if lam is not None:
         parts += ["--lambda", f"{lam:.6g}"]

@@ -81,6 +81,12 @@ class FeatureStore:
         if cfg_path.is_file():
             stored = json.loads(cfg_path.read_text())
             differences = _diff(stored.get("identity", {}), identity)
+            if any(d.startswith("projection") for d in differences):
+                raise CacheMismatchError(
+                    f"feature store {path} was projected with another matrix ({'; '.join(differences[:2])}): its "
+                    "features cannot be scored against targets projected here; re-featurize on this device into "
+                    "a new folder (drop --store, or delete the folder), or use --projector sjlt, whose matrix is "
+                    "the same on every device")
             if differences:
                 raise CacheMismatchError(f"cache folder {path} was made for another configuration "
                                          f"({'; '.join(differences[:4])}); use another folder or delete it")

@@ -1,7 +1,8 @@
 """Targets: the images whose training-data origins we ask about.
 
 A target spec is one of
-- `train:I` / `val:I`: image I of the dataset's training or validation split;
+- `train:I` / `val:I`: image I of the dataset's training or validation split; `train:A-B` / `val:A-B` the images
+  A..B (inclusive);
 - `gen:SEED`: the image the checkpoint generates from SEED (the default sampler, DDPM with 50 steps);
   `gen:A-B` the images of seeds A..B (inclusive);
 - a PATH to an image file (converted to the model's resolution and channels: centre crop, resize, mode), or to an
@@ -66,6 +67,15 @@ def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int =
         data: ImageDataset = load_dataset(dataset, kind, model.resolution, model.channels)
         i = data.check_index(int(arg))
         return Targets(data.tensors([i]), [f"{kind}/{i}"], [spec], [data.label_name(i)])
+    rows = re.fullmatch(r"(\d+)-(\d+)", arg) if kind in ("train", "val") else None
+    if rows:  # train:A-B / val:A-B, inclusive: labelled targets (class agreement is reported for them)
+        data = load_dataset(dataset, kind, model.resolution, model.channels)
+        first, last = data.check_index(int(rows.group(1))), data.check_index(int(rows.group(2)))
+        if last < first:
+            raise ImageError(f"target {spec!r}: the index range must go upwards ({kind}:A-B with A <= B)")
+        idx = list(range(first, last + 1))
+        return Targets(data.tensors(idx), [f"{kind}/{i}" for i in idx], [f"{kind}:{i}" for i in idx],
+                       [data.label_name(i) for i in idx])
     if kind == "gen" and arg.lstrip("-").isdigit():
         from .sampling import sample
 
@@ -94,8 +104,8 @@ def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int =
                         [str(v) for v in labels] if labels is not None else None)
         return t
     if not path.exists():
-        raise ImageError(f"target {spec!r} is neither train:I, val:I, gen:SEED, gen:A-B nor an existing image "
-                         "or .npz file")
+        raise ImageError(f"target {spec!r} is neither train:I, val:I (or A-B), gen:SEED, gen:A-B nor an existing "
+                         "image or .npz file")
     pixels = load_image_pixels(path, model.resolution, model.channels)
     t = from_pixels(pixels[None], [path.name])
     t.notes.append(f"{path.name} converted to {model.resolution}x{model.resolution}, {model.channels} channel(s)")

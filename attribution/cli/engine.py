@@ -32,6 +32,11 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
     p.add_argument("--store", help="use this feature-store folder instead of the automatic one")
     p.add_argument("--batch-size", type=int, default=16, help="training images per gradient batch")
+    p.add_argument("--checkpoint-weights", default="lr", metavar="lr|uniform",
+                   help="checkpoint methods: lr (default) weights each checkpoint by the learning rate x epochs "
+                        "since the previous one, all projected with --seed; uniform is TracInCP/GAS as the D-TRAK "
+                        "paper runs them (appendix A.3): the mean over the checkpoints, checkpoint c projected with "
+                        "seed + c")
     p.add_argument("--device", default="auto")
 
 
@@ -46,7 +51,8 @@ def build(args):
                                    eta=args.eta, timesteps=args.timesteps, strategy=args.strategy,
                                    noises=args.noises, proj_dim=args.proj_dim, projector=args.projector,
                                    seed=args.seed, params=args.params, cache=args.cache, store_dir=args.store,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size,
+                                   checkpoint_weights=getattr(args, "checkpoint_weights", "lr"))
     if len(attribution.members) > 1:
         info(f"{method.title} over {len(attribution.members)} checkpoints, weights "
              + ", ".join(f"{a.model.spec}: {w:.3g}" for a, w in zip(attribution.members, attribution.weights))
@@ -117,6 +123,11 @@ def cmd_score(args) -> int:
                         "target_label": targets.labels[m],
                         "proponents": [{"index": r.index, "label": r.class_name, "score": r.score} for r in pro],
                         "opponents": [{"index": r.index, "label": r.class_name, "score": r.score} for r in opp]})
+    names = np.array([train.label_name(i) for i in range(len(train))])
+    if len(targets) > 1 and set(targets.labels) <= set(names):  # labelled targets (val:A-B): a check that can fail
+        from .analysis.sanity import class_agreement
+
+        info(class_agreement(scores, names, np.array(targets.labels), min(args.top, len(train))).describe())
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         return 0
@@ -163,7 +174,8 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("score", help="rank training images by influence on a target")
     add_feature_options(s)
-    s.add_argument("--target", required=True, help="PATH (image or .npz), train:I, val:I or gen:SEED")
+    s.add_argument("--target", required=True, help="PATH (image or .npz), train:I, val:I, gen:SEED; ranges "
+                                                          "train:A-B, val:A-B (class agreement reported), gen:A-B")
     s.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: 0.1 x mean kernel eigenvalue)")
     s.add_argument("--top", type=int, default=5)
     s.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from ..errors import ConfigError
 from .gradients import GradientSpec
 from .outputs import OUTPUT_FUNCTIONS
-from .projectors import PROJECTORS
+from .projectors import PROJECTORS, check_fast_jl_dim
 from .timesteps import STRATEGIES, select_timesteps
 
 
@@ -25,6 +25,8 @@ class FeatureConfig:
         proj_dim: k, the projection dimension (ignored by the identity projector).
         projector: "sjlt", "gaussian", "trak-cuda" or "identity".
         seed: seed of the noise and of the projection.
+        proj_seed: another seed for the projection only (None: `seed`); TracInCP/GAS with uniform checkpoint
+            weights draw one projection per checkpoint (D-TRAK appendix A.3).
         params: comma-separated parameter-name prefixes to take gradients over (None: all parameters).
         normalize: unit-normalise each per-timestep gradient before averaging, and so every training gradient of
             the "training" strategy (Diffusion-ReTrac).
@@ -40,6 +42,11 @@ class FeatureConfig:
     seed: int = 0
     params: str | None = None
     normalize: bool = False
+    proj_seed: int | None = None
+
+    @property
+    def projection_seed(self) -> int:
+        return self.seed if self.proj_seed is None else self.proj_seed
 
     def __post_init__(self):
         if self.fn not in OUTPUT_FUNCTIONS:
@@ -54,6 +61,8 @@ class FeatureConfig:
             raise ConfigError(f"noises per timestep must be positive, got {self.noises}")
         if self.projector != "identity" and self.proj_dim < 1:
             raise ConfigError(f"the projection dimension k must be positive, got {self.proj_dim}")
+        if self.projector == "trak-cuda":
+            check_fast_jl_dim(self.proj_dim)
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"eta must be within [0, 1], got {self.eta}")
         if self.fn != "interp" and self.eta != 1.0:
@@ -72,6 +81,8 @@ class FeatureConfig:
             d.pop("eta")
         if not self.normalize:  # absent from configs made before the option existed: their caches stay valid
             d.pop("normalize")
+        if self.proj_seed is None:  # absent unless set: caches made before the option stay valid
+            d.pop("proj_seed")
         if self.strategy == "training":  # K applies to targets only: training rows use their own timestep
             d.pop("timesteps")
         return d
@@ -81,4 +92,5 @@ class FeatureConfig:
         fn = f"interp{self.eta:g}" if self.fn == "interp" else self.fn
         unit = "-unit" if self.normalize else ""
         ts = "Ttrain" if self.strategy == "training" else f"K{self.timesteps}{self.strategy[0]}"
-        return f"{fn}-{ts}-n{self.noises}{unit}-{self.projector}-{k}-s{self.seed}"
+        ps = "" if self.proj_seed is None else f"-p{self.proj_seed}"
+        return f"{fn}-{ts}-n{self.noises}{unit}-{self.projector}-{k}-s{self.seed}{ps}"

@@ -92,6 +92,34 @@ def _noise(keys: list[str], ts: torch.Tensor, shape: tuple[int, ...], seed: int,
     return torch.cat([noise_for([k], row, shape, seed, draws) for k, row in zip(keys, ts)])
 
 
+def _output(model, spec: GradientSpec, p, z0_i, eps_i, t_i, w_i, cond):
+    """The output function summed over one sample's noisy copies: on the model's raw output (noise, or velocity for
+    v-prediction models) against the prediction-type target, so Simple is exactly the training loss."""
+    z0s = z0_i.expand_as(eps_i)
+    x_t = model.schedule.add_noise(z0s, eps_i, t_i)
+    return output_value(spec.fn, model.raw(p, x_t, t_i, cond), model.prediction_target(z0s, eps_i, t_i), w_i,
+                        spec.eta)
+
+
+@torch.no_grad()
+def output_values(model: DiffusionModel, x0: torch.Tensor, keys: list[str], spec: GradientSpec,
+                  params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """f itself (not its gradient) for each sample, averaged over the K timesteps and D noise draws exactly as
+    `per_sample_gradients` averages its gradients: (B,) float64. With fn="simple" this is the sample's training
+    loss at those timesteps and noises; `params` replaces the model's parameters (e.g. after an SGD step)."""
+    p = dict(model.parameters()) if params is None else params
+    z0 = model.encode(x0.to(model.device))
+    b = z0.shape[0]
+    ts = torch.tensor(spec.timesteps, dtype=torch.long).expand(b, -1)
+    noise = _noise(keys, ts, tuple(z0.shape[1:]), spec.seed, spec.draws).to(model.device)
+    t_all = ts.repeat_interleave(spec.draws, dim=1).to(model.device)
+    w_all = model.schedule.elbo_weight(t_all)
+    cond = model.condition(1)
+    n = t_all.shape[1]
+    return torch.stack([_output(model, spec, p, z0[i], noise[i], t_all[i], w_all[i], cond).double() / n
+                        for i in range(b)])
+
+
 def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise: bool = False):
     device = model.device
     params = model.parameters(spec.params)
@@ -111,8 +139,7 @@ def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise
     dim = sum(p.numel() for p in params.values())
 
     def f(p, z0_i, eps_i, t_i, w_i, scale):  # z0_i (C, H, W), eps_i (n, C, H, W), t_i / w_i (n,)
-        x_t = model.schedule.add_noise(z0_i.expand_as(eps_i), eps_i, t_i)
-        return output_value(spec.fn, model.eps(p, x_t, t_i, cond), eps_i, w_i, spec.eta) * scale
+        return _output(model, spec, p, z0_i, eps_i, t_i, w_i, cond) * scale
 
     def flat(g, rows):
         return torch.cat([g[n].reshape(rows, -1) for n in names], 1)

@@ -9,8 +9,16 @@ expectation, E <Pg, Pg'> = <g, g'>. A Gaussian JL matrix with N(0, 1) entries is
 |---|---|---|
 | `identity` | no projection (k = P) | small models, exactness checks |
 | `sjlt` | ours: sparse JL / count-sketch with s non-zeros per coordinate (block construction, +-1/sqrt(s)) | any device; O(P s) per sample, memory O(P s) for the hash; the CPU default |
-| `gaussian` | traker's `BasicProjector` (dense N(0,1) blocks regenerated per call) | the paper's estimator on CPU; slow for large P k |
+| `gaussian` | traker's `BasicProjector` matrix (dense N(0,1) blocks regenerated per call), drawn on the CPU | the paper's estimator; slow for large P k |
 | `trak-cuda` | traker's `CudaProjector` (fast_jl kernel) | GPUs with fast_jl installed; the GPU default then |
+
+What the matrix depends on (`matrix_identity`, part of a feature store's identity): `sjlt` and `gaussian` draw it
+from a CPU generator, so it depends on (projector, k, seed) only, whatever device the model is on. fast_jl's matrix
+also depends on the GPU (its kernel's layout follows the number of SMs), so `trak-cuda` stores record the device
+kind and SM count, and a store made on another GPU is refused rather than mixed with targets projected here.
+fast_jl needs k to be a multiple of 512, projects at most `FAST_JL_MAX_CHUNK` coordinates per call (larger
+gradients go through traker's `ChunkedCudaProjector`) and works in fp16 (gradients are scaled by a power of two
+per row before projecting, and the scale undone after, so unit-normalised gradients do not underflow).
 """
 
 from __future__ import annotations
@@ -91,41 +99,124 @@ class SparseJLProjector(Projector):
 
 
 class TrakGaussianProjector(Projector):
-    """traker's `BasicProjector` with N(0, 1) entries, divided by sqrt(k)."""
+    """traker's `BasicProjector` matrix with N(0, 1) entries, divided by sqrt(k), drawn on the CPU.
+
+    traker draws each block with a generator on the model's device, so CUDA and CPU give different matrices for
+    one seed. Here block b (columns b*B .. b*B+B-1, B = `block_size`) is drawn exactly as traker's CPU
+    `BasicProjector` draws it (a CPU generator seeded with seed + 1000 b, `normal_` over a (P, B) float32 block),
+    then moved to the device: the matrix is the same on every device and equals traker's on the CPU.
+    """
 
     name = "gaussian"
 
     def __init__(self, grad_dim: int, proj_dim: int, seed: int, device: torch.device):
         super().__init__(grad_dim, proj_dim, seed, device)
-        from trak.projectors import BasicProjector, ProjectionType
-
         # block_size < proj_dim avoids traker's single-block bug (ENVIRONMENT.md section 5).
-        self.inner = BasicProjector(grad_dim=grad_dim, proj_dim=proj_dim, seed=seed, proj_type=ProjectionType.normal,
-                                    device=str(device), dtype=torch.float32, block_size=min(100, max(1, proj_dim - 1)))
+        self.block_size = min(100, max(1, proj_dim - 1))
+        self.num_blocks = math.ceil(proj_dim / self.block_size)
+
+    def block(self, b: int, device: torch.device | None = None) -> torch.Tensor:
+        """Columns of block b of the N(0, 1) matrix, (P, width), generated on the CPU, then moved to `device`."""
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 1000 * b)
+        m = torch.empty(self.grad_dim, self.block_size, dtype=torch.float32).normal_(generator=gen)
+        width = min(self.block_size, self.proj_dim - b * self.block_size)
+        return m[:, :width].to(device or self.device)
 
     def project(self, grads):
-        return self.inner.project(grads.float(), model_id=0) / math.sqrt(self.proj_dim)
+        g = grads.float()
+        out = torch.empty(g.shape[0], self.proj_dim, dtype=torch.float32, device=g.device)
+        for b in range(self.num_blocks):
+            lo = b * self.block_size
+            m = self.block(b, g.device)
+            out[:, lo:lo + m.shape[1]] = g @ m
+        return out / math.sqrt(self.proj_dim)
+
+
+FAST_JL_BATCH = 32
+# traker's single-kernel limit: batch x coordinates must fit in uint32 (`trak.utils.get_parameter_chunk_sizes`).
+FAST_JL_MAX_CHUNK = (2**32 - 1) // FAST_JL_BATCH
+FAST_JL_MULTIPLE = 512
+
+
+def check_fast_jl_dim(proj_dim: int) -> None:
+    """fast_jl projects to multiples of 512 only: refuse another k, naming the nearest valid one."""
+    if proj_dim % FAST_JL_MULTIPLE:
+        near = max(FAST_JL_MULTIPLE, round(proj_dim / FAST_JL_MULTIPLE) * FAST_JL_MULTIPLE)
+        raise ConfigError(f"projector 'trak-cuda' (fast_jl) needs k to be a multiple of {FAST_JL_MULTIPLE}, got "
+                          f"{proj_dim}; use --proj-dim {near}, or --projector sjlt for any k")
+
+
+def fast_jl_chunks(grad_dim: int, max_chunk: int = FAST_JL_MAX_CHUNK) -> list[int]:
+    """Sizes of the consecutive coordinate chunks fast_jl projects separately (one chunk up to its limit)."""
+    return [min(max_chunk, grad_dim - lo) for lo in range(0, grad_dim, max_chunk)]
+
+
+def pow2_row_scale(grads: torch.Tensor) -> torch.Tensor:
+    """Per-row powers of two (B, 1) that bring each row's largest |entry| into [0.5, 1): float32 -> fp16 then
+    keeps ~11 significant bits for every entry within 2^-14 of the largest (instead of flushing small gradients,
+    e.g. unit-normalised ones over millions of coordinates, to zero). Exact to undo: scaling by 2^e is lossless."""
+    peak = grads.detach().abs().amax(1, keepdim=True).float().clamp_min(1e-30)
+    return torch.exp2(-torch.floor(torch.log2(peak)) - 1)
+
+
+def cuda_matrix_identity(device: torch.device) -> dict:
+    """What fast_jl's matrix depends on besides (k, seed): the GPU kind and its number of SMs."""
+    props = torch.cuda.get_device_properties(device)
+    return {"device": props.name, "sms": int(props.multi_processor_count)}
 
 
 class TrakCudaProjector(Projector):
-    """traker's `CudaProjector` (the fast_jl kernel), divided by sqrt(k). Needs CUDA and fast_jl."""
+    """traker's `CudaProjector` (the fast_jl kernel), divided by sqrt(k). Needs CUDA and fast_jl.
+
+    k must be a multiple of 512; gradients over more than `FAST_JL_MAX_CHUNK` coordinates go through traker's
+    `ChunkedCudaProjector` (chunk c projected with seed + c, the projections summed); rows are scaled by a power
+    of two before fast_jl's fp16 cast and unscaled after (`pow2_row_scale`)."""
 
     name = "trak-cuda"
 
     def __init__(self, grad_dim: int, proj_dim: int, seed: int, device: torch.device):
         super().__init__(grad_dim, proj_dim, seed, device)
+        check_fast_jl_dim(proj_dim)
         if device.type != "cuda" or not fast_jl_available():
             raise ConfigError("projector 'trak-cuda' needs a CUDA device and the fast_jl package; use sjlt")
-        from trak.projectors import CudaProjector, ProjectionType
+        from trak.projectors import ChunkedCudaProjector, CudaProjector, ProjectionType
 
-        self.inner = CudaProjector(grad_dim=grad_dim, proj_dim=proj_dim, seed=seed, proj_type=ProjectionType.normal,
-                                   device=device, max_batch_size=32)
+        self.chunks = fast_jl_chunks(grad_dim)
+        parts = [CudaProjector(grad_dim=size, proj_dim=proj_dim, seed=seed + c, proj_type=ProjectionType.normal,
+                               device=device, max_batch_size=FAST_JL_BATCH) for c, size in enumerate(self.chunks)]
+        self.inner = parts[0] if len(parts) == 1 else ChunkedCudaProjector(
+            parts, max(self.chunks), self.chunks, FAST_JL_BATCH, device, torch.float32)
+        self.matrix = cuda_matrix_identity(device)
+
+    def _project(self, g: torch.Tensor) -> torch.Tensor:
+        if len(self.chunks) == 1:
+            return self.inner.project(g.contiguous(), model_id=0)
+        offsets = [0]
+        for size in self.chunks:
+            offsets.append(offsets[-1] + size)
+        named = {f"chunk{c}": g[:, offsets[c]:offsets[c + 1]] for c in range(len(self.chunks))}
+        return self.inner.project(named, model_id=0)
 
     def project(self, grads):
         out = []
-        for s in range(0, grads.shape[0], 32):
-            out.append(self.inner.project(grads[s:s + 32].float().contiguous(), model_id=0))
-        return torch.cat(out).float() / math.sqrt(self.proj_dim)
+        for s in range(0, grads.shape[0], FAST_JL_BATCH):
+            g = grads[s:s + FAST_JL_BATCH].float()
+            scale = pow2_row_scale(g)
+            out.append(self._project(g * scale).float() / scale)
+        return torch.cat(out) / math.sqrt(self.proj_dim)
+
+    def describe(self):
+        return {**super().describe(), **self.matrix, "chunks": len(self.chunks)}
+
+
+def matrix_identity(name: str, device: torch.device) -> dict | None:
+    """What the projection matrix depends on beyond (projector, k, seed), for a store's identity: None for the
+    CPU-generated matrices (`sjlt`, `gaussian`: the same on every device), the GPU for `trak-cuda`."""
+    if name != "trak-cuda":
+        return None
+    if device.type != "cuda":
+        raise ConfigError("projector 'trak-cuda' needs a CUDA device and the fast_jl package; use sjlt")
+    return cuda_matrix_identity(device)
 
 
 def fast_jl_available() -> bool:

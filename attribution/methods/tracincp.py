@@ -1,7 +1,8 @@
 """TracInCP (Pruthi et al. 2020; D-TRAK paper, appendix A.3): sum over checkpoints c of
 eta_c <phi_c(x), phi_c(x_n)>, phi_c the projected gradient of the training loss (Simple) at checkpoint c, averaged
 over the K feature timesteps (the same features as TRAK at that checkpoint). The D-TRAK paper averages four evenly
-spaced checkpoints; eta_c weights each by the learning rate it was trained at (`engine.tracin_weights`)."""
+spaced checkpoints with equal weights and a projection seed per checkpoint (`--checkpoint-weights uniform`); by
+default eta_c weights each by the learning rate it was trained at (`engine.tracin_weights`, one projection)."""
 
 from .base import Method, dot_scores
 
@@ -9,7 +10,7 @@ from .base import Method, dot_scores
 class TracInCP(Method):
     name = "tracincp"
     title = "TracInCP"
-    summary = "learning-rate-weighted sum over checkpoints of loss-gradient dot products"
+    summary = "weighted sum over checkpoints of loss-gradient dot products (learning-rate or uniform weights)"
     uses_lambda = False
     across_checkpoints = True
 

@@ -6,7 +6,8 @@ Methods never touch the UNet directly. They ask the adapter to
   embeddings for conditional ones),
 - name the `parameters` that get gradients (all of them, or a named subset such as LoRA weights),
 - predict the noise with `eps(params, x_t, t, cond)` as a pure function of the parameters, so `torch.func` can
-  take per-sample gradients.
+  take per-sample gradients; `raw` is the UNet's own output (noise or velocity) and `prediction_target` what it
+  was trained to predict, which the output functions compare.
 
 A latent, text-conditioned model plugs in as another subclass without changing any method.
 """
@@ -151,11 +152,25 @@ class DiffusionModel:
     def buffers(self) -> dict[str, torch.Tensor]:
         return dict(self.unet.named_buffers())
 
+    def raw(self, params: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
+            ) -> torch.Tensor:
+        """The UNet's output (noise for epsilon models, velocity for v-prediction), a pure function of `params`.
+        Output functions act on this against `prediction_target`, as the model was trained (and as D-TRAK does)."""
+        return functional_call(self.unet, (params, self.buffers()), (x_t, t), dict(cond or {}, return_dict=False),
+                               strict=False)[0]
+
+    def prediction_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What `raw` is trained to predict: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 for v-prediction."""
+        if self.schedule.prediction_type != "v_prediction":
+            return eps
+        abar = self.schedule.alphas_cumprod.to(eps.device)[t].to(eps.dtype)
+        abar = abar.reshape(abar.shape + (1,) * (eps.dim() - abar.dim()))
+        return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
     def eps(self, params: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
             ) -> torch.Tensor:
         """Predicted noise for a batch, as a pure function of `params` (others stay at their checkpoint values)."""
-        out = functional_call(self.unet, (params, self.buffers()), (x_t, t), dict(cond or {}, return_dict=False),
-                              strict=False)[0]
+        out = self.raw(params, x_t, t, cond)
         if self.schedule.prediction_type == "v_prediction":
             abar = self.schedule.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
             abar = abar.reshape(abar.shape + (1,) * (x_t.dim() - abar.dim()))
