@@ -13,6 +13,7 @@ A latent, text-conditioned model plugs in as another subclass without changing a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,9 @@ class DiffusionModel:
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.schedule = schedule
         self.info = info
+        # `eps` runs the UNet through `functional_call`, which puts the given parameters into the module for the
+        # length of the forward pass; threads sharing this model (the app's sessions) take turns there.
+        self._lock = threading.RLock()
         self._identity = info.content_hash() if info is not None else None
         if schedule.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type {schedule.prediction_type!r} is not supported; "
@@ -153,9 +157,14 @@ class DiffusionModel:
 
     def eps(self, params: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
             ) -> torch.Tensor:
-        """Predicted noise for a batch, as a pure function of `params` (others stay at their checkpoint values)."""
-        out = functional_call(self.unet, (params, self.buffers()), (x_t, t), dict(cond or {}, return_dict=False),
-                              strict=False)[0]
+        """Predicted noise for a batch, as a pure function of `params` (others stay at their checkpoint values).
+
+        Thread-safe: `functional_call` swaps `params` into the shared UNet while the forward pass runs, so the pass
+        holds this model's lock (the backward pass of a gradient does not touch the module and runs unlocked).
+        """
+        with self._lock:
+            out = functional_call(self.unet, (params, self.buffers()), (x_t, t),
+                                  dict(cond or {}, return_dict=False), strict=False)[0]
         if self.schedule.prediction_type == "v_prediction":
             abar = self.schedule.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
             abar = abar.reshape(abar.shape + (1,) * (x_t.dim() - abar.dim()))
