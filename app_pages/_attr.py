@@ -65,6 +65,24 @@ def featurize_with_progress(att: Attribution, title: str = "") -> None:
         f"{prefix}featurizing {len(member.train)} training images with {member.model.spec}"))
 
 
+def featurize_note(att: Attribution) -> str:
+    """Before Run: whether the training features are cached, else about how long featurizing will take here
+    (from the throughput measured on this machine; a one-image timing until the first featurization)."""
+    from attribution.engine import format_duration
+
+    total, bases = 0.0, []
+    for member in att.members:
+        seconds, basis = member.featurize_estimate(probe=True)
+        if seconds:
+            total += seconds
+            bases.append(basis)
+    if not total:
+        return "The training features for these options are cached: a run takes seconds."
+    return (f"The training features for these options are not cached yet: featurizing will take about "
+            f"{format_duration(total)} on this machine ({'; '.join(bases)}). Progress is shown; the result is "
+            "cached and an interrupted run resumes.")
+
+
 def feature_fn_options(method: str) -> list[str]:
     """Output functions the method accepts (only D-TRAK lets the user choose)."""
     cls = METHODS[method]

@@ -97,7 +97,7 @@ if run:
             att.featurize(progress=progress_bar(f"Featurizing {len(att.train)} training images"))
             status.update(label=f"Sampling and attributing {len(cfg.step_indices())} steps…")
             journey = run_journey(att, cfg, progress_bar("Journey"), image=image, name=name)
-            att.train_features().kernel  # decompose once; lambda changes are then instant
+            _ = att.train_features().kernel  # decompose once; lambda changes are then instant
         except AttributionError as exc:
             status.update(state="error")
             fail(exc)

@@ -132,18 +132,29 @@ class Attributor:
                 progress(n, n, "cached")
         return store
 
-    def featurize_estimate(self) -> tuple[float | None, str]:
+    def featurize_estimate(self, probe: bool = False) -> tuple[float | None, str]:
         """(seconds, basis) that featurizing the missing rows will take: 0 when cached; from the throughput
-        recorded on this machine for this checkpoint and parameter set, else (None, why)."""
+        recorded on this machine for this checkpoint and parameter set; else, with `probe`, from timing one
+        training image now (a rough upper bound: batches are faster per image); else (None, why)."""
         store_done = FeatureStore.peek_done(self.store_path)
         missing = len(self.train) if store_done is None else int((~store_done).sum())
         if missing == 0:
             return 0.0, "cached"
         per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
-        rate = recorded_throughput(self)
-        if rate is None:
+        entry = recorded_throughput(self)
+        if entry is None and probe:
+            start = time.perf_counter()
+            ts = None if self.train_timesteps is None else self.train_timesteps[:1]
+            self.features_of(self.train.tensors([0]), [f"{self.train.split}/0"], ts)
+            elapsed = time.perf_counter() - start
+            record_throughput(self, per_row / elapsed, elapsed, rough=True)
+            entry = recorded_throughput(self)
+        if entry is None:
             return None, "no featurization of this checkpoint has been timed on this machine yet"
-        return missing * per_row / rate, f"{missing} images at {rate:.3g} sample-timesteps/s measured here"
+        rate = entry["sample_timesteps_per_s"]
+        how = ("timed on one image (a rough upper bound until the first featurization)" if entry.get("rough")
+               else f"measured here {entry['measured']}")
+        return missing * per_row / rate, f"{missing} images at {rate:.3g} sample-timesteps/s, {how}"
 
     # -- scoring -----------------------------------------------------------------------------------------------
 
@@ -329,33 +340,38 @@ def _throughput_key(att: Attributor) -> str:
     return f"{att.identity['checkpoint']}|{att.cfg.params or 'all'}|{att.model.device.type}"
 
 
-def record_throughput(att: Attributor, sample_timesteps_per_s: float, seconds: float) -> None:
+def record_throughput(att: Attributor, sample_timesteps_per_s: float, seconds: float, rough: bool = False) -> None:
     """Remember how fast this machine featurized this checkpoint (cache root, throughput.json): the estimate
-    shown before a run. Measurements over less than 2 s are too noisy to keep."""
+    shown before a run. Measurements over less than 2 s are too noisy to keep unless marked `rough` (a one-image
+    probe), and a rough one never replaces a measured one."""
     from .fileio import write_json
 
-    if seconds < 2 or not np.isfinite(sample_timesteps_per_s):
+    if (seconds < 2 and not rough) or not np.isfinite(sample_timesteps_per_s):
         return
     path = att.cache_dir / "throughput.json"
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         data = {}
-    data[_throughput_key(att)] = {"sample_timesteps_per_s": float(sample_timesteps_per_s),
-                                  "measured": time.strftime("%Y-%m-%d %H:%M"), "seconds": round(seconds, 1)}
+    key = _throughput_key(att)
+    if rough and key in data and not data[key].get("rough"):
+        return
+    data[key] = {"sample_timesteps_per_s": float(sample_timesteps_per_s), "rough": rough,
+                 "measured": time.strftime("%Y-%m-%d %H:%M"), "seconds": round(seconds, 1)}
     try:
         write_json(path, data)
     except OSError:
         pass  # a read-only cache keeps working without estimates
 
 
-def recorded_throughput(att: Attributor) -> float | None:
+def recorded_throughput(att: Attributor) -> dict | None:
+    """The recorded entry for this checkpoint: {"sample_timesteps_per_s", "rough", "measured", "seconds"}."""
     path = att.cache_dir / "throughput.json"
     try:
         entry = json.loads(path.read_text()).get(_throughput_key(att)) if path.is_file() else None
-    except (OSError, ValueError):
+        return entry if entry and float(entry["sample_timesteps_per_s"]) > 0 else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return float(entry["sample_timesteps_per_s"]) if entry else None
 
 
 @dataclass

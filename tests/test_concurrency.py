@@ -154,9 +154,13 @@ def test_featurize_estimate_from_the_measured_throughput(model, digits, tmp_path
     att = Attributor(model, train, CFG, cache=tmp_path, batch_size=4)
     seconds, basis = att.featurize_estimate()
     assert seconds is None and "timed" in basis
-    engine.record_throughput(att, 4.0, 3.0)  # 4 sample-timesteps/s
+    seconds, basis = att.featurize_estimate(probe=True)  # times one image, keeps it as a rough measurement
+    assert seconds > 0 and "rough" in basis and att.featurize_estimate()[1] == basis
+    engine.record_throughput(att, 4.0, 3.0)  # measured: 4 sample-timesteps/s
     seconds, basis = att.featurize_estimate()
-    assert seconds == pytest.approx(8 * 2 / 4.0) and "8 images" in basis
+    assert seconds == pytest.approx(8 * 2 / 4.0) and "8 images" in basis and "measured here" in basis
+    engine.record_throughput(att, 100.0, 0.1, rough=True)  # a later probe does not replace a measurement
+    assert att.featurize_estimate()[0] == pytest.approx(8 * 2 / 4.0)
     att.featurize()
     assert att.featurize_estimate() == (0.0, "cached")
     # another feature configuration of the same checkpoint uses the same measurement
