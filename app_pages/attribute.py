@@ -180,7 +180,7 @@ for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_run
         d1.download_button("Scores (.csv)", to_csv(rows), file_name=export_name("scores", meta, "csv"),
                            mime="text/csv", key=f"attr_csv_{i}")
         d2.download_button("Scores (.npz)", to_npz_bytes(scores=scores[None].astype(np.float32),
-                                                         target=target.images.numpy(),
+                                                         target_image=target.images.numpy(),
                                                          **{k: np.array([v]) for k, v in meta.items()}),
                            file_name=export_name("scores", meta, "npz"), key=f"attr_npz_{i}")
         st.code(equivalent_cli(opts.checkpoint, att.train.spec, opts.method, att.cfg, target_spec, lam,
