@@ -16,8 +16,8 @@ from attribution.targets import Generated, resolve_targets
 from attribution.report import (equivalent_cli, export_metadata, export_name, positive_share, ranking_rows, to_csv,
                                 to_npz_bytes)
 from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attribution,
-                             feature_fn_options, featurize_note, featurize_with_progress, generated_pixels, lambda_slider, opts_key,
-                             ranked_tiles, target_from_pixels, top_lists)
+                             feature_fn_options, featurize_note, featurize_with_progress, generated_pixels,
+                             lambda_slider, opts_key, ranked_tiles, target_from_pixels, top_lists)
 from app_pages._ui import display_size, fail, require_model
 
 st.title("Attribute")

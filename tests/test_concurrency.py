@@ -190,3 +190,32 @@ def test_concurrent_store_creation_keeps_the_first(tmp_path):
         (second / "who").write_text("second")
     assert (tmp_path / "s" / "who").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_app_featurization_runs_on_when_the_session_goes_away(model, digits, tmp_path, monkeypatch):
+    """The app featurizes in one background job per store: a second session watches the same job, and a session
+    whose browser disconnects (its script stopped: its progress callback raises) leaves the job running to the
+    end; every row is computed once."""
+    from app_pages import _attr, _ui
+
+    train = subset(digits, 12)
+    calls = counting_features_of(monkeypatch)
+    first = Attributor(model, train, CFG, cache=tmp_path, batch_size=4)
+    second = Attributor(model, train, CFG, cache=tmp_path, batch_size=4)  # another session's attributor
+
+    def disconnected(label):
+        def update(done, total, message):
+            raise Disconnected
+        return update
+
+    monkeypatch.setattr(_ui, "progress_bar", disconnected)
+    with pytest.raises(Disconnected):
+        _attr.featurize_with_progress(_attr.Attribution(_attr.get_method("dtrak"), [first]))
+    job = _attr._JOBS[str(first.store_path)]  # left running by the session that went away
+    assert _attr.featurize_job(second) is job or not job.thread.is_alive()  # the other session watches it
+    job.thread.join(120)  # nobody watching: it runs to the end
+    assert job.error is None and first.store.complete
+    seen = []
+    _attr.featurize_job(second).watch(lambda done, total, message: seen.append((done, total, message)))
+    assert seen[-1] == (12, 12, "cached")
+    assert sorted(k for batch in calls for k in batch) == sorted(keys_for("train", range(12)))  # each row once
