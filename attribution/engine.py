@@ -320,7 +320,7 @@ def target_features(att: Attributor, method: Method, targets, progress: Progress
 
 
 def format_duration(seconds: float) -> str:
-    """"about 40 s", "about 3 min", "about 1.5 h"."""
+    """A rough duration: "40 s", "3 min", "1.5 h"."""
     if seconds < 90:
         return f"{max(1, round(seconds))} s"
     if seconds < 90 * 60:
@@ -332,7 +332,8 @@ def progress_message(done: int, total: int, finished_now: int, elapsed: float) -
     """"n / N images, R images/s, about M min left" from the rows this run finished in `elapsed` seconds."""
     rate = finished_now / max(elapsed, 1e-9)
     left = (total - done) / rate if rate > 0 else float("inf")
-    return (f"{done} / {total} images, {rate:.2g} images/s"
+    shown_rate = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
+    return (f"{done} / {total} images, {shown_rate} images/s"
             + (f", about {format_duration(left)} left" if done < total else ""))
 
 

@@ -4,7 +4,8 @@
 
 Each session is a thread that attributes its own new target (a validation image: featurize it, score it with
 D-TRAK at the default lambda), all released at once by a barrier; a round is repeated --rounds times and the
-per-session latencies are pooled (median, and the slowest). Two ways to share the model are compared:
+per-session latencies are pooled (median, and the slowest); the two variants alternate within each round (A B,
+then B A), as the machine's load drifts. Two ways to share the model are compared:
 - lock: every session uses the one shared model; its adapter lock serialises the UNet forward passes
   (functional_call swaps parameters into the module), backward passes and projections run in parallel;
 - copy: every session has its own copy of the UNet (no lock contention; P x more memory).
@@ -83,10 +84,11 @@ def main():
 
     results = {"checkpoint": a.checkpoint, "n_train": n, "K": a.timesteps, "k": a.proj_dim,
                "torch_threads": torch.get_num_threads(), "featurize_s": round(featurize_s, 1), "runs": []}
-    for variant in ("lock", "copy"):
+    lat = {(v, s): [] for v in ("lock", "copy") for s in sessions}
+    walls = {key: [] for key in lat}
+    for r in range(a.rounds):  # interleaved: both variants see the same (noisy, shared) machine
         for s in sessions:
-            latencies, walls = [], []
-            for r in range(a.rounds):
+            for variant in (("lock", "copy") if r % 2 == 0 else ("copy", "lock")):
                 barrier = threading.Barrier(s)
                 ids = targets[r * s:(r + 1) * s]
 
@@ -97,15 +99,16 @@ def main():
                 start = time.perf_counter()
                 with ThreadPoolExecutor(s) as ex:
                     out = list(ex.map(job, range(s)))
-                walls.append(time.perf_counter() - start)
+                walls[variant, s].append(time.perf_counter() - start)
                 for (seconds, scores), i in zip(out, ids):
                     assert np.array_equal(scores, serial[i]), f"{variant}: a concurrent result differs"
-                    latencies.append(seconds)
-            row = {"variant": variant, "sessions": s, "median_s": round(statistics.median(latencies), 3),
-                   "max_s": round(max(latencies), 3),
-                   "attributions_per_s": round(s * a.rounds / sum(walls), 2)}
-            results["runs"].append(row)
-            print(json.dumps(row), flush=True)
+                    lat[variant, s].append(seconds)
+    for (variant, s), values in lat.items():
+        row = {"variant": variant, "sessions": s, "median_s": round(statistics.median(values), 3),
+               "max_s": round(max(values), 3),
+               "attributions_per_s": round(s * a.rounds / sum(walls[variant, s]), 2)}
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
     print(json.dumps(results))
 
 

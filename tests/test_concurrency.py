@@ -144,6 +144,8 @@ def test_progress_says_images_rate_and_time_left():
     assert progress_message(30, 100, 20, 10.0) == "30 / 100 images, 2 images/s, about 35 s left"
     assert progress_message(100, 3100, 100, 10.0) == "100 / 3100 images, 10 images/s, about 5 min left"
     assert progress_message(100, 100, 100, 10.0) == "100 / 100 images, 10 images/s"
+    assert progress_message(10, 3000, 10, 0.05) == "10 / 3000 images, 200 images/s, about 15 s left"
+    assert progress_message(1, 3000, 1, 20.0) == "1 / 3000 images, 0.05 images/s, about 16.7 h left"
     assert format_duration(2 * 3600) == "2.0 h"
 
 
