@@ -7,12 +7,13 @@ memory, so moving the lambda slider costs milliseconds); the functions without S
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import streamlit as st
 from attribution.data import ImageDataset
-from attribution.engine import Attribution, Ranked, open_attribution, rank
+from attribution.engine import Attribution, Attributor, Ranked, open_attribution, rank
 from attribution.features.outputs import OUTPUT_FUNCTIONS
 from attribution.kernel import Kernel
 from attribution.methods import METHODS, get_method
@@ -58,13 +59,76 @@ def cached_attribution(opts: RunOptions) -> Attribution:
                             checkpoint_weights=opts.checkpoint_weights)
 
 
+class FeaturizeJob:
+    """One featurization of one feature store in a background thread of the server, shared by every session
+    that asks for that store. It runs to the end even when the session that started it goes away (a closed tab,
+    a lost connection: Streamlit stops that session's script, not this thread); sessions only watch it."""
+
+    def __init__(self, member: Attributor):
+        self.done, self.total, self.message, self.error = 0, len(member.train), "starting", None
+        self.thread = threading.Thread(target=self._run, args=(member,), daemon=True,
+                                       name=f"featurize {member.store_path.name}")
+        self.thread.start()
+
+    def _run(self, member: Attributor) -> None:
+        try:
+            member.featurize(progress=self._update)
+        except Exception as exc:  # handed to every watching session
+            self.error = exc
+
+    def _update(self, done: int, total: int, message: str) -> None:
+        self.done, self.total, self.message = done, total, message
+
+    def watch(self, update, poll: float = 0.5) -> None:
+        """Report progress to `update(done, total, message)` until the job ends; raise its error, if any."""
+        while self.thread.is_alive():
+            update(self.done, self.total, self.message)
+            self.thread.join(poll)
+        if self.error is not None:
+            raise self.error
+        update(self.done, self.total, self.message)
+
+
+_JOBS: dict[str, FeaturizeJob] = {}
+_JOBS_LOCK = threading.Lock()
+
+
+def featurize_job(member: Attributor) -> FeaturizeJob:
+    """The running job for `member`'s store, or a new one (a finished or failed job is replaced: the new one
+    finds the finished rows cached, or retries)."""
+    with _JOBS_LOCK:
+        job = _JOBS.get(str(member.store_path))
+        if job is None or not job.thread.is_alive():
+            job = _JOBS[str(member.store_path)] = FeaturizeJob(member)
+        return job
+
+
 def featurize_with_progress(att: Attribution, title: str = "") -> None:
-    """Featurize every member of `att`, one progress bar per checkpoint."""
-    from app_pages._ui import progress_bar
+    """Featurize every member of `att` in the background (see FeaturizeJob), one progress bar per checkpoint."""
+    from app_pages import _ui
 
     prefix = f"{title}: " if title else ""
-    att.featurize(lambda member: progress_bar(
-        f"{prefix}featurizing {len(member.train)} training images with {member.model.spec}"))
+    for member in att.members:
+        featurize_job(member).watch(_ui.progress_bar(
+            f"{prefix}featurizing {len(member.train)} training images with {member.model.spec}"))
+
+
+def featurize_note(att: Attribution) -> str:
+    """Before Run: whether the training features are cached, else about how long featurizing will take here
+    (from the throughput measured on this machine; a one-image timing until the first featurization)."""
+    from attribution.engine import format_duration
+
+    total, bases = 0.0, []
+    for member in att.members:
+        seconds, basis = member.featurize_estimate(probe=True)
+        if seconds:
+            total += seconds
+            bases.append(basis)
+    if not total:
+        return "The training features for these options are cached: a run takes seconds."
+    return (f"The training features for these options are not cached yet: featurizing will take about "
+            f"{format_duration(total)} on this machine ({'; '.join(bases)}). Progress is shown; the result is "
+            "cached and an interrupted run resumes.")
 
 
 def feature_fn_options(method: str) -> list[str]:

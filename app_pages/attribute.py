@@ -13,10 +13,11 @@ from attribution.journey import require_trajectories
 from attribution.methods import METHODS
 from attribution.store import cache_root
 from attribution.targets import Generated, resolve_targets
-from attribution.report import equivalent_cli, positive_share, ranking_rows, to_csv, to_npz_bytes
+from attribution.report import (equivalent_cli, export_metadata, export_name, positive_share, ranking_rows, to_csv,
+                                to_npz_bytes)
 from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attribution,
-                             feature_fn_options, featurize_with_progress, generated_pixels, lambda_slider, opts_key,
-                             ranked_tiles, target_from_pixels, top_lists)
+                             feature_fn_options, featurize_note, featurize_with_progress, generated_pixels,
+                             lambda_slider, opts_key, ranked_tiles, target_from_pixels, top_lists)
 from app_pages._ui import display_size, fail, require_model
 
 st.title("Attribute")
@@ -112,6 +113,12 @@ if compare not in ("(none)", method):  # comparing a method with itself would re
 if compare_ckpt != "(none)":
     runs.append((f"{METHOD_TITLES[method]} @ {compare_ckpt}", options_for(method, compare_ckpt)))
 
+if not run:
+    try:
+        st.caption(" ".join(dict.fromkeys(featurize_note(cached_attribution(opts)) for _, opts in runs)),
+                   help="For the options as the form was last submitted.")
+    except AttributionError:
+        pass  # options that do not make an attribution are reported by Run, with the reason
 if run:
     for stale in ("attr_runs", "attr_target", "attr_features"):  # a failed run must not leave older results
         st.session_state.pop(stale, None)  # labelled as this target's
@@ -132,7 +139,7 @@ if run:
                 status.update(label=f"{title}: kernel and target features…")
                 results[opts] = att.target_features(target)
                 if att.method.uses_lambda:
-                    att.members[0].train_features().kernel  # decompose once; later lambda changes are instant
+                    _ = att.members[0].train_features().kernel  # decompose once; later lambda changes are instant
         except AttributionError as exc:
             status.update(state="error")
             fail(exc)
@@ -174,12 +181,14 @@ for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_run
                    f"probability). Same-class share of the top {n_pro}: "
                    + (f"{np.mean([r.class_name == target.labels[0] for r in pro]):.0%}" if target.labels[0]
                       and pro else "n/a"))
-        rows = ranking_rows(scores, att.train)
+        meta = export_metadata(target_spec, opts.method, lam, opts.checkpoint, att.train.spec, att.cfg)
+        rows = ranking_rows(scores, att.train, meta)
         d1, d2 = st.columns(2)
-        d1.download_button("Scores (.csv)", to_csv(rows), file_name=f"scores-{opts.method}.csv", mime="text/csv",
-                           key=f"attr_csv_{i}")
+        d1.download_button("Scores (.csv)", to_csv(rows), file_name=export_name("scores", meta, "csv"),
+                           mime="text/csv", key=f"attr_csv_{i}")
         d2.download_button("Scores (.npz)", to_npz_bytes(scores=scores[None].astype(np.float32),
-                                                         target=target.images.numpy()),
-                           file_name=f"scores-{opts.method}.npz", key=f"attr_npz_{i}")
+                                                         target_image=target.images.numpy(),
+                                                         **{k: np.array([v]) for k, v in meta.items()}),
+                           file_name=export_name("scores", meta, "npz"), key=f"attr_npz_{i}")
         st.code(equivalent_cli(opts.checkpoint, att.train.spec, opts.method, att.cfg, target_spec, lam,
                                n_pro, opts.checkpoint_weights), language="bash", wrap_lines=True)

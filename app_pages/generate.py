@@ -38,7 +38,8 @@ with st.form("generate"):
 
 if job is not None:
     start = time.time()
-    with st.status(f"Generating {job['n']} images with {job['sampler']} ({job['steps']} steps)…") as status:
+    with st.status(f"Generating {job['n']} images with {job['sampler']} ({job['steps']} steps)…",
+                   expanded=True) as status:
         try:
             result = generate_images(model, job["n"], job["seed"], job["steps"], job["sampler"],
                                      progress=progress_bar("Sampling"))

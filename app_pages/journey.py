@@ -13,7 +13,7 @@ from attribution.journey import JourneyConfig, formation, formation_figure, run_
 from attribution.methods import METHODS, get_method
 from attribution.report import to_npz_bytes
 from attribution.sampling import SAMPLERS
-from app_pages._attr import PROJ_DIMS, RunOptions, lambda_slider, ranked_tiles, top_lists
+from app_pages._attr import PROJ_DIMS, RunOptions, featurize_job, lambda_slider, ranked_tiles, top_lists
 from app_pages._ui import cached_model, display_size, fail, progress_bar, require_model
 
 JOURNEY_METHODS = ("dtrak", "trak")
@@ -94,10 +94,10 @@ if run:
             cfg.check(model.num_timesteps)
             att = journey_attributor(opts)
             status.update(label="Training features (cached after the first run)…")
-            att.featurize(progress=progress_bar(f"Featurizing {len(att.train)} training images"))
+            featurize_job(att).watch(progress_bar(f"Featurizing {len(att.train)} training images"))
             status.update(label=f"Sampling and attributing {len(cfg.step_indices())} steps…")
             journey = run_journey(att, cfg, progress_bar("Journey"), image=image, name=name)
-            att.train_features().kernel  # decompose once; lambda changes are then instant
+            _ = att.train_features().kernel  # decompose once; lambda changes are then instant
         except AttributionError as exc:
             status.update(state="error")
             fail(exc)

@@ -10,7 +10,7 @@ import streamlit as st
 
 from attribution.errors import AttributionError
 from attribution.methods import METHODS
-from attribution.report import to_csv
+from attribution.report import export_metadata, export_name, to_csv
 from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attribution, featurize_with_progress,
                              lambda_slider, opts_key)
 from app_pages._ui import display_size, fail, require_model
@@ -34,7 +34,7 @@ opts = RunOptions(model.spec, dataset, method, None, None, int(timesteps), "unif
 if run:
     try:
         att = cached_attribution(opts)
-        with st.status("Featurizing the training set (cached after the first run)…") as status:
+        with st.status("Featurizing the training set (cached after the first run)…", expanded=True) as status:
             featurize_with_progress(att)
             status.update(label="Features ready", state="complete")
     except AttributionError as exc:
@@ -78,5 +78,6 @@ fig.update_traces(opacity=0.6)
 st.plotly_chart(fig, key="si_hist")
 rows = [{"index": int(i), "label": data.label_name(int(i)), "self_influence": float(values[i])} for i in order]
 st.dataframe(rows, height=240, hide_index=True)
-st.download_button("Self-influence (.csv)", to_csv(rows), file_name=f"self-influence-{opts.method}.csv",
-                   mime="text/csv")
+meta = export_metadata(None, opts.method, lam, opts.checkpoint, data.spec, att.cfg)
+st.download_button("Self-influence (.csv)", to_csv([{**row, **meta} for row in rows]),
+                   file_name=export_name("self-influence", meta, "csv"), mime="text/csv")

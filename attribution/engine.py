@@ -14,6 +14,7 @@ trained at (`tracin_weights`). `open_attribution` builds either from user option
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class Attributor:
             self.train_timesteps, self.train_timesteps_source = training_timesteps(model, train, features.seed)
             digest = hashlib.sha256(self.train_timesteps.astype(np.int64).tobytes()).hexdigest()[:16]
             self.identity["train_timesteps"] = {"source": self.train_timesteps_source, "hash": digest}
-        root = cache_root(cache)
+        root = self.cache_dir = cache_root(cache)
         self.store_path = (FeatureStore.default_path(root, self.identity, features.slug()) if store_dir is None
                            else Path(store_dir))
         self._projector = None
@@ -100,24 +101,63 @@ class Attributor:
         return np.concatenate(out).astype(np.float32)
 
     def featurize(self, progress: Progress | None = None) -> FeatureStore:
-        """Compute the training features that are not cached yet; resumes after an interruption."""
+        """Compute the training features that are not cached yet; resumes after an interruption.
+
+        One featurization per store: while another session (thread or process) featurizes it, this one waits,
+        reporting that session's progress, and then computes only what is still missing (nothing, normally).
+        """
         store = self.store
-        todo = np.flatnonzero(~store.done())
-        n, done_before = len(self.train), len(self.train) - len(todo)
-        start = time.perf_counter()
-        for s in range(0, len(todo), self.batch_size):
-            rows = todo[s:s + self.batch_size]
-            keys = [f"{self.train.split}/{i}" for i in rows]
-            ts = None if self.train_timesteps is None else self.train_timesteps[rows]
-            store.write_rows(rows, self.features_of(self.train.tensors(rows), keys, ts))
+        n = len(self.train)
+
+        def waiting() -> None:
             if progress:
-                done = done_before + s + len(rows)
-                per_row = 1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)
-                rate = (s + len(rows)) * per_row / (time.perf_counter() - start)
-                progress(done, n, f"{rate:.0f} sample-timesteps/s")
-        if progress and not len(todo):
-            progress(n, n, "cached")
+                progress(int(store.done().sum()), n, "another session is computing these features; waiting for it")
+
+        with store.exclusive(waiting):
+            todo = np.flatnonzero(~store.done())
+            done_before = n - len(todo)
+            per_row = 1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)
+            per_row *= self.cfg.noises
+            start = time.perf_counter()
+            for s in range(0, len(todo), self.batch_size):
+                rows = todo[s:s + self.batch_size]
+                keys = [f"{self.train.split}/{i}" for i in rows]
+                ts = None if self.train_timesteps is None else self.train_timesteps[rows]
+                store.write_rows(rows, self.features_of(self.train.tensors(rows), keys, ts))
+                elapsed = time.perf_counter() - start
+                finished = s + len(rows)
+                if progress:
+                    progress(done_before + finished, n, progress_message(done_before + finished, n, finished,
+                                                                         elapsed))
+                if finished == len(todo) or elapsed > 20:
+                    record_throughput(self, finished * per_row / elapsed, elapsed)
+            if progress and not len(todo):
+                progress(n, n, "cached")
         return store
+
+    def featurize_estimate(self, probe: bool = False) -> tuple[float | None, str]:
+        """(seconds, basis) that featurizing the missing rows will take: 0 when cached; from the throughput
+        recorded on this machine for this checkpoint and parameter set; else, with `probe`, from timing one
+        training image now (a rough upper bound: batches are faster per image); else (None, why)."""
+        store_done = FeatureStore.peek_done(self.store_path)
+        missing = len(self.train) if store_done is None else int((~store_done).sum())
+        if missing == 0:
+            return 0.0, "cached"
+        per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
+        entry = recorded_throughput(self)
+        if entry is None and probe:
+            start = time.perf_counter()
+            ts = None if self.train_timesteps is None else self.train_timesteps[:1]
+            self.features_of(self.train.tensors([0]), [f"{self.train.split}/0"], ts)
+            elapsed = time.perf_counter() - start
+            record_throughput(self, per_row / elapsed, elapsed, rough=True)
+            entry = recorded_throughput(self)
+        if entry is None:
+            return None, "no featurization of this checkpoint has been timed on this machine yet"
+        rate = entry["sample_timesteps_per_s"]
+        how = ("timed on one image (a rough upper bound until the first featurization)" if entry.get("rough")
+               else f"measured here {entry['measured']}")
+        return missing * per_row / rate, f"{missing} images at {rate:.3g} sample-timesteps/s, {how}"
 
     # -- scoring -----------------------------------------------------------------------------------------------
 
@@ -125,9 +165,12 @@ class Attributor:
         arrays = self.store.load_kernel_arrays()
         if arrays is not None:
             return Kernel.from_arrays(arrays)
-        kernel = Kernel.fit(self.store.features())
-        self.store.save_kernel_arrays(**kernel.arrays())
-        return Kernel.from_arrays(kernel.arrays())
+        with self.store.exclusive():  # one decomposition per store; the others wait and load it
+            arrays = self.store.load_kernel_arrays()
+            if arrays is None:
+                arrays = Kernel.fit(self.store.features()).arrays()
+                self.store.save_kernel_arrays(**arrays)
+        return Kernel.from_arrays(arrays)
 
     def train_features(self) -> TrainFeatures:
         if self._train_features is None:
@@ -284,6 +327,62 @@ def target_features(att: Attributor, method: Method, targets, progress: Progress
 
         return trajectory_features(att, targets, progress, cache, sampler_model)
     return att.features_of(targets.images, targets.keys)
+
+
+def format_duration(seconds: float) -> str:
+    """A rough duration: "40 s", "3 min", "1.5 h"."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress_message(done: int, total: int, finished_now: int, elapsed: float) -> str:
+    """"n / N images, R images/s, about M min left" from the rows this run finished in `elapsed` seconds."""
+    rate = finished_now / max(elapsed, 1e-9)
+    left = (total - done) / rate if rate > 0 else float("inf")
+    shown_rate = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
+    return (f"{done} / {total} images, {shown_rate} images/s"
+            + (f", about {format_duration(left)} left" if done < total else ""))
+
+
+def _throughput_key(att: Attributor) -> str:
+    return f"{att.identity['checkpoint']}|{att.cfg.params or 'all'}|{att.model.device.type}"
+
+
+def record_throughput(att: Attributor, sample_timesteps_per_s: float, seconds: float, rough: bool = False) -> None:
+    """Remember how fast this machine featurized this checkpoint (cache root, throughput.json): the estimate
+    shown before a run. Measurements over less than 2 s are too noisy to keep unless marked `rough` (a one-image
+    probe), and a rough one never replaces a measured one."""
+    from .fileio import write_json
+
+    if (seconds < 2 and not rough) or not np.isfinite(sample_timesteps_per_s):
+        return
+    path = att.cache_dir / "throughput.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    key = _throughput_key(att)
+    if rough and key in data and not data[key].get("rough"):
+        return
+    data[key] = {"sample_timesteps_per_s": float(sample_timesteps_per_s), "rough": rough,
+                 "measured": time.strftime("%Y-%m-%d %H:%M"), "seconds": round(seconds, 1)}
+    try:
+        write_json(path, data)
+    except OSError:
+        pass  # a read-only cache keeps working without estimates
+
+
+def recorded_throughput(att: Attributor) -> dict | None:
+    """The recorded entry for this checkpoint: {"sample_timesteps_per_s", "rough", "measured", "seconds"}."""
+    path = att.cache_dir / "throughput.json"
+    try:
+        entry = json.loads(path.read_text()).get(_throughput_key(att)) if path.is_file() else None
+        return entry if entry and float(entry["sample_timesteps_per_s"]) > 0 else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 @dataclass

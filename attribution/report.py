@@ -4,19 +4,85 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import shlex
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from .data import ImageDataset
+from .errors import ConfigError
 from .features.config import FeatureConfig
 
+# What `--out` writes, by extension: the raw matrix, a ranked table with metadata columns, or both in one archive.
+OUT_FORMATS = {".npy": "the score matrix (targets x training images, dataset order)",
+               ".csv": "a ranked table per target, with the metadata in columns",
+               ".npz": "the score matrix and the metadata"}
 
-def ranking_rows(scores: np.ndarray, data: ImageDataset) -> list[dict]:
-    """Every training image, strongest proponent first: rank, index, label, score."""
+
+def export_metadata(target: str | None, method: str, lam: float | None, checkpoint: str, dataset: str,
+                    cfg: FeatureConfig) -> dict:
+    """What a score export was computed from: target, method, lambda, checkpoint, dataset, feature config."""
+    meta = {} if target is None else {"target": target}
+    meta.update(method=method, **{"lambda": "" if lam is None else f"{lam:.6g}"}, checkpoint=checkpoint,
+                dataset=dataset, features=cfg.slug())
+    return meta
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "-", text).strip("-.")[:40] or "x"
+
+
+def export_name(kind: str, meta: dict, ext: str) -> str:
+    """A file name that differs whenever target, method, lambda, checkpoint or feature config differ, e.g.
+    scores_gen-0_dtrak_lam0.0123_run-epoch-2_square-K10u-n1-sjlt-k4096-s0.csv."""
+    ckpt = ",".join("-".join(Path(c.strip()).parts[-2:]) for c in meta["checkpoint"].split(","))
+    parts = [kind] + ([_name_part(meta["target"])] if meta.get("target") else []) + [meta["method"]]
+    if meta.get("lambda"):
+        parts.append(f"lam{meta['lambda']}")
+    parts += [_name_part(ckpt), _name_part(meta["features"])]
+    return "_".join(parts) + "." + ext.lstrip(".")
+
+
+def ranking_rows(scores: np.ndarray, data: ImageDataset, meta: dict | None = None) -> list[dict]:
+    """Every training image, strongest proponent first: rank, index, label, score (then the `meta` columns)."""
     order = np.argsort(-scores, kind="stable")
-    return [{"rank": r + 1, "index": int(i), "label": data.label_name(int(i)), "score": float(scores[i])}
+    extra = dict(meta or {})
+    return [{"rank": r + 1, "index": int(i), "label": data.label_name(int(i)), "score": float(scores[i]), **extra}
             for r, i in enumerate(order)]
+
+
+def check_out(path: str | None) -> None:
+    """Refuse an `--out` whose extension is not one we write (before any work)."""
+    if path is None:
+        return
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUT_FORMATS:
+        raise ConfigError(f"--out {path}: unknown file type {suffix or '(no extension)'}; use "
+                          + ", ".join(f"{ext} ({what})" for ext, what in OUT_FORMATS.items()))
+
+
+def write_scores(path: str, scores: np.ndarray, data: ImageDataset, metas: Sequence[dict]) -> str:
+    """Write (M, N) scores (one row per target; self-influence: one row) as `path`'s extension says; returns
+    what was written, for the message."""
+    from .fileio import atomic_path, save_npy
+
+    check_out(path)
+    suffix = Path(path).suffix.lower()
+    scores = np.asarray(scores).reshape(len(metas), -1)
+    if suffix == ".npy":
+        save_npy(path, scores.astype(np.float32))
+    elif suffix == ".csv":
+        rows = [row for m, meta in enumerate(metas) for row in ranking_rows(scores[m], data, meta)]
+        with atomic_path(path) as tmp:
+            tmp.write_text(to_csv(rows))
+    else:
+        arrays = {"scores": scores.astype(np.float32), **{key: np.array([meta[key] for meta in metas])
+                                                         for key in metas[0]}}
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    return OUT_FORMATS[suffix]
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -16,14 +16,22 @@ Featurizing writes rows in batches: rows first (flushed), then the done mask (at
 any point loses at most the batch in flight and a rerun resumes at the first unfinished row. A folder appears
 under its final name only once config.json and empty arrays exist (created in a temporary folder, then renamed).
 Opening a folder whose config.json differs from the identity asked for is refused, naming what differs.
+
+Several sessions (threads of the app, or other processes) may ask for one store at once. Creating it is
+first-come (the others open what the first made), and featurizing holds `exclusive()`, an `fcntl.flock` on
+`.lock` in the folder: one featurization per store; the others wait, then find the rows done and reuse them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +104,39 @@ class FeatureStore:
                                      "choose an empty or new folder")
         if not create:
             raise CacheMismatchError(f"no features at {path}; run featurize first")
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, replace=False) as tmp:  # another session creating it at once: theirs is kept
             (tmp / "config.json").write_text(json.dumps({"identity": identity, "provenance": provenance or {},
                                                          "shape": [n_rows, dim]}, indent=2, sort_keys=True) + "\n")
             mm = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n_rows, dim))
             del mm
             np.save(tmp / "done.npy", np.zeros(n_rows, dtype=bool))
-        return store
+        return cls.open(path, identity, n_rows, dim, provenance, create=False)  # checks the one that won
+
+    @contextlib.contextmanager
+    def exclusive(self, waiting: Callable[[], None] | None = None, poll: float = 0.5) -> Iterator[None]:
+        """Hold this store's lock (across threads and processes) while the block runs; `waiting()` is called
+        every `poll` seconds while another holder has it. A killed holder's lock is released by the OS."""
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if waiting:
+                        waiting()
+                    time.sleep(poll)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def peek_done(path: Path) -> np.ndarray | None:
+        """The done mask of the store at `path` without opening (or creating) it; None when there is none."""
+        try:
+            return np.load(Path(path) / "done.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
 
     # -- rows --------------------------------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 A target spec is one of
 - `train:I` / `val:I`: image I of the dataset's training or validation split; `train:A-B` / `val:A-B` the images
   A..B (inclusive);
-- `gen:SEED`: the image the checkpoint generates from SEED (the default sampler, DDPM with 50 steps);
+- `gen:SEED`: the image the checkpoint generates from SEED (the default sampler, DDPM with 50 steps), as 8-bit
+  pixels: the image people see, the PNG `generate` writes and the app shows, so the CLI, the app and that PNG
+  attribute exactly the same pixels (scores of the unrounded sample differ by several percent);
   `gen:A-B` the images of seeds A..B (inclusive);
 - a PATH to an image file (converted to the model's resolution and channels: centre crop, resize, mode), or to an
   .npz whose `images` array (uint8, N x H x W [x C]) must already match the model's resolution and channels.
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from .data import ImageDataset, load_dataset
-from .data.images import load_image_pixels, load_npz_images, pixels_to_tensor
+from .data.images import load_image_pixels, load_npz_images, pixels_to_tensor, tensor_to_pixels
 from .errors import ImageError
 from .models.adapter import DiffusionModel
 
@@ -60,6 +62,11 @@ def from_pixels(pixels: np.ndarray, names: list[str] | None = None, labels=None)
     return Targets(pixels_to_tensor(pixels), keys, names or [k for k in keys], list(labels or [None] * len(keys)))
 
 
+def _as_8bit(images: np.ndarray) -> torch.Tensor:
+    """Generated images (N, C, H, W) in [-1, 1] rounded to 8-bit pixels and back (see the module docstring)."""
+    return pixels_to_tensor(tensor_to_pixels(torch.from_numpy(images)))
+
+
 def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int = 50) -> Targets:
     spec = spec.strip()
     kind, _, arg = spec.partition(":")
@@ -80,7 +87,7 @@ def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int =
         from .sampling import sample
 
         traj = sample(model, 1, int(arg), steps=steps)
-        return Targets(torch.from_numpy(traj.final), [f"gen/{int(arg)}"], [spec], [None],
+        return Targets(_as_8bit(traj.final), [f"gen/{int(arg)}"], [spec], [None],
                        generated=[Generated(int(arg), steps, "ddpm")])
     seeds = re.fullmatch(r"(\d+)-(\d+)", arg) if kind == "gen" else None
     if seeds:
@@ -90,7 +97,7 @@ def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int =
         if last < first:
             raise ImageError(f"target {spec!r}: the seed range must go upwards (gen:A-B with A <= B)")
         traj = sample(model, last - first + 1, first, steps=steps)
-        return Targets(torch.from_numpy(traj.final), [f"gen/{s}" for s in traj.seeds],
+        return Targets(_as_8bit(traj.final), [f"gen/{s}" for s in traj.seeds],
                        [f"gen:{s}" for s in traj.seeds], [None] * len(traj.seeds),
                        generated=[Generated(int(s), steps, "ddpm") for s in traj.seeds])
     path = Path(spec).expanduser()

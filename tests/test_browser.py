@@ -135,3 +135,44 @@ def test_timesteps_scatter_click_opens_the_training_image(server, browser, tmp_p
     expect(page.get_by_test_id("stException")).to_have_count(0)
     page.screenshot(path=str(tmp_path / "timesteps.png"), full_page=True)
     page.close()
+
+
+def _start_attribution(browser, server):
+    """A fresh browser context (its own session) on the Attribute page: generated target seed 0, K=2, k=512
+    (the small feature configuration the other browser tests use), Run pressed; returns the page."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(f"{server}/attribute")
+    wait_for_app_run(page, timeout=120_000)
+    page.locator(".st-key-attr_K input").fill("2")
+    choose(page, "attr_k", "512")
+    return page
+
+
+def _top5(page) -> list[str]:
+    from playwright.sync_api import expect
+
+    expect(page.get_by_role("heading", name="Results")).to_be_visible(timeout=300_000)
+    wait_for_app_run(page, timeout=120_000)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    captions = page.locator(".st-key-attr_pro_0 [data-testid='stImageCaption']")
+    expect(captions).to_have_count(5)
+    return captions.all_inner_texts()
+
+
+@pytest.mark.browser
+def test_four_concurrent_sessions_get_the_single_session_top5(server, browser):
+    """Four browser contexts press Run within a second on the same generated digit: each gets the top-5 (indices
+    and scores) that one session alone gets. Before the adapter's lock, each got a different, wrong list."""
+    pages = [_start_attribution(browser, server) for _ in range(4)]
+    for page in pages:  # as close together as one Playwright thread can click
+        page.get_by_role("button", name="Run attribution").click()
+    concurrent = [_top5(page) for page in pages]
+    for page in pages:
+        page.context.close()
+    alone = _start_attribution(browser, server)
+    alone.get_by_role("button", name="Run attribution").click()
+    single = _top5(alone)
+    alone.context.close()
+    assert all(re.match(r"^#\d+ · \d · \+", c) for c in single), single
+    assert concurrent == [single] * 4

@@ -138,27 +138,65 @@ def test_generate_bad_options(results, tiny_run, capsys, option, value, expected
     assert not (results["tmp"] / "bad").exists()
 
 
-def test_app_command_serves_the_app():
-    """`python -m attribution app` starts the Streamlit server: its health endpoint answers "ok"."""
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_app_command_serves_the_app_and_stops_with_it():
+    """`python -m attribution app` starts the Streamlit server: its health endpoint answers "ok". Stopping the
+    command stops the server: nothing it started outlives it, and the port no longer answers."""
     import time
     import urllib.request
 
     sys.path.insert(0, str(Path(__file__).parent))
     from browser_support import free_port
 
+    def health() -> bytes | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                return r.read()
+        except OSError:
+            return None
+
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "attribution", "app", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    started = set()
     try:
         deadline, answer = time.time() + 60, None
         while time.time() < deadline and proc.poll() is None and answer != b"ok":
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    answer = r.read()
-            except OSError:
+            answer = health()
+            if answer != b"ok":
                 time.sleep(0.3)
         assert answer == b"ok"
+        started = _descendants(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and (any(_alive(p) for p in started) or health() is not None):
+        time.sleep(0.2)
+    assert not [p for p in started if _alive(p)]
+    assert health() is None

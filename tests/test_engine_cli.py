@@ -178,6 +178,8 @@ def _bad_cases(env) -> dict[str, list[str]]:
         "trak with square": [*score, "--method", "trak", "--fn", "square"],
         "store of another checkpoint": [*score, "--store", str(env["other_store"])],
         "--top 0": [*score, "--top", "0"],
+        "score --out .txt": ["score", *fresh, "--target", "train:3", "--out", str(tmp / "scores.txt")],
+        "self-influence --out .json": ["self-influence", *fresh, "--out", str(tmp / "self.json")],
     }
 
 
@@ -196,6 +198,8 @@ EXPECTED = {  # a fragment of each one-line message
     "trak with square": "TRAK uses the simple output function",
     "store of another checkpoint": "checkpoint",
     "--top 0": "--top must be at least 1",
+    "score --out .txt": "unknown file type .txt; use .npy",  # refused before featurizing, nothing written
+    "self-influence --out .json": "unknown file type .json",
 }
 
 

@@ -60,3 +60,51 @@ def test_grid_image_layout():
     # ceil(sqrt(5)) = 3 columns, 2 rows: height 2*(2+1)+1, width 3*(3+1)+1
     assert img.shape == (7, 13)
     assert img[1, 1] == 0 and img[1, 5] == 10 and img[4, 1] == 30 and img[4, 9] == 255  # empty cell stays white
+
+
+def test_exports_carry_their_metadata_and_distinct_names():
+    from attribution.report import export_metadata, export_name
+
+    cfg = FeatureConfig(fn="square", timesteps=10, proj_dim=4096, projector="sjlt")
+    meta = export_metadata("gen:0", "dtrak", 0.0123, "runs/digits/epoch-24", "digits", cfg)
+    rows = ranking_rows(np.array([0.1, -0.5, 0.9]), _dataset(3), meta)
+    lines = to_csv(rows).splitlines()
+    assert lines[0] == "rank,index,label,score,target,method,lambda,checkpoint,dataset,features"
+    assert lines[1] == f"1,2,even,0.9,gen:0,dtrak,0.0123,runs/digits/epoch-24,digits,{cfg.slug()}"
+    name = export_name("scores", meta, "csv")
+    assert name == f"scores_gen-0_dtrak_lam0.0123_digits-epoch-24_{cfg.slug()}.csv"
+    variants = [export_metadata("gen:1", "dtrak", 0.0123, "runs/digits/epoch-24", "digits", cfg),
+                export_metadata("gen:0", "trak", 0.0123, "runs/digits/epoch-24", "digits", cfg),
+                export_metadata("gen:0", "dtrak", 0.5, "runs/digits/epoch-24", "digits", cfg),
+                export_metadata("gen:0", "dtrak", 0.0123, "runs/digits/epoch-12", "digits", cfg),
+                export_metadata("gen:0", "dtrak", 0.0123, "runs/digits/epoch-24", "digits",
+                                FeatureConfig(fn="square", timesteps=5, proj_dim=4096, projector="sjlt"))]
+    names = {name} | {export_name("scores", m, "csv") for m in variants}
+    assert len(names) == 6
+    assert export_name("self-influence", export_metadata(None, "grad-dot", None, "digits", "digits", cfg),
+                       "csv") == f"self-influence_grad-dot_digits_{cfg.slug()}.csv"
+
+
+def test_out_follows_the_extension_or_refuses(tmp_path):
+    import pytest
+
+    from attribution.errors import ConfigError
+    from attribution.report import export_metadata, write_scores
+
+    cfg = FeatureConfig()
+    scores = np.array([[0.1, -0.5, 0.9], [0.2, 0.0, -0.1]])  # float64, as the methods return
+    metas = [export_metadata(t, "dtrak", 0.5, "digits", "toy", cfg) for t in ("val:0", "val:1")]
+    write_scores(str(tmp_path / "s.npy"), scores, _dataset(3), metas)
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), scores.astype(np.float32))
+    write_scores(str(tmp_path / "s.csv"), scores, _dataset(3), metas)
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    assert len(lines) == 1 + 6 and lines[0].startswith("rank,index,label,score,target,")
+    assert lines[1].startswith("1,2,even,0.9") and ",val:0," in lines[1] and ",val:1," in lines[4]
+    write_scores(str(tmp_path / "s.npz"), scores, _dataset(3), metas)
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["scores"], scores.astype(np.float32))
+        assert z["target"].tolist() == ["val:0", "val:1"] and z["method"].tolist() == ["dtrak"] * 2
+    for bad in ("s.txt", "s", "s.json"):
+        with pytest.raises(ConfigError, match="unknown file type") as exc:
+            write_scores(str(tmp_path / bad), scores, _dataset(3), metas)
+        assert "\n" not in str(exc.value) and not (tmp_path / bad).exists()

@@ -95,6 +95,9 @@ def cmd_score(args) -> int:
     from ..engine import rank
     from ..targets import resolve_targets
 
+    from ..report import check_out
+
+    check_out(args.out)
     attribution, train = build(args)
     method = attribution.method
     if args.top < 1:
@@ -112,10 +115,12 @@ def cmd_score(args) -> int:
     info(f"scoring {len(targets)} target(s) with {method.title}" + (f", lambda={lam:.4g}" if lam else ""))
     scores = attribution.scores(attribution.target_features(targets, cache=args.cache), lam)
     if args.out:
-        from ..fileio import save_npy
+        from ..report import export_metadata, write_scores
 
-        save_npy(args.out, scores.astype(np.float32))
-        info(f"wrote scores {scores.shape} (targets x training images, dataset order) to {args.out}")
+        metas = [export_metadata(name, method.name, lam, args.checkpoint, train.spec, attribution.cfg)
+                 for name in targets.names]
+        what = write_scores(args.out, scores, train, metas)
+        info(f"wrote {what}, {scores.shape[0]} target(s) x {scores.shape[1]} training images, to {args.out}")
     results = []
     for m in range(len(targets)):
         pro, opp = rank(scores[m], train, args.top, 1), rank(scores[m], train, args.top, -1)
@@ -125,7 +130,7 @@ def cmd_score(args) -> int:
                         "opponents": [{"index": r.index, "label": r.class_name, "score": r.score} for r in opp]})
     names = np.array([train.label_name(i) for i in range(len(train))])
     if len(targets) > 1 and set(targets.labels) <= set(names):  # labelled targets (val:A-B): a check that can fail
-        from .analysis.sanity import class_agreement
+        from ..analysis.sanity import class_agreement
 
         info(class_agreement(scores, names, np.array(targets.labels), min(args.top, len(train))).describe())
     if args.json:
@@ -141,6 +146,9 @@ def cmd_score(args) -> int:
 
 
 def cmd_self_influence(args) -> int:
+    from ..report import check_out
+
+    check_out(args.out)
     attribution, train = build(args)
     method = attribution.method
     if method.needs_trajectory:
@@ -152,9 +160,15 @@ def cmd_self_influence(args) -> int:
     lam = attribution.resolve_lambda(args.lam)
     values = attribution.self_influence(lam)
     if args.out:
-        from ..fileio import save_npy
+        from ..report import export_metadata, write_scores
 
-        save_npy(args.out, values.astype(np.float32))
+        meta = export_metadata(None, method.name, lam, args.checkpoint, train.spec, attribution.cfg)
+        if args.out.lower().endswith(".npy"):
+            from ..fileio import save_npy
+
+            save_npy(args.out, values.astype(np.float32))  # (N,), as before
+        else:
+            write_scores(args.out, values[None], train, [meta])
         info(f"wrote self-influence ({len(values)},) to {args.out}")
     order = np.argsort(-values, kind="stable")
     print(f"self-influence ({method.title}" + (f", lambda={lam:.4g}" if lam else "") + ")")
@@ -179,12 +193,13 @@ def add_commands(sub) -> None:
     s.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: 0.1 x mean kernel eigenvalue)")
     s.add_argument("--top", type=int, default=5)
     s.add_argument("--json", action="store_true", help="print the result as JSON")
-    s.add_argument("--out", help="write the full score matrix (targets x training images) as .npy")
+    s.add_argument("--out", help="write all scores: .npy (matrix, targets x training images), .csv (ranked table "
+                                 "with target, method, lambda, checkpoint, dataset, features) or .npz (both)")
     s.set_defaults(func=cmd_score)
 
     si = sub.add_parser("self-influence", help="rank training images by self-influence (memorisation)")
     add_feature_options(si)
     si.add_argument("--lambda", dest="lam", type=float)
     si.add_argument("--top", type=int, default=10)
-    si.add_argument("--out", help="write all self-influence values as .npy")
+    si.add_argument("--out", help="write all self-influence values: .npy, .csv (ranked, with metadata) or .npz")
     si.set_defaults(func=cmd_self_influence)

@@ -69,14 +69,20 @@ def cmd_generate(args) -> int:
 # -- app -----------------------------------------------------------------------------------------------------------
 
 def cmd_app(args) -> int:
-    """Serve the Streamlit app (the same as `streamlit run app.py`)."""
-    import subprocess
+    """Serve the Streamlit app (the same as `streamlit run app.py`).
+
+    The server replaces this process (exec) rather than running as its child, so stopping the command in any
+    way (Ctrl-C, a terminal closing, kill, a test's terminate) stops the server: nothing is left serving.
+    """
+    import os
 
     app = Path(__file__).resolve().parents[2] / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
            "--server.port", str(args.port)]
     info(f"serving the app on http://localhost:{args.port}")
-    return subprocess.call(cmd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
 
 
 def add_commands(sub) -> None:

@@ -14,6 +14,7 @@ A latent, text-conditioned model plugs in as another subclass without changing a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,9 @@ class DiffusionModel:
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.schedule = schedule
         self.info = info
+        # `eps` runs the UNet through `functional_call`, which puts the given parameters into the module for the
+        # length of the forward pass; threads sharing this model (the app's sessions) take turns there.
+        self._lock = threading.RLock()
         self._identity = info.content_hash() if info is not None else None
         if schedule.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type {schedule.prediction_type!r} is not supported; "
@@ -155,9 +159,14 @@ class DiffusionModel:
     def raw(self, params: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
             ) -> torch.Tensor:
         """The UNet's output (noise for epsilon models, velocity for v-prediction), a pure function of `params`.
-        Output functions act on this against `prediction_target`, as the model was trained (and as D-TRAK does)."""
-        return functional_call(self.unet, (params, self.buffers()), (x_t, t), dict(cond or {}, return_dict=False),
-                               strict=False)[0]
+        Output functions act on this against `prediction_target`, as the model was trained (and as D-TRAK does).
+
+        Thread-safe: `functional_call` swaps `params` into the shared UNet while the forward pass runs, so the pass
+        holds this model's lock (the backward pass of a gradient does not touch the module and runs unlocked).
+        """
+        with self._lock:
+            return functional_call(self.unet, (params, self.buffers()), (x_t, t),
+                                   dict(cond or {}, return_dict=False), strict=False)[0]
 
     def prediction_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What `raw` is trained to predict: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 for v-prediction."""
