@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 from attribution.data import ImageDataset
-from attribution.engine import Attribution, Attributor, Ranked, open_attribution, rank
+from attribution.engine import Attribution, Attributor, open_attribution
+from attribution.report import Ranked, rank
 from attribution.features.outputs import OUTPUT_FUNCTIONS
 from attribution.kernel import Kernel
 from attribution.methods import METHODS, get_method

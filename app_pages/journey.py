@@ -9,7 +9,9 @@ import torch
 from attribution.data import pixels_to_pil, pixels_to_tensor, tensor_to_pixels
 from attribution.errors import AttributionError
 from attribution.engine import Attributor, open_attributor
-from attribution.journey import JourneyConfig, formation, formation_figure, run_journey, top_indices
+from attribution.analysis.formation import formation, top_indices
+from attribution.figures import formation_figure
+from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import METHODS, get_method
 from attribution.report import to_npz_bytes
 from attribution.sampling import SAMPLERS

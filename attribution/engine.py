@@ -17,7 +17,6 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,11 @@ import torch
 from .data import ImageDataset
 from .errors import ConfigError
 from .features.config import FeatureConfig
+from .features.embeddings import make_embedder
 from .features.gradients import param_count, per_sample_gradients
 from .features.projectors import SCALING, make_projector, matrix_identity
 from .features.timesteps import sampled_timesteps
+from .journey import trajectory_features
 from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
 from .models.adapter import DiffusionModel
@@ -46,11 +47,19 @@ class Attributor:
                               "load the dataset at the model's resolution")
         self.model, self.train, self.cfg, self.batch_size = model, train, features, batch_size
         self.grad_spec = features.gradient_spec(model.num_timesteps)
-        self.grad_dim = param_count(model, features.params)
-        self.proj_dim = self.grad_dim if features.projector == "identity" else features.proj_dim
+        self.embedder = None  # the similarity baselines' features: embeddings of the images, no gradients
+        if features.embedding:
+            self.embedder = make_embedder(features.embedding, model.channels, model.resolution, features.clip_model,
+                                          features.clip_weights, model.device)
+            self.grad_dim = self.proj_dim = self.embedder.dim
+        else:
+            self.grad_dim = param_count(model, features.params)
+            self.proj_dim = self.grad_dim if features.projector == "identity" else features.proj_dim
         self.identity = {"checkpoint": model.identity(), "dataset": train.spec, "dataset_hash": train.content_hash,
                          "split": train.split, "n": len(train), "features": features.to_dict(),
                          "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "scaling": SCALING}
+        if self.embedder is not None:
+            self.identity["embedding"] = self.embedder.identity
         matrix = matrix_identity(features.projector, model.device)
         if matrix is not None:  # only trak-cuda: CPU-generated matrices keep the identity (and folder) they had
             self.identity["projection"] = matrix
@@ -78,7 +87,9 @@ class Attributor:
     @property
     def store(self) -> FeatureStore:
         if self._store is None:
-            provenance = {"checkpoint_spec": self.model.spec, "projector": self.projector.describe(),
+            provenance = {"checkpoint_spec": self.model.spec,
+                          "projector": (self.projector.describe() if self.embedder is None
+                                        else {"embedding": self.embedder.identity}),
                           "timesteps": (f"each training image at its {self.train_timesteps_source} timestep"
                                         if self.train_timesteps is not None else list(self.grad_spec.timesteps)),
                           "created": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__}
@@ -92,6 +103,8 @@ class Attributor:
 
         `timesteps` (M, K) replaces the configured timesteps per image (training rows of the "training" strategy).
         """
+        if self.embedder is not None:
+            return self.embedder.embed(images)
         out = []
         for s in range(0, len(images), self.batch_size):
             ts = None if timesteps is None else torch.as_tensor(timesteps[s:s + self.batch_size]).reshape(-1, 1)
@@ -323,8 +336,6 @@ def target_features(att: Attributor, method: Method, targets, progress: Progress
     trajectory (Journey TRAK), averaged over the trajectory of each generated target (ConfigError for others),
     sampled by `sampler_model` (default `att.model`)."""
     if method.needs_trajectory:
-        from .journey import trajectory_features
-
         return trajectory_features(att, targets, progress, cache, sampler_model)
     return att.features_of(targets.images, targets.keys)
 
@@ -385,21 +396,6 @@ def recorded_throughput(att: Attributor) -> dict | None:
         return None
 
 
-@dataclass
-class Ranked:
-    index: int
-    label: int | None
-    class_name: str
-    score: float
-
-
-def rank(scores: np.ndarray, data: ImageDataset, top: int = 5, sign: int = 1) -> list[Ranked]:
-    """The `top` training images with the largest positive (sign=1: proponents) or most negative (sign=-1:
-    opponents) scores, strongest first. Only scores of that sign are listed."""
-    order = np.argsort(-sign * scores, kind="stable")[:top]
-    return [Ranked(int(i), int(data.labels[i]) if data.labels[i] >= 0 else None, data.label_name(int(i)),
-                   float(scores[i])) for i in order if sign * scores[i] > 0]
-
 
 def training_dataset_of(model: DiffusionModel, dataset: str | None = None) -> ImageDataset:
     """The training split a model is attributed against: `dataset`, else the one its training run recorded."""
@@ -415,16 +411,16 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
                     eta: float | None = None, timesteps: int = 10, strategy: str = "uniform", noises: int = 1,
                     proj_dim: int = 4096, projector: str = "auto", seed: int = 0, params: str | None = None,
                     cache: str | None = None, store_dir: str | None = None, batch_size: int = 16,
-                    proj_seed: int | None = None) -> Attributor:
+                    proj_seed: int | None = None, clip_model: str = "ViT-B-32", clip_weights: str | None = None,
+                    ) -> Attributor:
     """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk."""
     from .features.projectors import default_projector
 
-    fn = method.check_fn("interp" if eta is not None and fn is None else fn)
     train = training_dataset_of(model, dataset)
-    cfg = FeatureConfig(fn=fn, eta=1.0 if eta is None else eta, timesteps=timesteps,
-                        strategy=method.strategy or strategy, noises=noises, proj_dim=proj_dim,
-                        projector=default_projector(model.device) if projector == "auto" else projector,
-                        seed=seed, params=params, normalize=method.normalize, proj_seed=proj_seed)
+    cfg = method.feature_config(fn=fn, eta=eta, timesteps=timesteps, strategy=strategy, noises=noises,
+                                proj_dim=proj_dim, seed=seed, params=params, proj_seed=proj_seed,
+                                projector=default_projector(model.device) if projector == "auto" else projector,
+                                clip_model=clip_model, clip_weights=clip_weights)
     cfg.gradient_spec(model.num_timesteps)  # K against T
     return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 
+from .analysis.formation import Formation
 from .analysis.influential import TopKStats
 from .analysis.norms import TrainingNorms
 
@@ -160,4 +161,36 @@ def per_target_figure(values: dict[str, np.ndarray], title: str = "LDS per targe
         fig.add_trace(go.Histogram(x=v, name=name, opacity=0.6, marker_color=color, xbins=dict(size=0.05)))
     fig.update_layout(barmode="overlay", title=title, xaxis_title="Spearman over retrained models",
                       yaxis_title="targets", template="plotly_white", height=360, margin=dict(l=60, r=20, t=50, b=50))
+    return fig
+
+
+# -- journey ----------------------------------------------------------------------------------------------------------
+
+def formation_figure(f: Formation, current: int | None = None, title: str | None = None):
+    """A plotly figure of the formation measures over the sampling steps, the current step marked."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    custom = np.asarray(f.timesteps)[:, None]
+    hover = "step %{x} (t=%{customdata[0]})<br>%{y:.3f}<extra>%{fullData.name}</extra>"
+    fig.add_trace(go.Scatter(x=f.steps, y=f.x0_distance, name="x̂0 distance to final (RMS)", mode="lines+markers",
+                             customdata=custom, hovertemplate=hover, line={"color": "#1f77b4"}), secondary_y=False)
+    fig.add_trace(go.Scatter(x=f.steps, y=f.proponent_similarity, mode="lines+markers", customdata=custom,
+                             name=f"top-{f.top} proponents ~ final (pixel corr.)", hovertemplate=hover,
+                             line={"color": "#ff7f0e"}), secondary_y=True)
+    fig.add_trace(go.Scatter(x=f.steps, y=f.overlap, mode="lines+markers", customdata=custom,
+                             name=f"top-{f.top} overlap with last step", hovertemplate=hover,
+                             line={"color": "#7f7f7f", "dash": "dot"}), secondary_y=True)
+    a, b = f.window()
+    fig.add_vrect(x0=a, x1=b, fillcolor="#1f77b4", opacity=0.08, line_width=0,
+                  annotation_text="features decided", annotation_position="top left")
+    if current is not None:
+        fig.add_vline(x=current, line_color="#d62728", line_width=2)
+    fig.update_layout(title=title, height=320, margin={"l": 50, "r": 50, "t": 40 if title else 20, "b": 40},
+                      legend={"orientation": "h", "y": -0.25}, hovermode="x unified")
+    fig.update_xaxes(title_text="sampling step (0 = pure noise)")
+    fig.update_yaxes(title_text="x̂0 distance", secondary_y=False, rangemode="tozero")
+    fig.update_yaxes(title_text="similarity / overlap", secondary_y=True, range=[-0.05, 1.05],
+                     tickvals=[0, 0.25, 0.5, 0.75, 1], showgrid=False)
     return fig

@@ -2,7 +2,7 @@
 
     journey = run_journey(attributor, JourneyConfig(seed=3, steps=50, every=5, resamples=20), progress)
     S = journey.scores(attributor, get_method("dtrak"), lam)        # (steps chosen, N): instant, from the kernel
-    f = formation(journey, S, attributor.train)                     # how far each step is from the final image
+    f = formation(journey, S, attributor.train)                     # analysis/formation.py: how far each step is
 
 At sampling step i (timestep t_i) the model sees x_t and predicts the clean image x̂0(t_i). The step's target
 feature is the gradient of the attributor's output function at x̂0(t_i) re-noised to t_i, averaged over R noise
@@ -35,7 +35,7 @@ from .errors import ConfigError
 from .features.gradients import per_sample_gradients
 from .fileio import read_json, save_npz, write_json
 from .sampling import SAMPLERS, Trajectory, check_sampling, sample
-from .store import _slug, cache_root, identity_hash
+from .store import journey_dir
 
 Progress = Callable[[int, int, str], None]
 JOURNEY_VERSION = 1  # bump when the stored arrays change meaning
@@ -203,8 +203,8 @@ def journey_path(att, cfg: JourneyConfig, source: str, cache: str | None = None,
     ident = {"version": JOURNEY_VERSION, "features": att.identity, "journey": cfg.to_dict(), "source": source}
     if sampled_by is not None and sampled_by != att.identity["checkpoint"]:
         ident["sampled_by"] = sampled_by
-    slug = _slug(f"{source.replace('/', '-')}-{cfg.sampler}{cfg.steps}-{att.cfg.fn}-R{cfg.resamples}")
-    return cache_root(cache) / "journey" / att.identity["checkpoint"] / f"{slug}-{identity_hash(ident)}"
+    slug = f"{source.replace('/', '-')}-{cfg.sampler}{cfg.steps}-{att.cfg.fn}-R{cfg.resamples}"
+    return journey_dir(att.identity["checkpoint"], slug, ident, cache)
 
 
 def step_features(att, x0: np.ndarray, timesteps: np.ndarray, keys: list[str], resamples: int,
@@ -307,105 +307,3 @@ def trajectory_features(att, targets, progress: Progress | None = None, cache: s
     return np.stack([baseline_features(att, g.seed, g.steps, g.sampler, progress=progress, cache=cache,
                                        sampler_model=sampler_model)
                      for g in targets.generated]).astype(np.float32)
-
-
-# -- feature formation -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Formation:
-    """How far each chosen step already is from the final image.
-
-    Attributes:
-        steps, timesteps: as in the journey.
-        x0_distance: RMS pixel distance of x̂0 to the final image.
-        proponent_similarity: mean pixel correlation of the step's top-k proponents with the final image.
-        overlap: |top-k of the step ∩ top-k of the last chosen step| / k.
-        top: k.
-    """
-
-    steps: np.ndarray
-    timesteps: np.ndarray
-    x0_distance: np.ndarray
-    proponent_similarity: np.ndarray
-    overlap: np.ndarray
-    top: int
-
-    def window(self, lo: float = 0.1, hi: float = 0.9) -> tuple[int, int]:
-        """(first, last) step index over which x̂0's distance to the final image falls from `hi` to `lo` of its
-        total drop: where the image's features are decided."""
-        d = self.x0_distance
-        span = d[0] - d[-1]
-        if len(d) < 2 or span <= 0:
-            return int(self.steps[0]), int(self.steps[-1])
-        rel = (d - d[-1]) / span
-        start = int(np.argmax(rel <= hi))
-        end = int(np.argmax(rel <= lo))
-        return int(self.steps[max(0, start - 1)]), int(self.steps[end])
-
-
-def pixel_correlation(images: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each image's pixels with `ref`'s (images (m, ...), ref (...)): (m,)."""
-    a = images.reshape(len(images), -1).astype(np.float64)
-    b = ref.reshape(-1).astype(np.float64)
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean()
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b)
-    return np.divide(a @ b, den, out=np.zeros(len(a)), where=den > 0)
-
-
-def top_indices(scores: np.ndarray, top: int, sign: int = 1) -> np.ndarray:
-    """(n, top): per row, the indices of the `top` largest (sign=1) or most negative (sign=-1) scores."""
-    return np.argsort(-sign * scores, axis=1, kind="stable")[:, :top]
-
-
-def formation(journey: Journey, scores: np.ndarray, train, top: int = 8) -> Formation:
-    """Formation measures of a journey from its (n, N) scores and the training set (pixels of the proponents)."""
-    idx = top_indices(scores, top)
-    final = journey.final
-    sim = np.array([pixel_correlation(train.tensors(row).numpy(), final).mean() for row in idx])
-    last = set(idx[-1].tolist())
-    overlap = np.array([len(last & set(row.tolist())) / top for row in idx])
-    return Formation(journey.steps, journey.timesteps, journey.x0_distance(), sim, overlap, top)
-
-
-def formation_figure(f: Formation, current: int | None = None, title: str | None = None):
-    """A plotly figure of the formation measures over the sampling steps, the current step marked."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    custom = np.asarray(f.timesteps)[:, None]
-    hover = "step %{x} (t=%{customdata[0]})<br>%{y:.3f}<extra>%{fullData.name}</extra>"
-    fig.add_trace(go.Scatter(x=f.steps, y=f.x0_distance, name="x̂0 distance to final (RMS)", mode="lines+markers",
-                             customdata=custom, hovertemplate=hover, line={"color": "#1f77b4"}), secondary_y=False)
-    fig.add_trace(go.Scatter(x=f.steps, y=f.proponent_similarity, mode="lines+markers", customdata=custom,
-                             name=f"top-{f.top} proponents ~ final (pixel corr.)", hovertemplate=hover,
-                             line={"color": "#ff7f0e"}), secondary_y=True)
-    fig.add_trace(go.Scatter(x=f.steps, y=f.overlap, mode="lines+markers", customdata=custom,
-                             name=f"top-{f.top} overlap with last step", hovertemplate=hover,
-                             line={"color": "#7f7f7f", "dash": "dot"}), secondary_y=True)
-    a, b = f.window()
-    fig.add_vrect(x0=a, x1=b, fillcolor="#1f77b4", opacity=0.08, line_width=0,
-                  annotation_text="features decided", annotation_position="top left")
-    if current is not None:
-        fig.add_vline(x=current, line_color="#d62728", line_width=2)
-    fig.update_layout(title=title, height=320, margin={"l": 50, "r": 50, "t": 40 if title else 20, "b": 40},
-                      legend={"orientation": "h", "y": -0.25}, hovermode="x unified")
-    fig.update_xaxes(title_text="sampling step (0 = pure noise)")
-    fig.update_yaxes(title_text="x̂0 distance", secondary_y=False, rangemode="tozero")
-    fig.update_yaxes(title_text="similarity / overlap", secondary_y=True, range=[-0.05, 1.05],
-                     tickvals=[0, 0.25, 0.5, 0.75, 1], showgrid=False)
-    return fig
-
-
-def step_rankings(scores: np.ndarray, train, top: int = 5) -> list[dict]:
-    """Per step: proponents and opponents ({index, label, score}), as in `score --json`."""
-    from .engine import rank
-
-    out = []
-    for row in scores:
-        out.append({kind: [{"index": r.index, "label": r.class_name, "score": r.score}
-                           for r in rank(row, train, top, sign)]
-                    for kind, sign in (("proponents", 1), ("opponents", -1))})
-    return out

@@ -9,6 +9,8 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .data import ImageDataset
@@ -43,6 +45,21 @@ def export_name(kind: str, meta: dict, ext: str) -> str:
         parts.append(f"lam{meta['lambda']}")
     parts += [_name_part(ckpt), _name_part(meta["features"])]
     return "_".join(parts) + "." + ext.lstrip(".")
+
+@dataclass
+class Ranked:
+    index: int
+    label: int | None
+    class_name: str
+    score: float
+
+
+def rank(scores: np.ndarray, data: ImageDataset, top: int = 5, sign: int = 1) -> list[Ranked]:
+    """The `top` training images with the largest positive (sign=1: proponents) or most negative (sign=-1:
+    opponents) scores, strongest first. Only scores of that sign are listed."""
+    order = np.argsort(-sign * scores, kind="stable")[:top]
+    return [Ranked(int(i), int(data.labels[i]) if data.labels[i] >= 0 else None, data.label_name(int(i)),
+                   float(scores[i])) for i in order if sign * scores[i] > 0]
 
 
 def ranking_rows(scores: np.ndarray, data: ImageDataset, meta: dict | None = None) -> list[dict]:

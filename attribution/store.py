@@ -55,6 +55,19 @@ def identity_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def journey_dir(checkpoint_hash: str, slug: str, identity: dict, root: str | os.PathLike | None = None) -> Path:
+    """cache/journey/<checkpoint hash>/<readable slug>-<identity hash>: one journey (arrays .npz + .json)."""
+    return cache_root(root) / "journey" / checkpoint_hash / f"{_slug(slug)}-{identity_hash(identity)}"
+
+
+def norms_dir(checkpoint_hash: str, dataset: str, split: str, slug: str, identity: dict,
+              root: str | os.PathLike | None = None) -> Path:
+    """cache/norms/<checkpoint hash>/<dataset>-<split>/<slug>-<identity hash>: gradient norms of training images
+    (a one-column FeatureStore)."""
+    return (cache_root(root) / "norms" / checkpoint_hash / f"{_slug(dataset)}-{split}"
+            / f"{slug}-{identity_hash(identity)}")
+
+
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):

@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attribution.data import tensor_to_pixels  # noqa: E402
-from attribution.engine import open_attributor, rank  # noqa: E402
+from attribution.engine import open_attributor  # noqa: E402
+from attribution.report import rank  # noqa: E402
 from attribution.methods import get_method  # noqa: E402
 from attribution.models import load_model  # noqa: E402
 from attribution.sampling import sample  # noqa: E402

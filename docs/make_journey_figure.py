@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attribution.data import pixels_to_pil, tensor_to_pixels  # noqa: E402
 from attribution.engine import open_attributor  # noqa: E402
 from attribution.fileio import atomic_path  # noqa: E402
-from attribution.journey import JourneyConfig, formation, run_journey, top_indices  # noqa: E402
+from attribution.analysis.formation import formation, top_indices  # noqa: E402
+from attribution.journey import JourneyConfig, run_journey  # noqa: E402
 from attribution.methods import get_method  # noqa: E402
 from attribution.models import load_model  # noqa: E402
 

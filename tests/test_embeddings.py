@@ -62,3 +62,45 @@ def test_clip_bad_input_is_one_line(tiny_clip_name, tmp_path, case):
     assert "\n" not in str(err.value)
     if case in ("missing", "none"):
         assert "none ship and nothing is downloaded" in str(err.value)
+
+
+def test_similarity_methods_score_the_embeddings_directly(tiny_run, tmp_path, tiny_clip_name):
+    """pixel-dot / pixel-cos through the engine equal a direct computation on the flattened pixels; clip-cos with
+    a (random, tiny) tower from a local file equals the cosine of that tower's embeddings."""
+    from attribution.engine import open_attribution
+    from attribution.methods import get_method
+    from attribution.targets import resolve_targets
+
+    emb = ClipEmbedder.random(tiny_clip_name, seed=1)
+    torch.save(emb.model.state_dict(), tmp_path / "clip.pt")
+    ckpt = str(tiny_run / "epoch-2")
+    for name in ("pixel-dot", "pixel-cos", "clip-cos"):
+        att = open_attribution(ckpt, get_method(name), "cpu", dataset="digits", cache=str(tmp_path / "cache"),
+                               clip_model=tiny_clip_name, clip_weights=str(tmp_path / "clip.pt"))
+        att.featurize()
+        targets = resolve_targets("val:0-2", att.target_model, "digits")
+        scores = att.scores(att.target_features(targets))
+        train = att.train.tensors()
+        if name.startswith("pixel"):
+            X, G = train.reshape(len(train), -1).double(), targets.images.reshape(3, -1).double()
+        else:
+            X, G = torch.from_numpy(emb.embed(train)).double(), torch.from_numpy(emb.embed(targets.images)).double()
+        want = G @ X.T
+        if name.endswith("cos"):
+            want = want / G.norm(dim=1, keepdim=True) / X.norm(dim=1)[None, :]
+        np.testing.assert_allclose(scores, want.numpy(), rtol=2e-5, atol=1e-6)
+        assert att.resolve_lambda(None) is None
+
+
+def test_similarity_methods_refuse_self_influence_and_missing_weights(tiny_run, tmp_path):
+    from attribution.engine import open_attribution
+    from attribution.methods import get_method
+
+    att = open_attribution(str(tiny_run / "epoch-2"), get_method("pixel-cos"), "cpu", dataset="digits",
+                           cache=str(tmp_path))
+    att.featurize()
+    with pytest.raises(ConfigError, match="no self-influence"):
+        att.self_influence()
+    with pytest.raises(ConfigError, match="need CLIP weights"):
+        open_attribution(str(tiny_run / "epoch-2"), get_method("clip-dot"), "cpu", dataset="digits",
+                         cache=str(tmp_path))

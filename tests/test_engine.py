@@ -17,7 +17,8 @@ from scipy.stats import spearmanr
 
 from attribution.data import load_dataset
 from attribution.data.datasets import ImageDataset
-from attribution.engine import Attribution, Attributor, open_attributor, rank
+from attribution.engine import Attribution, Attributor, open_attributor
+from attribution.report import rank
 from attribution.errors import AttributionError, CacheMismatchError, ConfigError
 from attribution.features import gradients as gradients_mod
 from attribution.features.config import FeatureConfig

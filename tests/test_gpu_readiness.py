@@ -259,7 +259,11 @@ def test_journey_trak_ensemble_scores_the_target_checkpoints_one_trajectory(tiny
     G = attribution.target_features(targets, cache=str(tmp_path))
     jcfg = JourneyConfig(seed=3, steps=steps, every=1, resamples=1)
     traj = sampled_trajectory(models[0], jcfg)
-    np.testing.assert_allclose(traj.final[0], targets.images[0].numpy(), atol=1e-6)  # the target's trajectory
+    # the target is that trajectory's final image (as 8-bit pixels, like every gen:SEED target)
+    from attribution.data import pixels_to_tensor, tensor_to_pixels
+
+    np.testing.assert_array_equal(pixels_to_tensor(tensor_to_pixels(torch.from_numpy(traj.final[:1])))[0].numpy(),
+                                  targets.images[0].numpy())
     keys = [f"gen/3/step{int(t)}" for t in traj.timesteps]
     for att, g in zip(members, G):
         expected = step_features(att, traj.x0_pred[:, 0], traj.timesteps, keys, 1).mean(0)

@@ -23,8 +23,9 @@ from attribution.engine import Attributor, target_features
 from attribution.errors import ConfigError
 from attribution.features.config import FeatureConfig
 from attribution.features.timesteps import noise_for
-from attribution.journey import (JourneyConfig, formation, formation_figure, pixel_correlation, run_journey,
-                                 top_indices)
+from attribution.analysis.formation import formation, pixel_correlation, top_indices
+from attribution.figures import formation_figure
+from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import get_method
 from attribution.models import load_model
 from attribution.targets import from_pixels, resolve_targets

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..features.gradients import GradientSpec, gradient_norms
 from ..features.outputs import OUTPUT_FUNCTIONS
 from ..models.adapter import DiffusionModel
-from ..store import FeatureStore, _slug, cache_root, identity_hash
+from ..store import FeatureStore, identity_hash, norms_dir
 
 Progress = Callable[[int, int, str], None]
 
@@ -140,8 +140,8 @@ def training_norms(model: DiffusionModel, train: ImageDataset, cfg: NormConfig, 
     identity = {"checkpoint": model.identity(), "dataset": train.spec, "dataset_hash": train.content_hash,
                 "split": train.split, "rows": identity_hash({"rows": rows.tolist(), "t": ts.tolist()}),
                 "source": source, "config": asdict(cfg)}
-    path = (cache_root(cache) / "norms" / model.identity() / f"{_slug(train.spec)}-{train.split}"
-            / f"{cfg.fn}-n{len(rows)}-d{cfg.draws}-s{cfg.seed}-{identity_hash(identity)}")
+    path = norms_dir(model.identity(), train.spec, train.split, f"{cfg.fn}-n{len(rows)}-d{cfg.draws}-s{cfg.seed}",
+                     identity, cache)
     store = FeatureStore.open(path, identity, len(rows), 1, {"checkpoint_spec": model.spec})
     todo = np.flatnonzero(~store.done())
     for s in range(0, len(todo), batch_size):

@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 
+from ..features.embeddings import CLIP_HELP
+from ..methods import METHODS
 from .common import info, progress_bar
 from ..errors import ConfigError
 
@@ -16,9 +18,8 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
                    help="digits, animals-2, NAME@epoch-N or a folder; several separated by commas = an ensemble "
                         "(checkpoint methods: the run's checkpoints up to the one given, or the list given)")
     p.add_argument("--dataset", help="training set spec (default: the one the checkpoint was trained on)")
-    p.add_argument("--method", default="dtrak", help="dtrak, trak, grad-dot, grad-cos, relative-if, renorm-if, "
-                                                     "journey-trak (gen:SEED targets); over checkpoints: tracin, "
-                                                     "retrac, tracincp, gas")
+    p.add_argument("--method", default="dtrak", choices=list(METHODS), metavar="METHOD",
+                   help="; ".join(f"{name}: {cls.summary}" for name, cls in METHODS.items()))
     p.add_argument("--fn", help="output function (D-TRAK only): square, simple, elbo, avg, l1, l2, linf, interp")
     p.add_argument("--eta", type=float, help="Simple/Square interpolation weight in [0, 1] (implies --fn interp)")
     p.add_argument("--timesteps", type=int, default=10, help="K, timesteps averaged over (default 10)")
@@ -31,6 +32,9 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", help="take gradients only over parameters with these comma-separated name prefixes")
     p.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
     p.add_argument("--store", help="use this feature-store folder instead of the automatic one")
+    p.add_argument("--clip-weights", metavar="FILE", help="clip-dot/clip-cos: " + CLIP_HELP)
+    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights (default "
+                                                            "ViT-B-32, the paper's CLIP ViT-B/32)")
     p.add_argument("--batch-size", type=int, default=16, help="training images per gradient batch")
     p.add_argument("--checkpoint-weights", default="lr", metavar="lr|uniform",
                    help="checkpoint methods: lr (default) weights each checkpoint by the learning rate x epochs "
@@ -51,7 +55,8 @@ def build(args):
                                    eta=args.eta, timesteps=args.timesteps, strategy=args.strategy,
                                    noises=args.noises, proj_dim=args.proj_dim, projector=args.projector,
                                    seed=args.seed, params=args.params, cache=args.cache, store_dir=args.store,
-                                   batch_size=args.batch_size,
+                                   batch_size=args.batch_size, clip_model=args.clip_model,
+                                   clip_weights=args.clip_weights,
                                    checkpoint_weights=getattr(args, "checkpoint_weights", "lr"))
     if len(attribution.members) > 1:
         info(f"{method.title} over {len(attribution.members)} checkpoints, weights "
@@ -92,7 +97,7 @@ def check_lambda(method, lam: float | None) -> None:
 
 
 def cmd_score(args) -> int:
-    from ..engine import rank
+    from ..report import rank
     from ..targets import resolve_targets
 
     from ..report import check_out

@@ -86,7 +86,9 @@ def cmd_journey(args) -> int:
 def run_journey_cli(att, method, cfg, args, image, name) -> None:
     import time
 
-    from ..journey import formation, formation_figure, run_journey, step_rankings, top_indices
+    from ..analysis.formation import formation, step_rankings, top_indices
+    from ..figures import formation_figure
+    from ..journey import run_journey
 
     steps = cfg.step_indices()
     info(f"journey of {name}: {cfg.sampler} {cfg.steps} steps, attributing {len(steps)} step(s) "

@@ -10,6 +10,8 @@ from .outputs import OUTPUT_FUNCTIONS
 from .projectors import PROJECTORS, check_fast_jl_dim
 from .timesteps import STRATEGIES, select_timesteps
 
+EMBEDDINGS = (None, "pixels", "clip")
+
 
 @dataclass(frozen=True)
 class FeatureConfig:
@@ -30,6 +32,8 @@ class FeatureConfig:
         params: comma-separated parameter-name prefixes to take gradients over (None: all parameters).
         normalize: unit-normalise each per-timestep gradient before averaging, and so every training gradient of
             the "training" strategy (Diffusion-ReTrac).
+        embedding: None for gradient features; "pixels" or "clip" for the model-free similarity baselines (then
+            only `clip_model` and, for "clip", the local `clip_weights` file matter; see `embeddings.py`).
     """
 
     fn: str = "square"
@@ -43,12 +47,17 @@ class FeatureConfig:
     params: str | None = None
     normalize: bool = False
     proj_seed: int | None = None
+    embedding: str | None = None
+    clip_model: str = "ViT-B-32"
+    clip_weights: str | None = None  # a local file; the identity records its content digest, not its path
 
     @property
     def projection_seed(self) -> int:
         return self.seed if self.proj_seed is None else self.proj_seed
 
     def __post_init__(self):
+        if self.embedding not in EMBEDDINGS:
+            raise ConfigError(f"unknown embedding {self.embedding!r}; use pixels or clip")
         if self.fn not in OUTPUT_FUNCTIONS:
             raise ConfigError(f"unknown output function {self.fn!r}; use one of: {', '.join(OUTPUT_FUNCTIONS)}")
         if self.strategy not in STRATEGIES:
@@ -74,7 +83,13 @@ class FeatureConfig:
                             self.normalize)
 
     def to_dict(self) -> dict:
+        if self.embedding == "pixels":
+            return {"embedding": "pixels"}
+        if self.embedding == "clip":
+            return {"embedding": "clip", "clip_model": self.clip_model}
         d = asdict(self)
+        for key in ("embedding", "clip_model", "clip_weights"):  # gradient features: identities as before
+            d.pop(key)
         if self.projector == "identity":
             d["proj_dim"] = None
         if self.fn != "interp":
@@ -88,6 +103,8 @@ class FeatureConfig:
         return d
 
     def slug(self) -> str:
+        if self.embedding:
+            return "pixels" if self.embedding == "pixels" else f"clip-{self.clip_model}"
         k = "exact" if self.projector == "identity" else f"k{self.proj_dim}"
         fn = f"interp{self.eta:g}" if self.fn == "interp" else self.fn
         unit = "-unit" if self.normalize else ""

@@ -26,6 +26,28 @@ CLIP_HELP = ("a local open_clip checkpoint for --clip-model (default ViT-B-32), 
              ".safetensors from a machine with internet access; none ship and nothing is downloaded")
 
 
+class PixelEmbedder:
+    """The flattened pixels as features: `embed(images)` -> (M, C*H*W) float32."""
+
+    identity = "pixels"
+
+    def __init__(self, channels: int, resolution: int):
+        self.dim = channels * resolution * resolution
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        return pixel_embeddings(images)
+
+
+def make_embedder(kind: str, channels: int, resolution: int, clip_model: str = "ViT-B-32",
+                  clip_weights: str | None = None, device: torch.device | str = "cpu"):
+    """The embedder of a similarity baseline: "pixels" or "clip" (CLIP weights from a local file)."""
+    if kind == "pixels":
+        return PixelEmbedder(channels, resolution)
+    if kind == "clip":
+        return ClipEmbedder.from_file(clip_weights, clip_model, device)
+    raise ConfigError(f"unknown embedding {kind!r}; use pixels or clip")
+
+
 def pixel_embeddings(images: torch.Tensor) -> np.ndarray:
     """(M, C, H, W) images in [-1, 1] -> (M, C*H*W) float32."""
     return images.detach().float().reshape(len(images), -1).cpu().numpy().astype(np.float32)
@@ -48,6 +70,8 @@ class ClipEmbedder:
         self.identity, self.device, self.batch_size = identity, torch.device(device), batch_size
         size = getattr(model.visual, "image_size", 224)
         self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        with torch.no_grad():
+            self.dim = int(self.model.encode_image(torch.zeros(1, 3, self.size, self.size, device=device)).shape[1])
 
     @classmethod
     def from_file(cls, weights: str | Path | None, model_name: str = "ViT-B-32", device: torch.device | str = "cpu",

@@ -1,12 +1,16 @@
 """Attribution methods: one file each, one interface (`base.Method`), one registry."""
 
 from ..errors import ConfigError
-from .base import KernelMethod, Method, TrainFeatures
+from .base import KernelMethod, Method, SimilarityMethod, TrainFeatures
+from .clip_cos import CLIPCos
+from .clip_dot import CLIPDot
 from .dtrak import DTRAK
 from .gas import GAS
 from .grad_cos import GradCos
 from .grad_dot import GradDot
 from .journey_trak import JourneyTRAK
+from .pixel_cos import PixelCos
+from .pixel_dot import PixelDot
 from .relative_if import RelativeInfluence
 from .renorm_if import RenormalizedInfluence
 from .retrac import DiffusionReTrac
@@ -16,7 +20,8 @@ from .trak import TRAK
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DTRAK, TRAK, GradDot, GradCos, RelativeInfluence,
                                                         RenormalizedInfluence, DiffusionTracIn, DiffusionReTrac,
-                                                        TracInCP, GAS, JourneyTRAK)}
+                                                        TracInCP, GAS, JourneyTRAK, PixelDot, PixelCos, CLIPDot,
+                                                        CLIPCos)}
 
 
 def get_method(name: str) -> Method:
@@ -25,4 +30,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]()
 
 
-__all__ = ["METHODS", "get_method", "Method", "KernelMethod", "TrainFeatures"]
+__all__ = ["METHODS", "get_method", "Method", "KernelMethod", "SimilarityMethod", "TrainFeatures"]

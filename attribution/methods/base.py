@@ -24,6 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import ConfigError
+from ..features.config import FeatureConfig
 from ..kernel import Kernel
 
 
@@ -63,6 +64,15 @@ class Method(ABC):
     def self_influence(self, train: TrainFeatures, lam: float | None) -> np.ndarray:
         """tau(x_n)_n for every training image, shape (N,)."""
 
+    def feature_config(self, fn: str | None = None, eta: float | None = None, strategy: str = "uniform",
+                       clip_model: str = "ViT-B-32", clip_weights: str | None = None, **options) -> FeatureConfig:
+        """The features this method scores with, from the user's options: their output function checked against
+        the method's, the method's timestep strategy and normalisation where it has them. `options` are the
+        remaining `FeatureConfig` fields (timesteps, noises, proj_dim, projector, seed, params, proj_seed)."""
+        fn = self.check_fn("interp" if eta is not None and fn is None else fn)
+        return FeatureConfig(fn=fn, eta=1.0 if eta is None else eta, strategy=self.strategy or strategy,
+                             normalize=self.normalize, **options)
+
     def check_fn(self, fn: str | None) -> str:
         if fn is None or fn == self.default_fn:
             return self.default_fn
@@ -91,3 +101,23 @@ class KernelMethod(Method):
 
     def self_influence(self, train, lam):
         return train.kernel.self_influence(lam)
+
+
+class SimilarityMethod(Method):
+    """The model-free baselines of the D-TRAK paper (Table 7): similarity of the target's and each training
+    image's embedding (flattened pixels, or a CLIP image embedding), by dot product or cosine. No gradients, no
+    kernel, no lambda; the checkpoint only fixes the resolution the images are compared at."""
+
+    embedding: ClassVar[str]  # "pixels" or "clip"
+    cosine: ClassVar[bool]
+    uses_lambda = False
+    fixed_fn = False
+
+    def feature_config(self, clip_model: str = "ViT-B-32", clip_weights: str | None = None, **_) -> FeatureConfig:
+        return FeatureConfig(embedding=self.embedding, clip_model=clip_model, clip_weights=clip_weights)
+
+    def score(self, train, G, lam):
+        return cosine_scores(train, G) if self.cosine else dot_scores(train, G)
+
+    def self_influence(self, train, lam):
+        raise ConfigError(f"{self.title} has no self-influence: every image is most similar to itself")

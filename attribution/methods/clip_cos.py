@@ -1,0 +1,12 @@
+"""CLIP cosine (D-TRAK paper, Sec. 4 and Table 7): cosine similarity of CLIP image embeddings (weights from a local
+file), a baseline without gradients."""
+
+from .base import SimilarityMethod
+
+
+class CLIPCos(SimilarityMethod):
+    name = "clip-cos"
+    title = "CLIP cosine"
+    summary = "cosine similarity of CLIP image embeddings (weights from a local file)"
+    embedding = "clip"
+    cosine = True

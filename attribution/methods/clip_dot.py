@@ -1,0 +1,12 @@
+"""CLIP dot (D-TRAK paper, Sec. 4 and Table 7): dot product of CLIP image embeddings (weights from a local file), a
+baseline without gradients."""
+
+from .base import SimilarityMethod
+
+
+class CLIPDot(SimilarityMethod):
+    name = "clip-dot"
+    title = "CLIP dot"
+    summary = "dot product of CLIP image embeddings (weights from a local file)"
+    embedding = "clip"
+    cosine = False
