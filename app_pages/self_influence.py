@@ -11,8 +11,8 @@ import streamlit as st
 from attribution.errors import AttributionError
 from attribution.methods import METHODS
 from attribution.report import export_metadata, export_name, to_csv
-from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attribution, featurize_with_progress,
-                             lambda_slider, opts_key)
+from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attribution, featurize_note,
+                             featurize_with_progress, lambda_slider, opts_key)
 from app_pages._ui import display_size, fail, require_model
 
 st.title("Self-influence")
@@ -31,6 +31,11 @@ with st.form("si_form"):
     run = st.form_submit_button("Compute", type="primary")
 
 opts = RunOptions(model.spec, dataset, method, None, None, int(timesteps), "uniform", int(proj_dim), "auto")
+if not run:
+    try:
+        st.caption(featurize_note(cached_attribution(opts)), help="For the options as the form was last submitted.")
+    except AttributionError:
+        pass  # reported by Compute, with the reason
 if run:
     try:
         att = cached_attribution(opts)

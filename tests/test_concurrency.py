@@ -221,3 +221,26 @@ def test_app_featurization_runs_on_when_the_session_goes_away(model, digits, tmp
     _attr.featurize_job(second).watch(lambda done, total, message: seen.append((done, total, message)))
     assert seen[-1] == (12, 12, "cached")
     assert sorted(k for batch in calls for k in batch) == sorted(keys_for("train", range(12)))  # each row once
+
+
+def test_a_read_only_complete_store_needs_no_lock(model, digits, tmp_path, monkeypatch):
+    """A store nobody may write (shipped or shared read-only; chmod does not stop root, so the lock file's
+    creation is refused directly): a complete one is used as is."""
+    import attribution.store as store_mod
+
+    train = subset(digits, 4)
+    att = Attributor(model, train, CFG, cache=tmp_path)
+    reference = np.array(att.featurize().features())
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(store_mod.os, "open", refusing_open)
+    again = Attributor(model, train, CFG, cache=tmp_path)
+    seen = []
+    np.testing.assert_array_equal(np.array(again.featurize(lambda *x: seen.append(x)).features()), reference)
+    assert seen == [(4, 4, "cached")]
+    again.kernel()  # fitted without the lock (saving needs a writable folder, which this one is)

@@ -51,3 +51,20 @@ def test_the_pages_command_line_prints_the_pages_scores(app, feature_cache, caps
     cli_opp = [(e["index"], e["label"], float(f"{e['score']:+.3g}")) for e in out["opponents"]]
     assert cli_opp[:len(opp)] == opp
     assert np.isclose(out["lambda"], float(line.split("--lambda ")[1].split()[0])) if "--lambda" in line else True
+
+
+def test_pages_say_before_run_whether_the_features_are_cached(app):
+    """Before Run the Attribute page says the features are cached, or how long featurizing will take here (the
+    default K=10, k=4096 is never featurized by the tests; a one-image timing gives the estimate)."""
+    app.switch_page("app_pages/attribute.py").run()
+    note = " ".join(c.value for c in app.main.caption)
+    assert "not cached yet: featurizing will take about" in note and "1618 images at" in note
+    app.radio(key="attr_source").set_value("Validation image").run()
+    app.number_input(key="attr_K").set_value(2)
+    app.selectbox(key="attr_k").set_value(512)
+    next(b for b in app.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    app.run()  # the next rerun, with the options just used
+    assert "features for these options are cached" in " ".join(c.value for c in app.main.caption)
+    app.switch_page("app_pages/self_influence.py").run()
+    assert "not cached yet" in " ".join(c.value for c in app.main.caption)
