@@ -154,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--port", type=int, default=8501)
     a.set_defaults(func=cmd_app)
 
-    from . import cli_analysis, cli_engine, cli_journey
+    from . import cli_analysis, cli_engine, cli_eval, cli_journey
 
-    for module in (cli_engine, cli_journey, cli_analysis):
+    for module in (cli_engine, cli_journey, cli_analysis, cli_eval):
         module.add_commands(sub)
     return p
 
