@@ -84,6 +84,9 @@ class RayCluster:
             ray.init(address=self.address, runtime_env=runtime_env, log_to_driver=False,
                      logging_level="ERROR")
         else:
+            # Ray starts its workers at niceness 15 by default; here the fan-out is the job, not background work,
+            # so a local Ray's workers run at normal priority (read by the raylet this call starts).
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count() or 1, include_dashboard=False,
                      runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR",
                      object_store_memory=200 * 2**20)
