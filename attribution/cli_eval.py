@@ -12,7 +12,8 @@ def add_commands(sub) -> None:
     bb.add_argument("--name", required=True, help="bank name (folder banks/NAME unless --out)")
     src = bb.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", help="a named retraining recipe: digits-eval, tiny-test")
-    src.add_argument("--run", help="a training run folder: retrain with its run.json recipe")
+    src.add_argument("--run", help="a training run folder: its final checkpoint is the bank's model, subsets are "
+                                   "retrained with its run.json recipe")
     bb.add_argument("--out", help="bank folder (default banks/NAME)")
     bb.add_argument("--subsets", type=int, default=24, help="M, random subsets (default 24)")
     bb.add_argument("--seeds", type=int, default=2, help="training seeds per subset (default 2)")
@@ -53,7 +54,7 @@ def cmd_bank_build(args) -> int:
     spec = BankSpec(name=args.name, recipe=recipe, out=args.out, subsets=args.subsets, seeds=args.seeds,
                     alpha=args.alpha, subset_seed=args.subset_seed, subset_file=args.subset_file,
                     val_targets=args.val_targets, gen_targets=args.gen_targets, gen_steps=args.gen_steps,
-                    noise_sets=args.noise_sets, timesteps=args.timesteps)
+                    noise_sets=args.noise_sets, timesteps=args.timesteps, full_model=args.run)
     folder = build_bank(spec, address=args.ray_address, num_cpus=args.num_cpus, progress=_tqdm_progress("bank"),
                         log=info, cache_root=args.cache)
     print(folder)

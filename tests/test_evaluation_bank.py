@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,9 +34,17 @@ def tiny_spec(out: Path) -> BankSpec:
 
 
 @pytest.fixture(scope="module")
-def tiny_bank(tmp_path_factory):
+def local_ray():
+    """One local Ray (2 CPUs) for the module's builds: starting Ray and its workers is most of their cost."""
+    with RayCluster(num_cpus=2) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def tiny_bank(tmp_path_factory, local_ray):
     root = tmp_path_factory.mktemp("bank")
-    folder = build_bank(tiny_spec(root / "bank"), num_cpus=2, log=lambda m: None, cache_root=str(root / "cache"))
+    folder = build_bank(tiny_spec(root / "bank"), log=lambda m: None, cache_root=str(root / "cache"),
+                        cluster=local_ray)
     return folder, root / "cache"
 
 
@@ -104,7 +113,7 @@ def test_recipes_validate_and_hash(tiny_run):
         Recipe("bad", "digits", epochs=0)
     r = RECIPES["digits-eval"]
     assert r.key("h1") == Recipe(**{**r.__dict__, "name": "other"}).key("h1")  # the name is only a label
-    assert r.key("h1") != r.key("h2") and r.key("h1") != Recipe(**{**r.__dict__, "lr": 2e-3}).key("h1")
+    assert r.key("h1") != r.key("h2") and r.key("h1") != Recipe(**{**r.__dict__, "lr": 3e-3}).key("h1")
     from_run = recipe_from_run(tiny_run)
     assert (from_run.preset, from_run.epochs, from_run.batch_size) == ("tiny", 2, 128)
     with pytest.raises(ConfigError, match="no run.json"):
@@ -177,7 +186,7 @@ def test_tiny_bank_end_to_end(tiny_bank):
 
 
 @pytest.mark.slow
-def test_rerun_retrains_nothing_and_growing_reuses_models(tiny_bank, tmp_path):
+def test_rerun_retrains_nothing_and_growing_reuses_models(tiny_bank, tmp_path, local_ray):
     folder, cache = tiny_bank
     files = sorted(cache.glob("retrain/*/*/retrain.json")) + sorted((folder / "outputs").glob("*.npz"))
     before = {p: p.stat().st_mtime_ns for p in files}
@@ -191,18 +200,34 @@ def test_rerun_retrains_nothing_and_growing_reuses_models(tiny_bank, tmp_path):
     spec = tiny_spec(tmp_path / "other")
     spec.noise_sets = 1
     logs = []
-    build_bank(spec, num_cpus=2, log=logs.append, cache_root=str(cache))
+    build_bank(spec, log=logs.append, cache_root=str(cache), cluster=local_ray)
     assert "0 models to train, 8 to measure" in logs[0]
     assert {p: p.stat().st_mtime_ns for p in files} == before
     np.testing.assert_array_equal(Bank.load(tmp_path / "other").F[..., 0, :], Bank.load(folder).F[..., 0, :])
     # a bank folder built another way is refused, naming the difference
     with pytest.raises(ConfigError, match="noise_sets: 2 there, 1 asked"):
-        build_bank(spec if False else BankSpec(**{**tiny_spec(folder).__dict__, "noise_sets": 1}),
-                   num_cpus=2, log=lambda m: None, cache_root=str(cache))
+        build_bank(BankSpec(**{**tiny_spec(folder).__dict__, "noise_sets": 1}), log=lambda m: None,
+                   cache_root=str(cache))
 
 
 @pytest.mark.slow
-def test_killed_worker_task_is_redone(tmp_path):
+def test_bank_from_a_run_folder_attributes_that_run(tiny_run, tmp_path, local_ray):
+    from attribution.models.checkpoint import resolve_checkpoint
+
+    spec = BankSpec(name="run", recipe=recipe_from_run(tiny_run), out=str(tmp_path / "bank"), subsets=2, seeds=1,
+                    val_targets=1, gen_targets=1, gen_steps=2, noise_sets=1, timesteps=3, full_model=str(tiny_run))
+    logs = []
+    build_bank(spec, log=logs.append, cache_root=str(tmp_path / "cache"), cluster=local_ray)
+    assert "2 models to train" in logs[0]  # the run's own model is not retrained
+    bank = Bank.load(tmp_path / "bank")
+    assert bank.meta["model"]["content_hash"] == resolve_checkpoint(str(tiny_run)).content_hash()
+    assert bank.meta["identity"]["recipe"]["epochs"] == 2 and np.isfinite(bank.F).all()
+    retrained = sorted((tmp_path / "cache").glob("retrain/*/*/retrain.json"))
+    assert len(retrained) == 2 and all('"epochs": 2' in p.read_text() for p in retrained)
+
+
+@pytest.mark.slow
+def test_killed_worker_task_is_redone(tmp_path, local_ray):
     marker = tmp_path / "attempted"
 
     def crash_once(x: int) -> int:
@@ -212,9 +237,8 @@ def test_killed_worker_task_is_redone(tmp_path):
             os._exit(1)  # the worker process dies mid-task
         return x * x
 
-    with RayCluster(num_cpus=2) as cluster:
-        seen = []
-        assert run_tasks(cluster, crash_once, [0, 1, 2], progress=lambda d, t, m: seen.append((d, t, m))) == [0, 1, 4]
+    seen = []
+    assert run_tasks(local_ray, crash_once, [0, 1, 2], progress=lambda d, t, m: seen.append((d, t, m))) == [0, 1, 4]
     assert (tmp_path / "attempted-1").exists()
     assert [d for d, _, _ in seen] == [1, 2, 3] and "left" in seen[-1][2] and "/min" in seen[-1][2]
 
@@ -238,13 +262,20 @@ def test_external_ray_cluster_gives_identical_F(tiny_bank, tmp_path):
             m = re.search(r"--address='([^']+)'", line)
             address = m.group(1) if m else None
         assert address, "".join(lines[-20:])
-        out = build_bank(tiny_spec(tmp_path / "bank"), address=address, log=lambda m: None,
-                         cache_root=str(tmp_path / "cache"))  # a fresh cache: every model is retrained there
+        # the CLI in its own process (this one holds the module's local Ray), with a fresh cache so every model
+        # is retrained on the external cluster
+        out = tmp_path / "bank"
+        cmd = [sys.executable, "-m", "attribution", "bank", "build", "--name", "tiny", "--recipe", "tiny-test",
+               "--subsets", "4", "--seeds", "2", "--val-targets", "2", "--gen-targets", "2", "--gen-steps", "3",
+               "--timesteps", "5", "--out", str(out), "--cache", str(tmp_path / "cache"), "--ray-address", address]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+        assert run.returncode == 0, run.stderr[-2000:]
         assert "Ray cluster at" in Bank.load(out).meta["ray"]
-        np.testing.assert_array_equal(Bank.load(out).F, Bank.load(folder).F)
+        np.testing.assert_array_equal(Bank.load(out).F, Bank.load(folder).F)  # bitwise: same code, one thread
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)

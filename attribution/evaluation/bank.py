@@ -20,6 +20,7 @@ measure F's own sampling noise and two seeds the retraining noise. Subset j is d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -152,6 +153,7 @@ class BankSpec:
     gen_steps: int = 50
     noise_sets: int = 2
     timesteps: int = 100
+    full_model: str | None = None  # a run folder whose final checkpoint is the bank's model (else trained here)
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -179,12 +181,14 @@ class BankSpec:
         return [f"val:{i}" for i in range(self.val_targets)] + [f"gen:{s}" for s in range(self.gen_targets)]
 
 
-def _identity(spec: BankSpec, recipe_key: str, dataset_hash: str, subset_source: str) -> dict:
+def _identity(spec: BankSpec, recipe_key: str, dataset_hash: str, subset_source: str,
+              full_model_hash: str | None = None) -> dict:
     """What every output of the bank depends on (a rerun with another identity is refused)."""
     return {"recipe": spec.recipe.identity(), "recipe_key": recipe_key, "dataset_hash": dataset_hash,
             "subsets_from": subset_source, "noise_sets": spec.noise_sets, "timesteps": spec.timesteps,
             "targets": spec.target_specs(), "gen_steps": spec.gen_steps, "sampler": "ddpm",
-            "full_model_seed": FULL_SEED, "F": "simple loss, uniform timesteps, noise key bank/{r}/{target key}"}
+            "full_model_seed": FULL_SEED, "F": "simple loss, uniform timesteps, noise key bank/{r}/{target key}",
+            **({"full_model": full_model_hash} if full_model_hash else {})}
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -244,15 +248,19 @@ def _output_path(folder: Path, j: int, s: int) -> Path:
 
 
 def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None = None,
-               progress=None, log=print, cache_root: str | None = None) -> Path:
-    """Build (or resume, or grow) a bank; return its folder. Finished models and outputs are never redone."""
+               progress=None, log=print, cache_root: str | None = None, cluster: RayCluster | None = None,
+               ) -> Path:
+    """Build (or resume, or grow) a bank; return its folder. Finished models and outputs are never redone.
+
+    Runs on `cluster` when given (an entered `RayCluster`, left running), else on its own `RayCluster(address,
+    num_cpus)` for the length of the call."""
     from ..data import load_dataset
     from ..store import retrain_dir
     from ..train import index_hash
 
     start = time.time()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if address and cluster is None:
         probe_address(address)  # before anything is written
     recipe = spec.recipe
     data = load_dataset(recipe.dataset, "train", recipe.resolution)
@@ -266,7 +274,12 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
         masks = random_masks(n, spec.subsets, spec.alpha, spec.subset_seed)
         subset_source = f"random alpha={spec.alpha} seed={spec.subset_seed}"
     key = recipe.key(dataset_hash)
-    identity = _identity(spec, key, dataset_hash, subset_source)
+    full_hash = None
+    if spec.full_model:
+        from ..models.checkpoint import resolve_checkpoint
+
+        full_hash = resolve_checkpoint(spec.full_model).content_hash()
+    identity = _identity(spec, key, dataset_hash, subset_source, full_hash)
     folder = spec.folder
     meta_path = folder / "bank.json"
     meta = {}
@@ -305,6 +318,9 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
     targets_file = folder / "targets.npz"
     model_ready = (folder / "model" / "unet").is_dir() and targets_file.is_file()
     trained = {jb["run_dir"] for jb in [full, *subset_jobs] if (Path(jb["run_dir"]) / "retrain.json").is_file()}
+    if not model_ready and spec.full_model:  # the run's own model is the bank's model: nothing to train
+        _make_targets(spec, folder, {"run_dir": spec.full_model}, data, meta)
+        model_ready = True
     if not model_ready and full["run_dir"] in trained:  # killed between training the full model and its targets
         _make_targets(spec, folder, full, data, meta)
         model_ready = True
@@ -319,7 +335,7 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
 
     import ray
 
-    with RayCluster(address, num_cpus) as cluster:
+    with contextlib.nullcontext(cluster) if cluster else RayCluster(address, num_cpus) as cluster:
         log(f"running on {cluster.describe()}")
         if cluster.uses_gpu():
             device = "cuda"
@@ -408,8 +424,13 @@ def _make_targets(spec: BankSpec, folder: Path, full_job: dict, data, meta: dict
         keys += [f"gen/{int(s)}" for s in traj.seeds]
     images = np.concatenate(parts).astype(np.float32)
     meta["targets_hash"] = _targets_hash(keys, images)
-    meta["model"] = {"path": "model", "content_hash": model.identity(), "seed": FULL_SEED,
-                     "train": read_json(src / "retrain.json")}
+    if (src / "retrain.json").is_file():
+        meta["model"] = {"path": "model", "content_hash": model.identity(), "seed": FULL_SEED,
+                         "train": read_json(src / "retrain.json")}
+    else:
+        run = read_json(src / "run.json")
+        meta["model"] = {"path": "model", "content_hash": model.identity(), "from_run": str(src),
+                         "seed": run["config"].get("seed"), "checkpoint": epoch.name}
     save_npz(folder / "targets.npz", images=images, keys=np.array(keys))
     write_json(folder / "bank.json", meta)
     return images, keys

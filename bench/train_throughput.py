@@ -1,0 +1,93 @@
+"""Training throughput: `attribution.train.train` against a plain PyTorch loop of the same UNet, per core.
+
+    python bench/train_throughput.py --configs small:2,small:1,eval:1 --epochs 2 --repeats 2
+
+For each PRESET:THREADS it runs `train` (the full call: model construction, the loop, the final checkpoint
+written) and a plain loop over the same tensors (same UNet, AdamW + warm-up/cosine LambdaLR, same random draws,
+no bookkeeping, no checkpoint), alternating A/B/A/B so that other load on the machine hits both alike, and prints
+samples/s, samples/s per core (= per thread), and the ratio train/plain (median over repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from attribution.data import load_dataset  # noqa: E402
+from attribution.models.checkpoint import DEFAULT_SCHEDULE  # noqa: E402
+from attribution.models.presets import unet_for  # noqa: E402
+from attribution.train import TrainConfig, lr_lambda, train  # noqa: E402
+
+
+def plain_loop(x_all: torch.Tensor, preset: str, epochs: int, batch: int, lr: float, seed: int = 0) -> float:
+    """Seconds for a bare PyTorch DDPM training loop with the recipe of `train`."""
+    from diffusers import DDPMScheduler
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    n = len(x_all)
+    unet = unet_for(x_all.shape[-1], x_all.shape[1], preset).train()
+    abar = DDPMScheduler(**DEFAULT_SCHEDULE).alphas_cumprod.float()
+    steps = math.ceil(n / batch) * epochs
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, int(0.1 * steps))))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for b in range(0, n, batch):
+            x0 = x_all[perm[b:b + batch]]
+            t = torch.randint(0, 1000, (len(x0),), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            a = abar[t][:, None, None, None]
+            loss = torch.nn.functional.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t).sample, eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--configs", default="small:2,small:1,eval:1", help="PRESET:THREADS,...")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--repeats", type=int, default=2)
+    a = p.parse_args()
+    data = load_dataset(a.dataset, "train")
+    x_all = data.tensors()
+    samples = len(x_all) * a.epochs
+    rows = []
+    for item in a.configs.split(","):
+        preset, threads = item.split(":")
+        torch.set_num_threads(int(threads))
+        t_train, t_plain = [], []
+        for r in range(a.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                train(TrainConfig(dataset=a.dataset, out=tmp, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                                  preset=preset, checkpoints=1, device="cpu"))
+                t_train.append(time.perf_counter() - start)
+            t_plain.append(plain_loop(x_all, preset, a.epochs, a.batch_size, a.lr))
+        tt, tp = statistics.median(t_train), statistics.median(t_plain)
+        rows.append({"preset": preset, "threads": int(threads), "batch": a.batch_size, "samples": samples,
+                     "train_samples_per_s": round(samples / tt, 1), "plain_samples_per_s": round(samples / tp, 1),
+                     "train_per_core": round(samples / tt / int(threads), 1), "ratio_train_over_plain":
+                     round(tp / tt, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
