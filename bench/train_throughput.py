@@ -1,6 +1,7 @@
 """Training throughput: `attribution.train.train` against a plain PyTorch loop of the same UNet, per core.
 
     python bench/train_throughput.py --configs small:2,small:1,eval:1 --epochs 2 --repeats 2
+    python bench/train_throughput.py --raw --configs small:2,small:1,eval:1   # bare optimizer steps only
 
 For each PRESET:THREADS it runs `train` (the full call: model construction, the loop, the final checkpoint
 written) and a plain loop over the same tensors (same UNet, AdamW + warm-up/cosine LambdaLR, same random draws,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -65,7 +67,11 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--raw", action="store_true", help="only time bare optimizer steps on random tensors "
+                                                     "(5 steps after 2 warm-up steps per PRESET:THREADS)")
     a = p.parse_args()
+    if a.raw:
+        return raw_steps(a)
     data = load_dataset(a.dataset, "train")
     x_all = data.tensors()
     samples = len(x_all) * a.epochs
@@ -86,7 +92,31 @@ def main():
                      "train_samples_per_s": round(samples / tt, 1), "plain_samples_per_s": round(samples / tp, 1),
                      "train_per_core": round(samples / tt / int(threads), 1), "ratio_train_over_plain":
                      round(tp / tt, 3)})
+        rows[-1]["load_avg_1min"] = round(os.getloadavg()[0], 2)
         print(json.dumps(rows[-1]), flush=True)
+
+
+def raw_steps(a) -> None:
+    """samples/s of forward + backward + AdamW steps alone (no data handling), per preset and thread count."""
+    for item in a.configs.split(","):
+        preset, threads = item.split(":")
+        torch.set_num_threads(int(threads))
+        torch.manual_seed(0)
+        unet = unet_for(16, 1, preset).train()
+        opt = torch.optim.AdamW(unet.parameters(), lr=a.lr)
+        x, t = torch.randn(a.batch_size, 1, 16, 16), torch.randint(0, 1000, (a.batch_size,))
+        for i in range(7):
+            if i == 2:
+                start = time.perf_counter()
+            loss = ((unet(x, t).sample - x) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        per_s = 5 * a.batch_size / (time.perf_counter() - start)
+        print(json.dumps({"preset": preset, "threads": int(threads), "batch": a.batch_size,
+                          "params": sum(p.numel() for p in unet.parameters()), "samples_per_s": round(per_s, 1),
+                          "per_core": round(per_s / int(threads), 1), "load_avg_1min": round(os.getloadavg()[0], 2)}),
+              flush=True)
 
 
 if __name__ == "__main__":
