@@ -6,7 +6,8 @@
 For each PRESET:THREADS it runs `train` (the full call: model construction, the loop, the final checkpoint
 written) and a plain loop over the same tensors (same UNet, AdamW + warm-up/cosine LambdaLR, same random draws,
 no bookkeeping, no checkpoint), alternating A/B/A/B so that other load on the machine hits both alike, and prints
-samples/s, samples/s per core (= per thread), and the ratio train/plain (median over repeats).
+samples/s, samples/s per core (= per thread), and the ratio train/plain (median over repeats), by wall time and
+by the process's CPU time (the fairer figure for one-thread runs on a shared machine).
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from attribution.models.presets import unet_for  # noqa: E402
 from attribution.train import TrainConfig, lr_lambda, train  # noqa: E402
 
 
-def plain_loop(x_all: torch.Tensor, preset: str, epochs: int, batch: int, lr: float, seed: int = 0) -> float:
-    """Seconds for a bare PyTorch DDPM training loop with the recipe of `train`."""
+def plain_loop(x_all: torch.Tensor, preset: str, epochs: int, batch: int, lr: float, seed: int = 0) -> None:
+    """A bare PyTorch DDPM training loop with the recipe of `train`."""
     from diffusers import DDPMScheduler
 
-    start = time.perf_counter()
     torch.manual_seed(seed)
     n = len(x_all)
     unet = unet_for(x_all.shape[-1], x_all.shape[1], preset).train()
@@ -56,7 +56,14 @@ def plain_loop(x_all: torch.Tensor, preset: str, epochs: int, batch: int, lr: fl
             loss.backward()
             opt.step()
             sched.step()
-    return time.perf_counter() - start
+
+
+def timed(fn, *args, **kw) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call. On a shared machine the CPU time is the fairer
+    figure for one-thread runs: it does not count the time other processes held the core."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(*args, **kw)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main():
@@ -82,16 +89,17 @@ def main():
         t_train, t_plain = [], []
         for r in range(a.repeats):
             with tempfile.TemporaryDirectory() as tmp:
-                start = time.perf_counter()
-                train(TrainConfig(dataset=a.dataset, out=tmp, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                                  preset=preset, checkpoints=1, device="cpu"))
-                t_train.append(time.perf_counter() - start)
-            t_plain.append(plain_loop(x_all, preset, a.epochs, a.batch_size, a.lr))
-        tt, tp = statistics.median(t_train), statistics.median(t_plain)
+                t_train.append(timed(train, TrainConfig(dataset=a.dataset, out=tmp, epochs=a.epochs,
+                                                        batch_size=a.batch_size, lr=a.lr, preset=preset,
+                                                        checkpoints=1, device="cpu")))
+            t_plain.append(timed(plain_loop, x_all, preset, a.epochs, a.batch_size, a.lr))
+        tt, tp = (statistics.median(w for w, _ in t_train), statistics.median(w for w, _ in t_plain))
+        ct, cp = (statistics.median(c for _, c in t_train), statistics.median(c for _, c in t_plain))
         rows.append({"preset": preset, "threads": int(threads), "batch": a.batch_size, "samples": samples,
                      "train_samples_per_s": round(samples / tt, 1), "plain_samples_per_s": round(samples / tp, 1),
                      "train_per_core": round(samples / tt / int(threads), 1), "ratio_train_over_plain":
-                     round(tp / tt, 3)})
+                     round(tp / tt, 3), "train_samples_per_cpu_s": round(samples / ct, 1),
+                     "plain_samples_per_cpu_s": round(samples / cp, 1), "ratio_by_cpu_time": round(cp / ct, 3)})
         rows[-1]["load_avg_1min"] = round(os.getloadavg()[0], 2)
         print(json.dumps(rows[-1]), flush=True)
 
