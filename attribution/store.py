@@ -11,6 +11,10 @@ Layout (one folder per feature set; the name carries a readable slug and a hash 
               features.npy    float32 (N, k) memmap, rows in dataset order
               done.npy        bool (N,): rows that are finished (written after their rows are flushed)
               kernel.npz      U (N, r), sigma (r,), V (k, r): thin SVD of the features, once complete
+      retrain/
+        <recipe key>/
+          <index-set hash>-seed-<S>/   a training run folder (run.json with the subset indices, epoch-N/), plus
+            retrain.json               written last: subset index hash, seed, recipe key, hardware, seconds
 
 Featurizing writes rows in batches: rows first (flushed), then the done mask (atomically replaced), so a kill at
 any point loses at most the batch in flight and a rerun resumes at the first unfinished row. A folder appears
@@ -192,6 +196,11 @@ class FeatureStore:
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
+
+
+def retrain_dir(recipe_key: str, index_set_hash: str, seed: int, root: str | os.PathLike | None = None) -> Path:
+    """The run folder of one retrained model of a ground-truth bank (see the layout above)."""
+    return cache_root(root) / "retrain" / recipe_key / f"{index_set_hash}-seed-{int(seed)}"
 
 
 def list_stores(root: Path | None = None) -> list[dict]:

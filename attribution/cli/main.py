@@ -11,9 +11,9 @@ import argparse
 import sys
 
 from ..errors import AttributionError
-from . import analysis, engine, journey, models
+from . import analysis, bank, engine, evaluation, journey, models
 
-COMMAND_MODULES = (models, engine, journey, analysis)
+COMMAND_MODULES = (models, engine, journey, analysis, bank, evaluation)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,6 @@
-"""Evaluation of attribution methods against retrained models: the linear datamodeling score (LDS) and its
+"""Evaluating attributions against retraining: retraining recipes (`recipes.py`), the Ray fan-out
+(`ray_engine.py`), ground-truth banks of retrained models (`bank.py`), the linear datamodeling score and its
 statistics (`lds.py`: standard and centered LDS, noise ceilings, random baselines, model-aware confidence intervals
-and paired comparisons, all pure numpy/scipy), and the ground-truth banks of retrained models they are computed on.
+and paired comparisons, pure numpy/scipy), a retraining-free lambda (`lambda_choice.py`), and any engine method
+evaluated on a bank (`evaluate.py`).
 """

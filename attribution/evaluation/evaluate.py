@@ -34,7 +34,7 @@ Progress = Callable[[int, int, str], None]
 def bank_targets(bank: Bank) -> Targets:
     """The bank's targets as engine targets (generated ones keep their seed, so Journey TRAK can re-sample them)."""
     keys = list(bank.target_keys)
-    steps = int(bank.meta.get("gen_steps", 50))
+    steps = int(bank.meta.get("identity", {}).get("gen_steps", 50))
     generated = [Generated(int(k.split("/")[1]), steps, "ddpm") if k.startswith("gen/") else None for k in keys]
     return Targets(torch.from_numpy(np.asarray(bank.target_images, dtype=np.float32)), keys,
                    [k.replace("/", ":") for k in keys], [None] * len(keys), generated=generated)

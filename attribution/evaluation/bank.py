@@ -1,0 +1,534 @@
+"""Ground-truth banks for LDS: a full model, random training subsets, models retrained on them, and their outputs.
+
+On disk (`banks/<name>/`, small enough to commit):
+
+    bank.json                        recipe + key, dataset + content hash, alpha, M, seeds, noise sets, timesteps,
+                                     targets ("val:3", "gen:17"), model hash, hardware, build time, status
+    masks.npy                        bool (M, N): which training images subset j holds
+    targets.npz                      images float32 (T, C, H, W) in [-1, 1], keys ("val/3", "gen/17")
+    model/                           the full model (a DDPMPipeline folder, safetensors): the model to attribute
+    outputs/subset-JJJ-seed-S.npz    F of one retrained model, float64 (R noise sets, T targets), written atomically
+
+`Bank.load(name_or_path).F` assembles them into (M subsets, S seeds, R noise sets, T targets), NaN where a
+retrain has not finished. The retrained models themselves live in the cache (`store.retrain_dir`).
+
+F is the Simple loss, mean (eps_hat - eps)^2, of each target averaged over K uniform timesteps (0, 10, ..., 990
+for K=100), with the noise of set r drawn from the key f"bank/{r}/{target key}" (`noise_for`), so two noise sets
+measure F's own sampling noise and two seeds the retraining noise. Subset j is drawn from its own generator
+(subset_seed, j), so a bank can grow (more subsets or seeds) without changing the rows it has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..fileio import atomic_dir, read_json, save_npy, save_npz, write_json
+from .recipes import Recipe
+from .ray_engine import ProgressMeter, RayCluster, hardware, probe_address, single_thread
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BANKS_DIR = REPO_ROOT / "banks"
+NOISE_SEED = 0
+FULL_SEED = 0
+
+
+# -- subsets -------------------------------------------------------------------------------------------------------
+
+def random_masks(n: int, m: int, alpha: float, seed: int) -> np.ndarray:
+    """(m, n) bool: row j holds round(alpha * n) images drawn without replacement by the generator (seed, j)."""
+    k = int(round(alpha * n))
+    masks = np.zeros((m, n), dtype=bool)
+    for j in range(m):
+        masks[j, np.random.default_rng([seed, j]).choice(n, size=k, replace=False)] = True
+    return masks
+
+
+def read_subset_file(path: str | Path, n: int) -> np.ndarray:
+    """(M, n) bool masks from a .npy (M, n) bool array, a .npy (M, k) integer array of index lists, or a text file
+    with one subset per line (whitespace- or comma-separated indices). One ConfigError line for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"subset file not found: {path}")
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+            rows = list(arr) if arr.ndim == 2 else None
+            if rows is None:
+                raise ValueError(f"a 2-D array is needed, got shape {arr.shape}")
+        else:
+            rows = [np.array(ln.replace(",", " ").split(), dtype=np.int64)
+                    for ln in path.read_text().splitlines() if ln.strip()]
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{path} is not a subset file ({exc}); give a .npy (M, N) bool mask, a .npy (M, k) "
+                          "integer array, or a text file with one subset's indices per line") from None
+    if len(rows) and np.asarray(rows[0]).dtype == bool:
+        masks = np.asarray(rows, dtype=bool)
+        if masks.shape[1] != n:
+            raise ConfigError(f"{path} masks have {masks.shape[1]} columns but the training split has {n} images")
+        return masks
+    masks = np.zeros((len(rows), n), dtype=bool)
+    for j, row in enumerate(rows):
+        row = np.asarray(row)
+        if not np.issubdtype(row.dtype, np.integer):
+            raise ConfigError(f"{path} row {j} holds {row.dtype} values, not integer indices")
+        if row.size and (row.min() < 0 or row.max() >= n):
+            raise ConfigError(f"{path} row {j} has indices outside 0..{n - 1} (the training split)")
+        if len(np.unique(row)) != len(row):
+            raise ConfigError(f"{path} row {j} has duplicate indices")
+        masks[j, row] = True
+    return masks
+
+
+def check_masks(masks: np.ndarray, source: str) -> None:
+    if len(masks) < 2:
+        raise ConfigError(f"{source}: LDS needs at least 2 subsets, got {len(masks)}")
+    sizes = masks.sum(1)
+    if sizes.min() == 0:
+        raise ConfigError(f"{source}: subset {int(np.argmin(sizes))} is empty")
+
+
+# -- the model output F --------------------------------------------------------------------------------------------
+
+def f_timesteps(k: int, num_timesteps: int = 1000) -> torch.Tensor:
+    from ..features.timesteps import select_timesteps
+
+    return select_timesteps("uniform", k, num_timesteps)
+
+
+@torch.no_grad()
+def simple_loss_outputs(model, images: torch.Tensor, keys: list[str], k: int, noise_sets: int,
+                        batch: int = 4096) -> np.ndarray:
+    """F (noise_sets, T) float64: each target's Simple loss averaged over the K uniform timesteps, noise set r
+    drawn from f"bank/{r}/{key}"."""
+    from ..features.timesteps import noise_for
+
+    ts = f_timesteps(k, model.num_timesteps)
+    shape = tuple(images.shape[1:])
+    per_batch = max(1, batch // len(ts))
+    out = np.zeros((noise_sets, len(keys)), dtype=np.float64)
+    params = model.parameters()
+    for r in range(noise_sets):
+        for b in range(0, len(keys), per_batch):
+            x0 = images[b:b + per_batch].float()
+            eps = noise_for([f"bank/{r}/{key}" for key in keys[b:b + per_batch]], ts, shape, NOISE_SEED)
+            n = len(x0)
+            tt = ts.repeat(n)
+            x0r = x0[:, None].expand(n, len(ts), *shape).reshape(-1, *shape)
+            eps = eps.reshape(-1, *shape)
+            x_t = model.schedule.add_noise(x0r.to(model.device), eps.to(model.device), tt.to(model.device))
+            eps_hat = model.eps(params, x_t, tt.to(model.device))
+            loss = ((eps_hat.float().cpu() - eps) ** 2).flatten(1).mean(1).double().reshape(n, len(ts))
+            out[r, b:b + n] = loss.mean(1).numpy()
+    return out
+
+
+# -- the bank's configuration --------------------------------------------------------------------------------------
+
+@dataclass
+class BankSpec:
+    """What to build (validated; bad values raise one ConfigError line)."""
+
+    name: str
+    recipe: Recipe
+    out: str | None = None  # default banks/<name>
+    subsets: int = 24
+    seeds: int = 2
+    alpha: float = 0.5
+    subset_seed: int = 0
+    subset_file: str | None = None
+    val_targets: int = 100
+    gen_targets: int = 100
+    gen_steps: int = 50
+    noise_sets: int = 2
+    timesteps: int = 100
+    full_model: str | None = None  # a run folder whose final checkpoint is the bank's model (else trained here)
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"bank name must be a plain name, got {self.name!r}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"--alpha must be within (0, 1), got {self.alpha}")
+        if self.subset_file is None and self.subsets < 2:
+            raise ConfigError(f"--subsets must be at least 2 (LDS correlates across subsets), got {self.subsets}")
+        if self.seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.noise_sets < 1:
+            raise ConfigError(f"--noise-sets must be at least 1, got {self.noise_sets}")
+        if self.val_targets < 0 or self.gen_targets < 0 or self.val_targets + self.gen_targets < 1:
+            raise ConfigError("--val-targets and --gen-targets must be >= 0 with at least one target in all")
+        if not 1 <= self.timesteps <= 1000:
+            raise ConfigError(f"--timesteps must be within 1..1000, got {self.timesteps}")
+        if self.gen_steps < 1:
+            raise ConfigError(f"--gen-steps must be at least 1, got {self.gen_steps}")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out) if self.out else BANKS_DIR / self.name
+
+    def target_specs(self) -> list[str]:
+        return [f"val:{i}" for i in range(self.val_targets)] + [f"gen:{s}" for s in range(self.gen_targets)]
+
+
+def _identity(spec: BankSpec, recipe_key: str, dataset_hash: str, subset_source: str,
+              full_model_hash: str | None = None) -> dict:
+    """What every output of the bank depends on (a rerun with another identity is refused)."""
+    return {"recipe": spec.recipe.identity(), "recipe_key": recipe_key, "dataset_hash": dataset_hash,
+            "subsets_from": subset_source, "noise_sets": spec.noise_sets, "timesteps": spec.timesteps,
+            "targets": spec.target_specs(), "gen_steps": spec.gen_steps, "sampler": "ddpm",
+            "full_model_seed": FULL_SEED, "F": "simple loss, uniform timesteps, noise key bank/{r}/{target key}",
+            **({"full_model": full_model_hash} if full_model_hash else {})}
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            va, vb = a.get(key), b.get(key)
+            short = (lambda v: f"{len(v)} items" if isinstance(v, list) and len(v) > 4 else repr(v))
+            out.append(f"{key}: {short(va)} there, {short(vb)} asked")
+    return out
+
+
+def _targets_hash(keys: list[str], images: np.ndarray) -> str:
+    h = hashlib.sha256("\n".join(keys).encode())
+    h.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+# -- Ray tasks (module-level, so workers import them) --------------------------------------------------------------
+
+def train_task(job: dict) -> dict:
+    """Train one model unless its completion marker exists; write the marker last; return it."""
+    from ..train import train
+
+    if job["device"] == "cpu":
+        single_thread()
+    run = Path(job["run_dir"])
+    marker = run / "retrain.json"
+    if marker.is_file():
+        return read_json(marker)
+    start = time.time()
+    recipe = Recipe(**job["recipe"])
+    train(recipe.train_config(run, job["indices"], job["seed"], job["device"]))
+    info = {"recipe_key": job["recipe_key"], "recipe": job["recipe"], "seed": job["seed"], "subset": job["subset"],
+            "index_set_hash": job["index_set_hash"], "n_train": job["n_train"], "hardware": hardware(job["device"]),
+            "train_seconds": round(time.time() - start, 1)}
+    write_json(marker, info)
+    return info
+
+
+def measure_task(job: dict, images: np.ndarray, keys: list[str], k: int, noise_sets: int) -> dict:
+    """F (R, T) of one trained model."""
+    from ..models import load_model
+
+    if job["device"] == "cpu":
+        single_thread()
+    start = time.time()
+    model = load_model(job["run_dir"], job["device"])
+    f = simple_loss_outputs(model, torch.from_numpy(images), keys, k, noise_sets)
+    return {"F": f, "model_hash": model.identity(), "seconds": round(time.time() - start, 1)}
+
+
+# -- building ------------------------------------------------------------------------------------------------------
+
+def _output_path(folder: Path, j: int, s: int) -> Path:
+    return folder / "outputs" / f"subset-{j:03d}-seed-{s}.npz"
+
+
+def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None = None,
+               progress=None, log=print, cache_root: str | None = None, cluster: RayCluster | None = None,
+               ) -> Path:
+    """Build (or resume, or grow) a bank; return its folder. Finished models and outputs are never redone.
+
+    Runs on `cluster` when given (an entered `RayCluster`, left running), else on its own `RayCluster(address,
+    num_cpus)` for the length of the call."""
+    from ..data import load_dataset
+    from ..store import retrain_dir
+    from ..train import index_hash
+
+    start = time.time()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and cluster is None:
+        probe_address(address)  # before anything is written
+    recipe = spec.recipe
+    data = load_dataset(recipe.dataset, "train", recipe.resolution)
+    n = len(data)
+    dataset_hash = data.content_hash
+    if spec.subset_file:
+        masks = read_subset_file(spec.subset_file, n)
+        check_masks(masks, spec.subset_file)
+        subset_source = "file:" + hashlib.sha256(np.packbits(masks).tobytes()).hexdigest()[:16]
+    else:
+        masks = random_masks(n, spec.subsets, spec.alpha, spec.subset_seed)
+        subset_source = f"random alpha={spec.alpha} seed={spec.subset_seed}"
+    key = recipe.key(dataset_hash)
+    full_hash = None
+    if spec.full_model:
+        from ..models.checkpoint import resolve_checkpoint
+
+        full_hash = resolve_checkpoint(spec.full_model).content_hash()
+    identity = _identity(spec, key, dataset_hash, subset_source, full_hash)
+    folder = spec.folder
+    meta_path = folder / "bank.json"
+    meta = {}
+    if meta_path.is_file():
+        meta = read_json(meta_path)
+        differences = _diff(meta.get("identity", {}), identity)
+        if differences:
+            raise ConfigError(f"{folder} holds a bank built another way ({'; '.join(differences[:3])}); "
+                              "use another --name/--out or delete it")
+        old = np.load(folder / "masks.npy", allow_pickle=False)
+        rows = min(len(old), len(masks))
+        if old.shape[1] != n or not np.array_equal(old[:rows], masks[:rows]):
+            raise ConfigError(f"{folder}/masks.npy differs from the subsets asked for; use another --name/--out")
+        if len(old) > len(masks):
+            masks = old  # never shrink a bank
+    seeds = list(range(max(spec.seeds, len(meta.get("seeds", [])))))
+    device = "cpu"
+    meta.update({"name": spec.name, "identity": identity, "recipe_name": recipe.name, "dataset": recipe.dataset,
+                 "n_train": n, "alpha": float(masks.sum(1).mean() / n), "subsets": len(masks), "seeds": seeds,
+                 "noise_sets": spec.noise_sets, "timesteps": f_timesteps(spec.timesteps).tolist(),
+                 "targets": spec.target_specs(), "status": "building",
+                 "F_shape": ["subsets", "seeds", "noise_sets", "targets"]})
+    write_json(meta_path, meta)
+    save_npy(folder / "masks.npy", masks)
+
+    def job(subset: int | None, seed: int) -> dict:
+        indices = None if subset is None else [int(i) for i in np.flatnonzero(masks[subset])]
+        ih = index_hash(indices, n)
+        return {"subset": subset, "seed": seed, "indices": indices, "index_set_hash": ih, "n_train": n,
+                "run_dir": str(retrain_dir(key, ih, seed, cache_root)), "recipe": asdict(recipe),
+                "recipe_key": key, "device": device}
+
+    full = job(None, FULL_SEED)
+    subset_jobs = [job(j, s) for j in range(len(masks)) for s in seeds]
+    to_measure = [jb for jb in subset_jobs if not _output_path(folder, jb["subset"], jb["seed"]).is_file()]
+    targets_file = folder / "targets.npz"
+    model_ready = (folder / "model" / "unet").is_dir() and targets_file.is_file()
+    trained = {jb["run_dir"] for jb in [full, *subset_jobs] if (Path(jb["run_dir"]) / "retrain.json").is_file()}
+    if not model_ready and spec.full_model:  # the run's own model is the bank's model: nothing to train
+        _make_targets(spec, folder, {"run_dir": spec.full_model}, data, meta)
+        model_ready = True
+    if not model_ready and full["run_dir"] in trained:  # killed between training the full model and its targets
+        _make_targets(spec, folder, full, data, meta)
+        model_ready = True
+    to_train = [jb for jb in ([] if model_ready else [full]) + to_measure if jb["run_dir"] not in trained]
+    total = len(to_train) + len(to_measure) + (0 if model_ready else 1)
+    log(f"bank {spec.name}: {len(masks)} subsets x {len(seeds)} seeds of {recipe.name} on {recipe.dataset} "
+        f"(N={n}); {len(subset_jobs) - len(to_measure)} outputs already done, {len(to_train)} models to train, "
+        f"{len(to_measure)} to measure -> {folder}")
+    if total == 0:
+        _finish(folder, meta, start)
+        return folder
+
+    import ray
+
+    with contextlib.nullcontext(cluster) if cluster else RayCluster(address, num_cpus) as cluster:
+        log(f"running on {cluster.describe()}")
+        if cluster.uses_gpu():
+            device = "cuda"
+            for jb in [full, *subset_jobs]:
+                jb["device"] = device
+        opts = cluster.task_options()
+        train_remote = ray.remote(train_task).options(**opts)
+        measure_remote = ray.remote(measure_task).options(**opts)
+        meter = ProgressMeter(total, progress, "tasks")
+        slots = cluster.slots()
+        queue = list(to_train)
+        ready_to_measure = [jb for jb in to_measure if jb["run_dir"] in trained]
+        waiting = {jb["run_dir"]: jb for jb in to_measure if jb["run_dir"] not in trained}
+        targets_ref = None
+        if model_ready:
+            with np.load(targets_file, allow_pickle=False) as z:
+                targets_ref = (ray.put(z["images"]), [str(k) for k in z["keys"]])
+        in_flight: dict = {}
+        failures: list[str] = []
+        while queue or ready_to_measure or in_flight:
+            while len(in_flight) < slots and (queue or (ready_to_measure and targets_ref)):
+                if ready_to_measure and targets_ref:
+                    jb = ready_to_measure.pop(0)
+                    ref = measure_remote.remote(jb, targets_ref[0], targets_ref[1], spec.timesteps, spec.noise_sets)
+                    in_flight[ref] = ("measure", jb)
+                else:
+                    jb = queue.pop(0)
+                    in_flight[train_remote.remote(jb)] = ("train", jb)
+            if not in_flight:
+                break
+            done_refs, _ = ray.wait(list(in_flight), num_returns=1)
+            kind, jb = in_flight.pop(done_refs[0])
+            name = "full model" if jb["subset"] is None else f"subset {jb['subset']} seed {jb['seed']}"
+            try:
+                result = ray.get(done_refs[0])
+            except Exception as exc:  # retries exhausted: report, keep the rest going
+                failures.append(f"{kind} {name}: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
+                meter.step(note=f"FAILED {kind} {name}")
+                continue
+            if kind == "train" and jb["subset"] is None:
+                meter.step(note=f"trained the full model in {result['train_seconds']}s; making targets")
+                images, keys = _make_targets(spec, folder, jb, data, meta)
+                targets_ref = (ray.put(images), keys)
+                meter.step(note="targets ready")
+            elif kind == "train":
+                meter.step(note=f"trained {name} in {result['train_seconds']}s")
+                if jb["run_dir"] in waiting:
+                    ready_to_measure.append(waiting.pop(jb["run_dir"]))
+            else:
+                save_npz(_output_path(folder, jb["subset"], jb["seed"]), compress=False, F=result["F"],
+                         model_hash=np.array(result["model_hash"]), recipe_key=np.array(key),
+                         targets_hash=np.array(meta["targets_hash"]), subset=np.array(jb["subset"]),
+                         seed=np.array(jb["seed"]))
+                meter.step(note=f"measured {name} in {result['seconds']}s")
+        meta["hardware"] = hardware(device)
+        meta["ray"] = cluster.describe()
+    meta = _finish(folder, meta, start, failures)
+    if failures:
+        raise ConfigError(f"{len(failures)} task(s) failed after retries, e.g. {failures[0]}; rerun to retry them "
+                          "(finished work is kept)")
+    return folder
+
+
+def _make_targets(spec: BankSpec, folder: Path, full_job: dict, data, meta: dict) -> tuple[np.ndarray, list[str]]:
+    """Copy the full model into the bank, generate its targets, write targets.npz; return (images, keys)."""
+    from ..data import load_dataset
+    from ..models import load_model
+    from ..sampling import sample
+
+    src = Path(full_job["run_dir"])
+    epoch = sorted(src.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    with atomic_dir(folder / "model") as tmp:
+        shutil.copytree(epoch, tmp, dirs_exist_ok=True)
+    model = load_model(str(folder / "model"), "cpu")
+    torch.set_num_threads(1)
+    parts, keys = [], []
+    if spec.val_targets:
+        val = load_dataset(spec.recipe.dataset, "val", model.resolution, model.channels)
+        if spec.val_targets > len(val):
+            raise ConfigError(f"--val-targets {spec.val_targets} exceeds the {len(val)} validation images")
+        parts.append(val.tensors(list(range(spec.val_targets))).numpy())
+        keys += [f"val/{i}" for i in range(spec.val_targets)]
+    if spec.gen_targets:
+        traj = sample(model, spec.gen_targets, 0, spec.gen_steps, "ddpm")
+        parts.append(traj.final)
+        keys += [f"gen/{int(s)}" for s in traj.seeds]
+    images = np.concatenate(parts).astype(np.float32)
+    meta["targets_hash"] = _targets_hash(keys, images)
+    if (src / "retrain.json").is_file():
+        meta["model"] = {"path": "model", "content_hash": model.identity(), "seed": FULL_SEED,
+                         "train": read_json(src / "retrain.json")}
+    else:
+        run = read_json(src / "run.json")
+        meta["model"] = {"path": "model", "content_hash": model.identity(), "from_run": str(src),
+                         "seed": run["config"].get("seed"), "checkpoint": epoch.name}
+    save_npz(folder / "targets.npz", images=images, keys=np.array(keys))
+    write_json(folder / "bank.json", meta)
+    return images, keys
+
+
+def _finish(folder: Path, meta: dict, start: float, failures: list[str] | None = None) -> dict:
+    done = len(list((folder / "outputs").glob("subset-*-seed-*.npz")))
+    expected = meta["subsets"] * len(meta["seeds"])
+    meta["outputs_done"] = done
+    meta["status"] = "complete" if done == expected and not failures else "partial"
+    meta["build_seconds"] = round(meta.get("build_seconds", 0) + time.time() - start, 1)
+    write_json(folder / "bank.json", meta)
+    return meta
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+def list_banks(root: Path | None = None) -> list[str]:
+    """Names of the banks under banks/ that have targets (a build that got past its full model)."""
+    root = root or BANKS_DIR
+    return sorted(p.parent.name for p in root.glob("*/bank.json") if (p.parent / "targets.npz").is_file())
+
+
+@dataclass
+class Bank:
+    """A loaded bank. F: float64 (M, S, R, T), NaN where a retrain is not done; done: bool (M, S)."""
+
+    path: Path
+    meta: dict
+    masks: np.ndarray
+    target_images: np.ndarray
+    target_keys: list[str]
+    F: np.ndarray
+    done: np.ndarray
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> "Bank":
+        path = Path(name_or_path)
+        if not (path / "bank.json").is_file():
+            path = BANKS_DIR / str(name_or_path)
+        if not (path / "bank.json").is_file():
+            known = sorted(p.parent.name for p in BANKS_DIR.glob("*/bank.json"))
+            raise ConfigError(f"no bank {str(name_or_path)!r} (no bank.json there); known banks: "
+                              f"{', '.join(known) or 'none'}; build one with `python -m attribution bank build`")
+        meta = read_json(path / "bank.json")
+        masks = np.load(path / "masks.npy", allow_pickle=False)
+        if not (path / "targets.npz").is_file():
+            raise ConfigError(f"bank {path} has no targets yet (its full model is still training); rerun the build")
+        with np.load(path / "targets.npz", allow_pickle=False) as z:
+            images, keys = z["images"], [str(k) for k in z["keys"]]
+        seeds = meta["seeds"]
+        F = np.full((len(masks), len(seeds), meta["noise_sets"], len(keys)), np.nan)
+        done = np.zeros((len(masks), len(seeds)), dtype=bool)
+        for j in range(len(masks)):
+            for s in seeds:
+                p = _output_path(path, j, s)
+                if not p.is_file():
+                    continue
+                with np.load(p, allow_pickle=False) as z:
+                    if str(z["targets_hash"]) != meta["targets_hash"] or z["F"].shape != F.shape[2:]:
+                        raise ConfigError(f"{p} was computed for other targets; delete it and rerun the build")
+                    F[j, seeds.index(s)] = z["F"]
+                done[j, seeds.index(s)] = True
+        return cls(path, meta, masks, images, keys, F, done)
+
+    @property
+    def targets(self) -> list[str]:
+        return [k.replace("/", ":") for k in self.target_keys]
+
+    @property
+    def model_spec(self) -> str:
+        return str(self.path / "model")
+
+    @property
+    def dataset(self) -> str:
+        return self.meta["dataset"]
+
+    def split(self, kind: str) -> np.ndarray:
+        """bool (T,): the targets of one kind, "val" or "gen"."""
+        return np.array([k.split("/")[0] == kind for k in self.target_keys])
+
+    def finished(self) -> "Bank":
+        """The same bank restricted to the subsets whose every seed is done."""
+        rows = self.done.all(1)
+        return Bank(self.path, self.meta, self.masks[rows], self.target_images, self.target_keys, self.F[rows],
+                    self.done[rows])
+
+    def summary(self) -> str:
+        m, s, r, t = self.F.shape
+        val, gen = int(self.split("val").sum()), int(self.split("gen").sum())
+        lines = [f"bank {self.meta['name']} at {self.path} ({self.meta['status']})",
+                 f"  recipe {self.meta['recipe_name']} (key {self.meta['identity']['recipe_key']}) on "
+                 f"{self.dataset}, N={self.masks.shape[1]} training images, alpha={self.meta['alpha']:.3f}",
+                 f"  F: {m} subsets x {s} seeds x {r} noise sets x {t} targets ({val} val, {gen} gen); "
+                 f"{int(self.done.sum())}/{self.done.size} retrains done, {int(self.done.all(1).sum())} subsets "
+                 "complete",
+                 f"  F = Simple loss over {len(self.meta['timesteps'])} uniform timesteps",
+                 f"  model: {self.model_spec}"]
+        if "build_seconds" in self.meta:
+            lines.append(f"  built in {self.meta['build_seconds'] / 60:.1f} min on {self.meta.get('hardware', '?')}")
+        return "\n".join(lines)

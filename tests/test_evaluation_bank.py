@@ -1,0 +1,281 @@
+"""Ground-truth banks on Ray: end-to-end tiny builds, idempotent reruns, retried tasks, bad input, F's definition.
+
+The tiny bank (recipe "tiny-test": a 30k-parameter UNet, one epoch; 4 subsets x 2 seeds, 2 val + 2 generated
+targets, F over 5 timesteps and 2 noise sets) is built once per module on a local Ray with 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.errors import ConfigError
+from attribution.evaluation.bank import Bank, BankSpec, build_bank, random_masks, read_subset_file, \
+    simple_loss_outputs
+from attribution.evaluation.ray_engine import RayCluster, probe_address, run_tasks
+from attribution.evaluation.recipes import RECIPES, Recipe, get_recipe, recipe_from_run
+
+N_DIGITS = 1618
+
+
+def tiny_spec(out: Path) -> BankSpec:
+    return BankSpec(name="tiny", recipe=get_recipe("tiny-test"), out=str(out), subsets=4, seeds=2,
+                    val_targets=2, gen_targets=2, gen_steps=3, noise_sets=2, timesteps=5)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 CPUs) for the module's builds: starting Ray and its workers is most of their cost."""
+    with RayCluster(num_cpus=2) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def tiny_bank(tmp_path_factory, local_ray):
+    root = tmp_path_factory.mktemp("bank")
+    folder = build_bank(tiny_spec(root / "bank"), log=lambda m: None, cache_root=str(root / "cache"),
+                        cluster=local_ray)
+    return folder, root / "cache"
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, msg", [({"alpha": 0.0}, "--alpha"), ({"alpha": 1.0}, "--alpha"),
+                                     ({"subsets": 1}, "at least 2"), ({"seeds": 0}, "--seeds"),
+                                     ({"noise_sets": 0}, "--noise-sets"), ({"timesteps": 0}, "--timesteps"),
+                                     ({"val_targets": 0, "gen_targets": 0}, "at least one target")])
+def test_bad_bank_options_one_line(kw, msg, tmp_path):
+    with pytest.raises(ConfigError, match=msg) as exc:
+        BankSpec(**{**tiny_spec(tmp_path).__dict__, **kw})
+    assert "\n" not in str(exc.value)
+
+
+def test_bad_subset_files(tmp_path):
+    (tmp_path / "range.txt").write_text("0 1 2\n5 6 99\n")
+    with pytest.raises(ConfigError, match="row 1 has indices outside 0..9"):
+        read_subset_file(tmp_path / "range.txt", 10)
+    (tmp_path / "dup.txt").write_text("0 1 2\n3, 3, 4\n")
+    with pytest.raises(ConfigError, match="row 1 has duplicate indices"):
+        read_subset_file(tmp_path / "dup.txt", 10)
+    np.save(tmp_path / "cols.npy", np.ones((3, 7), dtype=bool))
+    with pytest.raises(ConfigError, match="7 columns"):
+        read_subset_file(tmp_path / "cols.npy", 10)
+    np.save(tmp_path / "idx.npy", np.array([[0, 2], [1, 3]]))
+    masks = read_subset_file(tmp_path / "idx.npy", 5)
+    assert masks.tolist() == [[True, False, True, False, False], [False, True, False, True, False]]
+
+
+def test_unanswered_ray_address_fails_fast_without_writing(tmp_path, capsys):
+    from attribution.cli import main
+
+    with socket_closed_port() as port:
+        start = time.monotonic()
+        rc = main(["bank", "build", "--name", "x", "--recipe", "tiny-test", "--out", str(tmp_path / "b"),
+                   "--ray-address", f"127.0.0.1:{port}"])
+        assert time.monotonic() - start < 5
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: no Ray cluster answers at 127.0.0.1:") and "\n" not in err
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        probe_address("localhost")
+
+
+class socket_closed_port:
+    """A port on which nothing listens (bound, then closed)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        return port
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_recipes_validate_and_hash(tiny_run):
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        get_recipe("nope")
+    with pytest.raises(ConfigError, match="--epochs"):
+        Recipe("bad", "digits", epochs=0)
+    r = RECIPES["digits-eval"]
+    assert r.key("h1") == Recipe(**{**r.__dict__, "name": "other"}).key("h1")  # the name is only a label
+    assert r.key("h1") != r.key("h2") and r.key("h1") != Recipe(**{**r.__dict__, "lr": 3e-3}).key("h1")
+    from_run = recipe_from_run(tiny_run)
+    assert (from_run.preset, from_run.epochs, from_run.batch_size) == ("tiny", 2, 128)
+    with pytest.raises(ConfigError, match="no run.json"):
+        recipe_from_run(tiny_run / "epoch-1")
+
+
+def test_random_masks_are_half_subsets_and_grow_stably():
+    m = random_masks(101, 5, 0.5, seed=3)
+    assert m.shape == (5, 101) and (m.sum(1) == 50).all()  # round(50.5) = 50 (banker's rounding)
+    assert np.array_equal(random_masks(101, 8, 0.5, seed=3)[:5], m)  # growing M keeps the existing rows
+    assert not np.array_equal(m[0], m[1])
+
+
+# -- F -------------------------------------------------------------------------------------------------------------
+
+def test_simple_loss_equals_direct_computation():
+    from attribution.features.timesteps import noise_for
+    from attribution.models.adapter import DiffusionModel, NoiseSchedule
+    from attribution.models.checkpoint import DEFAULT_SCHEDULE
+    from attribution.models.presets import unet_for
+
+    torch.manual_seed(0)
+    model = DiffusionModel(unet_for(16, 1, "tiny"), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    keys = ["val/0", "val/1", "gen/5"]
+    got = simple_loss_outputs(model, images, keys, k=4, noise_sets=2, batch=8)  # 2 targets per forward batch
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    want = np.zeros((2, 3))
+    for r in range(2):
+        for m, key in enumerate(keys):
+            losses = []
+            for t in (0, 250, 500, 750):
+                eps = noise_for([f"bank/{r}/{key}"], torch.tensor([t]), (1, 16, 16), 0)[0]
+                x_t = (abar[t].sqrt() * images[m:m + 1] + (1 - abar[t]).sqrt() * eps).float()
+                with torch.no_grad():
+                    eps_hat = model.unet(x_t, torch.tensor([t])).sample
+                losses.append(float(((eps_hat - eps) ** 2).mean()))
+            want[r, m] = np.mean(losses)
+    # float32 forward passes in batches of different sizes: agreement to ~1e-6 relative, not bitwise
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert np.abs(got[0] - got[1]).max() > 1e-4  # the two noise sets are different draws
+
+
+# -- end to end on Ray ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_bank_end_to_end(tiny_bank):
+    folder, cache = tiny_bank
+    bank = Bank.load(folder)
+    assert bank.F.shape == (4, 2, 2, 4) and np.isfinite(bank.F).all() and bank.done.all()
+    assert bank.meta["status"] == "complete"
+    assert bank.masks.shape == (4, N_DIGITS) and (bank.masks.sum(1) == N_DIGITS // 2).all()
+    assert bank.targets == ["val:0", "val:1", "gen:0", "gen:1"]
+    assert np.array_equal(bank.masks, random_masks(N_DIGITS, 4, 0.5, 0))
+    # F of one retrained model equals a direct computation on the model stored in the cache
+    from attribution.models import load_model
+    from attribution.store import retrain_dir
+    from attribution.train import index_hash
+
+    idx = np.flatnonzero(bank.masks[2]).tolist()
+    run = retrain_dir(bank.meta["identity"]["recipe_key"], index_hash(idx, N_DIGITS), 1, cache)
+    marker = (run / "retrain.json").read_text()
+    assert '"seed": 1' in marker and '"subset": 2' in marker and "hardware" in marker
+    direct = simple_loss_outputs(load_model(str(run), "cpu"), torch.from_numpy(bank.target_images),
+                                 bank.target_keys, 5, 2)
+    np.testing.assert_allclose(bank.F[2, 1], direct, rtol=1e-6)
+    # seeds differ, and the bank's model is the full-data model
+    assert np.abs(bank.F[:, 0] - bank.F[:, 1]).max() > 0
+    assert load_model(bank.model_spec, "cpu").identity() == bank.meta["model"]["content_hash"]
+
+
+@pytest.mark.slow
+def test_rerun_retrains_nothing_and_growing_reuses_models(tiny_bank, tmp_path, local_ray):
+    folder, cache = tiny_bank
+    files = sorted(cache.glob("retrain/*/*/retrain.json")) + sorted((folder / "outputs").glob("*.npz"))
+    before = {p: p.stat().st_mtime_ns for p in files}
+    logs = []
+    start = time.monotonic()
+    build_bank(tiny_spec(folder), num_cpus=2, log=logs.append, cache_root=str(cache))
+    assert time.monotonic() - start < 10  # nothing to do: Ray is not even started
+    assert "0 models to train, 0 to measure" in logs[0]
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+    # another bank with the same recipe and subsets reuses every retrained model: only F is measured
+    spec = tiny_spec(tmp_path / "other")
+    spec.noise_sets = 1
+    logs = []
+    build_bank(spec, log=logs.append, cache_root=str(cache), cluster=local_ray)
+    assert "0 models to train, 8 to measure" in logs[0]
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+    np.testing.assert_array_equal(Bank.load(tmp_path / "other").F[..., 0, :], Bank.load(folder).F[..., 0, :])
+    # a bank folder built another way is refused, naming the difference
+    with pytest.raises(ConfigError, match="noise_sets: 2 there, 1 asked"):
+        build_bank(BankSpec(**{**tiny_spec(folder).__dict__, "noise_sets": 1}), log=lambda m: None,
+                   cache_root=str(cache))
+
+
+@pytest.mark.slow
+def test_bank_from_a_run_folder_attributes_that_run(tiny_run, tmp_path, local_ray):
+    from attribution.models.checkpoint import resolve_checkpoint
+
+    spec = BankSpec(name="run", recipe=recipe_from_run(tiny_run), out=str(tmp_path / "bank"), subsets=2, seeds=1,
+                    val_targets=1, gen_targets=1, gen_steps=2, noise_sets=1, timesteps=3, full_model=str(tiny_run))
+    logs = []
+    build_bank(spec, log=logs.append, cache_root=str(tmp_path / "cache"), cluster=local_ray)
+    assert "2 models to train" in logs[0]  # the run's own model is not retrained
+    bank = Bank.load(tmp_path / "bank")
+    assert bank.meta["model"]["content_hash"] == resolve_checkpoint(str(tiny_run)).content_hash()
+    assert bank.meta["identity"]["recipe"]["epochs"] == 2 and np.isfinite(bank.F).all()
+    retrained = sorted((tmp_path / "cache").glob("retrain/*/*/retrain.json"))
+    assert len(retrained) == 2 and all('"epochs": 2' in p.read_text() for p in retrained)
+
+
+@pytest.mark.slow
+def test_killed_worker_task_is_redone(tmp_path, local_ray):
+    marker = tmp_path / "attempted"
+
+    def crash_once(x: int) -> int:
+        path = marker.with_name(f"attempted-{x}")
+        if x == 1 and not path.exists():
+            path.write_text("1")
+            os._exit(1)  # the worker process dies mid-task
+        return x * x
+
+    seen = []
+    assert run_tasks(local_ray, crash_once, [0, 1, 2], progress=lambda d, t, m: seen.append((d, t, m))) == [0, 1, 4]
+    assert (tmp_path / "attempted-1").exists()
+    assert [d for d, _, _ in seen] == [1, 2, 3] and "left" in seen[-1][2] and "/min" in seen[-1][2]
+
+
+@pytest.mark.slow
+def test_external_ray_cluster_gives_identical_F(tiny_bank, tmp_path):
+    folder, _ = tiny_bank
+    temp = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's socket paths must stay under 107 characters
+    ray_bin = Path(sys.executable).with_name("ray")
+    proc = subprocess.Popen([str(ray_bin), "start", "--head", "--port=0", "--num-cpus=2", "--block",
+                             "--include-dashboard=false", f"--temp-dir={temp}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        address, lines = None, []
+        deadline = time.monotonic() + 120
+        while address is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"--address='([^']+)'", line)
+            address = m.group(1) if m else None
+        assert address, "".join(lines[-20:])
+        # the CLI in its own process (this one holds the module's local Ray), with a fresh cache so every model
+        # is retrained on the external cluster
+        out = tmp_path / "bank"
+        cmd = [sys.executable, "-m", "attribution", "bank", "build", "--name", "tiny", "--recipe", "tiny-test",
+               "--subsets", "4", "--seeds", "2", "--val-targets", "2", "--gen-targets", "2", "--gen-steps", "3",
+               "--timesteps", "5", "--out", str(out), "--cache", str(tmp_path / "cache"), "--ray-address", address]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "Ray cluster at" in Bank.load(out).meta["ray"]
+        np.testing.assert_array_equal(Bank.load(out).F, Bank.load(folder).F)  # bitwise: same code, one thread
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
