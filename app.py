@@ -41,6 +41,10 @@ PAGES = {
         st.Page("app_pages/timesteps.py", title="Timesteps", icon=":material/timeline:", url_path="timesteps"),
         st.Page("app_pages/journey.py", title="Journey", icon=":material/route:", url_path="journey"),
     ],
+    "Trust": [
+        st.Page("app_pages/evaluation.py", title="Evaluation", icon=":material/fact_check:",
+                url_path="evaluation"),
+    ],
 }
 
 

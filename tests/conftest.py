@@ -1,5 +1,6 @@
 """Shared fixtures for the test suite.
 
+- `fake_bank_dir`: a ground-truth bank made by hand around the tiny model (planted linear F; no retraining).
 - `tiny_run`: a training-run folder (preset "tiny", 2 epochs on the digits training split, checkpoints at
   epochs 1 and 2), trained once per session in a temporary folder. About 5 s on two CPU cores.
 
@@ -36,3 +37,42 @@ def tiny_run(tmp_path_factory) -> Path:
     cfg = TrainConfig(dataset="digits", out=str(out), epochs=2, checkpoints=2, preset="tiny", batch_size=128,
                       seed=0, device="cpu")
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def fake_bank_dir(tiny_run, tmp_path_factory) -> Path:
+    """A ground-truth bank made by hand (no retraining; tests/test_evaluation.py says how): banks/fake/ under a
+    temporary folder, with the true per-image effects in effect.npy."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from attribution.data import load_dataset
+    from attribution.models import load_model
+    from attribution.sampling import sample
+
+    folder = tmp_path_factory.mktemp("banks") / "fake"
+    shutil.copytree(tiny_run / "epoch-2", folder / "model")
+    model = load_model(str(folder / "model"), "cpu")
+    val = load_dataset("digits", "val", model.resolution, model.channels)
+    gen = sample(model, 2, 0, steps=3)
+    images = np.concatenate([val.tensors(list(range(4))).numpy(), gen.final]).astype(np.float32)
+    keys = [f"val/{i}" for i in range(4)] + ["gen/0", "gen/1"]
+    rng = np.random.default_rng(0)
+    N = 1618  # the digits training split
+    masks = rng.random((16, N)) < 0.5
+    effect = rng.normal(size=(N, len(keys)))  # the true effect of each image on each target's loss
+    F = (masks @ effect)[:, None, None, :] + rng.normal(scale=0.5, size=(16, 2, 2, len(keys)))
+    (folder / "outputs").mkdir()
+    for j in range(16):
+        for s in range(2):
+            np.savez(folder / "outputs" / f"subset-{j:03d}-seed-{s}.npz", F=F[j, s], targets_hash=np.array("t"))
+    np.save(folder / "masks.npy", masks)
+    np.savez(folder / "targets.npz", images=images, keys=np.array(keys))
+    meta = {"name": "fake", "dataset": "digits", "seeds": [0, 1], "noise_sets": 2, "targets_hash": "t",
+            "status": "complete", "recipe_name": "tiny", "alpha": 0.5, "timesteps": [0, 500],
+            "identity": {"recipe_key": "x", "gen_steps": 3}}
+    (folder / "bank.json").write_text(json.dumps(meta))
+    np.save(folder / "effect.npy", effect)
+    return folder

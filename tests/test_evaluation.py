@@ -7,12 +7,8 @@ the expected LDS is known: F = masks @ effect + noise, with `effect` the true pe
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
-import torch
 
 from attribution.errors import ConfigError
 from attribution.evaluation.bank import Bank
@@ -24,33 +20,9 @@ N = 1618  # the digits training split
 
 
 @pytest.fixture(scope="module")
-def fake_bank(tiny_run, tmp_path_factory):
-    from attribution.data import load_dataset
-    from attribution.models import load_model
-    from attribution.sampling import sample
-
-    folder = tmp_path_factory.mktemp("banks") / "fake"
-    shutil.copytree(tiny_run / "epoch-2", folder / "model")
-    model = load_model(str(folder / "model"), "cpu")
-    val = load_dataset("digits", "val", model.resolution, model.channels)
-    gen = sample(model, 2, 0, steps=3)
-    images = np.concatenate([val.tensors(list(range(4))).numpy(), gen.final]).astype(np.float32)
-    keys = [f"val/{i}" for i in range(4)] + ["gen/0", "gen/1"]
-    rng = np.random.default_rng(0)
-    masks = rng.random((16, N)) < 0.5
-    effect = rng.normal(size=(N, len(keys)))  # the true effect of each image on each target's loss
-    F = (masks @ effect)[:, None, None, :] + rng.normal(scale=0.5, size=(16, 2, 2, len(keys)))
-    (folder / "outputs").mkdir()
-    for j in range(16):
-        for s in range(2):
-            np.savez(folder / "outputs" / f"subset-{j:03d}-seed-{s}.npz", F=F[j, s], targets_hash=np.array("t"))
-    np.save(folder / "masks.npy", masks)
-    np.savez(folder / "targets.npz", images=images, keys=np.array(keys))
-    meta = {"name": "fake", "dataset": "digits", "seeds": [0, 1], "noise_sets": 2, "targets_hash": "t",
-            "status": "complete", "recipe_name": "tiny", "alpha": 0.5, "timesteps": [0, 500],
-            "identity": {"recipe_key": "x", "gen_steps": 3}}
-    (folder / "bank.json").write_text(json.dumps(meta))
-    return Bank.load(folder), effect
+def fake_bank(fake_bank_dir):
+    bank = Bank.load(fake_bank_dir)
+    return bank, np.load(fake_bank_dir / "effect.npy")
 
 
 def test_bank_targets_keep_keys_images_and_seeds(fake_bank):
@@ -116,3 +88,38 @@ def test_lds_command_with_a_score_file(fake_bank, tmp_path, capsys):
     assert main(["lds", "--bank", "no-such-bank", "--method", "trak"]) == 2
     err = capsys.readouterr().err
     assert "needs 6 targets" in err and "no bank 'no-such-bank'" in err
+
+
+def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, monkeypatch):
+    """The page lists the bank, evaluates two methods on it, and shows the same LDS as the library; the λ
+    section marks the default, retraining-free and optimal λ."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ATTRIBUTION_BANKS", str(fake_bank_dir.parent))
+    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
+    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=300).run()
+    at.switch_page("app_pages/evaluation.py").run()
+    assert not at.exception
+    assert at.selectbox(key="eval_bank").value == "fake"
+    at.multiselect(key="eval_methods").set_value(["pixel-cos", "trak"])
+    at.selectbox(key="eval_K").set_value(1)
+    at.selectbox(key="eval_k").set_value(512)
+    at.button[0].click().run()  # the form's Evaluate button
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    names = list(table.iloc[:, 0])
+    assert names[:2] == ["pixel-cos", "trak"] and "seed-vs-seed ceiling" in names
+    bank = Bank.load(fake_bank_dir)
+    pixels = bank_targets(bank).images.reshape(6, -1).double().numpy()
+    from attribution.data import load_dataset
+
+    X = load_dataset("digits", "train", 16, 1).tensors().reshape(N, -1).double().numpy()
+    cos = (pixels @ X.T) / np.linalg.norm(pixels, axis=1)[:, None] / np.linalg.norm(X, axis=1)[None, :]
+    expected = lds(cos[:4], bank.masks, bank.F[..., :4], n_resamples=50).standard.value
+    assert table.iloc[0, 2].startswith(f"{expected:+.3f}")
+    assert {m.label for m in at.metric} >= {"LDS at this λ", "default λ", "retraining-free λ (GCV)",
+                                            "LDS-optimal λ"}

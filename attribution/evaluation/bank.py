@@ -38,6 +38,11 @@ from .ray_engine import ProgressMeter, RayCluster, hardware, probe_address, sing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BANKS_DIR = REPO_ROOT / "banks"
+
+
+def banks_dir() -> Path:
+    """Where named banks live: $ATTRIBUTION_BANKS, else banks/ in the repository."""
+    return Path(os.environ.get("ATTRIBUTION_BANKS") or BANKS_DIR)
 NOISE_SEED = 0
 FULL_SEED = 0
 
@@ -175,7 +180,7 @@ class BankSpec:
 
     @property
     def folder(self) -> Path:
-        return Path(self.out) if self.out else BANKS_DIR / self.name
+        return Path(self.out) if self.out else banks_dir() / self.name
 
     def target_specs(self) -> list[str]:
         return [f"val:{i}" for i in range(self.val_targets)] + [f"gen:{s}" for s in range(self.gen_targets)]
@@ -450,7 +455,7 @@ def _finish(folder: Path, meta: dict, start: float, failures: list[str] | None =
 
 def list_banks(root: Path | None = None) -> list[str]:
     """Names of the banks under banks/ that have targets (a build that got past its full model)."""
-    root = root or BANKS_DIR
+    root = root or banks_dir()
     return sorted(p.parent.name for p in root.glob("*/bank.json") if (p.parent / "targets.npz").is_file())
 
 
@@ -470,9 +475,9 @@ class Bank:
     def load(cls, name_or_path: str | Path) -> "Bank":
         path = Path(name_or_path)
         if not (path / "bank.json").is_file():
-            path = BANKS_DIR / str(name_or_path)
+            path = banks_dir() / str(name_or_path)
         if not (path / "bank.json").is_file():
-            known = sorted(p.parent.name for p in BANKS_DIR.glob("*/bank.json"))
+            known = sorted(p.parent.name for p in banks_dir().glob("*/bank.json"))
             raise ConfigError(f"no bank {str(name_or_path)!r} (no bank.json there); known banks: "
                               f"{', '.join(known) or 'none'}; build one with `python -m attribution bank build`")
         meta = read_json(path / "bank.json")

@@ -70,21 +70,30 @@ class BankRun:
         return gcv_lambda(member.train_features().kernel, G).best
 
 
-def score_bank(bank: Bank, method: str, progress: Progress | None = None, device: str = "auto",
-               **options) -> BankRun:
-    """Featurize the bank's training set with the bank's model (cached, resumable) and compute the target features
-    of every bank target for `method`; `options` are those of `engine.open_attributor` (fn, timesteps, proj_dim,
-    projector, seed, ...)."""
-    m = get_method(method)
-    attribution = open_attribution(bank.model_spec, m, device, dataset=bank.dataset, **options)
+def open_on_bank(bank: Bank, method: str, device: str = "auto", **options) -> Attribution:
+    """`method` on the bank's model and training set; `options` are those of `engine.open_attributor` (fn,
+    timesteps, proj_dim, projector, seed, ...). Validates; computes nothing."""
+    attribution = open_attribution(bank.model_spec, get_method(method), device, dataset=bank.dataset, **options)
     if len(attribution.train) != bank.masks.shape[1]:
         raise ConfigError(f"bank {bank.meta['name']} has masks over {bank.masks.shape[1]} training images but "
                           f"{attribution.train.spec} has {len(attribution.train)}; the bank was built for "
                           "another dataset")
-    attribution.featurize((lambda member: progress) if progress else None)
+    return attribution
+
+
+def run_on_bank(bank: Bank, attribution: Attribution, options: dict | None = None) -> BankRun:
+    """Target features of every bank target for a featurized attribution (see `open_on_bank`)."""
     G = attribution.target_features(bank_targets(bank))
-    lam = attribution.resolve_lambda(None)
-    return BankRun(method, attribution, G, lam, dict(options))
+    return BankRun(attribution.method.name, attribution, G, attribution.resolve_lambda(None), dict(options or {}))
+
+
+def score_bank(bank: Bank, method: str, progress: Progress | None = None, device: str = "auto",
+               **options) -> BankRun:
+    """Open `method` on the bank, featurize the training set (cached, resumable) and compute the target features
+    of every bank target."""
+    attribution = open_on_bank(bank, method, device, **options)
+    attribution.featurize((lambda member: progress) if progress else None)
+    return run_on_bank(bank, attribution, options)
 
 
 def split_rows(bank: Bank, split: str) -> np.ndarray:

@@ -1,0 +1,117 @@
+"""Evaluation: how far to trust a ranking. LDS of each method on a ground-truth bank, with ceilings and CIs."""
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from attribution.errors import AttributionError
+from attribution.evaluation.bank import Bank, list_banks
+from attribution.evaluation.evaluate import lds_table, split_rows
+from attribution.figures import lds_lambda_figure, per_target_figure
+from attribution.methods import METHODS
+from app_pages._attr import featurize_with_progress
+from app_pages._eval import bank_attribution, bank_run, cached_bank, lambda_curve, table_rows
+from app_pages._ui import fail
+
+st.title("Evaluation")
+st.caption("The linear datamodeling score (LDS): for each target, the Spearman correlation between the loss change a "
+           "method predicts for a random half of the training set and the loss change measured by actually "
+           "retraining on it, averaged over targets. Read every figure against the ceilings: no method can beat how "
+           "well one retrained model predicts another.")
+banks = list_banks()
+if not banks:
+    st.info("No ground-truth bank yet. Build one with `python -m attribution bank build --name digits "
+            "--recipe digits-eval` (resumable; it retrains models on random halves of the training set).")
+    st.stop()
+name = st.selectbox("Bank", banks, key="eval_bank", bind="query-params")
+try:
+    bank: Bank = cached_bank(name)
+except AttributionError as exc:
+    fail(exc)
+st.caption(bank.summary().replace("\n", "  \n"))
+
+with st.form("eval_form"):
+    c1, c2, c3 = st.columns([3, 1, 1])
+    methods = c1.multiselect("Methods", [m for m in METHODS if m not in ("tracin", "retrac", "tracincp", "gas")],
+                             default=["dtrak", "trak"], key="eval_methods",
+                             help="Each is computed on the bank's own model and training set.")
+    timesteps = c2.selectbox("K (timesteps)", [1, 2, 5, 10, 20, 50, 100], index=3, key="eval_K",
+                             help="Timesteps the features average over (the paper's K).")
+    proj_dim = c3.selectbox("k (projection)", [512, 1024, 2048, 4096, 8192], index=3, key="eval_k")
+    run = st.form_submit_button("Evaluate", type="primary")
+split = st.radio("Targets", ["val", "gen"], horizontal=True, key="eval_split",
+                 format_func={"val": "validation images", "gen": "generated images"}.get)
+
+if run:
+    st.session_state["eval_ready"] = (name, tuple(methods), timesteps, proj_dim)
+ready = st.session_state.get("eval_ready")
+if not ready or ready[0] != name:
+    st.info("Pick methods and press **Evaluate**: features are computed once per method and cached.")
+    st.stop()
+_, methods, timesteps, proj_dim = ready
+runs = {}
+with st.status("Scoring the bank's targets…", expanded=True) as status:
+    for m in methods:
+        try:
+            featurize_with_progress(bank_attribution(name, m, timesteps, proj_dim), m)
+            runs[m] = bank_run(name, m, timesteps, proj_dim)
+        except AttributionError as exc:
+            st.warning(f"{m}: {exc}")
+    status.update(label="Scores ready", state="complete", expanded=False)
+if not runs:
+    st.stop()
+
+# -- the LDS table -------------------------------------------------------------------------------------------------
+table = lds_table(bank, {m: r.scores() for m, r in runs.items()}, split)
+st.subheader("LDS with its noise ceilings")
+st.dataframe(pd.DataFrame(table_rows(table)), hide_index=True, width="stretch")
+st.caption(f"Common mode: {table.common_mode_share:.0%} of F's variance across retrained models is shared by all "
+           "targets (a model that is better or worse everywhere). The centered LDS removes it; the standard one is "
+           "the paper's figure. CIs: two-way bootstrap over retrained models and targets (targets share the models).")
+for d in table.differences() if len(table.methods) > 1 else []:
+    verdict = "a real difference" if d.real else "within the benchmark's noise"
+    st.write(f"{d.a} − {d.b}: {d.difference:+.3f} [{d.ci_two_way[0]:+.3f}, {d.ci_two_way[1]:+.3f}] → {verdict}")
+st.download_button("LDS table (CSV)", pd.DataFrame(table_rows(table)).to_csv(index=False),
+                   f"lds-{name}-{split}.csv", "text/csv")
+st.code(f"python -m attribution lds --bank {name} --method {','.join(runs)} --split {split} "
+        f"--timesteps {timesteps} --proj-dim {proj_dim}", language="bash")
+
+# -- λ ---------------------------------------------------------------------------------------------------------------
+lam_methods = [m for m, r in runs.items() if r.uses_lambda]
+if lam_methods:
+    st.subheader("LDS versus λ")
+    m = st.selectbox("Method", lam_methods, key="eval_lam_method")
+    curve = lambda_curve(name, m, timesteps, proj_dim, split)
+    lam = st.select_slider("λ", curve["lambdas"].tolist(), value=curve["default"], key=f"eval_lam_{m}",
+                           format_func=lambda v: f"{v:.3g}")
+    i = int(np.argmin(np.abs(np.log(curve["lambdas"] / lam))))
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("LDS at this λ", f"{curve['standard'][i]:+.3f}")
+    c2.metric("default λ", f"{curve['default']:.3g}", f"LDS {curve['at_default']:+.3f}", delta_color="off")
+    c3.metric("retraining-free λ (GCV)", f"{curve['gcv']:.3g}", f"LDS {curve['at_gcv']:+.3f}", delta_color="off")
+    c4.metric("LDS-optimal λ", f"{curve['best']:.3g}", f"LDS {curve['at_best']:+.3f}", delta_color="off")
+    marks = {"default": curve["default"], "GCV": curve["gcv"], "optimal": curve["best"], "current": lam}
+    st.plotly_chart(lds_lambda_figure(curve["lambdas"], curve["standard"], curve["centered"], curve["ci"], marks,
+                                      curve["ceiling"], f"{m}: LDS versus λ ({split} targets)"), key="eval_lam_fig")
+    st.code(f"python -m attribution lds --bank {name} --method {m} --split {split} --sweep lambda", language="bash")
+
+# -- per target ------------------------------------------------------------------------------------------------------
+st.subheader("Per target")
+per_target = {k: r.standard.per_target for k, r in table.methods.items()}
+st.plotly_chart(per_target_figure(per_target, f"Spearman per {split} target"), key="eval_per_target")
+first = next(iter(table.methods))
+worst = np.argsort(table.methods[first].standard.per_target)[:8]
+rows = split_rows(bank, split)
+st.caption(f"The targets {first} predicts worst (Spearman over the retrained models); open one to see its ranking:")
+cols = st.columns(len(worst))
+for col, w in zip(cols, worst):
+    key = bank.target_keys[rows[w]]
+    col.image(((bank.target_images[rows[w]].transpose(1, 2, 0).squeeze() + 1) * 127.5).clip(0, 255)
+              .astype(np.uint8), width=64, caption=f"{key} · {table.methods[first].standard.per_target[w]:+.2f}")
+    if col.button("attribute", key=f"eval_open_{key}", help="Open this target on the Attribute page, with the "
+                                                            "bank's model as the checkpoint"):
+        kind, idx = key.split("/")
+        st.session_state["checkpoint_custom"] = str(bank.path / "model")
+        st.session_state["attr_source"] = "Validation image" if kind == "val" else "Generated"
+        st.session_state["attr_val_idx" if kind == "val" else "attr_seed"] = int(idx)
+        st.switch_page("app_pages/attribute.py")
