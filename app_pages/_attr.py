@@ -15,9 +15,8 @@ import streamlit as st
 from attribution.data import ImageDataset
 from attribution.engine import Attribution, Attributor, open_attribution
 from attribution.report import Ranked, rank
-from attribution.features.outputs import OUTPUT_FUNCTIONS
 from attribution.kernel import Kernel
-from attribution.methods import METHODS, get_method
+from attribution.methods import DEFAULT_METHOD, METHODS, get_method
 from attribution.targets import Targets, from_pixels
 
 from app_pages._ui import cached_model, display_size
@@ -33,7 +32,7 @@ class RunOptions:
 
     checkpoint: str
     dataset: str | None
-    method: str = "dtrak"
+    method: str = DEFAULT_METHOD
     fn: str | None = None
     eta: float | None = None
     timesteps: int = 10
@@ -41,7 +40,7 @@ class RunOptions:
     proj_dim: int = 4096
     projector: str = "auto"
     seed: int = 0
-    checkpoint_weights: str = "lr"  # checkpoint methods: lr or uniform (engine.CHECKPOINT_WEIGHTS)
+    checkpoint_weights: str = "lr"  # checkpoint methods: lr or uniform (methods.over_checkpoints)
 
 
 def opts_key(opts: RunOptions) -> str:
@@ -133,9 +132,8 @@ def featurize_note(att: Attribution) -> str:
 
 
 def feature_fn_options(method: str) -> list[str]:
-    """Output functions the method accepts (only D-TRAK lets the user choose)."""
-    cls = METHODS[method]
-    return list(OUTPUT_FUNCTIONS) if not cls.fixed_fn else [cls.default_fn]
+    """Output functions the method accepts (`Method.fn_choices`)."""
+    return list(get_method(method).fn_choices())
 
 
 def target_from_pixels(pixels: np.ndarray, name: str, label: str | None = None) -> Targets:

@@ -6,11 +6,11 @@ import numpy as np
 import streamlit as st
 
 from attribution.data import pixels_to_pil, tensor_to_pixels
-from attribution.engine import CHECKPOINT_WEIGHTS, training_dataset_of
+from attribution.engine import training_dataset_of
+from attribution.methods.over_checkpoints import CHECKPOINT_WEIGHTS
 from attribution.errors import AttributionError
 from attribution.features.timesteps import STRATEGIES
-from attribution.journey import require_trajectories
-from attribution.methods import METHODS
+from attribution.methods import DEFAULT_METHOD, METHODS
 from attribution.store import cache_root
 from attribution.targets import Generated, resolve_targets
 from attribution.report import (equivalent_cli, export_metadata, export_name, positive_share, ranking_rows, to_csv,
@@ -76,7 +76,7 @@ st.subheader("Method")
 with st.form("attr_form"):
     c1, c2, c3 = st.columns(3)
     method = c1.selectbox("Method", list(METHODS), format_func=METHOD_TITLES.get, key="attr_method")
-    fn = c2.selectbox("Output function (D-TRAK)", feature_fn_options("dtrak"), key="attr_fn",
+    fn = c2.selectbox("Output function (D-TRAK)", feature_fn_options(DEFAULT_METHOD), key="attr_fn",
                       help="Used by D-TRAK; TRAK and the gradient baselines use the training loss (simple).")
     eta = c3.slider("η (for interp)", 0.0, 1.0, 1.0, 0.05, key="attr_eta")
     c4, c5, c6, c7 = st.columns(4)
@@ -101,10 +101,10 @@ with st.form("attr_form"):
 
 def options_for(method_name: str, checkpoint: str) -> RunOptions:
     cls = METHODS[method_name]
-    chosen_fn = None if cls.fixed_fn else fn
+    chosen_fn = fn if len(cls().fn_choices()) > 1 else None
     return RunOptions(checkpoint, dataset, method_name, chosen_fn, eta if chosen_fn == "interp" else None,
                       int(timesteps), strategy, int(proj_dim), projector,
-                      checkpoint_weights=ckpt_weights if cls.across_checkpoints else "lr")
+                      checkpoint_weights=ckpt_weights if ckpt_weights in cls.weightings else "lr")
 
 
 runs = [(METHOD_TITLES[method], options_for(method, model.spec))]
@@ -126,8 +126,7 @@ if run:
     with st.status("Attributing…", expanded=True) as status:
         try:
             for title, opts in runs:
-                if METHODS[opts.method].needs_trajectory:  # before featurizing: an upload has no trajectory
-                    require_trajectories(target, title)
+                METHODS[opts.method]().check_targets(target)  # before featurizing: an upload has no trajectory
                 att = cached_attribution(opts)
                 status.update(label=f"{title}: training features (cached after the first run)…")
                 for member in att.members:

@@ -8,7 +8,7 @@ from attribution.errors import AttributionError
 from attribution.evaluation.bank import Bank, list_banks
 from attribution.evaluation.evaluate import lds_table, split_rows
 from attribution.figures import lds_lambda_figure, per_target_figure
-from attribution.methods import METHODS
+from attribution.methods import BASELINE_METHOD, DEFAULT_METHOD, METHODS
 from app_pages._attr import featurize_with_progress
 from app_pages._eval import bank_attribution, bank_run, cached_bank, lambda_curve, table_rows
 from app_pages._ui import fail
@@ -32,8 +32,7 @@ st.caption(bank.summary().replace("\n", "  \n"))
 
 with st.form("eval_form"):
     c1, c2, c3 = st.columns([3, 1, 1])
-    methods = c1.multiselect("Methods", [m for m in METHODS if m not in ("tracin", "retrac", "tracincp", "gas")],
-                             default=["dtrak", "trak"], key="eval_methods",
+    methods = c1.multiselect("Methods", list(METHODS), default=[DEFAULT_METHOD, BASELINE_METHOD], key="eval_methods",
                              help="Each is computed on the bank's own model and training set.")
     timesteps = c2.selectbox("K (timesteps)", [1, 2, 5, 10, 20, 50, 100], index=3, key="eval_K",
                              help="Timesteps the features average over (the paper's K).")

@@ -18,7 +18,7 @@ from attribution.sampling import SAMPLERS
 from app_pages._attr import PROJ_DIMS, RunOptions, featurize_job, lambda_slider, ranked_tiles, top_lists
 from app_pages._ui import cached_model, display_size, fail, progress_bar, require_model
 
-JOURNEY_METHODS = ("dtrak", "trak")
+JOURNEY_METHODS = [m for m in METHODS if METHODS[m].per_step]  # the kernel methods that score single steps
 N_PRO, N_OPP, FORMATION_TOP = 6, 3, 8
 
 

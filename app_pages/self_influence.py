@@ -20,8 +20,7 @@ st.caption("τ(xₙ)ₙ: the score of each training image for itself. High value
            "low values typical ones with many similar neighbours.")
 model = require_model()
 dataset = st.session_state.get("dataset")
-# unit gradients make self-influence the same for every image; training images have no sampling trajectory
-usable = [m for m in METHODS if m not in ("grad-cos", "gas", "retrac") and not METHODS[m].needs_trajectory]
+usable = [m for m in METHODS if METHODS[m].has_self_influence]  # e.g. not cosine methods (always 1)
 
 with st.form("si_form"):
     c1, c2, c3 = st.columns(3)

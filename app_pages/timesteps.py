@@ -8,11 +8,12 @@ import streamlit as st
 
 from attribution.analysis.influential import top_k_stats
 from attribution.analysis.norms import NormConfig, sample_curve, training_norms
-from attribution.engine import checkpoint_specs, training_dataset_of, training_timesteps
+from attribution.engine import training_dataset_of, training_timesteps
 from attribution.errors import AttributionError
 from attribution.figures import (influential_figure, norm_curve_figure, norm_scatter_figure, per_checkpoint_figure,
                                  selected_points)
-from attribution.methods import METHODS, get_method
+from attribution.methods import METHODS, TIMESTEP_BIAS_METHODS
+from attribution.methods.over_checkpoints import run_checkpoints
 from attribution.targets import resolve_targets
 from app_pages._attr import METHOD_TITLES, RunOptions, cached_attribution, featurize_with_progress
 from app_pages._ui import cached_model, display_size, fail, progress_bar, require_model
@@ -29,8 +30,7 @@ model = require_model()
 dataset = st.session_state.get("dataset")
 try:
     train = training_dataset_of(model, dataset)
-    run_specs = checkpoint_specs(model.spec, get_method("tracin")) if model.info and model.info.run_dir else [
-        model.spec]
+    run_specs = run_checkpoints(model.spec)
 except AttributionError as exc:
     fail(exc)
 size = display_size(train.resolution, 80)
@@ -139,10 +139,10 @@ with per_ckpt:
 with influential:
     st.caption("For many generated targets, count the distinct training images among each method's top-k "
                "proponents. Few distinct images = the same images rank high for every target.")
-    choices = [m for m in ("tracin", "retrac", "trak", "dtrak", "tracincp", "gas") if m in METHODS]
+    choices = list(METHODS)
     with st.form("ts_infl_form"):
         c1, c2, c3 = st.columns([2, 1, 1])
-        methods = c1.multiselect("Methods", choices, ["tracin", "retrac", "trak", "dtrak"],
+        methods = c1.multiselect("Methods", choices, list(TIMESTEP_BIAS_METHODS),
                                  format_func=METHOD_TITLES.get, key="ts_infl_methods")
         n_targets = int(c2.number_input("Generated targets (seeds 0..)", 2, 200, 20, key="ts_infl_n"))
         k = int(c3.number_input("Top k", 1, 100, 10, key="ts_infl_k"))

@@ -8,7 +8,7 @@
 Several attributors form an `Attribution`: a weighted sum of their scores. Independently trained models or
 checkpoints averaged (the TRAK ensemble of the D-TRAK paper, Table 7), or, for the checkpoint methods (TracInCP,
 GAS, Diffusion-TracIn/ReTrac), the checkpoints of one training run weighted by the learning rate they were
-trained at (`tracin_weights`). `open_attribution` builds either from user options, for the CLI and the app.
+trained at (`Method.member_weights`). `open_attribution` builds either from user options, for the CLI and the app.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from .features.embeddings import make_embedder
 from .features.gradients import param_count, per_sample_gradients
 from .features.projectors import SCALING, make_projector, matrix_identity
 from .features.timesteps import sampled_timesteps
-from .journey import trajectory_features
 from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
 from .models.adapter import DiffusionModel
@@ -203,9 +202,8 @@ class Attributor:
         return float(lam)
 
     def check_method(self, method: Method) -> None:
-        """A method with a fixed output function (TRAK, the gradient baselines) needs features of that function."""
-        if method.fixed_fn and self.cfg.fn != method.default_fn:
-            raise ConfigError(f"{method.title} needs {method.default_fn} features, these are {self.cfg.fn} features")
+        """Refuse scoring these features with a method that cannot use them (`Method.check_features`)."""
+        method.check_features(self.cfg)
 
     def scores(self, method: Method, G: np.ndarray, lam: float | None = None) -> np.ndarray:
         self.check_method(method)
@@ -220,17 +218,14 @@ class Attribution:
     """A method over one or more attributors: scores are the weighted sum of each member's scores.
 
     One member with weight 1 is the plain case; an ensemble averages (weights 1/C); the checkpoint methods weight
-    each checkpoint of a training run by its learning rate (`tracin_weights`).
+    each checkpoint of a training run by its learning rate (`Method.member_weights`).
     """
 
     def __init__(self, method: Method, members: Sequence[Attributor], weights: Sequence[float] | None = None,
                  weights_note: str = ""):
         if not members:
             raise ConfigError("an attribution needs at least one checkpoint")
-        if method.across_checkpoints and len(members) < 2:
-            raise ConfigError(f"{method.title} sums over the checkpoints of a training run and needs at least two; "
-                              f"{members[0].model.spec} is a single checkpoint (give a later checkpoint of a run "
-                              "or several, comma-separated)")
+        method.check_members([att.model.spec for att in members])
         for att in members:
             att.check_method(method)
         self.method, self.members = method, list(members)
@@ -247,9 +242,8 @@ class Attribution:
 
     @property
     def target_model(self) -> DiffusionModel:
-        """The model that generates `gen:SEED` targets: the checkpoint named (the last of a run's checkpoints for
-        the checkpoint methods), else the first member."""
-        return self.members[-1 if self.method.across_checkpoints else 0].model
+        """The model that generates `gen:SEED` targets: the checkpoint named (`Method.target_member`)."""
+        return self.members[self.method.target_member(len(self.members))].model
 
     def featurize(self, progress: Callable[[Attributor], Progress | None] | None = None) -> None:
         """Featurize every member; `progress(member)` returns that member's progress callback."""
@@ -257,15 +251,15 @@ class Attribution:
             att.featurize(progress(att) if progress else None)
 
     def features_of(self, images: torch.Tensor, keys: Sequence[str]) -> list[np.ndarray]:
-        """Per-member features of images (the features of the images themselves)."""
-        if self.method.needs_trajectory:
-            raise ConfigError(f"{self.method.title} attributes sampling trajectories: use target_features(targets)")
+        """Per-member features of the images themselves (`target_features` is the method's own recipe)."""
         return [att.features_of(images, keys) for att in self.members]
 
     def target_features(self, targets, cache: str | None = None) -> list[np.ndarray]:
-        """Per-member features of resolved `Targets` for this method (trajectory-averaged for Journey TRAK: the
-        trajectory `target_model` samples for gen:SEED, sampled once and scored with every member)."""
-        return [target_features(att, self.method, targets, cache=cache, sampler_model=self.target_model)
+        """Per-member features of resolved `Targets` by this method's recipe (`Method.target_features`; for
+        Journey TRAK the trajectory `target_model` samples for gen:SEED, sampled once and scored with every
+        member)."""
+        self.method.check_targets(targets)
+        return [self.method.target_features(att, targets, cache=cache, sampler_model=self.target_model)
                 for att in self.members]
 
     def resolve_lambda(self, lam: float | None) -> float | None:
@@ -276,68 +270,13 @@ class Attribution:
         return float(np.mean([att.resolve_lambda(self.method, None) for att in self.members]))
 
     def scores(self, G: Sequence[np.ndarray], lam: float | None = None) -> np.ndarray:
-        """(M, N) scores of targets whose per-member features are G (from `features_of`)."""
+        """(M, N) scores of targets whose per-member features are G (from `target_features`)."""
         lam = self.resolve_lambda(lam)
         return sum(w * att.scores(self.method, g, lam) for w, att, g in zip(self.weights, self.members, G))
 
     def self_influence(self, lam: float | None = None) -> np.ndarray:
         lam = self.resolve_lambda(lam)
         return sum(w * att.self_influence(self.method, lam) for w, att in zip(self.weights, self.members))
-
-
-def tracin_weights(models: Sequence[DiffusionModel]) -> tuple[list[float], str]:
-    """TracInCP's per-checkpoint step sizes: for each checkpoint, the learning rates of the optimizer steps since
-    the previous chosen checkpoint (or the start), summed and divided by the steps per epoch, i.e. the mean
-    learning rate times the epochs in that interval (each image is visited once per epoch). Taken from the run's
-    recorded schedule; equal weights (1 each) when a checkpoint does not come from a recorded run."""
-    from .train import lr_lambda
-
-    runs = {str(m.info.run_dir) if m.info and m.info.run_dir else None for m in models}
-    meta = models[0].info.run_metadata() if models[0].info else {}
-    saved = {c["epoch"]: c["step"] for c in meta.get("checkpoints", [])}
-    epochs = [m.info.epoch if m.info else None for m in models]
-    cfg = meta.get("config", {})
-    if len(runs) != 1 or None in runs or any(e not in saved for e in epochs) or "lr" not in cfg:
-        return [1.0] * len(models), "equal weights (the checkpoints do not share a recorded training run)"
-    if epochs != sorted(set(epochs)):
-        raise ConfigError("give the checkpoints of a run in training order, each once")
-    steps_per_epoch = saved[epochs[0]] // epochs[0]
-    total = cfg["epochs"] * steps_per_epoch
-    schedule = lr_lambda(total, max(1, int(cfg.get("warmup_fraction", 0.0) * total)))
-    weights, prev = [], 0
-    for e in epochs:
-        weights.append(sum(cfg["lr"] * schedule(s) for s in range(prev, saved[e])) / steps_per_epoch)
-        prev = saved[e]
-    return weights, "learning rate x epochs since the previous checkpoint (from run.json)"
-
-
-def checkpoint_specs(spec: str, method: Method) -> list[str]:
-    """The checkpoints a method runs over: the comma-separated specs as given; for a checkpoint method given one
-    checkpoint of a training run, that run's checkpoints up to and including it."""
-    from .models.checkpoint import resolve_checkpoint
-
-    specs = [s.strip() for s in spec.split(",") if s.strip()]
-    if not specs:
-        raise ConfigError("no checkpoint given")
-    if method.across_checkpoints and len(specs) == 1:
-        info = resolve_checkpoint(specs[0])
-        specs = info.siblings[:info.siblings.index(info.spec) + 1] if info.spec in info.siblings else [info.spec]
-        if len(specs) < 2:
-            raise ConfigError(f"{method.title} sums over the checkpoints of a training run and needs at least two; "
-                              f"{info.spec} is " + ("the first checkpoint of its run (pick a later one)"
-                                                    if info.run_dir else "a single checkpoint, not part of a run")
-                              + " or give several, comma-separated")
-    return specs
-
-
-def target_features(att: Attributor, method: Method, targets, progress: Progress | None = None,
-                    cache: str | None = None, sampler_model: DiffusionModel | None = None) -> np.ndarray:
-    """Features (M, k) of `targets` for `method`: of the images themselves, or, for a method that needs a sampling
-    trajectory (Journey TRAK), averaged over the trajectory of each generated target (ConfigError for others),
-    sampled by `sampler_model` (default `att.model`)."""
-    if method.needs_trajectory:
-        return trajectory_features(att, targets, progress, cache, sampler_model)
-    return att.features_of(targets.images, targets.keys)
 
 
 def format_duration(seconds: float) -> str:
@@ -425,49 +364,25 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
     return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size)
 
 
-CHECKPOINT_WEIGHTS = {
-    "lr": "learning rate x epochs since the previous checkpoint (TracIn's step sizes), one projection for all",
-    "uniform": "1/C for each of the C checkpoints, a projection seed per checkpoint (D-TRAK appendix A.3)",
-}
-
-
-def check_checkpoint_weights(value: str, method: Method) -> None:
-    """The one rule for --checkpoint-weights: lr or uniform, and only for the checkpoint methods."""
-    if value not in CHECKPOINT_WEIGHTS:
-        raise ConfigError(f"unknown --checkpoint-weights {value!r}; use one of: {', '.join(CHECKPOINT_WEIGHTS)}")
-    if value != "lr" and not method.across_checkpoints:
-        raise ConfigError(f"--checkpoint-weights applies to the checkpoint methods (tracincp, gas, tracin, "
-                          f"retrac), not {method.name}")
-
-
 def open_attribution(checkpoints: str, method: Method, device: str = "auto", load=None,
-                     checkpoint_weights: str = "lr", **options) -> Attribution:
+                     checkpoint_weights: str | None = None, **options) -> Attribution:
     """An Attribution from user-facing options: `checkpoints` is one spec or several, comma-separated (an
     ensemble; a checkpoint method expands one run checkpoint to the run's checkpoints up to it, see
-    `checkpoint_specs`); `options` are those of `open_attributor`; `load(spec)` loads a model (default
+    `Method.checkpoints`); `options` are those of `open_attributor`; `load(spec)` loads a model (default
     `load_model(spec, device)`; the app passes its cached loader).
 
     `checkpoint_weights` (checkpoint methods): "lr" weights checkpoint c by the learning rate it was trained at
-    (`tracin_weights`), every checkpoint projected with one seed; "uniform" is TracInCP / GAS as the D-TRAK paper
+    (`methods.over_checkpoints.tracin_weights`), every checkpoint projected with one seed; "uniform" is TracInCP / GAS as the D-TRAK paper
     runs them (appendix A.3): the mean over the C checkpoints, checkpoint c projected with seed + c."""
     from .models import load_model
 
-    check_checkpoint_weights(checkpoint_weights, method)
-    specs = checkpoint_specs(checkpoints, method)
+    specs = method.checkpoints(checkpoints)
     if options.get("store_dir") and len(specs) > 1:
         raise ConfigError("--store names one feature folder; it cannot be used with several checkpoints")
     models = [(load or (lambda s: load_model(s, device)))(spec) for spec in specs]
-    if method.across_checkpoints and checkpoint_weights == "uniform":
-        seed = options.get("seed", 0)
-        members = [open_attributor(m, method, **options, proj_seed=None if c == 0 else seed + c)
-                   for c, m in enumerate(models)]
-        return Attribution(method, members, [1.0 / len(models)] * len(models),
-                           f"uniform: 1/{len(models)} each, projection seed {seed}..{seed + len(models) - 1}")
-    members = [open_attributor(m, method, **options) for m in models]
-    if method.across_checkpoints:
-        weights, note = tracin_weights(models)
-        return Attribution(method, members, weights, note)
-    return Attribution(method, members)
+    weights, note, proj_seeds = method.member_weights(models, checkpoint_weights, options.get("seed", 0))
+    members = [open_attributor(m, method, **options, proj_seed=ps) for m, ps in zip(models, proj_seeds)]
+    return Attribution(method, members, weights, note)
 
 
 def training_timesteps(model: DiffusionModel, train: ImageDataset, seed: int) -> tuple[np.ndarray, str]:

@@ -128,10 +128,14 @@ def equivalent_cli(checkpoint: str, dataset: str, method: str, cfg: FeatureConfi
     """The `python -m attribution score ...` command that reproduces a result."""
     parts = ["python", "-m", "attribution", "score", "--checkpoint", checkpoint, "--dataset", dataset,
              "--method", method]
-    if method == "dtrak":
-        parts += ["--fn", cfg.fn]
-        if cfg.fn == "interp":
-            parts += ["--eta", f"{cfg.eta:g}"]
+    if cfg.embedding:  # a similarity baseline: no gradient options
+        if cfg.embedding == "clip":
+            parts += ["--clip-model", cfg.clip_model, "--clip-weights", cfg.clip_weights or "CLIP_WEIGHTS_FILE"]
+        parts += ["--target", target, "--top", str(top)]
+        return " ".join(shlex.quote(p) for p in parts)
+    parts += ["--fn", cfg.fn]  # every gradient method accepts its own output function
+    if cfg.fn == "interp":
+        parts += ["--eta", f"{cfg.eta:g}"]
     parts += ["--timesteps", str(cfg.timesteps), "--strategy", cfg.strategy, "--noises", str(cfg.noises),
               "--projector", cfg.projector, "--seed", str(cfg.seed)]
     if cfg.projector != "identity":

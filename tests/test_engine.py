@@ -599,8 +599,13 @@ def featurized(model, digits, digits_val, tmp_path_factory):
 def test_methods_match_their_formulas(featurized):
     att, X, G = featurized
     # the checkpoint methods (tracin, retrac, tracincp, gas) are tested in test_tracin.py, journey-trak in
-    # test_journey.py (its target features come from a sampling trajectory)
-    assert {n for n, m in METHODS.items() if not m.across_checkpoints} == {"dtrak", "trak", "grad-dot", "grad-cos",
+    # test_journey.py (its target features come from a sampling trajectory), the similarity baselines in
+    # test_embeddings.py
+    from attribution.methods import SimilarityMethod
+    from attribution.methods.over_checkpoints import CheckpointMethod
+
+    assert {n for n, m in METHODS.items()
+            if not issubclass(m, (CheckpointMethod, SimilarityMethod))} == {"dtrak", "trak", "grad-dot", "grad-cos",
                                                                              "relative-if", "renorm-if",
                                                                              "journey-trak"}
     k = X.shape[1]

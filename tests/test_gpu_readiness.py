@@ -294,7 +294,8 @@ def test_uniform_checkpoint_weights_average_with_a_projection_seed_per_checkpoin
     """--checkpoint-weights uniform: the mean over the C checkpoints, checkpoint c projected with seed + c (its
     own matrix); lr (the default) keeps the learning-rate weights and one projection. Scores equal the direct
     mean of per-checkpoint dot products / cosines of features projected with each checkpoint's seed."""
-    from attribution.engine import open_attribution, tracin_weights
+    from attribution.engine import open_attribution
+    from attribution.methods.over_checkpoints import tracin_weights
     from attribution.features.projectors import make_projector
 
     opts = dict(dataset=f"npz:{npz12}", timesteps=2, proj_dim=32, projector="sjlt", seed=5, cache=str(tmp_path))

@@ -19,7 +19,7 @@ import torch
 from attribution import journey as journey_mod
 from attribution.data import load_dataset
 from attribution.data.datasets import ImageDataset
-from attribution.engine import Attributor, target_features
+from attribution.engine import Attributor
 from attribution.errors import ConfigError
 from attribution.features.config import FeatureConfig
 from attribution.features.timesteps import noise_for
@@ -199,7 +199,7 @@ def test_journey_trak_baseline_is_the_mean_of_per_step_scores(model, trak_att, c
     jt, trak = get_method("journey-trak"), get_method("trak")
     targets = resolve_targets("gen:4", model, "digits", steps=12)
     assert targets.generated[0].seed == 4
-    G = target_features(trak_att, jt, targets, cache=str(cache))
+    G = jt.target_features(trak_att, targets, cache=str(cache))
     lam = trak_att.resolve_lambda(jt, None)
     baseline = trak_att.scores(jt, G, lam)[0]
     per_step = run_journey(trak_att, JourneyConfig(seed=4, steps=12, every=1, resamples=1), cache=str(cache))
@@ -210,7 +210,7 @@ def test_journey_trak_baseline_is_the_mean_of_per_step_scores(model, trak_att, c
 
     upload = from_pixels(load_dataset("digits").pixels[:1], ["mine.png"])
     with pytest.raises(ConfigError, match="mine.png has none") as exc:
-        target_features(trak_att, jt, upload)
+        jt.target_features(trak_att, upload)
     one_line(exc)
     with pytest.raises(ConfigError, match="self-influence"):
         trak_att.self_influence(jt)

@@ -21,7 +21,8 @@ from attribution.analysis.influential import top_k_stats
 from attribution.analysis.norms import NormConfig, TrainingNorms, grid_timesteps, sample_curve, training_norms
 from attribution.data import load_dataset
 from attribution.data.datasets import ImageDataset
-from attribution.engine import Attribution, Attributor, checkpoint_specs, tracin_weights, training_timesteps
+from attribution.engine import Attribution, Attributor, training_timesteps
+from attribution.methods.over_checkpoints import tracin_weights
 from attribution.errors import ConfigError
 from attribution.features.config import FeatureConfig
 from attribution.features.gradients import GradientSpec, gradient_norms, per_sample_gradients
@@ -222,10 +223,10 @@ def test_tracincp_and_gas_sum_dot_and_cosine_of_the_trak_features(run_models, ex
 
 def test_checkpoint_methods_need_several_checkpoints(tiny_run, run_models, digits):
     method = get_method("tracin")
-    assert checkpoint_specs(str(tiny_run), method) == [f"{tiny_run}@epoch-1", f"{tiny_run}@epoch-2"]
-    assert checkpoint_specs(f"{tiny_run}@epoch-2", get_method("dtrak")) == [f"{tiny_run}@epoch-2"]
+    assert method.checkpoints(str(tiny_run)) == [f"{tiny_run}@epoch-1", f"{tiny_run}@epoch-2"]
+    assert get_method("dtrak").checkpoints(f"{tiny_run}@epoch-2") == [f"{tiny_run}@epoch-2"]
     with pytest.raises(ConfigError, match="needs at least two.*first checkpoint of its run") as exc:
-        checkpoint_specs(f"{tiny_run}@epoch-1", method)
+        method.checkpoints(f"{tiny_run}@epoch-1")
     assert "\n" not in str(exc.value)
     one = Attributor(run_models[0], subset(digits, 4), FeatureConfig(fn="simple", strategy="training",
                                                                       projector="identity"))

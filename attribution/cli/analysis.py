@@ -32,15 +32,15 @@ def _write_html(path: Path, figures, title: str) -> None:
 
 def cmd_norms(args) -> int:
     from ..analysis.norms import NormConfig, check_timesteps, sample_curve, training_norms
-    from ..engine import checkpoint_specs, training_dataset_of, training_timesteps
+    from ..engine import training_dataset_of, training_timesteps
+    from ..methods.over_checkpoints import run_checkpoints
     from ..figures import norm_curve_figure, norm_scatter_figure, per_checkpoint_figure
     from ..fileio import write_json
-    from ..methods import get_method
     from ..models import load_model
 
     cfg = NormConfig(fn=args.fn, grid=args.grid, samples=args.samples, draws=args.draws, seed=args.seed,
                      params=args.params)
-    specs = (checkpoint_specs(args.checkpoint, get_method("tracin")) if args.all_checkpoints
+    specs = (run_checkpoints(args.checkpoint) if args.all_checkpoints
              else [s.strip() for s in args.checkpoint.split(",") if s.strip()])
     models = [load_model(s, args.device) for s in specs]
     train = training_dataset_of(models[-1], args.dataset)

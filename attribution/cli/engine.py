@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from ..features.embeddings import CLIP_HELP
-from ..methods import METHODS
+from ..methods import DEFAULT_METHOD, METHODS
 from .common import info, progress_bar
 from ..errors import ConfigError
 
@@ -18,7 +18,7 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
                    help="digits, animals-2, NAME@epoch-N or a folder; several separated by commas = an ensemble "
                         "(checkpoint methods: the run's checkpoints up to the one given, or the list given)")
     p.add_argument("--dataset", help="training set spec (default: the one the checkpoint was trained on)")
-    p.add_argument("--method", default="dtrak", choices=list(METHODS), metavar="METHOD",
+    p.add_argument("--method", default=DEFAULT_METHOD, metavar="METHOD",
                    help="; ".join(f"{name}: {cls.summary}" for name, cls in METHODS.items()))
     p.add_argument("--fn", help="output function (D-TRAK only): square, simple, elbo, avg, l1, l2, linf, interp")
     p.add_argument("--eta", type=float, help="Simple/Square interpolation weight in [0, 1] (implies --fn interp)")
@@ -36,7 +36,7 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights (default "
                                                             "ViT-B-32, the paper's CLIP ViT-B/32)")
     p.add_argument("--batch-size", type=int, default=16, help="training images per gradient batch")
-    p.add_argument("--checkpoint-weights", default="lr", metavar="lr|uniform",
+    p.add_argument("--checkpoint-weights", default=None, metavar="lr|uniform",
                    help="checkpoint methods: lr (default) weights each checkpoint by the learning rate x epochs "
                         "since the previous one, all projected with --seed; uniform is TracInCP/GAS as the D-TRAK "
                         "paper runs them (appendix A.3): the mean over the checkpoints, checkpoint c projected with "
@@ -57,7 +57,7 @@ def build(args):
                                    seed=args.seed, params=args.params, cache=args.cache, store_dir=args.store,
                                    batch_size=args.batch_size, clip_model=args.clip_model,
                                    clip_weights=args.clip_weights,
-                                   checkpoint_weights=getattr(args, "checkpoint_weights", "lr"))
+                                   checkpoint_weights=getattr(args, "checkpoint_weights", None))
     if len(attribution.members) > 1:
         info(f"{method.title} over {len(attribution.members)} checkpoints, weights "
              + ", ".join(f"{a.model.spec}: {w:.3g}" for a, w in zip(attribution.members, attribution.weights))
@@ -111,10 +111,7 @@ def cmd_score(args) -> int:
     targets = resolve_targets(args.target, attribution.target_model, train.spec)
     for note in targets.notes:
         info(note)
-    if method.needs_trajectory:  # Journey TRAK: refuse targets without a trajectory before featurizing
-        from ..journey import require_trajectories
-
-        require_trajectories(targets, method.title)
+    method.check_targets(targets)  # before featurizing (e.g. Journey TRAK: an image without a trajectory)
     featurize_all(attribution)
     lam = attribution.resolve_lambda(args.lam)
     info(f"scoring {len(targets)} target(s) with {method.title}" + (f", lambda={lam:.4g}" if lam else ""))
@@ -156,7 +153,7 @@ def cmd_self_influence(args) -> int:
     check_out(args.out)
     attribution, train = build(args)
     method = attribution.method
-    if method.needs_trajectory:
+    if not method.has_self_influence:
         method.self_influence(None, None)  # raises its one-line ConfigError before any featurizing
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")

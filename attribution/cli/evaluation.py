@@ -81,7 +81,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
     for name in methods:
         info(f"{name}: featurizing {bank.dataset} with the bank's model (cached after the first run)")
         run = score_bank(bank, name, progress=progress_bar(f"{name} features"), device=args.device,
-                         fn=args.fn if name == "dtrak" else None, timesteps=args.timesteps, proj_dim=args.proj_dim,
+                         fn=args.fn if args.fn in get_method(name).fn_choices() else None, timesteps=args.timesteps, proj_dim=args.proj_dim,
                          projector=args.projector, seed=args.seed, cache=args.cache)
         runs[name] = run
         lam = args.lam if run.uses_lambda and args.lam is not None else run.default_lambda

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..methods import DEFAULT_METHOD, METHODS
 from .common import info, progress_bar
 from ..errors import ConfigError
 
-JOURNEY_METHODS = ("dtrak", "trak")
+JOURNEY_METHODS = [name for name, cls in METHODS.items() if cls.per_step]  # kernel methods that score one step
 
 
 def add_commands(sub) -> None:
@@ -32,7 +33,8 @@ def add_commands(sub) -> None:
     j.add_argument("--every", type=int, help="every N-th step, counted back from the last (default: steps // 10)")
     j.add_argument("--at", help="explicit comma-separated step indices, 0 = first (noisiest) step")
     j.add_argument("--resamples", type=int, default=20, help="R, re-noisings of x̂0 averaged per step (default 20)")
-    j.add_argument("--method", default="dtrak", help="dtrak (Square output, default) or trak (Simple loss)")
+    j.add_argument("--method", default=DEFAULT_METHOD,
+                   help="; ".join(f"{m}: {METHODS[m].summary}" for m in JOURNEY_METHODS))
     j.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: 0.1 x mean kernel eigenvalue)")
     j.add_argument("--top", type=int, default=5, help="proponents/opponents listed per step (default 5)")
     j.add_argument("--timesteps", type=int, default=10, help="K of the training features (default 10)")

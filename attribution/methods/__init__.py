@@ -23,6 +23,14 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (DTRAK, TRAK, GradDot, Gr
                                                         TracInCP, GAS, JourneyTRAK, PixelDot, PixelCos, CLIPDot,
                                                         CLIPCos)}
 
+# The method a user gets without choosing one: D-TRAK, the paper's best gradient method.
+DEFAULT_METHOD = "dtrak"
+# What it is compared with by default (the D-TRAK paper's main comparison).
+BASELINE_METHOD = "trak"
+# The comparison of the timestep-bias analysis (Xie et al.): TracIn's generally influential samples against
+# ReTrac's renormalisation, beside TRAK and D-TRAK.
+TIMESTEP_BIAS_METHODS = ("tracin", "retrac", "trak", "dtrak")
+
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
@@ -30,4 +38,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]()
 
 
-__all__ = ["METHODS", "get_method", "Method", "KernelMethod", "SimilarityMethod", "TrainFeatures"]
+__all__ = ["BASELINE_METHOD", "DEFAULT_METHOD", "TIMESTEP_BIAS_METHODS", "METHODS", "get_method", "Method", "KernelMethod", "SimilarityMethod", "TrainFeatures"]

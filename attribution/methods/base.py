@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..features.config import FeatureConfig
+from ..features.outputs import OUTPUT_FUNCTIONS
 from ..kernel import Kernel
 
 
@@ -45,16 +46,22 @@ class TrainFeatures:
 
 
 class Method(ABC):
+    """One attribution method: its recipe (the hooks below, which the engine, the CLI and the pages ask; nothing
+    outside methods/ reads a method's name or class attributes) and its scoring rule (`score`, `self_influence`).
+
+    The class attributes are how a method file declares its recipe; the defaults are TRAK's."""
+
     name: ClassVar[str]  # CLI / registry name
     title: ClassVar[str]  # display name
     summary: ClassVar[str]
     default_fn: ClassVar[str] = "simple"  # output function of its features
     fixed_fn: ClassVar[bool] = True  # False: the user may choose another output function
-    uses_lambda: ClassVar[bool] = True
-    across_checkpoints: ClassVar[bool] = False  # True: scores sum over a run's checkpoints (needs two or more)
+    uses_lambda: ClassVar[bool] = True  # scores depend on the ridge lambda of the kernel
     strategy: ClassVar[str | None] = None  # a timestep strategy the features must use (None: the user's choice)
     normalize: ClassVar[bool] = False  # unit-normalised per-timestep gradients (Diffusion-ReTrac)
-    needs_trajectory: ClassVar[bool] = False  # True: target features come from a sampling trajectory (gen:SEED)
+    has_self_influence: ClassVar[bool] = True
+    per_step: ClassVar[bool] = False  # can score each denoising step of a journey (the Journey page and command)
+    weightings: ClassVar[tuple[str, ...]] = ()  # how its checkpoints may be weighted (checkpoint methods)
 
     @abstractmethod
     def score(self, train: TrainFeatures, G: np.ndarray, lam: float | None) -> np.ndarray:
@@ -64,6 +71,8 @@ class Method(ABC):
     def self_influence(self, train: TrainFeatures, lam: float | None) -> np.ndarray:
         """tau(x_n)_n for every training image, shape (N,)."""
 
+    # -- the recipe ------------------------------------------------------------------------------------------------
+
     def feature_config(self, fn: str | None = None, eta: float | None = None, strategy: str = "uniform",
                        clip_model: str = "ViT-B-32", clip_weights: str | None = None, **options) -> FeatureConfig:
         """The features this method scores with, from the user's options: their output function checked against
@@ -72,6 +81,48 @@ class Method(ABC):
         fn = self.check_fn("interp" if eta is not None and fn is None else fn)
         return FeatureConfig(fn=fn, eta=1.0 if eta is None else eta, strategy=self.strategy or strategy,
                              normalize=self.normalize, **options)
+
+    def fn_choices(self) -> tuple[str, ...]:
+        """The output functions the user may pick for this method (one: it has a fixed function)."""
+        return OUTPUT_FUNCTIONS if not self.fixed_fn else (self.default_fn,)
+
+    def check_features(self, cfg: FeatureConfig) -> None:
+        """Refuse features this method cannot score (e.g. TRAK needs features of the Simple loss)."""
+        if self.fixed_fn and not cfg.embedding and cfg.fn != self.default_fn:
+            raise ConfigError(f"{self.title} needs {self.default_fn} features, these are {cfg.fn} features")
+
+    def checkpoints(self, spec: str) -> list[str]:
+        """The checkpoints it runs over: the comma-separated specs as given (several: an ensemble)."""
+        specs = [s.strip() for s in spec.split(",") if s.strip()]
+        if not specs:
+            raise ConfigError("no checkpoint given")
+        return specs
+
+    def member_weights(self, models: list, weighting: str | None = None, seed: int = 0,
+                       ) -> tuple[list[float], str, list[int | None]]:
+        """(weight of each checkpoint's scores, a note saying why, the projection seed of each (None: the
+        features' seed)). Default: the mean over the checkpoints (the TRAK ensemble)."""
+        if weighting not in (None, "lr"):
+            raise ConfigError(f"--checkpoint-weights applies to the checkpoint methods, not {self.name}")
+        n = len(models)
+        return [1.0 / n] * n, "" if n == 1 else "mean over the checkpoints", [None] * n
+
+    def check_members(self, specs: list[str]) -> None:
+        """Refuse a set of checkpoints this method cannot use (default: any set)."""
+
+    def target_member(self, n_members: int) -> int:
+        """Which member's model generates `gen:SEED` targets (the checkpoint named)."""
+        return 0
+
+    def check_targets(self, targets) -> None:
+        """Refuse targets this method cannot attribute, before any featurizing (default: any target)."""
+
+    def target_features(self, member, targets, progress=None, cache: str | None = None,
+                        sampler_model=None) -> np.ndarray:
+        """Features (M, k) of resolved `targets` under one member (an `engine.Attributor`): of the images
+        themselves by default. `sampler_model` generates trajectories where a method needs them."""
+        self.check_targets(targets)
+        return member.features_of(targets.images, targets.keys)
 
     def check_fn(self, fn: str | None) -> str:
         if fn is None or fn == self.default_fn:
@@ -112,9 +163,18 @@ class SimilarityMethod(Method):
     cosine: ClassVar[bool]
     uses_lambda = False
     fixed_fn = False
+    has_self_influence = False
 
     def feature_config(self, clip_model: str = "ViT-B-32", clip_weights: str | None = None, **_) -> FeatureConfig:
         return FeatureConfig(embedding=self.embedding, clip_model=clip_model, clip_weights=clip_weights)
+
+    def fn_choices(self) -> tuple[str, ...]:
+        return ()  # no output function: no gradients
+
+    def check_features(self, cfg: FeatureConfig) -> None:
+        if cfg.embedding != self.embedding:
+            raise ConfigError(f"{self.title} scores {self.embedding} embeddings, not "
+                              f"{cfg.embedding or 'gradient'} features")
 
     def score(self, train, G, lam):
         return cosine_scores(train, G) if self.cosine else dot_scores(train, G)

@@ -9,3 +9,4 @@ class DTRAK(KernelMethod):
     summary = "projected gradients of the Square output (or any of the paper's functions) through the kernel"
     default_fn = "square"
     fixed_fn = False
+    per_step = True

@@ -3,15 +3,15 @@ cosine similarity of the checkpoint's gradients in place of their dot product ("
 like TracInCP (learning-rate weights by default, `--checkpoint-weights uniform` as in the paper)."""
 
 from ..errors import ConfigError
-from .base import Method, cosine_scores
+from .base import cosine_scores
+from .over_checkpoints import CheckpointMethod
 
 
-class GAS(Method):
+class GAS(CheckpointMethod):
     name = "gas"
     title = "GAS"
     summary = "weighted sum over checkpoints of loss-gradient cosine similarities (learning-rate or uniform weights)"
-    uses_lambda = False
-    across_checkpoints = True
+    has_self_influence = False
 
     def score(self, train, G, lam):
         return cosine_scores(train, G)

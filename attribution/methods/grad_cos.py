@@ -9,6 +9,7 @@ class GradCos(Method):
     title = "Gradient (cosine)"
     summary = "cosine similarity of projected loss gradients, no kernel"
     uses_lambda = False
+    has_self_influence = False
 
     def score(self, train, G, lam):
         return cosine_scores(train, G)

@@ -7,6 +7,7 @@ linear in the feature, so the mean of the per-step scores is the score of the me
 """
 
 from ..errors import ConfigError
+from ..journey import require_trajectories, trajectory_features
 from .base import KernelMethod
 
 
@@ -15,7 +16,16 @@ class JourneyTRAK(KernelMethod):
     title = "Journey TRAK"
     summary = "TRAK scores of each sampling step (x̂0 re-noised to t), averaged over the steps; generated targets only"
     default_fn = "simple"
-    needs_trajectory = True
+    has_self_influence = False
+
+    def check_targets(self, targets) -> None:
+        require_trajectories(targets, self.title)
+
+    def target_features(self, member, targets, progress=None, cache=None, sampler_model=None):
+        """The mean per-step feature of each generated target's trajectory, sampled by `sampler_model` (the
+        target checkpoint; default the member's own model) and differentiated with the member's gradients."""
+        self.check_targets(targets)
+        return trajectory_features(member, targets, progress, cache, sampler_model)
 
     def self_influence(self, train, lam):
         raise ConfigError("Journey TRAK attributes generated images along their sampling trajectory; training "

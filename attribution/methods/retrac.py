@@ -9,15 +9,15 @@ of the exact gradients, before projection (`features.gradients`, GradientSpec.no
 """
 
 from ..errors import ConfigError
-from .base import Method, dot_scores
+from .base import dot_scores
+from .over_checkpoints import CheckpointMethod
 
 
-class DiffusionReTrac(Method):
+class DiffusionReTrac(CheckpointMethod):
     name = "retrac"
     title = "Diffusion-ReTrac"
     summary = "Diffusion-TracIn with unit-normalised gradients (removes the timestep-induced norm bias)"
-    uses_lambda = False
-    across_checkpoints = True
+    has_self_influence = False
     strategy = "training"
     normalize = True
 

@@ -11,15 +11,14 @@ inherit the timestep dependence of gradient norms: training images drawn at smal
 high for every target ("generally influential" samples); Diffusion-ReTrac (`retrac`) removes that.
 """
 
-from .base import Method, dot_scores
+from .base import dot_scores
+from .over_checkpoints import CheckpointMethod
 
 
-class DiffusionTracIn(Method):
+class DiffusionTracIn(CheckpointMethod):
     name = "tracin"
     title = "Diffusion-TracIn"
     summary = "TracIn over checkpoints with training gradients at each image's training timestep"
-    uses_lambda = False
-    across_checkpoints = True
     strategy = "training"
 
     def score(self, train, G, lam):

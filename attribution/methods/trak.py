@@ -8,3 +8,4 @@ class TRAK(KernelMethod):
     title = "TRAK"
     summary = "projected gradients of the training loss (Simple) through the ridge kernel"
     default_fn = "simple"
+    per_step = True

@@ -1,0 +1,90 @@
+"""The contract every registered method passes (diffusers' SchedulerCommonTest idea): one test class, run for each
+name in the registry, so a new method file is checked the moment it is registered.
+
+For each method, on the tiny test model and 12 digits: scores have shape (targets, training images) and are finite
+float64; they are deterministic (a second attribution from scratch gives the same numbers); the sign convention
+holds on a problem whose answer is known (a training image used as its own target has a positive score against
+itself: it pushes the model toward itself); self-influence has one finite value per training image where the
+method defines it, and is a one-line ConfigError where it does not; targets the method cannot attribute are
+refused before any featurizing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.engine import open_attribution
+from attribution.errors import ConfigError
+from attribution.methods import METHODS, get_method
+from attribution.targets import from_pixels, resolve_targets
+
+
+@pytest.fixture(scope="module")
+def npz12(tmp_path_factory):
+    from attribution.data import load_dataset
+
+    digits = load_dataset("digits")
+    path = tmp_path_factory.mktemp("contract") / "digits12.npz"
+    np.savez(path, images=digits.pixels[:12, ..., 0], labels=digits.labels[:12])
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory):
+    """A tiny randomly initialised open_clip tower saved to a local file (no CLIP weights exist offline)."""
+    import open_clip
+
+    from attribution.features.embeddings import ClipEmbedder
+
+    folder = tmp_path_factory.mktemp("clip")
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}}
+    (folder / "contract-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    emb = ClipEmbedder.random("contract-clip", seed=0)
+    torch.save(emb.model.state_dict(), folder / "w.pt")
+    return str(folder / "w.pt")
+
+
+def attribution_for(name, tiny_run, npz12, cache, clip_weights):
+    return open_attribution(str(tiny_run), get_method(name), "cpu", dataset=f"npz:{npz12}", timesteps=2,
+                            proj_dim=64, cache=str(cache), clip_model="contract-clip", clip_weights=clip_weights)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+class TestMethodContract:
+    def test_shape_sign_and_determinism(self, name, tiny_run, npz12, tmp_path, clip_weights):
+        att = attribution_for(name, tiny_run, npz12, tmp_path / "a", clip_weights)
+        method = att.method
+        try:  # an image without a sampling trajectory (the training image itself)
+            method.check_targets(from_pixels(att.train.pixels[3:4], ["train-3.png"]))
+            accepts_images = True
+        except ConfigError as exc:  # refused before any featurizing, in one line
+            assert "\n" not in str(exc) and not any((tmp_path / "a").rglob("features.npy"))
+            accepts_images = False
+        att.featurize()
+        targets = (resolve_targets("train:3", att.target_model, f"npz:{npz12}") if accepts_images
+                   else resolve_targets("gen:1", att.target_model, f"npz:{npz12}", steps=3))
+        scores = att.scores(att.target_features(targets, cache=str(tmp_path / "a")))
+        assert scores.shape == (1, 12) and scores.dtype == np.float64 and np.isfinite(scores).all()
+        if accepts_images:  # sign convention: an image pushes the model toward itself
+            assert scores[0, 3] > 0, (name, scores[0, 3])
+        again = attribution_for(name, tiny_run, npz12, tmp_path / "b", clip_weights)
+        again.featurize()
+        np.testing.assert_allclose(again.scores(again.target_features(targets, cache=str(tmp_path / "b"))), scores,
+                                   rtol=1e-6, atol=1e-12)
+
+    def test_self_influence_where_defined(self, name, tiny_run, npz12, tmp_path, clip_weights):
+        att = attribution_for(name, tiny_run, npz12, tmp_path, clip_weights)
+        att.featurize()
+        if att.method.has_self_influence:
+            values = att.self_influence()
+            assert values.shape == (12,) and np.isfinite(values).all()
+        else:
+            with pytest.raises(ConfigError) as exc:
+                att.self_influence()
+            assert "\n" not in str(exc.value)
