@@ -11,9 +11,9 @@ import argparse
 import sys
 
 from ..errors import AttributionError
-from . import analysis, engine, journey, models
+from . import analysis, engine, journey, magic, models
 
-COMMAND_MODULES = (models, engine, journey, analysis)
+COMMAND_MODULES = (models, engine, journey, analysis, magic)
 
 
 def build_parser() -> argparse.ArgumentParser:
