@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import info, progress_bar
 from ..errors import ConfigError
+from .common import info, progress_bar
 
 
 def _recipe_args(p) -> None:

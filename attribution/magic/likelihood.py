@@ -46,7 +46,8 @@ def time_grid(steps: int, eps: float, sigma: float, dtype=torch.float64) -> torc
     return t.to(dtype)
 
 
-def exact_divergence(fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_divergence(fn: ScoreFn, x: torch.Tensor, t: torch.Tensor,
+                     create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(fn(x, t), div_x fn(x, t)) for x (B, D), t scalar tensor: one batched pass over D copies per image."""
     b, d = x.shape
     xr = x.unsqueeze(1).expand(b, d, d).reshape(b * d, d)

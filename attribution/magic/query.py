@@ -12,7 +12,8 @@ from .runs import MagicRun
 
 
 def hardware() -> str:
-    return f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} threads {torch.get_num_threads()}"
+    return (f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} "
+            f"threads {torch.get_num_threads()}")
 
 
 def train_run(run: MagicRun, progress=None) -> torch.Tensor:

@@ -61,7 +61,7 @@ class MagicSpec:
                 "train": asdict(self.train), "ode": asdict(self.ode)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MagicSpec":
+    def from_dict(cls, d: dict) -> MagicSpec:
         return cls(d["dataset"], int(d["resolution"]), ScoreModelConfig(**d["model"]), TrainConfig(**d["train"]),
                    OdeConfig(**d["ode"]))
 
