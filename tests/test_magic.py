@@ -93,7 +93,8 @@ def test_gaussian_ode_log_likelihood_matches_closed_form():
     prior_var = float(var(torch.tensor(1.0, dtype=torch.float64)))
     errors = {}
     for solver, steps, tol in (("heun", 128, 3e-3), ("heun", 64, None), ("rk4", 32, 1e-4), ("rk4", 16, None)):
-        got = ode_log_likelihood(score, x, steps=steps, eps=eps, solver=solver, prior_var=prior_var)
+        with torch.no_grad():
+            got = ode_log_likelihood(score, x, steps=steps, eps=eps, solver=solver, prior_var=prior_var)
         errors[solver, steps] = float(((got - exact) / exact).abs().max())
         if tol:  # measured relative errors: heun-128 1.3e-3, rk4-32 2.5e-5
             torch.testing.assert_close(got, exact, rtol=tol, atol=0)
@@ -228,3 +229,27 @@ def test_cli_bad_inputs(tiny_run, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="one weight per training example"):
         from attribution.magic.runs import open_run
         open_run(other)
+
+
+def test_trak_baselines_match_a_direct_computation(tiny_run):
+    from attribution.magic.baselines import _draws, features, scores
+    from attribution.magic.runs import open_run
+    from attribution.magic.score_model import dsm_losses
+
+    run = open_run(tiny_run)
+    theta = run.theta()
+    phi = features(run, theta, run.data[:3], "loss", k=4)
+    t, z = _draws(run, 4, 0)
+    for i in range(3):   # per-example gradient of the mean loss over the same K draws, by plain autograd
+        th = theta.clone().requires_grad_(True)
+        loss = dsm_losses(run.model, th, run.data[i].expand(4, -1), t, z).mean()
+        torch.testing.assert_close(phi[i], torch.autograd.grad(loss, th)[0], rtol=1e-10, atol=1e-12)
+    xq = run.data[10:12]
+    tau = scores(run, theta, xq, "dtrak", k=4)
+    # primal form: phi_i^T (Phi^T Phi + lam I)^-1 phi_q, with lam = 0.1 * trace(Phi Phi^T) / N
+    big = features(run, theta, run.data, "square", k=4)
+    q = features(run, theta, xq, "square", k=4)
+    lam = 0.1 * float((big ** 2).sum()) / len(big)
+    direct = big @ torch.linalg.solve(big.T @ big + lam * torch.eye(big.shape[1], dtype=big.dtype), q.T)
+    np.testing.assert_allclose(tau, direct.T.numpy(), rtol=1e-6, atol=1e-10)   # float64 solves, two forms
+    assert np.abs(tau).max() > 1e-6

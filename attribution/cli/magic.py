@@ -18,18 +18,25 @@ from .common import info, progress_bar
 
 
 def _recipe_args(p) -> None:
+    from ..magic.runs import OdeConfig
+    from ..magic.score_model import ScoreModelConfig
+    from ..magic.weighted_train import TrainConfig
+
+    m, t, o = ScoreModelConfig(), TrainConfig(), OdeConfig()
     p.add_argument("--dataset", default="digits", help="training set (grayscale; default digits)")
     p.add_argument("--resolution", type=int, default=8, help="image side (default 8: digits' native size)")
-    p.add_argument("--hidden", type=int, default=128, help="hidden width of the score MLP (default 128)")
-    p.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3, linear decay)")
-    p.add_argument("--schedule", choices=["linear", "constant"], default="linear")
-    p.add_argument("--eps-root", type=float, default=1e-6, help="Adam epsilon inside the square root (1e-6)")
+    p.add_argument("--hidden", type=int, default=m.hidden, help=f"hidden width of the score MLP ({m.hidden})")
+    p.add_argument("--steps", type=int, default=t.steps, help=f"training steps ({t.steps})")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help=f"batch size ({t.batch_size})")
+    p.add_argument("--lr", type=float, default=t.lr, help=f"Adam learning rate ({t.lr:g}, schedule below)")
+    p.add_argument("--schedule", choices=["linear", "constant"], default=t.schedule)
+    p.add_argument("--eps-root", type=float, default=t.eps_root,
+                   help=f"Adam epsilon inside the square root ({t.eps_root:g})")
     p.add_argument("--seed", type=int, default=0, help="data order, times, noises and initialisation")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--ode-steps", type=int, default=32, help="probability-flow ODE steps for bits/dim (32)")
-    p.add_argument("--solver", choices=["heun", "rk4"], default="heun")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=t.dtype)
+    p.add_argument("--ode-steps", type=int, default=o.steps, help=f"probability-flow ODE steps for bits/dim "
+                                                                   f"({o.steps})")
+    p.add_argument("--solver", choices=["heun", "rk4"], default=o.solver)
 
 
 def _spec(args):

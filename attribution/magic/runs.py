@@ -36,8 +36,8 @@ HOW_TO_MAKE = "make one with `python -m attribution magic train` (a deterministi
 
 @dataclass(frozen=True)
 class OdeConfig:
-    steps: int = 32
-    solver: str = "heun"
+    steps: int = 16
+    solver: str = "rk4"
     eps: float = 1e-3
 
     def __post_init__(self):

@@ -37,7 +37,7 @@ def diffusion_coeff(t: torch.Tensor, sigma: float = SIGMA) -> torch.Tensor:
 @dataclass(frozen=True)
 class ScoreModelConfig:
     dim: int = 64            # D = channels * side * side
-    hidden: int = 128
+    hidden: int = 64
     fourier: int = 16        # number of Fourier frequencies of log sigma_t (embedding width 2 * fourier)
     sigma: float = SIGMA
     seed: int = 0            # initialisation and the fixed Fourier frequencies

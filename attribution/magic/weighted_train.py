@@ -24,13 +24,13 @@ from .score_model import ScoreModel, dsm_losses
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float = 1e-2
     schedule: str = "linear"      # "constant", or "linear": linear decay to 0 at the last step
     beta1: float = 0.9
     beta2: float = 0.99
-    eps_root: float = 1e-6        # Adam epsilon inside the square root
+    eps_root: float = 1e-4        # Adam epsilon inside the square root (see the grid in BENCHMARKS.md)
     t_min: float = 1e-3           # training times t ~ U(t_min, 1)
     seed: int = 0                 # data order, times and noises
     dtype: str = "float32"
