@@ -77,6 +77,7 @@ def main():
                                                      "baselines", "grid"])
     p.add_argument("--queries", type=int, default=4)
     p.add_argument("--sets", type=int, default=50)
+    p.add_argument("--run", help="a trained MAGIC run folder (default: the default recipe's run, trained if needed)")
     p.add_argument("--out", default=str(ROOT / "out" / "magic-bench.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -87,7 +88,12 @@ def main():
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(results, indent=1) + "\n")
 
-    run = MagicRun(MagicSpec())
+    if args.run:
+        from attribution.magic.runs import open_run
+
+        run = open_run(args.run)
+    else:
+        run = MagicRun(MagicSpec())
     theta = train_run(run)
     results["run"] = {"path": str(run.path), **run.provenance(), "spec": run.spec.to_dict()}
     stages = (["sanity", "convergence", "queries", "validate", "baselines", "cost", "grid"] if args.stage == "all"
@@ -149,8 +155,6 @@ def main():
         results["recipe_smoothness"] = metasmoothness(run.run)
         save()
     if "cost" in stages:
-        from attribution.magic.runs import open_run
-
         cost = {}
         for policy in ("all", "sqrt"):
             code = ("import json,sys,torch;torch.set_num_threads(1);from attribution.magic.runs import open_run;"
@@ -161,7 +165,6 @@ def main():
                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
             cost[policy] = json.loads(o.strip().splitlines()[-1])
             print(policy, cost[policy], flush=True)
-        open_run(run.path)
         results["cost"] = cost
         save()
 

@@ -253,3 +253,11 @@ def test_trak_baselines_match_a_direct_computation(tiny_run):
     direct = big @ torch.linalg.solve(big.T @ big + lam * torch.eye(big.shape[1], dtype=big.dtype), q.T)
     np.testing.assert_allclose(tau, direct.T.numpy(), rtol=1e-6, atol=1e-10)   # float64 solves, two forms
     assert np.abs(tau).max() > 1e-6
+    # TRAK with the bits/dim output: the query side is the gradient of the query's bits/dim
+    tau = scores(run, theta, xq[:1], "trak", k=4)
+    big = features(run, theta, run.data, "loss", k=4)
+    th = theta.clone().requires_grad_(True)
+    (gq,) = torch.autograd.grad(run.bpd(th, xq[:1], create_graph=True)[0], th)
+    lam = 0.1 * float((big ** 2).sum()) / len(big)
+    direct = big @ torch.linalg.solve(big.T @ big + lam * torch.eye(big.shape[1], dtype=big.dtype), gq)
+    np.testing.assert_allclose(tau[0], direct.numpy(), rtol=1e-6, atol=1e-10)

@@ -68,7 +68,7 @@ def scores(run: MagicRun, theta: torch.Tensor, queries: torch.Tensor, method: st
         rows = []
         for xq in queries:
             th = theta.detach().clone().requires_grad_(True)
-            b = run.bpd(th, xq.reshape(1, -1).to(th.dtype), create_graph=False)[0]
+            b = run.bpd(th, xq.reshape(1, -1).to(th.dtype), create_graph=True)[0]   # the divergence needs it
             (gq,) = torch.autograd.grad(b, th)
             rows.append(gq.double())
         phq = torch.stack(rows)
