@@ -11,6 +11,7 @@ Stages (each appends to --out, default out/magic-bench.json):
   cost         one query with every state kept against sqrt(T) checkpoints, in fresh processes
   baselines    TRAK (bits/dim output) and D-TRAK on the same model, queries and removed sets
   grid         metasmoothness over batch size x lr x eps_root at the default recipe's size
+  smooth       metasmoothness of the run's own recipe only
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def convergence(run: MagicRun, theta) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--stage", default="all", choices=["all", "sanity", "convergence", "queries", "validate", "cost",
-                                                     "baselines", "grid"])
+                                                     "baselines", "grid", "smooth"])
     p.add_argument("--queries", type=int, default=4)
     p.add_argument("--sets", type=int, default=50)
     p.add_argument("--run", help="a trained MAGIC run folder (default: the default recipe's run, trained if needed)")
@@ -154,6 +155,12 @@ def main():
                                           progress=lambda i, n, r: print(i, n, r, flush=True))
         results["recipe_smoothness"] = metasmoothness(run.run)
         save()
+    if "smooth" in stages:
+        from attribution.magic.smoothness import metasmoothness
+
+        results["recipe_smoothness"] = metasmoothness(run.run)
+        save()
+        print("metasmoothness", results["recipe_smoothness"], flush=True)
     if "cost" in stages:
         cost = {}
         for policy in ("all", "sqrt"):
