@@ -71,7 +71,12 @@ def retrain(run: MagicRun, fraction: float, n_sets: int, seed: int = 0, workers:
     if workers > 1 and todo:
         import ray
 
-        ray.init(num_cpus=workers, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        # address="local": always a private cluster, never one another job on this machine started
+        from ..store import REPO_ROOT
+
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, ignore_reinit_error=True,
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
+                                                                "OMP_NUM_THREADS": "1"}})
         task = ray.remote(num_cpus=1)(_ray_retrain)
         pending = [task.remote(str(run.path), sets[j], str(folder / f"retrain-{j:04d}.safetensors")) for j in todo]
         while pending:
