@@ -139,9 +139,12 @@ else:
         st.plotly_chart(fig, key="mg_scatter")
 
 st.subheader("Cost")
-st.dataframe([{"seconds": round(meta["seconds"], 1), "training runs of time": (
-    round(meta["runs_of_training"], 2) if meta.get("runs_of_training") else None),
-    "checkpointing": meta["policy"], "states held": meta["stored_states"],
-    "state memory (MB)": round(meta["state_bytes"] / 2**20, 1),
-    "process peak memory (MB)": round(meta["peak_rss_bytes"] / 2**20), "hardware": meta.get("hardware", "")}],
-    hide_index=True)
+runs_of_training = meta.get("runs_of_training")
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Time", f"{meta['seconds']:.1f} s")
+c2.metric("Training runs of time", f"{runs_of_training:.1f}" if runs_of_training else "n/a",
+          help="the metagradient's time over that of one forward replay of the run, measured in the same process")
+c3.metric("States held", f"{meta['stored_states']} ({meta['state_bytes'] / 2**20:.1f} MB)",
+          help=f"checkpointing: {meta['policy']} (all: every state; sqrt: every ceil(sqrt(T))-th, plus one segment)")
+c4.metric("Process peak memory", f"{meta['peak_rss_bytes'] / 2**30:.2f} GB")
+st.caption(f"Measured on {meta.get('hardware', 'unknown hardware')}.")

@@ -44,6 +44,8 @@ def test_magic_page(magic_cache, monkeypatch, capsys):
     assert captions[1].startswith(f"#{top} · ")            # first tile after the query: the largest score
     assert any(m.value == f"{q['meta']['bpd']:.3f}" for m in at.metric)
     assert any("magic validate" in i.value for i in at.info)
+    runs_metric = next(m for m in at.metric if m.label == "Training runs of time")
+    assert float(runs_metric.value) == pytest.approx(q["meta"]["runs_of_training"], abs=0.05)
     # with retrains present, the scatter and its rho appear
     capsys.readouterr()
     assert main(["magic", "validate", "--run", str(run_dir), "--sets", "3"]) == 0
