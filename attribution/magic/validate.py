@@ -69,7 +69,11 @@ def retrain(run: MagicRun, fraction: float, n_sets: int, seed: int = 0, workers:
     if progress:
         progress(done, len(sets))
     if workers > 1 and todo:
-        import ray
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--workers > 1 runs retrains on Ray, which is not installed: pip install ray "
+                              "(or use --workers 1)") from None
 
         # address="local": always a private cluster, never one another job on this machine started
         from ..store import REPO_ROOT
