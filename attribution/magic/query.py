@@ -12,8 +12,9 @@ from .runs import MagicRun
 
 
 def hardware() -> str:
-    return (f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} "
-            f"threads {torch.get_num_threads()}")
+    parts = [platform.machine(), platform.processor(), f"torch {torch.__version__}",
+             f"threads {torch.get_num_threads()}"]
+    return " ".join(p for p in parts if p)
 
 
 def train_run(run: MagicRun, progress=None) -> torch.Tensor:
