@@ -40,6 +40,7 @@ PAGES = {
                 url_path="self-influence"),
         st.Page("app_pages/timesteps.py", title="Timesteps", icon=":material/timeline:", url_path="timesteps"),
         st.Page("app_pages/journey.py", title="Journey", icon=":material/route:", url_path="journey"),
+        st.Page("app_pages/magic.py", title="Exact influence (MAGIC)", icon=":material/functions:", url_path="magic"),
     ],
     "Trust": [
         st.Page("app_pages/evaluation.py", title="Evaluation", icon=":material/fact_check:",

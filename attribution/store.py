@@ -214,3 +214,14 @@ def list_stores(root: Path | None = None) -> list[dict]:
             continue
         out.append({"path": str(cfg.parent), **data, "done": int(done.sum()), "rows": int(done.size)})
     return out
+
+
+# -- MAGIC (attribution/magic): weighted runs, per-query metagradients, leave-out retrains --------------------------
+
+def magic_root(root: str | os.PathLike | None = None) -> Path:
+    """cache/magic: one folder per deterministic weighted run (see attribution/magic/runs.py)."""
+    return cache_root(root) / "magic"
+
+
+def magic_run_dir(run_id: str, root: str | os.PathLike | None = None) -> Path:
+    return magic_root(root) / _slug(run_id)

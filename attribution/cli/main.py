@@ -11,9 +11,9 @@ import argparse
 import sys
 
 from ..errors import AttributionError
-from . import analysis, bank, engine, evaluation, journey, models
+from . import analysis, bank, engine, evaluation, journey, magic, models
 
-COMMAND_MODULES = (models, engine, journey, analysis, bank, evaluation)
+COMMAND_MODULES = (models, engine, journey, analysis, bank, evaluation, magic)
 
 
 def build_parser() -> argparse.ArgumentParser:

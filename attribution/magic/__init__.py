@@ -1,0 +1,1 @@
+"""MAGIC: exact influence on a query's bits/dim through metagradients of a deterministic weighted training run."""

@@ -1,0 +1,58 @@
+"""AppTest for the Exact influence (MAGIC) page, on a tiny MAGIC run (3 training steps) in a temporary cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+TINY = ["--hidden", "8", "--steps", "3", "--batch-size", "32", "--ode-steps", "2", "--dtype", "float64"]
+
+
+@pytest.fixture(scope="module")
+def magic_cache(tmp_path_factory) -> Path:
+    from attribution.cli.main import main
+
+    root = tmp_path_factory.mktemp("magic-app-cache")
+    assert main(["magic", "train", "--cache", str(root), *TINY]) == 0
+    return root
+
+
+def test_magic_page(magic_cache, monkeypatch, capsys):
+    from attribution.cli.main import main
+    from attribution.magic.runs import list_runs, open_run
+
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(magic_cache))
+    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    at.switch_page("app_pages/magic.py").run()
+    assert not at.exception, at.exception
+    at.radio(key="mg_source").set_value("Training image").run()
+    at.number_input(key="mg_train_index").set_value(7).run()
+    next(b for b in at.button if b.label == "Compute metagradient").click().run()
+    assert not at.exception, at.exception
+    (run_dir,) = list_runs(magic_cache)
+    run = open_run(run_dir)
+    (q,) = run.list_queries()
+    influence = -np.asarray(q["grad"])
+    top = int(np.argmax(influence))
+    captions = [img.caption for el in at.get("image") for img in el.proto.imgs]
+    assert captions[1].startswith(f"#{top} · ")            # first tile after the query: the largest score
+    assert any(m.value == f"{q['meta']['bpd']:.3f}" for m in at.metric)
+    assert any("magic validate" in i.value for i in at.info)
+    runs_metric = next(m for m in at.metric if m.label == "Training runs of time")
+    assert float(runs_metric.value) == pytest.approx(q["meta"]["runs_of_training"], abs=0.05)
+    # with retrains present, the scatter and its rho appear
+    capsys.readouterr()
+    assert main(["magic", "validate", "--run", str(run_dir), "--sets", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    at.run()
+    assert not at.exception, at.exception
+    (chart,) = at.get("plotly_chart")
+    title = json.loads(chart.proto.spec)["layout"]["title"]["text"]
+    rho = line.split("Spearman ")[1].split(" ")[0]
+    assert title.startswith(f"ρ = {rho}")
