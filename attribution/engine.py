@@ -33,6 +33,7 @@ from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
 from .models.adapter import DiffusionModel
 from .store import FeatureStore, cache_root
+from .targets import Targets
 
 Progress = Callable[[int, int, str], None]
 
@@ -251,8 +252,10 @@ class Attribution:
             att.featurize(progress(att) if progress else None)
 
     def features_of(self, images: torch.Tensor, keys: Sequence[str]) -> list[np.ndarray]:
-        """Per-member features of the images themselves (`target_features` is the method's own recipe)."""
-        return [att.features_of(images, keys) for att in self.members]
+        """Per-member features of images (with their noise keys) by the method's recipe, as targets without a
+        sampling trajectory: a method that needs one (Journey TRAK) refuses them instead of silently scoring the
+        plain image features."""
+        return self.target_features(Targets(images, list(keys), list(keys), [None] * len(keys)))
 
     def target_features(self, targets, cache: str | None = None) -> list[np.ndarray]:
         """Per-member features of resolved `Targets` by this method's recipe (`Method.target_features`; for

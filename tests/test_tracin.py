@@ -351,8 +351,8 @@ def test_scatter_customdata_and_selection_mapping():
 
 def test_trajectory_methods_refuse_image_features(run_models, digits):
     """Journey TRAK's target features come from a sampling trajectory: scoring plain image features through it
-    would silently be TRAK, so `features_of` refuses and callers go through `target_features`."""
+    would silently be TRAK, so `features_of` (images without a trajectory) refuses in one line."""
     att = Attribution(get_method("journey-trak"),
                       [Attributor(run_models[-1], subset(digits, 4), FeatureConfig(fn="simple", projector="identity"))])
-    with pytest.raises(ConfigError, match="target_features"):
+    with pytest.raises(ConfigError, match="needs a generated target with a sampling trajectory"):
         att.features_of(digits.tensors([0]), ["train/0"])
