@@ -117,6 +117,8 @@ class FeatureStore:
                                          f"({'; '.join(differences[:4])}); use another folder or delete it")
             return store
         if path.exists() and any(path.iterdir()):
+            if cfg_path.is_file():  # another session's complete store was renamed into place since the check
+                return cls.open(path, identity, n_rows, dim, provenance, create=False)
             raise CacheMismatchError(f"{path} exists but is not a feature store (no config.json); "
                                      "choose an empty or new folder")
         if not create:
