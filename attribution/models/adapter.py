@@ -44,6 +44,16 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape + (1,) * (like.dim() - values.dim()))
 
 
+def use_classic_attention(module: torch.nn.Module) -> None:
+    """Give the module's diffusers attention layers the classic processor (no fused SDPA kernel), which supports
+    vmap and higher-order autograd. Set on this module only; nothing in torch is patched."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.set_processor(AttnProcessor())
+
+
 @dataclass
 class NoiseSchedule:
     """The DDPM forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.

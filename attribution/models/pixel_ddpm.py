@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import DiffusionModel, NoiseSchedule
+from .adapter import DiffusionModel, NoiseSchedule, use_classic_attention
 from .checkpoint import CheckpointInfo, load_schedule_config, load_unet, save_checkpoint
 from .presets import unet_for
 
@@ -17,10 +17,9 @@ PIPELINES = (None, "DDPMPipeline", "DDIMPipeline")
 class PixelDDPM(DiffusionModel):
     """A pixel-space DDPM around a diffusers `UNet2DModel`; encode/decode are the identity, no conditions.
 
-    `trainable=False` (attribution, sampling): eval mode, frozen, and the classic attention processor (no fused
-    SDPA kernel), which supports vmap and higher-order autograd; it is set on this model's attention modules only,
-    nothing in torch is patched. `trainable=True` (training): train mode, gradients on, diffusers' default
-    attention, exactly as the shipped models were trained.
+    `trainable=False` (attribution, sampling): eval mode, frozen, and the classic attention processor
+    (`use_classic_attention`: vmap and higher-order autograd). `trainable=True` (training): train mode, gradients
+    on, diffusers' default attention, exactly as the shipped models were trained.
     """
 
     kind = "pixel-ddpm"
@@ -31,11 +30,7 @@ class PixelDDPM(DiffusionModel):
         if trainable:
             self.unet = unet.to(self.device).train()
             return
-        from diffusers.models.attention_processor import Attention, AttnProcessor
-
-        for module in unet.modules():
-            if isinstance(module, Attention):
-                module.set_processor(AttnProcessor())
+        use_classic_attention(unet)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
 
     @classmethod
@@ -43,7 +38,7 @@ class PixelDDPM(DiffusionModel):
         """A UNet2DModel without class embeddings, alone or in a DDPM/DDIM pipeline folder."""
         unet = info.unet_config()
         return (info.pipeline_class() in PIPELINES and unet.get("_class_name", "UNet2DModel") == "UNet2DModel"
-                and unet.get("num_class_embeddings") is None and unet.get("class_embed_type") is None)
+                and unet.get("num_class_embeds") is None and unet.get("class_embed_type") is None)
 
     @classmethod
     def load(cls, info: CheckpointInfo, device: str | torch.device = "auto") -> PixelDDPM:

@@ -25,7 +25,7 @@ def implementation_for(info: CheckpointInfo) -> type[DiffusionModel]:
             return cls
     unet = info.unet_config()
     found = f"pipeline {info.pipeline_class() or '(none)'}, UNet {unet.get('_class_name', '(unnamed)')}"
-    if unet.get("num_class_embeddings") is not None or unet.get("class_embed_type") is not None:
+    if unet.get("num_class_embeds") is not None or unet.get("class_embed_type") is not None:
         found += " with class embeddings"
     raise CheckpointError(f"no model implementation loads {info.pipeline_dir} ({found}); "
                           f"supported: {', '.join(MODEL_KINDS)} (attribution/models/registry.py)")
