@@ -130,8 +130,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     flip = FLIP_DEFAULT.get(cfg.dataset.split(":")[0], False) if cfg.flip is None else cfg.flip
 
     torch.manual_seed(cfg.seed)
-    model = PixelDDPM.initialise(data.resolution, data.channels, cfg.preset, NoiseSchedule.from_config(DEFAULT_SCHEDULE),
-                                 device)
+    schedule = NoiseSchedule.from_config(DEFAULT_SCHEDULE)
+    model = PixelDDPM.initialise(data.resolution, data.channels, cfg.preset, schedule, device)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.trainable_parameters().values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
