@@ -20,7 +20,7 @@ from attribution.data.datasets import ImageDataset
 from attribution.engine import Attributor
 from attribution.errors import AttributionError, CheckpointError, ConfigError
 from attribution.features.config import FeatureConfig
-from attribution.features.gradients import GradientSpec, per_sample_gradients
+from attribution.features.gradients import GradientSpec, gradient_norms, per_sample_gradients
 from attribution.features.timesteps import noise_for
 from attribution.journey import JourneyConfig, forward_trajectory, run_journey
 from attribution.methods import get_method
@@ -503,6 +503,13 @@ def test_second_implementation_gradients_use_its_space_condition_and_parameters(
         assert (got[i] - want).abs().max() / want.abs().max() < 1e-4
         other = direct_gradient(model, images[i], keys[i], (label + 1) % 10, spec)
         assert (got[i] - other).abs().max() / other.abs().max() > 1e-2  # the per-sample label matters
+    # the per-(sample, timestep) path (ReTrac's normalisation, the norm analysis) carries the conditions too
+    norms = gradient_norms(model, images, keys, spec)
+    for i in range(3):
+        for j, t in enumerate(spec.timesteps):
+            one_t = GradientSpec("simple", (t,), draws=2)
+            want = direct_gradient(model, images[i], keys[i], int(train_set.labels[i]), one_t).norm()
+            assert abs(norms[i, j] - want) / want < 1e-4
 
 
 def test_second_implementation_runs_through_the_engine(latent, tmp_path):
