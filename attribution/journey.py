@@ -119,8 +119,9 @@ def sampled_trajectory(model, cfg: JourneyConfig, progress: Progress | None = No
 
 @torch.no_grad()
 def forward_trajectory(model, image: torch.Tensor, cfg: JourneyConfig, key: str) -> Trajectory:
-    """A trajectory for an image that has none: x_t = the image noised to each sampling timestep (noise keyed by
-    `key`), x̂0 = the model's one-step prediction from x_t (clipped to [-1, 1]); `final` is the image itself."""
+    """A trajectory for an image that has none: x_t = the image (encoded) noised to each sampling timestep (noise
+    keyed by `key`), x̂0 = the model's one-step prediction from x_t, decoded and clipped to [-1, 1]; `final` is the
+    image itself."""
     from .features.timesteps import noise_for
 
     cfg.check(model.num_timesteps)
@@ -128,13 +129,16 @@ def forward_trajectory(model, image: torch.Tensor, cfg: JourneyConfig, key: str)
     sched.set_timesteps(cfg.steps)
     ts = sched.timesteps.to(torch.long)
     x0 = image.reshape(1, *image.shape[-3:]).float()
-    eps = noise_for([key], ts, tuple(x0.shape[1:]), seed=0)[0]  # (S, C, H, W)
-    xt = model.schedule.add_noise(x0.expand_as(eps), eps, ts).float()
-    abar = model.schedule.alphas_cumprod[ts].float().reshape(-1, 1, 1, 1)
+    z0 = model.encode(x0.to(model.device)).float().cpu()
+    eps = noise_for([key], ts, tuple(z0.shape[1:]), seed=0)[0]  # (S, *latent_shape)
+    xt = model.schedule.add_noise(z0.expand_as(eps), eps, ts).float()
+    cond = model.condition([key])
     preds = []
     for s in range(0, len(ts), 16):
-        e = model.predict_eps(xt[s:s + 16].to(model.device), ts[s:s + 16].to(model.device)).float().cpu()
-        preds.append((xt[s:s + 16] - (1 - abar[s:s + 16]).sqrt() * e) / abar[s:s + 16].sqrt())
+        t = ts[s:s + 16]
+        c = model.repeat_condition(model.condition_rows(cond, 0), len(t))
+        e = model.predict_eps(xt[s:s + 16].to(model.device), t.to(model.device), c).float().cpu()
+        preds.append(model.decode(model.schedule.predict_x0(xt[s:s + 16], e, t).to(model.device)).float().cpu())
     x0_pred = torch.cat(preds).clamp(-1, 1)
     return Trajectory(ts.numpy().astype(np.int64), xt[:, None].numpy(), x0_pred[:, None].numpy(),
                       x0.clamp(-1, 1).numpy(), np.array([-1], dtype=np.int64), cfg.sampler)

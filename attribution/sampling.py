@@ -3,6 +3,10 @@
 Image i of a call with `seed=S` is generated from its own CPU generator seeded with S + i (initial noise and, for
 DDPM, every step's noise), so an image depends only on its seed: `gen:S` names the same image everywhere, on any
 device and in any batch.
+
+The loop runs in the model's diffusion space (`latent_shape`, its per-sample `condition` for keys "gen/SEED") and
+hands back images through the model's `decode`: a latent model returns decoded images, its trajectory's x_t stay
+latents.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ class Trajectory:
 
     Attributes:
         timesteps: int64 (S,), the model timestep of each sampling step, in sampling order (high t first).
-        xt: float32 (S, N, C, H, W), the noisy input x_t the model saw at each step.
-        x0_pred: float32 (S, N, C, H, W), the model's prediction of the clean image at each step.
+        xt: float32 (S, N, *latent_shape), the noisy input x_t the model saw at each step (diffusion space).
+        x0_pred: float32 (S, N, C, H, W), the model's prediction of the clean image at each step, decoded.
         final: float32 (N, C, H, W) in [-1, 1], the generated images.
         seeds: int64 (N,), the seed of each image.
     """
@@ -64,20 +68,20 @@ def sample(model: DiffusionModel, n: int, seed: int = 0, steps: int = 50, sample
     sched.set_timesteps(steps)
     seeds = np.arange(seed, seed + n, dtype=np.int64)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    shape = (model.channels, model.resolution, model.resolution)
-    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(model.device)
+    x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in gens]).to(model.device)
     params = model.parameters()
+    cond = model.condition([f"gen/{s}" for s in seeds])
     xts, x0s = [], []
     for i, t in enumerate(sched.timesteps):
         tt = torch.full((n,), int(t), device=model.device, dtype=torch.long)
-        eps = model.eps(params, x, tt, model.condition(n))
+        eps = model.eps(params, x, tt, cond)
         extra = {"generator": gens} if sampler == "ddpm" else {}
         step = sched.step(eps.cpu() if sampler == "ddpm" else eps, t, x.cpu() if sampler == "ddpm" else x, **extra)
         xts.append(x.float().cpu())
-        x0s.append(step.pred_original_sample.float().cpu())
+        x0s.append(model.decode(step.pred_original_sample.to(model.device)).float().cpu())
         x = step.prev_sample.to(model.device)
         if progress:
             progress(i + 1, len(sched.timesteps), f"step {i + 1}/{len(sched.timesteps)} (t={int(t)})")
-    final = x.float().cpu().clamp(-1, 1)
+    final = model.decode(x).float().cpu().clamp(-1, 1)
     return Trajectory(sched.timesteps.numpy().astype(np.int64), torch.stack(xts).numpy(),
                       torch.stack(x0s).numpy(), final.numpy(), seeds, sampler)

@@ -26,8 +26,10 @@ from .data import load_dataset
 from .device import resolve_device
 from .errors import ConfigError
 from .fileio import save_npy, write_json
-from .models.checkpoint import DEFAULT_SCHEDULE, save_checkpoint
-from .models.presets import PRESETS, unet_for
+from .models.adapter import NoiseSchedule
+from .models.checkpoint import DEFAULT_SCHEDULE
+from .models.pixel_ddpm import PixelDDPM
+from .models.presets import PRESETS
 
 Progress = Callable[[int, int, str], None]
 FLIP_DEFAULT = {"digits": False, "animals": True, "animals-2": True, "cifar10": True, "cifar2": True}
@@ -124,17 +126,15 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     idx = subset_indices(cfg, n_all)
     x_all = data.tensors(idx)  # (N, C, R, R) in [-1, 1]
     n = len(x_all)
+    keys = np.array([f"train/{i}" for i in idx])  # each image's key, for the model's per-sample condition
     flip = FLIP_DEFAULT.get(cfg.dataset.split(":")[0], False) if cfg.flip is None else cfg.flip
 
     torch.manual_seed(cfg.seed)
-    unet = unet_for(data.resolution, data.channels, cfg.preset).to(device).train()
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler(**DEFAULT_SCHEDULE)
-    abar = sched.alphas_cumprod.float().to(device)
+    schedule = NoiseSchedule.from_config(DEFAULT_SCHEDULE)
+    model = PixelDDPM.initialise(data.resolution, data.channels, cfg.preset, schedule, device)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.trainable_parameters().values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(cfg.warmup_fraction * total))))
     gen = torch.Generator().manual_seed(cfg.seed)  # data order, timesteps, noise, flips: all from one CPU stream
 
@@ -154,16 +154,14 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
         for b in range(steps_per_epoch):
             bi = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x0 = x_all[bi]
-            t = torch.randint(0, sched.config.num_train_timesteps, (len(bi),), generator=gen)
-            eps = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, model.num_timesteps, (len(bi),), generator=gen)
+            eps = torch.randn((len(bi), *model.latent_shape), generator=gen)
             if flip:
                 mask = torch.rand(len(bi), generator=gen) < 0.5
                 x0 = torch.where(mask[:, None, None, None], x0.flip(-1), x0)
             epoch_t[bi] = t
             x0, t, eps = x0.to(device), t.to(device), eps.to(device)
-            a = abar[t][:, None, None, None]
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, eps)
+            loss = model.training_loss(x0, eps, t, model.condition(keys[bi.tolist()]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -174,8 +172,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
             progress(epoch, cfg.epochs, f"loss {meta['epoch_loss'][-1]:.4f}")
         if epoch in cfg.save_epochs:
             ckpt = out / f"epoch-{epoch}"
-            save_checkpoint(ckpt, unet, DEFAULT_SCHEDULE, {"epoch": epoch, "step": epoch * steps_per_epoch,
-                                                           "lr": lr_sched.get_last_lr()[0], "seed": cfg.seed})
+            model.save(ckpt, {"epoch": epoch, "step": epoch * steps_per_epoch, "lr": lr_sched.get_last_lr()[0],
+                              "seed": cfg.seed})
             save_npy(ckpt / "training_timesteps.npy", epoch_t.numpy().astype(np.int16))
             meta["checkpoints"].append({"epoch": epoch, "step": epoch * steps_per_epoch,
                                         "lr": lr_sched.get_last_lr()[0]})

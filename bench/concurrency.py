@@ -36,7 +36,7 @@ from attribution.engine import Attributor  # noqa: E402
 from attribution.features.config import FeatureConfig  # noqa: E402
 from attribution.methods import get_method  # noqa: E402
 from attribution.models import load_model  # noqa: E402
-from attribution.models.adapter import DiffusionModel  # noqa: E402
+from attribution.models.pixel_ddpm import PixelDDPM  # noqa: E402
 
 
 def main():
@@ -77,7 +77,7 @@ def main():
     serial = {i: attribute(shared, i)[1] for i in targets}  # reference results (and warm-up)
     copies = []
     for _ in range(most):
-        m = DiffusionModel(copy.deepcopy(model.unet), model.schedule, model.info, a.device)
+        m = PixelDDPM(copy.deepcopy(model.unet), model.schedule, model.info, a.device)
         c = Attributor(m, train, cfg, cache=a.cache)
         c.train_features().kernel  # noqa: B018 (load the decomposition, as the app does once)
         copies.append(c)

@@ -34,7 +34,8 @@ from attribution.data.datasets import ImageDataset  # noqa: E402
 from attribution.engine import Attributor  # noqa: E402
 from attribution.features.config import FeatureConfig  # noqa: E402
 from attribution.features.projectors import TrakGaussianProjector, fast_jl_available  # noqa: E402
-from attribution.models.adapter import DiffusionModel, NoiseSchedule  # noqa: E402
+from attribution.models.adapter import NoiseSchedule  # noqa: E402
+from attribution.models.pixel_ddpm import PixelDDPM  # noqa: E402
 from attribution.models.checkpoint import DEFAULT_SCHEDULE  # noqa: E402
 from attribution.models.presets import unet_for  # noqa: E402
 
@@ -67,7 +68,7 @@ def part_a(n: int, k: int, K: int, batch: int, batches: int) -> list[dict]:
 
     torch.manual_seed(0)
     device = torch.device("cuda")
-    model = DiffusionModel(UNet2DModel(**CIFAR_UNET), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, device)
+    model = PixelDDPM(UNet2DModel(**CIFAR_UNET), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, device)
     data = synthetic_cifar(n)
     params = sum(p.numel() for p in model.parameters().values())
     out = []
@@ -114,7 +115,7 @@ def part_b(cuda: bool) -> list[dict]:
                      "ok": bool(torch.equal(p.block(0, torch.device("cpu")), ref))}))
     for projector in ("sjlt", "gaussian"):
         cfg = FeatureConfig(fn="simple", timesteps=2, proj_dim=256, projector=projector)
-        model = DiffusionModel(unet, NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
+        model = PixelDDPM(unet, NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
         cpu = Attributor(model, train, cfg, cache="/tmp/gpu_check_cache").features_of(images, keys)
         again = Attributor(model, train, cfg, cache="/tmp/gpu_check_cache").features_of(images, keys)
         out.append(emit({"part": "b", "check": f"{projector}: CPU features are deterministic",
@@ -123,7 +124,7 @@ def part_b(cuda: bool) -> list[dict]:
             out.append(emit({"part": "b", "check": f"{projector}: CPU and CUDA features agree",
                              "status": "not checked", "reason": "no CUDA device"}))
             continue
-        gmodel = DiffusionModel(unet_for(16, 1, "tiny"), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cuda")
+        gmodel = PixelDDPM(unet_for(16, 1, "tiny"), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cuda")
         gmodel.unet.load_state_dict(model.unet.state_dict())
         gpu = Attributor(gmodel, train, cfg, cache="/tmp/gpu_check_cache").features_of(images, keys)
         rel = float(np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu))

@@ -29,6 +29,7 @@ from attribution.features.timesteps import noise_for, select_timesteps
 from attribution.kernel import Kernel
 from attribution.methods import METHODS, get_method
 from attribution.models.adapter import DiffusionModel, NoiseSchedule
+from attribution.models.pixel_ddpm import PixelDDPM
 from attribution.models.checkpoint import DEFAULT_SCHEDULE
 from attribution.models.presets import unet_for
 
@@ -41,7 +42,7 @@ TWO_STEPS = dict(timesteps=2)  # K=2 uniform: t = 0, 500
 
 def tiny_model(seed: int = 0) -> DiffusionModel:
     torch.manual_seed(seed)
-    return DiffusionModel(unet_for(16, 1, "tiny"), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
+    return PixelDDPM(unet_for(16, 1, "tiny"), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from attribution.features.timesteps import noise_for
 from attribution.kernel import Kernel
 from attribution.methods import get_method
 from attribution.models.adapter import DiffusionModel, NoiseSchedule
+from attribution.models.pixel_ddpm import PixelDDPM
 from attribution.models.checkpoint import DEFAULT_SCHEDULE
 from attribution.models.presets import unet_for
 from attribution.store import FeatureStore
@@ -36,7 +37,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def tiny_model(seed: int = 0, prediction_type: str = "epsilon") -> DiffusionModel:
     torch.manual_seed(seed)
     schedule = NoiseSchedule.from_config({**DEFAULT_SCHEDULE, "prediction_type": prediction_type})
-    return DiffusionModel(unet_for(16, 1, "tiny"), schedule, None, "cpu")
+    return PixelDDPM(unet_for(16, 1, "tiny"), schedule, None, "cpu")
 
 
 def subset(d: ImageDataset, n: int) -> ImageDataset:

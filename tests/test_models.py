@@ -1,4 +1,5 @@
-"""Training runs, checkpoints (resolve, save, load, refuse) and generation.
+"""Training runs, checkpoints (resolve, save, load, refuse), generation, and the model adapter: unchanged outputs
+against a saved reference, and a second (latent, class-conditional) implementation through the unchanged engine.
 
 Training and checkpoint I/O are compared bitwise: the same seed on the same machine must give the same bytes.
 Sampling across different batch sizes is compared with a tolerance (see `BATCH_ATOL`).
@@ -6,6 +7,7 @@ Sampling across different batch sizes is compared with a tolerance (see `BATCH_A
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -13,9 +15,19 @@ import numpy as np
 import pytest
 import torch
 
+from attribution.data import load_dataset
+from attribution.data.datasets import ImageDataset
+from attribution.engine import Attributor
 from attribution.errors import AttributionError, CheckpointError, ConfigError
+from attribution.features.config import FeatureConfig
+from attribution.features.gradients import GradientSpec, gradient_norms, per_sample_gradients
+from attribution.features.timesteps import noise_for
+from attribution.journey import JourneyConfig, forward_trajectory, run_journey
+from attribution.methods import get_method
 from attribution.models import DEFAULT_SCHEDULE, load_model, resolve_checkpoint, save_checkpoint, unet_for
+from attribution.models.adapter import DiffusionModel, NoiseSchedule, use_classic_attention
 from attribution.models.checkpoint import load_schedule_config
+from attribution.models.pixel_ddpm import PixelDDPM
 from attribution.sampling import sample
 from attribution.train import TrainConfig, index_hash, train
 
@@ -320,3 +332,245 @@ def test_sample_bad_options(model, kwargs, expected):
     with pytest.raises(ConfigError, match=expected) as exc:
         sample(model, **{"n": 1, **kwargs})
     assert_one_line(exc)
+
+
+# -- the model adapter: no behaviour change ---------------------------------------------------------------------------
+
+
+def _reference_module():
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    path = REPO_ROOT / "tests" / "data" / "adapter_reference.py"
+    spec = importlib.util.spec_from_file_location("adapter_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Outputs of the code before the adapter became an interface (tests/data/adapter_reference.py says how)."""
+    with np.load(_reference_module().OUT) as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_same(reference, got: dict, prefix: str = ""):
+    for k, v in got.items():
+        ref = reference[prefix + k]
+        assert v.shape == ref.shape and v.dtype == ref.dtype, k
+        # bit for bit: the refactor moved code, it must not move a single rounding
+        assert np.array_equal(v, ref), f"{prefix + k}: max |diff| {np.abs(v.astype(np.float64) - ref).max():.3g}"
+
+
+def test_adapter_keeps_shipped_features_samples_and_forward_noising(reference):
+    ref = _reference_module()
+    model = load_model(ref.SPEC, "cpu")
+    assert_same(reference, {"features_square": ref.reference_features(model, "square"),
+                            "features_elbo": ref.reference_features(model, "elbo"),
+                            "features_square_per_image_t": ref.reference_features(
+                                model, "square", torch.tensor([[5], [250], [500], [990]]))})
+    for sampler in ("ddpm", "ddim"):
+        assert_same(reference, sample(model, 2, 7, steps=3, sampler=sampler).arrays(), f"sample_{sampler}_")
+    assert_same(reference, ref.reference_forward(model))
+
+
+def test_adapter_keeps_training_bit_identical(reference, tmp_path):
+    from safetensors.torch import load_file
+
+    got = _reference_module().reference_train(tmp_path)
+    assert_same(reference, got)
+    # and the reloaded checkpoint is the model training left: the same weights through the registry's loader
+    model = load_model(str(tmp_path / "run"), "cpu")
+    state = load_file(str(tmp_path / "run" / "epoch-2" / "unet" / WEIGHTS))
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in state.items())
+
+
+# -- the model adapter: a second implementation through the unchanged engine -------------------------------------------
+
+
+class LatentClassModel(DiffusionModel):
+    """A minimal latent, class-conditional model, as issue 13's latent models will plug in: images 1x16x16 are
+    encoded by a fixed invertible linear map (pixel-unshuffle to 4x8x8, then an orthogonal 4x4 channel mix) into
+    the space a class-conditional tiny UNet denoises; the condition of a training or validation image is its digit
+    label, of `gen:SEED` the class SEED mod 10; only the up path, the output layer and the class embedding train
+    (as LoRA weights would)."""
+
+    kind = "test-latent"
+    TRAINABLE = ("up_blocks", "conv_out", "class_embedding")
+
+    def __init__(self, unet, schedule, labels: dict[str, np.ndarray], info=None, device="cpu"):
+        super().__init__(schedule, info, device)
+        use_classic_attention(unet)
+        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.labels = labels
+        self.mix = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(5)))[0].to(self.device)
+
+    @classmethod
+    def fresh(cls, labels, seed: int = 0):
+        from diffusers import UNet2DModel
+
+        from attribution.models.presets import PRESETS
+
+        torch.manual_seed(seed)
+        unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, num_class_embeds=10, **PRESETS["tiny"])
+        return cls(unet, NoiseSchedule.from_config(DEFAULT_SCHEDULE), labels)
+
+    @classmethod
+    def accepts(cls, info):
+        return info.pipeline_class() == "TestLatentPipeline"
+
+    @classmethod
+    def load(cls, info, device="auto"):
+        from attribution.models.checkpoint import load_unet
+
+        labels = {s: load_dataset("digits", s).labels for s in ("train", "val")}
+        return cls(load_unet(info), NoiseSchedule.from_config(load_schedule_config(info)), labels, info, device)
+
+    def save(self, target, extra=None):
+        save_checkpoint(target, self.unet, self.schedule.config, extra)
+        (target / "model_index.json").write_text(json.dumps({"_class_name": "TestLatentPipeline"}))
+
+    @property
+    def module(self):
+        return self.unet
+
+    resolution, channels, latent_shape = 16, 1, (4, 8, 8)
+
+    def encode(self, x):
+        z = torch.nn.functional.pixel_unshuffle(x, 2)
+        return torch.einsum("ij,bjhw->bihw", self.mix, z)
+
+    def decode(self, z):
+        return torch.nn.functional.pixel_shuffle(torch.einsum("ji,bjhw->bihw", self.mix, z), 2)
+
+    def label(self, key: str) -> int:
+        kind, arg = key.split("/")[:2]
+        return int(self.labels[kind][int(arg)]) if kind in self.labels else int(arg) % 10 if kind == "gen" else 0
+
+    def condition(self, keys):
+        return {"class_labels": torch.tensor([self.label(k) for k in keys], device=self.device)}
+
+    def trainable_parameters(self):
+        return {k: v for k, v in self.unet.named_parameters() if k.startswith(self.TRAINABLE)}
+
+
+N_LATENT = 12
+
+
+@pytest.fixture(scope="module")
+def latent():
+    digits = load_dataset("digits")
+    train_set = ImageDataset(digits.spec, digits.split, digits.pixels[:N_LATENT].copy(),
+                             digits.labels[:N_LATENT].copy(), list(digits.class_names),
+                             digits.source_index[:N_LATENT].copy())
+    labels = {"train": digits.labels, "val": load_dataset("digits", "val").labels}
+    return LatentClassModel.fresh(labels), train_set
+
+
+def direct_gradient(model, x0, key, label, spec):
+    """Simple-loss gradient of one image, averaged over the K timesteps, by a plain autograd loop (no vmap, no
+    functional_call) over the model's trainable parameters."""
+    unet = copy.deepcopy(model.unet)
+    names = list(model.trainable_parameters())
+    params = dict(unet.named_parameters())
+    for n, p in params.items():
+        p.requires_grad_(n in names)
+    total = 0.0
+    for t in spec.timesteps:
+        eps = noise_for([key], torch.tensor([t]), model.latent_shape, spec.seed, spec.draws)[0]
+        tt = torch.full((len(eps),), t)
+        z0 = model.encode(x0[None]).expand_as(eps)
+        x_t = model.schedule.add_noise(z0, eps, tt)
+        out = unet(x_t, tt, class_labels=torch.full((len(eps),), label)).sample
+        total = total + ((out - eps) ** 2).flatten(1).mean(1).sum() / (len(spec.timesteps) * spec.draws)
+    grads = torch.autograd.grad(total, [params[n] for n in names])
+    return torch.cat([g.flatten() for g in grads])
+
+
+def test_second_implementation_gradients_use_its_space_condition_and_parameters(latent):
+    model, train_set = latent
+    spec = GradientSpec("simple", (100, 700), draws=2)
+    images, keys = train_set.tensors([0, 1, 2]), ["train/0", "train/1", "train/2"]
+    got = per_sample_gradients(model, images, keys, spec)
+    n_trainable = sum(p.numel() for p in model.trainable_parameters().values())
+    assert got.shape == (3, n_trainable) and n_trainable < sum(p.numel() for p in model.unet.parameters())
+    for i in range(3):
+        label = int(train_set.labels[i])
+        want = direct_gradient(model, images[i], keys[i], label, spec)
+        # float32, vmap'd versus looped: ~1e-6 relative; 1e-4 leaves room and still catches a wrong condition
+        assert (got[i] - want).abs().max() / want.abs().max() < 1e-4
+        other = direct_gradient(model, images[i], keys[i], (label + 1) % 10, spec)
+        assert (got[i] - other).abs().max() / other.abs().max() > 1e-2  # the per-sample label matters
+    # the per-(sample, timestep) path (ReTrac's normalisation, the norm analysis) carries the conditions too
+    norms = gradient_norms(model, images, keys, spec)
+    for i in range(3):
+        for j, t in enumerate(spec.timesteps):
+            one_t = GradientSpec("simple", (t,), draws=2)
+            want = direct_gradient(model, images[i], keys[i], int(train_set.labels[i]), one_t).norm()
+            assert abs(norms[i, j] - want) / want < 1e-4
+
+
+def test_second_implementation_runs_through_the_engine(latent, tmp_path):
+    model, train_set = latent
+    method = get_method("trak")
+    att = Attributor(model, train_set, FeatureConfig(fn="simple", timesteps=2, proj_dim=64, projector="sjlt"),
+                     cache=str(tmp_path), batch_size=5)
+    att.featurize()
+    X = att.store.features().astype(np.float64)
+    assert X.shape == (N_LATENT, 64) and att.grad_dim == sum(p.numel() for p in model.trainable_parameters().values())
+    # training images as targets: the same noise keys and the same labels give their training rows again
+    G = att.features_of(train_set.tensors(range(N_LATENT)), [f"train/{i}" for i in range(N_LATENT)])
+    assert np.abs(G - X).max() / np.abs(X).max() < 1e-4
+    lam = 1e-4 * float(np.linalg.eigvalsh(X.T @ X).max())
+    S = att.scores(method, G, lam)
+    want = G.astype(np.float64) @ np.linalg.solve(X.T @ X + lam * np.eye(64), X.T)
+    assert S.shape == (N_LATENT, N_LATENT) and np.abs(S - want).max() / np.abs(want).max() < 1e-3
+    # N < k: X (X^T X + lam I)^-1 X^T is close to the identity, so each training image is its own top proponent
+    assert np.array_equal(S.argmax(1), np.arange(N_LATENT))
+
+    # sampling: the latent loop with per-sample class labels, decoded to images
+    traj = sample(model, 2, 3, steps=3, sampler="ddim")
+    assert traj.xt.shape == (3, 2, 4, 8, 8) and traj.x0_pred.shape == (3, 2, 1, 16, 16)
+    sched = model.schedule.make_scheduler("ddim")
+    sched.set_timesteps(3)
+    x = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model.unet(x, t, class_labels=torch.tensor([3, 4])).sample, t, x).prev_sample
+        want = model.decode(x).clamp(-1, 1)
+    assert np.abs(traj.final - want.numpy()).max() < 1e-5  # the same ops in the same order: float32 rounding only
+    assert (model.encode(model.decode(x)) - x).abs().max() < 1e-5  # the linear map is invertible
+
+    # Journey: a sampled trajectory's steps and an image noised forward, both through the adapter
+    j = run_journey(att, JourneyConfig(seed=3, steps=3, every=1, resamples=1), use_cache=False)
+    assert j.features.shape == (3, 64) and j.x0.shape == (3, 1, 16, 16) and j.xt.shape == (3, 4, 8, 8)
+    fwd = forward_trajectory(model, train_set.tensors([0])[0], JourneyConfig(steps=3), "train/0")
+    assert fwd.xt.shape == (3, 1, 4, 8, 8) and fwd.x0_pred.shape == (3, 1, 1, 16, 16)
+
+
+def test_second_implementation_training_loss_and_registry(latent, tmp_path, monkeypatch):
+    from attribution.models import MODEL_KINDS
+
+    model, train_set = latent
+    x0, t = train_set.tensors([0, 1]), torch.tensor([10, 900])
+    eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    abar = torch.cumprod(1 - model.schedule.betas.float(), 0)[t].reshape(-1, 1, 1, 1)  # as diffusers trains
+    x_t = abar.sqrt() * model.encode(x0) + (1 - abar).sqrt() * eps
+    with torch.no_grad():
+        want = ((model.unet(x_t, t, class_labels=torch.tensor([int(v) for v in train_set.labels[:2]])).sample - eps)
+                ** 2).mean()
+        got = model.training_loss(x0, eps, t, model.condition(["train/0", "train/1"]))
+    assert torch.allclose(got, want, rtol=1e-6)
+
+    folder = tmp_path / "latent"
+    model.save(folder)
+    with pytest.raises(CheckpointError) as exc:  # not registered: a clear line, naming what the folder holds
+        load_model(str(folder), "cpu")
+    assert "TestLatentPipeline" in assert_one_line(exc) and "pixel-ddpm" in str(exc.value)
+    monkeypatch.setitem(MODEL_KINDS, LatentClassModel.kind, LatentClassModel)
+    loaded = load_model(str(folder), "cpu")
+    assert isinstance(loaded, LatentClassModel)
+    assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in model.unet.state_dict().items())
+    assert isinstance(load_model("digits", "cpu"), PixelDDPM)  # the pixel DDPM still takes its own folders

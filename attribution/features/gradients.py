@@ -5,7 +5,8 @@ For each sample x0 the feature gradient is
     g(x0) = (1 / K) sum_k g_k,   g_k = (1 / D) sum_d grad_theta f(theta; x0, t_k, eps_{k,d})
 
 computed with `torch.func` (`vmap` over samples of `grad` of a function that runs the UNet on a sample's noisy
-copies at once), over all UNet parameters or a named subset. Projection happens afterwards, once (it is linear, so
+copies at once, with the sample's own condition from `model.condition(keys)`), over the model's trainable
+parameters or a named subset. Projection happens afterwards, once (it is linear, so
 projecting the average equals averaging the projections).
 
 Timesteps are shared by every sample (`GradientSpec.timesteps`) or given per sample (a (B, K) tensor: a training
@@ -92,11 +93,13 @@ def _noise(keys: list[str], ts: torch.Tensor, shape: tuple[int, ...], seed: int,
     return torch.cat([noise_for([k], row, shape, seed, draws) for k, row in zip(keys, ts)])
 
 
-def _output(model, spec: GradientSpec, p, z0_i, eps_i, t_i, w_i, cond):
+def _output(model, spec: GradientSpec, p, z0_i, eps_i, t_i, w_i, cond_i):
     """The output function summed over one sample's noisy copies: on the model's raw output (noise, or velocity for
-    v-prediction models) against the prediction-type target, so Simple is exactly the training loss."""
+    v-prediction models) against the prediction-type target, so Simple is exactly the training loss. `cond_i` is
+    the sample's condition (rows without the batch dimension, or None), repeated for its copies."""
     z0s = z0_i.expand_as(eps_i)
     x_t = model.schedule.add_noise(z0s, eps_i, t_i)
+    cond = model.repeat_condition(cond_i, len(eps_i))
     return output_value(spec.fn, model.raw(p, x_t, t_i, cond), model.prediction_target(z0s, eps_i, t_i), w_i,
                         spec.eta)
 
@@ -114,10 +117,10 @@ def output_values(model: DiffusionModel, x0: torch.Tensor, keys: list[str], spec
     noise = _noise(keys, ts, tuple(z0.shape[1:]), spec.seed, spec.draws).to(model.device)
     t_all = ts.repeat_interleave(spec.draws, dim=1).to(model.device)
     w_all = model.schedule.elbo_weight(t_all)
-    cond = model.condition(1)
+    cond = model.condition(keys)
     n = t_all.shape[1]
-    return torch.stack([_output(model, spec, p, z0[i], noise[i], t_all[i], w_all[i], cond).double() / n
-                        for i in range(b)])
+    return torch.stack([_output(model, spec, p, z0[i], noise[i], t_all[i], w_all[i],
+                                model.condition_rows(cond, i)).double() / n for i in range(b)])
 
 
 def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise: bool = False):
@@ -135,26 +138,28 @@ def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise
         noise = _noise(keys, ts, tuple(z0.shape[1:]), spec.seed, d).to(device)  # (B, K*D, C, H, W)
     t_all = ts.repeat_interleave(d, dim=1).to(device)  # (B, K*D)
     w_all = model.schedule.elbo_weight(t_all)
-    cond = model.condition(1)
+    cond = model.condition(keys)  # None, or UNet kwargs with one row per sample (vmapped with the sample)
+    cond_dim = None if cond is None else 0
     dim = sum(p.numel() for p in params.values())
 
-    def f(p, z0_i, eps_i, t_i, w_i, scale):  # z0_i (C, H, W), eps_i (n, C, H, W), t_i / w_i (n,)
-        return _output(model, spec, p, z0_i, eps_i, t_i, w_i, cond) * scale
+    def f(p, z0_i, eps_i, t_i, w_i, scale, cond_i):  # z0_i (C, H, W), eps_i (n, C, H, W), t_i / w_i (n,)
+        return _output(model, spec, p, z0_i, eps_i, t_i, w_i, cond_i) * scale
 
     def flat(g, rows):
         return torch.cat([g[n].reshape(rows, -1) for n in names], 1)
 
     acc = torch.zeros(b, dim, device=device)
     if not per_timestep:  # vmap over samples, each call a chunk of every sample's K*D noisy copies
-        per_sample = vmap(grad(f), in_dims=(None, 0, 0, 0, 0, None))
+        per_sample = vmap(grad(f), in_dims=(None, 0, 0, 0, 0, None, cond_dim))
         step = max(1, IMAGES_PER_CALL // b)
         for s in range(0, k * d, step):
             acc += flat(per_sample(params, z0, noise[:, s:s + step], t_all[:, s:s + step], w_all[:, s:s + step],
-                                   1.0 / (k * d)), b)
+                                   1.0 / (k * d), cond), b)
         return acc, None
     # vmap over (sample, timestep) pairs, each with its D noisy copies
-    per_item = vmap(grad(f), in_dims=(None, 0, 0, 0, 0, None))
+    per_item = vmap(grad(f), in_dims=(None, 0, 0, 0, 0, None, cond_dim))
     owner = torch.arange(b, device=device).repeat_interleave(k)
+    cond_items = model.condition_rows(cond, owner)
     z_items = z0.repeat_interleave(k, dim=0)
     eps_items = noise.reshape(b * k, d, *noise.shape[2:])
     t_items, w_items = t_all.reshape(b * k, d), w_all.reshape(b * k, d)
@@ -162,7 +167,8 @@ def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise
     step = max(1, IMAGES_PER_CALL // d)
     for s in range(0, b * k, step):
         sl = slice(s, s + step)
-        g = flat(per_item(params, z_items[sl], eps_items[sl], t_items[sl], w_items[sl], 1.0 / d), len(z_items[sl]))
+        g = flat(per_item(params, z_items[sl], eps_items[sl], t_items[sl], w_items[sl], 1.0 / d,
+                          model.condition_rows(cond_items, sl)), len(z_items[sl]))
         n = g.norm(dim=1)
         norms[sl] = n
         if spec.normalize:

@@ -1,9 +1,12 @@
-"""Model adapters, checkpoints and the UNet presets used for training."""
+"""Model adapters (the `DiffusionModel` interface and its implementations), checkpoints, the loader registry and
+the UNet presets used for training."""
 
-from .adapter import DiffusionModel, NoiseSchedule, load_model
+from .adapter import DiffusionModel, NoiseSchedule
 from .checkpoint import (DEFAULT_SCHEDULE, SHIPPED, CheckpointInfo, list_shipped, resolve_checkpoint,
                          save_checkpoint)
+from .pixel_ddpm import PixelDDPM
 from .presets import unet_for
+from .registry import MODEL_KINDS, load_model
 
-__all__ = ["DiffusionModel", "NoiseSchedule", "load_model", "DEFAULT_SCHEDULE", "SHIPPED", "CheckpointInfo",
-           "list_shipped", "resolve_checkpoint", "save_checkpoint", "unet_for"]
+__all__ = ["DiffusionModel", "NoiseSchedule", "PixelDDPM", "MODEL_KINDS", "load_model", "DEFAULT_SCHEDULE", "SHIPPED",
+           "CheckpointInfo", "list_shipped", "resolve_checkpoint", "save_checkpoint", "unet_for"]

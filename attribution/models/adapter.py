@@ -1,40 +1,74 @@
-"""The model adapter: everything the attribution methods need to know about a diffusion model.
+"""The model adapter: everything training, sampling, the features and Journey need to know about a diffusion model.
 
-Methods never touch the UNet directly. They ask the adapter to
-- `encode` images into the space the diffusion runs in (identity for pixel DDPMs; a VAE for latent models),
-- build the `condition` keyword arguments for a batch (none for unconditional models; class labels or prompt
-  embeddings for conditional ones),
-- name the `parameters` that get gradients (all of them, or a named subset such as LoRA weights),
-- predict the noise with `eps(params, x_t, t, cond)` as a pure function of the parameters, so `torch.func` can
-  take per-sample gradients; `raw` is the UNet's own output (noise or velocity) and `prediction_target` what it
-  was trained to predict, which the output functions compare.
+Nothing outside attribution/models/ touches a UNet, a VAE or a diffusers scheduler directly. They ask the adapter
+(`DiffusionModel`) to
+- `encode` images in [-1, 1] into the space the diffusion runs in and `decode` back (identity for pixel DDPMs; a
+  VAE for latent models); `latent_shape` is the per-sample shape there, `resolution`/`channels` the image's;
+- noise: `schedule` (`NoiseSchedule`: add-noise, x̂0 from a noise prediction, ELBO weights, sampling schedulers);
+- build per-sample `condition`s from noise keys (none for unconditional models; class labels or prompt embeddings
+  for conditional ones), as UNet keyword arguments with one row per sample;
+- name the `parameters` that get gradients (all, a named subset, or what the implementation trains: LoRA weights)
+  and the `trainable_parameters` that training updates;
+- run the network: `raw(params, x_t, t, cond)` as a pure function of the parameters (so `torch.func` can take
+  per-sample gradients) and `forward` for training; `prediction_target` is what `raw` was trained to predict.
 
-A latent, text-conditioned model plugs in as another subclass without changing any method.
+An implementation (one file, e.g. `pixel_ddpm.py`) supplies the network and its loading; `registry.load_model` picks
+the implementation that accepts a checkpoint folder, so a latent or conditional model is one more file there and
+no method changes.
+
+Concurrency: the network is shared by every thread that holds this model (the app's sessions). `raw` swaps
+parameters into the module for the length of its forward pass, so every forward pass through the shared module
+(`raw`, `forward`, and an implementation's encoder or decoder) holds `self._lock`.
 """
 
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.func import functional_call
 
 from ..device import resolve_device
 from ..errors import ConfigError
-from .checkpoint import CheckpointInfo, load_schedule_config, load_unet, resolve_checkpoint
+from .checkpoint import CheckpointInfo
+
+Condition = dict[str, torch.Tensor] | None
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Schedule values at a batch's timesteps, shaped to broadcast against `like` ((B,) -> (B, 1, 1, 1))."""
+    return values.reshape(values.shape + (1,) * (like.dim() - values.dim()))
+
+
+def use_classic_attention(module: torch.nn.Module) -> None:
+    """Give the module's diffusers attention layers the classic processor (no fused SDPA kernel), which supports
+    vmap and higher-order autograd. Set on this module only; nothing in torch is patched."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.set_processor(AttnProcessor())
 
 
 @dataclass
 class NoiseSchedule:
-    """The DDPM forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+    """The DDPM forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+
+    abar_t is the float64 cumulative product of the betas (exact to float32 rounding when cast). Training uses
+    diffusers' own float32 product (`add_noise(..., as_trained=True)`), which differs from it by up to 2.4e-7: the
+    shipped models were trained with that one, and cached features were computed with this one, so both stay.
+    """
 
     betas: torch.Tensor  # (T,) float64
     prediction_type: str
     config: dict
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "NoiseSchedule":
+    def from_config(cls, cfg: dict) -> NoiseSchedule:
         from diffusers import DDPMScheduler
 
         sched = DDPMScheduler.from_config(cfg)
@@ -48,11 +82,39 @@ class NoiseSchedule:
     def alphas_cumprod(self) -> torch.Tensor:
         return torch.cumprod(1.0 - self.betas, 0)
 
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t for a batch; `t` is an int tensor of shape (B,) or ()."""
-        abar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype)
-        abar = abar.reshape(abar.shape + (1,) * (x0.dim() - abar.dim()))
+    @property
+    def training_alphas_cumprod(self) -> torch.Tensor:
+        """abar_t as diffusers' `DDPMScheduler` computes it (float32 throughout), the table training noised with."""
+        return torch.cumprod(1.0 - self.betas.float(), 0)
+
+    def _abar(self, t: torch.Tensor, like: torch.Tensor, as_trained: bool = False) -> torch.Tensor:
+        table = self.training_alphas_cumprod if as_trained else self.alphas_cumprod
+        return _per_sample(table.to(like.device)[t].to(like.dtype), like)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, as_trained: bool = False,
+                  ) -> torch.Tensor:
+        """x_t for a batch; `t` is an int tensor of shape (B,) or (). `as_trained`: with training's abar table."""
+        abar = self._abar(t, x0, as_trained)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+
+    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean sample implied by a noise prediction: (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        abar = self._abar(t, x_t)
+        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    def prediction_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to predict: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0."""
+        if self.prediction_type != "v_prediction":
+            return eps
+        abar = self._abar(t, eps)
+        return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+    def eps_from_raw(self, raw: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise prediction from the network's output (the output itself for epsilon models)."""
+        if self.prediction_type != "v_prediction":
+            return raw
+        abar = self._abar(t, x_t)
+        return abar.sqrt() * raw + (1 - abar).sqrt() * x_t
 
     def elbo_weight(self, t: torch.Tensor) -> torch.Tensor:
         """w_t = beta_t / (2 alpha_t (1 - abar_t)), the ELBO weight of the epsilon MSE (D-TRAK's convention)."""
@@ -72,38 +134,80 @@ class NoiseSchedule:
         raise ConfigError(f"unknown sampler {sampler!r}; use ddim or ddpm")
 
 
-class DiffusionModel:
-    """A pixel-space, unconditional DDPM around a diffusers `UNet2DModel`."""
+class DiffusionModel(ABC):
+    """A diffusion model as the attribution library sees it (see the module docstring).
 
-    def __init__(self, unet, schedule: NoiseSchedule, info: CheckpointInfo | None = None,
-                 device: torch.device | str = "cpu"):
-        from diffusers.models.attention_processor import Attention, AttnProcessor
+    Subclasses implement `kind`, `accepts`, `load`, `module`, `latent_shape`, `resolution`, `channels`, `save`
+    and, where they differ from a pixel model, `encode`/`decode`/`condition`/`trainable_parameters`.
+    """
 
-        # The classic attention processor (no fused SDPA kernel) supports vmap and higher-order autograd; this
-        # is set on this model's attention modules only, nothing in torch is patched.
-        for module in unet.modules():
-            if isinstance(module, Attention):
-                module.set_processor(AttnProcessor())
+    kind: str = ""  # the registry name, e.g. "pixel-ddpm"
+
+    def __init__(self, schedule: NoiseSchedule, info: CheckpointInfo | None, device: torch.device | str):
         self.device = resolve_device(device)
-        self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.schedule = schedule
         self.info = info
-        # `eps` runs the UNet through `functional_call`, which puts the given parameters into the module for the
-        # length of the forward pass; threads sharing this model (the app's sessions) take turns there.
         self._lock = threading.RLock()
         self._identity = info.content_hash() if info is not None else None
         if schedule.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type {schedule.prediction_type!r} is not supported; "
                               "use an epsilon- or v-prediction model")
 
-    @property
-    def resolution(self) -> int:
-        size = self.unet.config.sample_size
-        return int(size if isinstance(size, int) else size[0])
+    # -- what an implementation provides ----------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def accepts(cls, info: CheckpointInfo) -> bool:
+        """Whether this implementation loads the checkpoint folder (read from its files, e.g. model_index.json)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, info: CheckpointInfo, device: str | torch.device = "auto") -> DiffusionModel:
+        """Load the checkpoint (weights only from safetensors or torch.load(weights_only=True))."""
+
+    @abstractmethod
+    def save(self, target: Path, extra: dict | None = None) -> None:
+        """Write a checkpoint folder that `load` (through `registry.load_model`) reads back, atomically."""
 
     @property
+    @abstractmethod
+    def module(self) -> torch.nn.Module:
+        """The network whose parameters `raw` takes (the UNet)."""
+
+    @property
+    @abstractmethod
+    def resolution(self) -> int:
+        """Side of the square images the model generates and attributes (image space)."""
+
+    @property
+    @abstractmethod
     def channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        """Channels of those images (image space)."""
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample in the space the diffusion runs in, e.g. (C, H, W)."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> the diffusion space (identity for pixel models)."""
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The diffusion space -> images in (about) [-1, 1] (identity for pixel models)."""
+        return z
+
+    def condition(self, keys: Sequence[str]) -> Condition:
+        """UNet keyword arguments for samples named by their noise keys ("train/I", "val/I", "gen/SEED",
+        "file/HASH", each possibly followed by "/stepT" for a Journey step), each tensor with one row per key; None
+        for an unconditional model. A conditional implementation maps a key to its class label or prompt."""
+        return None
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters training updates and attribution differentiates by default (all; LoRA: the LoRA ones)."""
+        return dict(self.module.named_parameters())
+
+    # -- derived, shared by every implementation --------------------------------------------------------------
 
     @property
     def num_timesteps(self) -> int:
@@ -126,26 +230,17 @@ class DiffusionModel:
         import hashlib
 
         h = hashlib.sha256()
-        for k, v in sorted(self.unet.state_dict().items()):
+        for k, v in sorted(self.module.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    # -- the adapter interface used by features/ ------------------------------------------------------------
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> the space the diffusion runs in (identity for pixel models)."""
-        return x
-
-    def condition(self, batch_size: int) -> dict:
-        """Extra keyword arguments for the UNet (none: unconditional)."""
-        return {}
-
     def parameters(self, subset: str | None = None) -> dict[str, torch.Tensor]:
-        """Parameters that get gradients: all, or those whose name starts with one of the comma-separated prefixes."""
-        params = dict(self.unet.named_parameters())
+        """Parameters that get gradients (detached): the trainable ones, or those whose name starts with one of the
+        comma-separated prefixes."""
         if not subset:
-            return {k: v.detach() for k, v in params.items()}
+            return {k: v.detach() for k, v in self.trainable_parameters().items()}
+        params = dict(self.module.named_parameters())
         prefixes = tuple(p.strip() for p in subset.split(",") if p.strip())
         chosen = {k: v.detach() for k, v in params.items() if k.startswith(prefixes)}
         if not chosen:
@@ -154,46 +249,59 @@ class DiffusionModel:
         return chosen
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        return dict(self.unet.named_buffers())
+        return dict(self.module.named_buffers())
 
-    def raw(self, params: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
+    def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """The module's forward pass on a batch (caller holds the lock); returns its output tensor."""
+        return self.module(x_t, t, **(cond or {}), return_dict=False)[0]
+
+    def raw(self, params: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: Condition = None,
             ) -> torch.Tensor:
-        """The UNet's output (noise for epsilon models, velocity for v-prediction), a pure function of `params`.
-        Output functions act on this against `prediction_target`, as the model was trained (and as D-TRAK does).
+        """The network's output (noise for epsilon models, velocity for v-prediction), a pure function of `params`
+        (others stay at their checkpoint values). Output functions act on it against `prediction_target`, as the
+        model was trained (and as D-TRAK does).
 
-        Thread-safe: `functional_call` swaps `params` into the shared UNet while the forward pass runs, so the pass
+        Thread-safe: `functional_call` swaps `params` into the shared module while the forward pass runs, so the pass
         holds this model's lock (the backward pass of a gradient does not touch the module and runs unlocked).
         """
         with self._lock:
-            return functional_call(self.unet, (params, self.buffers()), (x_t, t),
+            return functional_call(self.module, (params, self.buffers()), (x_t, t),
                                    dict(cond or {}, return_dict=False), strict=False)[0]
 
-    def prediction_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What `raw` is trained to predict: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 for v-prediction."""
-        if self.schedule.prediction_type != "v_prediction":
-            return eps
-        abar = self.schedule.alphas_cumprod.to(eps.device)[t].to(eps.dtype)
-        abar = abar.reshape(abar.shape + (1,) * (eps.dim() - abar.dim()))
-        return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
+        """The network's output with its own parameters, differentiable (training), under the lock."""
+        with self._lock:
+            return self._call(x_t, t, cond)
 
-    def eps(self, params: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
+    def prediction_target(self, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.prediction_target(z0, eps, t)
+
+    def eps(self, params: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: Condition = None,
             ) -> torch.Tensor:
-        """Predicted noise for a batch, as a pure function of `params` (others stay at their checkpoint values)."""
-        out = self.raw(params, x_t, t, cond)
-        if self.schedule.prediction_type == "v_prediction":
-            abar = self.schedule.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
-            abar = abar.reshape(abar.shape + (1,) * (x_t.dim() - abar.dim()))
-            out = abar.sqrt() * out + (1 - abar).sqrt() * x_t
-        return out
+        """Predicted noise for a batch, as a pure function of `params`."""
+        return self.schedule.eps_from_raw(self.raw(params, x_t, t, cond), x_t, t)
 
     @torch.no_grad()
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.eps(self.parameters(), x_t, t)
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
+        return self.eps(self.parameters(), x_t, t, cond)
 
+    def training_loss(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Condition = None,
+                      ) -> torch.Tensor:
+        """The training objective on a batch of images x0 (image space) with noise `eps` (diffusion space): the
+        MSE between the network's output and its prediction target, differentiable in `trainable_parameters`."""
+        z0 = self.encode(x0)
+        x_t = self.schedule.add_noise(z0, eps, t, as_trained=True)
+        return torch.nn.functional.mse_loss(self.forward(x_t, t, cond), self.prediction_target(z0, eps, t))
 
-def load_model(spec: str, device: str | torch.device = "auto") -> DiffusionModel:
-    """Resolve a checkpoint spec, load its UNet and noise schedule, and wrap them in the adapter."""
-    info = resolve_checkpoint(spec)
-    unet = load_unet(info)
-    schedule = NoiseSchedule.from_config(load_schedule_config(info))
-    return DiffusionModel(unet, schedule, info, device)
+    @staticmethod
+    def repeat_condition(cond: Condition, n: int) -> Condition:
+        """One sample's condition (rows without the batch dimension, as `vmap` hands them) repeated for its n
+        noisy copies."""
+        if cond is None:
+            return None
+        return {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in cond.items()}
+
+    @staticmethod
+    def condition_rows(cond: Condition, rows) -> Condition:
+        """The rows (an index tensor or a slice) of a batch's condition."""
+        return None if cond is None else {k: v[rows] for k, v in cond.items()}

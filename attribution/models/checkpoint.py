@@ -83,10 +83,35 @@ class CheckpointInfo:
         path = self.unet_dir.parent / "training_timesteps.npy"
         return np.load(path, allow_pickle=False).astype(np.int64) if path.is_file() else None
 
+    @property
+    def pipeline_dir(self) -> Path:
+        """The pipeline folder (holding `model_index.json`, `unet/`, ...), or the bare UNet folder."""
+        return self.unet_dir.parent if self.unet_dir.name == "unet" else self.unet_dir
+
+    def pipeline_class(self) -> str | None:
+        """The `_class_name` of the folder's `model_index.json` (e.g. "DDPMPipeline"), None without one: what the
+        model registry reads to pick an implementation."""
+        index = self.pipeline_dir / "model_index.json"
+        return _read_config(index).get("_class_name") if index.is_file() else None
+
+    def unet_config(self) -> dict:
+        """The UNet's `config.json`."""
+        return _read_config(self.unet_dir / "config.json")
+
     def run_metadata(self) -> dict:
         if self.run_dir and (self.run_dir / "run.json").is_file():
             return json.loads((self.run_dir / "run.json").read_text())
         return {}
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return cfg
 
 
 def _run_epochs(run_dir: Path) -> list[tuple[int, Path]]:

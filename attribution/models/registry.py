@@ -1,0 +1,37 @@
+"""The model registry: which `DiffusionModel` implementation loads a checkpoint.
+
+`load_model(spec)` resolves the spec to a folder (checkpoint.py) and asks each registered implementation, in order,
+whether it `accepts` the folder (from its files: `model_index.json`'s pipeline class, the UNet config's class name
+and class embeddings). A new kind of model (latent, conditional, LoRA) is one file beside pixel_ddpm.py and one
+entry in `MODEL_KINDS`; no method, feature or page changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import CheckpointError
+from .adapter import DiffusionModel
+from .checkpoint import CheckpointInfo, resolve_checkpoint
+from .pixel_ddpm import PixelDDPM
+
+MODEL_KINDS: dict[str, type[DiffusionModel]] = {m.kind: m for m in (PixelDDPM,)}
+
+
+def implementation_for(info: CheckpointInfo) -> type[DiffusionModel]:
+    """The first registered implementation that accepts the checkpoint; `CheckpointError` (one line) if none."""
+    for cls in MODEL_KINDS.values():
+        if cls.accepts(info):
+            return cls
+    unet = info.unet_config()
+    found = f"pipeline {info.pipeline_class() or '(none)'}, UNet {unet.get('_class_name', '(unnamed)')}"
+    if unet.get("num_class_embeds") is not None or unet.get("class_embed_type") is not None:
+        found += " with class embeddings"
+    raise CheckpointError(f"no model implementation loads {info.pipeline_dir} ({found}); "
+                          f"supported: {', '.join(MODEL_KINDS)} (attribution/models/registry.py)")
+
+
+def load_model(spec: str, device: str | torch.device = "auto") -> DiffusionModel:
+    """Resolve a checkpoint spec and load it with the implementation that accepts its folder."""
+    info = resolve_checkpoint(spec)
+    return implementation_for(info).load(info, device)
