@@ -123,3 +123,22 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, monkeypatch):
     assert table.iloc[0, 2].startswith(f"{expected:+.3f}")
     assert {m.label for m in at.metric} >= {"LDS at this λ", "default λ", "retraining-free λ (GCV)",
                                             "LDS-optimal λ"}
+
+
+def test_lds_command_sweeps_lambda_for_a_method(fake_bank, tmp_path, capsys):
+    """`lds --method trak --sweep lambda --out DIR`: the GCV and optimal lambda line, a sweep table whose best row
+    is the reported optimum, and sweep.csv / sweep.html."""
+    import csv
+
+    from attribution.cli import main
+
+    bank, _ = fake_bank
+    assert main(["lds", "--bank", str(bank.path), "--method", "trak", "--timesteps", "1", "--proj-dim", "128",
+                 "--split", "val", "--resamples", "20", "--sweep", "lambda", "--cache", str(tmp_path / "c"),
+                 "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "retraining-free lambda (GCV)" in out
+    rows = list(csv.DictReader(open(tmp_path / "out" / "sweep.csv")))
+    best = max(rows, key=lambda r: float(r["lds"]))
+    assert f"LDS-optimal lambda {float(best['lambda']):.3g} -> LDS {float(best['lds']):+.3f}" in out
+    assert (tmp_path / "out" / "sweep.html").read_text().startswith("<!doctype html>")

@@ -65,7 +65,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
 
         check_lambda(args.lam)
     bank = Bank.load(args.bank)
-    done = finished_bank(bank)
+    finished_bank(bank)  # at least two finished subsets, before any featurizing
     info(bank.summary())
     named: dict[str, np.ndarray] = {}
     for path in args.scores:
@@ -87,7 +87,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
         lam = args.lam if run.uses_lambda and args.lam is not None else run.default_lambda
         label = name + (f" (lambda={lam:.3g})" if lam is not None else "")
         named[label] = run.scores(lam)
-    rows_out = []
+    rows_out, sweeps = [], []
     for split in splits:
         table = lds_table(bank, named, split, n_resamples=args.resamples)
         n_t = table.shape["targets"]
@@ -118,6 +118,8 @@ def cmd_lds(args: argparse.Namespace) -> int:
             if args.sweep == "lambda":
                 for lam, s, c in zip(sweep.lambdas, sweep.standard, sweep.centered):
                     print(f"    lambda {lam:10.3g}  LDS {s:+.3f}  centered {c:+.3f}")
+                sweeps.append((name, split, sweep, {"default": run.default_lambda, "GCV": gcv,
+                                                    "optimal": float(sweep.lambdas[best])}))
     if args.out:
         from ..fileio import atomic_path
 
@@ -130,5 +132,21 @@ def cmd_lds(args: argparse.Namespace) -> int:
             writer.writeheader()
             writer.writerows(rows_out)
         info(f"wrote {out / 'lds.csv'}")
-    del done
+        if sweeps:
+            from ..figures import lds_lambda_figure
+
+            rows = [{"method": n, "split": sp, "lambda": float(lam), "lds": float(a), "centered": float(c)}
+                    for n, sp, sw, _ in sweeps for lam, a, c in zip(sw.lambdas, sw.standard, sw.centered)]
+            with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            figures = [lds_lambda_figure(sw.lambdas, sw.standard, sw.centered, sw.standard_ci_targets, marks,
+                                         title=f"{n}: LDS versus λ ({sp} targets)") for n, sp, sw, marks in sweeps]
+            html = "".join(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
+                           for i, fig in enumerate(figures))
+            with atomic_path(out / "sweep.html") as tmp:
+                Path(tmp).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>LDS versus lambda"
+                                     f"</title></head><body>{html}</body></html>")
+            info(f"wrote {out / 'sweep.csv'} and {out / 'sweep.html'}")
     return 0
