@@ -1,6 +1,7 @@
 """Shared fixtures for the test suite.
 
 - `fake_bank_dir`: a ground-truth bank made by hand around the tiny model (planted linear F; no retraining).
+- `tiny_clip_name`: a tiny open_clip architecture (random weights) for the CLIP baselines.
 - `tiny_run`: a training-run folder (preset "tiny", 2 epochs on the digits training split, checkpoints at
   epochs 1 and 2), trained once per session in a temporary folder. About 5 s on two CPU cores.
 
@@ -76,3 +77,19 @@ def fake_bank_dir(tiny_run, tmp_path_factory) -> Path:
     (folder / "bank.json").write_text(json.dumps(meta))
     np.save(folder / "effect.npy", effect)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_name(tmp_path_factory) -> str:
+    """A tiny open_clip architecture registered for the tests (randomly initialised: no CLIP weights exist
+    offline); save one with `ClipEmbedder.random(tiny_clip_name)` to get a local weights file."""
+    import json
+
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip_cfg")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+    (folder / "tiny-clip-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return "tiny-clip-test"

@@ -1,26 +1,11 @@
 """Similarity-baseline embeddings: pixels, and an open_clip image tower loaded only from a local file."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from attribution.errors import ConfigError
 from attribution.features.embeddings import CLIP_MEAN, CLIP_STD, ClipEmbedder, pixel_embeddings
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_name(tmp_path_factory):
-    """A tiny open_clip config registered for the tests (randomly initialised: no weights exist offline)."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip_cfg")
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
-    (folder / "tiny-clip-test.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder)
-    return "tiny-clip-test"
 
 
 def test_pixel_embeddings_are_the_flattened_pixels():

@@ -11,8 +11,6 @@ refused before any featurizing.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -34,25 +32,18 @@ def npz12(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clip_weights(tmp_path_factory):
+def clip_weights(tmp_path_factory, tiny_clip_name):
     """A tiny randomly initialised open_clip tower saved to a local file (no CLIP weights exist offline)."""
-    import open_clip
-
     from attribution.features.embeddings import ClipEmbedder
 
-    folder = tmp_path_factory.mktemp("clip")
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}}
-    (folder / "contract-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder)
-    emb = ClipEmbedder.random("contract-clip", seed=0)
-    torch.save(emb.model.state_dict(), folder / "w.pt")
-    return str(folder / "w.pt")
+    path = tmp_path_factory.mktemp("clip") / "w.pt"
+    torch.save(ClipEmbedder.random(tiny_clip_name, seed=0).model.state_dict(), path)
+    return str(path)
 
 
 def attribution_for(name, tiny_run, npz12, cache, clip_weights):
     return open_attribution(str(tiny_run), get_method(name), "cpu", dataset=f"npz:{npz12}", timesteps=2,
-                            proj_dim=64, cache=str(cache), clip_model="contract-clip", clip_weights=clip_weights)
+                            proj_dim=64, cache=str(cache), clip_model="tiny-clip-test", clip_weights=clip_weights)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
