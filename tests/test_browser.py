@@ -101,7 +101,8 @@ def test_attribute_in_browser(server, browser, tmp_path):
     expect(proponents).to_have_count(5)
     expect(page.locator(".st-key-attr_pro_1 [data-testid='stImage']")).to_have_count(5)
     assert page.get_by_test_id("stImage").count() >= 11  # the target and 2 x 5 proponents at least
-    expect(proponents.first.get_by_test_id("stImageCaption")).to_have_text(re.compile(r"^#\d+ · \d · \+"))
+    expect(proponents.first.get_by_test_id("stImageCaption")).to_have_text(
+        re.compile(r"^train #\d+ · class \d · score \+"))
     for img in proponents.locator("img").all():  # rendered, not broken (waits while an image is still loading)
         page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(),
                                timeout=30_000)
@@ -130,7 +131,7 @@ def test_timesteps_scatter_click_opens_the_training_image(server, browser, tmp_p
     wait_for_app_run(page)
     point = chart.locator(".scatterlayer .point").first
     point.click(force=True)
-    caption = page.get_by_test_id("stImageCaption").filter(has_text=re.compile(r"^#\d+ · \d · t=\d+ · "))
+    caption = page.get_by_test_id("stImageCaption").filter(has_text=re.compile(r"^train #\d+ · class \d · t=\d+ · norm "))
     expect(caption.first).to_be_visible(timeout=60_000)
     expect(page.get_by_test_id("stException")).to_have_count(0)
     page.screenshot(path=str(tmp_path / "timesteps.png"), full_page=True)
@@ -174,5 +175,5 @@ def test_four_concurrent_sessions_get_the_single_session_top5(server, browser):
     alone.get_by_role("button", name="Run attribution").click()
     single = _top5(alone)
     alone.context.close()
-    assert all(re.match(r"^#\d+ · \d · \+", c) for c in single), single
+    assert all(re.match(r"^train #\d+ · class \d · score \+", c) for c in single), single
     assert concurrent == [single] * 4
