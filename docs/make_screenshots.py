@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python docs/make_screenshots.py                       # the shipped digits model and dataset
     ATTRIBUTION_CHECKPOINT=runs/x python docs/make_screenshots.py --sampler ddim --steps 250
+    OMP_NUM_THREADS=1 python docs/make_screenshots.py --explore    # Attribute progress/explore/details, Tour
 
 Starts `streamlit run app.py` on a free port (tests/browser_support.py, shared with tests/test_browser.py), drives
 system Chromium (/usr/bin/chromium or chromium-headless-shell) with Playwright, and stops the server again.
@@ -74,6 +75,80 @@ def shot_attribute(page, url: str, out: Path, val_index: int, compare: str) -> N
     bs.full_page_screenshot(page, out)
 
 
+def shot_explore(page, url: str, outs: dict, val_index: int, K: int, k: int) -> None:
+    """Attribute page with D-TRAK alone at (K, k): the progress while featurizing (when not cached), the results
+    (captions, λ guidance) and the Details dialog of the top proponent."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/attribute")
+    bs.wait_for_app_run(page)
+    page.locator(".st-key-attr_source").get_by_text("Validation image").click()
+    bs.wait_for_app_run(page)
+    index = page.locator(".st-key-attr_val_idx input")
+    index.fill(str(val_index))
+    index.press("Enter")
+    bs.wait_for_app_run(page)
+    page.locator(".st-key-attr_K input").fill(str(K))
+    bs.choose(page, "attr_k", str(k))
+    page.get_by_role("button", name="Run attribution").click()
+    try:  # a cached feature set skips the progress bar
+        expect(page.get_by_test_id("stProgress").first).to_be_visible(timeout=60_000)
+        page.wait_for_timeout(8_000)  # a few updates: count, rate, time left
+        page.screenshot(path=str(outs["progress"]))
+    except AssertionError:
+        pass
+    expect(page.get_by_role("heading", name="Results")).to_be_visible(timeout=FEATURIZE_TIMEOUT_MS)
+    bs.wait_for_app_run(page, timeout=FEATURIZE_TIMEOUT_MS)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    bs.full_page_screenshot(page, outs["explore"])
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.locator(".st-key-attr_pro_0").get_by_role("button", name="Details").first.click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_text("Rank and score under each ranking")).to_be_visible(timeout=60_000)
+    bs.wait_for_app_run(page)
+    dialog.screenshot(path=str(outs["details"]))
+
+
+def shot_tour(page, url: str, out: Path, K: int, k: int) -> None:
+    """The Tour with every step run (the feature set (K, k) of shot_explore, so its features are cached)."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/tour")
+    bs.wait_for_app_run(page)
+    page.get_by_text("Settings (shared with the Attribute page").click()
+    page.locator(".st-key-tour_K input").fill(str(K))
+    page.locator(".st-key-tour_K input").press("Enter")
+    bs.wait_for_app_run(page)
+    bs.choose(page, "tour_k", str(k))
+    bs.wait_for_app_run(page)
+    for n in (1, 2, 4, 5):
+        page.locator(f".st-key-tour_go_{n} button").click()
+        bs.wait_for_app_run(page, timeout=FEATURIZE_TIMEOUT_MS)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    expect(page.get_by_test_id("stPlotlyChart")).to_have_count(1)
+    bs.full_page_screenshot(page, out)
+
+
+def explore_main(out_dir: Path = ROOT / "docs", val_index: int = 12, K: int = 2, k: int = 512) -> None:
+    """The issue-17 shots: docs/app-attribute-progress.png, app-attribute-explore.png, app-attribute-details.png
+    and app-tour.png (K=2, k=512 by default: one featurization of a few minutes on CPU, shared by both pages)."""
+    from playwright.sync_api import sync_playwright
+
+    outs = {name: out_dir / f"app-{name}.png" for name in ("attribute-progress", "attribute-explore",
+                                                            "attribute-details", "tour")}
+    with bs.app_server({}) as url, sync_playwright() as p:
+        browser = bs.launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        shot_explore(page, url, {"progress": outs["attribute-progress"], "explore": outs["attribute-explore"],
+                                 "details": outs["attribute-details"]}, val_index, K, k)
+        page.close()
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        shot_tour(page, url, outs["tour"], K, k)
+        page.close()
+        browser.close()
+    print("wrote " + ", ".join(str(p) for p in outs.values() if p.exists()))
+
+
 def main(out_dir: Path = ROOT / "docs", n_images: int = 16, sampler: str = "ddpm", steps: int = 50,
          val_index: int = 12, compare: str = "TRAK") -> None:
     from playwright.sync_api import sync_playwright
@@ -106,5 +181,10 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--val-index", type=int, default=12, help="validation image attributed")
     parser.add_argument("--compare", default="TRAK", help="'Compare with method' option for the Attribute shot")
+    parser.add_argument("--explore", action="store_true",
+                        help="only the issue-17 shots: progress, captions and λ guidance, details dialog, Tour")
     args = parser.parse_args()
+    if args.explore:
+        explore_main(val_index=args.val_index)
+        sys.exit(0)
     main(n_images=args.n, sampler=args.sampler, steps=args.steps, val_index=args.val_index, compare=args.compare)

@@ -428,3 +428,34 @@ def test_tour_walks_through_five_steps(app, tiny_run, feature_cache):
     app.button(key="tour_go_5").click().run(timeout=RUN_TIMEOUT)
     assert not app.exception, app.exception
     assert any(c.value.startswith("Largest at t = ") for c in app.caption)
+
+
+def test_sidebar_checks_a_dataset_spec_at_once_and_names_checkpoints_without_paths(app, tiny_run):
+    app.sidebar.text_input(key="dataset_custom").set_value("blah:xyz").run()
+    assert not app.exception
+    errors = [e.value for e in app.sidebar.error]
+    assert len(errors) == 1 and errors[0].startswith("unknown dataset 'blah:xyz'; use one of: digits")
+    assert not app.sidebar.warning  # not "trained on digits, but the dataset chosen is blah:xyz"
+    app.sidebar.text_input(key="dataset_custom").set_value("").run()
+    assert not app.sidebar.error
+    captions = " ".join(c.value for c in app.sidebar.caption)
+    assert str(tiny_run) not in captions and tiny_run.name in captions
+
+
+def test_page_options_survive_a_visit_to_another_page(app):
+    app.switch_page("app_pages/attribute.py").run()
+    app.selectbox(key="attr_method").set_value("trak").run()
+    assert not app.selectbox(key="attr_method").value == "dtrak"
+    assert not [s for s in app.selectbox if s.key == "attr_fn"] and not [s for s in app.slider if s.key == "attr_eta"]
+    app.number_input(key="attr_K").set_value(3)
+    app.radio(key="attr_source").set_value("Validation image").run()
+    app.switch_page("app_pages/generate.py").run()
+    app.switch_page("app_pages/attribute.py").run()
+    assert not app.exception
+    assert app.selectbox(key="attr_method").value == "trak"
+    assert app.radio(key="attr_source").value == "Validation image"
+    # D-TRAK offers its output functions; eta only for interp
+    app.selectbox(key="attr_method").set_value("dtrak").run()
+    assert app.selectbox(key="attr_fn").value == "square" and not [s for s in app.slider if s.key == "attr_eta"]
+    app.selectbox(key="attr_fn").set_value("interp").run()
+    assert app.slider(key="attr_eta").value == 1.0
