@@ -59,7 +59,7 @@ def tiles(data: ImageDataset, indices: Sequence[int], captions: Sequence[str], k
     size = display_size(data.resolution, target)
     with st.container(horizontal=True, gap="xsmall", key=key):
         for n, (i, caption) in enumerate(zip(indices, captions)):
-            with st.container(width=size + 24, gap=None):
+            with st.container(width=max(size + 24, 150), gap=None):  # room for a two-line caption
                 st.image(data.thumbnail(int(i), 3 * size), width=size, output_format="PNG", caption=caption)
                 if st.button("Details", key=f"{key}_details_{n}", type="tertiary", icon=":material/open_in_full:",
                              help="Enlarge; its rank under each ranking computed in this session; attribute it"):
@@ -90,8 +90,7 @@ def details(data: ImageDataset, index: int) -> None:
     rows = details_rows(st.session_state.get(SCORED, {}), data.spec, index)
     if rows:
         c2.markdown("**Rank and score under each ranking computed in this session**")
-        c2.dataframe(rows, hide_index=True, key="details_table",
-                     column_config={"score": st.column_config.NumberColumn(format="%+.4g")})
+        c2.table([{**row, "score": f"{row['score']:+.4g}"} for row in rows], hide_index=True)
     else:
         c2.caption("No ranking of this training set has been computed in this session yet.")
     b1, b2 = st.columns(2)

@@ -18,7 +18,7 @@ from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, c
                              feature_fn_options, featurize_note, featurize_with_progress, lambda_controls, opts_key,
                              ranked_tiles, top_lists)
 from app_pages._tiles import record_scores
-from app_pages._ui import display_path, display_size, fail, keep, require_model
+from app_pages._ui import checkpoint_name, display_path, display_size, fail, keep, require_model
 
 st.title("Attribute")
 st.caption("Proponents pushed the model toward the target (positive score); opponents pushed it away.")
@@ -51,11 +51,13 @@ if not METHODS[method].fixed_fn:
 with st.form("attr_form"):
     c4, c5, c6, c7 = st.columns(4)
     timesteps = c4.number_input("Timesteps K", 1, model.num_timesteps, 10, key="attr_K")
-    strategy = c5.selectbox("Timestep strategy", STRATEGIES, key="attr_strategy")
+    fixed_strategy = METHODS[method].strategy  # a method that fixes its timesteps has no strategy to choose
+    strategy = (c5.selectbox("Timestep strategy", STRATEGIES, key="attr_strategy") if fixed_strategy is None
+                else c5.caption(f"Timestep strategy: **{fixed_strategy}**") or fixed_strategy)
     proj_dim = c6.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="attr_k")
     projector = c7.selectbox("Projector", PROJECTORS, key="attr_projector")
     c8, c9, c10 = st.columns(3)
-    ckpt_weights = c10.selectbox(
+    ckpt_weights = "lr" if not METHODS[method].across_checkpoints else c10.selectbox(
         "Checkpoint weights", list(CHECKPOINT_WEIGHTS), key="attr_ckpt_weights",
         format_func={"lr": "learning rate (default)", "uniform": "uniform (D-TRAK A.3)"}.get,
         help="TracInCP, GAS, Diffusion-TracIn/ReTrac only. Learning rate (default): each checkpoint weighted by "
@@ -65,7 +67,7 @@ with st.form("attr_form"):
                            format_func=lambda m: METHOD_TITLES.get(m, m))
     siblings = model.info.siblings if model.info else []
     compare_ckpt = c9.selectbox("…or with checkpoint", ["(none)", *[s for s in siblings if s != model.spec]],
-                                key="attr_compare_ckpt")
+                                key="attr_compare_ckpt", format_func=checkpoint_name)
     run = st.form_submit_button("Run attribution", type="primary")
 
 
@@ -81,7 +83,7 @@ runs = [(METHOD_TITLES[method], options_for(method, model.spec))]
 if compare not in ("(none)", method):  # comparing a method with itself would repeat its column (and widget keys)
     runs.append((METHOD_TITLES[compare], options_for(compare, model.spec)))
 if compare_ckpt != "(none)":
-    runs.append((f"{METHOD_TITLES[method]} @ {compare_ckpt}", options_for(method, compare_ckpt)))
+    runs.append((f"{METHOD_TITLES[method]} @ {checkpoint_name(compare_ckpt)}", options_for(method, compare_ckpt)))
 
 if not run:
     try:
@@ -104,7 +106,8 @@ if run:
                     st.caption(f"{title}: cache `{display_path(member.store_path)}`")
                 if len(att.members) > 1:
                     st.caption(f"{title} over {len(att.members)} checkpoints, weighted by {att.weights_note}: "
-                               + ", ".join(f"{a.model.spec} {w:.3g}" for a, w in zip(att.members, att.weights)))
+                               + ", ".join(f"{checkpoint_name(a.model.spec)} {w:.3g}"
+                                           for a, w in zip(att.members, att.weights)))
                 featurize_with_progress(att, title)
                 status.update(label=f"{title}: kernel and target features…")
                 results[opts] = att.target_features(target)
@@ -119,7 +122,8 @@ if run:
 features = st.session_state.get("attr_features")
 if not features or st.session_state.get("attr_target") != target_id:
     st.info("Pick the options and press **Run attribution**. The first run for a checkpoint and feature "
-            f"configuration featurizes the whole training set (progress shown, cached in `{display_path(cache_root())}`, "
+            "configuration featurizes the whole training set (progress shown, cached in "
+            f"`{display_path(cache_root())}`, "
             "resumable).")
     st.stop()
 

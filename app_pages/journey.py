@@ -172,8 +172,8 @@ step_panel()
 # -- 4. film strip: the top proponent of each step --------------------------------------------------------------
 st.markdown("**Top proponent per step**")
 top1 = top_indices(scores, 1)[:, 0]
-tiles(att.train, [int(i) for i in top1], [f"{s} · #{int(i)} · {row[i]:+.2g}" for s, i, row in zip(labels, top1, scores)],
-      "jr_film", target=56)
+tiles(att.train, [int(i) for i in top1],
+      [f"{s} · #{int(i)} · {row[i]:+.2g}" for s, i, row in zip(labels, top1, scores)], "jr_film", target=56)
 st.caption(f"Step · training index · score. The top-{FORMATION_TOP} overlap with the last step is "
            + ", ".join(f"{v:.2f}" for v in form.overlap) + ".")
 

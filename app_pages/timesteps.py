@@ -17,7 +17,7 @@ from attribution.targets import resolve_targets
 from app_pages._figures import chart
 from app_pages._tiles import tile_caption, tiles
 from app_pages._attr import METHOD_TITLES, RunOptions, cached_attribution, featurize_with_progress
-from app_pages._ui import cached_model, display_size, fail, keep, progress_bar, require_model
+from app_pages._ui import cached_model, checkpoint_name, display_size, fail, keep, progress_bar, require_model
 
 st.title("Timesteps")
 st.caption("Per-sample gradient norms ‖∇θ L(x, t)‖ depend strongly on the timestep t. Plain TracIn therefore "
@@ -58,7 +58,7 @@ with one:
     c1, c2, c3 = st.columns([1, 1, 2])
     index = int(c1.number_input("Training image", 0, len(train) - 1, 0, key="ts_index"))
     grid = int(c2.select_slider("Timesteps", [10, 25, 50, 100, 200], 100, key="ts_grid"))
-    ckpts = c3.multiselect("Checkpoints", run_specs, [model.spec], key="ts_ckpts")
+    ckpts = c3.multiselect("Checkpoints", run_specs, [model.spec], key="ts_ckpts", format_func=checkpoint_name)
     c1.image(train.thumbnail(index, size), width=size, output_format="PNG",
              caption=f"#{index} · {train.label_name(index)}")
     if ckpts:
@@ -66,7 +66,7 @@ with one:
         with st.spinner("Gradient norms at every timestep (fixed noise)…"):
             for spec in ckpts:
                 ts, norms, trained, source = curve(spec, train.spec, index, grid)
-                curves[spec], marks[spec] = (ts, norms), trained
+                curves[checkpoint_name(spec)], marks[checkpoint_name(spec)] = (ts, norms), trained
                 sources.add(source)
         chart(norm_curve_figure(curves, marks, f"train:{index}: gradient norm versus timestep", log_y), "ts_curve",
               f"gradient-norm-train-{index}")
@@ -113,7 +113,8 @@ with scatter:
 # -- per checkpoint --------------------------------------------------------------------------------------------------
 with per_ckpt:
     if len(run_specs) < 2:
-        st.info(f"{model.spec} is not a later checkpoint of a training run: there is nothing to compare.")
+        st.info(f"{checkpoint_name(model.spec)} is not a later checkpoint of a training run: there is nothing to "
+                "compare.")
     else:
         with st.form("ts_ckpt_form"):
             samples_c = int(st.number_input("Training images per checkpoint", 10, len(train), min(300, len(train)),

@@ -76,7 +76,7 @@ def test_attribute_in_browser(server, browser, tmp_path):
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{server}/attribute")
-    wait_for_app_run(page)
+    wait_for_app_run(page, timeout=180_000)  # the first run loads the model and samples gen:0
     expect(page.get_by_role("heading", name="Attribute")).to_be_visible()
     page.locator(".st-key-attr_source").get_by_text("Validation image").click()
     wait_for_app_run(page)
@@ -107,8 +107,20 @@ def test_attribute_in_browser(server, browser, tmp_path):
         page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(),
                                timeout=30_000)
     expect(page.get_by_test_id("stCode").first).to_contain_text("--target val:5")
-
     full_page_screenshot(page, tmp_path / "attribute.png")
+
+    # A proponent's Details: its rank under both rankings of this session, then "Attribute this image".
+    first = proponents.first.get_by_test_id("stImageCaption").inner_text()
+    index = int(re.match(r"^train #(\d+)", first)[1])
+    page.locator(".st-key-attr_pro_0").get_by_role("button", name="Details").first.click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_text("Rank and score under each ranking")).to_be_visible(timeout=60_000)
+    expect(dialog.get_by_text("D-TRAK · val:5")).to_be_visible()
+    expect(dialog.get_by_text("TRAK · val:5", exact=True)).to_be_visible()
+    dialog.get_by_role("button", name="Attribute this image").click()
+    wait_for_app_run(page)
+    expect(page.get_by_test_id("stImageCaption").first).to_have_text(re.compile(rf"^train:{index}( ·|$)"),
+                                                                      timeout=60_000)
     page.close()
 
 
@@ -131,7 +143,8 @@ def test_timesteps_scatter_click_opens_the_training_image(server, browser, tmp_p
     wait_for_app_run(page)
     point = chart.locator(".scatterlayer .point").first
     point.click(force=True)
-    caption = page.get_by_test_id("stImageCaption").filter(has_text=re.compile(r"^train #\d+ · class \d · t=\d+ · norm "))
+    caption = page.get_by_test_id("stImageCaption").filter(
+        has_text=re.compile(r"^train #\d+ · class \d · t=\d+ · norm "))
     expect(caption.first).to_be_visible(timeout=60_000)
     expect(page.get_by_test_id("stException")).to_have_count(0)
     page.screenshot(path=str(tmp_path / "timesteps.png"), full_page=True)
