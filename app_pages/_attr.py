@@ -177,7 +177,8 @@ def lambda_slider(label: str, kernel: Kernel, key: str) -> float:
         st.session_state[key] = default
     lam = st.select_slider(label, grid, key=key, help=LAMBDA_HELP,
                            format_func=lambda v: f"{v:.3g} (default)" if v == default else f"{v:.3g}")
-    st.button("Reset λ", key=f"{key}_reset", icon=":material/restart_alt:", type="tertiary",
+    st.button("Reset λ", key=f"reset_{key}",  # not "{key}_…": keep() must never restore a button
+              icon=":material/restart_alt:", type="tertiary",
               disabled=lam == default, on_click=st.session_state.__setitem__, args=(key, default),
               help=f"Back to the default λ = {default:.3g}")
     return lam

@@ -51,3 +51,37 @@ def attribute_overlap(method: str, dataset_spec: str, name: str, last_scores: np
     shared = len(set(np.argsort(-other, kind="stable")[:k].tolist())
                  & set(np.argsort(-last_scores, kind="stable")[:k].tolist()))
     return f" In this session: the last step's top-{k} shares {shared}/{k} with the Attribute page's {label}."
+
+
+def choose_image(model):
+    """The Journey page's image picker: (image tensor for an upload else None, (steps, sampler) fixed by the
+    Generate page else None, seed, name, source id). Stops the page with guidance when there is nothing to pick."""
+    from attribution.data import pixels_to_tensor
+
+    source = st.radio("Image", ["Seed", "Generated image", "Uploaded image"], horizontal=True, key="jr_source",
+                      label_visibility="collapsed")
+    image, fixed, seed = None, None, 0
+    if source == "Seed":
+        seed = int(st.number_input("Seed (the image gen:SEED)", 0, 2**31 - 1, 0, key="jr_seed"))
+        name, source_id = f"gen:{seed}", f"gen/{seed}"
+    elif source == "Generated image":
+        gen = st.session_state.get("generated")
+        if not gen or gen["checkpoint"] != model.spec:
+            st.info("Generate images on the **Generate** page first, or pick a seed.")
+            st.stop()
+        seed = int(st.selectbox("Generated image (seed)", gen["seeds"], key="jr_gen_seed"))
+        fixed = (int(gen["steps"]), gen["sampler"])
+        name, source_id = f"gen:{seed}", f"gen/{seed}"
+        st.caption(f"Sampled again with {fixed[1]}, {fixed[0]} steps: the same image as on the Generate page (a seed "
+                   "names one image), now with its whole trajectory.")
+    else:
+        up = st.session_state.get("uploaded")
+        if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
+            st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
+            st.stop()
+        st.info("An uploaded image has no sampling trajectory, so it is attributed by **noising it forward**: x_t is the "
+                "image noised to each chosen step's t and x̂0 the model's one-step prediction from x_t.",
+                icon=":material/info:")
+        image = pixels_to_tensor(up["pixels"])
+        name, source_id = up["name"], f"upload/{up['sha256']}"
+    return image, fixed, seed, name, source_id

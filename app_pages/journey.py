@@ -4,7 +4,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from attribution.data import pixels_to_pil, pixels_to_tensor, tensor_to_pixels
+from attribution.data import pixels_to_pil, tensor_to_pixels
 from attribution.errors import AttributionError
 from attribution.analysis.formation import formation, top_indices
 from attribution.figures import formation_figure
@@ -14,7 +14,7 @@ from attribution.report import to_npz_bytes
 from attribution.sampling import SAMPLERS
 from app_pages._attr import PROJ_DIMS, RunOptions, featurize_job, lambda_slider, ranked_tiles, top_lists
 from app_pages._figures import chart
-from app_pages._journey import WHY_DIFFERENT, attribute_overlap, journey_attributor, journey_cli
+from app_pages._journey import WHY_DIFFERENT, attribute_overlap, choose_image, journey_attributor, journey_cli
 from app_pages._tiles import tiles
 from app_pages._ui import display_size, fail, keep, progress_bar, require_model
 
@@ -32,32 +32,7 @@ dataset = st.session_state.get("dataset")
 size = display_size(model.resolution, 128)
 
 # -- 1. the image ------------------------------------------------------------------------------------------------
-source = st.radio("Image", ["Seed", "Generated image", "Uploaded image"], horizontal=True, key="jr_source",
-                  label_visibility="collapsed")
-image, fixed, seed = None, None, 0
-if source == "Seed":
-    seed = int(st.number_input("Seed (the image gen:SEED)", 0, 2**31 - 1, 0, key="jr_seed"))
-    name, source_id = f"gen:{seed}", f"gen/{seed}"
-elif source == "Generated image":
-    gen = st.session_state.get("generated")
-    if not gen or gen["checkpoint"] != model.spec:
-        st.info("Generate images on the **Generate** page first, or pick a seed.")
-        st.stop()
-    seed = int(st.selectbox("Generated image (seed)", gen["seeds"], key="jr_gen_seed"))
-    fixed = (int(gen["steps"]), gen["sampler"])
-    name, source_id = f"gen:{seed}", f"gen/{seed}"
-    st.caption(f"Sampled again with {fixed[1]}, {fixed[0]} steps: the same image as on the Generate page (a seed "
-               "names one image), now with its whole trajectory.")
-else:
-    up = st.session_state.get("uploaded")
-    if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
-        st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
-        st.stop()
-    st.info("An uploaded image has no sampling trajectory, so it is attributed by **noising it forward**: x_t is the "
-            "image noised to each chosen step's t and x̂0 the model's one-step prediction from x_t.",
-            icon=":material/info:")
-    image = pixels_to_tensor(up["pixels"])
-    name, source_id = up["name"], f"upload/{up['sha256']}"
+image, fixed, seed, name, source_id = choose_image(model)
 
 # -- 2. options (a form: nothing runs until Compute) --------------------------------------------------------------
 with st.form("jr_form"):

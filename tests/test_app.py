@@ -256,6 +256,13 @@ def test_attribute_training_image_is_its_own_top_proponent(app):
     first_caption = app.main.get_by_key("attr_pro_0").get("image")[0].proto.imgs[0].caption
     assert first_caption.startswith(f"train #{index} ·")
     assert "--target train:7" in app.main.get_by_key("attr_result_0").code[0].value
+    # Away and back: the options, the results and the chosen lambda are still there (no button state restored).
+    lam = app.main.get_by_key("attr_result_0").select_slider[0].value
+    app.switch_page("app_pages/generate.py").run()
+    app.switch_page("app_pages/attribute.py").run()
+    assert not app.exception, app.exception
+    assert app.number_input(key="attr_train_idx").value == index
+    assert app.main.get_by_key("attr_result_0").select_slider[0].value == lam and tiles(app, "attr_pro_0") == pro
 
 
 def test_attribute_with_a_missing_checkpoint_shows_one_line(app, tiny_run):
