@@ -99,8 +99,11 @@ def shot_progress(page, url: str, out: Path, val_index: int, K: int, k: int) -> 
     then left (the server's background job goes on until the server stops)."""
     from playwright.sync_api import expect
 
+    import re
+
     _attribute_val(page, url, val_index, K, k)
-    expect(page.get_by_test_id("stProgress").first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    expect(page.get_by_text(re.compile(r"featurizing \d+ training images")).first).to_be_visible(
+        timeout=PAGE_TIMEOUT_MS)
     page.wait_for_timeout(10_000)  # a few updates: count, rate, time left
     page.screenshot(path=str(out))
 
