@@ -19,6 +19,8 @@ from attribution.data import BUILTIN_DATASETS  # noqa: E402  (set_page_config mu
 from attribution.device import describe_device, resolve_device  # noqa: E402
 from attribution.errors import AttributionError  # noqa: E402
 from attribution.models import list_shipped, resolve_checkpoint  # noqa: E402
+from app_pages._figures import FORMAT_KEY, FORMATS  # noqa: E402
+from app_pages._ui import cached_dataset, checkpoint_name  # noqa: E402
 
 # The page list: one entry per page file in app_pages/, grouped into sidebar sections. Add new pages here
 # (e.g. "Attribution": attribute, self-influence, timesteps, journey), each with an explicit url_path.
@@ -27,6 +29,7 @@ from attribution.models import list_shipped, resolve_checkpoint  # noqa: E402
 PAGES = {
     "": [
         st.Page("app_pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
+        st.Page("app_pages/tour.py", title="Tour", icon=":material/school:", url_path="tour"),
     ],
     "Images": [
         st.Page("app_pages/generate.py", title="Generate", icon=":material/auto_awesome:", url_path="generate"),
@@ -89,7 +92,7 @@ def checkpoint_ui() -> str | None:
     """Checkpoint picker; returns the chosen spec or None when there is nothing to choose."""
     options, _ = checkpoint_options()
     picked = st.selectbox("Checkpoint", options, index=0 if options else None, key="checkpoint_pick",
-                          bind="query-params", placeholder="no shipped models yet",
+                          bind="query-params", placeholder="no shipped models yet", format_func=checkpoint_name,
                           help="A shipped model, optionally an earlier epoch (NAME@epoch-N).")
     custom = st.text_input("…or a checkpoint folder", key="checkpoint_custom", bind="query-params",
                            placeholder="runs/digits or runs/digits@epoch-20",
@@ -98,8 +101,17 @@ def checkpoint_ui() -> str | None:
     return custom or picked
 
 
-def checkpoint_summary(spec: str | None, dataset: str) -> None:
-    """What the chosen checkpoint is, and a warning when it was trained on another dataset."""
+def dataset_error(spec: str) -> str | None:
+    """None when the dataset spec loads, else the one-line reason (which names the valid specs)."""
+    try:
+        cached_dataset(spec)
+    except AttributionError as exc:
+        return str(exc)
+    return None
+
+
+def checkpoint_summary(spec: str | None, dataset: str, dataset_ok: bool = True) -> None:
+    """What the chosen checkpoint is, and a warning when it was trained on another (valid) dataset."""
     if not spec:
         return
     try:
@@ -109,7 +121,7 @@ def checkpoint_summary(spec: str | None, dataset: str) -> None:
         return
     meta = info.run_metadata()
     trained_on = meta.get("config", {}).get("dataset")
-    parts = [f"`{info.spec}`"]
+    parts = [f"`{checkpoint_name(info.spec)}`"]
     if trained_on:
         parts.append(f"trained on **{trained_on}**")
     if meta.get("resolution"):
@@ -118,15 +130,20 @@ def checkpoint_summary(spec: str | None, dataset: str) -> None:
         parts.append(f"checkpoint {info.siblings.index(info.spec) + 1} of {len(info.siblings)}"
                      if info.spec in info.siblings else f"epoch {info.epoch}")
     st.caption(" · ".join(parts))
-    if trained_on and trained_on != dataset:
+    if trained_on and trained_on != dataset and dataset_ok:
         st.warning(f"This checkpoint was trained on {trained_on}, but the dataset chosen is {dataset}; "
                    "attribution credits the dataset the model was trained on.", icon=":material/warning:")
 
 
 with st.sidebar:
     st.session_state["dataset"] = dataset_ui()
+    bad_dataset = dataset_error(st.session_state["dataset"])  # checked as soon as it is typed
+    if bad_dataset:
+        st.error(bad_dataset, icon=":material/error:")
     st.session_state["checkpoint"] = checkpoint_ui()
-    checkpoint_summary(st.session_state["checkpoint"], st.session_state["dataset"])
+    checkpoint_summary(st.session_state["checkpoint"], st.session_state["dataset"], not bad_dataset)
     st.caption(f"Device: {describe_device(resolve_device())}")
+    st.radio("Figure downloads", FORMATS, horizontal=True, key=FORMAT_KEY, format_func=str.upper,
+             help="What the camera button in a figure's toolbar downloads: PNG (2x) or SVG.")
 
 st.navigation(PAGES).run()

@@ -19,7 +19,7 @@ from attribution.kernel import Kernel
 from attribution.methods import DEFAULT_METHOD, METHODS, get_method
 from attribution.targets import Targets, from_pixels
 
-from app_pages._ui import cached_model, display_size
+from app_pages._ui import cached_model
 
 PROJ_DIMS = (512, 1024, 2048, 4096, 8192, 16384)
 PROJECTORS = ("auto", "sjlt", "gaussian", "identity")
@@ -152,31 +152,143 @@ def generated_pixels(checkpoint: str, seed: int) -> np.ndarray:
     return tensor_to_pixels(torch.from_numpy(sample(cached_model(checkpoint), 1, int(seed)).final))[0]
 
 
-def lambda_slider(label: str, kernel: Kernel, key: str) -> float:
-    """A λ select-slider over a log-spaced grid (4 per decade, 3 significant digits) around the kernel's scale,
-    starting at the default λ. Give each feature set its own `key`: another set has another grid, which an old
-    value may not be on."""
+LAMBDA_HELP = ("λ is the ridge term in the kernel (ΦᵀΦ + λI)⁻¹ that turns gradient similarity into attribution. "
+               "Small λ trusts every direction of the training features (closest to the exact inverse, sharper "
+               "and noisier rankings); large λ damps them all and the ranking tends to plain gradient similarity "
+               "(the scores shrink like 1/λ and the order stops changing). Its useful range scales with the "
+               "features' eigenvalues, which differ per method, output function, K and k, so each feature set gets "
+               "its own grid: 10⁻⁶ to 10² times the mean eigenvalue. The default is 0.1 × the mean eigenvalue.")
+
+
+def lambda_grid(kernel: Kernel) -> tuple[list[float], float]:
+    """(slider grid, default): a log-spaced grid (4 per decade, 3 significant digits) around the kernel's scale,
+    with the default λ on it."""
     default = float(f"{kernel.default_lambda():.3g}")
-    grid = sorted({float(f"{v:.3g}") for v in kernel.lambda_grid(per_decade=4)} | {default})
-    return st.select_slider(label, grid, value=default, key=key, format_func=lambda v: f"{v:.3g}")
+    return sorted({float(f"{v:.3g}") for v in kernel.lambda_grid(per_decade=4)} | {default}), default
+
+
+def lambda_slider(label: str, kernel: Kernel, key: str) -> float:
+    """A λ select-slider over `lambda_grid`, starting at the default (marked "default" on the slider) with a Reset
+    button. Give each feature set its own `key`: another set has another grid, which an old value may not be on."""
+    grid, default = lambda_grid(kernel)
+    if st.session_state.get(key) not in grid:  # unset, or kept from a grid this feature set does not have
+        st.session_state[key] = default
+    lam = st.select_slider(label, grid, key=key, help=LAMBDA_HELP,
+                           format_func=lambda v: f"{v:.3g} (default)" if v == default else f"{v:.3g}")
+    st.button("Reset λ", key=f"reset_{key}",  # not "{key}_…": keep() must never restore a button
+              icon=":material/restart_alt:", type="tertiary",
+              disabled=lam == default, on_click=st.session_state.__setitem__, args=(key, default),
+              help=f"Back to the default λ = {default:.3g}")
+    return lam
+
+
+def topk_stability(score_at, grid: list[float], lam: float, k: int = 5) -> list[tuple[float, int]]:
+    """How stable the top-k is around `lam`: for each neighbouring grid value g (below, above), the number of
+    images shared by the top-k at `lam` and at g. `score_at(λ)` returns the (N,) scores."""
+    def top(v: float) -> set[int]:
+        return set(np.argsort(-score_at(v), kind="stable")[:k].tolist())
+
+    i = grid.index(lam)
+    here = top(lam)
+    return [(g, len(here & top(g))) for g in (grid[i - 1] if i > 0 else None, grid[i + 1] if i + 1 < len(grid)
+                                                 else None) if g is not None]
+
+
+def stability_caption(pairs: list[tuple[float, int]], k: int) -> str:
+    if not pairs:
+        return ""
+    parts = ", ".join(f"{n}/{k} at λ = {g:.3g}" for g, n in pairs)
+    verdict = ("stable" if min(n for _, n in pairs) >= k - 1 else
+               "changing: compare a few λ values or check the LDS" if min(n for _, n in pairs) <= k // 2
+               else "fairly stable")
+    return f"Top-{k} shared with the neighbouring λ values on the slider: {parts} ({verdict})."
+
+
+def lambda_controls(att: Attribution, opts: RunOptions, features, key: str, title: str = "") -> float | None:
+    """The λ slider of one result column with its guidance: default marked, Reset, how stable the top-5 is at the
+    neighbouring grid values, and the bank-LDS hook. None for methods without λ."""
+    if not att.method.uses_lambda:
+        return None
+    kernel = att.members[0].train_features().kernel
+    lam = lambda_slider(f"λ ({title})" if title else "λ", kernel, key)
+    grid, _ = lambda_grid(kernel)
+    st.caption(stability_caption(topk_stability(lambda v: att.scores(features, v)[0], grid, lam), 5))
+    lds = bank_lds_caption(opts, lam)
+    if lds:
+        st.caption(lds)
+    return lam
+
+
+def bank_lds_caption(opts: RunOptions, lam: float | None) -> str | None:
+    """Hook for the lead: "LDS on the model's bank at this λ" next to the slider, once the evaluation lands
+    (attribution/evaluation). None: nothing is shown."""
+    return None
 
 
 def ranked_tiles(items: list[Ranked], data: ImageDataset, title: str, key: str) -> None:
-    """A row of training images with index, class and signed score under each (the paper's figure style).
+    """A row of training images with index, class and signed score under each (the paper's figure style), each
+    with a Details button (see app_pages/_tiles.py).
 
     `key` names the row's container (CSS class `.st-key-<key>` in the browser, `get_by_key` in AppTest).
     """
-    with st.container(key=key):
-        st.markdown(f"**{title}**")
-        if not items:
-            st.caption("none with this sign")
-            return
-        size = display_size(data.resolution, 80)
-        with st.container(horizontal=True, gap="xsmall"):  # same tile size in every row, whatever the count
-            for r in items:
-                st.image(data.thumbnail(r.index, size), width=size, output_format="PNG",
-                         caption=f"#{r.index} · {r.class_name} · {r.score:+.3g}")
+    from app_pages._tiles import tile_caption, tiles
+
+    st.markdown(f"**{title}**")
+    if not items:
+        st.caption("none with this sign")
+        return
+    tiles(data, [r.index for r in items], [tile_caption(data, r.index, r.score) for r in items], key)
 
 
 def top_lists(scores: np.ndarray, data: ImageDataset, n_pro: int, n_opp: int):
     return rank(scores, data, n_pro, 1), rank(scores, data, n_opp, -1)
+
+
+def choose_target(model) -> tuple[Targets, str]:
+    """The Attribute page's target picker (generated, uploaded, training or validation image): the target and the
+    spec the command line names it by. Stops the page with guidance or one error line when there is none."""
+    from attribution.engine import training_dataset_of
+    from attribution.errors import AttributionError
+    from attribution.targets import Generated, resolve_targets
+
+    from app_pages._ui import fail
+
+    dataset = st.session_state.get("dataset")
+    sources = ["Generated", "Uploaded", "Training image", "Validation image"]
+    source = st.radio("Attribute", sources, horizontal=True, key="attr_source", label_visibility="collapsed")
+    try:
+        if source == "Generated":
+            gen = st.session_state.get("generated")
+            seeds = gen["seeds"] if gen and gen["checkpoint"] == model.spec else []
+            seed = (st.selectbox("Generated image (seed)", seeds, key="attr_gen_seed") if seeds else
+                    st.number_input("Seed to generate (DDPM, 50 steps)", 0, 2**31 - 1, 0, key="attr_seed"))
+            if seeds:
+                pixels = gen["pixels"][seeds.index(seed)]
+            else:  # cached per (checkpoint, seed): not sampled again on every rerun
+                pixels = generated_pixels(model.spec, int(seed))
+            made = (50, "ddpm") if not seeds else (int(gen["steps"]), gen["sampler"])
+            if not seeds or (gen["steps"], gen["sampler"]) == (50, "ddpm"):
+                target = target_from_pixels(pixels, f"gen:{seed}")
+                target.keys[0] = f"gen/{seed}"  # the same noise key the CLI uses for gen:SEED
+                target_spec = f"gen:{seed}"
+            else:  # not the CLI's gen:SEED image (DDPM, 50 steps): name the PNG of the Generate page's zip instead,
+                target_spec = f"seed-{int(seed):06d}.png"  # which the CLI reads back to the same pixels and noise key
+                target = target_from_pixels(pixels, target_spec)
+                st.caption(f"Generated with {gen['sampler']}, {gen['steps']} steps: the command line below reads it "
+                           f"as `{target_spec}` from the Generate page's download.")
+            target.generated = [Generated(int(seed), *made)]  # its trajectory can be re-sampled (Journey TRAK)
+        elif source == "Uploaded":
+            up = st.session_state.get("uploaded")
+            if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
+                st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
+                st.stop()
+            target = target_from_pixels(up["pixels"], up["name"])
+            target_spec = up["name"]
+        else:
+            split = "train" if source == "Training image" else "val"
+            idx = st.number_input(f"{split} index", 0, 10**7, 0, key=f"attr_{split}_idx")
+            target = resolve_targets(f"{split}:{int(idx)}", model, training_dataset_of(model, dataset).spec)
+            target_spec = f"{split}:{int(idx)}"
+    except AttributionError as exc:
+        fail(exc)
+    return target, target_spec

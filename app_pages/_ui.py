@@ -67,6 +67,49 @@ def require_dataset(split: str = "train") -> ImageDataset:
         fail(exc)
 
 
+def display_path(path) -> str:
+    """A path for captions: relative to the working directory when inside it, else its last two parts (never
+    the absolute path of the server's file system)."""
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path("…", *p.parts[-2:]))
+
+
+def checkpoint_name(spec: str | None) -> str:
+    """How a checkpoint is named in every caption: a shipped name as is (`digits`, `digits@epoch-20`), a folder by
+    `display_path` (never an absolute path), with its `@epoch-N` suffix."""
+    if not spec:
+        return ""
+    base, at, epoch = str(spec).partition("@")
+    if "/" not in base and "\\" not in base:
+        return str(spec)
+    return display_path(base) + (at + epoch)
+
+
+KEPT = "_kept_widget_values"
+
+
+def keep(*keys: str) -> None:
+    """Keep this page's options when the user goes to another page and back. Streamlit deletes the state of
+    widgets a run does not draw (UX.md §4); call this at the top of the page with the widget keys (or key
+    prefixes ending in "_") to copy their values aside and put them back on return. Never pass button keys."""
+    kept = st.session_state.setdefault(KEPT, {})
+
+    def ours(k) -> bool:
+        return isinstance(k, str) and any(k == p or (p.endswith("_") and k.startswith(p)) for p in keys)
+
+    for k, v in list(kept.items()):
+        if ours(k) and k not in st.session_state:
+            st.session_state[k] = v
+    for k in list(st.session_state.keys()):
+        if ours(k):
+            kept[k] = st.session_state[k]
+
+
 # -- images --------------------------------------------------------------------------------------------------------
 
 

@@ -6,65 +6,31 @@ import numpy as np
 import streamlit as st
 
 from attribution.data import pixels_to_pil, tensor_to_pixels
-from attribution.engine import training_dataset_of
 from attribution.methods.over_checkpoints import CHECKPOINT_WEIGHTS
 from attribution.errors import AttributionError
 from attribution.features.timesteps import STRATEGIES
-from attribution.methods import DEFAULT_METHOD, METHODS
+from attribution.methods import METHODS
 from attribution.store import cache_root
-from attribution.targets import Generated, resolve_targets
 from attribution.report import (equivalent_cli, export_metadata, export_name, positive_share, ranking_rows, to_csv,
                                 to_npz_bytes)
-from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attribution,
-                             feature_fn_options, featurize_note, featurize_with_progress, generated_pixels,
-                             lambda_slider, opts_key, ranked_tiles, target_from_pixels, top_lists)
-from app_pages._ui import display_size, fail, require_model
+from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attribution, choose_target,
+                             feature_fn_options, featurize_note, featurize_with_progress, lambda_controls, opts_key,
+                             ranked_tiles, top_lists)
+from app_pages._tiles import record_scores
+from app_pages._ui import checkpoint_name, display_path, display_size, fail, keep, require_model
 
 st.title("Attribute")
 st.caption("Proponents pushed the model toward the target (positive score); opponents pushed it away.")
+keep("attr_source", "attr_seed", "attr_train_idx", "attr_val_idx", "attr_method", "attr_fn", "attr_eta", "attr_K",
+     "attr_strategy", "attr_k", "attr_projector", "attr_ckpt_weights", "attr_compare", "attr_compare_ckpt",
+     "attr_npro", "attr_nopp", "attr_lam_")
 model = require_model()
 dataset = st.session_state.get("dataset")
-size = display_size(model.resolution, 128)
+size = display_size(model.resolution, 256)  # a large target
 
 # -- 1. the target -----------------------------------------------------------------------------------------------
 st.subheader("Target")
-sources = ["Generated", "Uploaded", "Training image", "Validation image"]
-source = st.radio("Attribute", sources, horizontal=True, key="attr_source", label_visibility="collapsed")
-try:
-    if source == "Generated":
-        gen = st.session_state.get("generated")
-        seeds = gen["seeds"] if gen and gen["checkpoint"] == model.spec else []
-        seed = (st.selectbox("Generated image (seed)", seeds, key="attr_gen_seed") if seeds else
-                st.number_input("Seed to generate (DDPM, 50 steps)", 0, 2**31 - 1, 0, key="attr_seed"))
-        if seeds:
-            pixels = gen["pixels"][seeds.index(seed)]
-        else:  # cached per (checkpoint, seed): not sampled again on every rerun
-            pixels = generated_pixels(model.spec, int(seed))
-        made = (50, "ddpm") if not seeds else (int(gen["steps"]), gen["sampler"])
-        if not seeds or (gen["steps"], gen["sampler"]) == (50, "ddpm"):
-            target = target_from_pixels(pixels, f"gen:{seed}")
-            target.keys[0] = f"gen/{seed}"  # the same noise key the CLI uses for gen:SEED
-            target_spec = f"gen:{seed}"
-        else:  # not the CLI's gen:SEED image (DDPM, 50 steps): name the PNG of the Generate page's zip instead,
-            target_spec = f"seed-{int(seed):06d}.png"  # which the CLI reads back to the same pixels and noise key
-            target = target_from_pixels(pixels, target_spec)
-            st.caption(f"Generated with {gen['sampler']}, {gen['steps']} steps: the command line below reads it "
-                       f"as `{target_spec}` from the Generate page's download.")
-        target.generated = [Generated(int(seed), *made)]  # its trajectory can be re-sampled (Journey TRAK)
-    elif source == "Uploaded":
-        up = st.session_state.get("uploaded")
-        if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
-            st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
-            st.stop()
-        target = target_from_pixels(up["pixels"], up["name"])
-        target_spec = up["name"]
-    else:
-        split = "train" if source == "Training image" else "val"
-        idx = st.number_input(f"{split} index", 0, 10**7, 0, key=f"attr_{split}_idx")
-        target = resolve_targets(f"{split}:{int(idx)}", model, training_dataset_of(model, dataset).spec)
-        target_spec = f"{split}:{int(idx)}"
-except AttributionError as exc:
-    fail(exc)
+target, target_spec = choose_target(model)
 # What the stored results belong to: results for another target, checkpoint or dataset are never shown as this one's.
 target_id = (model.spec, dataset, target_spec, target.keys[0],
              hashlib.sha256(target.images.numpy().tobytes()).hexdigest()[:16])
@@ -73,19 +39,24 @@ st.image(pixels_to_pil(tensor_to_pixels(target.images[0]), size), output_format=
 
 # -- 2. method and options (a form: nothing runs until Run) --------------------------------------------------------
 st.subheader("Method")
+c1, c2, c3 = st.columns(3)  # outside the form: what they choose decides which other controls apply
+method = c1.selectbox("Method", list(METHODS), format_func=METHOD_TITLES.get, key="attr_method")
+fn, eta = None, None
+if len(METHODS[method]().fn_choices()) > 1:
+    fn = c2.selectbox("Output function", feature_fn_options(method), key="attr_fn",
+                      help="What D-TRAK differentiates; TRAK and the gradient baselines use the training loss.")
+    if fn == "interp":
+        eta = c3.slider("η (interp)", 0.0, 1.0, 1.0, 0.05, key="attr_eta")
 with st.form("attr_form"):
-    c1, c2, c3 = st.columns(3)
-    method = c1.selectbox("Method", list(METHODS), format_func=METHOD_TITLES.get, key="attr_method")
-    fn = c2.selectbox("Output function (D-TRAK)", feature_fn_options(DEFAULT_METHOD), key="attr_fn",
-                      help="Used by D-TRAK; TRAK and the gradient baselines use the training loss (simple).")
-    eta = c3.slider("η (for interp)", 0.0, 1.0, 1.0, 0.05, key="attr_eta")
     c4, c5, c6, c7 = st.columns(4)
     timesteps = c4.number_input("Timesteps K", 1, model.num_timesteps, 10, key="attr_K")
-    strategy = c5.selectbox("Timestep strategy", STRATEGIES, key="attr_strategy")
+    fixed_strategy = METHODS[method].strategy  # a method that fixes its timesteps has no strategy to choose
+    strategy = (c5.selectbox("Timestep strategy", STRATEGIES, key="attr_strategy") if fixed_strategy is None
+                else c5.caption(f"Timestep strategy: **{fixed_strategy}**") or fixed_strategy)
     proj_dim = c6.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="attr_k")
     projector = c7.selectbox("Projector", PROJECTORS, key="attr_projector")
     c8, c9, c10 = st.columns(3)
-    ckpt_weights = c10.selectbox(
+    ckpt_weights = "lr" if not METHODS[method].weightings else c10.selectbox(
         "Checkpoint weights", list(CHECKPOINT_WEIGHTS), key="attr_ckpt_weights",
         format_func={"lr": "learning rate (default)", "uniform": "uniform (D-TRAK A.3)"}.get,
         help="TracInCP, GAS, Diffusion-TracIn/ReTrac only. Learning rate (default): each checkpoint weighted by "
@@ -95,13 +66,13 @@ with st.form("attr_form"):
                            format_func=lambda m: METHOD_TITLES.get(m, m))
     siblings = model.info.siblings if model.info else []
     compare_ckpt = c9.selectbox("…or with checkpoint", ["(none)", *[s for s in siblings if s != model.spec]],
-                                key="attr_compare_ckpt")
+                                key="attr_compare_ckpt", format_func=checkpoint_name)
     run = st.form_submit_button("Run attribution", type="primary")
 
 
 def options_for(method_name: str, checkpoint: str) -> RunOptions:
     cls = METHODS[method_name]
-    chosen_fn = fn if len(cls().fn_choices()) > 1 else None
+    chosen_fn = (fn or cls().fn_choices()[0]) if len(cls().fn_choices()) > 1 else None
     return RunOptions(checkpoint, dataset, method_name, chosen_fn, eta if chosen_fn == "interp" else None,
                       int(timesteps), strategy, int(proj_dim), projector,
                       checkpoint_weights=ckpt_weights if ckpt_weights in cls.weightings else "lr")
@@ -111,7 +82,7 @@ runs = [(METHOD_TITLES[method], options_for(method, model.spec))]
 if compare not in ("(none)", method):  # comparing a method with itself would repeat its column (and widget keys)
     runs.append((METHOD_TITLES[compare], options_for(compare, model.spec)))
 if compare_ckpt != "(none)":
-    runs.append((f"{METHOD_TITLES[method]} @ {compare_ckpt}", options_for(method, compare_ckpt)))
+    runs.append((f"{METHOD_TITLES[method]} @ {checkpoint_name(compare_ckpt)}", options_for(method, compare_ckpt)))
 
 if not run:
     try:
@@ -130,10 +101,11 @@ if run:
                 att = cached_attribution(opts)
                 status.update(label=f"{title}: training features (cached after the first run)…")
                 for member in att.members:
-                    st.caption(f"{title}: cache `{member.store_path}`")
+                    st.caption(f"{title}: cache `{display_path(member.store_path)}`")
                 if len(att.members) > 1:
                     st.caption(f"{title} over {len(att.members)} checkpoints, weighted by {att.weights_note}: "
-                               + ", ".join(f"{a.model.spec} {w:.3g}" for a, w in zip(att.members, att.weights)))
+                               + ", ".join(f"{checkpoint_name(a.model.spec)} {w:.3g}"
+                                           for a, w in zip(att.members, att.weights)))
                 featurize_with_progress(att, title)
                 status.update(label=f"{title}: kernel and target features…")
                 results[opts] = att.target_features(target)
@@ -148,7 +120,8 @@ if run:
 features = st.session_state.get("attr_features")
 if not features or st.session_state.get("attr_target") != target_id:
     st.info("Pick the options and press **Run attribution**. The first run for a checkpoint and feature "
-            f"configuration featurizes the whole training set (progress shown, cached in `{cache_root()}`, "
+            "configuration featurizes the whole training set (progress shown, cached in "
+            f"`{display_path(cache_root())}`, "
             "resumable).")
     st.stop()
 
@@ -164,13 +137,11 @@ for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_run
         st.markdown(f"#### {title}")
         try:
             att = cached_attribution(opts)
-            lam = None
-            if att.method.uses_lambda:
-                lam = lambda_slider(f"λ ({title})", att.members[0].train_features().kernel,
-                                    f"attr_lam_{opts_key(opts)}")
+            lam = lambda_controls(att, opts, features[opts], f"attr_lam_{opts_key(opts)}", title)
             scores = att.scores(features[opts], lam)[0]
         except AttributionError as exc:
             fail(exc)
+        record_scores(att.train, f"{title} · {target_spec}", scores)
         pro, opp = top_lists(scores, att.train, n_pro, n_opp)
         ranked_tiles(pro, att.train, "Proponents", f"attr_pro_{i}")
         if n_opp:

@@ -1,14 +1,11 @@
 """Journey: which training images guide each denoising step of one image (Journey-TRAK, per-step attribution)."""
 
-import shlex
-
 import numpy as np
 import streamlit as st
 import torch
 
-from attribution.data import pixels_to_pil, pixels_to_tensor, tensor_to_pixels
+from attribution.data import pixels_to_pil, tensor_to_pixels
 from attribution.errors import AttributionError
-from attribution.engine import Attributor, open_attributor
 from attribution.analysis.formation import formation, top_indices
 from attribution.figures import formation_figure
 from attribution.journey import JourneyConfig, run_journey
@@ -16,55 +13,26 @@ from attribution.methods import METHODS, get_method
 from attribution.report import to_npz_bytes
 from attribution.sampling import SAMPLERS
 from app_pages._attr import PROJ_DIMS, RunOptions, featurize_job, lambda_slider, ranked_tiles, top_lists
-from app_pages._ui import cached_model, display_size, fail, progress_bar, require_model
+from app_pages._figures import chart
+from app_pages._journey import WHY_DIFFERENT, attribute_overlap, choose_image, journey_attributor, journey_cli
+from app_pages._tiles import tiles
+from app_pages._ui import display_size, fail, keep, progress_bar, require_model
 
 JOURNEY_METHODS = [m for m in METHODS if METHODS[m].per_step]  # the kernel methods that score single steps
 N_PRO, N_OPP, FORMATION_TOP = 6, 3, 8
-
-
-@st.cache_resource(max_entries=4, show_spinner=False)
-def journey_attributor(opts: RunOptions) -> Attributor:
-    """One Attributor per (checkpoint, dataset, method, K, k); it keeps the kernel in memory (features and kernel
-    are shared with the other pages through the disk cache)."""
-    return open_attributor(cached_model(opts.checkpoint), get_method(opts.method), opts.dataset,
-                           timesteps=opts.timesteps, proj_dim=opts.proj_dim, projector=opts.projector)
 
 
 st.title("Journey")
 st.caption("Attribution of every denoising step: at step t the model's guess of the clean image, x̂0, is re-noised "
            "to t and attributed (Journey-TRAK). The proponents change along the way, and the formation curve shows "
            "over which steps the image's features are decided.")
+keep("jr_source", "jr_seed", "jr_method", "jr_sampler", "jr_steps", "jr_every", "jr_R", "jr_K", "jr_k", "jr_lam_")
 model = require_model()
 dataset = st.session_state.get("dataset")
 size = display_size(model.resolution, 128)
 
 # -- 1. the image ------------------------------------------------------------------------------------------------
-source = st.radio("Image", ["Seed", "Generated image", "Uploaded image"], horizontal=True, key="jr_source",
-                  label_visibility="collapsed")
-image, fixed, seed = None, None, 0
-if source == "Seed":
-    seed = int(st.number_input("Seed (the image gen:SEED)", 0, 2**31 - 1, 0, key="jr_seed"))
-    name, source_id = f"gen:{seed}", f"gen/{seed}"
-elif source == "Generated image":
-    gen = st.session_state.get("generated")
-    if not gen or gen["checkpoint"] != model.spec:
-        st.info("Generate images on the **Generate** page first, or pick a seed.")
-        st.stop()
-    seed = int(st.selectbox("Generated image (seed)", gen["seeds"], key="jr_gen_seed"))
-    fixed = (int(gen["steps"]), gen["sampler"])
-    name, source_id = f"gen:{seed}", f"gen/{seed}"
-    st.caption(f"Sampled again with {fixed[1]}, {fixed[0]} steps: the same image as on the Generate page (a seed "
-               "names one image), now with its whole trajectory.")
-else:
-    up = st.session_state.get("uploaded")
-    if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
-        st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
-        st.stop()
-    st.info("An uploaded image has no sampling trajectory, so it is attributed by **noising it forward**: x_t is the "
-            "image noised to each chosen step's t and x̂0 the model's one-step prediction from x_t.",
-            icon=":material/info:")
-    image = pixels_to_tensor(up["pixels"])
-    name, source_id = up["name"], f"upload/{up['sha256']}"
+image, fixed, seed, name, source_id = choose_image(model)
 
 # -- 2. options (a form: nothing runs until Compute) --------------------------------------------------------------
 with st.form("jr_form"):
@@ -123,9 +91,10 @@ scores = journey.scores(att, m, lam)
 form = formation(journey, scores, att.train, top=FORMATION_TOP)
 labels = [int(s) for s in journey.steps]
 t_of = dict(zip(labels, (int(t) for t in journey.timesteps)))
-a, b = form.window()
 st.markdown(f"**{journey.meta['name']}** · {METHODS[opts.method].title} · {cfg.sampler}, {cfg.steps} steps, "
-            f"{len(journey)} attributed · x̂0 approaches the final image between steps **{a}** and **{b}**")
+            f"{len(journey)} attributed")
+st.markdown(form.summary())
+st.caption(WHY_DIFFERENT + attribute_overlap(opts.method, att.train.spec, journey.meta["name"], scores[-1]))
 if st.session_state.get("jr_step") not in labels:
     st.session_state["jr_step"] = labels[-1]
 
@@ -135,6 +104,7 @@ def _toggle_play() -> None:
     st.session_state["jr_playing"] = playing
     if playing and st.session_state.get("jr_step") == labels[-1]:
         st.session_state["jr_step"] = labels[0]
+        st.session_state["jr_shown"] = None  # show the first step before advancing
 
 
 playing = st.session_state.get("jr_playing", False)
@@ -149,7 +119,9 @@ def _pixels(x: np.ndarray) -> np.ndarray:
 @st.fragment(run_every=0.8 if playing else None)
 def step_panel() -> None:
     """The slider and everything that depends on the step: only this part reruns while scrubbing or playing."""
-    if st.session_state.get("jr_playing"):
+    # Advance only once the current step has been drawn to the end (`jr_shown`): a tick that interrupts a slow
+    # run shows the same step again rather than skipping one.
+    if st.session_state.get("jr_playing") and st.session_state.get("jr_shown") == st.session_state["jr_step"]:
         i = labels.index(st.session_state["jr_step"])
         if i + 1 >= len(labels):
             st.session_state["jr_playing"] = False
@@ -166,7 +138,8 @@ def step_panel() -> None:
     pro, opp = top_lists(scores[i], att.train, N_PRO, N_OPP)
     ranked_tiles(pro, att.train, f"Proponents at step {step}", "jr_pro")
     ranked_tiles(opp, att.train, f"Opponents at step {step}", "jr_opp")
-    st.plotly_chart(formation_figure(form, current=step), key="jr_formation", config={"displayModeBar": False})
+    chart(formation_figure(form, current=step), "jr_formation", f"formation-{journey.meta['name']}")
+    st.session_state["jr_shown"] = step
 
 
 step_panel()
@@ -174,11 +147,8 @@ step_panel()
 # -- 4. film strip: the top proponent of each step --------------------------------------------------------------
 st.markdown("**Top proponent per step**")
 top1 = top_indices(scores, 1)[:, 0]
-strip = display_size(model.resolution, 56)
-with st.container(horizontal=True, gap="xsmall", key="jr_film"):
-    for s, idx, row in zip(labels, top1, scores):
-        st.image(att.train.thumbnail(int(idx), strip), width=strip, output_format="PNG",
-                 caption=f"{s} · #{int(idx)} · {row[idx]:+.2g}")
+tiles(att.train, [int(i) for i in top1],
+      [f"{s} · #{int(i)} · {row[i]:+.2g}" for s, i, row in zip(labels, top1, scores)], "jr_film", target=56)
 st.caption(f"Step · training index · score. The top-{FORMATION_TOP} overlap with the last step is "
            + ", ".join(f"{v:.2f}" for v in form.overlap) + ".")
 
@@ -188,9 +158,5 @@ d1.download_button("Journey (.npz)", to_npz_bytes(**journey.arrays(), scores=sco
                                                   proponent_similarity=form.proponent_similarity,
                                                   overlap=form.overlap),
                    file_name=f"journey-{journey.meta['name'].replace(':', '-')}.npz", key="jr_npz")
-cli = ["python", "-m", "attribution", "journey", "--checkpoint", opts.checkpoint, "--dataset", att.train.spec]
-cli += ["--image", journey.meta["name"]] if image is not None else ["--seed", str(cfg.seed)]
-cli += ["--steps", str(cfg.steps), "--sampler", cfg.sampler, "--every", str(cfg.every), "--resamples",
-        str(cfg.resamples), "--method", opts.method, "--timesteps", str(opts.timesteps), "--proj-dim",
-        str(opts.proj_dim), "--lambda", f"{lam:.6g}", "--out", "out/journey"]
-st.code(" ".join(shlex.quote(p) for p in cli), language="bash", wrap_lines=True)
+st.code(journey_cli(opts, cfg, journey, att.train.spec, lam, uploaded=image is not None), language="bash",
+        wrap_lines=True)

@@ -8,16 +8,20 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
+from attribution.analysis.memorisation import class_ranks, size_normalized
 from attribution.errors import AttributionError
 from attribution.methods import METHODS
 from attribution.report import export_metadata, export_name, to_csv
 from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attribution, featurize_note,
                              featurize_with_progress, lambda_slider, opts_key)
-from app_pages._ui import display_size, fail, require_model
+from app_pages._figures import chart
+from app_pages._tiles import record_scores, tile_caption, tiles
+from app_pages._ui import fail, keep, require_model
 
 st.title("Self-influence")
 st.caption("τ(xₙ)ₙ: the score of each training image for itself. High values mark atypical, memorised images; "
            "low values typical ones with many similar neighbours.")
+keep("si_method", "si_K", "si_k", "si_lambda_", "si_variant", "si_per_class", "si_n", "si_classes")
 model = require_model()
 dataset = st.session_state.get("dataset")
 usable = [m for m in METHODS if METHODS[m].has_self_influence]  # e.g. not cosine methods (always 1)
@@ -60,28 +64,49 @@ except AttributionError as exc:
     fail(exc)
 
 data = att.train
+VARIANTS = {"plain": "Self-influence τ(xₙ)", "normalised": "Size-normalised τ(xₙ) / ‖φ(xₙ)‖²"}
+c1, c2 = st.columns([2, 1])
+variant = c1.radio("Shown", list(VARIANTS), format_func=VARIANTS.get, horizontal=True, key="si_variant",
+                   help="Plain self-influence grows with the size of an image's own gradient, so thin strokes "
+                        "with large gradients top the list. The size-normalised variant divides by the squared "
+                        "feature norm and measures how unusual the gradient's direction is.")
+per_class = c2.toggle("Rank within each class", False, key="si_per_class",
+                      help="Each image's rank among the images of its own class (1 = highest).")
+if variant == "normalised":
+    values = size_normalized(values, sum(w * m.train_features().norms ** 2 for w, m in zip(att.weights, att.members)))
+ranks = class_ranks(values, data.labels)
 order = np.argsort(-values, kind="stable")
+if per_class:  # the top of every class first: all rank-1 images, then all rank-2, ...
+    order = order[np.argsort(ranks[order], kind="stable")]
+st.caption(("Shown: self-influence divided by the squared norm of the image's feature φ (the Rayleigh quotient of "
+            "(ΦᵀΦ + λI)⁻¹ for its unit direction): how few training images share its gradient direction, "
+            "whatever the gradient's size." if variant == "normalised" else
+            "Shown: plain self-influence, the image's score for itself (with Q = I, the kernel leverage). It grows "
+            "with the gradient's size; switch to the size-normalised variant to see unusual images rather than "
+            "large gradients.")
+           + (" Ordered by rank within class: the most self-influential image of each class first." if per_class
+              else ""))
 n_show = st.slider("Images shown", 4, 32, 10, key="si_n")
-size = display_size(data.resolution, 80)
 classes = sorted({data.label_name(i) for i in range(len(data))})
 pick = st.multiselect("Classes", classes, key="si_classes", placeholder="all classes")
 if pick:
-    order = np.array([i for i in order if data.label_name(i) in pick])
-
-for title, shown, key in ((f"**Highest self-influence** ({METHOD_TITLES[opts.method]})", order[:n_show], "si_high"),
-                          ("**Lowest self-influence**", order[::-1][:n_show], "si_low")):
-    with st.container(key=key):
-        st.markdown(title)
-        st.image([data.thumbnail(i, size) for i in shown], width=size, output_format="PNG",
-                 caption=[f"#{i} · {data.label_name(i)} · {values[i]:.3g}" for i in shown])
+    order = np.array([i for i in order if data.label_name(i) in pick], dtype=np.int64)
+what = "τ/‖φ‖²" if variant == "normalised" else "self-influence"
+record_scores(data, f"{VARIANTS[variant]} ({METHOD_TITLES[opts.method]})", values)
+for title, shown, key in ((f"**Highest** ({METHOD_TITLES[opts.method]})", order[:n_show], "si_high"),
+                          ("**Lowest**", order[::-1][:n_show], "si_low")):
+    st.markdown(title)
+    tiles(data, shown, [tile_caption(data, i, values[i], what, signed=False)
+                        + (f" · class rank {ranks[i]}" if per_class else "") for i in shown], key)
 
 fig = px.histogram(x=values, color=[data.label_name(i) for i in range(len(data))], nbins=60,
-                   labels={"x": "self-influence", "color": "class"}, title="Distribution over the training set")
+                   labels={"x": what, "color": "class"}, title="Distribution over the training set")
 fig.update_layout(barmode="overlay", height=320, margin=dict(t=40, b=10))
 fig.update_traces(opacity=0.6)
-st.plotly_chart(fig, key="si_hist")
-rows = [{"index": int(i), "label": data.label_name(int(i)), "self_influence": float(values[i])} for i in order]
+chart(fig, "si_hist", f"self-influence-{variant}-{opts.method}")
+rows = [{"index": int(i), "label": data.label_name(int(i)), "self_influence": float(values[i]),
+         "class_rank": int(ranks[i])} for i in order]
 st.dataframe(rows, height=240, hide_index=True)
-meta = export_metadata(None, opts.method, lam, opts.checkpoint, data.spec, att.cfg)
+meta = {**export_metadata(None, opts.method, lam, opts.checkpoint, data.spec, att.cfg), "variant": variant}
 st.download_button("Self-influence (.csv)", to_csv([{**row, **meta} for row in rows]),
-                   file_name=export_name("self-influence", meta, "csv"), mime="text/csv")
+                   file_name=export_name(f"self-influence-{variant}", meta, "csv"), mime="text/csv")

@@ -15,8 +15,10 @@ from attribution.figures import (influential_figure, norm_curve_figure, norm_sca
 from attribution.methods import METHODS, TIMESTEP_BIAS_METHODS
 from attribution.methods.over_checkpoints import run_checkpoints
 from attribution.targets import resolve_targets
+from app_pages._figures import chart
+from app_pages._tiles import tile_caption, tiles
 from app_pages._attr import METHOD_TITLES, RunOptions, cached_attribution, featurize_with_progress
-from app_pages._ui import cached_model, display_size, fail, progress_bar, require_model
+from app_pages._ui import cached_model, checkpoint_name, display_size, fail, keep, progress_bar, require_model
 
 st.title("Timesteps")
 st.caption("Per-sample gradient norms ‖∇θ L(x, t)‖ depend strongly on the timestep t. Plain TracIn therefore "
@@ -26,6 +28,8 @@ st.caption("Direction: the Diffusion-ReTrac paper reports norms rising toward no
            "ε-prediction DDPMs here they fall with t: the ε-MSE gradient is proportional to the prediction error, "
            "which is largest at small t (recovering faint noise from a nearly clean image; the shipped digits "
            "model's loss falls from ~0.17 at t = 10 to ~0.0004 at t = 900, where x_t is almost pure noise).")
+keep("ts_log", "ts_index", "ts_grid", "ts_samples", "ts_per_bin", "ts_samples_c", "ts_infl_methods", "ts_infl_n",
+     "ts_infl_k")
 model = require_model()
 dataset = st.session_state.get("dataset")
 try:
@@ -54,7 +58,7 @@ with one:
     c1, c2, c3 = st.columns([1, 1, 2])
     index = int(c1.number_input("Training image", 0, len(train) - 1, 0, key="ts_index"))
     grid = int(c2.select_slider("Timesteps", [10, 25, 50, 100, 200], 100, key="ts_grid"))
-    ckpts = c3.multiselect("Checkpoints", run_specs, [model.spec], key="ts_ckpts")
+    ckpts = c3.multiselect("Checkpoints", run_specs, [model.spec], key="ts_ckpts", format_func=checkpoint_name)
     c1.image(train.thumbnail(index, size), width=size, output_format="PNG",
              caption=f"#{index} · {train.label_name(index)}")
     if ckpts:
@@ -62,10 +66,10 @@ with one:
         with st.spinner("Gradient norms at every timestep (fixed noise)…"):
             for spec in ckpts:
                 ts, norms, trained, source = curve(spec, train.spec, index, grid)
-                curves[spec], marks[spec] = (ts, norms), trained
+                curves[checkpoint_name(spec)], marks[checkpoint_name(spec)] = (ts, norms), trained
                 sources.add(source)
-        st.plotly_chart(norm_curve_figure(curves, marks, f"train:{index}: gradient norm versus timestep", log_y),
-                        key="ts_curve")
+        chart(norm_curve_figure(curves, marks, f"train:{index}: gradient norm versus timestep", log_y), "ts_curve",
+              f"gradient-norm-train-{index}")
         st.caption(f"Dashed lines: the timestep this image was drawn at in the epoch that ended at each checkpoint "
                    f"({', '.join(sorted(sources))}). The same noise is used at every timestep.")
 
@@ -93,23 +97,24 @@ with scatter:
         res = stored[1]
         fig = norm_scatter_figure(res, train.label_name, log_y, normalize_per_bin=per_bin,
                                   num_timesteps=model.num_timesteps)
-        event = st.plotly_chart(fig, key="ts_scatter_chart", on_select="rerun", selection_mode=("points", "box"))
+        event = chart(fig, "ts_scatter_chart", "gradient-norms-training-set", on_select="rerun",
+                      selection_mode=("points", "box"))
         st.caption(f"{res.source.capitalize()} training timesteps · Spearman ρ(norm, t) = {res.spearman():+.3f} over "
                    f"{len(res.norms)} images. Click or box-select points to open the training images.")
         picked = selected_points(event.selection if event else None)
         if picked:
             shown = picked[:16]
             norm_of = dict(zip(res.indices.tolist(), res.norms.tolist()))
-            st.image([train.thumbnail(i, size) for i, _ in shown], width=size, output_format="PNG",
-                     caption=[f"#{i} · {train.label_name(i)} · t={t} · {norm_of.get(i, float('nan')):.3g}"
-                              for i, t in shown])
+            tiles(train, [i for i, _ in shown], [f"{tile_caption(train, i)} · t={t} · norm "
+                                                 f"{norm_of.get(i, float('nan')):.3g}" for i, t in shown], "ts_picked")
         st.dataframe([{"t from": b["t_from"], "t to": b["t_to"], "images": b["count"], "median norm": b["median"]}
                       for b in res.binned(10, model.num_timesteps)], hide_index=True, key="ts_bins")
 
 # -- per checkpoint --------------------------------------------------------------------------------------------------
 with per_ckpt:
     if len(run_specs) < 2:
-        st.info(f"{model.spec} is not a later checkpoint of a training run: there is nothing to compare.")
+        st.info(f"{checkpoint_name(model.spec)} is not a later checkpoint of a training run: there is nothing to "
+                "compare.")
     else:
         with st.form("ts_ckpt_form"):
             samples_c = int(st.number_input("Training images per checkpoint", 10, len(train), min(300, len(train)),
@@ -128,8 +133,8 @@ with per_ckpt:
         stored = st.session_state.get("ts_per_ckpt")
         if stored and stored[0] == key_c:
             results = stored[1]
-            st.plotly_chart(per_checkpoint_figure(results, num_timesteps=model.num_timesteps, log_y=log_y),
-                            key="ts_ckpt_chart")
+            chart(per_checkpoint_figure(results, num_timesteps=model.num_timesteps, log_y=log_y), "ts_ckpt_chart",
+                  "gradient-norms-per-checkpoint")
             st.dataframe([{"checkpoint": r.checkpoint, "timesteps": r.source, "Spearman ρ(norm, t)": r.spearman(),
                            "median norm, t < 100": r.binned(10)[0]["median"],
                            "median norm, t ≥ 900": r.binned(10)[-1]["median"]} for r in results],
@@ -170,9 +175,9 @@ with influential:
     stored = st.session_state.get("ts_infl")
     if stored and stored[0] == key_i:
         stats = stored[1]
-        st.plotly_chart(influential_figure(stats), key="ts_infl_chart")
+        chart(influential_figure(stats), "ts_infl_chart", "generally-influential")
         for s in stats:
             st.markdown(f"**{METHOD_TITLES[s.method]}**: {s.unique} distinct of {s.targets * s.k}; most recurring")
             shown = s.recurring[:8]
-            st.image([train.thumbnail(i, size) for i, _ in shown], width=size, output_format="PNG",
-                     caption=[f"#{i} · {train.label_name(i)} · in {c}" for i, c in shown])
+            tiles(train, [i for i, _ in shown], [f"{tile_caption(train, i)} · in {c} lists" for i, c in shown],
+                  f"ts_recurring_{s.method}")

@@ -40,5 +40,10 @@ if n_shown == 0:
 first = (page - 1) * page_size
 st.markdown(f"Images **{first + 1}–{first + len(indices)}** of {n_shown}")
 size = display_size(data.resolution, 80)
-captions = [f"#{i} · {data.label_name(i)}" for i in indices]
+mark = st.session_state.get("td_highlight")  # set by a training image's Details → "Show in training data"
+mark = mark[2] if mark and mark[:2] == (data.spec, split) and mark[2] in indices else None
+if mark is not None:
+    st.success(f"Training image #{mark} (class {data.label_name(mark)}) is on this page, marked ▶.",
+               icon=":material/my_location:")
+captions = [f"{'▶ ' if i == mark else ''}#{i} · {data.label_name(i)}" for i in indices]
 image_grid(data.pixels[indices], captions, size, key="training_grid")

@@ -194,3 +194,46 @@ def formation_figure(f: Formation, current: int | None = None, title: str | None
     fig.update_yaxes(title_text="similarity / overlap", secondary_y=True, range=[-0.05, 1.05],
                      tickvals=[0, 0.25, 0.5, 0.75, 1], showgrid=False)
     return fig
+
+
+def write_png(fig: go.Figure, path: str | Path, timeout: float = 120.0, scale: float = 2.0) -> str | None:
+    """Write `fig` as a PNG through kaleido and the machine's own Chromium (offline; $BROWSER_PATH, else
+    /usr/bin/chromium or chromium-headless-shell when present), atomically. For the CLI commands that write HTML.
+
+    Returns None when written, else a one-line note saying why not (no kaleido, no Chromium, an error, or no
+    answer within `timeout` s): a missing picture never stops the command and never hangs it.
+    """
+    import os
+    import shutil
+    import threading
+
+    from .fileio import atomic_path
+
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return "PNG skipped: kaleido is not installed (pip install kaleido)"
+    if not os.environ.get("BROWSER_PATH"):
+        exe = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-headless-shell") if Path(p).is_file()),
+                   shutil.which("chromium") or shutil.which("chromium-headless-shell"))
+        if exe is None:
+            return "PNG skipped: no Chromium for kaleido (set BROWSER_PATH or install chromium)"
+        os.environ["BROWSER_PATH"] = exe
+    result: dict = {}
+
+    def render() -> None:
+        try:
+            result["png"] = fig.to_image(format="png", scale=scale)
+        except Exception as exc:  # noqa: BLE001  (kaleido raises many kinds; all become the one-line note)
+            result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    worker = threading.Thread(target=render, daemon=True, name="kaleido")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        return f"PNG skipped: kaleido did not answer within {timeout:.0f} s"
+    if "error" in result:
+        return f"PNG skipped: kaleido failed ({result['error']})"
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(result["png"])
+    return None

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python docs/make_screenshots.py                       # the shipped digits model and dataset
     ATTRIBUTION_CHECKPOINT=runs/x python docs/make_screenshots.py --sampler ddim --steps 250
+    OMP_NUM_THREADS=1 python docs/make_screenshots.py --explore    # Attribute progress/explore/details, Tour
 
 Starts `streamlit run app.py` on a free port (tests/browser_support.py, shared with tests/test_browser.py), drives
 system Chromium (/usr/bin/chromium or chromium-headless-shell) with Playwright, and stops the server again.
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import browser_support as bs  # noqa: E402
 
+PAGE_TIMEOUT_MS = 5 * 60_000  # a page run that loads the model, samples gen:0 and times one image on a busy CPU
 FEATURIZE_TIMEOUT_MS = 20 * 60_000  # the first Attribute run featurizes the training set for D-TRAK and TRAK
 
 
@@ -74,6 +76,103 @@ def shot_attribute(page, url: str, out: Path, val_index: int, compare: str) -> N
     bs.full_page_screenshot(page, out)
 
 
+def _attribute_val(page, url: str, val_index: int, K: int, k: int) -> None:
+    """Attribute page: validation image `val_index`, D-TRAK at (K, k), Run pressed."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/attribute")
+    bs.wait_for_app_run(page, timeout=PAGE_TIMEOUT_MS)
+    page.locator(".st-key-attr_source").get_by_text("Validation image").click()
+    bs.wait_for_app_run(page, timeout=PAGE_TIMEOUT_MS)
+    index = page.locator(".st-key-attr_val_idx input")
+    index.fill(str(val_index))
+    index.press("Enter")
+    bs.wait_for_app_run(page, timeout=PAGE_TIMEOUT_MS)
+    expect(page.get_by_test_id("stImageCaption").first).to_contain_text(f"val:{val_index}")
+    page.locator(".st-key-attr_K input").fill(str(K))
+    bs.choose(page, "attr_k", str(k))
+    page.get_by_role("button", name="Run attribution").click()
+
+
+def shot_progress(page, url: str, out: Path, val_index: int, K: int, k: int) -> None:
+    """The progress of a featurization (a feature set that is not cached: K+1), a few updates in; the page is
+    then left (the server's background job goes on until the server stops)."""
+    from playwright.sync_api import expect
+
+    import re
+
+    _attribute_val(page, url, val_index, K, k)
+    expect(page.get_by_text(re.compile(r"featurizing \d+ training images")).first).to_be_visible(
+        timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_timeout(10_000)  # a few updates: count, rate, time left
+    page.screenshot(path=str(out))
+
+
+def shot_explore(page, url: str, outs: dict, val_index: int, K: int, k: int) -> None:
+    """Attribute page with D-TRAK alone at (K, k): the results (captions, λ guidance) and the Details dialog of
+    the top proponent."""
+    from playwright.sync_api import expect
+
+    _attribute_val(page, url, val_index, K, k)
+    expect(page.get_by_role("heading", name="Results")).to_be_visible(timeout=FEATURIZE_TIMEOUT_MS)
+    bs.wait_for_app_run(page, timeout=FEATURIZE_TIMEOUT_MS)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    bs.full_page_screenshot(page, outs["explore"])
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.locator(".st-key-attr_pro_0").get_by_role("button", name="Details").first.click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_text("Rank and score under each ranking")).to_be_visible(timeout=60_000)
+    bs.wait_for_app_run(page)
+    dialog.screenshot(path=str(outs["details"]))
+
+
+def shot_tour(page, url: str, out: Path, K: int, k: int) -> None:
+    """The Tour with every step run (the feature set (K, k) of shot_explore, so its features are cached)."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/tour")
+    bs.wait_for_app_run(page, timeout=PAGE_TIMEOUT_MS)
+    page.get_by_text("Settings (shared with the Attribute page").click()
+    page.locator(".st-key-tour_K input").fill(str(K))
+    page.locator(".st-key-tour_K input").press("Enter")
+    bs.wait_for_app_run(page, timeout=PAGE_TIMEOUT_MS)
+    bs.choose(page, "tour_k", str(k))
+    bs.wait_for_app_run(page, timeout=PAGE_TIMEOUT_MS)
+    for n, shows in ((1, "[data-testid='stImage']"), (2, ".st-key-tour_pro [data-testid='stImage']"),
+                     (4, ".st-key-tour_film [data-testid='stImage']"), (5, ".st-key-tour_curve")):
+        page.locator(f".st-key-tour_go_{n} button").click()
+        expect(page.locator(shows).first).to_be_visible(timeout=FEATURIZE_TIMEOUT_MS)
+        bs.wait_for_app_run(page, timeout=FEATURIZE_TIMEOUT_MS)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    bs.full_page_screenshot(page, out)
+
+
+def explore_main(out_dir: Path = ROOT / "docs", val_index: int = 12, K: int = 2, k: int = 512) -> None:
+    """The issue-17 shots: docs/app-attribute-progress.png, app-attribute-explore.png, app-attribute-details.png
+    and app-tour.png (K=2, k=512 by default: one featurization of a few minutes on CPU, shared by both pages)."""
+    from playwright.sync_api import sync_playwright
+
+    outs = {name: out_dir / f"app-{name}.png" for name in ("attribute-progress", "attribute-explore",
+                                                            "attribute-details", "tour")}
+    with bs.app_server({}) as url, sync_playwright() as p:
+        browser = bs.launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        shot_explore(page, url, {"explore": outs["attribute-explore"], "details": outs["attribute-details"]},
+                     val_index, K, k)
+        page.close()
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        shot_tour(page, url, outs["tour"], K, k)
+        page.close()
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:  # last: it leaves a featurization running on the server until the server stops
+            shot_progress(page, url, outs["attribute-progress"], val_index, K + 1, k)
+        except AssertionError as exc:  # a loaded machine: the run did not start in time
+            print(f"progress shot skipped: {str(exc).splitlines()[0]}")
+        page.close()
+        browser.close()
+    print("wrote " + ", ".join(str(p) for p in outs.values() if p.exists()))
+
+
 def main(out_dir: Path = ROOT / "docs", n_images: int = 16, sampler: str = "ddpm", steps: int = 50,
          val_index: int = 12, compare: str = "TRAK") -> None:
     from playwright.sync_api import sync_playwright
@@ -106,5 +205,10 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--val-index", type=int, default=12, help="validation image attributed")
     parser.add_argument("--compare", default="TRAK", help="'Compare with method' option for the Attribute shot")
+    parser.add_argument("--explore", action="store_true",
+                        help="only the issue-17 shots: progress, captions and λ guidance, details dialog, Tour")
     args = parser.parse_args()
+    if args.explore:
+        explore_main(val_index=args.val_index)
+        sys.exit(0)
     main(n_images=args.n, sampler=args.sampler, steps=args.steps, val_index=args.val_index, compare=args.compare)

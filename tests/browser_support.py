@@ -140,5 +140,8 @@ def full_page_screenshot(page, path: Path) -> None:
 
 def choose(page, key: str, option: str) -> None:
     """Pick `option` in the selectbox with widget key `key` (a form's selectbox does not rerun the app)."""
-    page.locator(f".st-key-{key} [role='combobox']").click()
+    box = page.locator(f".st-key-{key} [role='combobox']")
+    box.scroll_into_view_if_needed()
+    box.click()
+    page.keyboard.type(option)  # filter the list: a long or virtualised list may not have rendered the option yet
     page.get_by_role("option", name=option, exact=True).click()

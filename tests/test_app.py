@@ -22,7 +22,7 @@ from app_pages._ui import display_size, page_indices, read_upload
 APP = Path(__file__).resolve().parents[1] / "app.py"
 # The attribution tests featurize the 1618 digits once per feature set (K=2, k=512): ~15-40 s on two busy cores.
 RUN_TIMEOUT = 300
-TILE = re.compile(r"^#(\d+) · (.+) · ([+-]\S+)$")  # "#index · class · signed score" under a ranked tile
+TILE = re.compile(r"^train #(\d+) · class (.+) · score ([+-]\S+)$")  # under a ranked tile
 
 
 @pytest.fixture(scope="session")
@@ -187,8 +187,11 @@ def test_attribute_validation_target_with_comparison_and_lambda(app):
     slider = app.main.get_by_key("attr_result_0").select_slider[0]
     before, cli_before = tiles(app, "attr_pro_0"), app.main.get_by_key("attr_result_0").code[0].value
     trak_before = tiles(app, "attr_pro_1")
-    assert slider.value in [float(o) for o in slider.options]
-    new = float(slider.options[0]) if float(slider.options[0]) != slider.value else float(slider.options[-1])
+    options = [float(o.split()[0]) for o in slider.options]  # the default is marked "(default)"
+    assert slider.value in options and sum("(default)" in o for o in slider.options) == 1
+    default = next(float(o.split()[0]) for o in slider.options if "(default)" in o)
+    assert slider.value == default
+    new = options[0] if options[0] != slider.value else options[-1]
     start = time.perf_counter()
     slider.set_value(new).run()
     elapsed = time.perf_counter() - start
@@ -199,6 +202,12 @@ def test_attribute_validation_target_with_comparison_and_lambda(app):
     assert elapsed < 10, elapsed
     assert app.main.get_by_key("attr_result_0").code[0].value != cli_before  # the CLI line carries --lambda
     assert tiles(app, "attr_pro_1") == trak_before  # TRAK's column keeps its own lambda
+    result = app.main.get_by_key("attr_result_0")
+    assert any("Top-5 shared with the neighbouring λ values" in c.value for c in result.caption)
+    next(b for b in result.button if b.label == "Reset λ").click().run()  # back to the default
+    slider = app.main.get_by_key("attr_result_0").select_slider[0]
+    assert slider.value == default
+    assert tiles(app, "attr_pro_0") == before
 
     # Another checkpoint (the run's first epoch) with the same target spec, then another target: the stored results
     # are never shown as theirs.
@@ -240,13 +249,20 @@ def test_attribute_training_image_is_its_own_top_proponent(app):
     run_attribution(app, "Training image", index, compare="dtrak")  # comparing D-TRAK with itself: one column
     assert [md.value for md in app.main.markdown if md.value.startswith("#### ")] == ["#### D-TRAK"]
     slider = app.main.get_by_key("attr_result_0").select_slider[0]
-    slider.set_value(float(slider.options[0])).run()  # the smallest lambda on the slider
+    slider.set_value(float(slider.options[0].split()[0])).run()  # the smallest lambda on the slider
     assert not app.exception
     pro = tiles(app, "attr_pro_0")
     assert pro[0][0] == index
     first_caption = app.main.get_by_key("attr_pro_0").get("image")[0].proto.imgs[0].caption
-    assert first_caption.startswith(f"#{index} ·")
+    assert first_caption.startswith(f"train #{index} ·")
     assert "--target train:7" in app.main.get_by_key("attr_result_0").code[0].value
+    # Away and back: the options, the results and the chosen lambda are still there (no button state restored).
+    lam = app.main.get_by_key("attr_result_0").select_slider[0].value
+    app.switch_page("app_pages/generate.py").run()
+    app.switch_page("app_pages/attribute.py").run()
+    assert not app.exception, app.exception
+    assert app.number_input(key="attr_train_idx").value == index
+    assert app.main.get_by_key("attr_result_0").select_slider[0].value == lam and tiles(app, "attr_pro_0") == pro
 
 
 def test_attribute_with_a_missing_checkpoint_shows_one_line(app, tiny_run):
@@ -256,6 +272,12 @@ def test_attribute_with_a_missing_checkpoint_shows_one_line(app, tiny_run):
     errors = [e.value for e in app.main.error]
     assert len(errors) == 1 and "\n" not in errors[0] and "checkpoint not found" in errors[0]
     assert not app.main.get("radio")  # the page stopped before the target picker
+
+
+def _si_attribution(at):
+    from app_pages._attr import cached_attribution
+
+    return cached_attribution(at.session_state["si_opts"])
 
 
 def test_self_influence(app):
@@ -271,7 +293,7 @@ def test_self_influence(app):
         images = [img for element in app.main.get_by_key(key).get("image") for img in element.proto.imgs]
         values = []
         for img in images:
-            m = re.match(r"^#(\d+) · (\d) · (\S+)$", img.caption)
+            m = re.match(r"^train #(\d+) · class (\d) · self-influence (\S+)$", img.caption)
             assert m, img.caption
             values.append(float(m[3]))
         return values
@@ -281,8 +303,24 @@ def test_self_influence(app):
     assert high == sorted(high, reverse=True) and low == sorted(low)
     assert min(high) >= max(low)
     table = app.dataframe[0].value
-    assert len(table) == 1618 and list(table.columns) == ["index", "label", "self_influence"]
+    assert len(table) == 1618 and list(table.columns) == ["index", "label", "self_influence", "class_rank"]
     assert table["self_influence"].is_monotonic_decreasing
+    assert "plain self-influence" in " ".join(c.value for c in app.main.caption)
+
+    # The size-normalised variant: tau / |phi|^2 from the library's features, ranked within each class.
+    from attribution.analysis.memorisation import class_ranks
+
+    app.radio(key="si_variant").set_value("normalised").run()
+    app.toggle(key="si_per_class").set_value(True).run()
+    assert not app.exception, app.exception
+    assert "divided by the squared norm" in " ".join(c.value for c in app.main.caption)
+    table = app.dataframe[0].value
+    att = _si_attribution(app)
+    lam = app.main.select_slider[0].value  # the slider's (rounded) default lambda
+    want = att.self_influence(lam) / att.members[0].train_features().norms ** 2
+    np.testing.assert_allclose(table.sort_values("index")["self_influence"], want, rtol=1e-9)
+    assert (table.sort_values("index")["class_rank"].to_numpy() == class_ranks(want, att.train.labels)).all()
+    assert table["class_rank"].is_monotonic_increasing  # the top of every class first
 
     # Another checkpoint in the sidebar: these values are not shown as its own.
     other = next(o for o in app.sidebar.selectbox(key="checkpoint_pick").options if o.endswith("@epoch-1"))
@@ -364,3 +402,67 @@ def test_timesteps_page(app, tiny_run):
     assert len(counts) == 2, [m.value for m in app.markdown]
     for text in counts:
         assert 2 <= int(re.search(r"(\d+) distinct", text)[1]) <= 6
+
+
+def test_tour_walks_through_five_steps(app, tiny_run, feature_cache):
+    """The Tour on the tiny model with the small feature set: each button runs its step; the proponents are the
+    library's for the CLI's gen:0, and the journey and norm curve appear."""
+    from attribution.engine import open_attribution
+    from attribution.methods import get_method
+    from attribution.targets import resolve_targets
+
+    app.switch_page("app_pages/tour.py").run()
+    assert not app.exception, app.exception
+    assert [b.disabled for b in app.button if b.key and b.key.startswith("tour_go_")] == [False, True, True, True]
+    app.number_input(key="tour_K").set_value(2)
+    app.selectbox(key="tour_k").set_value(512)
+    app.button(key="tour_go_1").click().run()
+    assert not app.exception and "gen:0" in shown_images(app)
+    app.button(key="tour_go_2").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    shown = tiles(app, "tour_pro")
+    att = open_attribution(str(tiny_run), get_method("dtrak"), dataset="digits", timesteps=2, proj_dim=512,
+                           projector="sjlt", cache=str(feature_cache))
+    target = resolve_targets("gen:0", att.target_model, "digits")
+    scores = att.scores(att.features_of(target.images, target.keys))[0]
+    assert [i for i, _, _ in shown] == np.argsort(-scores, kind="stable")[:5].tolist()
+    assert "not in the app yet" in " ".join(m.value for m in app.markdown).lower()
+    app.button(key="tour_go_4").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    assert [c.split(" · ")[0] for c in shown_images(app) if c.startswith("step ")] == [
+        f"step {s}" for s in (9, 19, 29, 39, 49)]
+    assert any("halfway to the final image" in m.value for m in app.markdown)
+    app.button(key="tour_go_5").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    assert any(c.value.startswith("Largest at t = ") for c in app.caption)
+
+
+def test_sidebar_checks_a_dataset_spec_at_once_and_names_checkpoints_without_paths(app, tiny_run):
+    app.sidebar.text_input(key="dataset_custom").set_value("blah:xyz").run()
+    assert not app.exception
+    errors = [e.value for e in app.sidebar.error]
+    assert len(errors) == 1 and errors[0].startswith("unknown dataset 'blah:xyz'; use one of: digits")
+    assert not app.sidebar.warning  # not "trained on digits, but the dataset chosen is blah:xyz"
+    app.sidebar.text_input(key="dataset_custom").set_value("").run()
+    assert not app.sidebar.error
+    captions = " ".join(c.value for c in app.sidebar.caption)
+    assert str(tiny_run) not in captions and tiny_run.name in captions
+
+
+def test_page_options_survive_a_visit_to_another_page(app):
+    app.switch_page("app_pages/attribute.py").run()
+    app.selectbox(key="attr_method").set_value("trak").run()
+    assert not app.selectbox(key="attr_method").value == "dtrak"
+    assert not [s for s in app.selectbox if s.key == "attr_fn"] and not [s for s in app.slider if s.key == "attr_eta"]
+    app.number_input(key="attr_K").set_value(3)
+    app.radio(key="attr_source").set_value("Validation image").run()
+    app.switch_page("app_pages/generate.py").run()
+    app.switch_page("app_pages/attribute.py").run()
+    assert not app.exception
+    assert app.selectbox(key="attr_method").value == "trak"
+    assert app.radio(key="attr_source").value == "Validation image"
+    # D-TRAK offers its output functions; eta only for interp
+    app.selectbox(key="attr_method").set_value("dtrak").run()
+    assert app.selectbox(key="attr_fn").value == "square" and not [s for s in app.slider if s.key == "attr_eta"]
+    app.selectbox(key="attr_fn").set_value("interp").run()
+    assert app.slider(key="attr_eta").value == 1.0

@@ -76,7 +76,7 @@ def test_attribute_in_browser(server, browser, tmp_path):
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{server}/attribute")
-    wait_for_app_run(page)
+    wait_for_app_run(page, timeout=180_000)  # the first run loads the model and samples gen:0
     expect(page.get_by_role("heading", name="Attribute")).to_be_visible()
     page.locator(".st-key-attr_source").get_by_text("Validation image").click()
     wait_for_app_run(page)
@@ -101,13 +101,26 @@ def test_attribute_in_browser(server, browser, tmp_path):
     expect(proponents).to_have_count(5)
     expect(page.locator(".st-key-attr_pro_1 [data-testid='stImage']")).to_have_count(5)
     assert page.get_by_test_id("stImage").count() >= 11  # the target and 2 x 5 proponents at least
-    expect(proponents.first.get_by_test_id("stImageCaption")).to_have_text(re.compile(r"^#\d+ · \d · \+"))
+    expect(proponents.first.get_by_test_id("stImageCaption")).to_have_text(
+        re.compile(r"^train #\d+ · class \d · score \+"))
     for img in proponents.locator("img").all():  # rendered, not broken (waits while an image is still loading)
         page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(),
                                timeout=30_000)
     expect(page.get_by_test_id("stCode").first).to_contain_text("--target val:5")
-
     full_page_screenshot(page, tmp_path / "attribute.png")
+
+    # A proponent's Details: its rank under both rankings of this session, then "Attribute this image".
+    first = proponents.first.get_by_test_id("stImageCaption").inner_text()
+    index = int(re.match(r"^train #(\d+)", first)[1])
+    page.locator(".st-key-attr_pro_0").get_by_role("button", name="Details").first.click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_text("Rank and score under each ranking")).to_be_visible(timeout=60_000)
+    expect(dialog.get_by_text("D-TRAK · val:5")).to_be_visible()
+    expect(dialog.get_by_text("TRAK · val:5", exact=True)).to_be_visible()
+    dialog.get_by_role("button", name="Attribute this image").click()
+    wait_for_app_run(page)
+    expect(page.get_by_test_id("stImageCaption").first).to_have_text(re.compile(rf"^train:{index}( ·|$)"),
+                                                                      timeout=60_000)
     page.close()
 
 
@@ -130,7 +143,8 @@ def test_timesteps_scatter_click_opens_the_training_image(server, browser, tmp_p
     wait_for_app_run(page)
     point = chart.locator(".scatterlayer .point").first
     point.click(force=True)
-    caption = page.get_by_test_id("stImageCaption").filter(has_text=re.compile(r"^#\d+ · \d · t=\d+ · "))
+    caption = page.get_by_test_id("stImageCaption").filter(
+        has_text=re.compile(r"^train #\d+ · class \d · t=\d+ · norm "))
     expect(caption.first).to_be_visible(timeout=60_000)
     expect(page.get_by_test_id("stException")).to_have_count(0)
     page.screenshot(path=str(tmp_path / "timesteps.png"), full_page=True)
@@ -174,5 +188,5 @@ def test_four_concurrent_sessions_get_the_single_session_top5(server, browser):
     alone.get_by_role("button", name="Run attribution").click()
     single = _top5(alone)
     alone.context.close()
-    assert all(re.match(r"^#\d+ · \d · \+", c) for c in single), single
+    assert all(re.match(r"^train #\d+ · class \d · score \+", c) for c in single), single
     assert concurrent == [single] * 4

@@ -235,6 +235,18 @@ def test_formation_measures_and_figure(trak_att):
     assert any(s.x0 == int(j.steps[2]) and s.x1 == int(j.steps[2]) for s in fig.layout.shapes)  # the step marker
 
 
+def test_formation_summary_milestones():
+    from attribution.analysis.formation import Formation
+
+    steps = np.array([1, 11, 21, 31, 41, 50])
+    d = np.array([1.0, 0.9, 0.6, 0.2, 0.05, 0.0])  # covered: 0, .1, .4, .8, .95, 1
+    overlap = np.array([0.0, 0.5, 0.25, 0.5, 0.75, 1.0])  # dips below 0.5 at step 21, then stays at or above
+    f = Formation(steps, steps * 20, d, np.zeros(6), overlap, top=4)
+    assert f.covered(0.5) == 31 and f.covered(0.9) == 41 and f.covered(0.0) == 1
+    assert f.settled(0.5) == 31 and f.settled(0.0) == 1 and f.settled(1.0) == 50
+    assert f.summary().startswith("x̂0 is halfway to the final image at step 31 and 90% of the way at step 41 (of 50)")
+
+
 def test_journeys_are_cached_and_keyed_by_their_options(trak_att, cache, monkeypatch):
     cfg = JourneyConfig(seed=7, steps=6, every=2, resamples=2)
     first = run_journey(trak_att, cfg, cache=str(cache))
@@ -336,7 +348,7 @@ def captions(at, key: str) -> list[str]:
 
 
 def tile_indices(at, key: str) -> list[int]:
-    return [int(c.split(" · ")[0].lstrip("#")) for c in captions(at, key)]
+    return [int(c.split(" · ")[0].split("#")[1]) for c in captions(at, key)]
 
 
 def compute_journey(at, **values):
@@ -371,6 +383,10 @@ def test_journey_page_slider_play_and_film_strip(app, tiny_run, small_npz, cache
     assert captions(app, "jr_images")[0] == f"x_t · step 7, t={int(j.timesteps[2])}"
     pro = tile_indices(app, "jr_pro")
     assert pro == [int(i) for i in np.argsort(-S[2], kind="stable")[:6] if S[2, i] > 0]
+    text = " ".join(m.value for m in app.main.markdown)
+    f = formation(j, S, att.train, top=8)
+    assert f"halfway to the final image at step {f.covered(0.5)}" in text
+    assert "the target feature is not the same" in " ".join(c.value for c in app.main.caption)
     film = captions(app, "jr_film")
     assert [c.split(" · ")[0] for c in film] == ["1", "4", "7"]
     assert [int(c.split(" · ")[1].lstrip("#")) for c in film] == np.argmax(S, 1).tolist()
@@ -383,10 +399,13 @@ def test_journey_page_slider_play_and_film_strip(app, tiny_run, small_npz, cache
     assert captions(app, "jr_images")[0] == f"x_t · step 1, t={int(j.timesteps[0])}"
     assert tile_indices(app, "jr_pro") == [int(i) for i in np.argsort(-S[0], kind="stable")[:6] if S[0, i] > 0]
 
-    # Play starts at the first step and advances one attributed step per tick, then stops at the last.
+    # Play starts at the first step (shown first, not skipped) and advances one attributed step per tick, then
+    # stops at the last.
     app.main.select_slider(key="jr_step").set_value(7).run()
     app.button(key="jr_play").click().run()
-    assert app.session_state["jr_playing"] and app.main.select_slider(key="jr_step").value == 4
+    assert app.session_state["jr_playing"] and app.main.select_slider(key="jr_step").value == 1
+    app.run()
+    assert app.main.select_slider(key="jr_step").value == 4
     app.run()
     assert app.main.select_slider(key="jr_step").value == 7
     app.run()
@@ -415,7 +434,7 @@ def test_attribute_page_journey_trak(app, train):
     next(b for b in app.button if b.label == "Run attribution").click().run()
     assert not app.exception and not app.main.error
     assert [md.value for md in app.main.markdown if md.value.startswith("#### ")] == ["#### Journey TRAK"]
-    scores = [float(c.split(" · ")[2]) for c in captions(app, "attr_pro_0")]
+    scores = [float(c.split(" · ")[2].split()[-1]) for c in captions(app, "attr_pro_0")]
     assert len(scores) == 5 and scores == sorted(scores, reverse=True)
     assert "--method journey-trak" in app.main.get_by_key("attr_result_0").code[0].value
 

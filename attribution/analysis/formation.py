@@ -48,6 +48,28 @@ class Formation:
         return int(self.steps[max(0, start - 1)]), int(self.steps[end])
 
 
+    def covered(self, fraction: float) -> int:
+        """The first step at which x̂0 has covered `fraction` of its total drop in distance to the final image."""
+        d = self.x0_distance
+        span = d[0] - d[-1]
+        if len(d) < 2 or span <= 0:
+            return int(self.steps[-1])
+        return int(self.steps[int(np.argmax((d[0] - d) / span >= fraction))])
+
+    def settled(self, share: float = 0.5) -> int:
+        """The first step from which the top-k overlap with the last step stays at or above `share`."""
+        below = np.flatnonzero(self.overlap < share)
+        return int(self.steps[0] if not len(below) else self.steps[min(below[-1] + 1, len(self.steps) - 1)])
+
+    def summary(self) -> str:
+        """One sentence on when the image and its proponents are decided."""
+        h, n, s = self.covered(0.5), self.covered(0.9), self.settled(0.5)
+        last = int(self.steps[-1])
+        return (f"x̂0 is halfway to the final image at step {h} and 90% of the way at step {n} (of {last}); "
+                f"from step {s} on, at least half of the last step's top-{self.top} proponents are among the "
+                f"step's top-{self.top}.")
+
+
 def pixel_correlation(images: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Pearson correlation of each image's pixels with `ref`'s (images (m, ...), ref (...)): (m,)."""
     a = images.reshape(len(images), -1).astype(np.float64)

@@ -1,0 +1,87 @@
+"""Helpers of the Journey page (and the Tour): the cached attributor, the command line, the Attribute-page
+comparison. Not a page."""
+
+from __future__ import annotations
+
+import shlex
+
+import numpy as np
+import streamlit as st
+from attribution.engine import Attributor, open_attributor
+from attribution.methods import get_method
+
+from app_pages._attr import METHOD_TITLES, RunOptions
+from app_pages._tiles import SCORED
+from app_pages._ui import cached_model
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def journey_attributor(opts: RunOptions) -> Attributor:
+    """One Attributor per (checkpoint, dataset, method, K, k); it keeps the kernel in memory (features and kernel
+    are shared with the other pages through the disk cache)."""
+    return open_attributor(cached_model(opts.checkpoint), get_method(opts.method), opts.dataset,
+                           timesteps=opts.timesteps, proj_dim=opts.proj_dim, projector=opts.projector)
+
+
+def journey_cli(opts: RunOptions, cfg, journey, dataset_spec: str, lam: float, uploaded: bool) -> str:
+    """The `python -m attribution journey` line that recomputes this journey."""
+    cli = ["python", "-m", "attribution", "journey", "--checkpoint", opts.checkpoint, "--dataset", dataset_spec]
+    cli += ["--image", journey.meta["name"]] if uploaded else ["--seed", str(cfg.seed)]
+    cli += ["--steps", str(cfg.steps), "--sampler", cfg.sampler, "--every", str(cfg.every), "--resamples",
+            str(cfg.resamples), "--method", opts.method, "--timesteps", str(opts.timesteps), "--proj-dim",
+            str(opts.proj_dim), "--lambda", f"{lam:.6g}", "--out", "out/journey"]
+    return " ".join(shlex.quote(p) for p in cli)
+
+
+WHY_DIFFERENT = (
+    "Why the last step's proponents differ from the Attribute page's for the same image: the target feature is "
+    "not the same. Here each step attributes the model's guess x̂0 re-noised to that step's timestep t, averaged "
+    "over R noise draws, at that one t (Journey-TRAK). The Attribute page attributes the final image itself, "
+    "its loss averaged over K timesteps spread over the whole schedule with fixed noise. Both rank the same "
+    "training features, so the lists overlap, but the order and scores differ.")
+
+
+def attribute_overlap(method: str, dataset_spec: str, name: str, last_scores: np.ndarray, k: int = 5) -> str:
+    """"Top-5 shared with the Attribute page's D-TRAK for gen:3: 3/5", when that ranking was computed in this
+    session; else an empty string."""
+    label = f"{METHOD_TITLES[method]} · {name}"
+    other = st.session_state.get(SCORED, {}).get((dataset_spec, label))
+    if other is None or len(other) != len(last_scores):
+        return ""
+    shared = len(set(np.argsort(-other, kind="stable")[:k].tolist())
+                 & set(np.argsort(-last_scores, kind="stable")[:k].tolist()))
+    return f" In this session: the last step's top-{k} shares {shared}/{k} with the Attribute page's {label}."
+
+
+def choose_image(model):
+    """The Journey page's image picker: (image tensor for an upload else None, (steps, sampler) fixed by the
+    Generate page else None, seed, name, source id). Stops the page with guidance when there is nothing to pick."""
+    from attribution.data import pixels_to_tensor
+
+    source = st.radio("Image", ["Seed", "Generated image", "Uploaded image"], horizontal=True, key="jr_source",
+                      label_visibility="collapsed")
+    image, fixed, seed = None, None, 0
+    if source == "Seed":
+        seed = int(st.number_input("Seed (the image gen:SEED)", 0, 2**31 - 1, 0, key="jr_seed"))
+        name, source_id = f"gen:{seed}", f"gen/{seed}"
+    elif source == "Generated image":
+        gen = st.session_state.get("generated")
+        if not gen or gen["checkpoint"] != model.spec:
+            st.info("Generate images on the **Generate** page first, or pick a seed.")
+            st.stop()
+        seed = int(st.selectbox("Generated image (seed)", gen["seeds"], key="jr_gen_seed"))
+        fixed = (int(gen["steps"]), gen["sampler"])
+        name, source_id = f"gen:{seed}", f"gen/{seed}"
+        st.caption(f"Sampled again with {fixed[1]}, {fixed[0]} steps: the same image as on the Generate page (a seed "
+                   "names one image), now with its whole trajectory.")
+    else:
+        up = st.session_state.get("uploaded")
+        if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
+            st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
+            st.stop()
+        st.info("An uploaded image has no sampling trajectory, so it is attributed by **noising it forward**: x_t is the "
+                "image noised to each chosen step's t and x̂0 the model's one-step prediction from x_t.",
+                icon=":material/info:")
+        image = pixels_to_tensor(up["pixels"])
+        name, source_id = up["name"], f"upload/{up['sha256']}"
+    return image, fixed, seed, name, source_id
