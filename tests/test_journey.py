@@ -303,6 +303,8 @@ def test_journey_cli_writes_steps_scores_and_figure(tiny_run, small_npz, cache, 
     assert meta["method"] == "trak" and meta["name"] == "gen:3" and [s["step"] for s in meta["steps"]] == [1, 4, 7]
     assert [p["index"] for p in meta["steps"][0]["proponents"]] == [int(i) for i in top_i[0] if scores[0, i] > 0]
     assert "plotly" in (out / "formation.html").read_text()[:5000].lower()
+    if Path("/usr/bin/chromium").is_file():  # the PNG copy (kaleido drives the machine's Chromium)
+        assert (out / "formation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # another lambda re-scores the cached journey: same steps, different scores, nothing recomputed
     assert main(args[:-2] + ["--lambda", "1e-3", "--out", str(tmp_path / "out2")]) == 0
     assert "computed in" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import csv
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import info, progress_bar
+from .common import info, progress_bar, write_figures
 from ..errors import ConfigError
 
 
@@ -18,16 +18,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-def _write_html(path: Path, figures, title: str) -> None:
-    from ..fileio import atomic_path
-
-    parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
-             for i, fig in enumerate(figures)]
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
-                             f"<body><h2>{title}</h2>" + "\n".join(parts) + "</body></html>\n")
 
 
 def cmd_norms(args) -> int:
@@ -77,7 +67,7 @@ def cmd_norms(args) -> int:
                norm_scatter_figure(results[-1], train.label_name, num_timesteps=models[-1].num_timesteps)]
     if len(results) > 1:
         figures.append(per_checkpoint_figure(results, num_timesteps=models[-1].num_timesteps))
-    _write_html(out / "norms.html", figures, f"Gradient norm versus timestep: {train.spec}")
+    write_figures(out / "norms.html", figures, f"Gradient norm versus timestep: {train.spec}")
     print(f"{'checkpoint':<22} {'timesteps':<9} {'images':>6} {'Spearman(norm,t)':>17}  median norm t<100 / t>=900")
     for s in summary:
         lo, hi = s["bins"][0]["median"], s["bins"][-1]["median"]
@@ -121,7 +111,7 @@ def cmd_influential(args) -> int:
     write_json(out / "influential.json", {"targets": targets.names, "checkpoint": args.checkpoint,
                                           "top": args.top, "methods": [s.to_dict() for s in stats]})
     save_npz(out / "scores.npz", **{k.replace("-", "_"): v for k, v in all_scores.items()})
-    _write_html(out / "influential.html", [influential_figure(stats)], "Generally influential training samples")
+    write_figures(out / "influential.html", [influential_figure(stats)], "Generally influential training samples")
     print(f"{'method':<10} {'unique top-' + str(args.top):>14} {'share':>6}  most recurring (index x targets)")
     for s in stats:
         rec = ", ".join(f"#{i}x{c}" for i, c in s.recurring[:5])

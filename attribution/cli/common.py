@@ -31,3 +31,29 @@ def progress_bar(desc: str) -> Callable[[int, int, str], None]:
 
 def info(msg: str) -> None:
     print(msg, file=sys.stderr)
+
+
+def write_figures(path, figures, title: str) -> list[str]:
+    """`figures` as one self-contained HTML file at `path` (plotly.js inline: works offline) and each as a PNG
+    beside it (`<stem>.png`, or `<stem>-1.png`, ... for several) through kaleido and the machine's Chromium; a PNG
+    that cannot be made is skipped with one line on stderr. Returns the names written."""
+    from pathlib import Path
+
+    from ..figures import write_png
+    from ..fileio import atomic_path
+
+    path = Path(path)
+    parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
+             for i, fig in enumerate(figures)]
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+                             f"<body><h2>{title}</h2>" + "\n".join(parts) + "</body></html>\n")
+    written = [path.name]
+    for i, fig in enumerate(figures):
+        png = path.with_name(f"{path.stem}.png" if len(figures) == 1 else f"{path.stem}-{i + 1}.png")
+        note = write_png(fig, png)
+        if note:
+            info(f"{png.name}: {note}")
+        else:
+            written.append(png.name)
+    return written

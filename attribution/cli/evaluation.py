@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from .common import info, progress_bar
+from .common import info, progress_bar, write_figures
 
 
 def add_commands(sub) -> None:
@@ -143,10 +143,6 @@ def cmd_lds(args: argparse.Namespace) -> int:
                 writer.writerows(rows)
             figures = [lds_lambda_figure(sw.lambdas, sw.standard, sw.centered, sw.standard_ci_targets, marks,
                                          title=f"{n}: LDS versus λ ({sp} targets)") for n, sp, sw, marks in sweeps]
-            html = "".join(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
-                           for i, fig in enumerate(figures))
-            with atomic_path(out / "sweep.html") as tmp:
-                Path(tmp).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>LDS versus lambda"
-                                     f"</title></head><body>{html}</body></html>")
-            info(f"wrote {out / 'sweep.csv'} and {out / 'sweep.html'}")
+            written = write_figures(out / "sweep.html", figures, "LDS versus lambda")
+            info(f"wrote sweep.csv, {', '.join(written)} to {out}")
     return 0

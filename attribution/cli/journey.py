@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..methods import DEFAULT_METHOD, METHODS
-from .common import info, progress_bar
+from .common import info, progress_bar, write_figures
 from ..errors import ConfigError
 
 JOURNEY_METHODS = [name for name, cls in METHODS.items() if cls.per_step]  # kernel methods that score one step
@@ -111,7 +111,7 @@ def run_journey_cli(att, method, cfg, args, image, name) -> None:
               f"proponents~final {form.proponent_similarity[i]:+.2f}  overlap {form.overlap[i]:.2f}  top: {top}")
     if not args.out:
         return
-    from ..fileio import atomic_path, save_npz, write_json
+    from ..fileio import save_npz, write_json
 
     out = Path(args.out)
     pro_i, opp_i = top_indices(scores, args.top, 1), top_indices(scores, args.top, -1)
@@ -125,6 +125,5 @@ def run_journey_cli(att, method, cfg, args, image, name) -> None:
                    "proponent_similarity": float(form.proponent_similarity[i]), "overlap": float(form.overlap[i]),
                    **rankings[i]} for i, (s, t) in enumerate(zip(journey.steps, journey.timesteps))]})
     fig = formation_figure(form, title=f"Feature formation of {name} ({method.title})")
-    with atomic_path(out / "formation.html") as tmp:
-        fig.write_html(tmp, include_plotlyjs=True)
-    info(f"wrote journey.npz, journey.json and formation.html to {out}")
+    written = write_figures(out / "formation.html", [fig], f"Feature formation of {name}")
+    info(f"wrote journey.npz, journey.json and {', '.join(written)} to {out}")
