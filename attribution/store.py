@@ -205,19 +205,6 @@ def retrain_dir(recipe_key: str, index_set_hash: str, seed: int, root: str | os.
     return cache_root(root) / "retrain" / recipe_key / f"{index_set_hash}-seed-{int(seed)}"
 
 
-def list_stores(root: Path | None = None) -> list[dict]:
-    """Every feature store under the cache root, with its config and progress (for a Runs view)."""
-    out = []
-    for cfg in sorted(cache_root(root).glob("features/*/*/*/config.json")):
-        try:
-            data = json.loads(cfg.read_text())
-            done = np.load(cfg.parent / "done.npy", allow_pickle=False)
-        except (OSError, ValueError):
-            continue
-        out.append({"path": str(cfg.parent), **data, "done": int(done.sum()), "rows": int(done.size)})
-    return out
-
-
 # -- MAGIC (attribution/magic): weighted runs, per-query metagradients, leave-out retrains --------------------------
 
 def magic_root(root: str | os.PathLike | None = None) -> Path:

@@ -111,7 +111,7 @@ def wait_for_app_run(page, timeout: float = 60_000) -> None:
                                                                                           timeout=timeout)
     page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for(state="attached",
                                                                                        timeout=timeout)
-    expect(page.get_by_test_id("stSkeleton")).to_have_count(0)
+    expect(page.get_by_test_id("stSkeleton")).to_have_count(0, timeout=timeout)  # settles under load too
 
 
 def full_page_screenshot(page, path: Path) -> None:
