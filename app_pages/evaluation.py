@@ -28,7 +28,7 @@ try:
     bank: Bank = cached_bank(name)
 except AttributionError as exc:
     fail(exc)
-st.caption(bank.summary().replace("\n", "  \n"))
+st.caption(bank.summary().replace(f"{bank.path.parent}/", "").replace("\n", "  \n"))  # no absolute paths
 
 with st.form("eval_form"):
     c1, c2, c3 = st.columns([3, 1, 1])
