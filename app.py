@@ -18,6 +18,7 @@ st.set_page_config(page_title="Diffusion data attribution", page_icon=":material
 from attribution.data import BUILTIN_DATASETS  # noqa: E402  (set_page_config must come first)
 from attribution.device import describe_device, resolve_device  # noqa: E402
 from attribution.errors import AttributionError  # noqa: E402
+from attribution.evaluation.bank import banks_dir, list_banks  # noqa: E402
 from attribution.models import list_shipped, resolve_checkpoint  # noqa: E402
 from app_pages._figures import FORMAT_KEY, FORMATS  # noqa: E402
 from app_pages._ui import cached_dataset, checkpoint_name  # noqa: E402
@@ -57,7 +58,8 @@ def _unique(items):
 
 
 def checkpoint_options() -> tuple[list[str], str | None]:
-    """(selectbox options, default): ATTRIBUTION_CHECKPOINT, else shipped `digits`, then every shipped spec."""
+    """(selectbox options, default): ATTRIBUTION_CHECKPOINT, else shipped `digits`, then every shipped spec, then
+    the model of every ground-truth bank (attributing it shows the LDS at the current λ beside the slider)."""
     shipped = list_shipped()
     env = os.environ.get("ATTRIBUTION_CHECKPOINT", "").strip()
     default = env or ("digits" if "digits" in shipped else (shipped[0] if shipped else None))
@@ -67,7 +69,8 @@ def checkpoint_options() -> tuple[list[str], str | None]:
             extra = resolve_checkpoint(env).siblings[:-1]
         except AttributionError:
             pass
-    return _unique([default, *extra, *shipped]), default
+    banks = [str(banks_dir() / name / "model") for name in list_banks()]
+    return _unique([default, *extra, *shipped, *banks]), default
 
 
 def dataset_options() -> tuple[list[str], str]:

@@ -19,6 +19,7 @@ from attribution.kernel import Kernel
 from attribution.methods import DEFAULT_METHOD, METHODS, get_method
 from attribution.targets import Targets, from_pixels
 
+from app_pages._trust import trust_caption
 from app_pages._ui import cached_model
 
 PROJ_DIMS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -206,23 +207,15 @@ def stability_caption(pairs: list[tuple[float, int]], k: int) -> str:
 
 def lambda_controls(att: Attribution, opts: RunOptions, features, key: str, title: str = "") -> float | None:
     """The λ slider of one result column with its guidance: default marked, Reset, how stable the top-5 is at the
-    neighbouring grid values, and the bank-LDS hook. None for methods without λ."""
+    neighbouring grid values, and the LDS at this λ on the model's bank when one exists (app_pages/_trust.py). None for methods without λ."""
     if not att.method.uses_lambda:
         return None
     kernel = att.members[0].train_features().kernel
     lam = lambda_slider(f"λ ({title})" if title else "λ", kernel, key)
     grid, _ = lambda_grid(kernel)
     st.caption(stability_caption(topk_stability(lambda v: att.scores(features, v)[0], grid, lam), 5))
-    lds = bank_lds_caption(opts, lam)
-    if lds:
-        st.caption(lds)
+    trust_caption(att, opts_key(opts), lam, key)
     return lam
-
-
-def bank_lds_caption(opts: RunOptions, lam: float | None) -> str | None:
-    """Hook for the lead: "LDS on the model's bank at this λ" next to the slider, once the evaluation lands
-    (attribution/evaluation). None: nothing is shown."""
-    return None
 
 
 def ranked_tiles(items: list[Ranked], data: ImageDataset, title: str, key: str) -> None:

@@ -7,10 +7,13 @@ A `BankRun` holds one method's target features on a bank (its attribution keeps 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 from attribution.evaluation.bank import Bank
 from attribution.engine import Attribution
-from attribution.evaluation.evaluate import BankRun, lambda_sweep, lds_table, open_on_bank, run_on_bank, split_rows
+from attribution.evaluation.evaluate import (BankRun, SweepPoint, lambda_report, open_on_bank, option_sweep,
+                                             run_on_bank)
+from attribution.figures import lds_option_figure
 from attribution.evaluation.lds import LdsTable
 
 from app_pages._ui import cached_model
@@ -36,20 +39,32 @@ def bank_run(name: str, method: str, timesteps: int, proj_dim: int) -> BankRun:
 @st.cache_data(max_entries=32, show_spinner="Sweeping λ…")
 def lambda_curve(name: str, method: str, timesteps: int, proj_dim: int, split: str) -> dict:
     """LDS along the kernel's λ grid with the default, retraining-free (GCV) and optimal λ and their LDS."""
-    bank, run = cached_bank(name), bank_run(name, method, timesteps, proj_dim)
-    rows = split_rows(bank, split)
-    lambdas = run.lambda_grid()
-    default, gcv = run.default_lambda, run.gcv(rows)
-    lambdas = np.unique(np.r_[lambdas, default, gcv])
-    sweep = lambda_sweep(bank, run, split, lambdas, n_resamples=200)
-    best = sweep.best()
-    ceiling = lds_table(bank, {}, split, n_resamples=50).ceilings.seed
-    at = {lam: float(sweep.standard[int(np.argmin(np.abs(np.log(lambdas / lam))))]) for lam in (default, gcv)}
-    return {"lambdas": lambdas, "standard": sweep.standard, "centered": sweep.centered,
-            "ci": sweep.standard_ci_targets, "default": float(default), "gcv": float(gcv),
-            "best": float(lambdas[best]), "at_default": at[default], "at_gcv": at[gcv],
-            "at_best": float(sweep.standard[best]),
-            "ceiling": ceiling.standard.value if ceiling is not None else None}
+    r = lambda_report(cached_bank(name), bank_run(name, method, timesteps, proj_dim), split)
+    return {"lambdas": r.sweep.lambdas, "standard": r.sweep.standard, "centered": r.sweep.centered,
+            "ci": r.sweep.standard_ci_targets, "default": r.default, "gcv": r.gcv, "best": r.best,
+            "at_default": r.at(r.default), "at_gcv": r.at(r.gcv), "at_best": r.at(r.best), "ceiling": r.ceiling}
+
+
+@st.cache_resource(max_entries=8, show_spinner="Featurizing each checkpoint (once)…")
+def checkpoint_curve(name: str, method: str, timesteps: int, proj_dim: int) -> list[SweepPoint]:
+    """LDS of attributions from each checkpoint of the bank's run, against the final model's bank."""
+    return option_sweep(cached_bank(name), method, "checkpoint", splits=("val", "gen"), n_resamples=200,
+                        timesteps=timesteps, proj_dim=proj_dim)
+
+
+def checkpoint_figure(points: list[SweepPoint], method: str):
+    """The per-checkpoint figure and its table (checkpoint, split, LDS, CI)."""
+    splits = list(points[0].tables)
+    lines = {sp: (np.array([p.tables[sp].methods[method].standard.value for p in points]),
+                  np.array([p.tables[sp].methods[method].standard.ci_two_way for p in points])) for sp in splits}
+    ceiling = {sp: (c.standard.value if (c := points[0].tables[sp].ceilings.seed) is not None else None)
+               for sp in splits}
+    frame = pd.DataFrame([{"checkpoint": p.value, "split": sp, "lds": p.tables[sp].methods[method].standard.value,
+                           "low": p.tables[sp].methods[method].standard.ci_two_way[0],
+                           "high": p.tables[sp].methods[method].standard.ci_two_way[1]}
+                          for p in points for sp in splits])
+    return lds_option_figure([p.value for p in points], lines, "checkpoint", ceiling,
+                             f"{method}: LDS of attributions from each checkpoint"), frame
 
 
 def table_rows(table: LdsTable) -> list[dict]:

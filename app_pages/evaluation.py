@@ -10,7 +10,8 @@ from attribution.evaluation.evaluate import lds_table, split_rows
 from attribution.figures import lds_lambda_figure, per_target_figure
 from attribution.methods import BASELINE_METHOD, DEFAULT_METHOD, METHODS
 from app_pages._attr import featurize_with_progress
-from app_pages._eval import bank_attribution, bank_run, cached_bank, lambda_curve, table_rows
+from app_pages._eval import (bank_attribution, bank_run, cached_bank, checkpoint_curve, checkpoint_figure,
+                             lambda_curve, table_rows)
 from app_pages._ui import fail
 
 st.title("Evaluation")
@@ -92,12 +93,36 @@ if lam_methods:
     marks = {"default": curve["default"], "GCV": curve["gcv"], "optimal": curve["best"], "current": lam}
     st.plotly_chart(lds_lambda_figure(curve["lambdas"], curve["standard"], curve["centered"], curve["ci"], marks,
                                       curve["ceiling"], f"{m}: LDS versus λ ({split} targets)"), key="eval_lam_fig")
+    st.download_button("LDS versus λ (CSV)", pd.DataFrame({k: curve[k] for k in ("lambdas", "standard", "centered")})
+                       .to_csv(index=False), f"lds-lambda-{name}-{m}-{split}.csv", "text/csv")
     st.code(f"python -m attribution lds --bank {name} --method {m} --split {split} --sweep lambda", language="bash")
+
+# -- per checkpoint ------------------------------------------------------------------------------------------------
+st.subheader("LDS per checkpoint")
+if bank.run_dir is None:
+    st.caption(f"Attributions from earlier checkpoints need the bank's checkpoint run: `python -m attribution bank "
+               f"checkpoints --name {name}` (retrains the full model once, saving intermediate epochs).")
+else:
+    m = st.selectbox("Method", [x for x in runs if x in lam_methods] or list(runs), key="eval_ckpt_method")
+    if st.button("Compute LDS per checkpoint", key="eval_ckpt_run",
+                 help="Featurizes the training set at each checkpoint once (cached on disk, shared by everyone)."):
+        st.session_state["eval_ckpt"] = (name, m, timesteps, proj_dim)
+    if st.session_state.get("eval_ckpt") == (name, m, timesteps, proj_dim):
+        points = checkpoint_curve(name, m, timesteps, proj_dim)
+        fig, frame = checkpoint_figure(points, m)
+        st.plotly_chart(fig, key="eval_ckpt_fig")
+        st.download_button("LDS per checkpoint (CSV)", frame.to_csv(index=False), f"lds-ckpt-{name}-{m}.csv",
+                           "text/csv")
+    st.code(f"python -m attribution lds --bank {name} --method {m} --sweep checkpoint --timesteps {timesteps} "
+            f"--proj-dim {proj_dim}", language="bash")
 
 # -- per target ------------------------------------------------------------------------------------------------------
 st.subheader("Per target")
 per_target = {k: r.standard.per_target for k, r in table.methods.items()}
 st.plotly_chart(per_target_figure(per_target, f"Spearman per {split} target"), key="eval_per_target")
+st.download_button("Spearman per target (CSV)", pd.DataFrame({"target": [bank.target_keys[r] for r in
+                                                                         split_rows(bank, split)], **per_target})
+                   .to_csv(index=False), f"lds-per-target-{name}-{split}.csv", "text/csv")
 first = next(iter(table.methods))
 worst = np.argsort(table.methods[first].standard.per_target)[:8]
 rows = split_rows(bank, split)

@@ -12,7 +12,9 @@ from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import METHODS, get_method
 from attribution.report import to_npz_bytes
 from attribution.sampling import SAMPLERS
-from app_pages._attr import PROJ_DIMS, RunOptions, featurize_job, lambda_slider, ranked_tiles, top_lists
+from app_pages._attr import (PROJ_DIMS, RunOptions, cached_attribution, featurize_job, lambda_slider, opts_key,
+                             ranked_tiles, top_lists)
+from app_pages._trust import trust_caption
 from app_pages._figures import chart
 from app_pages._journey import WHY_DIFFERENT, attribute_overlap, choose_image, journey_attributor, journey_cli
 from app_pages._tiles import tiles
@@ -87,6 +89,7 @@ journey, opts, cfg = result["journey"], result["opts"], result["cfg"]
 att = journey_attributor(opts)
 m = get_method(opts.method)
 lam = lambda_slider("λ", att.train_features().kernel, f"jr_lam_{opts.method}")
+trust_caption(cached_attribution(opts), opts_key(opts), lam, "jr_lam")
 scores = journey.scores(att, m, lam)
 form = formation(journey, scores, att.train, top=FORMATION_TOP)
 labels = [int(s) for s in journey.steps]

@@ -16,6 +16,7 @@ from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attrib
                              featurize_with_progress, lambda_slider, opts_key)
 from app_pages._figures import chart
 from app_pages._tiles import record_scores, tile_caption, tiles
+from app_pages._trust import trust_caption
 from app_pages._ui import fail, keep, require_model
 
 st.title("Self-influence")
@@ -59,6 +60,7 @@ try:
     lam = None
     if att.method.uses_lambda:
         lam = lambda_slider("λ", att.members[0].train_features().kernel, f"si_lambda_{opts_key(opts)}")
+        trust_caption(att, opts_key(opts), lam, "si_lambda")
     values = att.self_influence(lam)
 except AttributionError as exc:
     fail(exc)

@@ -154,6 +154,29 @@ def lds_lambda_figure(lambdas: np.ndarray, standard: np.ndarray, centered: np.nd
     return fig
 
 
+def lds_option_figure(x: Sequence, lines: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str,
+                      ceiling: dict[str, float] | None = None, title: str = "LDS", log_x: bool = False) -> go.Figure:
+    """LDS as one option varies (K, k, checkpoint): one line per split or variant with its two-way 95% CI as error
+    bars (`lines[name] = (values, (n, 2) CI)`), and each split's seed ceiling as a dashed line."""
+    fig = go.Figure()
+    palette = _palette(max(1, len(lines)))
+    for (name, (values, ci)), color in zip(lines.items(), palette):
+        ci = np.asarray(ci, dtype=float)
+        fig.add_trace(go.Scatter(x=list(x), y=values, mode="lines+markers", name=name, line=dict(color=color),
+                                 error_y=dict(type="data", symmetric=False, array=ci[:, 1] - values,
+                                              arrayminus=values - ci[:, 0], color=color)))
+    for (name, c), color in zip((ceiling or {}).items(), palette):
+        if c is not None and np.isfinite(c):
+            fig.add_hline(y=c, line_dash="dash", line_color=color, annotation_text=f"seed ceiling ({name})")
+    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title="LDS (Spearman)", template="plotly_white",
+                      height=400, margin=dict(l=60, r=20, t=50, b=50))
+    if log_x:
+        fig.update_xaxes(type="log")
+    else:
+        fig.update_xaxes(type="category")
+    return fig
+
+
 def per_target_figure(values: dict[str, np.ndarray], title: str = "LDS per target") -> go.Figure:
     """Histograms (overlaid) of per-target Spearman correlations, one per method or ceiling."""
     fig = go.Figure()

@@ -123,6 +123,10 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, monkeypatch):
     assert table.iloc[0, 2].startswith(f"{expected:+.3f}")
     assert {m.label for m in at.metric} >= {"LDS at this λ", "default λ", "retraining-free λ (GCV)",
                                             "LDS-optimal λ"}
+    # the fake bank has no checkpoint run: the page says how to make one
+    assert any("bank checkpoints --name fake" in c.value for c in at.caption)
+    assert {d.label for d in at.get("download_button")} >= {"LDS table (CSV)", "LDS versus λ (CSV)",
+                                                            "Spearman per target (CSV)"}
 
 
 def test_lds_command_sweeps_lambda_for_a_method(fake_bank, tmp_path, capsys):
@@ -142,3 +146,136 @@ def test_lds_command_sweeps_lambda_for_a_method(fake_bank, tmp_path, capsys):
     best = max(rows, key=lambda r: float(r["lds"]))
     assert f"LDS-optimal lambda {float(best['lambda']):.3g} -> LDS {float(best['lds']):+.3f}" in out
     assert (tmp_path / "out" / "sweep.html").read_text().startswith("<!doctype html>")
+
+
+# -- the bank's checkpoint run: TracIn-family methods and the per-checkpoint study ------------------------------------
+
+@pytest.fixture(scope="module")
+def bank_with_run(fake_bank_dir, tiny_run, tmp_path_factory):
+    """The fake bank with its recipe recorded (the tiny run's), so its full model can be retrained with
+    checkpoints; its model is the tiny run's last checkpoint."""
+    import json
+    import shutil
+
+    from attribution.evaluation.recipes import recipe_from_run
+
+    folder = tmp_path_factory.mktemp("banks") / "withrun"
+    shutil.copytree(fake_bank_dir, folder)
+    meta = json.loads((folder / "bank.json").read_text())
+    recipe = recipe_from_run(tiny_run)
+    meta["recipe_name"] = recipe.name
+    meta["identity"]["recipe"] = recipe.identity()
+    (folder / "bank.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_checkpoint_run_reproduces_the_bank_model_or_is_refused(bank_with_run, tmp_path):
+    """`bank checkpoints` retrains the full model with saved epochs; its last checkpoint equals the bank's model
+    bit for bit (checked by the command). A recipe that does not reproduce the model writes nothing."""
+    import json
+    import shutil
+
+    from attribution.evaluation.bank import build_checkpoint_run
+    from attribution.models.checkpoint import resolve_checkpoint
+
+    other = tmp_path / "other"
+    shutil.copytree(bank_with_run, other)
+    meta = json.loads((other / "bank.json").read_text())
+    meta["identity"]["recipe"]["lr"] *= 2
+    (other / "bank.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="differs from the bank's model"):
+        build_checkpoint_run(Bank.load(other), 2, log=lambda m: None)
+    assert not (other / "run").exists() and not list(other.glob(".tmp-*"))
+
+    bank = Bank.load(bank_with_run)
+    with pytest.raises(ConfigError, match="bank checkpoints"):
+        bank.model_spec_for(True)
+    run = build_checkpoint_run(bank, 2, log=lambda m: None)
+    assert run == bank_with_run / "run" and Bank.load(bank_with_run).run_dir == run
+    specs = Bank.load(bank_with_run).checkpoint_specs()
+    assert [s.rsplit("@", 1)[1] for s in specs] == ["epoch-1", "epoch-2"]
+    assert resolve_checkpoint(specs[-1]).content_hash() == resolve_checkpoint(bank.model_spec).content_hash()
+
+
+def test_lds_sweeps_over_checkpoints_and_K(bank_with_run, tmp_path, capsys):
+    """`lds --sweep checkpoint`: one row per checkpoint of the run; the last checkpoint is the bank's model, so
+    its LDS equals the plain table's. `--sweep K`: the point at the command's own K equals the plain table's."""
+    import csv
+
+    from attribution.cli import main
+    from attribution.evaluation.bank import build_checkpoint_run
+
+    build_checkpoint_run(Bank.load(bank_with_run), 2, log=lambda m: None)  # reused if the test above made it
+    common = ["lds", "--bank", str(bank_with_run), "--method", "trak", "--timesteps", "1", "--proj-dim", "128",
+              "--split", "val", "--resamples", "20", "--cache", str(tmp_path / "c"), "--device", "cpu"]
+    assert main(common + ["--sweep", "checkpoint", "--out", str(tmp_path / "o1")]) == 0
+    plain = list(csv.DictReader(open(tmp_path / "o1" / "lds.csv")))
+    row = next(r for r in plain if r["name"].startswith("trak"))
+    sweep = list(csv.DictReader(open(tmp_path / "o1" / "sweep-checkpoint.csv")))
+    assert [r["value"] for r in sweep] == ["epoch-1", "epoch-2"]
+    assert float(sweep[1]["lds"]) == pytest.approx(float(row["standard"]), abs=1e-12)
+    assert float(sweep[0]["lds"]) != pytest.approx(float(sweep[1]["lds"]), abs=1e-12)
+    assert main(common + ["--sweep", "K", "--values", "1,2", "--out", str(tmp_path / "o2")]) == 0
+    sweep = list(csv.DictReader(open(tmp_path / "o2" / "sweep-K.csv")))
+    assert [r["value"] for r in sweep] == ["1", "2"]
+    assert float(sweep[0]["lds"]) == pytest.approx(float(row["standard"]), abs=1e-12)
+    assert (tmp_path / "o2" / "sweep-K.html").is_file()
+    out = capsys.readouterr().out
+    assert "LDS along checkpoint" in out and "LDS along K" in out
+
+
+def test_checkpoint_methods_use_the_bank_run(bank_with_run, tmp_path):
+    """TracInCP on a bank attributes over the run's checkpoints (its last is the bank's model)."""
+    from attribution.evaluation.bank import build_checkpoint_run
+    from attribution.evaluation.evaluate import open_on_bank
+
+    bank = Bank.load(bank_with_run)
+    build_checkpoint_run(bank, 2, log=lambda m: None)
+    att = open_on_bank(Bank.load(bank_with_run), "tracincp", device="cpu", timesteps=1, proj_dim=128,
+                       cache=str(tmp_path))
+    assert len(att.members) == 2
+    assert [m.model.spec.rsplit("@", 1)[1] for m in att.members] == ["epoch-1", "epoch-2"]
+
+
+def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_path, monkeypatch):
+    """With the bank's model as the checkpoint, the Attribute page offers to measure the LDS on the bank; the
+    caption then shows the LDS at the slider's λ, equal to `lds_at` computed directly, and follows the slider."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from attribution.evaluation.evaluate import lds_at, score_bank
+    from attribution.models.checkpoint import resolve_checkpoint
+
+    folder = tmp_path / "banks" / "trust"
+    shutil.copytree(fake_bank_dir, folder)
+    meta = json.loads((folder / "bank.json").read_text())
+    meta["model"] = {"content_hash": resolve_checkpoint(str(folder / "model")).content_hash()}
+    (folder / "bank.json").write_text(json.dumps(meta))
+    monkeypatch.setenv("ATTRIBUTION_BANKS", str(folder.parent))
+    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(folder / "model"))
+    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=600).run()
+    at.switch_page("app_pages/attribute.py").run()
+    at.radio(key="attr_source").set_value("Validation image").run()
+    at.number_input(key="attr_K").set_value(1)
+    at.selectbox(key="attr_k").set_value(512)
+    at.selectbox(key="attr_method").set_value("trak")
+    next(b for b in at.button if b.label == "Run attribution").click().run()
+    assert not at.exception, at.exception
+    next(b for b in at.button if b.label.startswith("How far to trust this?")).click().run()
+    assert not at.exception, at.exception
+    caption = next(c.value for c in at.caption if "LDS at this λ" in c.value)
+    bank = Bank.load(folder)
+    run = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=512, cache=str(tmp_path / "cache"))
+    slider = at.main.get_by_key("attr_result_0").select_slider[0]
+    lam = float(str(slider.value).split()[0])
+    for split in ("val", "gen"):
+        assert f"{lds_at(bank, run, lam, split).standard.value:+.2f}" in caption
+    options = [float(o.split()[0]) for o in slider.options]
+    slider.set_value(options[0]).run()
+    moved = next(c.value for c in at.caption if "LDS at this λ" in c.value)
+    assert f"{lds_at(bank, run, options[0], 'val').standard.value:+.2f}" in moved

@@ -1,4 +1,4 @@
-"""CLI for ground-truth banks: `python -m attribution bank build|info`."""
+"""CLI for ground-truth banks: `python -m attribution bank build|checkpoints|info`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def add_commands(sub) -> None:
     bb.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     bb.add_argument("--cache", help="cache root for the retrained models (default: cache/ or $ATTRIBUTION_CACHE)")
     bb.set_defaults(func=cmd_bank_build)
+    bc = bsub.add_parser("checkpoints", help="retrain the bank's full model with intermediate checkpoints (for the "
+                                              "TracIn family and the per-checkpoint LDS study)")
+    bc.add_argument("--name", required=True, help="a bank name (banks/NAME) or folder")
+    bc.add_argument("--checkpoints", type=int, default=5, help="evenly spaced saved epochs, the last included "
+                                                               "(default 5)")
+    bc.set_defaults(func=cmd_bank_checkpoints)
     bi = bsub.add_parser("info", help="summarise a bank")
     bi.add_argument("bank", help="a bank name (banks/NAME) or folder")
     bi.set_defaults(func=cmd_bank_info)
@@ -58,6 +64,13 @@ def cmd_bank_build(args) -> int:
     folder = build_bank(spec, address=args.ray_address, num_cpus=args.num_cpus, progress=progress_bar("bank"),
                         log=info, cache_root=args.cache)
     print(folder)
+    return 0
+
+
+def cmd_bank_checkpoints(args) -> int:
+    from ..evaluation.bank import Bank, build_checkpoint_run
+
+    print(build_checkpoint_run(Bank.load(args.name), args.checkpoints, log=info))
     return 0
 
 

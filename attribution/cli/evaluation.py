@@ -3,6 +3,8 @@
     python -m attribution lds --bank digits --method dtrak,trak
     python -m attribution lds --bank digits --scores my_scores.npy --name mine
     python -m attribution lds --bank digits --method dtrak --sweep lambda --out results/
+    python -m attribution lds --bank digits --method dtrak --sweep K --values 1,5,10,20 --out results/
+    python -m attribution lds --bank digits --method dtrak --sweep checkpoint   # needs `bank checkpoints`
 
 Every figure comes with its 95% bootstrap intervals (over targets, and two-way over retrained models and targets),
 beside the bank's noise ceilings (seed-vs-seed, noise-vs-noise), random baselines and the common-mode share.
@@ -11,11 +13,14 @@ beside the bank's noise ceilings (seed-vs-seed, noise-vs-noise), random baseline
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..fileio import atomic_path
+from ..kernel import check_lambda
 from .common import info, progress_bar, write_figures
 
 
@@ -33,7 +38,12 @@ def add_commands(sub) -> None:
     p.add_argument("--proj-dim", type=int, default=4096, help="k (default 4096)")
     p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
     p.add_argument("--seed", type=int, default=0, help="feature noise and projection seed")
-    p.add_argument("--sweep", choices=["lambda"], help="also report LDS along lambda (a table; a figure with --out)")
+    p.add_argument("--sweep", choices=["lambda", "K", "k", "checkpoint"],
+                   help="also report LDS along lambda (instant, from the kernel's eigendecomposition), K (timesteps), "
+                        "k (projection dimension) or the checkpoints of the bank's run (each featurizes once); a "
+                        "table, and with --out a CSV and a figure")
+    p.add_argument("--values", help="values of a K or k sweep, comma-separated (default K: 1,2,5,10,20; k: "
+                                    "512,...,8192); a checkpoint sweep uses every checkpoint of the bank's run")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--out", help="folder for lds.csv (and sweep.csv / sweep.html)")
     p.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
@@ -46,10 +56,20 @@ def _ci(lo_hi) -> str:
     return f"[{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else ""
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def cmd_lds(args: argparse.Namespace) -> int:
+    # lazy: the engine, diffusers and plotly add seconds to the start of every other command
     from ..evaluation.bank import Bank
-    from ..evaluation.evaluate import (SPLITS, check_external_scores, finished_bank, lambda_sweep, lds_table,
-                                       score_bank)
+    from ..evaluation.evaluate import (SPLITS, check_external_scores, finished_bank, lambda_report, lds_table,
+                                       option_sweep, score_bank)
+    from ..figures import lds_lambda_figure, lds_option_figure
+    from ..methods import get_method
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     for s in splits:
@@ -61,8 +81,6 @@ def cmd_lds(args: argparse.Namespace) -> int:
     if args.resamples < 10:
         raise ConfigError(f"--resamples must be at least 10, got {args.resamples}")
     if args.lam is not None:
-        from ..kernel import check_lambda
-
         check_lambda(args.lam)
     bank = Bank.load(args.bank)
     finished_bank(bank)  # at least two finished subsets, before any featurizing
@@ -74,15 +92,21 @@ def cmd_lds(args: argparse.Namespace) -> int:
             raise ConfigError(f"--scores {path!r} is not an existing .npy file")
         named[p.stem] = check_external_scores(bank, np.load(p, allow_pickle=False), p.name)
     runs = {}
-    from ..methods import get_method
-
     for name in methods:
         get_method(name)  # unknown names fail before any featurizing
+
+    def feature_options(name: str) -> dict:
+        return dict(fn=args.fn if args.fn in get_method(name).fn_choices() else None, timesteps=args.timesteps,
+                    proj_dim=args.proj_dim, projector=args.projector, seed=args.seed, cache=args.cache)
+
+    if args.sweep in ("K", "k", "checkpoint") and not methods:
+        raise ConfigError(f"a {args.sweep} sweep needs --method (score files have no options to sweep)")
+    if args.sweep == "checkpoint":
+        bank.checkpoint_specs()  # the one-line error when the bank has no checkpoint run, before featurizing
     for name in methods:
         info(f"{name}: featurizing {bank.dataset} with the bank's model (cached after the first run)")
         run = score_bank(bank, name, progress=progress_bar(f"{name} features"), device=args.device,
-                         fn=args.fn if args.fn in get_method(name).fn_choices() else None, timesteps=args.timesteps, proj_dim=args.proj_dim,
-                         projector=args.projector, seed=args.seed, cache=args.cache)
+                         **feature_options(name))
         runs[name] = run
         lam = args.lam if run.uses_lambda and args.lam is not None else run.default_lambda
         label = name + (f" (lambda={lam:.3g})" if lam is not None else "")
@@ -107,42 +131,59 @@ def cmd_lds(args: argparse.Namespace) -> int:
         for name, run in runs.items():
             if not run.uses_lambda:
                 continue
-            from ..evaluation.evaluate import split_rows
-
-            gcv = run.gcv(split_rows(bank, split))
-            sweep = lambda_sweep(bank, run, split, n_resamples=args.resamples)
-            best = sweep.best()
-            at_gcv = lds_table(bank, {"gcv": run.scores(gcv)}, split, n_resamples=10).methods["gcv"].standard.value
-            print(f"  {name}: retraining-free lambda (GCV) {gcv:.3g} -> LDS {at_gcv:+.3f}; LDS-optimal lambda "
-                  f"{sweep.lambdas[best]:.3g} -> LDS {sweep.standard[best]:+.3f} (default {run.default_lambda:.3g})")
+            report = lambda_report(bank, run, split, n_resamples=args.resamples)
+            print(f"  {name}: retraining-free lambda (GCV) {report.gcv:.3g} -> LDS {report.at(report.gcv):+.3f}; "
+                  f"LDS-optimal lambda {report.best:.3g} -> LDS {report.at(report.best):+.3f}; default "
+                  f"{report.default:.3g} -> LDS {report.at(report.default):+.3f}")
             if args.sweep == "lambda":
+                sweep = report.sweep
                 for lam, s, c in zip(sweep.lambdas, sweep.standard, sweep.centered):
                     print(f"    lambda {lam:10.3g}  LDS {s:+.3f}  centered {c:+.3f}")
-                sweeps.append((name, split, sweep, {"default": run.default_lambda, "GCV": gcv,
-                                                    "optimal": float(sweep.lambdas[best])}))
+                sweeps.append((name, split, sweep, {"default": report.default, "GCV": report.gcv,
+                                                    "optimal": report.best}, report.ceiling))
+    option_rows, option_figures = [], []
+    if args.sweep in ("K", "k", "checkpoint"):
+        values = [v.strip() for v in args.values.split(",") if v.strip()] if args.values else None
+        if values and args.sweep != "checkpoint" and not all(v.isdigit() and int(v) > 0 for v in values):
+            raise ConfigError(f"--values of a {args.sweep} sweep must be positive integers, got {args.values!r}")
+        for name in methods:
+            points = option_sweep(bank, name, args.sweep, values, splits,
+                                  progress=lambda label: progress_bar(label), n_resamples=args.resamples,
+                                  device=args.device, **feature_options(name))
+            print(f"\n{name}: LDS along {args.sweep} (two-way 95% CI; default lambda at each point)")
+            for p in points:
+                cells = "  ".join(f"{sp} {t.methods[name].standard.value:+.3f} "
+                                  f"{_ci(t.methods[name].standard.ci_two_way)}" for sp, t in p.tables.items())
+                print(f"  {args.sweep}={p.value!s:>10}  {cells}  ({p.seconds:.0f} s)")
+                for sp, t in p.tables.items():
+                    r = t.methods[name]
+                    option_rows.append({"method": name, "sweep": args.sweep, "value": p.value, "split": sp,
+                                        "lds": r.standard.value, "low": r.standard.ci_two_way[0],
+                                        "high": r.standard.ci_two_way[1], "centered": r.centered.value,
+                                        "lambda": p.lam, "seconds": round(p.seconds, 1)})
+            lines = {sp: (np.array([p.tables[sp].methods[name].standard.value for p in points]),
+                          np.array([p.tables[sp].methods[name].standard.ci_two_way for p in points]))
+                     for sp in splits}
+            ceil = {sp: (c.standard.value if (c := points[0].tables[sp].ceilings.seed) is not None else None)
+                    for sp in splits}
+            option_figures.append(lds_option_figure([p.value for p in points], lines, args.sweep, ceil,
+                                                    f"{name}: LDS versus {args.sweep}", log_x=args.sweep == "k"))
     if args.out:
-        from ..fileio import atomic_path
-
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        import csv
-
-        with atomic_path(out / "lds.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
-            writer.writeheader()
-            writer.writerows(rows_out)
+        _write_csv(out / "lds.csv", rows_out)
         info(f"wrote {out / 'lds.csv'}")
         if sweeps:
-            from ..figures import lds_lambda_figure
-
             rows = [{"method": n, "split": sp, "lambda": float(lam), "lds": float(a), "centered": float(c)}
-                    for n, sp, sw, _ in sweeps for lam, a, c in zip(sw.lambdas, sw.standard, sw.centered)]
-            with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-            figures = [lds_lambda_figure(sw.lambdas, sw.standard, sw.centered, sw.standard_ci_targets, marks,
-                                         title=f"{n}: LDS versus λ ({sp} targets)") for n, sp, sw, marks in sweeps]
+                    for n, sp, sw, _, _ in sweeps for lam, a, c in zip(sw.lambdas, sw.standard, sw.centered)]
+            _write_csv(out / "sweep.csv", rows)
+            figures = [lds_lambda_figure(sw.lambdas, sw.standard, sw.centered, sw.standard_ci_targets, marks, ceil,
+                                         title=f"{n}: LDS versus λ ({sp} targets)")
+                       for n, sp, sw, marks, ceil in sweeps]
             written = write_figures(out / "sweep.html", figures, "LDS versus lambda")
             info(f"wrote sweep.csv, {', '.join(written)} to {out}")
+        if option_rows:
+            _write_csv(out / f"sweep-{args.sweep}.csv", option_rows)
+            written = write_figures(out / f"sweep-{args.sweep}.html", option_figures, f"LDS versus {args.sweep}")
+            info(f"wrote sweep-{args.sweep}.csv, {', '.join(written)} to {out}")
     return 0

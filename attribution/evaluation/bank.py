@@ -7,6 +7,9 @@ On disk (`banks/<name>/`, small enough to commit):
     masks.npy                        bool (M, N): which training images subset j holds
     targets.npz                      images float32 (T, C, H, W) in [-1, 1], keys ("val/3", "gen/17")
     model/                           the full model (a DDPMPipeline folder, safetensors): the model to attribute
+    run/                             optional (`bank checkpoints`): the full model retrained with intermediate
+                                     checkpoints (run.json, epoch-E/), its last one equal to model/ bit for bit;
+                                     for the checkpoint methods (TracIn family) and the per-checkpoint LDS study
     outputs/subset-JJJ-seed-S.npz    F of one retrained model, float64 (R noise sets, T targets), written atomically
 
 `Bank.load(name_or_path).F` assembles them into (M subsets, S seeds, R noise sets, T targets), NaN where a
@@ -31,10 +34,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import load_dataset
 from ..errors import ConfigError
+from ..features.timesteps import noise_for, select_timesteps
 from ..fileio import atomic_dir, read_json, save_npy, save_npz, write_json
+from ..models import load_model
+from ..models.checkpoint import resolve_checkpoint
+from ..sampling import sample
+from ..store import retrain_dir
+from ..train import index_hash, train
+from .ray_engine import (
+    ProgressMeter,
+    RayCluster,
+    hardware,
+    probe_address,
+    single_thread,
+)
 from .recipes import Recipe
-from .ray_engine import ProgressMeter, RayCluster, hardware, probe_address, single_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BANKS_DIR = REPO_ROOT / "banks"
@@ -107,7 +123,6 @@ def check_masks(masks: np.ndarray, source: str) -> None:
 # -- the model output F --------------------------------------------------------------------------------------------
 
 def f_timesteps(k: int, num_timesteps: int = 1000) -> torch.Tensor:
-    from ..features.timesteps import select_timesteps
 
     return select_timesteps("uniform", k, num_timesteps)
 
@@ -117,7 +132,6 @@ def simple_loss_outputs(model, images: torch.Tensor, keys: list[str], k: int, no
                         batch: int = 4096) -> np.ndarray:
     """F (noise_sets, T) float64: each target's Simple loss averaged over the K uniform timesteps, noise set r
     drawn from f"bank/{r}/{key}"."""
-    from ..features.timesteps import noise_for
 
     ts = f_timesteps(k, model.num_timesteps)
     shape = tuple(images.shape[1:])
@@ -216,7 +230,6 @@ def _targets_hash(keys: list[str], images: np.ndarray) -> str:
 
 def train_task(job: dict) -> dict:
     """Train one model unless its completion marker exists; write the marker last; return it."""
-    from ..train import train
 
     if job["device"] == "cpu":
         single_thread()
@@ -236,7 +249,6 @@ def train_task(job: dict) -> dict:
 
 def measure_task(job: dict, images: np.ndarray, keys: list[str], k: int, noise_sets: int) -> dict:
     """F (R, T) of one trained model."""
-    from ..models import load_model
 
     if job["device"] == "cpu":
         single_thread()
@@ -259,9 +271,6 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
 
     Runs on `cluster` when given (an entered `RayCluster`, left running), else on its own `RayCluster(address,
     num_cpus)` for the length of the call."""
-    from ..data import load_dataset
-    from ..store import retrain_dir
-    from ..train import index_hash
 
     start = time.time()
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -281,7 +290,6 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
     key = recipe.key(dataset_hash)
     full_hash = None
     if spec.full_model:
-        from ..models.checkpoint import resolve_checkpoint
 
         full_hash = resolve_checkpoint(spec.full_model).content_hash()
     identity = _identity(spec, key, dataset_hash, subset_source, full_hash)
@@ -338,7 +346,7 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
         _finish(folder, meta, start)
         return folder
 
-    import ray
+    import ray  # lazy: importing Ray takes seconds, and only a build needs it
 
     with contextlib.nullcontext(cluster) if cluster else RayCluster(address, num_cpus) as cluster:
         log(f"running on {cluster.describe()}")
@@ -406,9 +414,6 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
 
 def _make_targets(spec: BankSpec, folder: Path, full_job: dict, data, meta: dict) -> tuple[np.ndarray, list[str]]:
     """Copy the full model into the bank, generate its targets, write targets.npz; return (images, keys)."""
-    from ..data import load_dataset
-    from ..models import load_model
-    from ..sampling import sample
 
     src = Path(full_job["run_dir"])
     epoch = sorted(src.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
@@ -452,6 +457,61 @@ def _finish(folder: Path, meta: dict, start: float, failures: list[str] | None =
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
+
+def bank_recipe(meta: dict) -> Recipe:
+    """The retraining recipe a bank was built with (from bank.json)."""
+    return Recipe(name=meta["recipe_name"], **meta["identity"]["recipe"])
+
+
+def build_checkpoint_run(bank: "Bank", checkpoints: int = 5, log=print) -> Path:
+    """Retrain the bank's full model with `checkpoints` evenly spaced saved epochs into `<bank>/run` (atomic).
+
+    Same recipe, data and seed as the bank's model; saving checkpoints draws no random numbers, so the last
+    checkpoint must equal `model/` bit for bit: that is checked, and a run that differs (another torch version or
+    machine) is refused rather than shipped. A bank made from a run folder (`bank build --run`) already has one."""
+    if checkpoints < 2:
+        raise ConfigError(f"--checkpoints must be at least 2 (a checkpoint study compares several), got {checkpoints}")
+    if bank.run_dir is not None:
+        log(f"bank {bank.meta['name']} already has a checkpoint run: {bank.run_dir}")
+        return bank.run_dir
+    if bank.meta.get("model", {}).get("from_run"):
+        raise ConfigError(f"bank {bank.meta['name']} was made from the run {bank.meta['model']['from_run']}, which "
+                          "has too few checkpoints; retrain that run with more checkpoints")
+
+    recipe = bank_recipe(bank.meta)
+    if recipe.epochs < 2:
+        raise ConfigError(f"bank {bank.meta['name']}'s recipe trains {recipe.epochs} epoch; a checkpoint run needs at "
+                          "least 2 epochs (checkpoints are saved at epoch ends)")
+    want = resolve_checkpoint(bank.model_spec).content_hash()
+    start = time.time()
+    with atomic_dir(bank.path / "run") as tmp:
+        train(recipe.train_config(tmp, None, FULL_SEED, checkpoints=checkpoints))
+        epochs = sorted(tmp.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+        got = resolve_checkpoint(str(epochs[-1])).content_hash()
+        run_json = read_json(tmp / "run.json")
+        run_json["config"]["out"] = "run"  # the bank's own folder, not the temporary one (no absolute paths)
+        write_json(tmp / "run.json", run_json)
+        if got != want:
+            raise ConfigError(f"the retrained full model ({got}) differs from the bank's model ({want}): training is "
+                              "not reproducible on this machine or torch version; nothing was written")
+    meta = read_json(bank.path / "bank.json")
+    meta["run"] = {"path": "run", "checkpoints": [p.name for p in epochs], "final_equals_model": want,
+                   "train_seconds": round(time.time() - start, 1), "hardware": hardware("cpu")}
+    write_json(bank.path / "bank.json", meta)
+    bank.meta = meta
+    log(f"bank {bank.meta['name']}: checkpoint run with {', '.join(p.name for p in epochs)}; the last equals the "
+        f"bank's model ({want}); {time.time() - start:.0f} s")
+    return bank.path / "run"
+
+
+def bank_for_model(content_hash: str, root: Path | None = None) -> str | None:
+    """The name of a bank whose model has these weights (`DiffusionModel.identity()`), or None."""
+    for name in list_banks(root):
+        meta = read_json((root or banks_dir()) / name / "bank.json")
+        if meta.get("model", {}).get("content_hash") == content_hash:
+            return name
+    return None
+
 
 def list_banks(root: Path | None = None) -> list[str]:
     """Names of the banks under banks/ that have targets (a build that got past its full model)."""
@@ -510,6 +570,33 @@ class Bank:
         return str(self.path / "model")
 
     @property
+    def run_dir(self) -> Path | None:
+        """The full model's run with intermediate checkpoints (`bank checkpoints`), or None."""
+        run = self.path / "run"
+        if (run / "run.json").is_file():
+            return run
+        src = self.meta.get("model", {}).get("from_run")
+        return Path(src) if src and (Path(src) / "run.json").is_file() else None
+
+    def model_spec_for(self, over_checkpoints: bool) -> str:
+        """The checkpoint spec a method attributes: the model, or for a method over a run's checkpoints the run
+        (whose last checkpoint is the model)."""
+        if not over_checkpoints:
+            return self.model_spec
+        if self.run_dir is None:
+            raise ConfigError(f"bank {self.meta['name']} has no run with intermediate checkpoints, which the "
+                              "checkpoint methods need; make it with `python -m attribution bank checkpoints "
+                              f"--name {self.meta['name']}` (retrains the full model once)")
+        return str(self.run_dir)
+
+    def checkpoint_specs(self) -> list[str]:
+        """Every checkpoint of the run, oldest first (the per-checkpoint LDS study)."""
+
+        if self.run_dir is None:
+            self.model_spec_for(True)  # the one-line error
+        return list(resolve_checkpoint(str(self.run_dir)).siblings)
+
+    @property
     def dataset(self) -> str:
         return self.meta["dataset"]
 
@@ -534,6 +621,8 @@ class Bank:
                  "complete",
                  f"  F = Simple loss over {len(self.meta['timesteps'])} uniform timesteps",
                  f"  model: {self.model_spec}"]
+        if self.run_dir is not None:
+            lines.append(f"  checkpoint run: {self.run_dir} ({', '.join(self.meta.get('run', {}).get('checkpoints', []))})")
         if "build_seconds" in self.meta:
             lines.append(f"  built in {self.meta['build_seconds'] / 60:.1f} min on {self.meta.get('hardware', '?')}")
         return "\n".join(lines)

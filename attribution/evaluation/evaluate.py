@@ -13,6 +13,7 @@ enter through `check_external_scores` (targets x training images, in the bank's 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from ..methods import get_method
 from ..targets import Generated, Targets
 from .bank import Bank
 from .lambda_choice import gcv_lambda
-from .lds import LdsTable, Sweep, evaluate, lds_sweep
+from .lds import LdsResult, LdsTable, Sweep, evaluate, lds, lds_sweep
 
 SPLITS = ("val", "gen", "all")
 Progress = Callable[[int, int, str], None]
@@ -73,7 +74,9 @@ class BankRun:
 def open_on_bank(bank: Bank, method: str, device: str = "auto", **options) -> Attribution:
     """`method` on the bank's model and training set; `options` are those of `engine.open_attributor` (fn,
     timesteps, proj_dim, projector, seed, ...). Validates; computes nothing."""
-    attribution = open_attribution(bank.model_spec, get_method(method), device, dataset=bank.dataset, **options)
+    m = get_method(method)
+    attribution = open_attribution(bank.model_spec_for(bool(m.weightings)), m, device, dataset=bank.dataset,
+                                   **options)
     if len(attribution.train) != bank.masks.shape[1]:
         raise ConfigError(f"bank {bank.meta['name']} has masks over {bank.masks.shape[1]} training images but "
                           f"{attribution.train.spec} has {len(attribution.train)}; the bank was built for "
@@ -94,6 +97,53 @@ def score_bank(bank: Bank, method: str, progress: Progress | None = None, device
     attribution = open_on_bank(bank, method, device, **options)
     attribution.featurize((lambda member: progress) if progress else None)
     return run_on_bank(bank, attribution, options)
+
+
+SWEEPS = {"K": "timesteps", "k": "proj_dim", "checkpoint": "checkpoint"}
+SWEEP_DEFAULTS = {"K": (1, 2, 5, 10, 20), "k": (512, 1024, 2048, 4096, 8192)}
+
+
+@dataclass
+class SweepPoint:
+    """LDS of one method at one value of a swept option (K, k or a checkpoint), per split."""
+
+    value: int | str
+    tables: dict[str, LdsTable]
+    lam: float | None
+    seconds: float
+
+
+def option_sweep(bank: Bank, method: str, sweep: str, values=None, splits=("val", "gen"),
+                 progress: Callable[[str], Progress | None] | None = None, n_resamples: int = 1000,
+                 device: str = "auto", **options) -> list[SweepPoint]:
+    """LDS of `method` (at its default lambda) as one option varies: "K" (timesteps of the features), "k"
+    (projection dimension) or "checkpoint" (attributions from each checkpoint of the bank's run, judged against
+    the final model's bank: the D-TRAK paper's checkpoint study). Each point featurizes once (cached)."""
+    if sweep not in SWEEPS:
+        raise ConfigError(f"unknown sweep {sweep!r}; use lambda or one of: {', '.join(SWEEPS)}")
+    m = get_method(method)
+    if sweep == "checkpoint":
+        if m.weightings:
+            raise ConfigError(f"{method} already sums over the run's checkpoints; sweep a single-checkpoint method")
+        values = list(values or bank.checkpoint_specs())
+    else:
+        values = [int(v) for v in (values or SWEEP_DEFAULTS[sweep])]
+    points = []
+    for v in values:
+        start = time.time()
+        opts = dict(options)
+        if sweep == "checkpoint":
+            attribution = open_attribution(str(v), m, device, dataset=bank.dataset, **opts)
+        else:
+            opts[SWEEPS[sweep]] = v
+            attribution = open_on_bank(bank, method, device, **opts)
+        attribution.featurize((lambda member: progress(f"{method} {sweep}={v}")) if progress else None)
+        run = run_on_bank(bank, attribution, opts)
+        scores = run.scores()
+        tables = {split: lds_table(bank, {method: scores}, split, n_resamples=n_resamples) for split in splits}
+        label = str(v).rsplit("@", 1)[-1] if sweep == "checkpoint" else v
+        points.append(SweepPoint(label, tables, run.default_lambda, time.time() - start))
+    return points
 
 
 def split_rows(bank: Bank, split: str) -> np.ndarray:
@@ -135,6 +185,52 @@ def lambda_sweep(bank: Bank, run: BankRun, split: str = "val", lambdas: np.ndarr
     lambdas = run.lambda_grid() if lambdas is None else np.asarray(lambdas, dtype=np.float64)
     return lds_sweep(lambda lam: run.scores(lam)[rows], done.masks, done.F[..., rows], lambdas=lambdas,
                      n_resamples=n_resamples)
+
+
+@dataclass
+class LambdaReport:
+    """LDS along lambda for one method and split, with the default, the retraining-free (GCV) and the LDS-optimal
+    lambda marked, and the split's seed-vs-seed ceiling."""
+
+    sweep: Sweep
+    default: float
+    gcv: float
+    best: float
+    ceiling: float | None
+
+    def at(self, lam: float, variant: str = "standard") -> float:
+        """LDS at the grid value nearest to `lam` (on a log scale)."""
+        i = int(np.argmin(np.abs(np.log(self.sweep.lambdas / lam))))
+        return float(getattr(self.sweep, variant)[i])
+
+    @property
+    def gcv_within(self) -> float:
+        """LDS at the GCV lambda as a fraction of the LDS at the optimal one (1.0: as good)."""
+        best = self.at(self.best)
+        return self.at(self.gcv) / best if best > 0 else float("nan")
+
+
+def lambda_report(bank: Bank, run: BankRun, split: str = "val", n_resamples: int = 200) -> LambdaReport:
+    """`lambda_sweep` over the kernel's grid plus the default and GCV lambdas themselves."""
+    rows = split_rows(bank, split)
+    default, gcv = run.default_lambda, run.gcv(rows)
+    lambdas = np.unique(np.r_[run.lambda_grid(), default, gcv])
+    sweep = lambda_sweep(bank, run, split, lambdas, n_resamples=n_resamples)
+    return LambdaReport(sweep, float(default), float(gcv), float(lambdas[sweep.best()]), seed_ceiling(bank, split, 50))
+
+
+def lds_at(bank: Bank, run: BankRun, lam: float | None, split: str = "val", n_resamples: int = 200) -> LdsResult:
+    """Standard and centered LDS (with CIs) of `run` at one lambda on one split: what the app shows beside a λ
+    slider (a few milliseconds once the run's target features exist)."""
+    done = finished_bank(bank)
+    rows = split_rows(bank, split)
+    return lds(run.scores(lam)[rows], done.masks, done.F[..., rows], n_resamples=n_resamples)
+
+
+def seed_ceiling(bank: Bank, split: str = "val", n_resamples: int = 200) -> float | None:
+    """The split's seed-vs-seed LDS (how well one retrain predicts another); None with a single seed."""
+    ceiling = lds_table(bank, {}, split, n_resamples=n_resamples).ceilings.seed
+    return ceiling.standard.value if ceiling is not None else None
 
 
 def check_external_scores(bank: Bank, scores: np.ndarray, source: str = "scores") -> np.ndarray:

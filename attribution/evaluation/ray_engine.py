@@ -73,7 +73,7 @@ class RayCluster:
         self.started_here = False
 
     def __enter__(self) -> "RayCluster":
-        import ray
+        import ray  # lazy: importing Ray takes seconds; only a running cluster needs it
 
         if self.address:
             probe_address(self.address)
@@ -94,12 +94,12 @@ class RayCluster:
         return self
 
     def __exit__(self, *exc) -> None:
-        import ray
+        import ray  # lazy: importing Ray takes seconds; only a running cluster needs it
 
         ray.shutdown()
 
     def describe(self) -> str:
-        import ray
+        import ray  # lazy: importing Ray takes seconds; only a running cluster needs it
 
         res = ray.cluster_resources()
         where = f"Ray cluster at {self.address}" if self.address else "a local Ray"
@@ -108,7 +108,7 @@ class RayCluster:
 
     def slots(self) -> int:
         """How many tasks run at once with `task_options()`."""
-        import ray
+        import ray  # lazy: importing Ray takes seconds; only a running cluster needs it
 
         res = ray.cluster_resources()
         if res.get("GPU"):
@@ -116,7 +116,7 @@ class RayCluster:
         return max(1, int(res.get("CPU", 1)))
 
     def uses_gpu(self) -> bool:
-        import ray
+        import ray  # lazy: importing Ray takes seconds; only a running cluster needs it
 
         return bool(ray.cluster_resources().get("GPU"))
 
@@ -128,14 +128,14 @@ class RayCluster:
 
 def single_thread() -> None:
     """Call first inside a CPU task: one torch thread per task (tasks, not threads, fill the cores)."""
-    import torch
+    import torch  # lazy: `--ray-address` is probed before torch loads (fails in under a second)
 
     torch.set_num_threads(1)
 
 
 def hardware(device: str = "cpu") -> str:
     """A one-line description of where a task ran."""
-    import torch
+    import torch  # lazy: `--ray-address` is probed before torch loads (fails in under a second)
 
     if device.startswith("cuda") and torch.cuda.is_available():
         what = f"CUDA {torch.cuda.get_device_name(0)}"
@@ -179,7 +179,7 @@ def _duration(seconds: float) -> str:
 def run_tasks(cluster: RayCluster, fn: Callable, items: Iterable, progress: Callable | None = None,
               unit: str = "tasks") -> list:
     """Run `fn(item)` for every item as Ray tasks (retried on failure); results in item order."""
-    import ray
+    import ray  # lazy: importing Ray takes seconds; only a running cluster needs it
 
     items = list(items)
     remote = ray.remote(fn).options(**cluster.task_options())

@@ -37,11 +37,12 @@ class Recipe:
         self.train_config("unused", None, 0)  # TrainConfig validates every field (one ConfigError line)
 
     def train_config(self, out: str | Path, indices: list[int] | None, seed: int, device: str = "cpu",
-                     ) -> TrainConfig:
-        """The TrainConfig of one retrain: final checkpoint only."""
+                     checkpoints: int = 1) -> TrainConfig:
+        """The TrainConfig of one retrain: the final checkpoint only, or `checkpoints` evenly spaced epochs (saving
+        draws no random numbers: the final weights are the same)."""
         return TrainConfig(dataset=self.dataset, out=str(out), epochs=self.epochs, seed=seed,
                            batch_size=self.batch_size, lr=self.lr, warmup_fraction=self.warmup_fraction,
-                           weight_decay=self.weight_decay, checkpoints=1, flip=self.flip, preset=self.preset,
+                           weight_decay=self.weight_decay, checkpoints=checkpoints, flip=self.flip, preset=self.preset,
                            resolution=self.resolution, indices=indices, device=device)
 
     def identity(self) -> dict:
