@@ -217,13 +217,13 @@ class Attributor:
     def row_statistic(self, name: str, progress: Progress | None = None) -> np.ndarray:
         """A per-training-row statistic (`features.residuals`), computed in batches into a one-column store
         under cache/stats/ (resumable, like features)."""
-        from .features.residuals import ROW_STATISTICS, row_statistic
+        from .features.residuals import RESIDUAL_TIMESTEPS, ROW_STATISTICS, row_statistic
 
         if name not in ROW_STATISTICS:
             raise ConfigError(f"unknown row statistic {name!r}; use one of: {', '.join(ROW_STATISTICS)}")
         identity = {"checkpoint": self.identity["checkpoint"], "dataset": self.train.spec,
                     "dataset_hash": self.train.content_hash, "split": self.train.split, "n": len(self.train),
-                    "statistic": name, "seed": self.cfg.seed}
+                    "statistic": name, "seed": self.cfg.seed, "timesteps": RESIDUAL_TIMESTEPS}
         path = stats_dir(self.identity["checkpoint"], self.train.spec, self.train.split, name, identity,
                          self.cache_dir)
         store = FeatureStore.open(path, identity, len(self.train), 1, {"checkpoint_spec": self.model.spec})

@@ -33,6 +33,8 @@ def add_commands(sub) -> None:
     p.add_argument("--proj-dim", type=int, default=4096, help="k (default 4096)")
     p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
     p.add_argument("--seed", type=int, default=0, help="feature noise and projection seed")
+    p.add_argument("--damping", type=float, help="ekfac: damping as a multiple of the mean EK-FAC eigenvalue "
+                                                 "(default 0.1)")
     p.add_argument("--sweep", choices=["lambda"], help="also report LDS along lambda (a table; a figure with --out)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--out", help="folder for lds.csv (and sweep.csv / sweep.html)")
@@ -78,11 +80,18 @@ def cmd_lds(args: argparse.Namespace) -> int:
 
     for name in methods:
         get_method(name)  # unknown names fail before any featurizing
+    if args.damping is not None:
+        from ..features.curvature import check_damping
+
+        check_damping(args.damping)
+        if not any(get_method(name).uses_damping for name in methods):
+            raise ConfigError("--damping applies to the EK-FAC influence methods (ekfac, ekfac-elbo) only")
     for name in methods:
         info(f"{name}: featurizing {bank.dataset} with the bank's model (cached after the first run)")
         run = score_bank(bank, name, progress=progress_bar(f"{name} features"), device=args.device,
                          fn=args.fn if args.fn in get_method(name).fn_choices() else None, timesteps=args.timesteps, proj_dim=args.proj_dim,
-                         projector=args.projector, seed=args.seed, cache=args.cache)
+                         projector=args.projector, seed=args.seed, cache=args.cache,
+                         **({"damping": args.damping} if get_method(name).uses_damping else {}))
         runs[name] = run
         lam = args.lam if run.uses_lambda and args.lam is not None else run.default_lambda
         label = name + (f" (lambda={lam:.3g})" if lam is not None else "")

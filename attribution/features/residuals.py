@@ -20,8 +20,9 @@ import torch
 from ..models.adapter import DiffusionModel
 from .timesteps import noise_seed
 
-# How many evenly spaced timesteps the residual curve is taken at (the reference: all 1000 of its model's).
-RESIDUAL_TIMESTEPS = 100
+# How many evenly spaced timesteps the residual curve is taken at (the reference: all 1000 of its model's; here 10,
+# the features' grid, for CPUs: 16k forward passes on the digits set instead of 1.6M).
+RESIDUAL_TIMESTEPS = 10
 
 ROW_STATISTICS = ("das-residual",)
 

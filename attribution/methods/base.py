@@ -70,6 +70,7 @@ class Method(ABC):
     per_step: ClassVar[bool] = False  # can score each denoising step of a journey (the Journey page and command)
     weightings: ClassVar[tuple[str, ...]] = ()  # how its checkpoints may be weighted (checkpoint methods)
     row_statistics: ClassVar[tuple[str, ...]] = ()  # per-training-row statistics its scores use (DAS's residuals)
+    uses_damping: ClassVar[bool] = False  # takes a curvature damping (--damping; EK-FAC influence)
 
     @abstractmethod
     def score(self, train: TrainFeatures, G: np.ndarray, lam: float | None) -> np.ndarray:

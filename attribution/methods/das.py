@@ -33,8 +33,9 @@ RESIDUAL = "das-residual"
 class DAS(KernelMethod):
     name = "das"
     title = "DAS"
-    summary = ("Diffusion Attribution Score: the kernel on gradients of the noise predictor's output (Avg), "
-               "weighted by each training image's residual")
+    summary = ("Diffusion Attribution Score: how much removing the training image would change the noise "
+               "predictor's output on the target (a proxy for the KL divergence between the two models), from "
+               "D-TRAK's kernel on gradients of the output itself (Avg), weighted by the image's training residual")
     default_fn = "avg"
     row_statistics = (RESIDUAL,)
 
@@ -51,7 +52,8 @@ class DAS(KernelMethod):
 class DASLeverage(DAS):
     name = "das0"
     title = "DAS (leverage-corrected)"
-    summary = "DAS with each training image's score divided by (1 - leverage)^2, its ridge leave-one-out correction"
+    summary = ("DAS with the leave-one-out correction: each training image's score divided by (1 - h)^2, h its "
+               "leverage in the ridge kernel, so images the model fits largely on their own weigh more")
 
     def weights(self, train, lam):
         leverage = train.kernel.self_influence(lam)

@@ -25,10 +25,12 @@ from .base import Method, dot_scores
 class EKFACInfluence(Method):
     name = "ekfac"
     title = "EK-FAC influence"
-    summary = ("influence function: loss gradients through the inverse EK-FAC curvature of the training loss "
-               "(damping 0.1 x mean eigenvalue)")
+    summary = ("influence function: the change in the target's loss if the training image were removed, from "
+               "loss gradients through the inverse EK-FAC curvature (Gauss-Newton) of the training loss over the "
+               "UNet's linear and convolution layers; damping 0.1 x the mean eigenvalue (--damping); no lambda")
     default_fn = "simple"
     uses_lambda = False
+    uses_damping = True
     measurement = None  # the target's output function (None: the training loss itself)
 
     def feature_config(self, fn=None, eta=None, strategy="uniform", clip_model="ViT-B-32", clip_weights=None,
@@ -56,5 +58,6 @@ class EKFACInfluence(Method):
 class EKFACInfluenceELBO(EKFACInfluence):
     name = "ekfac-elbo"
     title = "EK-FAC influence (ELBO)"
-    summary = "EK-FAC influence on the target's ELBO-weighted loss (the training side as in ekfac)"
+    summary = ("EK-FAC influence on the target's ELBO (its loss weighted per timestep as in the likelihood bound) "
+               "instead of its plain loss; training side and curvature as in ekfac")
     measurement = "elbo"
