@@ -41,12 +41,14 @@ Progress = Callable[[int, int, str], None]
 
 class Attributor:
     def __init__(self, model: DiffusionModel, train: ImageDataset, features: FeatureConfig,
-                 cache: str | None = None, store_dir: str | None = None, batch_size: int = 16):
+                 cache: str | None = None, store_dir: str | None = None, batch_size: int = 16,
+                 row_statistics: Sequence[str] = ()):
         if (train.resolution, train.channels) != (model.resolution, model.channels):
             raise ConfigError(f"dataset {train.spec} is {train.resolution}x{train.resolution}x{train.channels} but "
                               f"{model.spec} expects {model.resolution}x{model.resolution}x{model.channels}; "
                               "load the dataset at the model's resolution")
         self.model, self.train, self.cfg, self.batch_size = model, train, features, batch_size
+        self.row_statistics = tuple(row_statistics)  # per-row statistics featurize also computes (`row_statistic`)
         self.grad_spec = features.gradient_spec(model.num_timesteps)
         self.curvature_spec = self._ekfac = None  # influence functions: EK-FAC whitening (`features.curvature`)
         self.embedder = None  # the similarity baselines' features: embeddings of the images, no gradients
@@ -162,6 +164,8 @@ class Attributor:
                     record_throughput(self, finished * per_row / elapsed, elapsed)
             if progress and not len(todo):
                 progress(n, n, "cached")
+        for name in self.row_statistics:  # what the method's scores use beside the features (DAS's residuals)
+            self.row_statistic(name, progress)
         return store
 
     def featurize_estimate(self, probe: bool = False) -> tuple[float | None, str]:
@@ -316,8 +320,6 @@ class Attribution:
         """Featurize every member; `progress(member)` returns that member's progress callback."""
         for att in self.members:
             att.featurize(progress(att) if progress else None)
-            for name in self.method.row_statistics:
-                att.row_statistic(name, progress(att) if progress else None)
 
     def features_of(self, images: torch.Tensor, keys: Sequence[str]) -> list[np.ndarray]:
         """Per-member features of images (with their noise keys) by the method's recipe, as targets without a
@@ -433,7 +435,8 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
                                 clip_model=clip_model, clip_weights=clip_weights,
                                 **({} if damping is None else {"damping": damping}))
     cfg.gradient_spec(model.num_timesteps)  # K against T
-    return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size)
+    return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size,
+                      row_statistics=method.row_statistics)
 
 
 def open_attribution(checkpoints: str, method: Method, device: str = "auto", load=None,

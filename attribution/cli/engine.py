@@ -80,8 +80,6 @@ def featurize_all(attribution) -> None:
              + f", {att.grad_dim:,} parameters -> k={att.proj_dim} ({att.cfg.projector})")
         info(f"cache: {att.store_path}")
         att.featurize(progress=progress_bar("featurize"))
-        for name in attribution.method.row_statistics:  # per-image statistics the scores use (DAS's residuals)
-            att.row_statistic(name, progress_bar(name))
 
 
 def cmd_featurize(args) -> int:
