@@ -41,6 +41,7 @@ st.image(pixels_to_pil(tensor_to_pixels(target.images[0]), size), output_format=
 st.subheader("Method")
 c1, c2, c3 = st.columns(3)  # outside the form: what they choose decides which other controls apply
 method = c1.selectbox("Method", list(METHODS), format_func=METHOD_TITLES.get, key="attr_method")
+c1.caption(METHODS[method].summary[:1].upper() + METHODS[method].summary[1:] + ".")  # what the method measures
 fn, eta = None, None
 if len(METHODS[method]().fn_choices()) > 1:
     fn = c2.selectbox("Output function", feature_fn_options(method), key="attr_fn",

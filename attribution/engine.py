@@ -13,6 +13,7 @@ trained at (`Method.member_weights`). `open_attribution` builds either from user
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -32,7 +33,7 @@ from .features.timesteps import sampled_timesteps
 from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
 from .models.adapter import DiffusionModel
-from .store import FeatureStore, cache_root
+from .store import CurvatureStore, FeatureStore, cache_root, stats_dir
 from .targets import Targets
 
 Progress = Callable[[int, int, str], None]
@@ -40,13 +41,16 @@ Progress = Callable[[int, int, str], None]
 
 class Attributor:
     def __init__(self, model: DiffusionModel, train: ImageDataset, features: FeatureConfig,
-                 cache: str | None = None, store_dir: str | None = None, batch_size: int = 16):
+                 cache: str | None = None, store_dir: str | None = None, batch_size: int = 16,
+                 row_statistics: Sequence[str] = ()):
         if (train.resolution, train.channels) != (model.resolution, model.channels):
             raise ConfigError(f"dataset {train.spec} is {train.resolution}x{train.resolution}x{train.channels} but "
                               f"{model.spec} expects {model.resolution}x{model.resolution}x{model.channels}; "
                               "load the dataset at the model's resolution")
         self.model, self.train, self.cfg, self.batch_size = model, train, features, batch_size
+        self.row_statistics = tuple(row_statistics)  # per-row statistics featurize also computes (`row_statistic`)
         self.grad_spec = features.gradient_spec(model.num_timesteps)
+        self.curvature_spec = self._ekfac = None  # influence functions: EK-FAC whitening (`features.curvature`)
         self.embedder = None  # the similarity baselines' features: embeddings of the images, no gradients
         if features.embedding:
             self.embedder = make_embedder(features.embedding, model.channels, model.resolution, features.clip_model,
@@ -54,12 +58,19 @@ class Attributor:
             self.grad_dim = self.proj_dim = self.embedder.dim
         else:
             self.grad_dim = param_count(model, features.params)
+            if features.curvature:  # whitened gradients (influence functions): the tracked layers' dimension
+                from .features.curvature import CurvatureSpec, layout
+
+                self.curvature_spec = CurvatureSpec(seed=features.seed, params=features.params)
+                self.grad_dim = layout(model, features.params).dim
             self.proj_dim = self.grad_dim if features.projector == "identity" else features.proj_dim
         self.identity = {"checkpoint": model.identity(), "dataset": train.spec, "dataset_hash": train.content_hash,
                          "split": train.split, "n": len(train), "features": features.to_dict(),
                          "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "scaling": SCALING}
         if self.embedder is not None:
             self.identity["embedding"] = self.embedder.identity
+        if self.curvature_spec is not None:
+            self.identity["curvature"] = self.curvature_spec.to_dict()
         matrix = matrix_identity(features.projector, model.device)
         if matrix is not None:  # only trak-cuda: CPU-generated matrices keep the identity (and folder) they had
             self.identity["projection"] = matrix
@@ -98,18 +109,23 @@ class Attributor:
         return self._store
 
     def features_of(self, images: torch.Tensor, keys: Sequence[str], timesteps: np.ndarray | None = None,
-                    ) -> np.ndarray:
+                    fn: str | None = None) -> np.ndarray:
         """Projected features of images (M, C, H, W) in [-1, 1] with noise keys; shape (M, k) float32.
 
-        `timesteps` (M, K) replaces the configured timesteps per image (training rows of the "training" strategy).
+        `timesteps` (M, K) replaces the configured timesteps per image (training rows of the "training" strategy);
+        `fn` another output function for these images (a measurement other than the training features' function:
+        EK-FAC's ELBO queries).
         """
+        spec = self.grad_spec if fn is None else dataclasses.replace(self.grad_spec, fn=fn)
         if self.embedder is not None:
             return self.embedder.embed(images)
         out = []
         for s in range(0, len(images), self.batch_size):
             ts = None if timesteps is None else torch.as_tensor(timesteps[s:s + self.batch_size]).reshape(-1, 1)
             g = per_sample_gradients(self.model, images[s:s + self.batch_size], list(keys[s:s + self.batch_size]),
-                                     self.grad_spec, ts)
+                                     spec, ts)
+            if self.curvature_spec is not None:
+                g = self.ekfac().whiten(g, self.cfg.effective_damping)
             out.append(self.projector.project(g).cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
@@ -128,6 +144,8 @@ class Attributor:
 
         with store.exclusive(waiting):
             todo = np.flatnonzero(~store.done())
+            if len(todo) and self.curvature_spec is not None:
+                self.ekfac(progress)  # the curvature first (its own cache), then the whitened features
             done_before = n - len(todo)
             per_row = 1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)
             per_row *= self.cfg.noises
@@ -146,6 +164,8 @@ class Attributor:
                     record_throughput(self, finished * per_row / elapsed, elapsed)
             if progress and not len(todo):
                 progress(n, n, "cached")
+        for name in self.row_statistics:  # what the method's scores use beside the features (DAS's residuals)
+            self.row_statistic(name, progress)
         return store
 
     def featurize_estimate(self, probe: bool = False) -> tuple[float | None, str]:
@@ -172,6 +192,56 @@ class Attributor:
                else f"measured here {entry['measured']}")
         return missing * per_row / rate, f"{missing} images at {rate:.3g} sample-timesteps/s, {how}"
 
+    def ekfac(self, progress: Progress | None = None):
+        """The EK-FAC factors of this checkpoint's training loss on the training set (fitted once, cached under
+        cache/curvature/, resumable; see `features.curvature`)."""
+        if self._ekfac is None:
+            from .features.curvature import EKFAC, fit_ekfac, layout
+
+            lay = layout(self.model, self.cfg.params)
+            identity = {"checkpoint": self.identity["checkpoint"], "dataset": self.train.spec,
+                        "dataset_hash": self.train.content_hash, "split": self.train.split, "n": len(self.train),
+                        "curvature": self.curvature_spec.to_dict(), "tracked": lay.describe()}
+            spec = self.curvature_spec
+            store = CurvatureStore.open(identity, f"ekfac-{spec.fisher}-c{spec.samples}-s{spec.seed}",
+                                        self.cache_dir)
+            arrays = store.load_factors()
+            if arrays is None:
+                with store.exclusive():  # one fit per folder; the others wait and load it
+                    arrays = store.load_factors()
+                    if arrays is None:
+                        keys = [f"{self.train.split}/{i}" for i in range(len(self.train))]
+                        fitted = fit_ekfac(self.model, self.train.tensors, keys, spec, self.batch_size,
+                                           store.load_partial(), store.save_partial, progress)
+                        arrays = fitted.arrays()
+                        store.save_factors(arrays)
+            self._ekfac = EKFAC.from_arrays(lay, arrays)
+        return self._ekfac
+
+    def row_statistic(self, name: str, progress: Progress | None = None) -> np.ndarray:
+        """A per-training-row statistic (`features.residuals`), computed in batches into a one-column store
+        under cache/stats/ (resumable, like features)."""
+        from .features.residuals import RESIDUAL_TIMESTEPS, ROW_STATISTICS, row_statistic
+
+        if name not in ROW_STATISTICS:
+            raise ConfigError(f"unknown row statistic {name!r}; use one of: {', '.join(ROW_STATISTICS)}")
+        identity = {"checkpoint": self.identity["checkpoint"], "dataset": self.train.spec,
+                    "dataset_hash": self.train.content_hash, "split": self.train.split, "n": len(self.train),
+                    "statistic": name, "seed": self.cfg.seed, "timesteps": RESIDUAL_TIMESTEPS}
+        path = stats_dir(self.identity["checkpoint"], self.train.spec, self.train.split, name, identity,
+                         self.cache_dir)
+        store = FeatureStore.open(path, identity, len(self.train), 1, {"checkpoint_spec": self.model.spec})
+        with store.exclusive():
+            todo = np.flatnonzero(~store.done())
+            for s in range(0, len(todo), self.batch_size):
+                rows = todo[s:s + self.batch_size]
+                keys = [f"{self.train.split}/{i}" for i in rows]
+                values = row_statistic(name, self.model, self.train.tensors(rows), keys, self.cfg.seed)
+                store.write_rows(rows, values[:, None])
+                if progress:
+                    progress(len(self.train) - len(todo) + s + len(rows), len(self.train), name)
+        return np.asarray(store.features()[:, 0], dtype=np.float64)
+
     # -- scoring -----------------------------------------------------------------------------------------------
 
     def kernel(self) -> Kernel:
@@ -191,7 +261,7 @@ class Attributor:
                 done = int(self.store.done().sum())
                 raise ConfigError(f"training features are incomplete ({done}/{len(self.train)} rows); "
                                   "run featurize first (it resumes where it stopped)")
-            self._train_features = TrainFeatures(self.store.features(), self.kernel)
+            self._train_features = TrainFeatures(self.store.features(), self.kernel, self.row_statistic)
         return self._train_features
 
     def resolve_lambda(self, method: Method, lam: float | None) -> float | None:
@@ -354,7 +424,7 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
                     proj_dim: int = 4096, projector: str = "auto", seed: int = 0, params: str | None = None,
                     cache: str | None = None, store_dir: str | None = None, batch_size: int = 16,
                     proj_seed: int | None = None, clip_model: str = "ViT-B-32", clip_weights: str | None = None,
-                    ) -> Attributor:
+                    damping: float | None = None) -> Attributor:
     """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk."""
     from .features.projectors import default_projector
 
@@ -362,9 +432,11 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
     cfg = method.feature_config(fn=fn, eta=eta, timesteps=timesteps, strategy=strategy, noises=noises,
                                 proj_dim=proj_dim, seed=seed, params=params, proj_seed=proj_seed,
                                 projector=default_projector(model.device) if projector == "auto" else projector,
-                                clip_model=clip_model, clip_weights=clip_weights)
+                                clip_model=clip_model, clip_weights=clip_weights,
+                                **({} if damping is None else {"damping": damping}))
     cfg.gradient_spec(model.num_timesteps)  # K against T
-    return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size)
+    return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size,
+                      row_statistics=method.row_statistics)
 
 
 def open_attribution(checkpoints: str, method: Method, device: str = "auto", load=None,

@@ -11,6 +11,14 @@ Layout (one folder per feature set; the name carries a readable slug and a hash 
               features.npy    float32 (N, k) memmap, rows in dataset order
               done.npy        bool (N,): rows that are finished (written after their rows are flushed)
               kernel.npz      U (N, r), sigma (r,), V (k, r): thin SVD of the features, once complete
+      curvature/
+        <checkpoint hash>/<dataset slug>-<split>/<curvature slug>-<identity hash>/
+          config.json     the identity (checkpoint, dataset, split, curvature spec, tracked layers)
+          partial.npz     a fit in progress (partial sums and the rows done in each pass), saved every ~30 s
+          factors.npz     the fitted EK-FAC factors (Q_A, Q_S, eigenvalues per tracked layer)
+      stats/
+        <checkpoint hash>/<dataset slug>-<split>/<statistic>-<identity hash>/   one number per training image
+                                                                                (a one-column feature store)
       retrain/
         <recipe key>/
           <index-set hash>-seed-<S>/   a training run folder (run.json with the subset indices, epoch-N/), plus
@@ -41,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CacheMismatchError
-from .fileio import atomic_dir, save_npy, save_npz
+from .fileio import atomic_dir, save_npy, save_npz, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +78,14 @@ def norms_dir(checkpoint_hash: str, dataset: str, split: str, slug: str, identit
     (a one-column FeatureStore)."""
     return (cache_root(root) / "norms" / checkpoint_hash / f"{_slug(dataset)}-{split}"
             / f"{slug}-{identity_hash(identity)}")
+
+
+def stats_dir(checkpoint_hash: str, dataset: str, split: str, slug: str, identity: dict,
+              root: str | os.PathLike | None = None) -> Path:
+    """cache/stats/<checkpoint hash>/<dataset>-<split>/<slug>-<identity hash>: a per-training-image statistic a
+    scoring rule needs beside the features (DAS's residual weights; a one-column FeatureStore)."""
+    return (cache_root(root) / "stats" / checkpoint_hash / f"{_slug(dataset)}-{split}"
+            / f"{_slug(slug)}-{identity_hash(identity)}")
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -198,6 +214,55 @@ class FeatureStore:
 
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
+
+
+class CurvatureStore:
+    """The EK-FAC factors of one (checkpoint, training set, curvature spec), and a fit in progress (see the layout
+    above): a killed fit resumes from partial.npz; factors.npz appears (atomically) once the fit is complete."""
+
+    def __init__(self, path: Path, identity: dict):
+        self.path, self.identity = Path(path), identity
+
+    exclusive = FeatureStore.exclusive  # the same lock file protocol (.lock in the folder)
+
+    @classmethod
+    def open(cls, identity: dict, slug: str, root: str | os.PathLike | None = None) -> "CurvatureStore":
+        ds = f"{_slug(identity['dataset'])}-{identity['split']}"
+        path = (cache_root(root) / "curvature" / identity["checkpoint"] / ds
+                / f"{_slug(slug)}-{identity_hash(identity)}")
+        cfg_path = path / "config.json"
+        if cfg_path.is_file():
+            differences = _diff(json.loads(cfg_path.read_text()).get("identity", {}), identity)
+            if differences:
+                raise CacheMismatchError(f"curvature folder {path} was made for another configuration "
+                                         f"({'; '.join(differences[:4])}); delete it")
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            write_json(cfg_path, {"identity": identity})
+        return cls(path, identity)
+
+    def load_factors(self) -> dict[str, np.ndarray] | None:
+        return self._load(self.path / "factors.npz")
+
+    def save_factors(self, arrays: dict[str, np.ndarray]) -> None:
+        save_npz(self.path / "factors.npz", compress=False, **arrays)
+        (self.path / "partial.npz").unlink(missing_ok=True)
+
+    def load_partial(self) -> dict | None:
+        arrays = self._load(self.path / "partial.npz")
+        if arrays is None:
+            return None
+        return {k: (v.item() if v.ndim == 0 else v) for k, v in arrays.items()}
+
+    def save_partial(self, state: dict) -> None:
+        save_npz(self.path / "partial.npz", compress=False, **{k: np.asarray(v) for k, v in state.items()})
+
+    @staticmethod
+    def _load(path: Path) -> dict[str, np.ndarray] | None:
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
 
 
 def retrain_dir(recipe_key: str, index_set_hash: str, seed: int, root: str | os.PathLike | None = None) -> Path:

@@ -30,6 +30,8 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
     p.add_argument("--seed", type=int, default=0, help="noise and projection seed")
     p.add_argument("--params", help="take gradients only over parameters with these comma-separated name prefixes")
+    p.add_argument("--damping", type=float, help="ekfac: damping as a multiple of the mean EK-FAC eigenvalue "
+                                                 "(default 0.1)")
     p.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
     p.add_argument("--store", help="use this feature-store folder instead of the automatic one")
     p.add_argument("--clip-weights", metavar="FILE", help="clip-dot/clip-cos: " + CLIP_HELP)
@@ -56,7 +58,7 @@ def build(args):
                                    noises=args.noises, proj_dim=args.proj_dim, projector=args.projector,
                                    seed=args.seed, params=args.params, cache=args.cache, store_dir=args.store,
                                    batch_size=args.batch_size, clip_model=args.clip_model,
-                                   clip_weights=args.clip_weights,
+                                   clip_weights=args.clip_weights, damping=getattr(args, "damping", None),
                                    checkpoint_weights=getattr(args, "checkpoint_weights", None))
     if len(attribution.members) > 1:
         info(f"{method.title} over {len(attribution.members)} checkpoints, weights "

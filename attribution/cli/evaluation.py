@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..fileio import atomic_path
+from ..features.curvature import check_damping
 from ..kernel import check_lambda
 from .common import info, progress_bar, write_figures
 
@@ -38,6 +39,8 @@ def add_commands(sub) -> None:
     p.add_argument("--proj-dim", type=int, default=4096, help="k (default 4096)")
     p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
     p.add_argument("--seed", type=int, default=0, help="feature noise and projection seed")
+    p.add_argument("--damping", type=float, help="ekfac: damping as a multiple of the mean EK-FAC eigenvalue "
+                                                 "(default 0.1)")
     p.add_argument("--sweep", choices=["lambda", "K", "k", "checkpoint"],
                    help="also report LDS along lambda (instant, from the kernel's eigendecomposition), K (timesteps), "
                         "k (projection dimension) or the checkpoints of the bank's run (each featurizes once); a "
@@ -94,10 +97,15 @@ def cmd_lds(args: argparse.Namespace) -> int:
     runs = {}
     for name in methods:
         get_method(name)  # unknown names fail before any featurizing
+    if args.damping is not None:
+        check_damping(args.damping)
+        if not any(get_method(name).uses_damping for name in methods):
+            raise ConfigError("--damping applies to the EK-FAC influence methods (ekfac, ekfac-elbo) only")
 
     def feature_options(name: str) -> dict:
         return dict(fn=args.fn if args.fn in get_method(name).fn_choices() else None, timesteps=args.timesteps,
-                    proj_dim=args.proj_dim, projector=args.projector, seed=args.seed, cache=args.cache)
+                    proj_dim=args.proj_dim, projector=args.projector, seed=args.seed, cache=args.cache,
+                    **({"damping": args.damping} if get_method(name).uses_damping else {}))
 
     if args.sweep in ("K", "k", "checkpoint") and not methods:
         raise ConfigError(f"a {args.sweep} sweep needs --method (score files have no options to sweep)")

@@ -34,6 +34,9 @@ class FeatureConfig:
             the "training" strategy (Diffusion-ReTrac).
         embedding: None for gradient features; "pixels" or "clip" for the model-free similarity baselines (then
             only `clip_model` and, for "clip", the local `clip_weights` file matter; see `embeddings.py`).
+        curvature: None, or "ekfac": gradients whitened by the EK-FAC curvature of the training loss before the
+            projection (influence functions; see `curvature.py`).
+        damping: EK-FAC damping as a multiple of the mean EK-FAC eigenvalue (with curvature only; default 0.1).
     """
 
     fn: str = "square"
@@ -50,6 +53,8 @@ class FeatureConfig:
     embedding: str | None = None
     clip_model: str = "ViT-B-32"
     clip_weights: str | None = None  # a local file; the identity records its content digest, not its path
+    curvature: str | None = None
+    damping: float | None = None
 
     @property
     def projection_seed(self) -> int:
@@ -74,6 +79,14 @@ class FeatureConfig:
             check_fast_jl_dim(self.proj_dim)
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"eta must be within [0, 1], got {self.eta}")
+        if self.curvature not in (None, "ekfac"):
+            raise ConfigError(f"unknown curvature {self.curvature!r}; use ekfac")
+        if self.damping is not None:
+            if self.curvature is None:
+                raise ConfigError("damping applies to the influence-function (EK-FAC) method only: use --method ekfac")
+            from .curvature import check_damping
+
+            check_damping(self.damping)
         if self.fn != "interp" and self.eta != 1.0:
             raise ConfigError("eta applies only to the Simple/Square interpolation: use --fn interp with --eta")
 
@@ -100,7 +113,17 @@ class FeatureConfig:
             d.pop("proj_seed")
         if self.strategy == "training":  # K applies to targets only: training rows use their own timestep
             d.pop("timesteps")
+        if self.curvature is None:  # absent unless set: caches made before the option stay valid
+            d.pop("curvature")
+            d.pop("damping")
+        else:
+            d["damping"] = self.effective_damping
         return d
+
+    @property
+    def effective_damping(self) -> float:
+        """The EK-FAC damping factor used: `damping`, else 0.1 (x the mean eigenvalue)."""
+        return 0.1 if self.damping is None else float(self.damping)
 
     def slug(self) -> str:
         if self.embedding:
@@ -110,4 +133,5 @@ class FeatureConfig:
         unit = "-unit" if self.normalize else ""
         ts = "Ttrain" if self.strategy == "training" else f"K{self.timesteps}{self.strategy[0]}"
         ps = "" if self.proj_seed is None else f"-p{self.proj_seed}"
-        return f"{fn}-{ts}-n{self.noises}{unit}-{self.projector}-{k}-s{self.seed}{ps}"
+        cv = "" if self.curvature is None else f"-{self.curvature}{self.effective_damping:g}"
+        return f"{fn}-{ts}-n{self.noises}{unit}{cv}-{self.projector}-{k}-s{self.seed}{ps}"

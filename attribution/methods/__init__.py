@@ -4,7 +4,9 @@ from ..errors import ConfigError
 from .base import KernelMethod, Method, SimilarityMethod, TrainFeatures
 from .clip_cos import CLIPCos
 from .clip_dot import CLIPDot
+from .das import DAS, DASLeverage
 from .dtrak import DTRAK
+from .ekfac import EKFACInfluence, EKFACInfluenceELBO
 from .gas import GAS
 from .grad_cos import GradCos
 from .grad_dot import GradDot
@@ -21,7 +23,8 @@ from .trak import TRAK
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DTRAK, TRAK, GradDot, GradCos, RelativeInfluence,
                                                         RenormalizedInfluence, DiffusionTracIn, DiffusionReTrac,
                                                         TracInCP, GAS, JourneyTRAK, PixelDot, PixelCos, CLIPDot,
-                                                        CLIPCos)}
+                                                        CLIPCos, DAS, DASLeverage, EKFACInfluence,
+                                                        EKFACInfluenceELBO)}
 
 # The method a user gets without choosing one: D-TRAK, the paper's best gradient method.
 DEFAULT_METHOD = "dtrak"

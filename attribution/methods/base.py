@@ -35,6 +35,13 @@ class TrainFeatures:
 
     X: np.ndarray  # (N, k) float32, possibly a read-only memmap
     kernel_loader: Callable[[], Kernel]  # loads (or fits and caches) the decomposition
+    stat_loader: Callable[[str], np.ndarray] | None = None  # a per-row statistic by name (`Method.row_statistics`)
+
+    def stat(self, name: str) -> np.ndarray:
+        """One number per training row (features/residuals.py ROW_STATISTICS), computed once and cached."""
+        if self.stat_loader is None:
+            raise ConfigError(f"these training features carry no {name!r} statistic")
+        return np.asarray(self.stat_loader(name), dtype=np.float64)
 
     @functools.cached_property
     def kernel(self) -> Kernel:
@@ -62,6 +69,8 @@ class Method(ABC):
     has_self_influence: ClassVar[bool] = True
     per_step: ClassVar[bool] = False  # can score each denoising step of a journey (the Journey page and command)
     weightings: ClassVar[tuple[str, ...]] = ()  # how its checkpoints may be weighted (checkpoint methods)
+    row_statistics: ClassVar[tuple[str, ...]] = ()  # per-training-row statistics its scores use (DAS's residuals)
+    uses_damping: ClassVar[bool] = False  # takes a curvature damping (--damping; EK-FAC influence)
 
     @abstractmethod
     def score(self, train: TrainFeatures, G: np.ndarray, lam: float | None) -> np.ndarray:
@@ -90,6 +99,8 @@ class Method(ABC):
         """Refuse features this method cannot score (e.g. TRAK needs features of the Simple loss)."""
         if self.fixed_fn and not cfg.embedding and cfg.fn != self.default_fn:
             raise ConfigError(f"{self.title} needs {self.default_fn} features, these are {cfg.fn} features")
+        if getattr(cfg, "curvature", None):
+            raise ConfigError(f"{self.title} scores plain gradient features, these are EK-FAC-whitened")
 
     def checkpoints(self, spec: str) -> list[str]:
         """The checkpoints it runs over: the comma-separated specs as given (several: an ensemble)."""

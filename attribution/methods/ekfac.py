@@ -1,0 +1,63 @@
+"""EK-FAC influence functions for diffusion models (Mlodozeniec et al., ICLR 2025, "Influence functions for
+scalable data attribution in diffusion models"; code `BrunoKM/diffusion-influence`):
+
+    tau_n = grad m(target)^T (H + lambda I)^{-1} grad L(x_n),
+
+L the training loss (Simple, at the features' K timesteps and noise), m the measurement (`ekfac`: the same loss of
+the target; `ekfac-elbo`: the ELBO-weighted loss over the K timesteps), H the EK-FAC approximation of the training
+loss's Gauss-Newton matrix over the UNet's Linear and Conv2d layers, estimated on every training image's noisy
+copies (uniform timesteps and noise, as DInf draws them), and lambda = damping x the mean EK-FAC eigenvalue
+(`--damping`, default 0.1, kronfluence's heuristic). The scores are dot products of EK-FAC-whitened gradients
+(`features.curvature`), projected and cached like every feature set; changing the damping re-featurizes.
+
+Own implementation rather than kronfluence: kronfluence's per-sample gradients are one per row of the batch the
+loss sees, but a diffusion example's loss is a mean over many (timestep, noise) copies of one image (DInf asserts
+batch size 1 for this); it writes its factors to its own folders (the cache here belongs to store.py); and it
+wraps the model's modules in place, which the app's shared models cannot allow. Normalisation layers (GroupNorm)
+are not tracked; their parameters are left out of the scores (`features.curvature.Layout.skipped`).
+"""
+
+from ..errors import ConfigError
+from ..features.config import FeatureConfig
+from .base import Method, dot_scores
+
+
+class EKFACInfluence(Method):
+    name = "ekfac"
+    title = "EK-FAC influence"
+    summary = ("influence function: the change in the target's loss if the training image were removed, from "
+               "loss gradients through the inverse EK-FAC curvature (Gauss-Newton) of the training loss over the "
+               "UNet's linear and convolution layers; damping 0.1 x the mean eigenvalue (--damping); no lambda")
+    default_fn = "simple"
+    uses_lambda = False
+    uses_damping = True
+    measurement = None  # the target's output function (None: the training loss itself)
+
+    def feature_config(self, fn=None, eta=None, strategy="uniform", clip_model="ViT-B-32", clip_weights=None,
+                       damping=None, **options) -> FeatureConfig:
+        fn = self.check_fn("interp" if eta is not None and fn is None else fn)
+        return FeatureConfig(fn=fn, strategy=strategy, curvature="ekfac", damping=damping, **options)
+
+    def check_features(self, cfg: FeatureConfig) -> None:
+        if cfg.fn != self.default_fn:
+            raise ConfigError(f"{self.title} needs {self.default_fn} features, these are {cfg.fn} features")
+        if cfg.curvature != "ekfac":
+            raise ConfigError(f"{self.title} scores EK-FAC-whitened gradients, not plain gradient features")
+
+    def target_features(self, member, targets, progress=None, cache=None, sampler_model=None):
+        self.check_targets(targets)
+        return member.features_of(targets.images, targets.keys, fn=self.measurement)
+
+    def score(self, train, G, lam):
+        return dot_scores(train, G)
+
+    def self_influence(self, train, lam):
+        return train.norms**2
+
+
+class EKFACInfluenceELBO(EKFACInfluence):
+    name = "ekfac-elbo"
+    title = "EK-FAC influence (ELBO)"
+    summary = ("EK-FAC influence on the target's ELBO (its loss weighted per timestep as in the likelihood bound) "
+               "instead of its plain loss; training side and curvature as in ekfac")
+    measurement = "elbo"

@@ -1,0 +1,222 @@
+"""DAS and EK-FAC influence against direct computations (issue 15).
+
+- DAS / DAS0 scores equal the formula computed here from scratch: Avg-output gradients by plain autograd (one
+  image, one timestep at a time), projected with the store's projector, the ridge kernel by a float64 solve, the
+  residual weights from the model's own errors, the leverage as the diagonal of the hat matrix.
+- EK-FAC on a model that is one linear layer (where K-FAC is exact: the GGN of the MSE is A (x) (2/D) I) gives the
+  influence of the explicit damped inverse GGN, built here from the layer's Jacobians.
+- EK-FAC with a very large damping is the gradient dot product over the tracked layers divided by lambda.
+- The fit resumes from a saved state to the same factors; bad damping is one line; untracked layers are named.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.engine import open_attribution
+from attribution.errors import ConfigError
+from attribution.features.curvature import CurvatureSpec, copy_inputs, fit_ekfac, layout
+from attribution.features.gradients import GradientSpec, per_sample_gradients
+from attribution.features.residuals import residual_timesteps
+from attribution.features.timesteps import noise_for, noise_seed
+from attribution.methods import get_method
+from attribution.models.adapter import DiffusionModel, NoiseSchedule
+
+
+@pytest.fixture(scope="module")
+def npz12(tmp_path_factory):
+    from attribution.data import load_dataset
+
+    digits = load_dataset("digits")
+    path = tmp_path_factory.mktemp("dasekfac") / "digits12.npz"
+    np.savez(path, images=digits.pixels[:12, ..., 0], labels=digits.labels[:12])
+    return path
+
+
+def _open(name, tiny_run, npz12, cache, **options):
+    return open_attribution(str(tiny_run), get_method(name), "cpu", dataset=f"npz:{npz12}", timesteps=2,
+                            proj_dim=64, cache=str(cache), **options)
+
+
+# -- DAS ----------------------------------------------------------------------------------------------------------
+
+def _avg_gradient(model, x0, key, timesteps):
+    """mean over the K timesteps of grad_theta mean(eps_hat(x_t, t)), by plain autograd."""
+    params = {k: v.clone().requires_grad_(True) for k, v in model.parameters().items()}
+    total = None
+    for t in timesteps:
+        eps = noise_for([key], torch.tensor([t]), tuple(x0.shape), 0)[0]
+        tt = torch.tensor([t])
+        x_t = model.schedule.add_noise(x0[None], eps, tt)
+        out = model.raw(params, x_t, tt).mean() / len(timesteps)
+        g = torch.autograd.grad(out, list(params.values()))
+        flat = torch.cat([x.reshape(-1) for x in g])
+        total = flat if total is None else total + flat
+    return total
+
+
+def _residual_weight(model, x0, key):
+    errors = []
+    for t in residual_timesteps(model.num_timesteps).tolist():
+        gen = torch.Generator().manual_seed(noise_seed(0, f"das-residual/{key}", t))
+        eps = torch.randn(tuple(x0.shape), generator=gen)[None]
+        tt = torch.tensor([t])
+        with torch.no_grad():
+            pred = model.raw(model.parameters(), model.schedule.add_noise(x0[None], eps, tt), tt)
+        errors.append(float(((pred - eps).double() ** 2).mean().sqrt()))
+    e = np.array(errors)
+    return float((e / (np.linalg.norm(e) + 1e-8)).mean())
+
+
+def test_das_scores_equal_a_direct_computation(tiny_run, npz12, tmp_path):
+    att = _open("das", tiny_run, npz12, tmp_path)
+    att.featurize()
+    member = att.members[0]
+    model, train = member.model, member.train
+    ts = list(member.grad_spec.timesteps)
+    imgs = train.tensors(list(range(12)))
+    X = torch.stack([_avg_gradient(model, imgs[i], f"train/{i}", ts) for i in range(12)])
+    X = member.projector.project(X).double().numpy()
+    target_rows = [3, 7]
+    G = X[target_rows]  # training images as targets: same keys, same features
+    lam = att.resolve_lambda(None)
+    K = X.T @ X + lam * np.eye(X.shape[1])
+    kernel_scores = G @ np.linalg.solve(K, X.T)
+    w = np.array([_residual_weight(model, imgs[i], f"train/{i}") for i in range(12)])
+    got = att.scores(att.features_of(imgs[target_rows], [f"train/{i}" for i in target_rows]), lam)
+    expected = kernel_scores * w[None, :]
+    # float32 features and kernel factors (relative ~1e-6) against a float64 solve
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(att.self_influence(lam), np.diag(X @ np.linalg.solve(K, X.T)) * w, rtol=2e-4)
+
+    lev = _open("das0", tiny_run, npz12, tmp_path)  # the same features and weights (one cache)
+    h = np.diag(X @ np.linalg.solve(K, X.T))
+    got0 = lev.scores(lev.features_of(imgs[target_rows], [f"train/{i}" for i in target_rows]), lam)
+    np.testing.assert_allclose(got0, kernel_scores * (w / (1 - h) ** 2)[None, :], rtol=2e-4,
+                               atol=1e-6 * np.abs(got0).max())
+    assert not np.allclose(got0 / got0.max(), got / got.max())  # the correction changes the scores
+
+
+# -- EK-FAC: exact where K-FAC is exact -----------------------------------------------------------------------------
+
+class _LinearNet(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, x, t, return_dict=False):
+        return (self.lin(x.flatten(1)).view_as(x),)
+
+
+class _LinearModel(DiffusionModel):
+    """A 'diffusion model' whose noise predictor is one linear layer on 2x2 one-channel images."""
+
+    kind = "test-linear"
+
+    def __init__(self):
+        super().__init__(NoiseSchedule.from_config({"num_train_timesteps": 50}), None, "cpu")
+        torch.manual_seed(0)
+        self.net = _LinearNet(4).requires_grad_(False)
+
+    @classmethod
+    def accepts(cls, info):
+        return False
+
+    @classmethod
+    def load(cls, info, device="auto"):
+        raise NotImplementedError
+
+    def save(self, target, extra=None):
+        raise NotImplementedError
+
+    @property
+    def module(self):
+        return self.net
+
+    resolution = 2
+    channels = 1
+    latent_shape = (1, 2, 2)
+
+
+def test_ekfac_matches_the_explicit_inverse_ggn_on_a_linear_layer():
+    model = _LinearModel()
+    rng = np.random.default_rng(0)
+    x0 = torch.from_numpy(rng.uniform(-1, 1, (6, 1, 2, 2)).astype(np.float32))
+    keys = [f"train/{i}" for i in range(6)]
+    spec = CurvatureSpec(samples=8, fisher="ggn")
+    ekfac = fit_ekfac(model, lambda rows: x0[rows], keys, spec, batch_size=4)
+    # the explicit GGN of the mean training loss: mean over copies of J^T (2/D) J, J = d eps_hat / d theta
+    x_t, t, _, _ = copy_inputs(model, x0, keys, spec)
+    params = model.parameters()
+    names = list(params)
+
+    def out(*flat):
+        return model.raw(dict(zip(names, flat)), x_t, t).flatten(1)
+
+    jac = torch.autograd.functional.jacobian(out, tuple(params.values()))
+    J = torch.cat([j.reshape(len(x_t), 4, -1) for j in jac], 2).double()  # (copies, D, P)
+    H = torch.einsum("cdp,cdq->pq", J, J) * (2 / 4) / len(x_t)
+    gspec = GradientSpec("simple", (0, 10, 25, 49))
+    g = per_sample_gradients(model, x0, keys, gspec).double()  # training gradients (6, P)
+    q = per_sample_gradients(model, -x0.flip(0), ["val/0", "val/1", "val/2", "val/3", "val/4", "val/5"],
+                             gspec).double()
+    for damping in (0.01, 0.1, 1.0):
+        lam = ekfac.damping_value(damping)
+        explicit = (q @ torch.linalg.solve(H + lam * torch.eye(len(H), dtype=H.dtype), g.T)).numpy()
+        via_ekfac = (ekfac.whiten(q, damping).double() @ ekfac.whiten(g, damping).double().T).numpy()
+        # float32 whitened features (relative 1e-7) through a condition number of at most ~1/damping
+        np.testing.assert_allclose(via_ekfac, explicit, rtol=1e-4, atol=1e-5 * np.abs(explicit).max())
+
+
+def test_ekfac_fit_resumes_to_the_same_factors():
+    model = _LinearModel()
+    x0 = torch.linspace(-1, 1, 5 * 4).reshape(5, 1, 2, 2)
+    keys = [f"train/{i}" for i in range(5)]
+    spec = CurvatureSpec(samples=3)
+    saved = []
+    full = fit_ekfac(model, lambda rows: x0[rows], keys, spec, batch_size=2,
+                     save=lambda s: saved.append(copy.deepcopy(s)), save_every=0)
+    in_covariance = [s for s in saved if "stage" not in s and s["covariance_rows"] < 5]
+    in_eigenvalues = [s for s in saved if s.get("stage") == "eigenvalues" and 0 < s.get("eigenvalues_rows", 0) < 5]
+    assert in_covariance and in_eigenvalues
+    for state in (in_covariance[0], in_eigenvalues[0]):  # a kill in the covariance pass, one in the eigenvalues
+        again = fit_ekfac(model, lambda rows: x0[rows], keys, spec, batch_size=2, state=copy.deepcopy(state))
+        for a, b in zip(again.eigenvalues, full.eigenvalues):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12)
+
+
+# -- EK-FAC on the tiny UNet -----------------------------------------------------------------------------------------
+
+def test_ekfac_with_large_damping_is_the_gradient_dot_product(tiny_run, npz12, tmp_path):
+    att = _open("ekfac", tiny_run, npz12, tmp_path, damping=1e8, projector="identity")
+    att.featurize()
+    member = att.members[0]
+    imgs = member.train.tensors(list(range(12)))
+    keys = [f"train/{i}" for i in range(12)]
+    lam = member.ekfac().damping_value(1e8)
+    got = att.scores(att.features_of(imgs[:4], keys[:4])) * lam
+    g = per_sample_gradients(member.model, imgs, keys, member.grad_spec).double()
+    lay = layout(member.model)
+    cols = torch.cat([torch.arange(s, s + n) for layer in lay.layers
+                      for name in (layer.weight, layer.bias) if name for s, n in [lay.offsets[name]]])
+    direct = (g[:4, cols] @ g[:, cols].T).numpy()
+    assert np.corrcoef(got.ravel(), direct.ravel())[0, 1] > 0.99
+    # deviation ~ eigenvalue / lambda = 1e-9 relative, plus float32 features
+    np.testing.assert_allclose(got, direct, rtol=1e-3, atol=1e-4 * np.abs(direct).max())
+    assert any("GroupNorm" in s for s in lay.skipped)  # the untracked layers are named
+
+
+def test_ekfac_damping_changes_scores_and_bad_damping_is_one_line(tiny_run, npz12, tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        _open("ekfac", tiny_run, npz12, tmp_path, damping=0.0)
+    assert "damping" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        _open("ekfac", tiny_run, npz12, tmp_path, damping=-1.0)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError) as exc:  # damping means nothing to a kernel method
+        _open("dtrak", tiny_run, npz12, tmp_path, damping=0.1)
+    assert "ekfac" in str(exc.value)
