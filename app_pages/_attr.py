@@ -8,39 +8,36 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import streamlit as st
 from attribution.data import ImageDataset
-from attribution.engine import Attribution, Attributor, open_attribution
-from attribution.report import Ranked, rank
+from attribution.engine import Attribution, Attributor, Result
+from attribution.features.projectors import usable_projectors
 from attribution.kernel import Kernel
-from attribution.methods import DEFAULT_METHOD, METHODS, get_method
+from attribution.methods import METHODS, get_method
+from attribution.options import fields_of
+from attribution.report import Ranked, rank
+from attribution.run_options import RunOptions
 from attribution.targets import Targets, from_pixels
 
 from app_pages._ui import cached_model
 
-PROJ_DIMS = (512, 1024, 2048, 4096, 8192, 16384)
-PROJECTORS = ("auto", "sjlt", "gaussian", "identity")
+PROJ_DIMS = (512, 1024, 2048, 4096, 8192, 16384)  # the k values offered (any k works on the command line)
+OPTION = {spec.name: spec for spec in fields_of(RunOptions)}  # labels, help and choices of the option widgets
+PROJECTORS = tuple(p for p in OPTION["projector"].choices if p == "auto" or p in usable_projectors())
 METHOD_TITLES = {name: cls.title for name, cls in METHODS.items()}
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything the user picks in the Attribute form (hashable: it keys the caches)."""
-
-    checkpoint: str
-    dataset: str | None
-    method: str = DEFAULT_METHOD
-    fn: str | None = None
-    eta: float | None = None
-    timesteps: int = 10
-    strategy: str = "uniform"
-    proj_dim: int = 4096
-    projector: str = "auto"
-    seed: int = 0
-    checkpoint_weights: str = "lr"  # checkpoint methods: lr or uniform (methods.over_checkpoints)
+def option_widget(container, name: str, key: str, choices=None, label: str | None = None, **kwargs):
+    """The widget of one `RunOptions` field, labelled and explained by the schema: a selectbox over its choices
+    (or `choices`), else a number input (`kwargs`: min_value, max_value, ...)."""
+    spec = OPTION[name]
+    label = label or spec.label
+    if choices is not None or spec.choices:
+        return container.selectbox(label, list(choices if choices is not None else spec.choices), key=key,
+                                   help=spec.help, **kwargs)
+    return container.number_input(label, value=spec.default, key=key, help=spec.help, **kwargs)
 
 
 def opts_key(opts: RunOptions) -> str:
@@ -53,10 +50,7 @@ def opts_key(opts: RunOptions) -> str:
 def cached_attribution(opts: RunOptions) -> Attribution:
     """One Attribution per (checkpoint, dataset, method, feature config): one attributor, or a run's checkpoints
     for the checkpoint methods; validation errors surface as AttributionError."""
-    return open_attribution(opts.checkpoint, get_method(opts.method), load=cached_model, dataset=opts.dataset,
-                            fn=opts.fn, eta=opts.eta, timesteps=opts.timesteps, strategy=opts.strategy,
-                            proj_dim=opts.proj_dim, projector=opts.projector, seed=opts.seed,
-                            checkpoint_weights=opts.checkpoint_weights)
+    return opts.open(load=cached_model)
 
 
 class FeaturizeJob:
@@ -204,15 +198,16 @@ def stability_caption(pairs: list[tuple[float, int]], k: int) -> str:
     return f"Top-{k} shared with the neighbouring λ values on the slider: {parts} ({verdict})."
 
 
-def lambda_controls(att: Attribution, opts: RunOptions, features, key: str, title: str = "") -> float | None:
-    """The λ slider of one result column with its guidance: default marked, Reset, how stable the top-5 is at the
-    neighbouring grid values, and the bank-LDS hook. None for methods without λ."""
+def lambda_controls(result: Result, opts: RunOptions, key: str, title: str = "") -> float | None:
+    """The λ slider of one result column (an `Attribution.run` result) with its guidance: default marked, Reset,
+    how stable the top-5 is at the neighbouring grid values, and the bank-LDS hook. None for methods without λ."""
+    att = result.attribution
     if not att.method.uses_lambda:
         return None
     kernel = att.members[0].train_features().kernel
     lam = lambda_slider(f"λ ({title})" if title else "λ", kernel, key)
     grid, _ = lambda_grid(kernel)
-    st.caption(stability_caption(topk_stability(lambda v: att.scores(features, v)[0], grid, lam), 5))
+    st.caption(stability_caption(topk_stability(lambda v: result.at(v).scores[0], grid, lam), 5))
     lds = bank_lds_caption(opts, lam)
     if lds:
         st.caption(lds)

@@ -3,14 +3,12 @@ comparison. Not a page."""
 
 from __future__ import annotations
 
-import shlex
-
 import numpy as np
 import streamlit as st
-from attribution.engine import Attributor, open_attributor
-from attribution.methods import get_method
+from attribution.engine import Attributor
+from attribution.run_options import JOURNEY_OPTIONS, RunOptions
 
-from app_pages._attr import METHOD_TITLES, RunOptions
+from app_pages._attr import METHOD_TITLES
 from app_pages._tiles import SCORED
 from app_pages._ui import cached_model
 
@@ -19,18 +17,15 @@ from app_pages._ui import cached_model
 def journey_attributor(opts: RunOptions) -> Attributor:
     """One Attributor per (checkpoint, dataset, method, K, k); it keeps the kernel in memory (features and kernel
     are shared with the other pages through the disk cache)."""
-    return open_attributor(cached_model(opts.checkpoint), get_method(opts.method), opts.dataset,
-                           timesteps=opts.timesteps, proj_dim=opts.proj_dim, projector=opts.projector)
+    return opts.attributor(cached_model(opts.checkpoint))
 
 
 def journey_cli(opts: RunOptions, cfg, journey, dataset_spec: str, lam: float, uploaded: bool) -> str:
     """The `python -m attribution journey` line that recomputes this journey."""
-    cli = ["python", "-m", "attribution", "journey", "--checkpoint", opts.checkpoint, "--dataset", dataset_spec]
-    cli += ["--image", journey.meta["name"]] if uploaded else ["--seed", str(cfg.seed)]
-    cli += ["--steps", str(cfg.steps), "--sampler", cfg.sampler, "--every", str(cfg.every), "--resamples",
-            str(cfg.resamples), "--method", opts.method, "--timesteps", str(opts.timesteps), "--proj-dim",
-            str(opts.proj_dim), "--lambda", f"{lam:.6g}", "--out", "out/journey"]
-    return " ".join(shlex.quote(p) for p in cli)
+    image = ("--image", journey.meta["name"]) if uploaded else ("--seed", cfg.seed)
+    return opts.command_line("journey", dataset=dataset_spec, only=JOURNEY_OPTIONS, extra=[
+        image, ("--steps", cfg.steps), ("--sampler", cfg.sampler), ("--every", cfg.every),
+        ("--resamples", cfg.resamples), ("--feature-seed", opts.seed), ("--lambda", lam), ("--out", "out/journey")])
 
 
 WHY_DIFFERENT = (

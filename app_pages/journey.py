@@ -58,7 +58,7 @@ image_id = (model.spec, dataset, source_id)
 if run:
     st.session_state.pop("jr_result", None)  # a failed run must not leave an older journey labelled as this one
     cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=every, resamples=resamples)
-    opts = RunOptions(model.spec, dataset, method, None, None, timesteps, "uniform", int(proj_dim), "auto")
+    opts = RunOptions(model.spec, dataset, method, timesteps=timesteps, proj_dim=int(proj_dim))
     with st.status("Computing the journey…", expanded=True) as status:
         try:
             cfg.check(model.num_timesteps)

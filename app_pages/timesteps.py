@@ -166,7 +166,7 @@ with influential:
                     status.update(label=f"{METHOD_TITLES[name]}: training features (cached after the first run)…")
                     featurize_with_progress(att, METHOD_TITLES[name])
                     status.update(label=f"{METHOD_TITLES[name]}: {n_targets} targets…")
-                    stats.append(top_k_stats(name, att.scores(att.target_features(targets)), k))
+                    stats.append(top_k_stats(name, att.run(targets).scores, k))
             except AttributionError as exc:
                 status.update(state="error")
                 fail(exc)

@@ -9,6 +9,16 @@ Several attributors form an `Attribution`: a weighted sum of their scores. Indep
 checkpoints averaged (the TRAK ensemble of the D-TRAK paper, Table 7), or, for the checkpoint methods (TracInCP,
 GAS, Diffusion-TracIn/ReTrac), the checkpoints of one training run weighted by the learning rate they were
 trained at (`Method.member_weights`). `open_attribution` builds either from user options, for the CLI and the app.
+
+The lifecycle is one call, made by the CLI, every page and the evaluation:
+
+    attribution = open_attribution("digits", get_method("dtrak"), timesteps=10, proj_dim=4096)
+    result = attribution.run(targets, lam=None, progress=lambda member: callback)
+    result.scores, result.ranking, result.lam     # (M, N), (M, N) strongest first, the lambda used (resolved once)
+    result.at(0.5)                                # the same targets at another lambda, in milliseconds
+
+(open → featurize with progress → target features → default lambda → scores at lambda → ranking.) Self-influence
+is `attribution.featurize(progress)` then `attribution.self_influence(lam)`.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +258,10 @@ class Attribution:
         return self.members[self.method.target_member(len(self.members))].model
 
     def featurize(self, progress: Callable[[Attributor], Progress | None] | None = None) -> None:
-        """Featurize every member; `progress(member)` returns that member's progress callback."""
+        """Featurize every member; `progress(member)` returns that member's progress callback. Every member's
+        feature folder is opened (or refused: CacheMismatchError) before any work."""
+        for att in self.members:
+            _ = att.store
         for att in self.members:
             att.featurize(progress(att) if progress else None)
 
@@ -274,12 +288,61 @@ class Attribution:
 
     def scores(self, G: Sequence[np.ndarray], lam: float | None = None) -> np.ndarray:
         """(M, N) scores of targets whose per-member features are G (from `target_features`)."""
-        lam = self.resolve_lambda(lam)
-        return sum(w * att.scores(self.method, g, lam) for w, att, g in zip(self.weights, self.members, G))
+        return self._scores_at(G, self.resolve_lambda(lam))
+
+    def _scores_at(self, G: Sequence[np.ndarray], lam: float | None) -> np.ndarray:
+        """The weighted sum of the members' scores at an already resolved `lam` (resolved once, not per member)."""
+        return sum(w * self.method.score(att.train_features(), g, lam)
+                   for w, att, g in zip(self.weights, self.members, G))
 
     def self_influence(self, lam: float | None = None) -> np.ndarray:
         lam = self.resolve_lambda(lam)
-        return sum(w * att.self_influence(self.method, lam) for w, att in zip(self.weights, self.members))
+        return sum(w * self.method.self_influence(att.train_features(), lam)
+                   for w, att in zip(self.weights, self.members))
+
+    def run(self, targets: Targets, lam: float | None = None,
+            progress: Callable[[Attributor], Progress | None] | None = None, cache: str | None = None) -> Result:
+        """The whole lifecycle, the one call the CLI, the pages and the evaluation make: check `targets` and
+        `lam` (before any work), featurize every member (cached, resumable; `progress(member)` returns that
+        member's progress callback), the targets' features by the method's recipe, the default lambda (once),
+        and the scores at `lam` (default: that default) with their ranking. `Result.at(lam)` re-scores at
+        another lambda in milliseconds."""
+        self.method.check_targets(targets)
+        if lam is not None and self.method.uses_lambda:
+            check_lambda(lam)
+        self.featurize(progress)
+        G = self.target_features(targets, cache=cache)
+        default = self.resolve_lambda(None)
+        return Result(self, targets, G, default).at(lam)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What `Attribution.run` returns: the targets' per-member features, the default lambda, and the scores at
+    one lambda (`lam`, resolved) with their ranking. `at(lam)` is the same result at another lambda."""
+
+    attribution: Attribution
+    targets: Targets
+    G: list[np.ndarray] = field(repr=False)
+    default_lambda: float | None
+    lam: float | None = None
+    scores: np.ndarray | None = field(default=None, repr=False)  # (M, N)
+
+    def at(self, lam: float | None = None) -> Result:
+        """The scores at `lam` (None: the default lambda; ignored by methods without one)."""
+        if not self.attribution.method.uses_lambda:
+            lam = None
+        elif lam is None:
+            lam = self.default_lambda
+        else:
+            check_lambda(lam)
+            lam = float(lam)
+        return replace(self, lam=lam, scores=self.attribution._scores_at(self.G, lam))
+
+    @property
+    def ranking(self) -> np.ndarray:
+        """(M, N) training indices per target, strongest proponent first (ties in index order)."""
+        return np.argsort(-self.scores, axis=1, kind="stable")
 
 
 def format_duration(seconds: float) -> str:

@@ -227,6 +227,12 @@ def fast_jl_available() -> bool:
     return True
 
 
+def usable_projectors() -> tuple[str, ...]:
+    """The projectors this machine can run (`trak-cuda` needs a CUDA GPU and fast_jl): what the app offers."""
+    gpu = torch.cuda.is_available() and fast_jl_available()
+    return tuple(p for p in PROJECTORS if p != "trak-cuda" or gpu)
+
+
 def default_projector(device: torch.device) -> str:
     return "trak-cuda" if device.type == "cuda" and fast_jl_available() else "sjlt"
 
