@@ -242,7 +242,7 @@ def top_lists(scores: np.ndarray, data: ImageDataset, n_pro: int, n_opp: int):
 def choose_target(model) -> tuple[Targets, str]:
     """The Attribute page's target picker (generated, uploaded, training or validation image): the target and the
     spec the command line names it by. Stops the page with guidance or one error line when there is none."""
-    from attribution.engine import training_dataset_of
+    from attribution.data import training_dataset_of
     from attribution.errors import AttributionError
     from attribution.targets import Generated, resolve_targets
 

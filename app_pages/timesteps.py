@@ -8,8 +8,9 @@ import streamlit as st
 
 from attribution.analysis.influential import top_k_stats
 from attribution.analysis.norms import NormConfig, sample_curve, training_norms
-from attribution.engine import training_dataset_of, training_timesteps
+from attribution.data import training_dataset_of
 from attribution.errors import AttributionError
+from attribution.features.timesteps import training_timesteps
 from attribution.figures import (influential_figure, norm_curve_figure, norm_scatter_figure, per_checkpoint_figure,
                                  selected_points)
 from attribution.methods import METHODS, TIMESTEP_BIAS_METHODS

@@ -24,7 +24,6 @@ is `attribution.featurize(progress)` then `attribution.self_influence(lam)`.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,17 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ImageDataset
+from .data import ImageDataset, training_dataset_of
 from .errors import ConfigError
 from .features.config import FeatureConfig
 from .features.embeddings import make_embedder
 from .features.gradients import param_count, per_sample_gradients
 from .features.projectors import SCALING, make_projector, matrix_identity
-from .features.timesteps import sampled_timesteps
+from .features.timesteps import training_timesteps
 from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
 from .models.adapter import DiffusionModel
-from .store import FeatureStore, cache_root
+from .store import FeatureStore, cache_root, record_throughput, recorded_throughput
 from .targets import Targets
 
 Progress = Callable[[int, int, str], None]
@@ -154,7 +153,7 @@ class Attributor:
                     progress(done_before + finished, n, progress_message(done_before + finished, n, finished,
                                                                          elapsed))
                 if finished == len(todo) or elapsed > 20:
-                    record_throughput(self, finished * per_row / elapsed, elapsed)
+                    record_throughput(self.cache_dir, self.throughput_key, finished * per_row / elapsed, elapsed)
             if progress and not len(todo):
                 progress(n, n, "cached")
         return store
@@ -168,20 +167,25 @@ class Attributor:
         if missing == 0:
             return 0.0, "cached"
         per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
-        entry = recorded_throughput(self)
+        entry = recorded_throughput(self.cache_dir, self.throughput_key)
         if entry is None and probe:
             start = time.perf_counter()
             ts = None if self.train_timesteps is None else self.train_timesteps[:1]
             self.features_of(self.train.tensors([0]), [f"{self.train.split}/0"], ts)
             elapsed = time.perf_counter() - start
-            record_throughput(self, per_row / elapsed, elapsed, rough=True)
-            entry = recorded_throughput(self)
+            record_throughput(self.cache_dir, self.throughput_key, per_row / elapsed, elapsed, rough=True)
+            entry = recorded_throughput(self.cache_dir, self.throughput_key)
         if entry is None:
             return None, "no featurization of this checkpoint has been timed on this machine yet"
         rate = entry["sample_timesteps_per_s"]
         how = ("timed on one image (a rough upper bound until the first featurization)" if entry.get("rough")
                else f"measured here {entry['measured']}")
         return missing * per_row / rate, f"{missing} images at {rate:.3g} sample-timesteps/s, {how}"
+
+    @property
+    def throughput_key(self) -> str:
+        """What a recorded featurization speed is for: this checkpoint, parameter set and device type."""
+        return f"{self.identity['checkpoint']}|{self.cfg.params or 'all'}|{self.model.device.type}"
 
     # -- scoring -----------------------------------------------------------------------------------------------
 
@@ -363,54 +367,6 @@ def progress_message(done: int, total: int, finished_now: int, elapsed: float) -
             + (f", about {format_duration(left)} left" if done < total else ""))
 
 
-def _throughput_key(att: Attributor) -> str:
-    return f"{att.identity['checkpoint']}|{att.cfg.params or 'all'}|{att.model.device.type}"
-
-
-def record_throughput(att: Attributor, sample_timesteps_per_s: float, seconds: float, rough: bool = False) -> None:
-    """Remember how fast this machine featurized this checkpoint (cache root, throughput.json): the estimate
-    shown before a run. Measurements over less than 2 s are too noisy to keep unless marked `rough` (a one-image
-    probe), and a rough one never replaces a measured one."""
-    from .fileio import write_json
-
-    if (seconds < 2 and not rough) or not np.isfinite(sample_timesteps_per_s):
-        return
-    path = att.cache_dir / "throughput.json"
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
-    key = _throughput_key(att)
-    if rough and key in data and not data[key].get("rough"):
-        return
-    data[key] = {"sample_timesteps_per_s": float(sample_timesteps_per_s), "rough": rough,
-                 "measured": time.strftime("%Y-%m-%d %H:%M"), "seconds": round(seconds, 1)}
-    try:
-        write_json(path, data)
-    except OSError:
-        pass  # a read-only cache keeps working without estimates
-
-
-def recorded_throughput(att: Attributor) -> dict | None:
-    """The recorded entry for this checkpoint: {"sample_timesteps_per_s", "rough", "measured", "seconds"}."""
-    path = att.cache_dir / "throughput.json"
-    try:
-        entry = json.loads(path.read_text()).get(_throughput_key(att)) if path.is_file() else None
-        return entry if entry and float(entry["sample_timesteps_per_s"]) > 0 else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-
-def training_dataset_of(model: DiffusionModel, dataset: str | None = None) -> ImageDataset:
-    """The training split a model is attributed against: `dataset`, else the one its training run recorded."""
-    from .data import load_dataset
-
-    spec = dataset or (model.info.run_metadata().get("config", {}).get("dataset") if model.info else None)
-    if not spec:
-        raise ConfigError(f"{model.spec} does not record its training set; name the dataset (--dataset)")
-    return load_dataset(spec, "train", model.resolution, model.channels)
-
 
 def open_attributor(model: DiffusionModel, method: Method, dataset: str | None = None, fn: str | None = None,
                     eta: float | None = None, timesteps: int = 10, strategy: str = "uniform", noises: int = 1,
@@ -449,17 +405,3 @@ def open_attribution(checkpoints: str, method: Method, device: str = "auto", loa
     weights, note, proj_seeds = method.member_weights(models, checkpoint_weights, options.get("seed", 0))
     members = [open_attributor(m, method, **options, proj_seed=ps) for m, ps in zip(models, proj_seeds)]
     return Attribution(method, members, weights, note)
-
-
-def training_timesteps(model: DiffusionModel, train: ImageDataset, seed: int) -> tuple[np.ndarray, str]:
-    """The timestep of each training row for the "training" strategy, and its source: "recorded" (the epoch
-    that ended at this checkpoint, when its run trained on exactly this dataset) or "sampled" (one uniform draw
-    per image, keyed by seed and row)."""
-    info = model.info
-    recorded = info.training_timesteps() if info else None
-    meta = info.run_metadata() if info else {}
-    if (recorded is not None and train.split == "train" and len(recorded) == len(train)
-            and meta.get("dataset_hash") == train.content_hash and meta.get("n_train") == len(train)):
-        return recorded, "recorded"
-    keys = [f"{train.split}/{i}" for i in range(len(train))]
-    return sampled_timesteps(keys, model.num_timesteps, seed).numpy(), "sampled"

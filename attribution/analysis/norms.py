@@ -26,6 +26,7 @@ from ..data import ImageDataset
 from ..errors import ConfigError
 from ..features.gradients import GradientSpec, gradient_norms
 from ..features.outputs import OUTPUT_FUNCTIONS
+from ..features.timesteps import training_timesteps
 from ..models.adapter import DiffusionModel
 from ..options import opt, validate
 from ..store import FeatureStore, identity_hash, norms_dir
@@ -134,8 +135,6 @@ class TrainingNorms:
 def training_norms(model: DiffusionModel, train: ImageDataset, cfg: NormConfig, cache: str | Path | None = None,
                    progress: Progress | None = None, batch_size: int = 16) -> TrainingNorms:
     """Norms of `cfg.samples` training images at their training timesteps (cached, resumable)."""
-    from ..engine import training_timesteps
-
     rows = subset_indices(len(train), cfg.samples, cfg.seed)
     all_t, source = training_timesteps(model, train, cfg.seed)
     ts = all_t[rows]

@@ -28,7 +28,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def cmd_norms(args) -> int:
     from ..analysis.norms import NormConfig, check_timesteps, sample_curve, training_norms
-    from ..engine import training_dataset_of, training_timesteps
+    from ..data import training_dataset_of
+    from ..features.timesteps import training_timesteps
     from ..methods.over_checkpoints import run_checkpoints
     from ..figures import norm_curve_figure, norm_scatter_figure, per_checkpoint_figure
     from ..fileio import write_json

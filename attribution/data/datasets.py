@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DatasetError, ImageError
+from ..errors import ConfigError, DatasetError, ImageError
 from .images import IMAGE_SUFFIXES, convert_pixels, load_npz_images, open_image, pixels_to_pil, pixels_to_tensor
 from .safe_pickle import safe_loads
 
@@ -323,3 +323,12 @@ def _npz(kind, arg, split):
     else:
         names = [str(i) for i in range(int(labels.max()) + 1)]
     return images, labels, names, np.arange(len(images)), [f"{len(images)} images from {path}"]
+
+
+def training_dataset_of(model, dataset: str | None = None) -> ImageDataset:
+    """The training split a model (a `models.DiffusionModel`: its spec, resolution, channels and run info) is
+    attributed against: `dataset`, else the one its training run recorded."""
+    spec = dataset or (model.info.run_metadata().get("config", {}).get("dataset") if model.info else None)
+    if not spec:
+        raise ConfigError(f"{model.spec} does not record its training set; name the dataset (--dataset)")
+    return load_dataset(spec, "train", model.resolution, model.channels)
