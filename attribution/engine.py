@@ -37,10 +37,11 @@ from .errors import ConfigError
 from .features.config import FeatureConfig
 from .features.embeddings import make_embedder
 from .features.gradients import param_count, per_sample_gradients
-from .features.projectors import SCALING, make_projector, matrix_identity
+from .features.projectors import SCALING, default_projector, make_projector, matrix_identity
 from .features.timesteps import training_timesteps
 from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
+from .models import load_model
 from .models.adapter import DiffusionModel
 from .store import FeatureStore, cache_root, record_throughput, recorded_throughput
 from .targets import Targets
@@ -375,8 +376,6 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
                     proj_seed: int | None = None, clip_model: str = "ViT-B-32", clip_weights: str | None = None,
                     ) -> Attributor:
     """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk."""
-    from .features.projectors import default_projector
-
     train = training_dataset_of(model, dataset)
     cfg = method.feature_config(fn=fn, eta=eta, timesteps=timesteps, strategy=strategy, noises=noises,
                                 proj_dim=proj_dim, seed=seed, params=params, proj_seed=proj_seed,
@@ -396,8 +395,6 @@ def open_attribution(checkpoints: str, method: Method, device: str = "auto", loa
     `checkpoint_weights` (checkpoint methods): "lr" weights checkpoint c by the learning rate it was trained at
     (`methods.over_checkpoints.tracin_weights`), every checkpoint projected with one seed; "uniform" is TracInCP / GAS as the D-TRAK paper
     runs them (appendix A.3): the mean over the C checkpoints, checkpoint c projected with seed + c."""
-    from .models import load_model
-
     specs = method.checkpoints(checkpoints)
     if options.get("store_dir") and len(specs) > 1:
         raise ConfigError("--store names one feature folder; it cannot be used with several checkpoints")

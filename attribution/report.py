@@ -6,15 +6,15 @@ import csv
 import io
 import re
 from collections.abc import Sequence
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .data import ImageDataset
 from .errors import ConfigError
 from .features.config import FeatureConfig
+from .fileio import atomic_path, save_npy
 
 # What `--out` writes, by extension: the raw matrix, a ranked table with metadata columns, or both in one archive.
 OUT_FORMATS = {".npy": "the score matrix (targets x training images, dataset order)",
@@ -82,8 +82,6 @@ def check_out(path: str | None) -> None:
 def write_scores(path: str, scores: np.ndarray, data: ImageDataset, metas: Sequence[dict]) -> str:
     """Write (M, N) scores (one row per target; self-influence: one row) as `path`'s extension says; returns
     what was written, for the message."""
-    from .fileio import atomic_path, save_npy
-
     check_out(path)
     suffix = Path(path).suffix.lower()
     scores = np.asarray(scores).reshape(len(metas), -1)

@@ -111,7 +111,7 @@ class TrainingNorms:
 
     def spearman(self) -> float:
         """Spearman rank correlation between norm and timestep (negative: small t, large norms)."""
-        from scipy.stats import spearmanr
+        from scipy.stats import spearmanr  # lazy: scipy.stats takes a second to import
 
         return float(spearmanr(self.norms, self.timesteps).statistic) if len(self.norms) > 2 else float("nan")
 

@@ -7,19 +7,29 @@ import csv
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..analysis.norms import NormConfig
+import numpy as np
+
+from ..analysis.influential import top_k_stats
+from ..analysis.norms import NormConfig, check_timesteps, sample_curve, training_norms
+from ..data import training_dataset_of
 from ..errors import ConfigError
+from ..features.timesteps import training_timesteps
+from ..figures import influential_figure, norm_curve_figure, norm_scatter_figure, per_checkpoint_figure
+from ..fileio import atomic_path, save_npz, write_json
+from ..methods import get_method
+from ..methods.over_checkpoints import run_checkpoints
+from ..models import load_model
 from ..options import add_arguments, from_args
 from ..run_options import add_run_options, run_options
+from ..targets import resolve_targets
 from .common import info, progress_bar, write_figures
+from .engine import member_progress
 
 # What `influential` takes from `RunOptions` (its methods are a list: --methods).
 INFLUENTIAL_OPTIONS = ("checkpoint", "dataset", "timesteps", "proj_dim", "projector", "seed", "cache", "device")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    from ..fileio import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -27,14 +37,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def cmd_norms(args) -> int:
-    from ..analysis.norms import NormConfig, check_timesteps, sample_curve, training_norms
-    from ..data import training_dataset_of
-    from ..features.timesteps import training_timesteps
-    from ..methods.over_checkpoints import run_checkpoints
-    from ..figures import norm_curve_figure, norm_scatter_figure, per_checkpoint_figure
-    from ..fileio import write_json
-    from ..models import load_model
-
     cfg = from_args(NormConfig, args)
     specs = (run_checkpoints(args.checkpoint) if args.all_checkpoints
              else [s.strip() for s in args.checkpoint.split(",") if s.strip()])
@@ -84,15 +86,6 @@ def cmd_norms(args) -> int:
 
 
 def cmd_influential(args) -> int:
-    import numpy as np
-
-    from ..analysis.influential import top_k_stats
-    from .engine import member_progress
-    from ..figures import influential_figure
-    from ..fileio import save_npz, write_json
-    from ..methods import get_method
-    from ..targets import resolve_targets
-
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = [get_method(m) for m in names]  # unknown names fail here, before any work
     if args.top < 1:

@@ -6,8 +6,13 @@ import json
 
 import numpy as np
 
+from ..analysis.sanity import class_agreement
 from ..errors import ConfigError
+from ..fileio import save_npy
+from ..kernel import check_lambda as check
+from ..report import check_out, export_metadata, rank, write_scores
 from ..run_options import add_run_options, run_options
+from ..targets import resolve_targets
 from .common import info, progress_bar
 
 
@@ -51,18 +56,11 @@ def cmd_featurize(args) -> int:
 
 def check_lambda(method, lam: float | None) -> None:
     """Refuse a bad --lambda before anything is featurized (featurizing can take hours)."""
-    from ..kernel import check_lambda as check
-
     if lam is not None and method.uses_lambda:
         check(lam)
 
 
 def cmd_score(args) -> int:
-    from ..report import rank
-    from ..targets import resolve_targets
-
-    from ..report import check_out
-
     check_out(args.out)
     attribution, train = build(args)
     method = attribution.method
@@ -76,8 +74,6 @@ def cmd_score(args) -> int:
     scores, lam = result.scores, result.lam
     info(f"scored {len(targets)} target(s) with {method.title}" + (f", lambda={lam:.4g}" if lam else ""))
     if args.out:
-        from ..report import export_metadata, write_scores
-
         metas = [export_metadata(name, method.name, lam, args.checkpoint, train.spec, attribution.cfg)
                  for name in targets.names]
         what = write_scores(args.out, scores, train, metas)
@@ -91,8 +87,6 @@ def cmd_score(args) -> int:
                         "opponents": [{"index": r.index, "label": r.class_name, "score": r.score} for r in opp]})
     names = np.array([train.label_name(i) for i in range(len(train))])
     if len(targets) > 1 and set(targets.labels) <= set(names):  # labelled targets (val:A-B): a check that can fail
-        from ..analysis.sanity import class_agreement
-
         info(class_agreement(scores, names, np.array(targets.labels), min(args.top, len(train))).describe())
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
@@ -107,8 +101,6 @@ def cmd_score(args) -> int:
 
 
 def cmd_self_influence(args) -> int:
-    from ..report import check_out
-
     check_out(args.out)
     attribution, train = build(args)
     method = attribution.method
@@ -121,12 +113,8 @@ def cmd_self_influence(args) -> int:
     lam = attribution.resolve_lambda(args.lam)
     values = attribution.self_influence(lam)
     if args.out:
-        from ..report import export_metadata, write_scores
-
         meta = export_metadata(None, method.name, lam, args.checkpoint, train.spec, attribution.cfg)
         if args.out.lower().endswith(".npy"):
-            from ..fileio import save_npy
-
             save_npy(args.out, values.astype(np.float32))  # (N,), as before
         else:
             write_scores(args.out, values[None], train, [meta])

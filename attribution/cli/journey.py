@@ -10,12 +10,20 @@ formation.html (the plotly formation curve). The computed journey is cached, so 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..methods import METHODS
+from ..analysis.formation import formation, step_rankings, top_indices
+from ..data.images import load_image_pixels, pixels_to_tensor
+from ..errors import ConfigError, ImageError
+from ..figures import formation_figure
+from ..fileio import save_npz, write_json
+from ..journey import JourneyConfig, parse_steps, run_journey
+from ..kernel import check_lambda
+from ..methods import METHODS, get_method
+from ..models import load_model
 from ..run_options import JOURNEY_OPTIONS, add_run_options, run_options
 from .common import info, progress_bar, write_figures
 
@@ -41,11 +49,6 @@ def add_commands(sub) -> None:
 
 
 def cmd_journey(args) -> int:
-    from ..journey import JourneyConfig, parse_steps
-    from ..kernel import check_lambda
-    from ..methods import get_method
-    from ..models import load_model
-
     if args.method not in JOURNEY_METHODS:
         raise ConfigError(f"journey scores steps with {' or '.join(JOURNEY_METHODS)}, got --method {args.method}")
     if args.top < 1:
@@ -58,9 +61,6 @@ def cmd_journey(args) -> int:
     cfg.check(model.num_timesteps)
     image, name = None, f"gen:{args.seed}"
     if args.image:
-        from ..data.images import load_image_pixels, pixels_to_tensor
-        from ..errors import ImageError
-
         path = Path(args.image).expanduser()
         if not path.is_file():
             raise ImageError(f"--image {args.image!r} is not an existing image file")
@@ -77,12 +77,6 @@ def cmd_journey(args) -> int:
 
 
 def run_journey_cli(att, method, cfg, args, image, name) -> None:
-    import time
-
-    from ..analysis.formation import formation, step_rankings, top_indices
-    from ..figures import formation_figure
-    from ..journey import run_journey
-
     steps = cfg.step_indices()
     info(f"journey of {name}: {cfg.sampler} {cfg.steps} steps, attributing {len(steps)} step(s) "
          f"{steps.tolist()} with {method.title}, R={cfg.resamples} re-noisings each")
@@ -102,7 +96,6 @@ def run_journey_cli(att, method, cfg, args, image, name) -> None:
               f"proponents~final {form.proponent_similarity[i]:+.2f}  overlap {form.overlap[i]:.2f}  top: {top}")
     if not args.out:
         return
-    from ..fileio import save_npz, write_json
 
     out = Path(args.out)
     pro_i, opp_i = top_indices(scores, args.top, 1), top_indices(scores, args.top, -1)

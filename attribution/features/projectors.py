@@ -179,6 +179,7 @@ class TrakCudaProjector(Projector):
         check_fast_jl_dim(proj_dim)
         if device.type != "cuda" or not fast_jl_available():
             raise ConfigError("projector 'trak-cuda' needs a CUDA device and the fast_jl package; use sjlt")
+        # optional: traker's CUDA projector
         from trak.projectors import ChunkedCudaProjector, CudaProjector, ProjectionType
 
         self.chunks = fast_jl_chunks(grad_dim)
@@ -221,7 +222,7 @@ def matrix_identity(name: str, device: torch.device) -> dict | None:
 
 def fast_jl_available() -> bool:
     try:
-        import fast_jl  # noqa: F401
+        import fast_jl  # noqa: F401 (optional: is fast_jl installed?)
     except Exception:
         return False
     return True
