@@ -2,7 +2,6 @@
 
 import hashlib
 
-import numpy as np
 import streamlit as st
 
 from attribution.data import pixels_to_pil, tensor_to_pixels
@@ -10,10 +9,9 @@ from attribution.errors import AttributionError
 from attribution.methods import METHODS
 from attribution.run_options import RunOptions
 from attribution.store import cache_root
-from attribution.report import export_metadata, export_name, positive_share, ranking_rows, to_csv, to_npz_bytes
 from app_pages._attr import (METHOD_TITLES, OPTION, PROJ_DIMS, PROJECTORS, cached_attribution, choose_target,
                              feature_fn_options, featurize_note, featurize_with_progress, lambda_controls,
-                             option_widget, opts_key, ranked_tiles, top_lists)
+                             option_widget, opts_key, ranked_tiles, result_footer, top_lists)
 from app_pages._tiles import record_scores
 from app_pages._ui import checkpoint_name, display_path, display_size, fail, keep, require_model
 
@@ -138,20 +136,4 @@ for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_run
         ranked_tiles(pro, att.train, "Proponents", f"attr_pro_{i}")
         if n_opp:
             ranked_tiles(opp, att.train, "Opponents", f"attr_opp_{i}")
-        share = positive_share(scores, n_pro)
-        st.caption(f"The top {n_pro} hold {share:.0%} of the positive score mass (a normalised share, not a "
-                   f"probability). Same-class share of the top {n_pro}: "
-                   + (f"{np.mean([r.class_name == target.labels[0] for r in pro]):.0%}" if target.labels[0]
-                      and pro else "n/a"))
-        meta = export_metadata(target_spec, opts.method, lam, opts.checkpoint, att.train.spec, att.cfg)
-        rows = ranking_rows(scores, att.train, meta)
-        d1, d2 = st.columns(2)
-        d1.download_button("Scores (.csv)", to_csv(rows), file_name=export_name("scores", meta, "csv"),
-                           mime="text/csv", key=f"attr_csv_{i}")
-        d2.download_button("Scores (.npz)", to_npz_bytes(scores=scores[None].astype(np.float32),
-                                                         target_image=target.images.numpy(),
-                                                         **{k: np.array([v]) for k, v in meta.items()}),
-                           file_name=export_name("scores", meta, "npz"), key=f"attr_npz_{i}")
-        st.code(opts.command_line("score", att.cfg, att.train.spec,
-                                  [("--target", target_spec), ("--lambda", lam), ("--top", n_pro)]),
-                language="bash", wrap_lines=True)
+        result_footer(i, opts, att, scores, lam, target, target_spec, n_pro, pro)
