@@ -8,40 +8,43 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import streamlit as st
-from attribution.data import ImageDataset
-from attribution.engine import Attribution, Attributor, open_attribution
-from attribution.report import Ranked, rank
-from attribution.kernel import Kernel
-from attribution.methods import DEFAULT_METHOD, METHODS, get_method
-from attribution.targets import Targets, from_pixels
+import torch
 
+from app_pages import _ui
+from app_pages._tiles import tile_caption, tiles
 from app_pages._trust import trust_caption
-from app_pages._ui import cached_model
+from app_pages._ui import cached_model, fail
+from attribution.data import ImageDataset, tensor_to_pixels, training_dataset_of
+from attribution.engine import Attribution, Attributor, Result, format_duration
+from attribution.errors import AttributionError
+from attribution.features.projectors import usable_projectors
+from attribution.kernel import Kernel
+from attribution.methods import METHODS, get_method
+from attribution.options import fields_of
+from attribution.report import (Ranked, export_metadata, export_name, positive_share, rank, ranking_rows, to_csv,
+                                to_npz_bytes)
+from attribution.run_options import RunOptions
+from attribution.sampling import sample
+from attribution.targets import Generated, Targets, from_pixels, resolve_targets
 
-PROJ_DIMS = (512, 1024, 2048, 4096, 8192, 16384)
-PROJECTORS = ("auto", "sjlt", "gaussian", "identity")
+PROJ_DIMS = (512, 1024, 2048, 4096, 8192, 16384)  # the k values offered (any k works on the command line)
+OPTION = {spec.name: spec for spec in fields_of(RunOptions)}  # labels, help and choices of the option widgets
+PROJECTORS = tuple(p for p in OPTION["projector"].choices if p == "auto" or p in usable_projectors())
 METHOD_TITLES = {name: cls.title for name, cls in METHODS.items()}
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything the user picks in the Attribute form (hashable: it keys the caches)."""
-
-    checkpoint: str
-    dataset: str | None
-    method: str = DEFAULT_METHOD
-    fn: str | None = None
-    eta: float | None = None
-    timesteps: int = 10
-    strategy: str = "uniform"
-    proj_dim: int = 4096
-    projector: str = "auto"
-    seed: int = 0
-    checkpoint_weights: str = "lr"  # checkpoint methods: lr or uniform (methods.over_checkpoints)
+def option_widget(container, name: str, key: str, choices=None, label: str | None = None, **kwargs):
+    """The widget of one `RunOptions` field, labelled and explained by the schema: a selectbox over its choices
+    (or `choices`), else a number input (`kwargs`: min_value, max_value, ...)."""
+    spec = OPTION[name]
+    label = label or spec.label
+    if choices is not None or spec.choices:
+        return container.selectbox(label, list(choices if choices is not None else spec.choices), key=key,
+                                   help=spec.help, **kwargs)
+    return container.number_input(label, value=spec.default, key=key, help=spec.help, **kwargs)
 
 
 def opts_key(opts: RunOptions) -> str:
@@ -54,10 +57,7 @@ def opts_key(opts: RunOptions) -> str:
 def cached_attribution(opts: RunOptions) -> Attribution:
     """One Attribution per (checkpoint, dataset, method, feature config): one attributor, or a run's checkpoints
     for the checkpoint methods; validation errors surface as AttributionError."""
-    return open_attribution(opts.checkpoint, get_method(opts.method), load=cached_model, dataset=opts.dataset,
-                            fn=opts.fn, eta=opts.eta, timesteps=opts.timesteps, strategy=opts.strategy,
-                            proj_dim=opts.proj_dim, projector=opts.projector, seed=opts.seed,
-                            checkpoint_weights=opts.checkpoint_weights)
+    return opts.open(load=cached_model)
 
 
 class FeaturizeJob:
@@ -106,8 +106,6 @@ def featurize_job(member: Attributor) -> FeaturizeJob:
 
 def featurize_with_progress(att: Attribution, title: str = "") -> None:
     """Featurize every member of `att` in the background (see FeaturizeJob), one progress bar per checkpoint."""
-    from app_pages import _ui
-
     prefix = f"{title}: " if title else ""
     for member in att.members:
         featurize_job(member).watch(_ui.progress_bar(
@@ -117,8 +115,6 @@ def featurize_with_progress(att: Attribution, title: str = "") -> None:
 def featurize_note(att: Attribution) -> str:
     """Before Run: whether the training features are cached, else about how long featurizing will take here
     (from the throughput measured on this machine; a one-image timing until the first featurization)."""
-    from attribution.engine import format_duration
-
     total, bases = 0.0, []
     for member in att.members:
         seconds, basis = member.featurize_estimate(probe=True)
@@ -145,11 +141,6 @@ def target_from_pixels(pixels: np.ndarray, name: str, label: str | None = None) 
 def generated_pixels(checkpoint: str, seed: int) -> np.ndarray:
     """uint8 (R, R, C): the image `checkpoint` generates from `seed` (what the CLI's gen:SEED target is), sampled
     once per (checkpoint, seed) rather than on every rerun of the page."""
-    import torch
-
-    from attribution.data import tensor_to_pixels
-    from attribution.sampling import sample
-
     return tensor_to_pixels(torch.from_numpy(sample(cached_model(checkpoint), 1, int(seed)).final))[0]
 
 
@@ -205,15 +196,17 @@ def stability_caption(pairs: list[tuple[float, int]], k: int) -> str:
     return f"Top-{k} shared with the neighbouring λ values on the slider: {parts} ({verdict})."
 
 
-def lambda_controls(att: Attribution, opts: RunOptions, features, key: str, title: str = "") -> float | None:
-    """The λ slider of one result column with its guidance: default marked, Reset, how stable the top-5 is at the
-    neighbouring grid values, and the LDS at this λ on the model's bank when one exists (app_pages/_trust.py). None for methods without λ."""
+def lambda_controls(result: Result, opts: RunOptions, key: str, title: str = "") -> float | None:
+    """The λ slider of one result column (an `Attribution.run` result) with its guidance: default marked, Reset,
+    how stable the top-5 is at the neighbouring grid values, and the LDS at this λ on the model's bank when
+    one exists (app_pages/_trust.py). None for methods without λ."""
+    att = result.attribution
     if not att.method.uses_lambda:
         return None
     kernel = att.members[0].train_features().kernel
     lam = lambda_slider(f"λ ({title})" if title else "λ", kernel, key)
     grid, _ = lambda_grid(kernel)
-    st.caption(stability_caption(topk_stability(lambda v: att.scores(features, v)[0], grid, lam), 5))
+    st.caption(stability_caption(topk_stability(lambda v: result.at(v).scores[0], grid, lam), 5))
     trust_caption(att, opts_key(opts), lam, key)
     return lam
 
@@ -224,8 +217,6 @@ def ranked_tiles(items: list[Ranked], data: ImageDataset, title: str, key: str) 
 
     `key` names the row's container (CSS class `.st-key-<key>` in the browser, `get_by_key` in AppTest).
     """
-    from app_pages._tiles import tile_caption, tiles
-
     st.markdown(f"**{title}**")
     if not items:
         st.caption("none with this sign")
@@ -240,12 +231,6 @@ def top_lists(scores: np.ndarray, data: ImageDataset, n_pro: int, n_opp: int):
 def choose_target(model) -> tuple[Targets, str]:
     """The Attribute page's target picker (generated, uploaded, training or validation image): the target and the
     spec the command line names it by. Stops the page with guidance or one error line when there is none."""
-    from attribution.engine import training_dataset_of
-    from attribution.errors import AttributionError
-    from attribution.targets import Generated, resolve_targets
-
-    from app_pages._ui import fail
-
     dataset = st.session_state.get("dataset")
     sources = ["Generated", "Uploaded", "Training image", "Validation image"]
     source = st.radio("Attribute", sources, horizontal=True, key="attr_source", label_visibility="collapsed")
@@ -285,3 +270,27 @@ def choose_target(model) -> tuple[Targets, str]:
     except AttributionError as exc:
         fail(exc)
     return target, target_spec
+
+
+def result_footer(i: int, opts: RunOptions, att: Attribution, scores: np.ndarray, lam: float | None,
+                  target: Targets, target_spec: str, n_pro: int, pro: list[Ranked]) -> None:
+    """Under result column `i` of the Attribute page: the top's share of the positive score mass and its
+    same-class share (`pro`: the proponents shown), the score downloads (.csv, .npz) and the command line that
+    reproduces the column."""
+    share = positive_share(scores, n_pro)
+    st.caption(f"The top {n_pro} hold {share:.0%} of the positive score mass (a normalised share, not a "
+               f"probability). Same-class share of the top {n_pro}: "
+               + (f"{np.mean([r.class_name == target.labels[0] for r in pro]):.0%}" if target.labels[0]
+                  and pro else "n/a"))
+    meta = export_metadata(target_spec, opts.method, lam, opts.checkpoint, att.train.spec, att.cfg)
+    rows = ranking_rows(scores, att.train, meta)
+    d1, d2 = st.columns(2)
+    d1.download_button("Scores (.csv)", to_csv(rows), file_name=export_name("scores", meta, "csv"),
+                       mime="text/csv", key=f"attr_csv_{i}")
+    d2.download_button("Scores (.npz)", to_npz_bytes(scores=scores[None].astype(np.float32),
+                                                     target_image=target.images.numpy(),
+                                                     **{k: np.array([v]) for k, v in meta.items()}),
+                       file_name=export_name("scores", meta, "npz"), key=f"attr_npz_{i}")
+    st.code(opts.command_line("score", att.cfg, att.train.spec,
+                              [("--target", target_spec), ("--lambda", lam), ("--top", n_pro)]),
+            language="bash", wrap_lines=True)

@@ -1,36 +1,34 @@
 """Helpers of the Journey page (and the Tour): the cached attributor, the command line, the Attribute-page
-comparison. Not a page."""
+comparison, the image picker, Play and the film strip. Not a page."""
 
 from __future__ import annotations
 
-import shlex
-
 import numpy as np
 import streamlit as st
-from attribution.engine import Attributor, open_attributor
-from attribution.methods import get_method
 
-from app_pages._attr import METHOD_TITLES, RunOptions
-from app_pages._tiles import SCORED
+from app_pages._attr import METHOD_TITLES
+from app_pages._tiles import SCORED, tiles
 from app_pages._ui import cached_model
+from attribution.analysis.formation import top_indices
+from attribution.data import pixels_to_tensor
+from attribution.engine import Attributor
+from attribution.report import to_npz_bytes
+from attribution.run_options import JOURNEY_OPTIONS, RunOptions
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def journey_attributor(opts: RunOptions) -> Attributor:
     """One Attributor per (checkpoint, dataset, method, K, k); it keeps the kernel in memory (features and kernel
     are shared with the other pages through the disk cache)."""
-    return open_attributor(cached_model(opts.checkpoint), get_method(opts.method), opts.dataset,
-                           timesteps=opts.timesteps, proj_dim=opts.proj_dim, projector=opts.projector)
+    return opts.attributor(cached_model(opts.checkpoint))
 
 
 def journey_cli(opts: RunOptions, cfg, journey, dataset_spec: str, lam: float, uploaded: bool) -> str:
     """The `python -m attribution journey` line that recomputes this journey."""
-    cli = ["python", "-m", "attribution", "journey", "--checkpoint", opts.checkpoint, "--dataset", dataset_spec]
-    cli += ["--image", journey.meta["name"]] if uploaded else ["--seed", str(cfg.seed)]
-    cli += ["--steps", str(cfg.steps), "--sampler", cfg.sampler, "--every", str(cfg.every), "--resamples",
-            str(cfg.resamples), "--method", opts.method, "--timesteps", str(opts.timesteps), "--proj-dim",
-            str(opts.proj_dim), "--lambda", f"{lam:.6g}", "--out", "out/journey"]
-    return " ".join(shlex.quote(p) for p in cli)
+    image = ("--image", journey.meta["name"]) if uploaded else ("--seed", cfg.seed)
+    return opts.command_line("journey", dataset=dataset_spec, only=JOURNEY_OPTIONS, extra=[
+        image, ("--steps", cfg.steps), ("--sampler", cfg.sampler), ("--every", cfg.every),
+        ("--resamples", cfg.resamples), ("--feature-seed", opts.seed), ("--lambda", lam), ("--out", "out/journey")])
 
 
 WHY_DIFFERENT = (
@@ -56,8 +54,6 @@ def attribute_overlap(method: str, dataset_spec: str, name: str, last_scores: np
 def choose_image(model):
     """The Journey page's image picker: (image tensor for an upload else None, (steps, sampler) fixed by the
     Generate page else None, seed, name, source id). Stops the page with guidance when there is nothing to pick."""
-    from attribution.data import pixels_to_tensor
-
     source = st.radio("Image", ["Seed", "Generated image", "Uploaded image"], horizontal=True, key="jr_source",
                       label_visibility="collapsed")
     image, fixed, seed = None, None, 0
@@ -85,3 +81,29 @@ def choose_image(model):
         image = pixels_to_tensor(up["pixels"])
         name, source_id = up["name"], f"upload/{up['sha256']}"
     return image, fixed, seed, name, source_id
+
+
+def toggle_play(labels: list[int]) -> None:
+    """The Play/Stop button's callback: start (from the first step when at the last) or stop stepping."""
+    playing = not st.session_state.get("jr_playing", False)
+    st.session_state["jr_playing"] = playing
+    if playing and st.session_state.get("jr_step") == labels[-1]:
+        st.session_state["jr_step"] = labels[0]
+        st.session_state["jr_shown"] = None  # show the first step before advancing
+
+
+def film_strip(journey, scores: np.ndarray, form, train, labels: list[int], top: int) -> None:
+    """The top proponent of each attributed step as a row of tiles, the top-`top` overlaps, and the journey's
+    download (.npz)."""
+    st.markdown("**Top proponent per step**")
+    top1 = top_indices(scores, 1)[:, 0]
+    tiles(train, [int(i) for i in top1],
+          [f"{s} · #{int(i)} · {row[i]:+.2g}" for s, i, row in zip(labels, top1, scores)], "jr_film", target=56)
+    st.caption(f"Step · training index · score. The top-{top} overlap with the last step is "
+               + ", ".join(f"{v:.2f}" for v in form.overlap) + ".")
+    d1, _ = st.columns(2)
+    d1.download_button("Journey (.npz)", to_npz_bytes(**journey.arrays(), scores=scores.astype(np.float32),
+                                                      x0_distance=form.x0_distance,
+                                                      proponent_similarity=form.proponent_similarity,
+                                                      overlap=form.overlap),
+                       file_name=f"journey-{journey.meta['name'].replace(':', '-')}.npz", key="jr_npz")

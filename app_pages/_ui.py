@@ -11,12 +11,16 @@ import hashlib
 import io
 import zipfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import streamlit as st
-from attribution.data import ImageDataset, load_dataset, load_image_pixels, open_image, pixels_to_pil
+import torch
+
+from attribution.data import ImageDataset, load_dataset, load_image_pixels, open_image, pixels_to_pil, tensor_to_pixels
 from attribution.errors import AttributionError
 from attribution.models import DiffusionModel, load_model
+from attribution.sampling import sample
 
 # -- cached loaders ------------------------------------------------------------------------------------------------
 
@@ -70,8 +74,6 @@ def require_dataset(split: str = "train") -> ImageDataset:
 def display_path(path) -> str:
     """A path for captions: relative to the working directory when inside it, else its last two parts (never
     the absolute path of the server's file system)."""
-    from pathlib import Path
-
     p = Path(path)
     try:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
@@ -188,11 +190,6 @@ def generate_images(model: DiffusionModel, n: int, seed: int, steps: int, sample
     Returns:
         {"checkpoint", "seeds" (list of int), "pixels" (uint8 (N, H, W, C)), "steps", "sampler"}
     """
-    import torch
-
-    from attribution.data import tensor_to_pixels
-    from attribution.sampling import sample
-
     traj = sample(model, n, seed=seed, steps=steps, sampler=sampler, progress=progress)
     return {"checkpoint": model.spec, "seeds": [int(s) for s in traj.seeds],
             "pixels": tensor_to_pixels(torch.from_numpy(traj.final)), "steps": int(steps), "sampler": sampler}

@@ -2,20 +2,16 @@
 
 import hashlib
 
-import numpy as np
 import streamlit as st
 
 from attribution.data import pixels_to_pil, tensor_to_pixels
-from attribution.methods.over_checkpoints import CHECKPOINT_WEIGHTS
 from attribution.errors import AttributionError
-from attribution.features.timesteps import STRATEGIES
 from attribution.methods import METHODS
+from attribution.run_options import RunOptions
 from attribution.store import cache_root
-from attribution.report import (equivalent_cli, export_metadata, export_name, positive_share, ranking_rows, to_csv,
-                                to_npz_bytes)
-from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, PROJECTORS, RunOptions, cached_attribution, choose_target,
-                             feature_fn_options, featurize_note, featurize_with_progress, lambda_controls, opts_key,
-                             ranked_tiles, top_lists)
+from app_pages._attr import (METHOD_TITLES, OPTION, PROJ_DIMS, PROJECTORS, cached_attribution, choose_target,
+                             feature_fn_options, featurize_note, featurize_with_progress, lambda_controls,
+                             option_widget, opts_key, ranked_tiles, result_footer, top_lists)
 from app_pages._tiles import record_scores
 from app_pages._ui import checkpoint_name, display_path, display_size, fail, keep, require_model
 
@@ -40,29 +36,25 @@ st.image(pixels_to_pil(tensor_to_pixels(target.images[0]), size), output_format=
 # -- 2. method and options (a form: nothing runs until Run) --------------------------------------------------------
 st.subheader("Method")
 c1, c2, c3 = st.columns(3)  # outside the form: what they choose decides which other controls apply
-method = c1.selectbox("Method", list(METHODS), format_func=METHOD_TITLES.get, key="attr_method")
+method = option_widget(c1, "method", "attr_method", format_func=METHOD_TITLES.get)
 c1.caption(METHODS[method].summary[:1].upper() + METHODS[method].summary[1:] + ".")  # what the method measures
 fn, eta = None, None
 if len(METHODS[method]().fn_choices()) > 1:
-    fn = c2.selectbox("Output function", feature_fn_options(method), key="attr_fn",
-                      help="What D-TRAK differentiates; TRAK and the gradient baselines use the training loss.")
+    fn = option_widget(c2, "fn", "attr_fn", choices=feature_fn_options(method))
     if fn == "interp":
-        eta = c3.slider("η (interp)", 0.0, 1.0, 1.0, 0.05, key="attr_eta")
+        eta = c3.slider(OPTION["eta"].label, 0.0, 1.0, 1.0, 0.05, key="attr_eta", help=OPTION["eta"].help)
 with st.form("attr_form"):
     c4, c5, c6, c7 = st.columns(4)
-    timesteps = c4.number_input("Timesteps K", 1, model.num_timesteps, 10, key="attr_K")
+    timesteps = option_widget(c4, "timesteps", "attr_K", min_value=1, max_value=model.num_timesteps)
     fixed_strategy = METHODS[method].strategy  # a method that fixes its timesteps has no strategy to choose
-    strategy = (c5.selectbox("Timestep strategy", STRATEGIES, key="attr_strategy") if fixed_strategy is None
-                else c5.caption(f"Timestep strategy: **{fixed_strategy}**") or fixed_strategy)
-    proj_dim = c6.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="attr_k")
-    projector = c7.selectbox("Projector", PROJECTORS, key="attr_projector")
+    strategy = (option_widget(c5, "strategy", "attr_strategy") if fixed_strategy is None
+                else c5.caption(f"{OPTION['strategy'].label}: **{fixed_strategy}**") or fixed_strategy)
+    proj_dim = option_widget(c6, "proj_dim", "attr_k", choices=PROJ_DIMS, index=PROJ_DIMS.index(4096))
+    projector = option_widget(c7, "projector", "attr_projector", choices=PROJECTORS)
     c8, c9, c10 = st.columns(3)
-    ckpt_weights = "lr" if not METHODS[method].weightings else c10.selectbox(
-        "Checkpoint weights", list(CHECKPOINT_WEIGHTS), key="attr_ckpt_weights",
-        format_func={"lr": "learning rate (default)", "uniform": "uniform (D-TRAK A.3)"}.get,
-        help="TracInCP, GAS, Diffusion-TracIn/ReTrac only. Learning rate (default): each checkpoint weighted by "
-             "the learning rate x epochs since the previous one, one projection. Uniform: TracInCP/GAS as the "
-             "D-TRAK paper runs them, the mean over the checkpoints, a projection seed per checkpoint.")
+    ckpt_weights = None if not METHODS[method].weightings else option_widget(
+        c10, "checkpoint_weights", "attr_ckpt_weights", choices=METHODS[method].weightings,
+        format_func={"lr": "learning rate (default)", "uniform": "uniform (D-TRAK A.3)"}.get)
     compare = c8.selectbox("Compare with method", ["(none)", *METHODS], key="attr_compare",
                            format_func=lambda m: METHOD_TITLES.get(m, m))
     siblings = model.info.siblings if model.info else []
@@ -75,8 +67,8 @@ def options_for(method_name: str, checkpoint: str) -> RunOptions:
     cls = METHODS[method_name]
     chosen_fn = (fn or cls().fn_choices()[0]) if len(cls().fn_choices()) > 1 else None
     return RunOptions(checkpoint, dataset, method_name, chosen_fn, eta if chosen_fn == "interp" else None,
-                      int(timesteps), strategy, int(proj_dim), projector,
-                      checkpoint_weights=ckpt_weights if ckpt_weights in cls.weightings else "lr")
+                      int(timesteps), strategy, proj_dim=int(proj_dim), projector=projector,
+                      checkpoint_weights=ckpt_weights if ckpt_weights in cls.weightings else None)
 
 
 runs = [(METHOD_TITLES[method], options_for(method, model.spec))]
@@ -109,9 +101,7 @@ if run:
                                            for a, w in zip(att.members, att.weights)))
                 featurize_with_progress(att, title)
                 status.update(label=f"{title}: kernel and target features…")
-                results[opts] = att.target_features(target)
-                if att.method.uses_lambda:
-                    _ = att.members[0].train_features().kernel  # decompose once; later lambda changes are instant
+                results[opts] = att.run(target)  # the kernel is decomposed once: later λ changes are instant
         except AttributionError as exc:
             status.update(state="error")
             fail(exc)
@@ -138,8 +128,8 @@ for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_run
         st.markdown(f"#### {title}")
         try:
             att = cached_attribution(opts)
-            lam = lambda_controls(att, opts, features[opts], f"attr_lam_{opts_key(opts)}", title)
-            scores = att.scores(features[opts], lam)[0]
+            lam = lambda_controls(features[opts], opts, f"attr_lam_{opts_key(opts)}", title)
+            scores = features[opts].at(lam).scores[0]
         except AttributionError as exc:
             fail(exc)
         record_scores(att.train, f"{title} · {target_spec}", scores)
@@ -147,19 +137,4 @@ for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_run
         ranked_tiles(pro, att.train, "Proponents", f"attr_pro_{i}")
         if n_opp:
             ranked_tiles(opp, att.train, "Opponents", f"attr_opp_{i}")
-        share = positive_share(scores, n_pro)
-        st.caption(f"The top {n_pro} hold {share:.0%} of the positive score mass (a normalised share, not a "
-                   f"probability). Same-class share of the top {n_pro}: "
-                   + (f"{np.mean([r.class_name == target.labels[0] for r in pro]):.0%}" if target.labels[0]
-                      and pro else "n/a"))
-        meta = export_metadata(target_spec, opts.method, lam, opts.checkpoint, att.train.spec, att.cfg)
-        rows = ranking_rows(scores, att.train, meta)
-        d1, d2 = st.columns(2)
-        d1.download_button("Scores (.csv)", to_csv(rows), file_name=export_name("scores", meta, "csv"),
-                           mime="text/csv", key=f"attr_csv_{i}")
-        d2.download_button("Scores (.npz)", to_npz_bytes(scores=scores[None].astype(np.float32),
-                                                         target_image=target.images.numpy(),
-                                                         **{k: np.array([v]) for k, v in meta.items()}),
-                           file_name=export_name("scores", meta, "npz"), key=f"attr_npz_{i}")
-        st.code(equivalent_cli(opts.checkpoint, att.train.spec, opts.method, att.cfg, target_spec, lam,
-                               n_pro, opts.checkpoint_weights), language="bash", wrap_lines=True)
+        result_footer(i, opts, att, scores, lam, target, target_spec, n_pro, pro)

@@ -1,23 +1,21 @@
 """Journey: which training images guide each denoising step of one image (Journey-TRAK, per-step attribution)."""
 
-import numpy as np
 import streamlit as st
 import torch
 
 from attribution.data import pixels_to_pil, tensor_to_pixels
 from attribution.errors import AttributionError
-from attribution.analysis.formation import formation, top_indices
+from attribution.analysis.formation import formation
 from attribution.figures import formation_figure
 from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import METHODS, get_method
-from attribution.report import to_npz_bytes
 from attribution.sampling import SAMPLERS
 from app_pages._attr import (PROJ_DIMS, RunOptions, cached_attribution, featurize_job, lambda_slider, opts_key,
                              ranked_tiles, top_lists)
 from app_pages._trust import trust_caption
 from app_pages._figures import chart
-from app_pages._journey import WHY_DIFFERENT, attribute_overlap, choose_image, journey_attributor, journey_cli
-from app_pages._tiles import tiles
+from app_pages._journey import (WHY_DIFFERENT, attribute_overlap, choose_image, film_strip, journey_attributor,
+                                journey_cli, toggle_play)
 from app_pages._ui import display_size, fail, keep, progress_bar, require_model
 
 JOURNEY_METHODS = [m for m in METHODS if METHODS[m].per_step]  # the kernel methods that score single steps
@@ -60,7 +58,7 @@ image_id = (model.spec, dataset, source_id)
 if run:
     st.session_state.pop("jr_result", None)  # a failed run must not leave an older journey labelled as this one
     cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=every, resamples=resamples)
-    opts = RunOptions(model.spec, dataset, method, None, None, timesteps, "uniform", int(proj_dim), "auto")
+    opts = RunOptions(model.spec, dataset, method, timesteps=timesteps, proj_dim=int(proj_dim))
     with st.status("Computing the journey…", expanded=True) as status:
         try:
             cfg.check(model.num_timesteps)
@@ -102,21 +100,9 @@ if st.session_state.get("jr_step") not in labels:
     st.session_state["jr_step"] = labels[-1]
 
 
-def _toggle_play() -> None:
-    playing = not st.session_state.get("jr_playing", False)
-    st.session_state["jr_playing"] = playing
-    if playing and st.session_state.get("jr_step") == labels[-1]:
-        st.session_state["jr_step"] = labels[0]
-        st.session_state["jr_shown"] = None  # show the first step before advancing
-
-
 playing = st.session_state.get("jr_playing", False)
 st.button("Stop" if playing else "Play", icon=":material/stop:" if playing else ":material/play_arrow:",
-          key="jr_play", on_click=_toggle_play, help="Step through the attributed steps.")
-
-
-def _pixels(x: np.ndarray) -> np.ndarray:
-    return tensor_to_pixels(torch.from_numpy(x))
+          key="jr_play", on_click=toggle_play, args=(labels,), help="Step through the attributed steps.")
 
 
 @st.fragment(run_every=0.8 if playing else None)
@@ -137,7 +123,8 @@ def step_panel() -> None:
         for pix, caption in ((journey.xt[i], f"x_t · step {step}, t={t_of[step]}"),
                              (journey.x0[i], f"x̂0 · distance {form.x0_distance[i]:.3f}"),
                              (journey.final, "final image")):
-            st.image(pixels_to_pil(_pixels(pix), size), caption=caption, width=size, output_format="PNG")
+            st.image(pixels_to_pil(tensor_to_pixels(torch.from_numpy(pix)), size), caption=caption, width=size,
+                     output_format="PNG")
     pro, opp = top_lists(scores[i], att.train, N_PRO, N_OPP)
     ranked_tiles(pro, att.train, f"Proponents at step {step}", "jr_pro")
     ranked_tiles(opp, att.train, f"Opponents at step {step}", "jr_opp")
@@ -147,19 +134,7 @@ def step_panel() -> None:
 
 step_panel()
 
-# -- 4. film strip: the top proponent of each step --------------------------------------------------------------
-st.markdown("**Top proponent per step**")
-top1 = top_indices(scores, 1)[:, 0]
-tiles(att.train, [int(i) for i in top1],
-      [f"{s} · #{int(i)} · {row[i]:+.2g}" for s, i, row in zip(labels, top1, scores)], "jr_film", target=56)
-st.caption(f"Step · training index · score. The top-{FORMATION_TOP} overlap with the last step is "
-           + ", ".join(f"{v:.2f}" for v in form.overlap) + ".")
-
-d1, _ = st.columns(2)
-d1.download_button("Journey (.npz)", to_npz_bytes(**journey.arrays(), scores=scores.astype(np.float32),
-                                                  x0_distance=form.x0_distance,
-                                                  proponent_similarity=form.proponent_similarity,
-                                                  overlap=form.overlap),
-                   file_name=f"journey-{journey.meta['name'].replace(':', '-')}.npz", key="jr_npz")
+# -- 4. film strip: the top proponent of each step, downloads, the command line -------------------------------------
+film_strip(journey, scores, form, att.train, labels, FORMATION_TOP)
 st.code(journey_cli(opts, cfg, journey, att.train.spec, lam, uploaded=image is not None), language="bash",
         wrap_lines=True)

@@ -34,7 +34,7 @@ with st.form("si_form"):
     proj_dim = c3.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="si_k")
     run = st.form_submit_button("Compute", type="primary")
 
-opts = RunOptions(model.spec, dataset, method, None, None, int(timesteps), "uniform", int(proj_dim), "auto")
+opts = RunOptions(model.spec, dataset, method, timesteps=int(timesteps), proj_dim=int(proj_dim))
 if not run:
     try:
         st.caption(featurize_note(cached_attribution(opts)), help="For the options as the form was last submitted.")

@@ -3,21 +3,16 @@ attribution (Diffusion-ReTrac paper). Four views: one image over a grid of times
 training timesteps (click a point to open the image), the same per checkpoint, and the generally influential
 training images per method."""
 
-import numpy as np
 import streamlit as st
 
-from attribution.analysis.influential import top_k_stats
-from attribution.analysis.norms import NormConfig, sample_curve, training_norms
-from attribution.engine import training_dataset_of, training_timesteps
+from attribution.analysis.norms import NormConfig, training_norms
+from attribution.data import training_dataset_of
 from attribution.errors import AttributionError
-from attribution.figures import (influential_figure, norm_curve_figure, norm_scatter_figure, per_checkpoint_figure,
-                                 selected_points)
-from attribution.methods import METHODS, TIMESTEP_BIAS_METHODS
+from attribution.figures import norm_curve_figure, norm_scatter_figure, per_checkpoint_figure, selected_points
 from attribution.methods.over_checkpoints import run_checkpoints
-from attribution.targets import resolve_targets
 from app_pages._figures import chart
 from app_pages._tiles import tile_caption, tiles
-from app_pages._attr import METHOD_TITLES, RunOptions, cached_attribution, featurize_with_progress
+from app_pages._timesteps import curve, influential_tab
 from app_pages._ui import cached_model, checkpoint_name, display_size, fail, keep, progress_bar, require_model
 
 st.title("Timesteps")
@@ -39,15 +34,6 @@ except AttributionError as exc:
     fail(exc)
 size = display_size(train.resolution, 80)
 log_y = st.toggle("Logarithmic norm axis", True, key="ts_log")
-
-
-@st.cache_data(max_entries=32, show_spinner=False)
-def curve(spec: str, dataset_spec: str, index: int, grid: int) -> tuple[np.ndarray, np.ndarray, int, str]:
-    m = cached_model(spec)
-    data = training_dataset_of(m, dataset_spec)
-    ts, norms = sample_curve(m, data.tensors([index])[0], f"{data.split}/{index}", NormConfig(grid=grid))
-    trained, source = training_timesteps(m, data, 0)
-    return ts, norms, int(trained[index]), source
 
 
 one, scatter, per_ckpt, influential = st.tabs(["One image", "Training set", "Per checkpoint",
@@ -142,42 +128,4 @@ with per_ckpt:
 
 # -- generally influential samples -------------------------------------------------------------------------------
 with influential:
-    st.caption("For many generated targets, count the distinct training images among each method's top-k "
-               "proponents. Few distinct images = the same images rank high for every target.")
-    choices = list(METHODS)
-    with st.form("ts_infl_form"):
-        c1, c2, c3 = st.columns([2, 1, 1])
-        methods = c1.multiselect("Methods", choices, list(TIMESTEP_BIAS_METHODS),
-                                 format_func=METHOD_TITLES.get, key="ts_infl_methods")
-        n_targets = int(c2.number_input("Generated targets (seeds 0..)", 2, 200, 20, key="ts_infl_n"))
-        k = int(c3.number_input("Top k", 1, 100, 10, key="ts_infl_k"))
-        go_i = st.form_submit_button("Compute", type="primary")
-    key_i = (model.spec, train.spec, tuple(methods), n_targets, k)
-    if go_i:
-        stats = []
-        with st.status("Scoring…", expanded=True) as status:
-            try:
-                targets = None
-                for name in methods:
-                    att = cached_attribution(RunOptions(model.spec, dataset, name))
-                    if targets is None:
-                        status.update(label=f"Generating {n_targets} targets…")
-                        targets = resolve_targets(f"gen:0-{n_targets - 1}", att.target_model, train.spec)
-                    status.update(label=f"{METHOD_TITLES[name]}: training features (cached after the first run)…")
-                    featurize_with_progress(att, METHOD_TITLES[name])
-                    status.update(label=f"{METHOD_TITLES[name]}: {n_targets} targets…")
-                    stats.append(top_k_stats(name, att.scores(att.target_features(targets)), k))
-            except AttributionError as exc:
-                status.update(state="error")
-                fail(exc)
-            status.update(label="Done", state="complete", expanded=False)
-        st.session_state["ts_infl"] = (key_i, stats)
-    stored = st.session_state.get("ts_infl")
-    if stored and stored[0] == key_i:
-        stats = stored[1]
-        chart(influential_figure(stats), "ts_infl_chart", "generally-influential")
-        for s in stats:
-            st.markdown(f"**{METHOD_TITLES[s.method]}**: {s.unique} distinct of {s.targets * s.k}; most recurring")
-            shown = s.recurring[:8]
-            tiles(train, [i for i, _ in shown], [f"{tile_caption(train, i)} · in {c} lists" for i, c in shown],
-                  f"ts_recurring_{s.method}")
+    influential_tab(model, train, dataset)

@@ -34,7 +34,7 @@ with st.expander("Settings (shared with the Attribute page: the same settings re
     seed = int(c1.number_input("Seed of the image", 0, 2**31 - 1, 0, key="tour_seed"))
     K = int(c2.number_input("Timesteps K", 1, model.num_timesteps, 10, key="tour_K"))
     k = c3.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="tour_k")
-opts = RunOptions(model.spec, dataset, DEFAULT_METHOD, None, None, K, "uniform", int(k), "auto")
+opts = RunOptions(model.spec, dataset, DEFAULT_METHOD, timesteps=K, proj_dim=int(k))
 tour_id = (model.spec, dataset, seed, K, int(k))
 tour = st.session_state.get("tour")
 if not tour or tour["id"] != tour_id:  # other settings: start again
@@ -74,11 +74,11 @@ if step(2, "Which training images made it?", "D-TRAK compares the gradient of th
         attempt(lambda: featurize_with_progress(att, "D-TRAK"))
         target = target_from_pixels(tour["pixels"], f"gen:{seed}")
         target.keys[0] = f"gen/{seed}"  # the CLI's noise key for gen:SEED, as on the Attribute page
-        tour["features"] = attempt(lambda: att.target_features(target))
+        tour["result"] = attempt(lambda: att.run(target))  # featurized above: target features and default λ
         status.update(label="Done", state="complete", expanded=False)
-if "features" in tour:
+if "result" in tour:
     att = cached_attribution(opts)
-    scores = att.scores(tour["features"])[0]  # the default λ
+    scores = tour["result"].scores[0]  # the default λ
     record_scores(att.train, f"D-TRAK · gen:{seed}", scores)
     pro, opp = top_lists(scores, att.train, 5, 3)
     ranked_tiles(pro, att.train, "Proponents", "tour_pro")

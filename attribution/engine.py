@@ -9,31 +9,42 @@ Several attributors form an `Attribution`: a weighted sum of their scores. Indep
 checkpoints averaged (the TRAK ensemble of the D-TRAK paper, Table 7), or, for the checkpoint methods (TracInCP,
 GAS, Diffusion-TracIn/ReTrac), the checkpoints of one training run weighted by the learning rate they were
 trained at (`Method.member_weights`). `open_attribution` builds either from user options, for the CLI and the app.
+
+The lifecycle is one call, made by the CLI, every page and the evaluation:
+
+    attribution = open_attribution("digits", get_method("dtrak"), timesteps=10, proj_dim=4096)
+    result = attribution.run(targets, lam=None, progress=lambda member: callback)
+    result.scores, result.ranking, result.lam     # (M, N), (M, N) strongest first, the lambda used (resolved once)
+    result.at(0.5)                                # the same targets at another lambda, in milliseconds
+
+(open → featurize with progress → target features → default lambda → scores at lambda → ranking.) Self-influence
+is `attribution.featurize(progress)` then `attribution.self_influence(lam)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import ImageDataset
+from .data import ImageDataset, training_dataset_of
 from .errors import ConfigError
 from .features.config import FeatureConfig
 from .features.embeddings import make_embedder
 from .features.gradients import param_count, per_sample_gradients
-from .features.projectors import SCALING, make_projector, matrix_identity
-from .features.timesteps import sampled_timesteps
+from .features.projectors import SCALING, default_projector, make_projector, matrix_identity
+from .features.timesteps import training_timesteps
 from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
+from .models import load_model
 from .models.adapter import DiffusionModel
-from .store import CurvatureStore, FeatureStore, cache_root, stats_dir
+from .store import CurvatureStore, FeatureStore, cache_root, record_throughput, recorded_throughput, stats_dir
 from .targets import Targets
 
 Progress = Callable[[int, int, str], None]
@@ -161,7 +172,7 @@ class Attributor:
                     progress(done_before + finished, n, progress_message(done_before + finished, n, finished,
                                                                          elapsed))
                 if finished == len(todo) or elapsed > 20:
-                    record_throughput(self, finished * per_row / elapsed, elapsed)
+                    record_throughput(self.cache_dir, self.throughput_key, finished * per_row / elapsed, elapsed)
             if progress and not len(todo):
                 progress(n, n, "cached")
         for name in self.row_statistics:  # what the method's scores use beside the features (DAS's residuals)
@@ -177,14 +188,14 @@ class Attributor:
         if missing == 0:
             return 0.0, "cached"
         per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
-        entry = recorded_throughput(self)
+        entry = recorded_throughput(self.cache_dir, self.throughput_key)
         if entry is None and probe:
             start = time.perf_counter()
             ts = None if self.train_timesteps is None else self.train_timesteps[:1]
             self.features_of(self.train.tensors([0]), [f"{self.train.split}/0"], ts)
             elapsed = time.perf_counter() - start
-            record_throughput(self, per_row / elapsed, elapsed, rough=True)
-            entry = recorded_throughput(self)
+            record_throughput(self.cache_dir, self.throughput_key, per_row / elapsed, elapsed, rough=True)
+            entry = recorded_throughput(self.cache_dir, self.throughput_key)
         if entry is None:
             return None, "no featurization of this checkpoint has been timed on this machine yet"
         rate = entry["sample_timesteps_per_s"]
@@ -241,6 +252,11 @@ class Attributor:
                 if progress:
                     progress(len(self.train) - len(todo) + s + len(rows), len(self.train), name)
         return np.asarray(store.features()[:, 0], dtype=np.float64)
+
+    @property
+    def throughput_key(self) -> str:
+        """What a recorded featurization speed is for: this checkpoint, parameter set and device type."""
+        return f"{self.identity['checkpoint']}|{self.cfg.params or 'all'}|{self.model.device.type}"
 
     # -- scoring -----------------------------------------------------------------------------------------------
 
@@ -317,7 +333,10 @@ class Attribution:
         return self.members[self.method.target_member(len(self.members))].model
 
     def featurize(self, progress: Callable[[Attributor], Progress | None] | None = None) -> None:
-        """Featurize every member; `progress(member)` returns that member's progress callback."""
+        """Featurize every member; `progress(member)` returns that member's progress callback. Every member's
+        feature folder is opened (or refused: CacheMismatchError) before any work."""
+        for att in self.members:
+            _ = att.store
         for att in self.members:
             att.featurize(progress(att) if progress else None)
 
@@ -344,12 +363,61 @@ class Attribution:
 
     def scores(self, G: Sequence[np.ndarray], lam: float | None = None) -> np.ndarray:
         """(M, N) scores of targets whose per-member features are G (from `target_features`)."""
-        lam = self.resolve_lambda(lam)
-        return sum(w * att.scores(self.method, g, lam) for w, att, g in zip(self.weights, self.members, G))
+        return self._scores_at(G, self.resolve_lambda(lam))
+
+    def _scores_at(self, G: Sequence[np.ndarray], lam: float | None) -> np.ndarray:
+        """The weighted sum of the members' scores at an already resolved `lam` (resolved once, not per member)."""
+        return sum(w * self.method.score(att.train_features(), g, lam)
+                   for w, att, g in zip(self.weights, self.members, G))
 
     def self_influence(self, lam: float | None = None) -> np.ndarray:
         lam = self.resolve_lambda(lam)
-        return sum(w * att.self_influence(self.method, lam) for w, att in zip(self.weights, self.members))
+        return sum(w * self.method.self_influence(att.train_features(), lam)
+                   for w, att in zip(self.weights, self.members))
+
+    def run(self, targets: Targets, lam: float | None = None,
+            progress: Callable[[Attributor], Progress | None] | None = None, cache: str | None = None) -> Result:
+        """The whole lifecycle, the one call the CLI, the pages and the evaluation make: check `targets` and
+        `lam` (before any work), featurize every member (cached, resumable; `progress(member)` returns that
+        member's progress callback), the targets' features by the method's recipe, the default lambda (once),
+        and the scores at `lam` (default: that default) with their ranking. `Result.at(lam)` re-scores at
+        another lambda in milliseconds."""
+        self.method.check_targets(targets)
+        if lam is not None and self.method.uses_lambda:
+            check_lambda(lam)
+        self.featurize(progress)
+        G = self.target_features(targets, cache=cache)
+        default = self.resolve_lambda(None)
+        return Result(self, targets, G, default).at(lam)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What `Attribution.run` returns: the targets' per-member features, the default lambda, and the scores at
+    one lambda (`lam`, resolved) with their ranking. `at(lam)` is the same result at another lambda."""
+
+    attribution: Attribution
+    targets: Targets
+    G: list[np.ndarray] = field(repr=False)
+    default_lambda: float | None
+    lam: float | None = None
+    scores: np.ndarray | None = field(default=None, repr=False)  # (M, N)
+
+    def at(self, lam: float | None = None) -> Result:
+        """The scores at `lam` (None: the default lambda; ignored by methods without one)."""
+        if not self.attribution.method.uses_lambda:
+            lam = None
+        elif lam is None:
+            lam = self.default_lambda
+        else:
+            check_lambda(lam)
+            lam = float(lam)
+        return replace(self, lam=lam, scores=self.attribution._scores_at(self.G, lam))
+
+    @property
+    def ranking(self) -> np.ndarray:
+        """(M, N) training indices per target, strongest proponent first (ties in index order)."""
+        return np.argsort(-self.scores, axis=1, kind="stable")
 
 
 def format_duration(seconds: float) -> str:
@@ -370,54 +438,6 @@ def progress_message(done: int, total: int, finished_now: int, elapsed: float) -
             + (f", about {format_duration(left)} left" if done < total else ""))
 
 
-def _throughput_key(att: Attributor) -> str:
-    return f"{att.identity['checkpoint']}|{att.cfg.params or 'all'}|{att.model.device.type}"
-
-
-def record_throughput(att: Attributor, sample_timesteps_per_s: float, seconds: float, rough: bool = False) -> None:
-    """Remember how fast this machine featurized this checkpoint (cache root, throughput.json): the estimate
-    shown before a run. Measurements over less than 2 s are too noisy to keep unless marked `rough` (a one-image
-    probe), and a rough one never replaces a measured one."""
-    from .fileio import write_json
-
-    if (seconds < 2 and not rough) or not np.isfinite(sample_timesteps_per_s):
-        return
-    path = att.cache_dir / "throughput.json"
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
-    key = _throughput_key(att)
-    if rough and key in data and not data[key].get("rough"):
-        return
-    data[key] = {"sample_timesteps_per_s": float(sample_timesteps_per_s), "rough": rough,
-                 "measured": time.strftime("%Y-%m-%d %H:%M"), "seconds": round(seconds, 1)}
-    try:
-        write_json(path, data)
-    except OSError:
-        pass  # a read-only cache keeps working without estimates
-
-
-def recorded_throughput(att: Attributor) -> dict | None:
-    """The recorded entry for this checkpoint: {"sample_timesteps_per_s", "rough", "measured", "seconds"}."""
-    path = att.cache_dir / "throughput.json"
-    try:
-        entry = json.loads(path.read_text()).get(_throughput_key(att)) if path.is_file() else None
-        return entry if entry and float(entry["sample_timesteps_per_s"]) > 0 else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-
-def training_dataset_of(model: DiffusionModel, dataset: str | None = None) -> ImageDataset:
-    """The training split a model is attributed against: `dataset`, else the one its training run recorded."""
-    from .data import load_dataset
-
-    spec = dataset or (model.info.run_metadata().get("config", {}).get("dataset") if model.info else None)
-    if not spec:
-        raise ConfigError(f"{model.spec} does not record its training set; name the dataset (--dataset)")
-    return load_dataset(spec, "train", model.resolution, model.channels)
-
 
 def open_attributor(model: DiffusionModel, method: Method, dataset: str | None = None, fn: str | None = None,
                     eta: float | None = None, timesteps: int = 10, strategy: str = "uniform", noises: int = 1,
@@ -426,8 +446,6 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
                     proj_seed: int | None = None, clip_model: str = "ViT-B-32", clip_weights: str | None = None,
                     damping: float | None = None) -> Attributor:
     """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk."""
-    from .features.projectors import default_projector
-
     train = training_dataset_of(model, dataset)
     cfg = method.feature_config(fn=fn, eta=eta, timesteps=timesteps, strategy=strategy, noises=noises,
                                 proj_dim=proj_dim, seed=seed, params=params, proj_seed=proj_seed,
@@ -449,8 +467,6 @@ def open_attribution(checkpoints: str, method: Method, device: str = "auto", loa
     `checkpoint_weights` (checkpoint methods): "lr" weights checkpoint c by the learning rate it was trained at
     (`methods.over_checkpoints.tracin_weights`), every checkpoint projected with one seed; "uniform" is TracInCP / GAS as the D-TRAK paper
     runs them (appendix A.3): the mean over the C checkpoints, checkpoint c projected with seed + c."""
-    from .models import load_model
-
     specs = method.checkpoints(checkpoints)
     if options.get("store_dir") and len(specs) > 1:
         raise ConfigError("--store names one feature folder; it cannot be used with several checkpoints")
@@ -458,17 +474,3 @@ def open_attribution(checkpoints: str, method: Method, device: str = "auto", loa
     weights, note, proj_seeds = method.member_weights(models, checkpoint_weights, options.get("seed", 0))
     members = [open_attributor(m, method, **options, proj_seed=ps) for m, ps in zip(models, proj_seeds)]
     return Attribution(method, members, weights, note)
-
-
-def training_timesteps(model: DiffusionModel, train: ImageDataset, seed: int) -> tuple[np.ndarray, str]:
-    """The timestep of each training row for the "training" strategy, and its source: "recorded" (the epoch
-    that ended at this checkpoint, when its run trained on exactly this dataset) or "sampled" (one uniform draw
-    per image, keyed by seed and row)."""
-    info = model.info
-    recorded = info.training_timesteps() if info else None
-    meta = info.run_metadata() if info else {}
-    if (recorded is not None and train.split == "train" and len(recorded) == len(train)
-            and meta.get("dataset_hash") == train.content_hash and meta.get("n_train") == len(train)):
-        return recorded, "recorded"
-    keys = [f"{train.split}/{i}" for i in range(len(train))]
-    return sampled_timesteps(keys, model.num_timesteps, seed).numpy(), "sampled"

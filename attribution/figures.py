@@ -6,15 +6,20 @@ Every scatter carries `customdata` [training index, timestep] per point and uses
 
 from __future__ import annotations
 
+import os
+import shutil
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from .analysis.formation import Formation
 from .analysis.influential import TopKStats
 from .analysis.norms import TrainingNorms
+from .fileio import atomic_path
 
 NORM_TITLE = "‖∇θ L(x, t)‖"
 
@@ -191,9 +196,6 @@ def per_target_figure(values: dict[str, np.ndarray], title: str = "LDS per targe
 
 def formation_figure(f: Formation, current: int | None = None, title: str | None = None):
     """A plotly figure of the formation measures over the sampling steps, the current step marked."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     custom = np.asarray(f.timesteps)[:, None]
     hover = "step %{x} (t=%{customdata[0]})<br>%{y:.3f}<extra>%{fullData.name}</extra>"
@@ -226,14 +228,8 @@ def write_png(fig: go.Figure, path: str | Path, timeout: float = 120.0, scale: f
     Returns None when written, else a one-line note saying why not (no kaleido, no Chromium, an error, or no
     answer within `timeout` s): a missing picture never stops the command and never hangs it.
     """
-    import os
-    import shutil
-    import threading
-
-    from .fileio import atomic_path
-
     try:
-        import kaleido  # noqa: F401
+        import kaleido  # noqa: F401 (optional: kaleido)
     except ImportError:
         return "PNG skipped: kaleido is not installed (pip install kaleido)"
     if not os.environ.get("BROWSER_PATH"):

@@ -31,11 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import tensor_to_pixels
 from .errors import ConfigError
 from .features.gradients import per_sample_gradients
+from .features.timesteps import noise_for
 from .fileio import read_json, save_npz, write_json
 from .sampling import SAMPLERS, Trajectory, check_sampling, sample
 from .store import journey_dir
+from .targets import pixels_key
 
 Progress = Callable[[int, int, str], None]
 JOURNEY_VERSION = 1  # bump when the stored arrays change meaning
@@ -122,8 +125,6 @@ def forward_trajectory(model, image: torch.Tensor, cfg: JourneyConfig, key: str)
     """A trajectory for an image that has none: x_t = the image (encoded) noised to each sampling timestep (noise
     keyed by `key`), x̂0 = the model's one-step prediction from x_t, decoded and clipped to [-1, 1]; `final` is the
     image itself."""
-    from .features.timesteps import noise_for
-
     cfg.check(model.num_timesteps)
     sched = model.schedule.make_scheduler(cfg.sampler)
     sched.set_timesteps(cfg.steps)
@@ -239,9 +240,6 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
     sampler_model = sampler_model or att.model
     cfg.check(att.model.num_timesteps)
     if image is not None:
-        from .data import tensor_to_pixels
-        from .targets import pixels_key
-
         source = pixels_key(tensor_to_pixels(image.reshape(-1, *image.shape[-2:])))
     else:
         source = f"gen/{cfg.seed}"

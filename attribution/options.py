@@ -11,7 +11,10 @@ strategies, projectors), so the CLI and the app cannot offer something the libra
 
 Field metadata (`opt`): help (one line), flag (default --field-name), choices (a tuple or a zero-argument
 callable that returns one, evaluated when needed), required, run_only (how to compute, not what: cache folders,
-batch size, device; left out of the equivalent command line).
+batch size, device; left out of the equivalent command line), label (the app's widget label), noun (what an
+error calls the value: "unknown projector 'x'"). A schema that refuses values outside their choices itself
+(`validate`, from its `__post_init__`) gets one-line errors instead of argparse's usage message:
+`add_arguments(..., argparse_choices=False)`.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from .errors import ConfigError
 
 
 def opt(help: str, *, flag: str | None = None, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
-        required: bool = False, run_only: bool = False, metavar: str | None = None) -> dict:
+        required: bool = False, run_only: bool = False, metavar: str | None = None, label: str | None = None,
+        noun: str | None = None) -> dict:
     """Metadata for a schema field (see the module docstring)."""
     return {"help": help, "flag": flag, "choices": choices, "required": required, "run_only": run_only,
-            "metavar": metavar}
+            "metavar": metavar, "label": label, "noun": noun}
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class OptionSpec:
     required: bool
     run_only: bool
     metavar: str | None
+    label: str  # the app's widget label (default: the name, capitalised)
+    noun: str  # what errors call a value of it (default: the name in words)
 
     @property
     def optional(self) -> bool:
@@ -76,7 +82,9 @@ def fields_of(schema) -> list[OptionSpec]:
             choices = choices()
         out.append(OptionSpec(f.name, meta.get("flag") or "--" + f.name.replace("_", "-"), meta["help"],
                               _base_type(f.type), _default(f), tuple(choices) if choices else None,
-                              meta.get("required", False), meta.get("run_only", False), meta.get("metavar")))
+                              meta.get("required", False), meta.get("run_only", False), meta.get("metavar"),
+                              meta.get("label") or f.name.replace("_", " ").capitalize(),
+                              meta.get("noun") or f.name.replace("_", " ")))
     return out
 
 
@@ -88,10 +96,13 @@ def _default(f: Field):
     return None
 
 
-def add_arguments(parser: argparse.ArgumentParser, schema, exclude: Sequence[str] = ()) -> None:
-    """Add one argparse option per schema field (except `exclude`)."""
+def add_arguments(parser: argparse.ArgumentParser, schema, exclude: Sequence[str] = (),
+                  only: Sequence[str] | None = None, argparse_choices: bool = True) -> None:
+    """Add one argparse option per schema field (those in `only` if given, except `exclude`). With
+    `argparse_choices=False` the choices are shown but not enforced by argparse: the schema refuses a value
+    outside them itself, in one line (`validate`)."""
     for spec in fields_of(schema):
-        if spec.name in exclude:
+        if spec.name in exclude or (only is not None and spec.name not in only):
             continue
         kwargs: dict[str, Any] = {"dest": spec.name, "help": _help(spec)}
         if spec.type is bool:
@@ -99,8 +110,10 @@ def add_arguments(parser: argparse.ArgumentParser, schema, exclude: Sequence[str
             kwargs["default"] = spec.default
         else:
             kwargs.update(type=spec.type, default=spec.default, required=spec.required)
-            if spec.choices:
+            if spec.choices and argparse_choices:
                 kwargs["choices"] = spec.choices
+            elif spec.choices:
+                kwargs["metavar"] = "{" + ",".join(spec.choices) + "}"
             if spec.metavar:
                 kwargs["metavar"] = spec.metavar
         parser.add_argument(spec.flag, **kwargs)
@@ -120,15 +133,16 @@ def from_args(schema: type, args: argparse.Namespace, **overrides):
     return schema(**values)
 
 
-def command_line(command: str, options: Sequence[Any], extra: Sequence[tuple[str, Any]] = ()) -> str:
-    """`python -m attribution COMMAND --flag value ...` for schema instances: every field that is set and not
-    run-only (defaults included, so the line does not depend on future defaults), then `extra` (flag, value)
-    pairs; shell-quoted."""
+def command_line(command: str, options: Sequence[Any], extra: Sequence[tuple[str, Any]] = (),
+                 exclude: Sequence[str] = ()) -> str:
+    """`python -m attribution COMMAND --flag value ...` for schema instances: every field that is set, not
+    run-only and not in `exclude` (defaults included, so the line does not depend on future defaults), then
+    `extra` (flag, value) pairs; shell-quoted."""
     parts = ["python", "-m", "attribution", command]
     for instance in options:
         for spec in fields_of(instance):
             value = getattr(instance, spec.name)
-            if spec.run_only or value is None:
+            if spec.run_only or value is None or spec.name in exclude:
                 continue
             if spec.type is bool:
                 parts.append(spec.flag if value else "--no-" + spec.flag[2:])
@@ -142,6 +156,14 @@ def command_line(command: str, options: Sequence[Any], extra: Sequence[tuple[str
 
 def _format(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def validate(instance) -> None:
+    """Refuse, in one line, a field whose value is outside its choices (call it from a schema's
+    `__post_init__`)."""
+    for spec in fields_of(instance):
+        if spec.choices:
+            check_choice(spec.noun, getattr(instance, spec.name), spec.choices)
 
 
 def check_choice(name: str, value: str | None, choices: Sequence[str]) -> None:

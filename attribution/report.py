@@ -5,17 +5,16 @@ from __future__ import annotations
 import csv
 import io
 import re
-import shlex
 from collections.abc import Sequence
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .data import ImageDataset
 from .errors import ConfigError
 from .features.config import FeatureConfig
+from .fileio import atomic_path, save_npy
 
 # What `--out` writes, by extension: the raw matrix, a ranked table with metadata columns, or both in one archive.
 OUT_FORMATS = {".npy": "the score matrix (targets x training images, dataset order)",
@@ -83,8 +82,6 @@ def check_out(path: str | None) -> None:
 def write_scores(path: str, scores: np.ndarray, data: ImageDataset, metas: Sequence[dict]) -> str:
     """Write (M, N) scores (one row per target; self-influence: one row) as `path`'s extension says; returns
     what was written, for the message."""
-    from .fileio import atomic_path, save_npy
-
     check_out(path)
     suffix = Path(path).suffix.lower()
     scores = np.asarray(scores).reshape(len(metas), -1)
@@ -121,31 +118,3 @@ def positive_share(scores: np.ndarray, top: int) -> float:
     calibrated probability)."""
     pos = np.sort(scores[scores > 0])[::-1]
     return float(pos[:top].sum() / pos.sum()) if pos.size else 0.0
-
-
-def equivalent_cli(checkpoint: str, dataset: str, method: str, cfg: FeatureConfig, target: str,
-                   lam: float | None, top: int = 5, checkpoint_weights: str = "lr") -> str:
-    """The `python -m attribution score ...` command that reproduces a result."""
-    parts = ["python", "-m", "attribution", "score", "--checkpoint", checkpoint, "--dataset", dataset,
-             "--method", method]
-    if cfg.embedding:  # a similarity baseline: no gradient options
-        if cfg.embedding == "clip":
-            parts += ["--clip-model", cfg.clip_model, "--clip-weights", cfg.clip_weights or "CLIP_WEIGHTS_FILE"]
-        parts += ["--target", target, "--top", str(top)]
-        return " ".join(shlex.quote(p) for p in parts)
-    parts += ["--fn", cfg.fn]  # every gradient method accepts its own output function
-    if cfg.fn == "interp":
-        parts += ["--eta", f"{cfg.eta:g}"]
-    parts += ["--timesteps", str(cfg.timesteps), "--strategy", cfg.strategy, "--noises", str(cfg.noises),
-              "--projector", cfg.projector, "--seed", str(cfg.seed)]
-    if cfg.projector != "identity":
-        parts += ["--proj-dim", str(cfg.proj_dim)]
-    if cfg.params:
-        parts += ["--params", cfg.params]
-    if checkpoint_weights != "lr":
-        parts += ["--checkpoint-weights", checkpoint_weights]
-    parts += ["--target", target]
-    if lam is not None:
-        parts += ["--lambda", f"{lam:.6g}"]
-    parts += ["--top", str(top)]
-    return " ".join(shlex.quote(p) for p in parts)

@@ -23,6 +23,7 @@ Layout (one folder per feature set; the name carries a readable slug and a hash 
         <recipe key>/
           <index-set hash>-seed-<S>/   a training run folder (run.json with the subset indices, epoch-N/), plus
             retrain.json               written last: subset index hash, seed, recipe key, hardware, seconds
+      throughput.json                  featurization speed per checkpoint on this machine (`record_throughput`)
 
 Featurizing writes rows in batches: rows first (flushed), then the done mask (atomically replaced), so a kill at
 any point loses at most the batch in flight and a rerun resumes at the first unfinished row. A folder appears
@@ -279,3 +280,35 @@ def magic_root(root: str | os.PathLike | None = None) -> Path:
 
 def magic_run_dir(run_id: str, root: str | os.PathLike | None = None) -> Path:
     return magic_root(root) / _slug(run_id)
+
+
+def record_throughput(root: Path, key: str, sample_timesteps_per_s: float, seconds: float, rough: bool = False,
+                      ) -> None:
+    """Remember how fast this machine featurized this checkpoint (cache root, throughput.json): the estimate
+    shown before a run. Measurements over less than 2 s are too noisy to keep unless marked `rough` (a one-image
+    probe), and a rough one never replaces a measured one."""
+    if (seconds < 2 and not rough) or not np.isfinite(sample_timesteps_per_s):
+        return
+    path = root / "throughput.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    if rough and key in data and not data[key].get("rough"):
+        return
+    data[key] = {"sample_timesteps_per_s": float(sample_timesteps_per_s), "rough": rough,
+                 "measured": time.strftime("%Y-%m-%d %H:%M"), "seconds": round(seconds, 1)}
+    try:
+        write_json(path, data)
+    except OSError:
+        pass  # a read-only cache keeps working without estimates
+
+
+def recorded_throughput(root: Path, key: str) -> dict | None:
+    """The recorded entry for this checkpoint: {"sample_timesteps_per_s", "rough", "measured", "seconds"}."""
+    path = root / "throughput.json"
+    try:
+        entry = json.loads(path.read_text()).get(key) if path.is_file() else None
+        return entry if entry and float(entry["sample_timesteps_per_s"]) > 0 else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -28,6 +28,7 @@ from .data import ImageDataset, load_dataset
 from .data.images import load_image_pixels, load_npz_images, pixels_to_tensor, tensor_to_pixels
 from .errors import ImageError
 from .models.adapter import DiffusionModel
+from .sampling import sample
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,11 @@ def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int =
         return Targets(data.tensors(idx), [f"{kind}/{i}" for i in idx], [f"{kind}:{i}" for i in idx],
                        [data.label_name(i) for i in idx])
     if kind == "gen" and arg.lstrip("-").isdigit():
-        from .sampling import sample
-
         traj = sample(model, 1, int(arg), steps=steps)
         return Targets(_as_8bit(traj.final), [f"gen/{int(arg)}"], [spec], [None],
                        generated=[Generated(int(arg), steps, "ddpm")])
     seeds = re.fullmatch(r"(\d+)-(\d+)", arg) if kind == "gen" else None
     if seeds:
-        from .sampling import sample
-
         first, last = int(seeds.group(1)), int(seeds.group(2))
         if last < first:
             raise ImageError(f"target {spec!r}: the seed range must go upwards (gen:A-B with A <= B)")

@@ -150,7 +150,7 @@ def test_progress_says_images_rate_and_time_left():
 
 
 def test_featurize_estimate_from_the_measured_throughput(model, digits, tmp_path, monkeypatch):
-    from attribution import engine
+    from attribution.store import record_throughput
 
     train = subset(digits, 8)
     att = Attributor(model, train, CFG, cache=tmp_path, batch_size=4)
@@ -158,10 +158,10 @@ def test_featurize_estimate_from_the_measured_throughput(model, digits, tmp_path
     assert seconds is None and "timed" in basis
     seconds, basis = att.featurize_estimate(probe=True)  # times one image, keeps it as a rough measurement
     assert seconds > 0 and "rough" in basis and att.featurize_estimate()[1] == basis
-    engine.record_throughput(att, 4.0, 3.0)  # measured: 4 sample-timesteps/s
+    record_throughput(att.cache_dir, att.throughput_key, 4.0, 3.0)  # measured: 4 sample-timesteps/s
     seconds, basis = att.featurize_estimate()
     assert seconds == pytest.approx(8 * 2 / 4.0) and "8 images" in basis and "measured here" in basis
-    engine.record_throughput(att, 100.0, 0.1, rough=True)  # a later probe does not replace a measurement
+    record_throughput(att.cache_dir, att.throughput_key, 100.0, 0.1, rough=True)  # a later probe does not replace a measurement
     assert att.featurize_estimate()[0] == pytest.approx(8 * 2 / 4.0)
     att.featurize()
     assert att.featurize_estimate() == (0.0, "cached")

@@ -55,3 +55,43 @@ def test_argparse_refuses_choices_outside_the_registry(capsys):
 def test_check_choice_is_one_line():
     with pytest.raises(ConfigError, match="unknown method 'x'; use one of: a, b"):
         check_choice("method", "x", ("a", "b"))
+
+
+# -- the attribution options (attribution/run_options.py) ----------------------------------------------------------
+
+
+def _subparser(name):
+    from attribution.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def test_run_options_choices_come_from_the_registries_and_refuse_in_one_line():
+    from attribution.features.projectors import PROJECTORS
+    from attribution.features.timesteps import STRATEGIES
+    from attribution.methods import METHODS
+    from attribution.run_options import RunOptions
+
+    specs = {s.name: s for s in fields_of(RunOptions)}
+    assert specs["method"].choices == tuple(METHODS) and specs["strategy"].choices == STRATEGIES
+    assert specs["projector"].choices == ("auto", *PROJECTORS)
+    assert {s.name for s in specs.values() if s.run_only} == {"cache", "store", "batch_size", "device"}
+    for bad, match in [({"projector": "x"}, "unknown projector 'x'; use one of: auto, sjlt"),
+                       ({"method": "x"}, "unknown method 'x'"), ({"fn": "x"}, "unknown output function 'x'"),
+                       ({"checkpoint_weights": "x"}, "unknown --checkpoint-weights 'x'; use one of: lr, uniform")]:
+        with pytest.raises(ConfigError, match=match):
+            RunOptions("digits", **bad)
+
+
+def test_engine_commands_take_their_options_from_the_schema():
+    from attribution.run_options import JOURNEY_OPTIONS, RunOptions, run_options
+
+    names = {s.name for s in fields_of(RunOptions)}
+    for command in ("featurize", "score", "self-influence"):
+        dests = {a.dest for a in _subparser(command)._actions}
+        assert names <= dests, (command, names - dests)
+    assert set(JOURNEY_OPTIONS) <= {a.dest for a in _subparser("journey")._actions}
+    args = _subparser("score").parse_args(["--checkpoint", "digits", "--method", "trak", "--proj-dim", "512",
+                                           "--store", "/tmp/s", "--target", "gen:0"])
+    assert run_options(args) == RunOptions("digits", method="trak", proj_dim=512, store="/tmp/s")

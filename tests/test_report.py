@@ -2,6 +2,7 @@
 
 import io
 import shlex
+from dataclasses import replace
 
 import numpy as np
 
@@ -9,7 +10,8 @@ from attribution.cli import build_parser
 from attribution.data.datasets import ImageDataset
 from attribution.data.images import grid_image
 from attribution.features.config import FeatureConfig
-from attribution.report import equivalent_cli, positive_share, ranking_rows, to_csv, to_npz_bytes
+from attribution.report import positive_share, ranking_rows, to_csv, to_npz_bytes
+from attribution.run_options import RunOptions, run_options
 
 
 def _dataset(n=5):
@@ -44,14 +46,25 @@ def test_npz_bytes_round_trip():
 def test_equivalent_cli_parses_back_to_the_same_options():
     cfg = FeatureConfig(fn="interp", eta=0.25, timesteps=7, strategy="cumulative", proj_dim=1024, projector="sjlt",
                         seed=3)
-    line = equivalent_cli("digits@epoch-24", "digits", "dtrak", cfg, "gen:5", 0.125, top=4)
+    opts = RunOptions("digits@epoch-24", None, "dtrak", "interp", 0.25, 7, "cumulative", proj_dim=1024,
+                      projector="auto", seed=3)
+    line = opts.command_line("score", cfg, "digits", [("--target", "gen:5"), ("--lambda", 0.125), ("--top", 4)])
     argv = shlex.split(line)[3:]  # drop "python -m attribution"
     args = build_parser().parse_args(argv)
     assert (args.command, args.checkpoint, args.dataset, args.method) == ("score", "digits@epoch-24", "digits",
                                                                           "dtrak")
     assert (args.fn, args.eta, args.timesteps, args.strategy, args.proj_dim, args.projector, args.seed) == (
-        "interp", 0.25, 7, "cumulative", 1024, "sjlt", 3)
+        "interp", 0.25, 7, "cumulative", 1024, "sjlt", 3)  # what was computed: the projector "auto" chose
     assert (args.target, args.lam, args.top) == ("gen:5", 0.125, 4)
+    assert run_options(args) == replace(opts, dataset="digits", projector="sjlt")
+
+
+def test_equivalent_cli_of_a_similarity_baseline_has_no_gradient_options():
+    opts = RunOptions("digits", None, "clip-cos", clip_weights="w.pt")
+    line = opts.command_line("score", FeatureConfig(embedding="clip", clip_weights="w.pt"), "digits",
+                             [("--target", "val:1")])
+    assert line == ("python -m attribution score --checkpoint digits --dataset digits --method clip-cos "
+                    "--clip-model ViT-B-32 --clip-weights w.pt --target val:1")
 
 
 def test_grid_image_layout():

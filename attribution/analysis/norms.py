@@ -16,7 +16,7 @@ cache/norms/, written batch by batch and resumed after a kill.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,9 @@ from ..data import ImageDataset
 from ..errors import ConfigError
 from ..features.gradients import GradientSpec, gradient_norms
 from ..features.outputs import OUTPUT_FUNCTIONS
+from ..features.timesteps import training_timesteps
 from ..models.adapter import DiffusionModel
+from ..options import opt, validate
 from ..store import FeatureStore, identity_hash, norms_dir
 
 Progress = Callable[[int, int, str], None]
@@ -45,16 +47,17 @@ class NormConfig:
         params: comma-separated parameter-name prefixes (None: all parameters).
     """
 
-    fn: str = "simple"
-    grid: int = 100
-    samples: int = 2000
-    draws: int = 1
-    seed: int = 0
-    params: str | None = None
+    fn: str = field(default="simple", metadata=opt("output function (simple: the training loss)",
+                                                   choices=OUTPUT_FUNCTIONS, noun="output function"))
+    grid: int = field(default=100, metadata=opt("timesteps of the single-sample curve"))
+    samples: int = field(default=2000, metadata=opt("training images in the scatter"))
+    draws: int = field(default=1, metadata=opt("noise draws averaged per (image, timestep)"))
+    seed: int = field(default=0, metadata=opt("subset and noise seed"))
+    params: str | None = field(default=None, metadata=opt("only parameters with these comma-separated name "
+                                                          "prefixes"))
 
     def __post_init__(self):
-        if self.fn not in OUTPUT_FUNCTIONS:
-            raise ConfigError(f"unknown output function {self.fn!r}; use one of: {', '.join(OUTPUT_FUNCTIONS)}")
+        validate(self)  # the output function, in one line
         if self.grid < 1:
             raise ConfigError(f"--grid must be at least 1, got {self.grid}")
         if self.samples < 1:
@@ -108,7 +111,7 @@ class TrainingNorms:
 
     def spearman(self) -> float:
         """Spearman rank correlation between norm and timestep (negative: small t, large norms)."""
-        from scipy.stats import spearmanr
+        from scipy.stats import spearmanr  # lazy: scipy.stats takes a second to import
 
         return float(spearmanr(self.norms, self.timesteps).statistic) if len(self.norms) > 2 else float("nan")
 
@@ -132,8 +135,6 @@ class TrainingNorms:
 def training_norms(model: DiffusionModel, train: ImageDataset, cfg: NormConfig, cache: str | Path | None = None,
                    progress: Progress | None = None, batch_size: int = 16) -> TrainingNorms:
     """Norms of `cfg.samples` training images at their training timesteps (cached, resumable)."""
-    from ..engine import training_timesteps
-
     rows = subset_indices(len(train), cfg.samples, cfg.seed)
     all_t, source = training_timesteps(model, train, cfg.seed)
     ts = all_t[rows]

@@ -4,16 +4,32 @@ top-k proponents per method over many targets, the Diffusion-ReTrac paper's "gen
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .common import info, progress_bar, write_figures
+import numpy as np
+
+from ..analysis.influential import top_k_stats
+from ..analysis.norms import NormConfig, check_timesteps, sample_curve, training_norms
+from ..data import training_dataset_of
 from ..errors import ConfigError
+from ..features.timesteps import training_timesteps
+from ..figures import influential_figure, norm_curve_figure, norm_scatter_figure, per_checkpoint_figure
+from ..fileio import atomic_path, save_npz, write_json
+from ..methods import get_method
+from ..methods.over_checkpoints import run_checkpoints
+from ..models import load_model
+from ..options import add_arguments, from_args
+from ..run_options import add_run_options, run_options
+from ..targets import resolve_targets
+from .common import info, progress_bar, write_figures
+from .engine import member_progress
+
+# What `influential` takes from `RunOptions` (its methods are a list: --methods).
+INFLUENTIAL_OPTIONS = ("checkpoint", "dataset", "timesteps", "proj_dim", "projector", "seed", "cache", "device")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    from ..fileio import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -21,15 +37,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def cmd_norms(args) -> int:
-    from ..analysis.norms import NormConfig, check_timesteps, sample_curve, training_norms
-    from ..engine import training_dataset_of, training_timesteps
-    from ..methods.over_checkpoints import run_checkpoints
-    from ..figures import norm_curve_figure, norm_scatter_figure, per_checkpoint_figure
-    from ..fileio import write_json
-    from ..models import load_model
-
-    cfg = NormConfig(fn=args.fn, grid=args.grid, samples=args.samples, draws=args.draws, seed=args.seed,
-                     params=args.params)
+    cfg = from_args(NormConfig, args)
     specs = (run_checkpoints(args.checkpoint) if args.all_checkpoints
              else [s.strip() for s in args.checkpoint.split(",") if s.strip()])
     models = [load_model(s, args.device) for s in specs]
@@ -78,34 +86,22 @@ def cmd_norms(args) -> int:
 
 
 def cmd_influential(args) -> int:
-    import numpy as np
-
-    from ..analysis.influential import top_k_stats
-    from .engine import featurize_all
-    from ..engine import open_attribution
-    from ..figures import influential_figure
-    from ..fileio import save_npz, write_json
-    from ..methods import get_method
-    from ..targets import resolve_targets
-
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = [get_method(m) for m in names]  # unknown names fail here, before any work
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
+    base = run_options(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     targets = None
     stats, all_scores = [], {}
     for method in methods:
-        attribution = open_attribution(args.checkpoint, method, args.device, dataset=args.dataset,
-                                       timesteps=args.timesteps, proj_dim=args.proj_dim, projector=args.projector,
-                                       seed=args.seed, cache=args.cache)
+        attribution = replace(base, method=method.name).open()
         if targets is None:
             targets = resolve_targets(args.targets, attribution.target_model, attribution.train.spec)
             info(f"{len(targets)} target(s): {targets.names[0]} .. {targets.names[-1]}")
-        featurize_all(attribution)
-        info(f"scoring with {method.title} ({len(attribution.members)} checkpoint(s))")
-        scores = attribution.scores(attribution.target_features(targets, cache=args.cache))
+        scores = attribution.run(targets, None, member_progress, cache=args.cache).scores
+        info(f"scored with {method.title} ({len(attribution.members)} checkpoint(s))")
         all_scores[method.name] = scores.astype(np.float32)
         stats.append(top_k_stats(method.name, scores, args.top))
     write_json(out / "influential.json", {"targets": targets.names, "checkpoint": args.checkpoint,
@@ -123,36 +119,20 @@ def cmd_influential(args) -> int:
 def add_commands(sub) -> None:
     n = sub.add_parser("norms", help="gradient norm versus timestep: one image over a grid, the training set at "
                                      "its training timesteps")
-    n.add_argument("--checkpoint", required=True, help="digits, animals-2, NAME@epoch-N or a folder; several "
-                                                       "separated by commas")
+    add_run_options(n, only=("checkpoint", "dataset", "cache", "device"))
+    add_arguments(n, NormConfig, argparse_choices=False)  # a bad value: one line from NormConfig
     n.add_argument("--all-checkpoints", action="store_true",
                    help="every checkpoint of the run up to the one given (the per-checkpoint view)")
-    n.add_argument("--dataset", help="training set spec (default: the checkpoint's)")
-    n.add_argument("--samples", type=int, default=2000, help="training images in the scatter (default 2000)")
     n.add_argument("--index", type=int, default=0, help="training image of the single-sample curve (default 0)")
-    n.add_argument("--grid", type=int, default=100, help="timesteps of the single-sample curve (default 100)")
     n.add_argument("--timesteps", help="explicit comma-separated timesteps for the curve instead of --grid")
-    n.add_argument("--fn", default="simple", help="output function (default simple, the training loss)")
-    n.add_argument("--draws", type=int, default=1, help="noise draws averaged per (image, timestep)")
-    n.add_argument("--seed", type=int, default=0, help="subset and noise seed")
-    n.add_argument("--params", help="only parameters with these comma-separated name prefixes")
     n.add_argument("--out", default="norms", help="output folder (default ./norms)")
-    n.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
-    n.add_argument("--device", default="auto")
     n.set_defaults(func=cmd_norms)
 
     i = sub.add_parser("influential", help="distinct top-k proponents per method over many targets "
                                            "(generally influential samples)")
-    i.add_argument("--checkpoint", required=True, help="the checkpoint (checkpoint methods use its run up to it)")
-    i.add_argument("--dataset", help="training set spec (default: the checkpoint's)")
+    add_run_options(i, only=INFLUENTIAL_OPTIONS)
     i.add_argument("--methods", default="tracin,retrac,trak,dtrak", help="comma-separated methods")
     i.add_argument("--targets", default="gen:0-99", help="target spec, e.g. gen:0-99 (default) or a .npz")
     i.add_argument("--top", type=int, default=10, help="k of the top-k (default 10)")
-    i.add_argument("--timesteps", type=int, default=10, help="K, the target timesteps (default 10)")
-    i.add_argument("--proj-dim", type=int, default=4096)
-    i.add_argument("--projector", default="auto")
-    i.add_argument("--seed", type=int, default=0)
     i.add_argument("--out", default="influential", help="output folder (default ./influential)")
-    i.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
-    i.add_argument("--device", default="auto")
     i.set_defaults(func=cmd_influential)

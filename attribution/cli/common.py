@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..figures import write_png
+from ..fileio import atomic_path
 
 
 def progress_bar(desc: str) -> Callable[[int, int, str], None]:
     """A progress callback (done, total, message) drawn as a tqdm bar on stderr."""
-    from tqdm import tqdm
-
     bar = None
 
     def update(done: int, total: int, message: str = "") -> None:
@@ -37,11 +41,6 @@ def write_figures(path, figures, title: str) -> list[str]:
     """`figures` as one self-contained HTML file at `path` (plotly.js inline: works offline) and each as a PNG
     beside it (`<stem>.png`, or `<stem>-1.png`, ... for several) through kaleido and the machine's Chromium; a PNG
     that cannot be made is skipped with one line on stderr. Returns the names written."""
-    from pathlib import Path
-
-    from ..figures import write_png
-    from ..fileio import atomic_path
-
     path = Path(path)
     parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
              for i, fig in enumerate(figures)]

@@ -10,21 +10,29 @@ formation.html (the plotly formation curve). The computed journey is cached, so 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 
-from ..methods import DEFAULT_METHOD, METHODS
+from ..analysis.formation import formation, step_rankings, top_indices
+from ..data.images import load_image_pixels, pixels_to_tensor
+from ..errors import ConfigError, ImageError
+from ..figures import formation_figure
+from ..fileio import save_npz, write_json
+from ..journey import JourneyConfig, parse_steps, run_journey
+from ..kernel import check_lambda
+from ..methods import METHODS, get_method
+from ..models import load_model
+from ..run_options import JOURNEY_OPTIONS, add_run_options, run_options
 from .common import info, progress_bar, write_figures
-from ..errors import ConfigError
 
 JOURNEY_METHODS = [name for name, cls in METHODS.items() if cls.per_step]  # kernel methods that score one step
 
 
 def add_commands(sub) -> None:
     j = sub.add_parser("journey", help="attribute every denoising step of one generated image (Journey-TRAK)")
-    j.add_argument("--checkpoint", required=True, help="digits, animals-2, NAME@epoch-N or a folder")
-    j.add_argument("--dataset", help="training set spec (default: the one the checkpoint was trained on)")
+    add_run_options(j, only=JOURNEY_OPTIONS)
     src = j.add_mutually_exclusive_group(required=True)
     src.add_argument("--seed", type=int, help="the generated image (gen:SEED)")
     src.add_argument("--image", help="an image file without a trajectory: attributed by noising it forward")
@@ -33,27 +41,14 @@ def add_commands(sub) -> None:
     j.add_argument("--every", type=int, help="every N-th step, counted back from the last (default: steps // 10)")
     j.add_argument("--at", help="explicit comma-separated step indices, 0 = first (noisiest) step")
     j.add_argument("--resamples", type=int, default=20, help="R, re-noisings of x̂0 averaged per step (default 20)")
-    j.add_argument("--method", default=DEFAULT_METHOD,
-                   help="; ".join(f"{m}: {METHODS[m].summary}" for m in JOURNEY_METHODS))
     j.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: 0.1 x mean kernel eigenvalue)")
     j.add_argument("--top", type=int, default=5, help="proponents/opponents listed per step (default 5)")
-    j.add_argument("--timesteps", type=int, default=10, help="K of the training features (default 10)")
-    j.add_argument("--proj-dim", type=int, default=4096, help="k, the projection dimension (default 4096)")
-    j.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
     j.add_argument("--feature-seed", type=int, default=0, help="noise and projection seed of the features")
-    j.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
     j.add_argument("--out", help="folder for journey.npz, journey.json and formation.html")
-    j.add_argument("--device", default="auto")
     j.set_defaults(func=cmd_journey)
 
 
 def cmd_journey(args) -> int:
-    from ..engine import open_attributor
-    from ..journey import JourneyConfig, parse_steps
-    from ..kernel import check_lambda
-    from ..methods import get_method
-    from ..models import load_model
-
     if args.method not in JOURNEY_METHODS:
         raise ConfigError(f"journey scores steps with {' or '.join(JOURNEY_METHODS)}, got --method {args.method}")
     if args.top < 1:
@@ -66,9 +61,6 @@ def cmd_journey(args) -> int:
     cfg.check(model.num_timesteps)
     image, name = None, f"gen:{args.seed}"
     if args.image:
-        from ..data.images import load_image_pixels, pixels_to_tensor
-        from ..errors import ImageError
-
         path = Path(args.image).expanduser()
         if not path.is_file():
             raise ImageError(f"--image {args.image!r} is not an existing image file")
@@ -76,8 +68,7 @@ def cmd_journey(args) -> int:
         info(f"{name} has no sampling trajectory: attributing it by noising it forward (x_t = the image noised to "
              "each step's t, x̂0 = the model's one-step prediction)")
     method = get_method(args.method)
-    att = open_attributor(model, method, args.dataset, timesteps=args.timesteps, proj_dim=args.proj_dim,
-                          projector=args.projector, seed=args.feature_seed, cache=args.cache)
+    att = run_options(args, seed=args.feature_seed).attributor(model)
     info(f"training features: {att.train.spec} ({len(att.train)} images), fn={att.cfg.fn}, K={att.cfg.timesteps}, "
          f"k={att.proj_dim} ({att.cfg.projector}); cache: {att.store_path}")
     att.featurize(progress=progress_bar("featurize"))
@@ -86,12 +77,6 @@ def cmd_journey(args) -> int:
 
 
 def run_journey_cli(att, method, cfg, args, image, name) -> None:
-    import time
-
-    from ..analysis.formation import formation, step_rankings, top_indices
-    from ..figures import formation_figure
-    from ..journey import run_journey
-
     steps = cfg.step_indices()
     info(f"journey of {name}: {cfg.sampler} {cfg.steps} steps, attributing {len(steps)} step(s) "
          f"{steps.tolist()} with {method.title}, R={cfg.resamples} re-noisings each")
@@ -111,7 +96,6 @@ def run_journey_cli(att, method, cfg, args, image, name) -> None:
               f"proponents~final {form.proponent_similarity[i]:+.2f}  overlap {form.overlap[i]:.2f}  top: {top}")
     if not args.out:
         return
-    from ..fileio import save_npz, write_json
 
     out = Path(args.out)
     pro_i, opp_i = top_indices(scores, args.top, 1), top_indices(scores, args.top, -1)

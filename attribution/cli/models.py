@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from .common import info, progress_bar
+import torch
 
+from ..data import load_dataset, pixels_to_pil, tensor_to_pixels
+from ..data.images import grid_image
+from ..fileio import atomic_path, save_npz
+from ..models import load_model
+from ..sampling import check_sampling, sample
+from ..train import TrainConfig, read_index_file, subset_indices, train
+from .common import info, progress_bar
 
 # -- train ---------------------------------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
-    from ..train import TrainConfig, read_index_file, train
-
     indices = read_index_file(args.indices) if args.indices else None
     cfg = TrainConfig(dataset=args.dataset, out=args.out, epochs=args.epochs, seed=args.seed,
                       batch_size=args.batch_size, lr=args.lr, checkpoints=args.checkpoints, preset=args.preset,
                       resolution=args.resolution, indices=indices, index_file=args.indices, device=args.device,
                       flip={"auto": None, "on": True, "off": False}[args.flip],
                       save_epochs=[int(e) for e in args.save_epochs.split(",")] if args.save_epochs else [])
-    from ..data import load_dataset
-    from ..train import subset_indices
 
     subset_indices(cfg, len(load_dataset(cfg.dataset, "train", cfg.resolution)))  # validate before reporting
     info(f"training a {cfg.preset} DDPM on {cfg.dataset}"
@@ -34,13 +38,6 @@ def cmd_train(args) -> int:
 # -- generate ------------------------------------------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from ..data import pixels_to_pil, tensor_to_pixels
-    from ..fileio import atomic_path, save_npz
-    from ..models import load_model
-    from ..sampling import check_sampling, sample
-
     model = load_model(args.checkpoint, args.device)
     check_sampling(model, args.n, args.steps, args.sampler)
     out = Path(args.out)
@@ -57,8 +54,6 @@ def cmd_generate(args) -> int:
         arrays.update(timesteps=traj.timesteps, xt=traj.xt, x0_pred=traj.x0_pred)
     save_npz(out / "samples.npz", **arrays)
     if args.grid:
-        from ..data.images import grid_image
-
         with atomic_path(args.grid) as tmp:
             grid_image(pixels, scale=args.grid_scale).save(tmp, format="PNG")
         info(f"wrote a {len(pixels)}-image grid to {args.grid}")
@@ -74,8 +69,6 @@ def cmd_app(args) -> int:
     The server replaces this process (exec) rather than running as its child, so stopping the command in any
     way (Ctrl-C, a terminal closing, kill, a test's terminate) stops the server: nothing is left serving.
     """
-    import os
-
     app = Path(__file__).resolve().parents[2] / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
            "--server.port", str(args.port)]

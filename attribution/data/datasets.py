@@ -30,8 +30,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DatasetError, ImageError
-from .images import IMAGE_SUFFIXES, convert_pixels, load_npz_images, open_image, pixels_to_pil, pixels_to_tensor
+from ..errors import ConfigError, DatasetError, ImageError
+from .images import (
+    IMAGE_SUFFIXES,
+    convert_pixels,
+    image_to_pixels,
+    load_npz_images,
+    open_image,
+    pixels_to_pil,
+    pixels_to_tensor,
+)
 from .safe_pickle import safe_loads
 
 SPLITS = ("train", "val")
@@ -170,7 +178,7 @@ def _split(images, labels, split, names, notes=()):
 
 
 def _digits(kind, arg, split):
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn takes a second to import; only digits needs it
 
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # (1797, 8, 8, 1), 0..16 -> 0..255
@@ -298,7 +306,6 @@ def _folder(kind, arg, split):
     channels = 1 if "gray" in modes else 3
     w, h = next(iter(sizes))
     side = min(w, h)
-    from .images import image_to_pixels
 
     pixels = np.stack([image_to_pixels(im, side, channels) for im in images])
     labels = np.array([classes.index(c) for _, c in items])
@@ -323,3 +330,12 @@ def _npz(kind, arg, split):
     else:
         names = [str(i) for i in range(int(labels.max()) + 1)]
     return images, labels, names, np.arange(len(images)), [f"{len(images)} images from {path}"]
+
+
+def training_dataset_of(model, dataset: str | None = None) -> ImageDataset:
+    """The training split a model (a `models.DiffusionModel`: its spec, resolution, channels and run info) is
+    attributed against: `dataset`, else the one its training run recorded."""
+    spec = dataset or (model.info.run_metadata().get("config", {}).get("dataset") if model.info else None)
+    if not spec:
+        raise ConfigError(f"{model.spec} does not record its training set; name the dataset (--dataset)")
+    return load_dataset(spec, "train", model.resolution, model.channels)

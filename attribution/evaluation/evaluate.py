@@ -86,8 +86,8 @@ def open_on_bank(bank: Bank, method: str, device: str = "auto", **options) -> At
 
 def run_on_bank(bank: Bank, attribution: Attribution, options: dict | None = None) -> BankRun:
     """Target features of every bank target for a featurized attribution (see `open_on_bank`)."""
-    G = attribution.target_features(bank_targets(bank))
-    return BankRun(attribution.method.name, attribution, G, attribution.resolve_lambda(None), dict(options or {}))
+    result = attribution.run(bank_targets(bank))  # featurized already: the lifecycle's remaining steps
+    return BankRun(attribution.method.name, attribution, result.G, result.default_lambda, dict(options or {}))
 
 
 def score_bank(bank: Bank, method: str, progress: Progress | None = None, device: str = "auto",
@@ -95,8 +95,8 @@ def score_bank(bank: Bank, method: str, progress: Progress | None = None, device
     """Open `method` on the bank, featurize the training set (cached, resumable) and compute the target features
     of every bank target."""
     attribution = open_on_bank(bank, method, device, **options)
-    attribution.featurize((lambda member: progress) if progress else None)
-    return run_on_bank(bank, attribution, options)
+    result = attribution.run(bank_targets(bank), progress=(lambda member: progress) if progress else None)
+    return BankRun(attribution.method.name, attribution, result.G, result.default_lambda, dict(options or {}))
 
 
 SWEEPS = {"K": "timesteps", "k": "proj_dim", "checkpoint": "checkpoint"}

@@ -77,7 +77,7 @@ class ClipEmbedder:
     def from_file(cls, weights: str | Path | None, model_name: str = "ViT-B-32", device: torch.device | str = "cpu",
                   ) -> "ClipEmbedder":
         """Load `model_name` with the weights in the local file `weights` (one-line error when it is missing)."""
-        import open_clip
+        import open_clip  # optional: open_clip, for the CLIP baselines only
 
         if not weights:
             raise ConfigError(f"the CLIP baselines need CLIP weights: give {CLIP_HELP}")
@@ -96,7 +96,7 @@ class ClipEmbedder:
     @classmethod
     def random(cls, model_name: str, seed: int = 0, device: torch.device | str = "cpu") -> "ClipEmbedder":
         """A randomly initialised tower (tests only: it exercises the code, its similarities mean nothing)."""
-        import open_clip
+        import open_clip  # optional: open_clip, for the CLIP baselines only
 
         torch.manual_seed(seed)
         model = open_clip.create_model(model_name, pretrained=None, device="cpu")

@@ -179,6 +179,7 @@ class TrakCudaProjector(Projector):
         check_fast_jl_dim(proj_dim)
         if device.type != "cuda" or not fast_jl_available():
             raise ConfigError("projector 'trak-cuda' needs a CUDA device and the fast_jl package; use sjlt")
+        # optional: traker's CUDA projector
         from trak.projectors import ChunkedCudaProjector, CudaProjector, ProjectionType
 
         self.chunks = fast_jl_chunks(grad_dim)
@@ -221,10 +222,16 @@ def matrix_identity(name: str, device: torch.device) -> dict | None:
 
 def fast_jl_available() -> bool:
     try:
-        import fast_jl  # noqa: F401
+        import fast_jl  # noqa: F401 (optional: is fast_jl installed?)
     except Exception:
         return False
     return True
+
+
+def usable_projectors() -> tuple[str, ...]:
+    """The projectors this machine can run (`trak-cuda` needs a CUDA GPU and fast_jl): what the app offers."""
+    gpu = torch.cuda.is_available() and fast_jl_available()
+    return tuple(p for p in PROJECTORS if p != "trak-cuda" or gpu)
 
 
 def default_projector(device: torch.device) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -56,3 +57,17 @@ def sampled_timesteps(keys: list[str], num_timesteps: int, seed: int) -> torch.T
     """One timestep per sample drawn uniformly from [0, T), a pure function of (seed, key): the stand-in for
     training timesteps a checkpoint did not record."""
     return torch.tensor([noise_seed(seed, key, -1) % num_timesteps for key in keys], dtype=torch.long)
+
+
+def training_timesteps(model, train, seed: int) -> tuple[np.ndarray, str]:
+    """The timestep of each training row for the "training" strategy, and its source: "recorded" (the epoch
+    that ended at this checkpoint, when its run trained on exactly this dataset) or "sampled" (one uniform draw
+    per image, keyed by seed and row)."""
+    info = model.info
+    recorded = info.training_timesteps() if info else None
+    meta = info.run_metadata() if info else {}
+    if (recorded is not None and train.split == "train" and len(recorded) == len(train)
+            and meta.get("dataset_hash") == train.content_hash and meta.get("n_train") == len(train)):
+        return recorded, "recorded"
+    keys = [f"{train.split}/{i}" for i in range(len(train))]
+    return sampled_timesteps(keys, model.num_timesteps, seed).numpy(), "sampled"

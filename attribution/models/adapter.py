@@ -23,6 +23,7 @@ parameters into the module for the length of its forward pass, so every forward 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def use_classic_attention(module: torch.nn.Module) -> None:
     """Give the module's diffusers attention layers the classic processor (no fused SDPA kernel), which supports
     vmap and higher-order autograd. Set on this module only; nothing in torch is patched."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor
+    from diffusers.models.attention_processor import Attention, AttnProcessor  # lazy: diffusers takes seconds to import
 
     for m in module.modules():
         if isinstance(m, Attention):
@@ -69,7 +70,7 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg: dict) -> NoiseSchedule:
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMScheduler  # lazy: diffusers takes seconds to import
 
         sched = DDPMScheduler.from_config(cfg)
         return cls(sched.betas.double(), cfg.get("prediction_type", "epsilon"), dict(cfg))
@@ -124,7 +125,7 @@ class NoiseSchedule:
 
     def make_scheduler(self, sampler: str):
         """A fresh diffusers scheduler for sampling: 'ddim' (deterministic, eta=0) or 'ddpm'."""
-        from diffusers import DDIMScheduler, DDPMScheduler
+        from diffusers import DDIMScheduler, DDPMScheduler  # lazy: diffusers takes seconds to import
 
         if sampler == "ddim":
             return DDIMScheduler.from_config(self.config, clip_sample=self.config.get("clip_sample", True),
@@ -227,7 +228,6 @@ class DiffusionModel(ABC):
     def _hash_weights(self) -> str:
         if self.info is not None:
             return self.info.content_hash()
-        import hashlib
 
         h = hashlib.sha256()
         for k, v in sorted(self.module.state_dict().items()):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from ..fileio import atomic_dir
@@ -175,8 +176,6 @@ def resolve_checkpoint(spec: str) -> CheckpointInfo:
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as exc:
@@ -190,7 +189,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_unet(info: CheckpointInfo):
     """Build the `UNet2DModel` from its config and load its weights (eval mode, CPU, float32)."""
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DModel  # lazy: diffusers takes seconds to import
 
     try:
         config = json.loads((info.unet_dir / "config.json").read_text())
@@ -227,8 +226,6 @@ def load_schedule_config(info: CheckpointInfo) -> dict:
 
 def save_checkpoint(target: Path, unet, schedule: dict, extra: dict | None = None) -> None:
     """Write a DDPMPipeline-style folder atomically: model_index.json, unet/, scheduler/, attribution.json."""
-    from safetensors.torch import save_file
-
     with atomic_dir(target) as tmp:
         (tmp / "unet").mkdir()
         (tmp / "scheduler").mkdir()

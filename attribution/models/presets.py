@@ -20,7 +20,7 @@ PRESETS = {
 
 def unet_for(resolution: int, channels: int, preset: str = "small"):
     """A freshly initialised `UNet2DModel` for images of this size."""
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DModel  # lazy: diffusers takes seconds to import
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown model preset {preset!r}; use one of: {', '.join(PRESETS)}")

@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 from attribution.errors import ImageError
 from app_pages._ui import display_size, page_indices, read_upload
 
-APP = Path(__file__).resolve().parents[1] / "app.py"
+APP = Path(__file__).resolve().parents[2] / "app.py"
 # The attribution tests featurize the 1618 digits once per feature set (K=2, k=512): ~15-40 s on two busy cores.
 RUN_TIMEOUT = 300
 TILE = re.compile(r"^train #(\d+) · class (.+) · score ([+-]\S+)$")  # under a ranked tile

@@ -269,7 +269,7 @@ def test_external_ray_cluster_gives_identical_F(tiny_bank, tmp_path):
         cmd = [sys.executable, "-m", "attribution", "bank", "build", "--name", "tiny", "--recipe", "tiny-test",
                "--subsets", "4", "--seeds", "2", "--val-targets", "2", "--gen-targets", "2", "--gen-steps", "3",
                "--timesteps", "5", "--out", str(out), "--cache", str(tmp_path / "cache"), "--ray-address", address]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
         assert run.returncode == 0, run.stderr[-2000:]
         assert "Ray cluster at" in Bank.load(out).meta["ray"]
         np.testing.assert_array_equal(Bank.load(out).F, Bank.load(folder).F)  # bitwise: same code, one thread

@@ -101,7 +101,7 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
     monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
     monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path))
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=300).run()
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "app.py"), default_timeout=300).run()
     at.switch_page("app_pages/evaluation.py").run()
     assert not at.exception
     assert at.selectbox(key="eval_bank").value == "fake"

@@ -230,7 +230,7 @@ def test_cli_bad_inputs(tiny_run, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="one weight per training example"):
         from attribution.magic.runs import open_run
         open_run(other)
-    shipped = Path(__file__).resolve().parents[1] / "models" / "digits"
+    shipped = Path(__file__).resolve().parents[2] / "models" / "digits"
     if shipped.is_dir():   # an ordinary diffusion checkpoint (it has a run.json of its own)
         one_line_error(["magic", "query", "--run", str(shipped), "--seed", "0"], "magic train")
 

@@ -65,9 +65,14 @@ class TestMethodContract:
         if accepts_images:  # sign convention: an image pushes the model toward itself
             assert scores[0, 3] > 0, (name, scores[0, 3])
         again = attribution_for(name, tiny_run, npz12, tmp_path / "b", clip_weights)
-        again.featurize()
-        np.testing.assert_allclose(again.scores(again.target_features(targets, cache=str(tmp_path / "b"))), scores,
-                                   rtol=1e-6, atol=1e-12)
+        result = again.run(targets, cache=str(tmp_path / "b"))  # the lifecycle in one call, from scratch
+        np.testing.assert_allclose(result.scores, scores, rtol=1e-6, atol=1e-12)
+        assert sorted(result.ranking[0]) == list(range(12))  # a permutation, strongest proponent first
+        assert (np.diff(result.scores[0, result.ranking[0]]) <= 0).all()
+        assert result.lam == again.resolve_lambda(None)  # the default, resolved once
+        if method.uses_lambda:  # re-scoring at another lambda = scoring the same target features directly
+            np.testing.assert_allclose(result.at(3 * result.lam).scores, again.scores(result.G, 3 * result.lam),
+                                       rtol=1e-12)
 
     def test_self_influence_where_defined(self, name, tiny_run, npz12, tmp_path, clip_weights):
         att = attribution_for(name, tiny_run, npz12, tmp_path, clip_weights)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = Path(__file__).resolve().parents[1] / "app.py"
+APP = Path(__file__).resolve().parents[2] / "app.py"
 TINY = ["--hidden", "8", "--steps", "3", "--batch-size", "32", "--ode-steps", "2", "--dtype", "float64"]
 
 

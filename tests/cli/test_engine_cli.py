@@ -25,7 +25,7 @@ import pytest
 
 from attribution.data import load_dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds per command; each takes ~5-20 s on two busy CPU cores
 SMALL_LAMBDA = 1e-6
 REAL_PROCESS_CASES = ("store of another checkpoint",)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 240  # seconds per command; each takes ~5-15 s on two busy CPU cores
 
 
@@ -169,7 +169,7 @@ def test_app_command_serves_the_app_and_stops_with_it():
     import time
     import urllib.request
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: browser_support
     from browser_support import free_port
 
     def health() -> bytes | None:
@@ -182,7 +182,7 @@ def test_app_command_serves_the_app_and_stops_with_it():
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "attribution", "app", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[2])
     started = set()
     try:
         deadline, answer = time.time() + 60, None

@@ -1,0 +1,152 @@
+"""The options of an attribution, defined once: what `engine.open_attribution` and `engine.open_attributor` take.
+
+`RunOptions` is the one schema (see options.py) behind the engine commands' argparse options (featurize, score,
+self-influence, journey, influential, norms: `add_run_options`), the values they read back (`from_args`), the
+command line a page shows for its result (`RunOptions.command_line`) and the app's option widgets (labels, help
+and choices from `fields_of(RunOptions)`). Choices come from the registries (methods, output functions, timestep
+strategies, projectors, checkpoint weightings); a value outside them is refused in one line when the options are
+made. Frozen and hashable: the app keys its caches by it.
+
+    opts = RunOptions("digits", method="trak", timesteps=2, proj_dim=512)
+    attribution = opts.open()                       # engine.open_attribution with these options
+    print(opts.command_line("score", cfg=attribution.cfg, dataset=attribution.train.spec,
+                            extra=[("--target", "gen:1")]))
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .engine import Attribution, Attributor, open_attribution, open_attributor
+from .errors import ConfigError
+from .features.config import FeatureConfig
+from .features.curvature import check_damping
+from .features.embeddings import CLIP_HELP
+from .features.outputs import OUTPUT_FUNCTIONS
+from .features.projectors import PROJECTORS
+from .features.timesteps import STRATEGIES
+from .methods import DEFAULT_METHOD, METHODS, get_method
+from .methods.over_checkpoints import CHECKPOINT_WEIGHTS
+from .models.adapter import DiffusionModel
+from .options import add_arguments, command_line, from_args, opt, validate
+
+CHECKPOINT_HELP = ("digits, animals-2, NAME@epoch-N or a folder; several separated by commas = an ensemble "
+                   "(checkpoint methods: the run's checkpoints up to the one given, or the list given)")
+# What a journey's training features take (the `journey` command's --seed names the generated image; the
+# features' seed is its --feature-seed).
+JOURNEY_OPTIONS = ("checkpoint", "dataset", "method", "timesteps", "proj_dim", "projector", "cache", "device")
+GRADIENT_FIELDS = ("fn", "eta", "timesteps", "strategy", "noises", "proj_dim", "projector", "seed", "params")
+
+
+def _method_help() -> str:
+    return "; ".join(f"{name}: {cls.summary}" for name, cls in METHODS.items())
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything that defines an attribution: the model and training set, the method and its features (what the
+    user picks in the Attribute form and on the command line), and how to compute it (run-only: cache, store,
+    batch size, device)."""
+
+    checkpoint: str = field(default="", metadata=opt(CHECKPOINT_HELP, required=True, label="Checkpoint"))
+    dataset: str | None = field(default=None, metadata=opt(
+        "training set spec (default: the one the checkpoint was trained on)", label="Training set"))
+    method: str = field(default=DEFAULT_METHOD, metadata=opt(_method_help(), choices=lambda: tuple(METHODS),
+                                                             metavar="METHOD", label="Method"))
+    fn: str | None = field(default=None, metadata=opt(
+        "output function (D-TRAK only; default: the method's)", choices=OUTPUT_FUNCTIONS, label="Output function",
+        noun="output function"))
+    eta: float | None = field(default=None, metadata=opt(
+        "Simple/Square interpolation weight in [0, 1] (implies --fn interp)", label="η (interp)"))
+    timesteps: int = field(default=10, metadata=opt("K, timesteps averaged over", label="Timesteps K"))
+    strategy: str = field(default="uniform", metadata=opt(
+        "uniform (0, T/K, ...), cumulative (0..K-1) or training (training images at their training timestep)",
+        choices=STRATEGIES, label="Timestep strategy", noun="timestep strategy"))
+    noises: int = field(default=1, metadata=opt("noise draws per timestep", label="Noise draws"))
+    proj_dim: int = field(default=4096, metadata=opt("k, the projection dimension", label="Projection k"))
+    projector: str = field(default="auto", metadata=opt(
+        "auto: trak-cuda on a GPU with fast_jl, else sjlt", choices=("auto", *PROJECTORS), label="Projector",
+        noun="projector"))
+    seed: int = field(default=0, metadata=opt("noise and projection seed", label="Seed"))
+    params: str | None = field(default=None, metadata=opt(
+        "take gradients only over parameters with these comma-separated name prefixes", label="Parameters"))
+    clip_model: str = field(default="ViT-B-32", metadata=opt(
+        "open_clip architecture of --clip-weights (the paper's CLIP ViT-B/32)", label="CLIP model"))
+    clip_weights: str | None = field(default=None, metadata=opt("clip-dot/clip-cos: " + CLIP_HELP, metavar="FILE",
+                                                                label="CLIP weights"))
+    damping: float | None = field(default=None, metadata=opt(
+        "ekfac, ekfac-elbo: damping as a multiple of the mean EK-FAC eigenvalue (default 0.1)", label="Damping"))
+    checkpoint_weights: str | None = field(default=None, metadata=opt(
+        "checkpoint methods: lr (default) weights each checkpoint by the learning rate x epochs since the previous "
+        "one, all projected with --seed; uniform is TracInCP/GAS as the D-TRAK paper runs them (appendix A.3): the "
+        "mean over the checkpoints, checkpoint c projected with seed + c", choices=tuple(CHECKPOINT_WEIGHTS),
+        metavar="lr|uniform", label="Checkpoint weights", noun="--checkpoint-weights"))
+    cache: str | None = field(default=None, metadata=opt("cache root (default: cache/ or $ATTRIBUTION_CACHE)",
+                                                         run_only=True))
+    store: str | None = field(default=None, metadata=opt(
+        "use this feature-store folder instead of the automatic one", run_only=True))
+    batch_size: int = field(default=16, metadata=opt("training images per gradient batch", run_only=True))
+    device: str = field(default="auto", metadata=opt("cpu, cuda, mps or auto", run_only=True))
+
+    def __post_init__(self):
+        validate(self)
+        if self.damping is not None:
+            check_damping(self.damping)
+            if not get_method(self.method).uses_damping:
+                raise ConfigError("--damping applies to the EK-FAC influence methods (ekfac, ekfac-elbo) only")
+
+    def feature_options(self) -> dict[str, Any]:
+        """The keyword options of `engine.open_attributor` (all but the model and the method)."""
+        return {"dataset": self.dataset, "fn": self.fn, "eta": self.eta, "timesteps": self.timesteps,
+                "strategy": self.strategy, "noises": self.noises, "proj_dim": self.proj_dim,
+                "projector": self.projector, "seed": self.seed, "params": self.params, "cache": self.cache,
+                "store_dir": self.store, "batch_size": self.batch_size, "clip_model": self.clip_model,
+                "clip_weights": self.clip_weights, "damping": self.damping}
+
+    def open(self, load: Callable[[str], DiffusionModel] | None = None) -> Attribution:
+        """The Attribution these options define (`engine.open_attribution`; `load(spec)` loads a model)."""
+        return open_attribution(self.checkpoint, get_method(self.method), self.device, load=load,
+                                checkpoint_weights=self.checkpoint_weights, **self.feature_options())
+
+    def attributor(self, model: DiffusionModel) -> Attributor:
+        """One checkpoint's Attributor with these options (`engine.open_attributor`; e.g. for a journey)."""
+        return open_attributor(model, get_method(self.method), **self.feature_options())
+
+    def command_line(self, command: str, cfg: FeatureConfig | None = None, dataset: str | None = None,
+                     extra: Sequence[tuple[str, Any]] = (), only: Sequence[str] | None = None) -> str:
+        """`python -m attribution COMMAND ...` with these options (those in `only` if given) then `extra`. With
+        the resolved feature configuration `cfg` (what was computed: the method's output function, the projector
+        "auto" chose) and the training set's `dataset` spec, the line names what was computed rather than what
+        was asked for, and leaves out what does not apply (gradient options for the similarity baselines, η
+        outside interp, k for the identity projector, CLIP options outside CLIP)."""
+        opts, skip = self, set()
+        if dataset is not None:
+            opts = replace(opts, dataset=dataset)
+        if cfg is not None:
+            if cfg.embedding:
+                skip |= set(GRADIENT_FIELDS)
+                opts = replace(opts, clip_weights=opts.clip_weights or cfg.clip_weights or "CLIP_WEIGHTS_FILE")
+            else:
+                opts = replace(opts, fn=cfg.fn, eta=cfg.eta if cfg.fn == "interp" else None,
+                               strategy=cfg.strategy, projector=cfg.projector)
+                if cfg.projector == "identity":
+                    skip.add("proj_dim")
+            if cfg.embedding != "clip":
+                skip |= {"clip_model", "clip_weights"}
+        if only is not None:
+            skip |= {f.name for f in fields(self)} - set(only)
+        return command_line(command, [opts], extra, exclude=sorted(skip))
+
+
+def add_run_options(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """The argparse options of `RunOptions` (those in `only` if given); values outside their choices are refused
+    in one line when `run_options` makes the options, not with argparse's usage message."""
+    add_arguments(parser, RunOptions, only=only, argparse_choices=False)
+
+
+def run_options(args: argparse.Namespace, **overrides) -> RunOptions:
+    """`RunOptions` from parsed arguments (fields a command does not offer keep their defaults)."""
+    return from_args(RunOptions, args, **overrides)
