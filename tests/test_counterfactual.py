@@ -189,6 +189,14 @@ def test_rerun_is_instant_and_removal_sets_are_reused(study, recipe_run, local_r
     a, b = Study.load(report.folder), Study.load(other.folder)
     assert {(c["method"], c["target"], c["l2"]) for c in a.cells} == {(c["method"], c["target"], c["l2"])
                                                                       for c in b.cells}
+    # a run killed after some models: the cells of the missing model are redone from that model, nothing else
+    lost = next(c for c in b.cells if c["method"] == "random" and c["target"] == 1)
+    Path(other.folder, "cells", Cell(1, "random", "proponents", 100, 0).name + ".json").unlink()
+    resumed = run_study(source_from_checkpoint(str(recipe_run)), tiny_spec(proj_dim=256), log=lambda m: None,
+                        cache=str(cache), cluster=local_ray)
+    assert (resumed.cells_done_before, resumed.models_trained, resumed.models_reused) == (5, 0, 1)
+    again = next(c for c in Study.load(other.folder).cells if c["method"] == "random" and c["target"] == 1)
+    assert again["l2"] == lost["l2"] and again["model_hash"] == lost["model_hash"]
 
 
 def test_counterfactual_command_prints_the_study(study, recipe_run, capsys):
