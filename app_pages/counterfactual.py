@@ -84,7 +84,7 @@ if len(removed):
 
 # -- across targets ----------------------------------------------------------------------------------------------------
 st.subheader("Across targets")
-values = {m: v for m, v in per_target(study, metric, direction, k, seed).items() if m != CONTROL}
+values = dict(sorted(per_target(study, metric, direction, k, seed).items(), key=lambda kv: (kv[0] != RANDOM, kv[0])))
 chart(boxplot_figure(values, metric, f"{METRICS[metric]} after removing {k} images ({direction}), seed {seed}"),
       key="cf_box", name="counterfactual-boxplot")
 rows = [r for r in summary_rows(study) if r["direction"] == direction and r["k"] == k and r["seed"] == seed]
