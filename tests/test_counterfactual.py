@@ -231,3 +231,37 @@ def test_counterfactual_page_shows_a_cached_study(study, tiny_run, monkeypatch):
     cell = next(c for c in s.cells if c["method"] == "pixel-cos" and c["target"] == 1)
     assert any(f"{cell['l2']:.3f}" in m.value for m in at.metric)
     assert any("python -m attribution counterfactual --checkpoint" in c.value for c in at.code)
+
+
+def test_a_bank_is_a_source_and_keeps_its_studies(fake_bank_dir, tmp_path):
+    """--bank: the bank's model, recipe and seed; its studies go to the bank's counterfactual/ folder, which the page
+    lists. A bank without a recorded recipe is refused in one line."""
+    import json
+    import shutil
+
+    from attribution.evaluation.counterfactual import source_from_bank, study_folder
+    from attribution.evaluation.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match="does not record the recipe"):
+        source_from_bank(str(fake_bank_dir))
+    bank = tmp_path / "banks" / "withrecipe"
+    shutil.copytree(fake_bank_dir, bank)
+    meta = json.loads((bank / "bank.json").read_text())
+    meta["name"] = "withrecipe"
+    meta["identity"]["recipe"] = get_recipe("tiny-test").identity()
+    meta["model"] = {"seed": 3, "content_hash": "abc"}
+    (bank / "bank.json").write_text(json.dumps(meta))
+    source = source_from_bank(str(bank))
+    assert (source.seed, source.model_hash, source.label) == (3, "abc", "--bank withrecipe")
+    assert source.recipe.identity() == get_recipe("tiny-test").identity()
+    folder = study_folder(source, tiny_spec(), "datahash")
+    assert folder.parent == bank / "counterfactual"
+    assert study_folder(source, tiny_spec(proj_dim=256), "datahash") != folder
+
+
+def test_estimators_command_on_a_bank(fake_bank_dir, capsys):
+    from attribution.cli import main
+
+    assert main(["estimators", "--bank", str(fake_bank_dir), "--split", "val", "--resamples", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "LDS on the held-out subsets" in out and "Empirical Influence" in out and "Datamodels" in out

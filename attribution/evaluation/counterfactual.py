@@ -178,6 +178,9 @@ def source_from_bank(name_or_path: str) -> Source:
 
     bank = Bank.load(name_or_path)
     meta = bank.meta
+    if not isinstance(meta.get("identity", {}).get("recipe"), dict):
+        raise ConfigError(f"bank {meta.get('name', name_or_path)} does not record the recipe its model was trained "
+                          "with, so its removals cannot be retrained; use --checkpoint RUN_FOLDER")
     recipe = Recipe(name=meta.get("recipe_name", "bank"), **meta["identity"]["recipe"])
     model = meta.get("model", {})
     return Source(bank.model_spec, model.get("content_hash") or _weights_hash(bank.model_spec), recipe,
