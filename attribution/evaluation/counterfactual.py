@@ -389,7 +389,7 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
         f"({source.label}); {done_before} of {len(cells)} cells done, {len(groups)} models to train or reuse -> "
         f"{folder}")
     write_json(meta_path, {**meta, "identity": identity, "source": source.label, "recipe_name": recipe.name,
-                           "n_train": n, "dataset": recipe.dataset, "model_spec": source.model_spec,
+                           "n_train": n, "dataset": recipe.dataset,
                            "asked": {**asdict(spec), "counts": counts}, "status": "running"})
     failures: list[str] = []
     if groups:
