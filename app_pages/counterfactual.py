@@ -32,6 +32,8 @@ if not study.cells:
     st.code(study.cli_line(), language="bash")
     st.stop()
 
+for w in study.meta.get("warnings", [])[:5]:
+    st.warning(w.removeprefix("warning: "))
 cells = study.cells
 n_train = int(study.meta["n_train"])
 directions = sorted({c["direction"] for c in cells}, key=["proponents", "opponents", "control"].index)

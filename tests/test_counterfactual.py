@@ -265,3 +265,72 @@ def test_estimators_command_on_a_bank(fake_bank_dir, capsys):
     assert main(["estimators", "--bank", str(fake_bank_dir), "--split", "val", "--resamples", "20"]) == 0
     out = capsys.readouterr().out
     assert "LDS on the held-out subsets" in out and "Empirical Influence" in out and "Datamodels" in out
+
+
+def plant_study(folder: Path, targets=(0, 1, 2), methods=("random", "dtrak"), ks=(10, 40), seeds=(0, 1)) -> None:
+    """A study written by hand (no model, no retraining): every cell of targets x methods x both directions x ks x
+    seeds, with an 'after' image that differs from 'before' more for dtrak and for larger K."""
+    import json
+
+    from attribution.fileio import save_npz
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text(json.dumps({
+        "identity": {"model": "planted"}, "source": "--bank plant", "n_train": N_DIGITS, "dataset": "digits",
+        "status": "complete", "warnings": ["warning: dtrak removing 40 images for gen:2 leaves no image of class 7"],
+        "asked": {"targets": list(targets), "methods": list(methods), "removals": list(ks), "opponents": True,
+                  "seeds": len(seeds), "controls": False, "counts": list(ks)}}))
+    for t in targets:
+        before = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
+        save_npz(folder / "before" / f"gen-{t}.npz", pixels=before, seed=np.array(t))
+        for m in methods:
+            for d in ("proponents", "opponents"):
+                for k in ks:
+                    for s in seeds:
+                        cell = Cell(t, m, d, k, s)
+                        change = k * (3 if m == "dtrak" else 1) + 5 * s
+                        after = np.clip(before.astype(int) + rng.integers(-change, change + 1, before.shape), 0,
+                                        255).astype(np.uint8)
+                        save_npz(folder / "cells" / f"{cell.name}.npz", after=after,
+                                 removed=rng.choice(N_DIGITS, k, replace=False).astype(np.int32))
+                        rec = {"target": t, "method": m, "direction": d, "k": k, "seed": s,
+                               "l2": pixel_l2(before, after), "ssim": ssim(before, after), "identical": False,
+                               "train_seconds": 180.0, "hardware": "CPU test"}
+                        (folder / "cells" / f"{cell.name}.json").write_text(json.dumps(rec))
+
+
+def test_counterfactual_page_on_a_planted_bank_study(tmp_path, tiny_run, monkeypatch):
+    """A bank's study (banks/<name>/counterfactual/): opponents, two K (the dose-response curve), two seeds (the
+    seed-noise line), the class warning; the values shown are the planted cells' own."""
+    from streamlit.testing.v1 import AppTest
+
+    folder = tmp_path / "banks" / "plant" / "counterfactual" / "planted-study"
+    plant_study(folder)
+    monkeypatch.setenv("ATTRIBUTION_BANKS", str(tmp_path / "banks"))
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
+    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120).run()
+    at.switch_page("app_pages/counterfactual.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="cf_study").value == str(folder)
+    at.selectbox(key="cf_direction").set_value("opponents").run()
+    at.selectbox(key="cf_k").set_value(40).run()
+    at.selectbox(key="cf_seed").set_value(1).run()
+    at.selectbox(key="cf_method").set_value("dtrak").run()
+    at.selectbox(key="cf_target").set_value(2).run()
+    assert not at.exception, at.exception
+    rec = Study.load(folder)
+    cell = next(c for c in rec.cells if (c["method"], c["direction"], c["k"], c["seed"], c["target"])
+                == ("dtrak", "opponents", 40, 1, 2))
+    rnd = next(c for c in rec.cells if (c["method"], c["direction"], c["k"], c["seed"], c["target"])
+               == ("random", "opponents", 40, 1, 2))
+    l2 = next(m for m in at.metric if m.label == "pixel L2")
+    assert l2.value == f"{cell['l2']:.3f}" and l2.delta == f"{cell['l2'] - rnd['l2']:+.3f} vs random"
+    assert len(at.get("plotly_chart")) == 2  # the boxplots and the dose-response curve
+    assert any("leaves no image of class 7" in w.value for w in at.warning)
+    assert any("Retraining-seed noise" in c.value for c in at.caption)
+    table = at.dataframe[0].value
+    assert list(table["method"]) == ["random", "dtrak"]
+    assert "--opponents --seeds 2" in at.code[0].value and "--bank plant" in at.code[0].value
