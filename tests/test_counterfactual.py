@@ -334,3 +334,28 @@ def test_counterfactual_page_on_a_planted_bank_study(tmp_path, tiny_run, monkeyp
     table = at.dataframe[0].value
     assert list(table["method"]) == ["random", "dtrak"]
     assert "--opponents --seeds 2" in at.code[0].value and "--bank plant" in at.code[0].value
+
+
+def test_clip_cosine_is_added_to_finished_cells(tiny_clip_name, tmp_path):
+    """CLIP weights given to a study with finished cells (here a planted one): every cell gains the CLIP cosine of
+    its before/after images under that embedder, equal to a direct computation, and the summary reports it."""
+    import torch
+
+    from attribution.evaluation.counterfactual import _add_clip
+    from attribution.evaluation.image_metrics import to_tensor
+    from attribution.features.embeddings import ClipEmbedder
+
+    folder = tmp_path / "study"
+    plant_study(folder, targets=(0, 1), ks=(10,), seeds=(0,))
+    torch.save(ClipEmbedder.random(tiny_clip_name, seed=2).model.state_dict(), tmp_path / "clip.pt")
+    emb = ClipEmbedder.from_file(tmp_path / "clip.pt", tiny_clip_name)
+    s = Study.load(folder)
+    _add_clip(folder, emb, {t: s.before(t) for t in (0, 1)})
+    s = Study.load(folder)
+    assert len(s.cells) == 8
+    for c in s.cells:
+        a = emb.embed(to_tensor(s.before(c["target"])[None]))[0].astype(np.float64)
+        b = emb.embed(to_tensor(s.cell_arrays(c)[1][None]))[0].astype(np.float64)
+        assert c["clip"] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), abs=1e-6)
+        assert c["clip_identity"] == emb.identity
+    assert all(r["clip_median"] is not None for r in summary_rows(s))
