@@ -49,6 +49,8 @@ PAGES = {
     "Trust": [
         st.Page("app_pages/evaluation.py", title="Evaluation", icon=":material/fact_check:",
                 url_path="evaluation"),
+        st.Page("app_pages/counterfactual.py", title="Counterfactual", icon=":material/compare:",
+                url_path="counterfactual"),
     ],
 }
 

@@ -24,6 +24,8 @@ Layout (one folder per feature set; the name carries a readable slug and a hash 
           <index-set hash>-seed-<S>/   a training run folder (run.json with the subset indices, epoch-N/), plus
             retrain.json               written last: subset index hash, seed, recipe key, hardware, seconds
       throughput.json                  featurization speed per checkpoint on this machine (`record_throughput`)
+      counterfactual/
+        <checkpoint hash>/<slug>-<identity hash>/   one counterfactual study (evaluation/counterfactual.py)
 
 Featurizing writes rows in batches: rows first (flushed), then the done mask (atomically replaced), so a kill at
 any point loses at most the batch in flight and a rerun resumes at the first unfinished row. A folder appears
@@ -269,6 +271,17 @@ class CurvatureStore:
 def retrain_dir(recipe_key: str, index_set_hash: str, seed: int, root: str | os.PathLike | None = None) -> Path:
     """The run folder of one retrained model of a ground-truth bank (see the layout above)."""
     return cache_root(root) / "retrain" / recipe_key / f"{index_set_hash}-seed-{int(seed)}"
+
+
+def counterfactual_root(root: str | os.PathLike | None = None) -> Path:
+    """cache/counterfactual: counterfactual studies of checkpoints (a bank's studies live in its own folder)."""
+    return cache_root(root) / "counterfactual"
+
+
+def counterfactual_dir(checkpoint_hash: str, slug: str, identity: dict,
+                       root: str | os.PathLike | None = None) -> Path:
+    """cache/counterfactual/<checkpoint hash>/<slug>-<identity hash>: one counterfactual study."""
+    return counterfactual_root(root) / checkpoint_hash / f"{_slug(slug)}-{identity_hash(identity)}"
 
 
 # -- MAGIC (attribution/magic): weighted runs, per-query metagradients, leave-out retrains --------------------------

@@ -1,0 +1,150 @@
+"""CLI commands `counterfactual` (remove top proponents, retrain, regenerate, measure) and `estimators` (Empirical
+Influence and Datamodels fitted on a bank's subset models, LDS on held-out subsets).
+
+    python -m attribution counterfactual --bank digits --targets gen:0-9 --remove 0.05 \\
+        --methods random,pixel-cos,trak,dtrak [--opponents] [--remove-grid 0.05,0.1,0.2] [--seeds 2] [--controls]
+    python -m attribution estimators --bank digits --method dtrak,trak
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from ..errors import ConfigError
+from .common import info, progress_bar
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("counterfactual", help="remove each method's top proponents of generated images, retrain "
+                                              "(on Ray), regenerate from the same seed and measure the change")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bank", help="a ground-truth bank: its model, recipe and seed (studies saved in the bank)")
+    src.add_argument("--checkpoint", help="a training run folder: its final checkpoint, run.json recipe and seed")
+    p.add_argument("--targets", default="gen:0-9", help="generated targets: gen:0-9, gen:3, gen:1,gen:7 (default "
+                                                       "gen:0-9); only generated images can be regenerated")
+    p.add_argument("--methods", default="random,trak,dtrak",
+                   help="comma-separated: random (K random images) and any method (default random,trak,dtrak)")
+    p.add_argument("--remove", default="0.05", help="K: a count (100) or a fraction of the training set (0.05)")
+    p.add_argument("--remove-grid", help="dose-response: several K, e.g. 0.05,0.1,0.2 (replaces --remove)")
+    p.add_argument("--opponents", action="store_true", help="also remove the top opponents (the reverse test)")
+    p.add_argument("--seeds", type=int, default=1, help="retraining seeds per removal: the model's own, then the "
+                                                        "next ones (2 measures the retraining-seed noise)")
+    p.add_argument("--controls", action="store_true", help="also retrain the unchanged training set at each seed "
+                                                           "(at the model's seed it must reproduce the original)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the bank's, else 50)")
+    p.add_argument("--sampler", default="ddpm", help="ddpm or ddim (default ddpm)")
+    p.add_argument("--timesteps", type=int, default=10, help="K of the gradient features (default 10)")
+    p.add_argument("--proj-dim", type=int, default=4096, help="k (default 4096)")
+    p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
+    p.add_argument("--clip-weights", help="a local open_clip weights file: adds the CLIP cosine measure")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights")
+    p.add_argument("--out", help="study folder (default: the bank's counterfactual/ folder, else the cache)")
+    p.add_argument("--ray-address", help="an existing Ray cluster (HOST:PORT; default $RAY_ADDRESS, else a local "
+                                         "Ray sized to this machine)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
+    p.set_defaults(func=cmd_counterfactual)
+
+    e = sub.add_parser("estimators", help="Empirical Influence and Datamodels fitted on part of a bank's subset "
+                                          "models, LDS on the held-out subsets (beside any --method)")
+    e.add_argument("--bank", required=True, help="a bank name under banks/ or a bank folder")
+    e.add_argument("--method", default="", help="methods to compare on the same held-out subsets, e.g. dtrak,trak")
+    e.add_argument("--split", default="val,gen", help="target splits: val, gen, all (comma-separated)")
+    e.add_argument("--fit-fraction", type=float, default=0.5, help="share of the finished subsets used to fit")
+    e.add_argument("--timesteps", type=int, default=10)
+    e.add_argument("--proj-dim", type=int, default=4096)
+    e.add_argument("--resamples", type=int, default=1000)
+    e.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
+    e.set_defaults(func=cmd_estimators)
+
+
+def _fmt(v, spec: str = "+.3f") -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> int:
+    import os
+
+    from ..evaluation.ray_engine import probe_address
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        probe_address(address)  # fail in seconds, before any model is loaded
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError(f"--num-cpus must be at least 1, got {args.num_cpus}")
+    from ..evaluation.counterfactual import (StudySpec, Study, parse_removals, parse_targets, run_study,
+                                             source_from_bank, source_from_checkpoint)
+    from ..evaluation.counterfactual_stats import seed_noise, summary_rows
+
+    targets = parse_targets(args.targets)
+    removals = parse_removals(args.remove_grid or args.remove)
+    methods = tuple(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    steps = args.steps
+    if args.bank:
+        source = source_from_bank(args.bank)
+        if steps is None:
+            from ..evaluation.bank import Bank
+
+            steps = int(Bank.load(args.bank).meta["identity"].get("gen_steps", 50))
+    else:
+        source = source_from_checkpoint(args.checkpoint)
+    spec = StudySpec(targets=targets, methods=methods, removals=removals, opponents=args.opponents,
+                     seeds=args.seeds, controls=args.controls, steps=steps or 50, sampler=args.sampler,
+                     timesteps=args.timesteps, proj_dim=args.proj_dim, projector=args.projector,
+                     clip_weights=args.clip_weights, clip_model=args.clip_model)
+    report = run_study(source, spec, folder=args.out, address=args.ray_address, num_cpus=args.num_cpus,
+                       progress=progress_bar("counterfactual"), log=info, cache=args.cache)
+    info(f"{report.cells_total - report.cells_done_before} cells computed ({report.models_trained} models trained, "
+         f"{report.models_reused} reused), {report.cells_done_before} from cache, in {report.seconds:.0f} s")
+    study = Study.load(report.folder)
+    n = study.meta["n_train"]
+    print(f"{study.name}: {len(study.cells)} cells; change measured against the original image "
+          "(L2 up and SSIM/CLIP down = more change)")
+    print(f"  {'direction':11} {'K':>5} {'seed':>4} {'method':12} {'n':>3} {'L2 med':>7} {'SSIM med':>8} "
+          f"{'CLIP med':>8}  {'L2 - random [95% CI]':>28} {'Wilcoxon p':>10}")
+    for r in summary_rows(study):
+        ci = (f"{_fmt(r.get('l2_vs_random'))} [{_fmt(r.get('l2_vs_random_ci_low'))}, "
+              f"{_fmt(r.get('l2_vs_random_ci_high'))}]" if r.get("l2_vs_random") is not None else "")
+        print(f"  {r['direction']:11} {r['k']:>5} {r['seed']:>4} {r['method'][:12]:12} {r['targets']:>3} "
+              f"{_fmt(r['l2_median'], '.3f'):>7} {_fmt(r['ssim_median'], '.3f'):>8} "
+              f"{_fmt(r['clip_median'], '.3f'):>8}  {ci:>28} {_fmt(r.get('l2_vs_random_p'), '.3g'):>10}")
+    for s in seed_noise(study):
+        print(f"  seed noise: {s['method']} {s['direction']} K={s['k']} seeds {s['seeds']}: median L2 "
+              f"{s['l2_median']:.3f}, SSIM {s['ssim_median']:.3f} ({s['targets']} targets)")
+    print(f"  K as a share of the {n} training images: " +
+          ", ".join(f"{k} = {k / n:.1%}" for k in study.meta["asked"]["counts"]))
+    print(report.folder)
+    return 0
+
+
+def cmd_estimators(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..evaluation.bank import Bank
+    from ..evaluation.evaluate import SPLITS, finished_bank, score_bank
+    from ..evaluation.retraining_estimators import heldout_lds_table
+
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    for s in splits:
+        if s not in SPLITS:
+            raise ConfigError(f"unknown split {s!r}; use val, gen or all")
+    bank = Bank.load(args.bank)
+    finished_bank(bank)
+    info(bank.summary())
+    named: dict[str, np.ndarray] = {}
+    for name in [m.strip() for m in args.method.split(",") if m.strip()]:
+        run = score_bank(bank, name, progress=progress_bar(f"{name} features"), timesteps=args.timesteps,
+                         proj_dim=args.proj_dim, cache=args.cache)
+        named[name] = run.scores()
+    for split in splits:
+        table, note = heldout_lds_table(bank, named, split, args.fit_fraction, n_resamples=args.resamples)
+        print(f"\n{split} targets ({table.shape['targets']}): fitted on subsets {note['fit_subsets']}, LDS on the "
+              f"held-out subsets {note['heldout_subsets']} only"
+              + (f"; {note['ei_undefined']} images were in every or no fitting subset (EI 0)"
+                 if note["ei_undefined"] else ""))
+        for row in table.rows():
+            print(f"  {row['name'][:34]:34} LDS {row['standard']:+7.3f} "
+                  f"[{row['standard_ci_two_way_low']:+.3f}, {row['standard_ci_two_way_high']:+.3f}]  centered "
+                  f"{row['centered']:+7.3f}")
+    return 0

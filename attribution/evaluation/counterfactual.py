@@ -1,0 +1,561 @@
+"""Counterfactual evaluation (D-TRAK paper, section 4.4, Figures 3-4): remove the training images a method ranks as
+the strongest proponents of a generated image, retrain with the same recipe and seed, regenerate the image from the
+same seed (same sampler, same noise) and measure how much it changed.
+
+    source = source_from_bank("digits")                     # or source_from_checkpoint("runs/x")
+    spec = StudySpec(targets=(0, 1, 2), methods=("random", "dtrak"), removals=(0.05,))
+    folder = run_study(source, spec, progress=...)          # retrains on Ray; resumable; a rerun is instant
+    study = Study.load(folder)                              # cells, before/after images (counterfactual_stats)
+
+A *cell* is one (target, method, direction, K, retraining seed): the K training images removed (the top proponents,
+or with `opponents` the top opponents, or for "random" K images drawn by the generator (target seed, K)), the model
+retrained on the rest, the target regenerated and compared with the original (`image_metrics`: pixel L2, SSIM, CLIP
+cosine when weights are given). Retrained models are keyed by (recipe key, hash of the kept indices, seed)
+(`store.retrain_dir`, the same folders a ground-truth bank uses): a removal set that two methods, two studies or a
+bank share is trained once. Retraining seeds are the model's own seed, then seed + 1, ...: the second seed retrains
+the same removal again, so the change a seed alone makes is measured beside the change the removal makes.
+`controls` adds the unchanged training set retrained at each seed: at the model's own seed it must regenerate the
+original image bit for bit (the retraining is the same procedure as the original training), at the next seed it
+shows the retraining-seed noise of an unchanged training set.
+
+On disk (a bank's studies in `banks/<name>/counterfactual/`, a checkpoint's in the cache, `store.counterfactual_dir`):
+
+    study.json                      identity (model, recipe, sampler, feature options) and what was asked for
+    before/gen-S.npz                the original 8-bit image of seed S
+    scores/<method>.npz             seeds (T,) and scores (T, N) float32 of each target against the training set
+    cells/<cell>.npz                removed indices (in rank order) and the regenerated 8-bit image
+    cells/<cell>.json               its metrics and provenance (written last: the cell's completion marker)
+
+Everything is written atomically; a killed run keeps every finished model and cell and a rerun resumes there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..fileio import read_json, save_npz, write_json
+from .ray_engine import ProgressMeter, RayCluster, hardware, probe_address, single_thread
+from .recipes import Recipe
+
+RANDOM = "random"
+CONTROL = "none"
+DIRECTIONS = ("proponents", "opponents")
+RANDOM_TAG = 20231  # the random removals' generator is (RANDOM_TAG, target seed, K)
+
+
+# -- what to study -------------------------------------------------------------------------------------------------
+
+def parse_targets(spec: str) -> tuple[int, ...]:
+    """`gen:0-9`, `gen:3`, or several comma-separated: the seeds of generated targets. Anything else (a dataset
+    image, an upload) has no seed to regenerate from: one ConfigError line."""
+    seeds: list[int] = []
+    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+        m = re.fullmatch(r"gen:(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ConfigError(f"target {part!r} cannot be regenerated: only generated targets (gen:SEED or gen:A-B) "
+                              "have a seed to regenerate from after retraining; uploads and dataset images do not")
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if last < first:
+            raise ConfigError(f"target {part!r}: the seed range must go upwards (gen:A-B with A <= B)")
+        seeds += range(first, last + 1)
+    if not seeds:
+        raise ConfigError("give at least one target, e.g. --targets gen:0-9")
+    return tuple(dict.fromkeys(seeds))
+
+
+def parse_removals(text: str) -> tuple[float, ...]:
+    """`100` (a count), `0.05` (a fraction of the training set), or a comma-separated grid of either."""
+    out = []
+    for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise ConfigError(f"--remove {part!r} is neither a count (e.g. 100) nor a fraction (e.g. 0.05)") from None
+    if not out:
+        raise ConfigError("give a removal size, e.g. --remove 0.05 or --remove 100")
+    return tuple(out)
+
+
+def removal_count(value: float, n: int) -> int:
+    """K images of N: a fraction in (0, 1) is rounded to a count; a count must be a whole number; 1 <= K < N."""
+    if not np.isfinite(value) or value <= 0:
+        raise ConfigError(f"--remove {value:g}: remove at least one image (a count >= 1 or a fraction in (0, 1))")
+    if value < 1:
+        k = int(round(value * n))
+        what = f"{value:g} of the {n} training images is {k}"
+    else:
+        if value != int(value):
+            raise ConfigError(f"--remove {value:g}: a count must be a whole number (a fraction must be below 1)")
+        k = int(value)
+        what = f"{k}"
+    if not 1 <= k < n:
+        raise ConfigError(f"--remove {what}: K must be at least 1 and below the training set size {n} (the "
+                          "retrained model needs at least one image)")
+    return k
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What to compute (validated; bad values raise one ConfigError line)."""
+
+    targets: tuple[int, ...]
+    methods: tuple[str, ...]
+    removals: tuple[float, ...]
+    opponents: bool = False
+    seeds: int = 1
+    controls: bool = False
+    steps: int = 50
+    sampler: str = "ddpm"
+    timesteps: int = 10
+    proj_dim: int = 4096
+    projector: str = "auto"
+    feature_seed: int = 0
+    clip_weights: str | None = None
+    clip_model: str = "ViT-B-32"
+
+    def __post_init__(self):
+        from ..methods import METHODS
+        from ..sampling import SAMPLERS
+
+        if not self.targets:
+            raise ConfigError("give at least one target, e.g. --targets gen:0-9")
+        if any(int(t) < 0 for t in self.targets):
+            raise ConfigError("target seeds must be >= 0")
+        if not self.methods:
+            raise ConfigError("give at least one method, e.g. --methods random,dtrak")
+        for m in self.methods:
+            if m != RANDOM and m not in METHODS:
+                raise ConfigError(f"unknown method {m!r}; use random or one of: {', '.join(METHODS)}")
+        if not self.removals:
+            raise ConfigError("give a removal size, e.g. --remove 0.05")
+        for r in self.removals:
+            removal_count(r, 10 ** 9)  # the sign and form; the size is checked against the training set later
+        if not 1 <= self.seeds <= 8:
+            raise ConfigError(f"--seeds must be within 1..8 (retraining seeds per removal), got {self.seeds}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; use one of: {', '.join(SAMPLERS)}")
+        if not 1 <= self.steps <= 1000:
+            raise ConfigError(f"--steps must be within 1..1000, got {self.steps}")
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return DIRECTIONS if self.opponents else DIRECTIONS[:1]
+
+    def feature_options(self) -> dict:
+        return {"timesteps": self.timesteps, "proj_dim": self.proj_dim, "projector": self.projector,
+                "seed": self.feature_seed}
+
+
+@dataclass(frozen=True)
+class Source:
+    """The model a study attributes and how to retrain it: its recipe, its own training seed, its training data."""
+
+    model_spec: str
+    model_hash: str
+    recipe: Recipe
+    seed: int
+    label: str  # what the CLI names it with: "--bank digits" or "--checkpoint PATH"
+    studies_root: Path | None = None  # a bank's own counterfactual/ folder; None: the cache
+
+    def identity(self, spec: StudySpec, dataset_hash: str) -> dict:
+        return {"model": self.model_hash, "recipe": self.recipe.identity(),
+                "recipe_key": self.recipe.key(dataset_hash), "dataset_hash": dataset_hash, "seed": self.seed,
+                "steps": spec.steps, "sampler": spec.sampler, "features": spec.feature_options()}
+
+
+def source_from_bank(name_or_path: str) -> Source:
+    """A bank's model and recipe (the model was trained by the recipe on the full split at the bank's seed)."""
+    from .bank import Bank
+
+    bank = Bank.load(name_or_path)
+    meta = bank.meta
+    if not isinstance(meta.get("identity", {}).get("recipe"), dict):
+        raise ConfigError(f"bank {meta.get('name', name_or_path)} does not record the recipe its model was trained "
+                          "with, so its removals cannot be retrained; use --checkpoint RUN_FOLDER")
+    recipe = Recipe(name=meta.get("recipe_name", "bank"), **meta["identity"]["recipe"])
+    model = meta.get("model", {})
+    return Source(bank.model_spec, model.get("content_hash") or _weights_hash(bank.model_spec), recipe,
+                  int(model.get("seed", 0) or 0), f"--bank {meta['name']}", bank.path / "counterfactual")
+
+
+def source_from_checkpoint(spec: str) -> Source:
+    """A training run's final checkpoint and the recipe and seed in its run.json."""
+    from ..models.checkpoint import resolve_checkpoint
+    from .recipes import recipe_from_run
+
+    info = resolve_checkpoint(spec)
+    if info.run_dir is None or not (info.run_dir / "run.json").is_file():
+        raise ConfigError(f"{spec} is not a training run folder (no run.json names its recipe and seed); give a "
+                          "folder made by `python -m attribution train`, or --bank NAME")
+    recipe = recipe_from_run(info.run_dir)
+    if info.epoch != recipe.epochs:
+        raise ConfigError(f"{info.spec} is not the run's final checkpoint (epoch-{recipe.epochs}); a retrain "
+                          "reproduces the final one, so give the run folder itself")
+    seed = int(read_json(info.run_dir / "run.json")["config"].get("seed", 0))
+    return Source(str(info.run_dir), info.content_hash(), recipe, seed, f"--checkpoint {spec}")
+
+
+def _weights_hash(model_spec: str) -> str:
+    from ..models.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(model_spec).content_hash()
+
+
+def study_folder(source: Source, spec: StudySpec, dataset_hash: str, cache: str | None = None) -> Path:
+    from ..store import counterfactual_dir, identity_hash
+
+    identity = source.identity(spec, dataset_hash)
+    slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}"
+    if source.studies_root is not None:
+        return source.studies_root / f"{slug.replace(':', '_')}-{identity_hash(identity)}"
+    return counterfactual_dir(source.model_hash, slug, identity, cache)
+
+
+# -- cells ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cell:
+    target: int
+    method: str  # a registered method, "random", or "none" (a control: nothing removed)
+    direction: str  # "proponents", "opponents" or "control"
+    k: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"gen-{self.target}__{self.method}__{self.direction}__k{self.k}__seed-{self.seed}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Cell":
+        m = re.fullmatch(r"gen-(\d+)__(.+)__(proponents|opponents|control)__k(\d+)__seed-(\d+)", name)
+        if not m:
+            raise ValueError(name)
+        return cls(int(m.group(1)), m.group(2), m.group(3), int(m.group(4)), int(m.group(5)))
+
+
+def removed_indices(cell: Cell, n: int, scores: np.ndarray | None) -> np.ndarray:
+    """The removed training indices of a cell, in rank order (strongest first; ties by index)."""
+    if cell.method == CONTROL:
+        return np.zeros(0, dtype=np.int64)
+    if cell.method == RANDOM:
+        return np.random.default_rng([RANDOM_TAG, cell.target, cell.k]).choice(n, cell.k, replace=False)
+    order = np.argsort(-scores if cell.direction == "proponents" else scores, kind="stable")
+    return order[:cell.k].astype(np.int64)
+
+
+def emptied_classes(removed: np.ndarray, labels: np.ndarray, names: list[str]) -> list[str]:
+    """Classes of the training set that a removal leaves without a single image."""
+    labels = np.asarray(labels)
+    keep = np.ones(len(labels), dtype=bool)
+    keep[removed] = False
+    present = set(np.unique(labels[labels >= 0]).tolist())
+    left = set(np.unique(labels[keep & (labels >= 0)]).tolist())
+    return [names[c] if 0 <= c < len(names) else str(c) for c in sorted(present - left)]
+
+
+def regenerate(model, seeds, steps: int, sampler: str) -> np.ndarray:
+    """uint8 (len(seeds), H, W, C): each seed's image sampled alone on one torch thread, as 8-bit pixels (the same
+    call for the original and every retrained model, so an unchanged model gives the same bits)."""
+    from ..data.images import tensor_to_pixels
+    from ..sampling import sample
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return np.stack([tensor_to_pixels(torch.from_numpy(sample(model, 1, int(s), steps, sampler).final))[0]
+                         for s in seeds])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def retrain_generate_task(job: dict, seeds: list[int], steps: int, sampler: str) -> dict:
+    """Ray task: train the model of one removal set (unless its completion marker exists), then regenerate the
+    targets that need it. Returns the train record, the images and whether it trained now."""
+    from ..models import load_model
+    from .bank import train_task
+
+    if job["device"] == "cpu":
+        single_thread()
+    trained_now = not (Path(job["run_dir"]) / "retrain.json").is_file()
+    record = train_task(job)
+    model = load_model(job["run_dir"], "cpu")
+    start = time.time()
+    pixels = regenerate(model, seeds, steps, sampler)
+    return {"record": record, "pixels": pixels, "trained_now": trained_now, "model_hash": model.identity(),
+            "generate_seconds": round(time.time() - start, 1), "hardware": hardware(job["device"])}
+
+
+# -- running -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunReport:
+    folder: Path
+    cells_total: int
+    cells_done_before: int
+    models_trained: int
+    models_reused: int
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None, address: str | None = None,
+              num_cpus: int | None = None, progress=None, log=print, cache: str | None = None,
+              cluster: RayCluster | None = None) -> RunReport:
+    """Compute every missing cell of `spec` (see the module docstring); return what was done."""
+    from ..data import load_dataset
+    from ..models import load_model
+    from ..store import retrain_dir
+    from ..train import index_hash
+
+    start = time.time()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and cluster is None:
+        probe_address(address)  # before anything is computed or written
+    recipe = source.recipe
+    data = load_dataset(recipe.dataset, "train", recipe.resolution)
+    n, dataset_hash = len(data), data.content_hash
+    counts = sorted({removal_count(r, n) for r in spec.removals})
+    identity = source.identity(spec, dataset_hash)
+    folder = Path(folder) if folder else study_folder(source, spec, dataset_hash, cache)
+    meta_path = folder / "study.json"
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    if meta and meta.get("identity") != identity:
+        raise ConfigError(f"{folder} holds a study made another way (another model, recipe, sampler or feature "
+                          "options); use another --out or delete it")
+    embedder = None
+    if spec.clip_weights:
+        from ..features.embeddings import ClipEmbedder
+
+        embedder = ClipEmbedder.from_file(spec.clip_weights, spec.clip_model)  # one line when missing
+    methods = [m for m in spec.methods if m != RANDOM]
+    attributions = _open_attributions(source, spec, methods, cache)  # validates (weights, options) first
+    model = load_model(source.model_spec, "cpu")
+
+    # the original images
+    before = {}
+    for s in spec.targets:
+        path = folder / "before" / f"gen-{s}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                before[s] = z["pixels"]
+        else:
+            before[s] = regenerate(model, [s], spec.steps, spec.sampler)[0]
+            save_npz(path, pixels=before[s], seed=np.array(s))
+    # every method's scores of every target (cached per method)
+    scores = {m: _method_scores(folder, m, attributions[m], spec, before, progress, log) for m in methods}
+
+    cells = [Cell(t, m, d, k, source.seed + i) for t in spec.targets for m in spec.methods for d in spec.directions
+             for k in counts for i in range(spec.seeds)]
+    if spec.controls:
+        cells += [Cell(t, CONTROL, "control", 0, source.seed + i) for t in spec.targets for i in range(spec.seeds)]
+    key = recipe.key(dataset_hash)
+    warnings: list[str] = []
+    groups: dict[str, dict] = {}
+    done_before = 0
+    for cell in cells:
+        if (folder / "cells" / f"{cell.name}.json").is_file():
+            done_before += 1
+            continue
+        removed = removed_indices(cell, n, scores[cell.method][spec.targets.index(cell.target)]
+                                  if cell.method in scores else None)
+        empty = emptied_classes(removed, data.labels, list(getattr(data, "class_names", []) or []))
+        if empty:
+            warnings.append(f"warning: {cell.method} removing {cell.k} images for gen:{cell.target} leaves no "
+                            f"image of class {', '.join(empty)}")
+        kept = np.setdiff1d(np.arange(n), removed)
+        ih = index_hash([int(i) for i in kept], n)
+        run_dir = str(retrain_dir(key, ih, cell.seed, cache))
+        g = groups.setdefault(run_dir, {"job": {"subset": f"counterfactual {cell.method} k={cell.k}",
+                                                "seed": cell.seed, "indices": [int(i) for i in kept],
+                                                "index_set_hash": ih, "n_train": n, "run_dir": run_dir,
+                                                "recipe": asdict(recipe), "recipe_key": key, "device": "cpu"},
+                                        "cells": [], "removed": {}})
+        g["cells"].append(cell)
+        g["removed"][cell] = removed
+    for w in dict.fromkeys(warnings):
+        log(w)
+    trained = reused = 0
+    log(f"counterfactual study: {len(spec.targets)} targets x {len(spec.methods)} methods x "
+        f"{len(spec.directions)} direction(s) x K in {counts} x {spec.seeds} seed(s) of {recipe.name} "
+        f"({source.label}); {done_before} of {len(cells)} cells done, {len(groups)} models to train or reuse -> "
+        f"{folder}")
+    write_json(meta_path, {**meta, "identity": identity, "source": source.label, "recipe_name": recipe.name,
+                           "n_train": n, "dataset": recipe.dataset,
+                           "asked": {**asdict(spec), "counts": counts}, "status": "running"})
+    failures: list[str] = []
+    if groups:
+        import ray
+
+        with contextlib.nullcontext(cluster) if cluster else RayCluster(address, num_cpus) as cl:
+            log(f"running on {cl.describe()}")
+            device = "cuda" if cl.uses_gpu() else "cpu"
+            remote = ray.remote(retrain_generate_task).options(**cl.task_options())
+            in_flight = {}
+            for g in groups.values():
+                g["job"]["device"] = device
+                seeds = sorted({c.target for c in g["cells"]})
+                in_flight[remote.remote(g["job"], seeds, spec.steps, spec.sampler)] = (g, seeds)
+            meter = ProgressMeter(len(in_flight), progress, "models")
+            while in_flight:
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                g, seeds = in_flight.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except Exception as exc:  # retries exhausted: report, keep the rest going
+                    failures.append(f"{g['job']['subset']}: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
+                    meter.step(note="FAILED")
+                    continue
+                trained += result["trained_now"]
+                reused += not result["trained_now"]
+                for cell in g["cells"]:
+                    after = result["pixels"][seeds.index(cell.target)]
+                    _write_cell(folder, cell, g["removed"][cell], after, before[cell.target], result, g["job"])
+                note = (f"trained in {result['record'].get('train_seconds')}s" if result["trained_now"]
+                        else "reused a trained model")
+                meter.step(note=note)
+    if embedder is not None:
+        _add_clip(folder, embedder, before)
+    status = "complete" if not failures else "partial"
+    write_json(meta_path, {**read_json(meta_path), "status": status, "warnings": list(dict.fromkeys(warnings)),
+                           "seconds": round(read_json(meta_path).get("seconds", 0) + time.time() - start, 1)})
+    if failures:
+        raise ConfigError(f"{len(failures)} retrain(s) failed after retries, e.g. {failures[0]}; rerun to retry "
+                          "them (finished cells are kept)")
+    return RunReport(folder, len(cells), done_before, trained, reused, list(dict.fromkeys(warnings)),
+                     round(time.time() - start, 1))
+
+
+def _open_attributions(source: Source, spec: StudySpec, methods: list[str], cache: str | None) -> dict:
+    from ..engine import open_attribution
+    from ..methods import get_method
+
+    out = {}
+    for m in methods:
+        method = get_method(m)
+        extra = {"clip_weights": spec.clip_weights, "clip_model": spec.clip_model} if "clip" in m else {}
+        out[m] = open_attribution(source.model_spec, method, "cpu", dataset=source.recipe.dataset, cache=cache,
+                                  **spec.feature_options(), **extra)
+    return out
+
+
+def _method_scores(folder: Path, method: str, attribution, spec: StudySpec, before: dict, progress, log,
+                   ) -> np.ndarray:
+    """(T, N) float32 scores of the study's targets (in spec.targets order), cached in scores/<method>.npz."""
+    from ..targets import Generated, Targets
+    from .image_metrics import to_tensor
+
+    path = folder / "scores" / f"{method}.npz"
+    have: dict[int, np.ndarray] = {}
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            have = {int(s): row for s, row in zip(z["seeds"], z["scores"])}
+    missing = [s for s in spec.targets if s not in have]
+    if missing:
+        log(f"{method}: scoring {len(missing)} target(s) (training features cached after the first run)")
+        attribution.featurize((lambda member: progress) if progress else None)
+        targets = Targets(to_tensor(np.stack([before[s] for s in missing])), [f"gen/{s}" for s in missing],
+                          [f"gen:{s}" for s in missing], [None] * len(missing),
+                          generated=[Generated(s, spec.steps, spec.sampler) for s in missing])
+        new = attribution.scores(attribution.target_features(targets)).astype(np.float32)
+        have.update({s: row for s, row in zip(missing, new)})
+        seeds = sorted(have)
+        save_npz(path, seeds=np.array(seeds), scores=np.stack([have[s] for s in seeds]))
+    return np.stack([have[s] for s in spec.targets])
+
+
+def _write_cell(folder: Path, cell: Cell, removed: np.ndarray, after: np.ndarray, before: np.ndarray,
+                result: dict, job: dict) -> None:
+    from .image_metrics import pixel_l2, ssim
+
+    save_npz(folder / "cells" / f"{cell.name}.npz", removed=removed.astype(np.int32), after=after)
+    record = result["record"]
+    write_json(folder / "cells" / f"{cell.name}.json", {
+        **asdict(cell), "l2": pixel_l2(before, after), "ssim": ssim(before, after),
+        "identical": bool(np.array_equal(before, after)), "index_set_hash": job["index_set_hash"],
+        "model_hash": result["model_hash"], "train_seconds": record.get("train_seconds"),
+        "generate_seconds": result["generate_seconds"], "hardware": record.get("hardware")})
+
+
+def _add_clip(folder: Path, embedder, before: dict) -> None:
+    """CLIP cosine of every finished cell that lacks it for this embedder."""
+    from .image_metrics import clip_cosines
+
+    todo = []
+    for p in sorted((folder / "cells").glob("*.json")):
+        rec = read_json(p)
+        if rec.get("clip_identity") != embedder.identity and int(rec["target"]) in before:
+            todo.append((p, rec))
+    if not todo:
+        return
+    afters = []
+    for p, _ in todo:
+        with np.load(p.with_suffix(".npz"), allow_pickle=False) as z:
+            afters.append(z["after"])
+    cos = clip_cosines(embedder, np.stack([before[int(r["target"])] for _, r in todo]), np.stack(afters))
+    for (p, rec), c in zip(todo, cos):
+        write_json(p, {**rec, "clip": float(c), "clip_identity": embedder.identity})
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Study:
+    """A study on disk: its metadata, finished cells (one dict each) and images."""
+
+    folder: Path
+    meta: dict
+    cells: list[dict]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Study":
+        folder = Path(folder)
+        if not (folder / "study.json").is_file():
+            raise ConfigError(f"{folder} is not a counterfactual study (no study.json); run "
+                              "`python -m attribution counterfactual` first")
+        cells = [read_json(p) for p in sorted((folder / "cells").glob("*.json"))]
+        return cls(folder, read_json(folder / "study.json"), cells)
+
+    @property
+    def name(self) -> str:
+        return f"{self.meta.get('source', '?')} · {self.folder.name}"
+
+    def before(self, target: int) -> np.ndarray:
+        with np.load(self.folder / "before" / f"gen-{target}.npz", allow_pickle=False) as z:
+            return z["pixels"]
+
+    def cell_arrays(self, cell: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(removed indices in rank order, regenerated image) of a cell record."""
+        name = Cell(int(cell["target"]), cell["method"], cell["direction"], int(cell["k"]), int(cell["seed"])).name
+        with np.load(self.folder / "cells" / f"{name}.npz", allow_pickle=False) as z:
+            return z["removed"], z["after"]
+
+    def cli_line(self) -> str:
+        a = self.meta.get("asked", {})
+        seeds = sorted({int(c["target"]) for c in self.cells}) or list(a.get("targets", []))
+        targets = f"gen:{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else \
+            ",".join(f"gen:{s}" for s in seeds)
+        methods = ",".join(a.get("methods", []))
+        removes = ",".join(f"{r:g}" for r in a.get("removals", []))
+        line = f"python -m attribution counterfactual {self.meta.get('source', '')} --targets {targets} " \
+               f"--methods {methods} --remove {removes}"
+        line += " --opponents" if a.get("opponents") else ""
+        line += f" --seeds {a['seeds']}" if a.get("seeds", 1) > 1 else ""
+        line += " --controls" if a.get("controls") else ""
+        return line
+
+
+def list_studies(roots: list[Path]) -> list[Path]:
+    """Study folders under the given roots (a bank's counterfactual/ folder, the cache's counterfactual/)."""
+    out = []
+    for root in roots:
+        out += [p.parent for p in Path(root).glob("**/study.json")]
+    return sorted(set(out))

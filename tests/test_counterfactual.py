@@ -1,0 +1,361 @@
+"""Counterfactual evaluation (evaluation/counterfactual.py, counterfactual_stats.py, image_metrics.py, the CLI
+command and the page): a tiny end-to-end study on a local Ray, reuse of retrained models, bit-for-bit regeneration of
+an unchanged training set, the statistics against direct computations, and bad input.
+
+The study: recipe "tiny-test" (a 30k-parameter UNet, one epoch on the digits), 2 generated targets (3 DDPM steps),
+methods random and pixel-cos, K = 100, controls: 5 retrains of a few seconds each.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attribution.errors import ConfigError
+from attribution.evaluation.counterfactual import (Cell, StudySpec, Study, emptied_classes, parse_removals,
+                                                   parse_targets, removal_count, run_study, source_from_checkpoint)
+from attribution.evaluation.counterfactual_stats import dose_response, paired, per_target, summary_rows
+from attribution.evaluation.image_metrics import pixel_l2, ssim, ssim_map
+from attribution.evaluation.ray_engine import RayCluster
+from attribution.evaluation.recipes import get_recipe
+
+N_DIGITS = 1618
+
+
+# -- image metrics -------------------------------------------------------------------------------------------------
+
+def test_pixel_l2_and_ssim_against_direct_computations():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
+    b = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
+    assert pixel_l2(a, b) == pytest.approx(np.sqrt((((a / 255.0) - (b / 255.0)) ** 2).sum()))
+    assert pixel_l2(a, a) == 0 and ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a, b) == pytest.approx(ssim(b, a)) and ssim(a, b) < 0.5
+    # two constant images: no variance, so SSIM = (2 x y + C1) / (x^2 + y^2 + C1) exactly
+    x, y = np.full((16, 16), 51, np.uint8), np.full((16, 16), 204, np.uint8)
+    c1 = 0.01 ** 2
+    assert ssim(x, y) == pytest.approx((2 * 0.2 * 0.8 + c1) / (0.2 ** 2 + 0.8 ** 2 + c1))
+    # the SSIM map at an interior pixel from explicitly weighted window statistics (Gaussian sigma 1.5, 11 x 11)
+    g = np.exp(-np.arange(-5, 6) ** 2 / (2 * 1.5 ** 2))
+    wgt = np.outer(g, g) / np.outer(g, g).sum()
+    pa, pb = a[3:14, 3:14, 0] / 255.0, b[3:14, 3:14, 0] / 255.0
+    ma, mb = (wgt * pa).sum(), (wgt * pb).sum()
+    va, vb, cab = (wgt * pa * pa).sum() - ma ** 2, (wgt * pb * pb).sum() - mb ** 2, (wgt * pa * pb).sum() - ma * mb
+    c2 = 0.03 ** 2
+    direct = (2 * ma * mb + c1) * (2 * cab + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
+    assert ssim_map(a, b)[8, 8, 0] == pytest.approx(direct, rel=1e-9)
+    with pytest.raises(ConfigError, match="at least 11x11"):
+        ssim(a[:8, :8], b[:8, :8])
+
+
+def test_paired_statistics_against_direct_computation():
+    from scipy.stats import wilcoxon
+
+    x, r = np.array([3.0, 2.5, 4.0, 1.0, 2.2]), np.array([1.0, 1.5, 1.0, 1.2, 0.2])
+    p = paired(x, r)
+    assert p["mean_diff"] == pytest.approx((x - r).mean())
+    assert p["p"] == pytest.approx(wilcoxon(x - r).pvalue)
+    assert p["ci"][0] <= p["mean_diff"] <= p["ci"][1]
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+
+def test_removal_sizes_targets_and_classes():
+    assert removal_count(0.05, N_DIGITS) == 81 and removal_count(100, N_DIGITS) == 100
+    for bad in (0, -3, N_DIGITS, 5000, 1e-9):
+        with pytest.raises(ConfigError, match="K must be at least 1|at least one image") as exc:
+            removal_count(bad, N_DIGITS)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="whole number"):
+        removal_count(2.5, N_DIGITS)
+    assert parse_targets("gen:0-2,gen:7") == (0, 1, 2, 7)
+    for bad in ("upload.png", "val:3", "train:0-4"):
+        with pytest.raises(ConfigError, match="only generated targets"):
+            parse_targets(bad)
+    assert parse_removals("0.05,100") == (0.05, 100.0)
+    with pytest.raises(ConfigError, match="unknown method"):
+        StudySpec(targets=(0,), methods=("random", "nope"), removals=(10,))
+    labels = np.array([0, 0, 1, 1, 2])
+    assert emptied_classes(np.array([2, 3]), labels, ["a", "b", "c"]) == ["b"]
+    assert emptied_classes(np.array([0, 2]), labels, ["a", "b", "c"]) == []
+
+
+def test_cli_bad_input_is_one_line(recipe_run, tmp_path, capsys):
+    from attribution.cli import main
+
+    from test_evaluation_bank import socket_closed_port
+
+    base = ["counterfactual", "--checkpoint", str(recipe_run), "--cache", str(tmp_path), "--steps", "2"]
+    cases = [(["--remove", "0"], "remove at least one image"),
+             (["--remove", str(N_DIGITS)], "below the training set size 1618"),
+             (["--targets", str(tmp_path / "upload.png")], "only generated targets"),
+             (["--clip-weights", str(tmp_path / "missing.pt"), "--methods", "random"], "CLIP weights file not found"),
+             (["--methods", "random,clip-cos"], "need CLIP weights")]
+    for extra, msg in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err, err
+    with socket_closed_port() as port:
+        start = time.monotonic()
+        assert main(base + ["--ray-address", f"127.0.0.1:{port}"]) == 2
+        assert time.monotonic() - start < 5
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no Ray cluster answers") and "\n" not in err
+    assert main(["counterfactual", "--checkpoint", str(recipe_run / "epoch-1" / "unet"), "--steps", "2"]) == 2
+    assert "not a training run folder" in capsys.readouterr().err
+    assert not list(tmp_path.glob("counterfactual/*/*/cells"))
+
+
+# -- end to end ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory) -> Path:
+    """The model to study: trained by the tiny-test recipe on the whole training split at seed 0 (a run folder)."""
+    from attribution.train import train
+
+    out = tmp_path_factory.mktemp("cf_model") / "run"
+    return train(get_recipe("tiny-test").train_config(out, None, 0, "cpu"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    with RayCluster(num_cpus=2) as cluster:
+        yield cluster
+
+
+def tiny_spec(**kw) -> StudySpec:
+    return StudySpec(**{"targets": (0, 1), "methods": ("random", "pixel-cos"), "removals": (100,), "steps": 3,
+                        "controls": True, "proj_dim": 512, **kw})
+
+
+@pytest.fixture(scope="module")
+def study(recipe_run, local_ray, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cf_cache")
+    report = run_study(source_from_checkpoint(str(recipe_run)), tiny_spec(), log=lambda m: None, cache=str(cache),
+                       cluster=local_ray)
+    return report, cache
+
+
+def test_end_to_end_study(study, recipe_run):
+    report, cache = study
+    assert (report.cells_total, report.cells_done_before, report.models_trained, report.models_reused) == (6, 0, 5, 0)
+    s = Study.load(report.folder)
+    assert report.folder.is_relative_to(cache / "counterfactual") and s.meta["status"] == "complete"
+    assert len(s.cells) == 6
+    from attribution.data import load_dataset
+
+    X = load_dataset("digits", "train").tensors().reshape(N_DIGITS, -1).double().numpy()
+    for c in s.cells:
+        removed, after = s.cell_arrays(c)
+        before = s.before(c["target"])
+        assert c["l2"] == pytest.approx(np.sqrt(((after / 255.0 - before / 255.0) ** 2).sum()))
+        assert c["ssim"] == pytest.approx(ssim(before, after))
+        if c["method"] == "pixel-cos":  # the top 100 by cosine of the target's pixels, computed directly
+            t = (before.astype(np.float64) / 127.5 - 1).transpose(2, 0, 1).ravel()
+            cos = X @ t / np.linalg.norm(X, axis=1) / np.linalg.norm(t)
+            assert set(removed.tolist()) == set(np.argsort(-cos)[:100].tolist())
+            assert removed[0] == np.argmax(cos)
+        if c["method"] == "random":
+            assert len(set(removed.tolist())) == 100
+        if c["method"] == "none":  # nothing removed, the model's own seed: the original image, bit for bit
+            assert len(removed) == 0 and c["identical"] and c["l2"] == 0 and np.array_equal(after, before)
+    rows = {(r["method"], r["direction"]): r for r in summary_rows(s)}
+    pc, rnd = rows[("pixel-cos", "proponents")], rows[("random", "proponents")]
+    by = {(c["method"], c["target"]): c["l2"] for c in s.cells}
+    assert pc["l2_vs_random"] == pytest.approx(np.mean([by["pixel-cos", t] - by["random", t] for t in (0, 1)]))
+    assert rnd["l2_median"] == pytest.approx(np.median([by["random", t] for t in (0, 1)]))
+    assert per_target(s, "l2", "proponents", 100, 0)["pixel-cos"] == {t: by["pixel-cos", t] for t in (0, 1)}
+    assert dose_response(s, "l2", "proponents", 0)["random"] == [(100, rnd["l2_median"])]
+
+
+def test_rerun_is_instant_and_removal_sets_are_reused(study, recipe_run, local_ray):
+    report, cache = study
+    markers = sorted((cache / "retrain").glob("*/*/retrain.json"))
+    assert len(markers) == 5
+    mtimes = [p.stat().st_mtime_ns for p in markers]
+    start = time.monotonic()
+    again = run_study(source_from_checkpoint(str(recipe_run)), tiny_spec(), log=lambda m: None, cache=str(cache))
+    assert time.monotonic() - start < 30  # no Ray, no training: loading the model and the scores
+    assert (again.cells_done_before, again.models_trained, again.models_reused) == (6, 0, 0)
+    # another study (other feature options: a new folder) with the same removal sets trains nothing
+    other = run_study(source_from_checkpoint(str(recipe_run)), tiny_spec(proj_dim=256), log=lambda m: None,
+                      cache=str(cache), cluster=local_ray)
+    assert other.folder != report.folder
+    assert (other.cells_done_before, other.models_trained, other.models_reused) == (0, 0, 5)
+    assert [p.stat().st_mtime_ns for p in sorted((cache / "retrain").glob("*/*/retrain.json"))] == mtimes
+    a, b = Study.load(report.folder), Study.load(other.folder)
+    assert {(c["method"], c["target"], c["l2"]) for c in a.cells} == {(c["method"], c["target"], c["l2"])
+                                                                      for c in b.cells}
+    # a run killed after some models: the cells of the missing model are redone from that model, nothing else
+    lost = next(c for c in b.cells if c["method"] == "random" and c["target"] == 1)
+    Path(other.folder, "cells", Cell(1, "random", "proponents", 100, 0).name + ".json").unlink()
+    resumed = run_study(source_from_checkpoint(str(recipe_run)), tiny_spec(proj_dim=256), log=lambda m: None,
+                        cache=str(cache), cluster=local_ray)
+    assert (resumed.cells_done_before, resumed.models_trained, resumed.models_reused) == (5, 0, 1)
+    again = next(c for c in Study.load(other.folder).cells if c["method"] == "random" and c["target"] == 1)
+    assert again["l2"] == lost["l2"] and again["model_hash"] == lost["model_hash"]
+
+
+def test_counterfactual_command_prints_the_study(study, recipe_run, capsys):
+    from attribution.cli import main
+
+    report, cache = study
+    assert main(["counterfactual", "--checkpoint", str(recipe_run), "--targets", "gen:0-1", "--methods",
+                 "random,pixel-cos", "--remove", "100", "--steps", "3", "--controls", "--proj-dim", "512",
+                 "--cache", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert str(report.folder) in out and "pixel-cos" in out and "100 = 6.2%" in out
+
+
+def test_counterfactual_page_shows_a_cached_study(study, tiny_run, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    report, cache = study
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(cache))
+    monkeypatch.setenv("ATTRIBUTION_BANKS", str(cache / "no-banks"))
+    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
+    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120).run()
+    at.switch_page("app_pages/counterfactual.py").run()
+    assert not at.exception, at.exception
+    at.selectbox(key="cf_method").set_value("pixel-cos").run()
+    at.selectbox(key="cf_target").set_value(1).run()
+    assert not at.exception, at.exception
+    captions = [img.caption for element in at.get("image") for img in element.proto.imgs]
+    assert "before (gen:1)" in captions and any(c.startswith("after: pixel-cos") for c in captions)
+    assert sum(c.startswith("removed #") for c in captions) >= 16
+    s = Study.load(report.folder)
+    cell = next(c for c in s.cells if c["method"] == "pixel-cos" and c["target"] == 1)
+    assert any(f"{cell['l2']:.3f}" in m.value for m in at.metric)
+    assert any("python -m attribution counterfactual --checkpoint" in c.value for c in at.code)
+
+
+def test_a_bank_is_a_source_and_keeps_its_studies(fake_bank_dir, tmp_path):
+    """--bank: the bank's model, recipe and seed; its studies go to the bank's counterfactual/ folder, which the page
+    lists. A bank without a recorded recipe is refused in one line."""
+    import json
+    import shutil
+
+    from attribution.evaluation.counterfactual import source_from_bank, study_folder
+    from attribution.evaluation.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match="does not record the recipe"):
+        source_from_bank(str(fake_bank_dir))
+    bank = tmp_path / "banks" / "withrecipe"
+    shutil.copytree(fake_bank_dir, bank)
+    meta = json.loads((bank / "bank.json").read_text())
+    meta["name"] = "withrecipe"
+    meta["identity"]["recipe"] = get_recipe("tiny-test").identity()
+    meta["model"] = {"seed": 3, "content_hash": "abc"}
+    (bank / "bank.json").write_text(json.dumps(meta))
+    source = source_from_bank(str(bank))
+    assert (source.seed, source.model_hash, source.label) == (3, "abc", "--bank withrecipe")
+    assert source.recipe.identity() == get_recipe("tiny-test").identity()
+    folder = study_folder(source, tiny_spec(), "datahash")
+    assert folder.parent == bank / "counterfactual"
+    assert study_folder(source, tiny_spec(proj_dim=256), "datahash") != folder
+
+
+def test_estimators_command_on_a_bank(fake_bank_dir, capsys):
+    from attribution.cli import main
+
+    assert main(["estimators", "--bank", str(fake_bank_dir), "--split", "val", "--resamples", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "LDS on the held-out subsets" in out and "Empirical Influence" in out and "Datamodels" in out
+
+
+def plant_study(folder: Path, targets=(0, 1, 2), methods=("random", "dtrak"), ks=(10, 40), seeds=(0, 1)) -> None:
+    """A study written by hand (no model, no retraining): every cell of targets x methods x both directions x ks x
+    seeds, with an 'after' image that differs from 'before' more for dtrak and for larger K."""
+    import json
+
+    from attribution.fileio import save_npz
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text(json.dumps({
+        "identity": {"model": "planted"}, "source": "--bank plant", "n_train": N_DIGITS, "dataset": "digits",
+        "status": "complete", "warnings": ["warning: dtrak removing 40 images for gen:2 leaves no image of class 7"],
+        "asked": {"targets": list(targets), "methods": list(methods), "removals": list(ks), "opponents": True,
+                  "seeds": len(seeds), "controls": False, "counts": list(ks)}}))
+    for t in targets:
+        before = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
+        save_npz(folder / "before" / f"gen-{t}.npz", pixels=before, seed=np.array(t))
+        for m in methods:
+            for d in ("proponents", "opponents"):
+                for k in ks:
+                    for s in seeds:
+                        cell = Cell(t, m, d, k, s)
+                        change = k * (3 if m == "dtrak" else 1) + 5 * s
+                        after = np.clip(before.astype(int) + rng.integers(-change, change + 1, before.shape), 0,
+                                        255).astype(np.uint8)
+                        save_npz(folder / "cells" / f"{cell.name}.npz", after=after,
+                                 removed=rng.choice(N_DIGITS, k, replace=False).astype(np.int32))
+                        rec = {"target": t, "method": m, "direction": d, "k": k, "seed": s,
+                               "l2": pixel_l2(before, after), "ssim": ssim(before, after), "identical": False,
+                               "train_seconds": 180.0, "hardware": "CPU test"}
+                        (folder / "cells" / f"{cell.name}.json").write_text(json.dumps(rec))
+
+
+def test_counterfactual_page_on_a_planted_bank_study(tmp_path, tiny_run, monkeypatch):
+    """A bank's study (banks/<name>/counterfactual/): opponents, two K (the dose-response curve), two seeds (the
+    seed-noise line), the class warning; the values shown are the planted cells' own."""
+    from streamlit.testing.v1 import AppTest
+
+    folder = tmp_path / "banks" / "plant" / "counterfactual" / "planted-study"
+    plant_study(folder)
+    monkeypatch.setenv("ATTRIBUTION_BANKS", str(tmp_path / "banks"))
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
+    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120).run()
+    at.switch_page("app_pages/counterfactual.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="cf_study").value == str(folder)
+    at.selectbox(key="cf_direction").set_value("opponents").run()
+    at.selectbox(key="cf_k").set_value(40).run()
+    at.selectbox(key="cf_seed").set_value(1).run()
+    at.selectbox(key="cf_method").set_value("dtrak").run()
+    at.selectbox(key="cf_target").set_value(2).run()
+    assert not at.exception, at.exception
+    rec = Study.load(folder)
+    cell = next(c for c in rec.cells if (c["method"], c["direction"], c["k"], c["seed"], c["target"])
+                == ("dtrak", "opponents", 40, 1, 2))
+    rnd = next(c for c in rec.cells if (c["method"], c["direction"], c["k"], c["seed"], c["target"])
+               == ("random", "opponents", 40, 1, 2))
+    l2 = next(m for m in at.metric if m.label == "pixel L2")
+    assert l2.value == f"{cell['l2']:.3f}" and l2.delta == f"{cell['l2'] - rnd['l2']:+.3f} vs random"
+    assert len(at.get("plotly_chart")) == 2  # the boxplots and the dose-response curve
+    assert any("leaves no image of class 7" in w.value for w in at.warning)
+    assert any("Retraining-seed noise" in c.value for c in at.caption)
+    table = at.dataframe[0].value
+    assert list(table["method"]) == ["random", "dtrak"]
+    assert "--opponents --seeds 2" in at.code[0].value and "--bank plant" in at.code[0].value
+
+
+def test_clip_cosine_is_added_to_finished_cells(tiny_clip_name, tmp_path):
+    """CLIP weights given to a study with finished cells (here a planted one): every cell gains the CLIP cosine of
+    its before/after images under that embedder, equal to a direct computation, and the summary reports it."""
+    import torch
+
+    from attribution.evaluation.counterfactual import _add_clip
+    from attribution.evaluation.image_metrics import to_tensor
+    from attribution.features.embeddings import ClipEmbedder
+
+    folder = tmp_path / "study"
+    plant_study(folder, targets=(0, 1), ks=(10,), seeds=(0,))
+    torch.save(ClipEmbedder.random(tiny_clip_name, seed=2).model.state_dict(), tmp_path / "clip.pt")
+    emb = ClipEmbedder.from_file(tmp_path / "clip.pt", tiny_clip_name)
+    s = Study.load(folder)
+    _add_clip(folder, emb, {t: s.before(t) for t in (0, 1)})
+    s = Study.load(folder)
+    assert len(s.cells) == 8
+    for c in s.cells:
+        a = emb.embed(to_tensor(s.before(c["target"])[None]))[0].astype(np.float64)
+        b = emb.embed(to_tensor(s.cell_arrays(c)[1][None]))[0].astype(np.float64)
+        assert c["clip"] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), abs=1e-6)
+        assert c["clip_identity"] == emb.identity
+    assert all(r["clip_median"] is not None for r in summary_rows(s))
