@@ -64,7 +64,7 @@ try:
         i = c2.number_input("Index", 0, run.run.n - 1, 0, key="mg_train_index")
         pixels, label = run.dataset.pixels[int(i)], f"train:{i}"
     elif source == "Validation image":
-        from attribution.data import load_dataset
+        from attribution.data import load_dataset  # noqa: PLC0415 (only the query picker needs the dataset)
 
         val = load_dataset(spec.dataset, "val", resolution=spec.resolution, channels=1)
         i = c2.number_input("Index", 0, len(val) - 1, 0, key="mg_val_index")

@@ -36,15 +36,29 @@ import torch
 from .data import ImageDataset, training_dataset_of
 from .errors import ConfigError
 from .features.config import FeatureConfig
+from .features.curvature import EKFAC, CurvatureSpec, fit_ekfac, layout
 from .features.embeddings import make_embedder
 from .features.gradients import param_count, per_sample_gradients
-from .features.projectors import SCALING, default_projector, make_projector, matrix_identity
+from .features.projectors import (
+    SCALING,
+    default_projector,
+    make_projector,
+    matrix_identity,
+)
+from .features.residuals import RESIDUAL_TIMESTEPS, ROW_STATISTICS, row_statistic
 from .features.timesteps import training_timesteps
 from .kernel import Kernel, check_lambda
 from .methods import Method, TrainFeatures
 from .models import load_model
 from .models.adapter import DiffusionModel
-from .store import CurvatureStore, FeatureStore, cache_root, record_throughput, recorded_throughput, stats_dir
+from .store import (
+    CurvatureStore,
+    FeatureStore,
+    cache_root,
+    record_throughput,
+    recorded_throughput,
+    stats_dir,
+)
 from .targets import Targets
 
 Progress = Callable[[int, int, str], None]
@@ -70,7 +84,6 @@ class Attributor:
         else:
             self.grad_dim = param_count(model, features.params)
             if features.curvature:  # whitened gradients (influence functions): the tracked layers' dimension
-                from .features.curvature import CurvatureSpec, layout
 
                 self.curvature_spec = CurvatureSpec(seed=features.seed, params=features.params)
                 self.grad_dim = layout(model, features.params).dim
@@ -207,7 +220,6 @@ class Attributor:
         """The EK-FAC factors of this checkpoint's training loss on the training set (fitted once, cached under
         cache/curvature/, resumable; see `features.curvature`)."""
         if self._ekfac is None:
-            from .features.curvature import EKFAC, fit_ekfac, layout
 
             lay = layout(self.model, self.cfg.params)
             identity = {"checkpoint": self.identity["checkpoint"], "dataset": self.train.spec,
@@ -232,7 +244,6 @@ class Attributor:
     def row_statistic(self, name: str, progress: Progress | None = None) -> np.ndarray:
         """A per-training-row statistic (`features.residuals`), computed in batches into a one-column store
         under cache/stats/ (resumable, like features)."""
-        from .features.residuals import RESIDUAL_TIMESTEPS, ROW_STATISTICS, row_statistic
 
         if name not in ROW_STATISTICS:
             raise ConfigError(f"unknown row statistic {name!r}; use one of: {', '.join(ROW_STATISTICS)}")

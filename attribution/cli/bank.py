@@ -43,16 +43,16 @@ def add_commands(sub) -> None:
 
 
 def cmd_bank_build(args) -> int:
-    import os
+    import os  # lazy: keeps the start of the other commands fast
 
-    from ..errors import ConfigError
-    from ..evaluation.ray_engine import probe_address
+    from ..errors import ConfigError  # lazy: keeps the start of the other commands fast
+    from ..evaluation.ray_engine import probe_address  # lazy: keeps the start of the other commands fast
 
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_address(address)  # fail in seconds, before torch is even imported
-    from ..evaluation.bank import BankSpec, build_bank
-    from ..evaluation.recipes import get_recipe, recipe_from_run
+    from ..evaluation.bank import BankSpec, build_bank  # lazy: keeps the start of the other commands fast
+    from ..evaluation.recipes import get_recipe, recipe_from_run  # lazy: keeps the start of the other commands fast
 
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be at least 1, got {args.num_cpus}")
@@ -68,14 +68,14 @@ def cmd_bank_build(args) -> int:
 
 
 def cmd_bank_checkpoints(args) -> int:
-    from ..evaluation.bank import Bank, build_checkpoint_run
+    from ..evaluation.bank import Bank, build_checkpoint_run  # lazy: keeps the start of the other commands fast
 
     print(build_checkpoint_run(Bank.load(args.name), args.checkpoints, log=info))
     return 0
 
 
 def cmd_bank_info(args) -> int:
-    from ..evaluation.bank import Bank
+    from ..evaluation.bank import Bank  # lazy: keeps the start of the other commands fast
 
     print(Bank.load(args.bank).summary())
     return 0

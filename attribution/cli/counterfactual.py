@@ -64,18 +64,18 @@ def _fmt(v, spec: str = "+.3f") -> str:
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> int:
-    import os
+    import os  # lazy: keeps the start of the other commands fast
 
-    from ..evaluation.ray_engine import probe_address
+    from ..evaluation.ray_engine import probe_address  # lazy: keeps the start of the other commands fast
 
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_address(address)  # fail in seconds, before any model is loaded
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be at least 1, got {args.num_cpus}")
-    from ..evaluation.counterfactual import (StudySpec, Study, parse_removals, parse_targets, run_study,
+    from ..evaluation.counterfactual import (StudySpec, Study, parse_removals, parse_targets, run_study,  # lazy: keeps the start of the other commands fast
                                              source_from_bank, source_from_checkpoint)
-    from ..evaluation.counterfactual_stats import seed_noise, summary_rows
+    from ..evaluation.counterfactual_stats import seed_noise, summary_rows  # lazy: keeps the start of the other commands fast
 
     targets = parse_targets(args.targets)
     removals = parse_removals(args.remove_grid or args.remove)
@@ -84,7 +84,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     if args.bank:
         source = source_from_bank(args.bank)
         if steps is None:
-            from ..evaluation.bank import Bank
+            from ..evaluation.bank import Bank  # lazy: keeps the start of the other commands fast
 
             steps = int(Bank.load(args.bank).meta["identity"].get("gen_steps", 50))
     else:
@@ -119,11 +119,11 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
 
 
 def cmd_estimators(args: argparse.Namespace) -> int:
-    import numpy as np
+    import numpy as np  # lazy: keeps the start of the other commands fast
 
-    from ..evaluation.bank import Bank
-    from ..evaluation.evaluate import SPLITS, finished_bank, score_bank
-    from ..evaluation.retraining_estimators import heldout_lds_table
+    from ..evaluation.bank import Bank  # lazy: keeps the start of the other commands fast
+    from ..evaluation.evaluate import SPLITS, finished_bank, score_bank  # lazy: keeps the start of the other commands fast
+    from ..evaluation.retraining_estimators import heldout_lds_table  # lazy: keeps the start of the other commands fast
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     for s in splits:

@@ -68,11 +68,11 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def cmd_lds(args: argparse.Namespace) -> int:
     # lazy: the engine, diffusers and plotly add seconds to the start of every other command
-    from ..evaluation.bank import Bank
-    from ..evaluation.evaluate import (SPLITS, check_external_scores, finished_bank, lambda_report, lds_table,
+    from ..evaluation.bank import Bank  # lazy: keeps the start of the other commands fast
+    from ..evaluation.evaluate import (SPLITS, check_external_scores, finished_bank, lambda_report, lds_table,  # lazy: keeps the start of the other commands fast
                                        option_sweep, score_bank)
-    from ..figures import lds_lambda_figure, lds_option_figure
-    from ..methods import get_method
+    from ..figures import lds_lambda_figure, lds_option_figure  # lazy: keeps the start of the other commands fast
+    from ..methods import get_method  # lazy: keeps the start of the other commands fast
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     for s in splits:

@@ -18,9 +18,9 @@ from .common import info, progress_bar
 
 
 def _recipe_args(p) -> None:
-    from ..magic.runs import OdeConfig
-    from ..magic.score_model import ScoreModelConfig
-    from ..magic.weighted_train import TrainConfig
+    from ..magic.runs import OdeConfig  # lazy: keeps the start of the other commands fast
+    from ..magic.score_model import ScoreModelConfig  # lazy: keeps the start of the other commands fast
+    from ..magic.weighted_train import TrainConfig  # lazy: keeps the start of the other commands fast
 
     m, t, o = ScoreModelConfig(), TrainConfig(), OdeConfig()
     p.add_argument("--dataset", default="digits", help="training set (grayscale; default digits)")
@@ -40,9 +40,9 @@ def _recipe_args(p) -> None:
 
 
 def _spec(args):
-    from ..magic.runs import MagicSpec, OdeConfig
-    from ..magic.score_model import ScoreModelConfig
-    from ..magic.weighted_train import TrainConfig
+    from ..magic.runs import MagicSpec, OdeConfig  # lazy: keeps the start of the other commands fast
+    from ..magic.score_model import ScoreModelConfig  # lazy: keeps the start of the other commands fast
+    from ..magic.weighted_train import TrainConfig  # lazy: keeps the start of the other commands fast
 
     if args.resolution < 2:
         raise ConfigError(f"--resolution must be at least 2, got {args.resolution}")
@@ -96,8 +96,8 @@ def add_commands(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from ..magic.query import train_run
-    from ..magic.runs import MagicRun
+    from ..magic.query import train_run  # lazy: keeps the start of the other commands fast
+    from ..magic.runs import MagicRun  # lazy: keeps the start of the other commands fast
 
     spec = _spec(args)
     run = MagicRun(spec, root=args.cache)
@@ -119,15 +119,15 @@ def _query_pixels(run, args) -> tuple[np.ndarray, str]:
         return run.image_pixels(args.image), args.image
     if args.train_index is not None:
         return run.dataset.pixels[run.dataset.check_index(args.train_index)], f"train:{args.train_index}"
-    from ..data import load_dataset
+    from ..data import load_dataset  # lazy: keeps the start of the other commands fast
 
     val = load_dataset(run.spec.dataset, "val", resolution=run.spec.resolution, channels=1)
     return val.pixels[val.check_index(args.val_index)], f"val:{args.val_index}"
 
 
 def cmd_query(args) -> int:
-    from ..magic.query import query_metagradient
-    from ..magic.runs import open_run
+    from ..magic.query import query_metagradient  # lazy: keeps the start of the other commands fast
+    from ..magic.runs import open_run  # lazy: keeps the start of the other commands fast
 
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
@@ -146,7 +146,7 @@ def cmd_query(args) -> int:
            "most_helpful": [{"index": int(i), "score": float(grad[i])} for i in order[:args.top]],
            "most_harmful": [{"index": int(i), "score": float(grad[i])} for i in order[::-1][:args.top]]}
     if args.out:
-        from ..fileio import write_json
+        from ..fileio import write_json  # lazy: keeps the start of the other commands fast
 
         write_json(Path(args.out), {**out, "scores": grad.tolist()})
     print(json.dumps(out, indent=1))
@@ -165,8 +165,8 @@ def _stage_progress():
 
 
 def cmd_validate(args) -> int:
-    from ..magic.runs import open_run
-    from ..magic.validate import check_fraction, evaluate, finite_difference_check, retrain
+    from ..magic.runs import open_run  # lazy: keeps the start of the other commands fast
+    from ..magic.validate import check_fraction, evaluate, finite_difference_check, retrain  # lazy: keeps the start of the other commands fast
 
     check_fraction(args.fraction)
     if args.workers < 1:
@@ -191,16 +191,16 @@ def cmd_validate(args) -> int:
         print(f"query {q['id']}: Spearman {r['spearman']:.3f} [{lo:.3f}, {hi:.3f}] over {r['n_sets']} sets "
               f"(Pearson {r['pearson']:.3f})")
     if args.out:
-        from ..fileio import write_json
+        from ..fileio import write_json  # lazy: keeps the start of the other commands fast
 
         write_json(Path(args.out), {"fraction": args.fraction, "results": results})
     return 0
 
 
 def cmd_smoothness(args) -> int:
-    from ..magic.runs import load_training_data
-    from ..magic.score_model import ScoreModel
-    from ..magic.smoothness import smoothness_grid
+    from ..magic.runs import load_training_data  # lazy: keeps the start of the other commands fast
+    from ..magic.score_model import ScoreModel  # lazy: keeps the start of the other commands fast
+    from ..magic.smoothness import smoothness_grid  # lazy: keeps the start of the other commands fast
 
     def floats(s, name):
         try:
@@ -215,7 +215,7 @@ def cmd_smoothness(args) -> int:
                            lrs=floats(args.lrs, "lrs"), eps_roots=floats(args.eps_roots, "eps-roots"), h=args.h,
                            progress=lambda i, n, r: info(f"[{i}/{n}] {json.dumps(r)}"))
     if args.out:
-        from ..fileio import write_json
+        from ..fileio import write_json  # lazy: keeps the start of the other commands fast
 
         write_json(Path(args.out), {"rows": rows})
     print(json.dumps(rows, indent=1))

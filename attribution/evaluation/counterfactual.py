@@ -41,10 +41,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import load_dataset
+from ..data.images import tensor_to_pixels
+from ..engine import open_attribution
 from ..errors import ConfigError
+from ..features.embeddings import ClipEmbedder
 from ..fileio import read_json, save_npz, write_json
-from .ray_engine import ProgressMeter, RayCluster, hardware, probe_address, single_thread
-from .recipes import Recipe
+from ..methods import METHODS, get_method
+from ..models import load_model
+from ..models.checkpoint import resolve_checkpoint
+from ..sampling import SAMPLERS, sample
+from ..store import counterfactual_dir, identity_hash, retrain_dir
+from ..targets import Generated, Targets
+from ..train import index_hash
+from .bank import Bank, train_task
+from .image_metrics import clip_cosines, pixel_l2, ssim, to_tensor
+from .ray_engine import (
+    ProgressMeter,
+    RayCluster,
+    hardware,
+    probe_address,
+    single_thread,
+)
+from .recipes import Recipe, recipe_from_run
 
 RANDOM = "random"
 CONTROL = "none"
@@ -123,8 +142,6 @@ class StudySpec:
     clip_model: str = "ViT-B-32"
 
     def __post_init__(self):
-        from ..methods import METHODS
-        from ..sampling import SAMPLERS
 
         if not self.targets:
             raise ConfigError("give at least one target, e.g. --targets gen:0-9")
@@ -174,7 +191,6 @@ class Source:
 
 def source_from_bank(name_or_path: str) -> Source:
     """A bank's model and recipe (the model was trained by the recipe on the full split at the bank's seed)."""
-    from .bank import Bank
 
     bank = Bank.load(name_or_path)
     meta = bank.meta
@@ -189,8 +205,6 @@ def source_from_bank(name_or_path: str) -> Source:
 
 def source_from_checkpoint(spec: str) -> Source:
     """A training run's final checkpoint and the recipe and seed in its run.json."""
-    from ..models.checkpoint import resolve_checkpoint
-    from .recipes import recipe_from_run
 
     info = resolve_checkpoint(spec)
     if info.run_dir is None or not (info.run_dir / "run.json").is_file():
@@ -205,13 +219,11 @@ def source_from_checkpoint(spec: str) -> Source:
 
 
 def _weights_hash(model_spec: str) -> str:
-    from ..models.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint(model_spec).content_hash()
 
 
 def study_folder(source: Source, spec: StudySpec, dataset_hash: str, cache: str | None = None) -> Path:
-    from ..store import counterfactual_dir, identity_hash
 
     identity = source.identity(spec, dataset_hash)
     slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}"
@@ -265,8 +277,6 @@ def emptied_classes(removed: np.ndarray, labels: np.ndarray, names: list[str]) -
 def regenerate(model, seeds, steps: int, sampler: str) -> np.ndarray:
     """uint8 (len(seeds), H, W, C): each seed's image sampled alone on one torch thread, as 8-bit pixels (the same
     call for the original and every retrained model, so an unchanged model gives the same bits)."""
-    from ..data.images import tensor_to_pixels
-    from ..sampling import sample
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -280,8 +290,6 @@ def regenerate(model, seeds, steps: int, sampler: str) -> np.ndarray:
 def retrain_generate_task(job: dict, seeds: list[int], steps: int, sampler: str) -> dict:
     """Ray task: train the model of one removal set (unless its completion marker exists), then regenerate the
     targets that need it. Returns the train record, the images and whether it trained now."""
-    from ..models import load_model
-    from .bank import train_task
 
     if job["device"] == "cpu":
         single_thread()
@@ -311,10 +319,6 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
               num_cpus: int | None = None, progress=None, log=print, cache: str | None = None,
               cluster: RayCluster | None = None) -> RunReport:
     """Compute every missing cell of `spec` (see the module docstring); return what was done."""
-    from ..data import load_dataset
-    from ..models import load_model
-    from ..store import retrain_dir
-    from ..train import index_hash
 
     start = time.time()
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -333,7 +337,6 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
                           "options); use another --out or delete it")
     embedder = None
     if spec.clip_weights:
-        from ..features.embeddings import ClipEmbedder
 
         embedder = ClipEmbedder.from_file(spec.clip_weights, spec.clip_model)  # one line when missing
     methods = [m for m in spec.methods if m != RANDOM]
@@ -393,7 +396,7 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
                            "asked": {**asdict(spec), "counts": counts}, "status": "running"})
     failures: list[str] = []
     if groups:
-        import ray
+        import ray  # lazy: importing Ray takes seconds; only a running cluster needs it
 
         with contextlib.nullcontext(cluster) if cluster else RayCluster(address, num_cpus) as cl:
             log(f"running on {cl.describe()}")
@@ -435,8 +438,6 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
 
 
 def _open_attributions(source: Source, spec: StudySpec, methods: list[str], cache: str | None) -> dict:
-    from ..engine import open_attribution
-    from ..methods import get_method
 
     out = {}
     for m in methods:
@@ -450,8 +451,6 @@ def _open_attributions(source: Source, spec: StudySpec, methods: list[str], cach
 def _method_scores(folder: Path, method: str, attribution, spec: StudySpec, before: dict, progress, log,
                    ) -> np.ndarray:
     """(T, N) float32 scores of the study's targets (in spec.targets order), cached in scores/<method>.npz."""
-    from ..targets import Generated, Targets
-    from .image_metrics import to_tensor
 
     path = folder / "scores" / f"{method}.npz"
     have: dict[int, np.ndarray] = {}
@@ -474,7 +473,6 @@ def _method_scores(folder: Path, method: str, attribution, spec: StudySpec, befo
 
 def _write_cell(folder: Path, cell: Cell, removed: np.ndarray, after: np.ndarray, before: np.ndarray,
                 result: dict, job: dict) -> None:
-    from .image_metrics import pixel_l2, ssim
 
     save_npz(folder / "cells" / f"{cell.name}.npz", removed=removed.astype(np.int32), after=after)
     record = result["record"]
@@ -487,7 +485,6 @@ def _write_cell(folder: Path, cell: Cell, removed: np.ndarray, after: np.ndarray
 
 def _add_clip(folder: Path, embedder, before: dict) -> None:
     """CLIP cosine of every finished cell that lacks it for this embedder."""
-    from .image_metrics import clip_cosines
 
     todo = []
     for p in sorted((folder / "cells").glob("*.json")):

@@ -36,7 +36,7 @@ def _group(study: Study) -> dict[tuple, dict[int, dict]]:
 
 def paired(x: np.ndarray, r: np.ndarray, seed: int = 0) -> dict:
     """x - r per target: mean with its bootstrap CI over targets, median, and the Wilcoxon signed-rank p."""
-    from scipy.stats import wilcoxon
+    from scipy.stats import wilcoxon  # lazy: scipy submodules load slowly and only this step needs them
 
     d = np.asarray(x, dtype=np.float64) - np.asarray(r, dtype=np.float64)
     out = {"n": int(d.size), "mean_diff": float(d.mean()) if d.size else float("nan"),

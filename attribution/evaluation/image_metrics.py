@@ -56,7 +56,7 @@ def ssim_window() -> int:
 
 def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The per-pixel SSIM (H, W, C) before cropping and averaging (reflect padding at the borders)."""
-    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import gaussian_filter  # lazy: scipy submodules load slowly and only this step needs them
 
     x, y = _pair(a, b)
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
@@ -81,7 +81,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 def to_tensor(pixels: np.ndarray):
     """uint8 (M, H, W, C) -> float32 (M, C, H, W) in [-1, 1] (the model's and the embedders' convention)."""
-    import torch
+    import torch  # lazy: only the CLIP metric needs torch
 
     x = np.asarray(pixels)
     if x.ndim == 3:

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..errors import ConfigError
+from .evaluate import split_rows
 from .lds import LdsTable, evaluate, ground_truth
 
 ESTIMATORS = {"ei": "Empirical Influence", "datamodels": "Datamodels"}
@@ -128,7 +129,6 @@ def heldout_lds_table(bank, named_scores: Mapping[str, np.ndarray], split: str =
                       tuple(ESTIMATORS), n_resamples: int = 1000) -> tuple[LdsTable, dict]:
     """LDS of the retraining estimators (fitted on one part of the bank's finished subsets) beside any other
     (T, N) scores, all on the held-out subsets only; returns the table and a note of the split."""
-    from .evaluate import split_rows
 
     done = bank.finished()
     fit, held = holdout_split(len(done.masks), fit_fraction, seed)

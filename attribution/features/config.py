@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
+from .curvature import check_damping
 from .gradients import GradientSpec
 from .outputs import OUTPUT_FUNCTIONS
 from .projectors import PROJECTORS, check_fast_jl_dim
@@ -84,8 +85,6 @@ class FeatureConfig:
         if self.damping is not None:
             if self.curvature is None:
                 raise ConfigError("damping applies to the influence-function (EK-FAC) method only: use --method ekfac")
-            from .curvature import check_damping
-
             check_damping(self.damping)
         if self.fn != "interp" and self.eta != 1.0:
             raise ConfigError("eta applies only to the Simple/Square interpolation: use --fn interp with --eta")

@@ -180,7 +180,7 @@ class TrakCudaProjector(Projector):
         if device.type != "cuda" or not fast_jl_available():
             raise ConfigError("projector 'trak-cuda' needs a CUDA device and the fast_jl package; use sjlt")
         # optional: traker's CUDA projector
-        from trak.projectors import ChunkedCudaProjector, CudaProjector, ProjectionType
+        from trak.projectors import ChunkedCudaProjector, CudaProjector, ProjectionType  # optional: traker's CUDA projector (GPU only)
 
         self.chunks = fast_jl_chunks(grad_dim)
         parts = [CudaProjector(grad_dim=size, proj_dim=proj_dim, seed=seed + c, proj_type=ProjectionType.normal,

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import load_dataset
+from ..data.images import open_image
 from ..errors import CheckpointError, ConfigError, ImageError
 from ..fileio import atomic_path, save_npz, write_json
-from ..store import identity_hash, magic_run_dir
+from ..store import identity_hash, magic_root, magic_run_dir
 from .likelihood import bits_per_dim, check_steps, time_grid
 from .score_model import ScoreModel, ScoreModelConfig, marginal_std
 from .weighted_train import TrainConfig, WeightedRun
@@ -72,7 +74,6 @@ class MagicSpec:
 
 def load_training_data(dataset: str, resolution: int) -> tuple[torch.Tensor, object]:
     """(flat images in [0, 1] (N, D) float64, the ImageDataset), grayscale at the given resolution."""
-    from ..data import load_dataset
 
     ds = load_dataset(dataset, "train", resolution=resolution, channels=1)
     x = torch.from_numpy(ds.pixels.reshape(len(ds), -1).astype(np.float64) / 255.0)
@@ -138,7 +139,6 @@ class MagicRun:
 
     def image_pixels(self, source, name: str | None = None) -> np.ndarray:
         """Pixels of an image file (path or bytes); refuse colour images (size is checked by query_vector)."""
-        from ..data.images import open_image
 
         img = open_image(source, name)
         label = name or (str(source) if not isinstance(source, bytes) else "upload")
@@ -200,14 +200,14 @@ class MagicRun:
 
 
 def save_theta(path: Path, theta: torch.Tensor) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: only saving/loading a run needs it
 
     with atomic_path(path) as tmp:
         save_file({"theta": theta.detach().contiguous().cpu()}, str(tmp))
 
 
 def load_theta(path: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: only saving/loading a run needs it
 
     return load_file(str(path))["theta"]
 
@@ -238,6 +238,5 @@ def open_run(path: str | os.PathLike) -> MagicRun:
 
 
 def list_runs(root=None) -> list[Path]:
-    from ..store import magic_root
 
     return sorted(p.parent for p in magic_root(root).glob("*/run.json"))

@@ -20,7 +20,8 @@ import torch
 
 from ..errors import ConfigError
 from ..fileio import write_json
-from .runs import MagicRun, load_theta, save_theta
+from ..store import REPO_ROOT
+from .runs import MagicRun, load_theta, open_run, save_theta
 
 
 def check_fraction(fraction: float) -> float:
@@ -51,7 +52,6 @@ def _retrain_one(run: MagicRun, removed: np.ndarray) -> torch.Tensor:
 
 def _ray_retrain(run_path: str, removed: np.ndarray, target: str) -> str:
     torch.set_num_threads(1)
-    from .runs import open_run
 
     run = open_run(run_path)
     save_theta(Path(target), _retrain_one(run, removed))
@@ -70,13 +70,12 @@ def retrain(run: MagicRun, fraction: float, n_sets: int, seed: int = 0, workers:
         progress(done, len(sets))
     if workers > 1 and todo:
         try:
-            import ray
+            import ray  # lazy: importing Ray takes seconds; only a running cluster needs it
         except ImportError:
             raise ConfigError("--workers > 1 runs retrains on Ray, which is not installed: pip install ray "
                               "(or use --workers 1)") from None
 
         # address="local": always a private cluster, never one another job on this machine started
-        from ..store import REPO_ROOT
 
         ray.init(address="local", num_cpus=workers, include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
@@ -99,7 +98,7 @@ def retrain(run: MagicRun, fraction: float, n_sets: int, seed: int = 0, workers:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # lazy: scipy submodules load slowly and only this step needs them
 
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")

@@ -218,7 +218,7 @@ def test_counterfactual_page_shows_a_cached_study(study, tiny_run, monkeypatch):
     monkeypatch.setenv("ATTRIBUTION_BANKS", str(cache / "no-banks"))
     monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
     monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120).run()
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "app.py"), default_timeout=120).run()
     at.switch_page("app_pages/counterfactual.py").run()
     assert not at.exception, at.exception
     at.selectbox(key="cf_method").set_value("pixel-cos").run()
@@ -311,7 +311,7 @@ def test_counterfactual_page_on_a_planted_bank_study(tmp_path, tiny_run, monkeyp
     monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
     monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120).run()
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "app.py"), default_timeout=120).run()
     at.switch_page("app_pages/counterfactual.py").run()
     assert not at.exception, at.exception
     assert at.selectbox(key="cf_study").value == str(folder)
