@@ -7,7 +7,8 @@ Each entry of --methods is METHOD or METHOD:FN (an output function of D-TRAK, e.
 on the bank's own model (checkpoint methods on its checkpoint run: `python -m attribution bank checkpoints`) with the
 same feature options (K, k, projector, seed) and evaluated together, so the paired differences use the same
 bootstrap resamples. Features are cached (a rerun costs only the statistics); the wall time of each method's
-featurization and target features is recorded on first computation.
+featurization and target features is recorded on first computation in timing.json (load-dependent: quote it with
+the machine's load).
 
 Writes to --out: lds.csv (every row of both splits), lambda.csv (default / GCV / LDS-optimal λ per method and
 split) and lds.md (the markdown tables pasted into BENCHMARKS.md). Methods that cannot run (CLIP without weights)
@@ -23,11 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attribution.errors import AttributionError  # noqa: E402
 from attribution.evaluation.bank import Bank  # noqa: E402
-from attribution.evaluation.evaluate import lambda_report, lds_table, score_bank  # noqa: E402
+from attribution.evaluation.evaluate import BankRun, lambda_report, lds_table, open_on_bank, score_bank  # noqa: E402
 from attribution.methods import METHODS, get_method  # noqa: E402
 
 DEFAULT = ("dtrak,dtrak:simple,dtrak:l2,trak,journey-trak,grad-dot,grad-cos,relative-if,renorm-if,tracin,retrac,"
@@ -47,9 +50,12 @@ def main() -> int:
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--cache", default=None)
     p.add_argument("--out", required=True)
+    p.add_argument("--work", default="/tmp/lds-table-work", help="bank targets' features per method (reruns reuse)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     bank = Bank.load(args.bank)
     timing_path = out / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
@@ -60,21 +66,30 @@ def main() -> int:
             skipped[entry] = "not a registered method"
             continue
         label = entry if fn else method
-        if get_method(method).default_fn and not fn and not get_method(method).fixed_fn:
+        if not fn and len(get_method(method).fn_choices()) > 1:
             label = f"{method}:{get_method(method).default_fn}"
         start = time.time()
+        options = dict(fn=fn or None, timesteps=args.timesteps, proj_dim=args.proj_dim, cache=args.cache)
+        saved = work / f"G-{label.replace(':', '-')}-K{args.timesteps}-k{args.proj_dim}.npz"
         try:
-            runs[label] = score_bank(bank, method, device="cpu", fn=fn or None, timesteps=args.timesteps,
-                                     proj_dim=args.proj_dim, cache=args.cache)
+            if saved.is_file():  # the bank targets' features from an earlier run (features stay in the cache)
+                attribution = open_on_bank(bank, method, "cpu", **options)
+                attribution.featurize()
+                with np.load(saved) as z:
+                    G = [z[f"G{i}"] for i in range(len(z.files))]
+                runs[label] = BankRun(method, attribution, G, attribution.resolve_lambda(None), options)
+            else:
+                runs[label] = score_bank(bank, method, device="cpu", **options)
+                np.savez(saved, **{f"G{i}": g for i, g in enumerate(runs[label].G)})
         except AttributionError as exc:
             skipped[entry] = str(exc)
             print(f"{entry}: skipped ({exc})", flush=True)
             continue
         seconds = time.time() - start
-        if seconds > 30 or label not in timing:  # a cache hit does not overwrite the first measurement
-            timing[label] = round(seconds, 1)
+        timing.setdefault(label, round(seconds, 1))  # the first computation (featurizing included); reruns reuse
         print(f"{label}: scored in {seconds:.0f} s", flush=True)
         timing_path.write_text(json.dumps(timing, indent=1))
+    bank = Bank.load(args.bank)  # again: a bank still building has more outputs by now
     named = {k: r.scores() for k, r in runs.items()}
     rows, lam_rows, md = [], [], []
     done = bank.finished()
@@ -85,13 +100,12 @@ def main() -> int:
         table = lds_table(bank, named, split, n_resamples=args.resamples)
         md.append(f"\n**{split} targets** ({table.shape['targets']}); common mode "
                   f"{table.common_mode_share:.0%} of F's across-subset variance\n")
-        md.append("| method | LDS [95% CI] | centered LDS [95% CI] | features + targets (s) |")
-        md.append("|---|---|---|---|")
+        md.append("| method | LDS [95% CI] | centered LDS [95% CI] |")
+        md.append("|---|---|---|")
         for r in table.rows():
             rows.append({"split": split, **r})
             md.append(f"| {r['name']} | {fmt(r['standard'], r['standard_ci_two_way_low'], r['standard_ci_two_way_high'])}"
-                      f" | {fmt(r['centered'], r['centered_ci_two_way_low'], r['centered_ci_two_way_high'])} | "
-                      f"{timing.get(r['name'], '')} |")
+                      f" | {fmt(r['centered'], r['centered_ci_two_way_low'], r['centered_ci_two_way_high'])} |")
         best = max(table.methods, key=lambda k: table.methods[k].standard.value)
         real = [d for d in table.differences() if best in (d.a, d.b) and d.real]
         md.append(f"\nBest: {best}; differences from it outside their two-way CI: "
