@@ -258,7 +258,7 @@ def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_pa
     monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(folder / "model"))
     monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
     monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=600).run()
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "app.py"), default_timeout=600).run()
     at.switch_page("app_pages/attribute.py").run()
     at.radio(key="attr_source").set_value("Validation image").run()
     at.number_input(key="attr_K").set_value(1)
