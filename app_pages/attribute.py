@@ -6,7 +6,7 @@ import streamlit as st
 
 from attribution.data import pixels_to_pil, tensor_to_pixels
 from attribution.errors import AttributionError
-from attribution.methods import METHODS
+from attribution.methods import METHODS, RECOMMENDED_METHOD
 from attribution.run_options import RunOptions
 from attribution.store import cache_root
 from app_pages._attr import (METHOD_TITLES, OPTION, PROJ_DIMS, PROJECTORS, cached_attribution, choose_target,
@@ -36,8 +36,11 @@ st.image(pixels_to_pil(tensor_to_pixels(target.images[0]), size), output_format=
 # -- 2. method and options (a form: nothing runs until Run) --------------------------------------------------------
 st.subheader("Method")
 c1, c2, c3 = st.columns(3)  # outside the form: what they choose decides which other controls apply
-method = option_widget(c1, "method", "attr_method", format_func=METHOD_TITLES.get)
-c1.caption(METHODS[method].summary[:1].upper() + METHODS[method].summary[1:] + ".")  # what the method measures
+method = option_widget(c1, "method", "attr_method",
+                       format_func=lambda m: METHOD_TITLES[m] + (" (recommended)" if m == RECOMMENDED_METHOD else ""))
+c1.caption(METHODS[method].summary[:1].upper() + METHODS[method].summary[1:] + "."  # what the method measures
+           + (" Recommended: the highest LDS of the gradient methods on the digits bank (Evaluation page)."
+              if method == RECOMMENDED_METHOD else ""))
 fn, eta = None, None
 if len(METHODS[method]().fn_choices()) > 1:
     fn = option_widget(c2, "fn", "attr_fn", choices=feature_fn_options(method))

@@ -601,14 +601,15 @@ def test_methods_match_their_formulas(featurized):
     att, X, G = featurized
     # the checkpoint methods (tracin, retrac, tracincp, gas) are tested in test_tracin.py, journey-trak in
     # test_journey.py (its target features come from a sampling trajectory), the similarity baselines in
-    # test_embeddings.py
+    # test_embeddings.py, DAS and EK-FAC (their own per-row weights and whitened features) in test_das_ekfac.py
     from attribution.methods import SimilarityMethod
     from attribution.methods.over_checkpoints import CheckpointMethod
 
     assert {n for n, m in METHODS.items()
             if not issubclass(m, (CheckpointMethod, SimilarityMethod))} == {"dtrak", "trak", "grad-dot", "grad-cos",
                                                                              "relative-if", "renorm-if",
-                                                                             "journey-trak"}
+                                                                             "journey-trak", "das", "das0", "ekfac",
+                                                                             "ekfac-elbo"}
     k = X.shape[1]
     lam = 0.05 * np.trace(X @ X.T) / len(X)
     A = np.linalg.solve(X.T @ X + lam * np.eye(k), X.T)  # (k, N), dense float64
