@@ -88,13 +88,16 @@ if "result" in tour:
 # -- 3. removal ---------------------------------------------------------------------------------------------------
 st.subheader("3. What if they had not been there?")
 st.markdown("A score is a prediction: remove the top proponents, retrain, and the model should be less likely to "
-            "make this image. **Not in the app yet:** the removal-and-retrain (counterfactual) experiment is still "
-            "being built. Until then, the Evaluation page measures how well each method's scores predict "
-            "retraining on random subsets (the linear datamodeling score, LDS).")
+            "make this image. Retraining takes minutes per model, so it is not a button here: the Counterfactual "
+            "page shows the studies run with `python -m attribution counterfactual` (before and after, side by "
+            "side), and the Evaluation page measures how well each method's scores predict retraining on random "
+            "subsets (the linear datamodeling score, LDS).")
 try:
-    st.page_link("app_pages/evaluation.py", label="Open the Evaluation page", icon=":material/fact_check:")
-except StreamlitAPIException:  # a version of the app without the page
-    st.caption("The Evaluation page is not part of this version of the app.")
+    c1, c2 = st.columns(2)
+    c1.page_link("app_pages/counterfactual.py", label="Open the Counterfactual page", icon=":material/compare:")
+    c2.page_link("app_pages/evaluation.py", label="Open the Evaluation page", icon=":material/fact_check:")
+except StreamlitAPIException:  # a version of the app without the pages
+    st.caption("The Counterfactual and Evaluation pages are not part of this version of the app.")
 
 # -- 4. the journey -----------------------------------------------------------------------------------------------
 if step(4, "Its journey", "Attribute every 10th denoising step: at each, the model's current guess of the final "

@@ -95,8 +95,7 @@ def _attribute_val(page, url: str, val_index: int, K: int, k: int) -> None:
 
 
 def shot_progress(page, url: str, out: Path, val_index: int, K: int, k: int) -> None:
-    """The progress of a featurization (a feature set that is not cached: K+1), a few updates in; the page is
-    then left (the server's background job goes on until the server stops)."""
+    """The progress of a featurization a few updates in (`progress_main` makes sure nothing is cached)."""
     from playwright.sync_api import expect
 
     import re
@@ -163,14 +162,27 @@ def explore_main(out_dir: Path = ROOT / "docs", val_index: int = 12, K: int = 2,
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         shot_tour(page, url, outs["tour"], K, k)
         page.close()
+        browser.close()
+    progress_main(outs["attribute-progress"], val_index, K, k)
+    print("wrote " + ", ".join(str(p) for p in outs.values() if p.exists()))
+
+
+def progress_main(out: Path, val_index: int = 12, K: int = 2, k: int = 512) -> None:
+    """The progress shot on its own server with an empty feature cache, so the featurization it shows is never
+    already cached (the server and its background featurization stop with it)."""
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as cache, bs.app_server({"ATTRIBUTION_CACHE": cache}) as url, \
+            sync_playwright() as p:
+        browser = bs.launch_chromium(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        try:  # last: it leaves a featurization running on the server until the server stops
-            shot_progress(page, url, outs["attribute-progress"], val_index, K + 1, k)
+        try:
+            shot_progress(page, url, out, val_index, K, k)
         except AssertionError as exc:  # a loaded machine: the run did not start in time
             print(f"progress shot skipped: {str(exc).splitlines()[0]}")
-        page.close()
         browser.close()
-    print("wrote " + ", ".join(str(p) for p in outs.values() if p.exists()))
 
 
 def main(out_dir: Path = ROOT / "docs", n_images: int = 16, sampler: str = "ddpm", steps: int = 50,
