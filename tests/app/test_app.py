@@ -426,7 +426,9 @@ def test_tour_walks_through_five_steps(app, tiny_run, feature_cache):
     target = resolve_targets("gen:0", att.target_model, "digits")
     scores = att.scores(att.features_of(target.images, target.keys))[0]
     assert [i for i, _, _ in shown] == np.argsort(-scores, kind="stable")[:5].tolist()
-    assert "not in the app yet" in " ".join(m.value for m in app.markdown).lower()
+    # step 3 points at the Counterfactual and Evaluation pages (retraining is not a button)
+    assert "python -m attribution counterfactual" in " ".join(m.value for m in app.markdown)
+    assert {link.proto.page for link in app.get("page_link")} >= {"counterfactual", "evaluation"}
     app.button(key="tour_go_4").click().run(timeout=RUN_TIMEOUT)
     assert not app.exception, app.exception
     assert [c.split(" · ")[0] for c in shown_images(app) if c.startswith("step ")] == [
