@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import info, progress_bar
+from .common import add_ray_options, info, progress_bar
 
 
 def add_commands(sub) -> None:
@@ -26,10 +26,7 @@ def add_commands(sub) -> None:
     bb.add_argument("--gen-steps", type=int, default=50, help="DDPM steps of the generated targets (default 50)")
     bb.add_argument("--noise-sets", type=int, default=2, help="R, independent noise sets for F (default 2)")
     bb.add_argument("--timesteps", type=int, default=100, help="K uniform timesteps of F (default 100)")
-    bb.add_argument("--ray-address", help="an existing Ray cluster (HOST:PORT; default $RAY_ADDRESS, else a local "
-                                          "Ray sized to this machine)")
-    bb.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    bb.add_argument("--cache", help="cache root for the retrained models (default: cache/ or $ATTRIBUTION_CACHE)")
+    add_ray_options(bb, "cache root for the retrained models (default: cache/ or $ATTRIBUTION_CACHE)")
     bb.set_defaults(func=cmd_bank_build)
     bc = bsub.add_parser("checkpoints", help="retrain the bank's full model with intermediate checkpoints (for the "
                                               "TracIn family and the per-checkpoint LDS study)")

@@ -56,3 +56,11 @@ def write_figures(path, figures, title: str) -> list[str]:
         else:
             written.append(png.name)
     return written
+
+
+def add_ray_options(p, cache_help: str = "cache root (default: cache/ or $ATTRIBUTION_CACHE)") -> None:
+    """--ray-address, --num-cpus and --cache of the commands that fan out on Ray (bank build, counterfactual)."""
+    p.add_argument("--ray-address", help="an existing Ray cluster (HOST:PORT; default $RAY_ADDRESS, else a local "
+                                         "Ray sized to this machine)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--cache", help=cache_help)

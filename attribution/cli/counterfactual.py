@@ -12,7 +12,7 @@ import argparse
 import math
 
 from ..errors import ConfigError
-from .common import info, progress_bar
+from .common import add_ray_options, info, progress_bar
 
 
 def add_commands(sub) -> None:
@@ -40,10 +40,7 @@ def add_commands(sub) -> None:
     p.add_argument("--clip-weights", help="a local open_clip weights file: adds the CLIP cosine measure")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights")
     p.add_argument("--out", help="study folder (default: the bank's counterfactual/ folder, else the cache)")
-    p.add_argument("--ray-address", help="an existing Ray cluster (HOST:PORT; default $RAY_ADDRESS, else a local "
-                                         "Ray sized to this machine)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
+    add_ray_options(p)
     p.set_defaults(func=cmd_counterfactual)
 
     e = sub.add_parser("estimators", help="Empirical Influence and Datamodels fitted on part of a bank's subset "
