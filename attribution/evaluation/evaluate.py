@@ -22,6 +22,7 @@ import torch
 
 from ..engine import Attribution, open_attribution
 from ..errors import ConfigError
+from ..fileio import save_npy
 from ..methods import get_method
 from ..targets import Generated, Targets
 from .bank import Bank
@@ -86,17 +87,39 @@ def open_on_bank(bank: Bank, method: str, device: str = "auto", **options) -> At
 
 def run_on_bank(bank: Bank, attribution: Attribution, options: dict | None = None) -> BankRun:
     """Target features of every bank target for a featurized attribution (see `open_on_bank`)."""
-    result = attribution.run(bank_targets(bank))  # featurized already: the lifecycle's remaining steps
-    return BankRun(attribution.method.name, attribution, result.G, result.default_lambda, dict(options or {}))
+    return _bank_run(bank, attribution, options)
 
 
 def score_bank(bank: Bank, method: str, progress: Progress | None = None, device: str = "auto",
                **options) -> BankRun:
     """Open `method` on the bank, featurize the training set (cached, resumable) and compute the target features
-    of every bank target."""
-    attribution = open_on_bank(bank, method, device, **options)
-    result = attribution.run(bank_targets(bank), progress=(lambda member: progress) if progress else None)
-    return BankRun(attribution.method.name, attribution, result.G, result.default_lambda, dict(options or {}))
+    of every bank target (cached too, beside the training features)."""
+    return _bank_run(bank, open_on_bank(bank, method, device, **options), options, progress)
+
+
+def _bank_run(bank: Bank, attribution: Attribution, options: dict | None,
+              progress: Progress | None = None) -> BankRun:
+    """`Attribution.run`'s lifecycle on the bank's targets, with their features read from (or written to) each
+    member's feature folder: the targets are fixed by the bank, so a second LDS of the same method costs no
+    gradients."""
+    attribution.featurize((lambda member: progress) if progress else None)
+    G = bank_target_features(bank, attribution)
+    return BankRun(attribution.method.name, attribution, G, attribution.resolve_lambda(None), dict(options or {}))
+
+
+def bank_target_features(bank: Bank, attribution: Attribution) -> list[np.ndarray]:
+    """Per-member features of the bank's targets by the method's recipe, cached as
+    `<feature folder>/bank-targets/<method>-<targets hash>.npy` (written atomically once all members are done)."""
+    name = f"{attribution.method.name}-{bank.meta['targets_hash']}.npy"
+    paths = [member.store_path / "bank-targets" / name for member in attribution.members]
+    n = len(bank.target_keys)
+    cached = [np.load(p) if p.exists() else None for p in paths]
+    if all(g is not None and g.shape[0] == n for g in cached):
+        return cached
+    G = attribution.target_features(bank_targets(bank))
+    for path, g in zip(paths, G):
+        save_npy(path, np.asarray(g, dtype=np.float32))
+    return G
 
 
 SWEEPS = {"K": "timesteps", "k": "proj_dim", "checkpoint": "checkpoint"}

@@ -59,6 +59,17 @@ def test_a_method_on_the_bank_and_its_lambda_sweep(fake_bank, tmp_path):
     assert sweep.standard[0] == pytest.approx(table.methods["trak"].standard.value)
     grid = run.lambda_grid()
     assert grid[0] <= run.gcv(split_rows(bank, "val")) <= grid[-1]
+    # the targets' features are cached beside the training features: a second run reads them (no gradients),
+    # and they are the features the method computes
+    cached = list((run.attribution.members[0].store_path / "bank-targets").glob("trak-*.npy"))
+    assert len(cached) == 1
+    np.testing.assert_array_equal(np.load(cached[0]), run.G[0])
+    np.testing.assert_allclose(run.G[0], G[0], rtol=1e-5, atol=1e-6)
+    from attribution.engine import Attribution
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Attribution, "target_features", lambda *a, **k: pytest.fail("recomputed the bank's targets"))
+        again = score_bank(bank, "trak", device="cpu", timesteps=2, proj_dim=128, cache=str(tmp_path))
+    np.testing.assert_array_equal(again.scores(), scores)
 
 
 def test_external_scores_are_checked(fake_bank):
