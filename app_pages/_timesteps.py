@@ -54,11 +54,12 @@ def influential_tab(model, train: ImageDataset, dataset: str | None) -> None:
                 for name in methods:
                     att = cached_attribution(RunOptions(model.spec, dataset, name))
                     if targets is None:
-                        status.update(label=f"Generating {n_targets} targets…")
+                        status.update(label=f"Generating {n_targets} targets…", expanded=True)
                         targets = resolve_targets(f"gen:0-{n_targets - 1}", att.target_model, train.spec)
-                    status.update(label=f"{METHOD_TITLES[name]}: training features (cached after the first run)…")
+                    status.update(label=f"{METHOD_TITLES[name]}: training features (cached after the first run)…",
+                                  expanded=True)
                     featurize_with_progress(att, METHOD_TITLES[name])
-                    status.update(label=f"{METHOD_TITLES[name]}: {n_targets} targets…")
+                    status.update(label=f"{METHOD_TITLES[name]}: {n_targets} targets…", expanded=True)
                     stats.append(top_k_stats(name, att.run(targets).scores, k))
             except AttributionError as exc:
                 status.update(state="error")

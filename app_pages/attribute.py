@@ -95,7 +95,7 @@ if run:
             for title, opts in runs:
                 METHODS[opts.method]().check_targets(target)  # before featurizing: an upload has no trajectory
                 att = cached_attribution(opts)
-                status.update(label=f"{title}: training features (cached after the first run)…")
+                status.update(label=f"{title}: training features (cached after the first run)…", expanded=True)
                 for member in att.members:
                     st.caption(f"{title}: cache `{display_path(member.store_path)}`")
                 if len(att.members) > 1:
@@ -103,7 +103,7 @@ if run:
                                + ", ".join(f"{checkpoint_name(a.model.spec)} {w:.3g}"
                                            for a, w in zip(att.members, att.weights)))
                 featurize_with_progress(att, title)
-                status.update(label=f"{title}: kernel and target features…")
+                status.update(label=f"{title}: kernel and target features…", expanded=True)
                 results[opts] = att.run(target)  # the kernel is decomposed once: later λ changes are instant
         except AttributionError as exc:
             status.update(state="error")

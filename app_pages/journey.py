@@ -63,9 +63,9 @@ if run:
         try:
             cfg.check(model.num_timesteps)
             att = journey_attributor(opts)
-            status.update(label="Training features (cached after the first run)…")
+            status.update(label="Training features (cached after the first run)…", expanded=True)
             featurize_job(att).watch(progress_bar(f"Featurizing {len(att.train)} training images"))
-            status.update(label=f"Sampling and attributing {len(cfg.step_indices())} steps…")
+            status.update(label=f"Sampling and attributing {len(cfg.step_indices())} steps…", expanded=True)
             journey = run_journey(att, cfg, progress_bar("Journey"), image=image, name=name)
             _ = att.train_features().kernel  # decompose once; lambda changes are then instant
         except AttributionError as exc:

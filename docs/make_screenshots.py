@@ -180,7 +180,7 @@ def progress_main(out: Path, val_index: int = 12, K: int = 2, k: int = 512) -> N
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
             shot_progress(page, url, out, val_index, K, k)
-        except AssertionError as exc:  # a loaded machine: the run did not start in time
+        except AssertionError as exc:  # the featurization did not show within the timeout
             print(f"progress shot skipped: {str(exc).splitlines()[0]}")
         browser.close()
 
