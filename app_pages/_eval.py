@@ -9,12 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
+from attribution.errors import AttributionError
 from attribution.evaluation.bank import Bank
 from attribution.engine import Attribution
 from attribution.evaluation.evaluate import (BankRun, SweepPoint, lambda_report, open_on_bank, option_sweep,
                                              run_on_bank)
 from attribution.figures import lds_option_figure
 from attribution.evaluation.lds import LdsTable
+from attribution.evaluation.retraining_estimators import heldout_lds_table
 
 from app_pages._ui import cached_model
 
@@ -77,3 +79,35 @@ def table_rows(table: LdsTable) -> list[dict]:
         out.append({"": r["name"], "kind": r["kind"], "LDS [95% CI]": fmt("standard"),
                     "centered LDS [95% CI]": fmt("centered")})
     return out
+
+
+@st.cache_data(max_entries=16, show_spinner="Fitting Empirical Influence and Datamodels…")
+def estimator_rows(name: str, methods: tuple[str, ...], timesteps: int, proj_dim: int, split: str) -> tuple:
+    """The held-out LDS table of the retraining estimators beside `methods` (rows) and the split note."""
+    named = {m: bank_run(name, m, timesteps, proj_dim).scores() for m in methods}
+    table, note = heldout_lds_table(cached_bank(name), named, split, n_resamples=200)
+    return table_rows(table), note
+
+
+def estimators_section(name: str, methods: tuple[str, ...], timesteps: int, proj_dim: int, split: str) -> None:
+    """Empirical Influence and Datamodels (scores fitted on the bank's own retrained models) next to the methods,
+    all measured on the held-out subsets only: the bank's subsets are split in two, one half fits, one half tests."""
+    st.subheader("Retraining-based estimators")
+    st.caption("Empirical Influence and Datamodels read the influence straight off retrained models: they fit on "
+               "half of the bank's subsets and, like the methods beside them here, are scored on the other half "
+               "only (so these figures differ from the table above). With a few dozen models for thousands of "
+               "training images they are expected near chance; the paper fits hundreds.")
+    if not st.button("Fit and compare", key="eval_estimators",
+                     help="Fits in a second or two from the bank's stored measurements; no retraining."):
+        return
+    try:
+        rows, note = estimator_rows(name, methods, timesteps, proj_dim, split)
+    except AttributionError as exc:
+        st.warning(str(exc))
+        return
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.caption(f"Fitted on subsets {note['fit_subsets']}; LDS on the held-out subsets {note['heldout_subsets']}"
+               + (f"; {note['ei_undefined']} images were in every or no fitting subset (EI 0)."
+                  if note["ei_undefined"] else "."))
+    st.code(f"python -m attribution estimators --bank {name} --method {','.join(methods)} --split {split} "
+            f"--timesteps {timesteps} --proj-dim {proj_dim}", language="bash")

@@ -11,7 +11,7 @@ from attribution.figures import lds_lambda_figure, per_target_figure
 from attribution.methods import BASELINE_METHOD, DEFAULT_METHOD, METHODS
 from app_pages._attr import featurize_with_progress
 from app_pages._eval import (bank_attribution, bank_run, cached_bank, checkpoint_curve, checkpoint_figure,
-                             lambda_curve, table_rows)
+                             estimators_section, lambda_curve, table_rows)
 from app_pages._ui import fail
 
 st.title("Evaluation")
@@ -115,6 +115,8 @@ else:
                            "text/csv")
     st.code(f"python -m attribution lds --bank {name} --method {m} --sweep checkpoint --timesteps {timesteps} "
             f"--proj-dim {proj_dim}", language="bash")
+
+estimators_section(name, tuple(runs), timesteps, proj_dim, split)
 
 # -- per target ------------------------------------------------------------------------------------------------------
 st.subheader("Per target")

@@ -138,6 +138,16 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, monkeypatch):
     assert any("bank checkpoints --name fake" in c.value for c in at.caption)
     assert {d.label for d in at.get("download_button")} >= {"LDS table (CSV)", "LDS versus λ (CSV)",
                                                             "Spearman per target (CSV)"}
+    # Empirical Influence and Datamodels beside the methods, all on the held-out subsets: the library's figures
+    from attribution.evaluation.retraining_estimators import heldout_lds_table
+
+    at.button(key="eval_estimators").click().run()
+    assert not at.exception, at.exception
+    shown = at.dataframe[1].value
+    held, _ = heldout_lds_table(bank, {"pixel-cos": cos}, "val", n_resamples=20)
+    for name in ("Empirical Influence", "Datamodels", "pixel-cos"):
+        row = shown[shown.iloc[:, 0] == name]
+        assert len(row) == 1 and row.iloc[0, 2].startswith(f"{held.methods[name].standard.value:+.3f}")
 
 
 def test_lds_command_sweeps_lambda_for_a_method(fake_bank, tmp_path, capsys):
