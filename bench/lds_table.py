@@ -24,13 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attribution.errors import AttributionError  # noqa: E402
 from attribution.evaluation.bank import Bank  # noqa: E402
-from attribution.evaluation.evaluate import BankRun, lambda_report, lds_table, open_on_bank, score_bank  # noqa: E402
+from attribution.evaluation.evaluate import lambda_report, lds_table, score_bank  # noqa: E402
 from attribution.methods import METHODS, get_method  # noqa: E402
 
 DEFAULT = ("dtrak,dtrak:simple,dtrak:l2,trak,journey-trak,grad-dot,grad-cos,relative-if,renorm-if,tracin,retrac,"
@@ -50,12 +49,9 @@ def main() -> int:
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--cache", default=None)
     p.add_argument("--out", required=True)
-    p.add_argument("--work", default="/tmp/lds-table-work", help="bank targets' features per method (reruns reuse)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     bank = Bank.load(args.bank)
     timing_path = out / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
@@ -70,17 +66,8 @@ def main() -> int:
             label = f"{method}:{get_method(method).default_fn}"
         start = time.time()
         options = dict(fn=fn or None, timesteps=args.timesteps, proj_dim=args.proj_dim, cache=args.cache)
-        saved = work / f"G-{label.replace(':', '-')}-K{args.timesteps}-k{args.proj_dim}.npz"
-        try:
-            if saved.is_file():  # the bank targets' features from an earlier run (features stay in the cache)
-                attribution = open_on_bank(bank, method, "cpu", **options)
-                attribution.featurize()
-                with np.load(saved) as z:
-                    G = [z[f"G{i}"] for i in range(len(z.files))]
-                runs[label] = BankRun(method, attribution, G, attribution.resolve_lambda(None), options)
-            else:
-                runs[label] = score_bank(bank, method, device="cpu", **options)
-                np.savez(saved, **{f"G{i}": g for i, g in enumerate(runs[label].G)})
+        try:  # the training and the bank targets' features are cached: a rerun costs only the statistics
+            runs[label] = score_bank(bank, method, device="cpu", **options)
         except AttributionError as exc:
             skipped[entry] = str(exc)
             print(f"{entry}: skipped ({exc})", flush=True)
