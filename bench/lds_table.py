@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attribution.errors import AttributionError  # noqa: E402
