@@ -79,3 +79,25 @@ def test_write_png_through_kaleido_or_one_line_note(tmp_path):
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (600, 400)
     assert (out.stat().st_mode & 0o777) != 0o600  # normal permissions, like every written file
+
+
+def test_a_running_status_stays_expanded():
+    """Streamlit collapses an `st.status` panel whenever `update()` omits `expanded` (the progress bar inside it
+    then disappears: the classroom issue's "progress is hidden"). Every update of a running panel (no `state=`)
+    in the pages must pass expanded=True; the finishing ones (`state=...`) may close it."""
+    import ast
+
+    pages = Path(__file__).resolve().parents[2] / "app_pages"
+    running, offenders = 0, []
+    for path in sorted(pages.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "status"):
+                kw = {k.arg: k.value for k in node.keywords}
+                if "state" in kw:
+                    continue
+                running += 1
+                if not (isinstance(kw.get("expanded"), ast.Constant) and kw["expanded"].value is True):
+                    offenders.append(f"{path.name}:{node.lineno}")
+    assert running >= 7  # Attribute, Journey and Timesteps update their running panels
+    assert not offenders, offenders
