@@ -2,6 +2,8 @@
 
 - `fake_bank_dir`: a ground-truth bank made by hand around the tiny model (planted linear F; no retraining).
 - `tiny_clip_name`: a tiny open_clip architecture (random weights) for the CLIP baselines.
+- `start_app`: the Streamlit app (AppTest) after its first run, with the checkpoint, feature cache and banks a test
+  names in the environment.
 - `tiny_run`: a training-run folder (preset "tiny", 2 epochs on the digits training split, checkpoints at
   epochs 1 and 2), trained once per session in a temporary folder. About 5 s on two CPU cores.
 
@@ -27,6 +29,23 @@ if str(REPO_ROOT) not in sys.path:  # so `import attribution` works under plain 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture
+def start_app(monkeypatch):
+    """`start_app(checkpoint, cache, banks=None, dataset="digits", timeout=120)`: AppTest of app.py after its first
+    run, with ATTRIBUTION_CHECKPOINT / _CACHE / _DATASET (and _BANKS) set for this test only."""
+    from streamlit.testing.v1 import AppTest
+
+    def start(checkpoint, cache, banks=None, dataset: str = "digits", timeout: int = 120) -> AppTest:
+        env = {"ATTRIBUTION_CHECKPOINT": checkpoint, "ATTRIBUTION_CACHE": cache, "ATTRIBUTION_DATASET": dataset}
+        if banks is not None:
+            env["ATTRIBUTION_BANKS"] = banks
+        for name, value in env.items():
+            monkeypatch.setenv(name, str(value))
+        return AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=timeout).run()
+
+    return start
 
 
 @pytest.fixture(scope="session")

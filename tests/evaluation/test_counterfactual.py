@@ -210,15 +210,9 @@ def test_counterfactual_command_prints_the_study(study, recipe_run, capsys):
     assert str(report.folder) in out and "pixel-cos" in out and "100 = 6.2%" in out
 
 
-def test_counterfactual_page_shows_a_cached_study(study, tiny_run, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
+def test_counterfactual_page_shows_a_cached_study(study, tiny_run, start_app):
     report, cache = study
-    monkeypatch.setenv("ATTRIBUTION_CACHE", str(cache))
-    monkeypatch.setenv("ATTRIBUTION_BANKS", str(cache / "no-banks"))
-    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
-    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "app.py"), default_timeout=120).run()
+    at = start_app(tiny_run, cache, banks=cache / "no-banks")
     at.switch_page("app_pages/counterfactual.py").run()
     assert not at.exception, at.exception
     at.selectbox(key="cf_method").set_value("pixel-cos").run()
@@ -300,18 +294,12 @@ def plant_study(folder: Path, targets=(0, 1, 2), methods=("random", "dtrak"), ks
                         (folder / "cells" / f"{cell.name}.json").write_text(json.dumps(rec))
 
 
-def test_counterfactual_page_on_a_planted_bank_study(tmp_path, tiny_run, monkeypatch):
+def test_counterfactual_page_on_a_planted_bank_study(tmp_path, tiny_run, start_app):
     """A bank's study (banks/<name>/counterfactual/): opponents, two K (the dose-response curve), two seeds (the
     seed-noise line), the class warning; the values shown are the planted cells' own."""
-    from streamlit.testing.v1 import AppTest
-
     folder = tmp_path / "banks" / "plant" / "counterfactual" / "planted-study"
     plant_study(folder)
-    monkeypatch.setenv("ATTRIBUTION_BANKS", str(tmp_path / "banks"))
-    monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
-    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "app.py"), default_timeout=120).run()
+    at = start_app(tiny_run, tmp_path / "cache", banks=tmp_path / "banks")
     at.switch_page("app_pages/counterfactual.py").run()
     assert not at.exception, at.exception
     assert at.selectbox(key="cf_study").value == str(folder)

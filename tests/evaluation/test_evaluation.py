@@ -101,18 +101,10 @@ def test_lds_command_with_a_score_file(fake_bank, tmp_path, capsys):
     assert "needs 6 targets" in err and "no bank 'no-such-bank'" in err
 
 
-def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, monkeypatch):
+def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
     """The page lists the bank, evaluates two methods on it, and shows the same LDS as the library; the λ
     section marks the default, retraining-free and optimal λ."""
-    from pathlib import Path
-
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("ATTRIBUTION_BANKS", str(fake_bank_dir.parent))
-    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
-    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
-    monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path))
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "app.py"), default_timeout=300).run()
+    at = start_app(tiny_run, tmp_path, banks=fake_bank_dir.parent, timeout=300)
     at.switch_page("app_pages/evaluation.py").run()
     assert not at.exception
     assert at.selectbox(key="eval_bank").value == "fake"
@@ -258,14 +250,11 @@ def test_checkpoint_methods_use_the_bank_run(bank_with_run, tmp_path):
     assert [m.model.spec.rsplit("@", 1)[1] for m in att.members] == ["epoch-1", "epoch-2"]
 
 
-def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_path, monkeypatch):
+def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_path, start_app):
     """With the bank's model as the checkpoint, the Attribute page offers to measure the LDS on the bank; the
     caption then shows the LDS at the slider's λ, equal to `lds_at` computed directly, and follows the slider."""
     import json
     import shutil
-    from pathlib import Path
-
-    from streamlit.testing.v1 import AppTest
 
     from attribution.evaluation.evaluate import lds_at, score_bank
     from attribution.models.checkpoint import resolve_checkpoint
@@ -275,11 +264,7 @@ def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_pa
     meta = json.loads((folder / "bank.json").read_text())
     meta["model"] = {"content_hash": resolve_checkpoint(str(folder / "model")).content_hash()}
     (folder / "bank.json").write_text(json.dumps(meta))
-    monkeypatch.setenv("ATTRIBUTION_BANKS", str(folder.parent))
-    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(folder / "model"))
-    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
-    monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "app.py"), default_timeout=600).run()
+    at = start_app(folder / "model", tmp_path / "cache", banks=folder.parent, timeout=600)
     at.switch_page("app_pages/attribute.py").run()
     at.radio(key="attr_source").set_value("Validation image").run()
     at.number_input(key="attr_K").set_value(1)
