@@ -34,6 +34,9 @@ SHIPPED = {"digits": SHIPPED_DIR / "digits", "animals-2": SHIPPED_DIR / "animals
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DEFAULT_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
                     "beta_schedule": "linear", "prediction_type": "epsilon"}
+# Besides the UNet weights, what a checkpoint's identity covers where present (a latent pipeline's other components,
+# a LoRA checkpoint's adapter weights and prompt table); pixel DDPM folders have none, so their hashes are unchanged.
+IDENTITY_EXTRAS = ("vae", "text_encoder", "tokenizer", "lora", "prompts.json")
 _EPOCH_RE = re.compile(r"^epoch-(\d+)$")
 
 
@@ -71,11 +74,18 @@ class CheckpointInfo:
         return "no scheduler_config.json found: using the DDPM default (T=1000, linear betas 1e-4..0.02, epsilon)"
 
     def content_hash(self) -> str:
-        """sha256 of the weights file (first 16 hex digits): the checkpoint's identity in cache keys."""
+        """sha256 of the weights file (first 16 hex digits): the checkpoint's identity in cache keys. A folder with
+        adapter weights or a prompt table beside the UNet (`IDENTITY_EXTRAS`: a LoRA checkpoint) hashes those too."""
         h = hashlib.sha256()
-        with open(self.weights_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        extras = sorted(p for name in IDENTITY_EXTRAS for p in
+                        ((self.pipeline_dir / name).rglob("*") if (self.pipeline_dir / name).is_dir()
+                         else [self.pipeline_dir / name]) if p.is_file())
+        for path in [self.weights_path, *extras]:
+            if path is not self.weights_path:
+                h.update(path.relative_to(self.pipeline_dir).as_posix().encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
         return h.hexdigest()[:16]
 
     def training_timesteps(self) -> np.ndarray | None:
