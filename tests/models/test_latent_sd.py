@@ -200,7 +200,7 @@ def test_generate_and_journey(lora_run, npz12, tmp_path):
     cfg = JourneyConfig(seed=5, steps=4, sampler="ddim", every=2, resamples=2, prompt=p3.text)
     journey = run_journey(att, cfg, cache=str(tmp_path))
     assert journey.x0.shape == (2, 3, 16, 16) and journey.xt.shape == (2, 4, 8, 8)
-    np.testing.assert_allclose(journey.final, t3.final[0], atol=1e-6)
+    np.testing.assert_allclose(journey.final, t3.final[0], atol=1e-4)  # batch of 1 vs 2: float32 reordering
     assert journey.features.shape == (2, 64) and np.isfinite(journey.scores(att, get_method("dtrak"))).all()
     assert one.final.shape == (1, 3, 16, 16)
 
