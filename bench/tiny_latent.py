@@ -1,6 +1,6 @@
 """Build the shipped tiny latent model `digits-latent`: a miniature of D-TRAK's SD-LoRA setting on a CPU.
 
-    python bench/tiny_latent.py --out models/digits-latent            # ~15 min on one CPU thread (BENCHMARKS.md)
+    python bench/tiny_latent.py --out models/digits-latent            # ~15 min on a shared CPU (BENCHMARKS.md)
 
 1. A tiny Stable-Diffusion-shaped pipeline (models/tiny_sd.py): VAE, text-conditional UNet, CLIP text encoder with a
    small tokenizer. The text encoder keeps its RANDOM (seeded) weights: no CLIP weights exist offline, and a fixed
@@ -97,9 +97,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/digits-latent")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--unet-epochs", type=int, default=60)
-    p.add_argument("--lora-epochs", type=int, default=40)
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--unet-epochs", type=int, default=40)
+    p.add_argument("--lora-epochs", type=int, default=60)
+    p.add_argument("--lora-lr", type=float, default=5e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--unet-channels", default="32,64")
     a = p.parse_args()
@@ -132,7 +133,7 @@ def main():
         "text_encoder": "random (seeded) weights, never trained", "config": cfg.__dict__}, indent=2) + "\n")
     t0 = time.time()
     rc = cli(["train-lora", "--pipeline", str(base), "--dataset", FINETUNE, "--out", str(out), "--rank",
-              str(a.rank), "--prompt-template", TEMPLATE, "--epochs", str(a.lora_epochs), "--lr", "2e-3",
+              str(a.rank), "--prompt-template", TEMPLATE, "--epochs", str(a.lora_epochs), "--lr", str(a.lora_lr),
               "--batch-size", "64", "--checkpoints", "4", "--seed", str(a.seed), "--device", "cpu"])
     print(f"LoRA finetuning: {time.time() - t0:.0f} s; total {time.time() - start:.0f} s", file=sys.stderr)
     return rc

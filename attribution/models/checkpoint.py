@@ -1,7 +1,7 @@
 """Checkpoints: naming, loading and saving diffusers `UNet2DModel` DDPMs, safely and offline.
 
 A checkpoint spec is one of:
-- a shipped alias: `digits`, `animals-2` (the models under `models/` in this repository);
+- a shipped alias: `digits`, `animals-2`, `digits-latent` (the models under `models/` in this repository);
 - a training run folder (made by `python -m attribution train`), whose `epoch-NNNN/` subfolders are checkpoints;
 - a `DDPMPipeline` folder (`model_index.json`, `unet/`, optional `scheduler/`), e.g. a downloaded
   google/ddpm-cifar10-32;
@@ -30,7 +30,9 @@ from ..fileio import atomic_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_DIR = REPO_ROOT / "models"
-SHIPPED = {"digits": SHIPPED_DIR / "digits", "animals-2": SHIPPED_DIR / "animals-2"}
+SHIPPED = {"digits": SHIPPED_DIR / "digits", "animals-2": SHIPPED_DIR / "animals-2",
+           # a tiny latent text-to-image model LoRA-finetuned on digits 5-9 (bench/tiny_latent.py)
+           "digits-latent": SHIPPED_DIR / "digits-latent"}
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DEFAULT_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
                     "beta_schedule": "linear", "prediction_type": "epsilon"}
