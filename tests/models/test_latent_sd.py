@@ -270,3 +270,19 @@ def test_unconditional_model_refuses_a_prompt(tiny_run):
 
     with pytest.raises(ConfigError, match="not text-conditional"):
         sample(load_model(str(tiny_run), "cpu"), 1, steps=2, prompt=Prompt("a cat"))
+
+
+def test_shipped_latent_model_is_complete():
+    """The shipped `digits-latent`: a LoRA run over a base pipeline in the repository, small, with every
+    finetuning image's prompt (the sample quality and attribution figures are in BENCHMARKS.md, not asserted)."""
+    from attribution.models import list_shipped, resolve_checkpoint
+
+    info = resolve_checkpoint("digits-latent")
+    assert len(info.siblings) == 4 and "digits-latent" in list_shipped()
+    model = load_model("digits-latent", "cpu")
+    assert isinstance(model, LatentSD) and model.lora_rank == 8 and model.resolution == 16
+    assert model.prompts.dataset == "digits:5,6,7,8,9" and len(model.prompts.labels["train"]) == 807
+    first = model.prompts.classes[model.prompts.labels["train"][0]]
+    assert model.prompt_for("train/0") == f"a handwritten digit {first}"
+    weights = [p for p in (info.pipeline_dir.resolve().parent / "base").rglob("*.safetensors")]
+    assert weights and all(p.stat().st_size < 4 * 2**20 for p in weights)
