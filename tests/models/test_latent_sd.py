@@ -286,3 +286,18 @@ def test_shipped_latent_model_is_complete():
     assert model.prompt_for("train/0") == f"a handwritten digit {first}"
     weights = [p for p in (info.pipeline_dir.resolve().parent / "base").rglob("*.safetensors")]
     assert weights and all(p.stat().st_size < 4 * 2**20 for p in weights)
+
+
+def test_checkpoint_methods_run_over_the_lora_checkpoints(lora_run, npz12, tmp_path):
+    """TracIn over the two LoRA checkpoints of the run (each training image at its recorded training timestep)."""
+    from attribution.engine import open_attribution
+    from attribution.methods import get_method
+    from attribution.targets import resolve_targets
+
+    att = open_attribution(str(lora_run), get_method("tracin"), "cpu", dataset=f"npz:{npz12}", timesteps=2,
+                           proj_dim=64, cache=str(tmp_path))
+    assert [m.model.spec.rsplit("@", 1)[1] for m in att.members] == ["epoch-1", "epoch-2"]
+    targets = resolve_targets("train:3", att.target_model, f"npz:{npz12}")
+    result = att.run(targets, cache=str(tmp_path))
+    assert result.scores.shape == (1, 12) and np.isfinite(result.scores).all()
+    assert result.scores[0, 3] > 0  # a training image pushes the model toward itself
