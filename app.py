@@ -134,6 +134,9 @@ def checkpoint_summary(spec: str | None, dataset: str, dataset_ok: bool = True) 
     if info.epoch is not None and len(info.siblings) > 1:
         parts.append(f"checkpoint {info.siblings.index(info.spec) + 1} of {len(info.siblings)}"
                      if info.spec in info.siblings else f"epoch {info.epoch}")
+    if meta.get("config", {}).get("pipeline"):  # a LoRA finetune (train-lora): what attribution differentiates
+        parts.append(f"LoRA (rank {meta['config'].get('rank')}), {meta.get('trained_parameters', 0):,} parameters "
+                     "attributed")
     st.caption(" · ".join(parts))
     if trained_on and trained_on != dataset and dataset_ok:
         st.warning(f"This checkpoint was trained on {trained_on}, but the dataset chosen is {dataset}; "

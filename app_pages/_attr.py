@@ -14,6 +14,7 @@ import streamlit as st
 import torch
 
 from app_pages import _ui
+from app_pages._prompt import prompt_inputs
 from app_pages._tiles import tile_caption, tiles
 from app_pages._trust import trust_caption
 from app_pages._ui import cached_model, fail
@@ -27,7 +28,8 @@ from attribution.options import fields_of
 from attribution.report import (Ranked, export_metadata, export_name, positive_share, rank, ranking_rows, to_csv,
                                 to_npz_bytes)
 from attribution.run_options import RunOptions
-from attribution.sampling import sample
+from attribution.models.adapter import prompt_key
+from attribution.sampling import Prompt, gen_key, sample
 from attribution.targets import Generated, Targets, from_pixels, resolve_targets
 
 PROJ_DIMS = (512, 1024, 2048, 4096, 8192, 16384)  # the k values offered (any k works on the command line)
@@ -138,10 +140,12 @@ def target_from_pixels(pixels: np.ndarray, name: str, label: str | None = None) 
 
 
 @st.cache_data(max_entries=16, show_spinner="Generating the target (DDPM, 50 steps)…")
-def generated_pixels(checkpoint: str, seed: int) -> np.ndarray:
-    """uint8 (R, R, C): the image `checkpoint` generates from `seed` (what the CLI's gen:SEED target is), sampled
-    once per (checkpoint, seed) rather than on every rerun of the page."""
-    return tensor_to_pixels(torch.from_numpy(sample(cached_model(checkpoint), 1, int(seed)).final))[0]
+def generated_pixels(checkpoint: str, seed: int, prompt: tuple | None = None) -> np.ndarray:
+    """uint8 (R, R, C): the image `checkpoint` generates from `seed` (what the CLI's gen:SEED target is; `prompt`:
+    (text, negative, guidance) for a text-conditional model), sampled once per (checkpoint, seed, prompt) rather
+    than on every rerun of the page."""
+    traj = sample(cached_model(checkpoint), 1, int(seed), prompt=None if prompt is None else Prompt(*prompt))
+    return tensor_to_pixels(torch.from_numpy(traj.final))[0]
 
 
 LAMBDA_HELP = ("λ is the ridge term in the kernel (ΦᵀΦ + λI)⁻¹ that turns gradient similarity into attribution. "
@@ -238,38 +242,53 @@ def choose_target(model) -> tuple[Targets, str]:
         if source == "Generated":
             gen = st.session_state.get("generated")
             seeds = gen["seeds"] if gen and gen["checkpoint"] == model.spec else []
+            prompt = prompt_inputs(model, "attr", gen.get("prompt") if seeds else None)
             seed = (st.selectbox("Generated image (seed)", seeds, key="attr_gen_seed") if seeds else
                     st.number_input("Seed to generate (DDPM, 50 steps)", 0, 2**31 - 1, 0, key="attr_seed"))
             if seeds:
                 pixels = gen["pixels"][seeds.index(seed)]
             else:  # cached per (checkpoint, seed): not sampled again on every rerun
-                pixels = generated_pixels(model.spec, int(seed))
+                pixels = generated_pixels(model.spec, int(seed), None if prompt is None else
+                                          (prompt.text, prompt.negative, prompt.guidance))
             made = (50, "ddpm") if not seeds else (int(gen["steps"]), gen["sampler"])
             if not seeds or (gen["steps"], gen["sampler"]) == (50, "ddpm"):
                 target = target_from_pixels(pixels, f"gen:{seed}")
-                target.keys[0] = f"gen/{seed}"  # the same noise key the CLI uses for gen:SEED
+                target.keys[0] = gen_key(int(seed), prompt)  # the same noise key the CLI uses for gen:SEED
                 target_spec = f"gen:{seed}"
             else:  # not the CLI's gen:SEED image (DDPM, 50 steps): name the PNG of the Generate page's zip instead,
                 target_spec = f"seed-{int(seed):06d}.png"  # which the CLI reads back to the same pixels and noise key
                 target = target_from_pixels(pixels, target_spec)
                 st.caption(f"Generated with {gen['sampler']}, {gen['steps']} steps: the command line below reads it "
                            f"as `{target_spec}` from the Generate page's download.")
-            target.generated = [Generated(int(seed), *made)]  # its trajectory can be re-sampled (Journey TRAK)
+            target.generated = [Generated(int(seed), *made, prompt)]  # its trajectory can be re-sampled (Journey TRAK)
         elif source == "Uploaded":
             up = st.session_state.get("uploaded")
             if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
                 st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
                 st.stop()
+            prompt = prompt_inputs(model, "attr_up")
             target = target_from_pixels(up["pixels"], up["name"])
             target_spec = up["name"]
         else:
             split = "train" if source == "Training image" else "val"
             idx = st.number_input(f"{split} index", 0, 10**7, 0, key=f"attr_{split}_idx")
             target = resolve_targets(f"{split}:{int(idx)}", model, training_dataset_of(model, dataset).spec)
+            prompt = None  # a training or validation image keeps its own prompt
             target_spec = f"{split}:{int(idx)}"
+        if prompt is not None and target.keys[0].startswith("file/"):  # an image attributed under a prompt
+            target.keys[0] = prompt_key(target.keys[0], prompt.text)
     except AttributionError as exc:
         fail(exc)
     return target, target_spec
+
+
+def prompt_options(target: Targets) -> list[tuple[str, object]]:
+    """The command line's --prompt/--guidance for a target generated from a prompt (none otherwise)."""
+    made = target.generated[0] if target.generated else None
+    if made is None or made.prompt is None:
+        return []
+    opts = [("--prompt", made.prompt.text), ("--guidance", made.prompt.guidance)]
+    return opts + ([("--negative-prompt", made.prompt.negative)] if made.prompt.negative else [])
 
 
 def result_footer(i: int, opts: RunOptions, att: Attribution, scores: np.ndarray, lam: float | None,
@@ -292,5 +311,6 @@ def result_footer(i: int, opts: RunOptions, att: Attribution, scores: np.ndarray
                                                      **{k: np.array([v]) for k, v in meta.items()}),
                        file_name=export_name("scores", meta, "npz"), key=f"attr_npz_{i}")
     st.code(opts.command_line("score", att.cfg, att.train.spec,
-                              [("--target", target_spec), ("--lambda", lam), ("--top", n_pro)]),
+                              [("--target", target_spec), ("--lambda", lam), ("--top", n_pro)]
+                              + prompt_options(target)),
             language="bash", wrap_lines=True)

@@ -7,6 +7,7 @@ import numpy as np
 import streamlit as st
 
 from app_pages._attr import METHOD_TITLES
+from app_pages._prompt import prompt_inputs
 from app_pages._tiles import SCORED, tiles
 from app_pages._ui import cached_model
 from attribution.analysis.formation import top_indices
@@ -26,9 +27,12 @@ def journey_attributor(opts: RunOptions) -> Attributor:
 def journey_cli(opts: RunOptions, cfg, journey, dataset_spec: str, lam: float, uploaded: bool) -> str:
     """The `python -m attribution journey` line that recomputes this journey."""
     image = ("--image", journey.meta["name"]) if uploaded else ("--seed", cfg.seed)
+    prompt = [] if cfg.prompt is None else [("--prompt", cfg.prompt), ("--guidance", cfg.guidance)] + (
+        [("--negative-prompt", cfg.negative)] if cfg.negative else [])
     return opts.command_line("journey", dataset=dataset_spec, only=JOURNEY_OPTIONS, extra=[
         image, ("--steps", cfg.steps), ("--sampler", cfg.sampler), ("--every", cfg.every),
-        ("--resamples", cfg.resamples), ("--feature-seed", opts.seed), ("--lambda", lam), ("--out", "out/journey")])
+        ("--resamples", cfg.resamples), ("--feature-seed", opts.seed), ("--lambda", lam), *prompt,
+        ("--out", "out/journey")])
 
 
 WHY_DIFFERENT = (
@@ -53,10 +57,11 @@ def attribute_overlap(method: str, dataset_spec: str, name: str, last_scores: np
 
 def choose_image(model):
     """The Journey page's image picker: (image tensor for an upload else None, (steps, sampler) fixed by the
-    Generate page else None, seed, name, source id). Stops the page with guidance when there is nothing to pick."""
+    Generate page else None, seed, name, source id, prompt fields for `JourneyConfig` ({} for an unconditional
+    model)). Stops the page with guidance when there is nothing to pick."""
     source = st.radio("Image", ["Seed", "Generated image", "Uploaded image"], horizontal=True, key="jr_source",
                       label_visibility="collapsed")
-    image, fixed, seed = None, None, 0
+    image, fixed, seed, made = None, None, 0, None
     if source == "Seed":
         seed = int(st.number_input("Seed (the image gen:SEED)", 0, 2**31 - 1, 0, key="jr_seed"))
         name, source_id = f"gen:{seed}", f"gen/{seed}"
@@ -66,7 +71,7 @@ def choose_image(model):
             st.info("Generate images on the **Generate** page first, or pick a seed.")
             st.stop()
         seed = int(st.selectbox("Generated image (seed)", gen["seeds"], key="jr_gen_seed"))
-        fixed = (int(gen["steps"]), gen["sampler"])
+        fixed, made = (int(gen["steps"]), gen["sampler"]), gen.get("prompt")
         name, source_id = f"gen:{seed}", f"gen/{seed}"
         st.caption(f"Sampled again with {fixed[1]}, {fixed[0]} steps: the same image as on the Generate page (a seed "
                    "names one image), now with its whole trajectory.")
@@ -80,7 +85,9 @@ def choose_image(model):
                 icon=":material/info:")
         image = pixels_to_tensor(up["pixels"])
         name, source_id = up["name"], f"upload/{up['sha256']}"
-    return image, fixed, seed, name, source_id
+    prompt = prompt_inputs(model, "jr", made)
+    text = {} if prompt is None else {"prompt": prompt.text, "negative": prompt.negative, "guidance": prompt.guidance}
+    return image, fixed, seed, name, (source_id, prompt and prompt.text), text
 
 
 def toggle_play(labels: list[int]) -> None:

@@ -184,15 +184,18 @@ def read_upload(data: bytes, name: str, resolution: int, channels: int) -> dict:
 
 
 def generate_images(model: DiffusionModel, n: int, seed: int, steps: int, sampler: str,
-                    progress: Callable[[int, int, str], None] | None = None) -> dict:
-    """Sample `n` images (seeds seed..seed+n-1) and return what later pages use as attribution targets.
+                    progress: Callable[[int, int, str], None] | None = None, prompt=None) -> dict:
+    """Sample `n` images (seeds seed..seed+n-1; with `prompt`, a `sampling.Prompt`, for a text-conditional model)
+    and return what later pages use as attribution targets.
 
     Returns:
-        {"checkpoint", "seeds" (list of int), "pixels" (uint8 (N, H, W, C)), "steps", "sampler"}
+        {"checkpoint", "seeds" (list of int), "pixels" (uint8 (N, H, W, C)), "steps", "sampler", "prompt" (None or
+        {"prompt", "negative", "guidance"})}
     """
-    traj = sample(model, n, seed=seed, steps=steps, sampler=sampler, progress=progress)
+    traj = sample(model, n, seed=seed, steps=steps, sampler=sampler, progress=progress, prompt=prompt)
     return {"checkpoint": model.spec, "seeds": [int(s) for s in traj.seeds],
-            "pixels": tensor_to_pixels(torch.from_numpy(traj.final)), "steps": int(steps), "sampler": sampler}
+            "pixels": tensor_to_pixels(torch.from_numpy(traj.final)), "steps": int(steps), "sampler": sampler,
+            "prompt": None if prompt is None else prompt.to_dict()}
 
 
 def progress_bar(label: str) -> Callable[[int, int, str], None]:

@@ -6,6 +6,7 @@ import streamlit as st
 
 from attribution.errors import AttributionError
 from attribution.sampling import SAMPLERS
+from app_pages._prompt import as_prompt, prompt_flags, prompt_from_state, prompt_inputs
 from app_pages._ui import (display_size, fail, generate_images, image_grid, pngs_zip, progress_bar,
                           require_model)
 
@@ -22,6 +23,7 @@ def _queue() -> None:
     keep a click from aborting the job. (Disabling the inputs too would reset their values after the job.)
     """
     st.session_state["generate_job"] = {k: st.session_state[f"gen_{k}"] for k in ("seed", "n", "steps", "sampler")}
+    st.session_state["generate_job"]["prompt"] = prompt_from_state(model, "gen")
 
 
 job = st.session_state.pop("generate_job", None)
@@ -34,6 +36,7 @@ with st.form("generate"):
                     help="Sampling steps; fewer is faster and rougher.")
     c4.selectbox("Sampler", SAMPLERS, key="gen_sampler",
                  help="ddim is deterministic given the seed; ddpm adds fresh (seeded) noise at every step.")
+    prompt_inputs(model, "gen")
     st.form_submit_button("Generate", type="primary", on_click=_queue, disabled=job is not None)
 
 if job is not None:
@@ -42,7 +45,7 @@ if job is not None:
                    expanded=True) as status:
         try:
             result = generate_images(model, job["n"], job["seed"], job["steps"], job["sampler"],
-                                     progress=progress_bar("Sampling"))
+                                     progress=progress_bar("Sampling"), prompt=job["prompt"])
         except AttributionError as exc:
             status.update(state="error")
             fail(exc)
@@ -58,7 +61,8 @@ if not generated:
 seeds, pixels = generated["seeds"], generated["pixels"]
 st.subheader(f"{len(seeds)} images · seeds {seeds[0]}–{seeds[-1]}")
 st.caption(f"`{generated['checkpoint']}` · {generated['sampler']}, {generated['steps']} steps · "
-           f"{generated.get('seconds', '?')} s")
+           f"{generated.get('seconds', '?')} s" + (f" · “{generated['prompt']['prompt']}”" if generated.get("prompt")
+                                                   else ""))
 if generated["checkpoint"] != model.spec:
     st.warning(f"These images came from `{generated['checkpoint']}`, not the checkpoint now selected.")
 size = display_size(pixels.shape[1], 96)
@@ -67,5 +71,6 @@ st.caption("These images are the targets for attribution on the next pages.")
 st.download_button("Download PNGs (.zip)", pngs_zip(pixels, [f"seed-{s:06d}.png" for s in seeds]),
                    file_name="generated.zip", mime="application/zip", icon=":material/download:")
 st.code(f"python -m attribution generate --checkpoint {generated['checkpoint']} --n {len(seeds)} "
-        f"--seed {seeds[0]} --steps {generated['steps']} --sampler {generated['sampler']} --out out/gen",
+        f"--seed {seeds[0]} --steps {generated['steps']} --sampler {generated['sampler']} --out out/gen"
+        + prompt_flags(as_prompt(generated.get("prompt"))),
         language="bash", wrap_lines=True)

@@ -32,7 +32,7 @@ dataset = st.session_state.get("dataset")
 size = display_size(model.resolution, 128)
 
 # -- 1. the image ------------------------------------------------------------------------------------------------
-image, fixed, seed, name, source_id = choose_image(model)
+image, fixed, seed, name, source_id, prompt = choose_image(model)
 
 # -- 2. options (a form: nothing runs until Compute) --------------------------------------------------------------
 with st.form("jr_form"):
@@ -57,7 +57,7 @@ with st.form("jr_form"):
 image_id = (model.spec, dataset, source_id)
 if run:
     st.session_state.pop("jr_result", None)  # a failed run must not leave an older journey labelled as this one
-    cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=every, resamples=resamples)
+    cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=every, resamples=resamples, **prompt)
     opts = RunOptions(model.spec, dataset, method, timesteps=timesteps, proj_dim=int(proj_dim))
     with st.status("Computing the journey…", expanded=True) as status:
         try:
@@ -120,7 +120,7 @@ def step_panel() -> None:
                             format_func=lambda s: f"{s} · t={t_of[s]}")
     i = labels.index(step)
     with st.container(horizontal=True, gap="small", key="jr_images"):
-        for pix, caption in ((journey.xt[i], f"x_t · step {step}, t={t_of[step]}"),
+        for pix, caption in ((journey.xt_images()[i], f"x_t · step {step}, t={t_of[step]}"),
                              (journey.x0[i], f"x̂0 · distance {form.x0_distance[i]:.3f}"),
                              (journey.final, "final image")):
             st.image(pixels_to_pil(tensor_to_pixels(torch.from_numpy(pix)), size), caption=caption, width=size,

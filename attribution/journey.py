@@ -36,7 +36,8 @@ from .errors import ConfigError
 from .features.gradients import per_sample_gradients
 from .features.timesteps import noise_for
 from .fileio import read_json, save_npz, write_json
-from .sampling import SAMPLERS, Trajectory, check_sampling, sample
+from .models.adapter import prompt_key
+from .sampling import DEFAULT_GUIDANCE, SAMPLERS, Prompt, Trajectory, check_sampling, gen_key, sample
 from .store import journey_dir
 from .targets import pixels_key
 
@@ -59,6 +60,8 @@ class JourneyConfig:
             None with `at` None: about 10 steps (every = steps // 10).
         at: explicit step indices in sampling order (0 = the first, noisiest step; steps-1 = the last).
         resamples: R, noise draws of the re-noised x̂0 averaged per step.
+        prompt, negative, guidance: what a text-conditional model generates (`sampling.Prompt`); prompt None for
+            an unconditional model. An uploaded image's steps are conditioned on `prompt` too.
     """
 
     seed: int = 0
@@ -67,6 +70,13 @@ class JourneyConfig:
     every: int | None = None
     at: tuple[int, ...] | None = None
     resamples: int = 20
+    prompt: str | None = None
+    negative: str = ""
+    guidance: float = DEFAULT_GUIDANCE
+
+    def text(self) -> Prompt | None:
+        """The `sampling.Prompt` (None without a prompt)."""
+        return None if self.prompt is None else Prompt(self.prompt, self.negative, self.guidance)
 
     def check(self, num_timesteps: int) -> None:
         """Raise `ConfigError` (one line) for options no sampler run can honour."""
@@ -74,6 +84,8 @@ class JourneyConfig:
             raise ConfigError(f"unknown sampler {self.sampler!r}; use one of: {', '.join(SAMPLERS)}")
         if not 1 <= self.steps <= num_timesteps:
             raise ConfigError(f"--steps must be within 1..{num_timesteps}, got {self.steps}")
+        if self.prompt is not None:
+            self.text().check()
         if self.resamples < 1:
             raise ConfigError(f"--resamples must be at least 1, got {self.resamples}")
         if self.every is not None and self.at is not None:
@@ -96,8 +108,11 @@ class JourneyConfig:
         return np.arange((self.steps - 1) % every, self.steps, every, dtype=np.int64)
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "steps": self.steps, "sampler": self.sampler,
-                "step_indices": self.step_indices().tolist(), "resamples": self.resamples}
+        out = {"seed": self.seed, "steps": self.steps, "sampler": self.sampler,
+               "step_indices": self.step_indices().tolist(), "resamples": self.resamples}
+        if self.prompt is not None:  # (absent for unconditional models: their cache keys stay as they were)
+            out.update(self.text().to_dict())
+        return out
 
 
 def parse_steps(text: str | None) -> tuple[int, ...] | None:
@@ -116,8 +131,8 @@ def parse_steps(text: str | None) -> tuple[int, ...] | None:
 def sampled_trajectory(model, cfg: JourneyConfig, progress: Progress | None = None) -> Trajectory:
     """The sampling run of image `cfg.seed` (x_t and x̂0 at every step)."""
     cfg.check(model.num_timesteps)
-    check_sampling(model, 1, cfg.steps, cfg.sampler)
-    return sample(model, 1, cfg.seed, cfg.steps, cfg.sampler, progress=progress)
+    check_sampling(model, 1, cfg.steps, cfg.sampler, cfg.text())
+    return sample(model, 1, cfg.seed, cfg.steps, cfg.sampler, progress=progress, prompt=cfg.text())
 
 
 @torch.no_grad()
@@ -160,6 +175,8 @@ class Journey:
         final: float32 (C, H, W) in [-1, 1], the final image.
         features: float32 (n, k), the projected per-step target features.
         meta: JSON-able description (config, source, name, feature identity, seconds).
+        xt_view: float32 (n, C, H, W), x_t decoded to an image, for a latent model (whose x_t are latents);
+            None for a pixel model (x_t is already an image).
     """
 
     steps: np.ndarray
@@ -169,6 +186,7 @@ class Journey:
     final: np.ndarray
     features: np.ndarray
     meta: dict
+    xt_view: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -183,8 +201,15 @@ class Journey:
         return np.sqrt((diff**2).mean(1))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"steps": self.steps, "timesteps": self.timesteps, "xt": self.xt, "x0": self.x0,
-                "final": self.final, "features": self.features}
+        out = {"steps": self.steps, "timesteps": self.timesteps, "xt": self.xt, "x0": self.x0,
+               "final": self.final, "features": self.features}
+        if self.xt_view is not None:
+            out["xt_view"] = self.xt_view
+        return out
+
+    def xt_images(self) -> np.ndarray:
+        """x_t of each chosen step as an image in about [-1, 1] (decoded for a latent model)."""
+        return self.xt if self.xt_view is None else self.xt_view
 
     def save(self, path: Path) -> None:
         """npz first, then the json (the completion marker), both atomically."""
@@ -208,7 +233,7 @@ def journey_path(att, cfg: JourneyConfig, source: str, cache: str | None = None,
     ident = {"version": JOURNEY_VERSION, "features": att.identity, "journey": cfg.to_dict(), "source": source}
     if sampled_by is not None and sampled_by != att.identity["checkpoint"]:
         ident["sampled_by"] = sampled_by
-    slug = f"{source.replace('/', '-')}-{cfg.sampler}{cfg.steps}-{att.cfg.fn}-R{cfg.resamples}"
+    slug = f"{source.split('/p=')[0].replace('/', '-')}-{cfg.sampler}{cfg.steps}-{att.cfg.fn}-R{cfg.resamples}"
     return journey_dir(att.identity["checkpoint"], slug, ident, cache)
 
 
@@ -240,9 +265,9 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
     sampler_model = sampler_model or att.model
     cfg.check(att.model.num_timesteps)
     if image is not None:
-        source = pixels_key(tensor_to_pixels(image.reshape(-1, *image.shape[-2:])))
+        source = prompt_key(pixels_key(tensor_to_pixels(image.reshape(-1, *image.shape[-2:]))), cfg.prompt)
     else:
-        source = f"gen/{cfg.seed}"
+        source = gen_key(cfg.seed, cfg.text())
     sampled_by = sampler_model.identity() if image is None and sampler_model is not att.model else None
     path = journey_path(att, cfg, source, cache, sampled_by)
     if use_cache:
@@ -274,7 +299,13 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
             "checkpoint_hash": att.identity["checkpoint"], "dataset": att.train.spec, "fn": att.cfg.fn,
             "feature_store": str(att.store_path), "proj_dim": att.proj_dim,
             "seconds": round(time.perf_counter() - start, 2), "version": JOURNEY_VERSION}
-    journey = Journey(idx, ts.astype(np.int64), traj.xt[idx, 0], x0, traj.final[0], feats, meta)
+    xt = traj.xt[idx, 0]
+    view = None
+    if xt.shape[1:] != traj.final.shape[1:]:  # latents: decoded for display
+        with torch.no_grad():
+            view = att.model.decode(torch.from_numpy(np.ascontiguousarray(xt)).to(att.model.device)).float().cpu()
+        view = view.clamp(-1, 1).numpy()
+    journey = Journey(idx, ts.astype(np.int64), xt, x0, traj.final[0], feats, meta, view)
     if use_cache:
         journey.save(path)
     return journey
@@ -284,10 +315,12 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
 
 
 def baseline_features(att, seed: int, steps: int = 50, sampler: str = "ddpm", resamples: int = 1,
-                      progress: Progress | None = None, cache: str | None = None, sampler_model=None) -> np.ndarray:
+                      progress: Progress | None = None, cache: str | None = None, sampler_model=None,
+                      prompt: Prompt | None = None) -> np.ndarray:
     """Mean of the per-step features over every sampling step of image `seed` (sampled by `sampler_model`, default
     `att.model`): (k,). Its scores are the mean of the per-step scores (scores are linear in the feature)."""
-    cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=1, resamples=resamples)
+    text = {} if prompt is None else {"prompt": prompt.text, "negative": prompt.negative, "guidance": prompt.guidance}
+    cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=1, resamples=resamples, **text)
     return run_journey(att, cfg, progress, cache, sampler_model=sampler_model).features.mean(0)
 
 
@@ -307,5 +340,5 @@ def trajectory_features(att, targets, progress: Progress | None = None, cache: s
     `att.model`) samples, with `att`'s gradients."""
     require_trajectories(targets)
     return np.stack([baseline_features(att, g.seed, g.steps, g.sampler, progress=progress, cache=cache,
-                                       sampler_model=sampler_model)
+                                       sampler_model=sampler_model, prompt=g.prompt)
                      for g in targets.generated]).astype(np.float32)

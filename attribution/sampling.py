@@ -7,6 +7,10 @@ device and in any batch.
 The loop runs in the model's diffusion space (`latent_shape`, its per-sample `condition` for keys "gen/SEED") and
 hands back images through the model's `decode`: a latent model returns decoded images, its trajectory's x_t stay
 latents.
+
+A text-conditional model samples with a `Prompt`: the prompt's condition (the image's key carries the prompt,
+"gen/SEED/p=TEXT"), and classifier-free guidance against the negative prompt (empty: the unconditional
+embedding) with scale `guidance`: eps = eps_neg + guidance * (eps_prompt - eps_neg).
 """
 
 from __future__ import annotations
@@ -18,11 +22,49 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .models.adapter import DiffusionModel
+from .models.adapter import DiffusionModel, prompt_key
 
 # DDPM first (the default): on the small CPU-trained models DDIM's deterministic path gives visibly blurrier samples
 # than DDPM at the same 50 steps. Both are deterministic given the seed.
 SAMPLERS = ("ddpm", "ddim")
+DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's default classifier-free guidance scale
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a text-conditional model generates: the prompt, a negative prompt and the guidance scale (>= 1;
+    1 = no guidance)."""
+
+    text: str
+    negative: str = ""
+    guidance: float = DEFAULT_GUIDANCE
+
+    def check(self) -> None:
+        if not self.text.strip():
+            raise ConfigError("the prompt is empty; a text-conditional model needs one (--prompt)")
+        if not self.guidance >= 1:
+            raise ConfigError(f"the guidance scale must be at least 1 (1 = no classifier-free guidance), "
+                              f"got {self.guidance}")
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.text, "negative": self.negative, "guidance": self.guidance}
+
+
+def gen_key(seed: int, prompt: Prompt | None = None) -> str:
+    """The noise key of generated image `seed` ("gen/SEED", with its prompt for a conditional model)."""
+    return prompt_key(f"gen/{int(seed)}", None if prompt is None else prompt.text)
+
+
+def check_prompt(model: DiffusionModel, prompt: Prompt | None) -> None:
+    """One-line ConfigError when a conditional model gets no prompt, an unconditional one gets one, or the prompt
+    is invalid."""
+    if prompt is None:
+        if model.conditional:
+            raise ConfigError(f"{model.spec} is text-conditional: give a prompt (--prompt)")
+        return
+    if not model.conditional:
+        raise ConfigError(f"{model.spec} is not text-conditional: drop the prompt")
+    prompt.check()
 
 
 @dataclass
@@ -49,8 +91,9 @@ class Trajectory:
                 "seeds": self.seeds}
 
 
-def check_sampling(model: DiffusionModel, n: int, steps: int, sampler: str) -> None:
+def check_sampling(model: DiffusionModel, n: int, steps: int, sampler: str, prompt: Prompt | None = None) -> None:
     """Raise `ConfigError` (one line) for options `sample` cannot honour."""
+    check_prompt(model, prompt)
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; use one of: {', '.join(SAMPLERS)}")
     if n < 1:
@@ -61,20 +104,26 @@ def check_sampling(model: DiffusionModel, n: int, steps: int, sampler: str) -> N
 
 @torch.no_grad()
 def sample(model: DiffusionModel, n: int, seed: int = 0, steps: int = 50, sampler: str = "ddpm",
-           progress: Callable[[int, int, str], None] | None = None) -> Trajectory:
-    """Generate `n` images with seeds seed..seed+n-1, keeping x_t and the predicted x0 at every step."""
-    check_sampling(model, n, steps, sampler)
+           progress: Callable[[int, int, str], None] | None = None, prompt: Prompt | None = None) -> Trajectory:
+    """Generate `n` images with seeds seed..seed+n-1, keeping x_t and the predicted x0 at every step (with
+    `prompt`, and classifier-free guidance, for a text-conditional model)."""
+    check_sampling(model, n, steps, sampler, prompt)
     sched = model.schedule.make_scheduler(sampler)
     sched.set_timesteps(steps)
     seeds = np.arange(seed, seed + n, dtype=np.int64)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in gens]).to(model.device)
     params = model.parameters()
-    cond = model.condition([f"gen/{s}" for s in seeds])
+    cond = model.condition([gen_key(s, prompt) for s in seeds])
+    guided = prompt is not None and prompt.guidance != 1
+    negative = model.prompt_condition([prompt.negative] * n) if guided else None
     xts, x0s = [], []
     for i, t in enumerate(sched.timesteps):
         tt = torch.full((n,), int(t), device=model.device, dtype=torch.long)
         eps = model.eps(params, x, tt, cond)
+        if guided:
+            eps_neg = model.eps(params, x, tt, negative)
+            eps = eps_neg + prompt.guidance * (eps - eps_neg)
         extra = {"generator": gens} if sampler == "ddpm" else {}
         step = sched.step(eps.cpu() if sampler == "ddpm" else eps, t, x.cpu() if sampler == "ddpm" else x, **extra)
         xts.append(x.float().cpu())

@@ -27,8 +27,8 @@ import torch
 from .data import ImageDataset, load_dataset
 from .data.images import load_image_pixels, load_npz_images, pixels_to_tensor, tensor_to_pixels
 from .errors import ImageError
-from .models.adapter import DiffusionModel
-from .sampling import sample
+from .models.adapter import DiffusionModel, prompt_key
+from .sampling import Prompt, check_prompt, gen_key, sample
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Generated:
     seed: int
     steps: int = 50
     sampler: str = "ddpm"
+    prompt: Prompt | None = None  # a text-conditional model's prompt, negative prompt and guidance
 
 
 @dataclass
@@ -68,8 +69,21 @@ def _as_8bit(images: np.ndarray) -> torch.Tensor:
     return pixels_to_tensor(tensor_to_pixels(torch.from_numpy(images)))
 
 
-def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int = 50) -> Targets:
+def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int = 50, prompt: Prompt | None = None,
+                    ) -> Targets:
+    """The targets of a spec (module docstring). `prompt`: what a text-conditional model generates gen:SEED
+    targets from, and the prompt an image file is attributed under (training images keep their own prompts)."""
     spec = spec.strip()
+    if prompt is not None:
+        check_prompt(model, prompt)
+    targets = _resolve(spec, model, dataset, steps, prompt)
+    if prompt is not None:
+        targets.keys = [prompt_key(k, prompt.text) if k.startswith("file/") else k for k in targets.keys]
+        targets.notes.append(f"prompt {prompt.text!r}")
+    return targets
+
+
+def _resolve(spec: str, model: DiffusionModel, dataset: str, steps: int, prompt: Prompt | None) -> Targets:
     kind, _, arg = spec.partition(":")
     if kind in ("train", "val") and arg.lstrip("-").isdigit():
         data: ImageDataset = load_dataset(dataset, kind, model.resolution, model.channels)
@@ -85,18 +99,18 @@ def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int =
         return Targets(data.tensors(idx), [f"{kind}/{i}" for i in idx], [f"{kind}:{i}" for i in idx],
                        [data.label_name(i) for i in idx])
     if kind == "gen" and arg.lstrip("-").isdigit():
-        traj = sample(model, 1, int(arg), steps=steps)
-        return Targets(_as_8bit(traj.final), [f"gen/{int(arg)}"], [spec], [None],
-                       generated=[Generated(int(arg), steps, "ddpm")])
+        traj = sample(model, 1, int(arg), steps=steps, prompt=prompt)
+        return Targets(_as_8bit(traj.final), [gen_key(int(arg), prompt)], [spec], [None],
+                       generated=[Generated(int(arg), steps, "ddpm", prompt)])
     seeds = re.fullmatch(r"(\d+)-(\d+)", arg) if kind == "gen" else None
     if seeds:
         first, last = int(seeds.group(1)), int(seeds.group(2))
         if last < first:
             raise ImageError(f"target {spec!r}: the seed range must go upwards (gen:A-B with A <= B)")
-        traj = sample(model, last - first + 1, first, steps=steps)
-        return Targets(_as_8bit(traj.final), [f"gen/{s}" for s in traj.seeds],
+        traj = sample(model, last - first + 1, first, steps=steps, prompt=prompt)
+        return Targets(_as_8bit(traj.final), [gen_key(s, prompt) for s in traj.seeds],
                        [f"gen:{s}" for s in traj.seeds], [None] * len(traj.seeds),
-                       generated=[Generated(int(s), steps, "ddpm") for s in traj.seeds])
+                       generated=[Generated(int(s), steps, "ddpm", prompt) for s in traj.seeds])
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".npz":
         images, labels = load_npz_images(path)

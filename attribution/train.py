@@ -8,6 +8,11 @@ converge in minutes on two CPU cores.
 A run folder holds `run.json` (the config, index-set hash, losses) and one `epoch-N/` checkpoint per saved epoch,
 each a DDPMPipeline folder written atomically, plus `training_timesteps.npy`: the timestep each training image
 was drawn at during that epoch (used by the timestep analysis). Same seed, same machine -> same weights.
+
+LoRA finetuning (`train-lora`, D-TRAK's SD-LoRA setting) is the same loop with `pipeline` set: a Stable Diffusion
+folder gets a fresh LoRA adapter of rank `rank` (the only trainable weights), every training image is conditioned
+on its class through `prompt_template`, images are encoded by the pipeline's VAE, and each checkpoint is a LoRA
+checkpoint folder (the base's components linked, `lora/`, `prompts.json`; models/latent_sd.py).
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import load_dataset
+from .data import ImageDataset, load_dataset
 from .device import resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, DatasetError
 from .fileio import save_npy, write_json
 from .models.adapter import NoiseSchedule
 from .models.checkpoint import DEFAULT_SCHEDULE
+from .models.latent_sd import LatentSD, PromptTable, check_template
 from .models.pixel_ddpm import PixelDDPM
 from .models.presets import PRESETS
 
@@ -55,6 +61,9 @@ class TrainConfig:
     index_file: str | None = None
     device: str = "auto"
     save_epochs: list[int] = field(default_factory=list)
+    pipeline: str | None = None  # LoRA-finetune this Stable Diffusion folder instead of training a pixel DDPM
+    rank: int = 4  # LoRA rank (with `pipeline`)
+    prompt_template: str = "a {class} painting"  # each training image's prompt (with `pipeline`)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -70,6 +79,10 @@ class TrainConfig:
         if not self.save_epochs:
             n = max(1, min(self.checkpoints, self.epochs))
             self.save_epochs = sorted({round(self.epochs * (i + 1) / n) for i in range(n)})
+        if self.pipeline is not None:
+            if self.rank < 1:
+                raise ConfigError(f"--rank must be at least 1, got {self.rank}")
+            check_template(self.prompt_template)
         bad = [e for e in self.save_epochs if not 1 <= e <= self.epochs]
         if bad:
             raise ConfigError(f"checkpoint epochs must be within 1..{self.epochs}, got {bad}")
@@ -118,10 +131,39 @@ def subset_indices(cfg: TrainConfig, n_all: int) -> np.ndarray:
     return np.unique(idx)
 
 
+def prompt_table(dataset: str, template: str, resolution: int, channels: int) -> PromptTable:
+    """Every training and validation image's prompt: its class name through `template`."""
+    train_set = load_dataset(dataset, "train", resolution, channels)
+    labels = {"train": train_set.labels.tolist()}
+    try:
+        labels["val"] = load_dataset(dataset, "val", resolution, channels).labels.tolist()
+    except DatasetError:  # a folder dataset without a validation split
+        pass
+    return PromptTable(template, dataset, list(train_set.class_names), labels)
+
+
+def _model_and_data(cfg: TrainConfig, device) -> tuple[object, ImageDataset, dict]:
+    """The model to train (fresh pixel DDPM, or a pipeline with a fresh LoRA adapter: seed torch first), its
+    training split at the model's resolution, and its noise-schedule config."""
+    if cfg.pipeline is None:
+        data = load_dataset(cfg.dataset, "train", cfg.resolution)
+        schedule = NoiseSchedule.from_config(DEFAULT_SCHEDULE)
+        return PixelDDPM.initialise(data.resolution, data.channels, cfg.preset, schedule, device), data, \
+            DEFAULT_SCHEDULE
+    model = LatentSD.for_finetuning(cfg.pipeline, cfg.rank, device)
+    if cfg.resolution is not None and cfg.resolution != model.resolution:
+        raise ConfigError(f"{cfg.pipeline} generates {model.resolution}px images; drop --resolution or give "
+                          f"{model.resolution}")
+    data = load_dataset(cfg.dataset, "train", model.resolution, model.channels)
+    model.prompts = prompt_table(cfg.dataset, cfg.prompt_template, model.resolution, model.channels)
+    return model, data, model.schedule.config
+
+
 def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
-    """Train a DDPM as configured; return the run folder."""
+    """Train a DDPM (or LoRA-finetune a pipeline) as configured; return the run folder."""
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.dataset, "train", cfg.resolution)
+    torch.manual_seed(cfg.seed)
+    model, data, schedule_config = _model_and_data(cfg, device)
     n_all = len(data)
     idx = subset_indices(cfg, n_all)
     x_all = data.tensors(idx)  # (N, C, R, R) in [-1, 1]
@@ -129,9 +171,6 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     keys = np.array([f"train/{i}" for i in idx])  # each image's key, for the model's per-sample condition
     flip = FLIP_DEFAULT.get(cfg.dataset.split(":")[0], False) if cfg.flip is None else cfg.flip
 
-    torch.manual_seed(cfg.seed)
-    schedule = NoiseSchedule.from_config(DEFAULT_SCHEDULE)
-    model = PixelDDPM.initialise(data.resolution, data.channels, cfg.preset, schedule, device)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.trainable_parameters().values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -139,11 +178,16 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed)  # data order, timesteps, noise, flips: all from one CPU stream
 
     out = Path(cfg.out)
-    meta = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("indices", "device")},
+    skip = ("indices", "device") + (("pipeline", "rank", "prompt_template") if cfg.pipeline is None else ())
+    meta = {"config": {k: v for k, v in asdict(cfg).items() if k not in skip},
             "dataset_hash": data.content_hash, "n_train": n, "index_set_hash": index_hash(cfg.indices, n_all),
             "flip": flip, "resolution": data.resolution, "channels": data.channels,
             "lr_schedule": f"AdamW lr {cfg.lr}, linear warm-up {cfg.warmup_fraction:.0%} then cosine to 0",
-            "noise_schedule": DEFAULT_SCHEDULE, "epoch_loss": [], "checkpoints": []}
+            "noise_schedule": schedule_config, "epoch_loss": [], "checkpoints": [], "model_kind": model.kind,
+            "trained_parameters": sum(p.numel() for p in model.trainable_parameters().values())}
+    if cfg.pipeline is None:  # (keys as before for pixel runs)
+        meta.pop("model_kind")
+        meta.pop("trained_parameters")
     if cfg.indices is not None:
         meta["indices"] = [int(i) for i in idx]
     start = time.time()

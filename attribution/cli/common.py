@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from ..figures import write_png
 from ..fileio import atomic_path
+from ..sampling import DEFAULT_GUIDANCE, Prompt
 
 
 def progress_bar(desc: str) -> Callable[[int, int, str], None]:
@@ -64,3 +65,22 @@ def add_ray_options(p, cache_help: str = "cache root (default: cache/ or $ATTRIB
                                          "Ray sized to this machine)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--cache", help=cache_help)
+
+
+def add_prompt_options(p) -> None:
+    """--prompt, --negative-prompt and --guidance: what a text-conditional (latent) model generates."""
+    p.add_argument("--prompt", help="text prompt of a text-conditional model (e.g. 'a cat painting')")
+    p.add_argument("--negative-prompt", default="", help="classifier-free guidance pushes away from it (default: "
+                                                         "the empty, unconditional prompt)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale, at least 1 (default {DEFAULT_GUIDANCE}; 1 = none)")
+
+
+def prompt_from(args) -> Prompt | None:
+    """The `Prompt` of --prompt/--negative-prompt/--guidance, or None without --prompt (checked where it is used:
+    a conditional model needs one, an unconditional one takes none)."""
+    if getattr(args, "prompt", None) is None:
+        return None
+    prompt = Prompt(args.prompt, args.negative_prompt, args.guidance)
+    prompt.check()
+    return prompt

@@ -13,7 +13,7 @@ from ..kernel import check_lambda as check
 from ..report import check_out, export_metadata, rank, write_scores
 from ..run_options import add_run_options, run_options
 from ..targets import resolve_targets
-from .common import info, progress_bar
+from .common import add_prompt_options, info, progress_bar, prompt_from
 
 
 def build(args):
@@ -67,7 +67,7 @@ def cmd_score(args) -> int:
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     check_lambda(method, args.lam)
-    targets = resolve_targets(args.target, attribution.target_model, train.spec)
+    targets = resolve_targets(args.target, attribution.target_model, train.spec, prompt=prompt_from(args))
     for note in targets.notes:
         info(note)
     result = attribution.run(targets, args.lam, member_progress, cache=args.cache)
@@ -139,6 +139,7 @@ def add_commands(sub) -> None:
     add_run_options(s)
     s.add_argument("--target", required=True, help="PATH (image or .npz), train:I, val:I, gen:SEED; ranges "
                                                           "train:A-B, val:A-B (class agreement reported), gen:A-B")
+    add_prompt_options(s)
     s.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: 0.1 x mean kernel eigenvalue)")
     s.add_argument("--top", type=int, default=5)
     s.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -25,7 +25,8 @@ from ..kernel import check_lambda
 from ..methods import METHODS, get_method
 from ..models import load_model
 from ..run_options import JOURNEY_OPTIONS, add_run_options, run_options
-from .common import info, progress_bar, write_figures
+from ..sampling import check_prompt
+from .common import add_prompt_options, info, progress_bar, prompt_from, write_figures
 
 JOURNEY_METHODS = [name for name, cls in METHODS.items() if cls.per_step]  # kernel methods that score one step
 
@@ -40,6 +41,7 @@ def add_commands(sub) -> None:
     j.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     j.add_argument("--every", type=int, help="every N-th step, counted back from the last (default: steps // 10)")
     j.add_argument("--at", help="explicit comma-separated step indices, 0 = first (noisiest) step")
+    add_prompt_options(j)
     j.add_argument("--resamples", type=int, default=20, help="R, re-noisings of x̂0 averaged per step (default 20)")
     j.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: 0.1 x mean kernel eigenvalue)")
     j.add_argument("--top", type=int, default=5, help="proponents/opponents listed per step (default 5)")
@@ -55,10 +57,13 @@ def cmd_journey(args) -> int:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     if args.lam is not None:
         check_lambda(args.lam)
+    prompt = prompt_from(args)
+    text = {} if prompt is None else {"prompt": prompt.text, "negative": prompt.negative, "guidance": prompt.guidance}
     cfg = JourneyConfig(seed=args.seed if args.seed is not None else 0, steps=args.steps, sampler=args.sampler,
-                        every=args.every, at=parse_steps(args.at), resamples=args.resamples)
+                        every=args.every, at=parse_steps(args.at), resamples=args.resamples, **text)
     model = load_model(args.checkpoint, args.device)
     cfg.check(model.num_timesteps)
+    check_prompt(model, prompt)
     image, name = None, f"gen:{args.seed}"
     if args.image:
         path = Path(args.image).expanduser()

@@ -1,4 +1,4 @@
-"""CLI commands for models: `train`, `generate` and `app` (serve the Streamlit app)."""
+"""CLI commands for models: `train`, `train-lora`, `generate` and `app` (serve the Streamlit app)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ..fileio import atomic_path, save_npz
 from ..models import load_model
 from ..sampling import check_sampling, sample
 from ..train import TrainConfig, read_index_file, subset_indices, train
-from .common import info, progress_bar
+from .common import add_prompt_options, info, progress_bar, prompt_from
 
 # -- train ---------------------------------------------------------------------------------------------------------
 
@@ -35,15 +35,35 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_lora(args) -> int:
+    indices = read_index_file(args.indices) if args.indices else None
+    cfg = TrainConfig(dataset=args.dataset, out=args.out, epochs=args.epochs, seed=args.seed,
+                      batch_size=args.batch_size, lr=args.lr, checkpoints=args.checkpoints, indices=indices,
+                      index_file=args.indices, device=args.device,
+                      flip={"auto": None, "on": True, "off": False}[args.flip],
+                      save_epochs=[int(e) for e in args.save_epochs.split(",")] if args.save_epochs else [],
+                      pipeline=args.pipeline, rank=args.rank, prompt_template=args.prompt_template)
+    info(f"LoRA-finetuning {args.pipeline} (rank {cfg.rank}) on {cfg.dataset}"
+         f"{f' ({len(indices)} indices from {args.indices})' if indices else ''}, prompts "
+         f"{cfg.prompt_template!r}, {cfg.epochs} epochs, seed {cfg.seed}; checkpoints at epochs {cfg.save_epochs} "
+         f"-> {cfg.out}")
+    out = train(cfg, progress=progress_bar("epochs"))
+    print(out)
+    return 0
+
+
 # -- generate ------------------------------------------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
     model = load_model(args.checkpoint, args.device)
-    check_sampling(model, args.n, args.steps, args.sampler)
+    prompt = prompt_from(args)
+    check_sampling(model, args.n, args.steps, args.sampler, prompt)
     out = Path(args.out)
-    info(f"generating {args.n} images from {model.spec} with {args.sampler} ({args.steps} steps), seeds "
+    said = "" if prompt is None else f" for {prompt.text!r} (guidance {prompt.guidance:g})"
+    info(f"generating {args.n} images from {model.spec}{said} with {args.sampler} ({args.steps} steps), seeds "
          f"{args.seed}..{args.seed + args.n - 1} -> {out}/")
-    traj = sample(model, args.n, args.seed, args.steps, args.sampler, progress=progress_bar("sampling"))
+    traj = sample(model, args.n, args.seed, args.steps, args.sampler, progress=progress_bar("sampling"),
+                  prompt=prompt)
     out.mkdir(parents=True, exist_ok=True)
     pixels = tensor_to_pixels(torch.from_numpy(traj.final))
     for i, seed in enumerate(traj.seeds):
@@ -96,6 +116,27 @@ def add_commands(sub) -> None:
     t.add_argument("--device", default="auto")
     t.set_defaults(func=cmd_train)
 
+    lo = sub.add_parser("train-lora", help="LoRA-finetune a local Stable Diffusion folder on a dataset with class "
+                                           "prompts (D-TRAK's SD-LoRA setting)")
+    lo.add_argument("--pipeline", required=True, help="a local Stable Diffusion folder (model_index.json, unet/, "
+                                                      "vae/, text_encoder/, tokenizer/, scheduler/)")
+    lo.add_argument("--dataset", required=True, help="dataset spec with classes, e.g. folder:PATH, animals:cat,dog")
+    lo.add_argument("--out", required=True, help="run folder to write (epoch-N/ LoRA checkpoints + run.json)")
+    lo.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4; the D-TRAK paper uses 128)")
+    lo.add_argument("--prompt-template", default="a {class} painting",
+                    help="each training image's prompt, {class} = its class name (default 'a {class} painting')")
+    lo.add_argument("--epochs", type=int, default=10)
+    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--indices", help="finetune only on these training-split indices (.npy or text file)")
+    lo.add_argument("--batch-size", type=int, default=64)
+    lo.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4, the paper's)")
+    lo.add_argument("--checkpoints", type=int, default=5, help="number of evenly spaced saved epochs (default 5)")
+    lo.add_argument("--save-epochs", help="explicit comma-separated epochs to save instead of --checkpoints")
+    lo.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
+                    help="random horizontal flips (auto: on except for digits)")
+    lo.add_argument("--device", default="auto")
+    lo.set_defaults(func=cmd_train_lora)
+
     g = sub.add_parser("generate", help="generate images (PNGs + samples.npz)")
     g.add_argument("--checkpoint", required=True, help="digits, animals-2, NAME@epoch-N, or a folder")
     g.add_argument("--n", type=int, default=16)
@@ -103,6 +144,7 @@ def add_commands(sub) -> None:
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ddpm (default; crisper on small models) or ddim; both deterministic given the seed")
+    add_prompt_options(g)
     g.add_argument("--out", required=True)
     g.add_argument("--trajectory", action="store_true", help="also store x_t and predicted x0 of every step")
     g.add_argument("--grid", help="also write all images as one grid PNG to this path")

@@ -5,6 +5,7 @@ A dataset spec is a string:
 | spec | what it is | model resolution |
 |---|---|---|
 | `digits` | scikit-learn `load_digits`: 1797 grayscale 8x8 digits, upscaled (bicubic) to 16x16 | 16 |
+| `digits:5,6,7` | a subset of the digit classes (the full set's split, restricted) | 16 |
 | `animals` | animal-mnist 0.4 (MIT): 10,000 white-on-black silhouettes, 28x28, 10 classes | 28 |
 | `animals-2` | the two animal classes in `ANIMALS_2` (2,000 images), mirroring the D-TRAK paper's CIFAR-2 | 28 |
 | `animals:cat,dog` | any subset of animal classes, named or numbered | 28 |
@@ -182,8 +183,21 @@ def _digits(kind, arg, split):
 
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # (1797, 8, 8, 1), 0..16 -> 0..255
-    return _split(images, d.target, split, [str(i) for i in range(10)],
-                  ["scikit-learn digits (8x8) upscaled bicubically to the model resolution"])
+    note = ["scikit-learn digits (8x8) upscaled bicubically to the model resolution"]
+    if not arg:
+        return _split(images, d.target, split, [str(i) for i in range(10)], note)
+    # digits:5,6,7,8,9 (a class subset, as animals:CLASS,...): the split of the full set, restricted; labels
+    # 0..n-1 in the order given, class names the digits themselves
+    chosen = []
+    for part in arg.split(","):
+        if not (part.strip().isdigit() and int(part) < 10):
+            raise DatasetError(f"unknown digit class {part.strip()!r}; use digits:0,1,... with classes 0-9")
+        if int(part) not in chosen:
+            chosen.append(int(part))
+    in_split = _stratified_val(d.target) if split == "val" else ~_stratified_val(d.target)
+    keep = np.flatnonzero(in_split & np.isin(d.target, chosen))
+    labels = np.array([chosen.index(int(v)) for v in d.target[keep]], dtype=np.int64)
+    return images[keep], labels, [str(c) for c in chosen], keep, note
 
 
 @functools.lru_cache(maxsize=1)

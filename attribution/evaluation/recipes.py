@@ -32,6 +32,9 @@ class Recipe:
     weight_decay: float = 1e-6
     flip: bool | None = None
     resolution: int | None = None
+    pipeline: str | None = None  # a LoRA finetune of this Stable Diffusion folder (train-lora)
+    rank: int = 4
+    prompt_template: str = "a {class} painting"
 
     def __post_init__(self):
         self.train_config("unused", None, 0)  # TrainConfig validates every field (one ConfigError line)
@@ -43,11 +46,13 @@ class Recipe:
         return TrainConfig(dataset=self.dataset, out=str(out), epochs=self.epochs, seed=seed,
                            batch_size=self.batch_size, lr=self.lr, warmup_fraction=self.warmup_fraction,
                            weight_decay=self.weight_decay, checkpoints=checkpoints, flip=self.flip, preset=self.preset,
-                           resolution=self.resolution, indices=indices, device=device)
+                           resolution=self.resolution, indices=indices, device=device, pipeline=self.pipeline,
+                           rank=self.rank, prompt_template=self.prompt_template)
 
     def identity(self) -> dict:
         """The fields that determine the weights (the name is only a label)."""
-        return {k: v for k, v in asdict(self).items() if k != "name"}
+        lora = ("pipeline", "rank", "prompt_template")  # absent for pixel recipes: their keys stay as they were
+        return {k: v for k, v in asdict(self).items() if k != "name" and (self.pipeline is not None or k not in lora)}
 
     def key(self, dataset_hash: str) -> str:
         """16 hex digits of sha256 over the identity and the training data's content hash."""

@@ -39,6 +39,25 @@ from .checkpoint import CheckpointInfo
 
 Condition = dict[str, torch.Tensor] | None
 
+# A noise key may carry the prompt of its sample: "gen/3/p=a cat painting" (and, for a Journey step,
+# "gen/3/p=a cat painting/step500"). Text-conditional models read it in `condition`; the noise derived from the key
+# then depends on the prompt too, as the image does.
+PROMPT_MARK = "/p="
+
+
+def prompt_key(key: str, prompt: str | None) -> str:
+    """`key` with `prompt` attached (unchanged for None: unconditional sampling)."""
+    return key if prompt is None else f"{key}{PROMPT_MARK}{prompt}"
+
+
+def key_prompt(key: str) -> str | None:
+    """The prompt a key carries (without a Journey "/stepT" suffix), or None."""
+    if PROMPT_MARK not in key:
+        return None
+    text = key.split(PROMPT_MARK, 1)[1]
+    head, _, tail = text.rpartition("/step")
+    return head if head and tail.isdigit() else text
+
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Schedule values at a batch's timesteps, shaped to broadcast against `like` ((B,) -> (B, 1, 1, 1))."""
@@ -143,6 +162,7 @@ class DiffusionModel(ABC):
     """
 
     kind: str = ""  # the registry name, e.g. "pixel-ddpm"
+    conditional: bool = False  # text-conditional: generation takes a prompt (`prompt_condition`)
 
     def __init__(self, schedule: NoiseSchedule, info: CheckpointInfo | None, device: torch.device | str):
         self.device = resolve_device(device)
@@ -203,6 +223,15 @@ class DiffusionModel(ABC):
         "file/HASH", each possibly followed by "/stepT" for a Journey step), each tensor with one row per key; None
         for an unconditional model. A conditional implementation maps a key to its class label or prompt."""
         return None
+
+    def prompt_condition(self, prompts: Sequence[str]) -> Condition:
+        """UNet keyword arguments for free-text prompts, one row each (an empty prompt is the unconditional one, as
+        classifier-free guidance uses it); only text-conditional models take prompts."""
+        raise ConfigError(f"{self.spec} is not text-conditional: prompts do not apply to it")
+
+    def describe_parameters(self) -> str:
+        """What attribution differentiates, for people: "all N parameters" (a LoRA model says "LoRA, N ...")."""
+        return f"all {sum(p.numel() for p in self.trainable_parameters().values()):,} parameters"
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The parameters training updates and attribution differentiates by default (all; LoRA: the LoRA ones)."""

@@ -1,7 +1,7 @@
 """Checkpoints: naming, loading and saving diffusers `UNet2DModel` DDPMs, safely and offline.
 
 A checkpoint spec is one of:
-- a shipped alias: `digits`, `animals-2` (the models under `models/` in this repository);
+- a shipped alias: `digits`, `animals-2`, `digits-latent` (the models under `models/` in this repository);
 - a training run folder (made by `python -m attribution train`), whose `epoch-NNNN/` subfolders are checkpoints;
 - a `DDPMPipeline` folder (`model_index.json`, `unet/`, optional `scheduler/`), e.g. a downloaded
   google/ddpm-cifar10-32;
@@ -30,10 +30,15 @@ from ..fileio import atomic_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_DIR = REPO_ROOT / "models"
-SHIPPED = {"digits": SHIPPED_DIR / "digits", "animals-2": SHIPPED_DIR / "animals-2"}
+SHIPPED = {"digits": SHIPPED_DIR / "digits", "animals-2": SHIPPED_DIR / "animals-2",
+           # a tiny latent text-to-image model LoRA-finetuned on digits 5-9 (bench/tiny_latent.py)
+           "digits-latent": SHIPPED_DIR / "digits-latent"}
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DEFAULT_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
                     "beta_schedule": "linear", "prediction_type": "epsilon"}
+# Besides the UNet weights, what a checkpoint's identity covers where present (a latent pipeline's other components,
+# a LoRA checkpoint's adapter weights and prompt table); pixel DDPM folders have none, so their hashes are unchanged.
+IDENTITY_EXTRAS = ("vae", "text_encoder", "tokenizer", "lora", "prompts.json")
 _EPOCH_RE = re.compile(r"^epoch-(\d+)$")
 
 
@@ -71,11 +76,18 @@ class CheckpointInfo:
         return "no scheduler_config.json found: using the DDPM default (T=1000, linear betas 1e-4..0.02, epsilon)"
 
     def content_hash(self) -> str:
-        """sha256 of the weights file (first 16 hex digits): the checkpoint's identity in cache keys."""
+        """sha256 of the weights file (first 16 hex digits): the checkpoint's identity in cache keys. A folder with
+        adapter weights or a prompt table beside the UNet (`IDENTITY_EXTRAS`: a LoRA checkpoint) hashes those too."""
         h = hashlib.sha256()
-        with open(self.weights_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        extras = sorted(p for name in IDENTITY_EXTRAS for p in
+                        ((self.pipeline_dir / name).rglob("*") if (self.pipeline_dir / name).is_dir()
+                         else [self.pipeline_dir / name]) if p.is_file())
+        for path in [self.weights_path, *extras]:
+            if path is not self.weights_path:
+                h.update(path.relative_to(self.pipeline_dir).as_posix().encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
         return h.hexdigest()[:16]
 
     def training_timesteps(self) -> np.ndarray | None:

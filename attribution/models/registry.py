@@ -13,9 +13,10 @@ import torch
 from ..errors import CheckpointError
 from .adapter import DiffusionModel
 from .checkpoint import CheckpointInfo, resolve_checkpoint
+from .latent_sd import LatentSD
 from .pixel_ddpm import PixelDDPM
 
-MODEL_KINDS: dict[str, type[DiffusionModel]] = {m.kind: m for m in (PixelDDPM,)}
+MODEL_KINDS: dict[str, type[DiffusionModel]] = {m.kind: m for m in (PixelDDPM, LatentSD)}
 
 
 def implementation_for(info: CheckpointInfo) -> type[DiffusionModel]:

@@ -1,0 +1,61 @@
+"""Prompt inputs for text-conditional (latent) models: prompt, negative prompt and guidance scale. Not a page.
+
+Unconditional models get no inputs (`prompt_inputs` returns None), so the pages stay as they were for them.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from attribution.sampling import DEFAULT_GUIDANCE, Prompt
+
+
+def default_prompt(model) -> str:
+    """The first class prompt of the model's finetuning set ("a handwritten digit 5"), else empty."""
+    prompts = getattr(model, "prompts", None)
+    return next(iter(prompts.class_prompts().values()), "") if prompts is not None else ""
+
+
+def prompt_inputs(model, key: str, fixed: dict | None = None) -> Prompt | None:
+    """Prompt, negative prompt and guidance for a text-conditional model (None for an unconditional one). `fixed`:
+    the prompt an image was generated with (shown, not editable)."""
+    if not model.conditional:
+        return None
+    if fixed is not None:
+        prompt = Prompt(fixed["prompt"], fixed["negative"], fixed["guidance"])
+        st.caption(f"Prompt: **{prompt.text}**" + (f" · negative: {prompt.negative}" if prompt.negative else "")
+                   + f" · guidance {prompt.guidance:g}")
+        return prompt
+    c1, c2, c3 = st.columns([3, 2, 1])
+    text = c1.text_input("Prompt", default_prompt(model), key=f"{key}_prompt",
+                         help="What the text-conditional model generates; training images keep their own prompts "
+                              "(their class through the finetuning template).")
+    negative = c2.text_input("Negative prompt", "", key=f"{key}_negative",
+                             help="Classifier-free guidance pushes away from it (empty: the unconditional prompt).")
+    guidance = c3.number_input("Guidance", 1.0, 30.0, DEFAULT_GUIDANCE, 0.5, key=f"{key}_guidance",
+                               help="Classifier-free guidance scale (1 = none; Stable Diffusion's default is 7.5).")
+    return Prompt(text, negative, float(guidance))
+
+
+def prompt_from_state(model, key: str) -> Prompt | None:
+    """The prompt `prompt_inputs(model, key)` holds in the session (what a form's submit callback reads)."""
+    if not model.conditional:
+        return None
+    return Prompt(st.session_state.get(f"{key}_prompt", default_prompt(model)),
+                  st.session_state.get(f"{key}_negative", ""),
+                  float(st.session_state.get(f"{key}_guidance", DEFAULT_GUIDANCE)))
+
+
+def as_prompt(d: dict | None) -> Prompt | None:
+    """A `Prompt` from its `to_dict()` (None stays None)."""
+    return None if d is None else Prompt(d["prompt"], d["negative"], d["guidance"])
+
+
+def prompt_flags(prompt: Prompt | None) -> str:
+    """The command line's prompt options (empty for an unconditional model)."""
+    if prompt is None:
+        return ""
+    out = f" --prompt '{prompt.text}'"
+    if prompt.negative:
+        out += f" --negative-prompt '{prompt.negative}'"
+    return out + f" --guidance {prompt.guidance:g}"

@@ -1,0 +1,303 @@
+"""Latent, text-conditional diffusion with LoRA (models/latent_sd.py), end to end on a tiny Stable-Diffusion-shaped
+pipeline built offline (models/tiny_sd.py: random weights, a 30-word tokenizer; nothing is downloaded).
+
+finetune (train-lora) -> featurize -> score -> generate -> journey on 12 digits with class prompts; only the LoRA
+weights get gradients; D-TRAK and TRAK scores equal a direct computation (an explicit autograd loop over the LoRA
+parameters, then the ridge formula solved directly); a LoRA saved and reloaded gives identical gradients; every bad
+input is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.cli.main import main
+from attribution.errors import CheckpointError, ConfigError
+from attribution.models import load_model
+from attribution.models.latent_sd import LatentSD
+from attribution.models.tiny_sd import TinySDConfig, build_tiny_pipeline
+
+WORDS = ("a", "photo", "of", "digit", "painting")
+TEMPLATE = "a photo of digit {class}"
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd", WORDS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def npz12(tmp_path_factory):
+    """12 digits (classes 0..9) with labels, 16x16 grayscale, and a 4-image validation file beside them."""
+    from attribution.data import load_dataset
+
+    digits = load_dataset("digits")
+    path = tmp_path_factory.mktemp("data") / "d12.npz"
+    np.savez(path, images=digits.pixels[:12, ..., 0], labels=digits.labels[:12])
+    np.savez(path.with_name("d12_val.npz"), images=digits.pixels[12:16, ..., 0], labels=digits.labels[12:16])
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_run(sd_dir, npz12, tmp_path_factory):
+    """`train-lora` through the CLI: rank 2, 2 epochs of 12 images, checkpoints at both epochs."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    rc = main(["train-lora", "--pipeline", str(sd_dir), "--dataset", f"npz:{npz12}", "--out", str(out),
+               "--rank", "2", "--prompt-template", TEMPLATE, "--epochs", "2", "--batch-size", "6", "--lr", "1e-2",
+               "--checkpoints", "2", "--device", "cpu"])
+    assert rc == 0
+    return out
+
+
+def test_pipeline_loads_as_latent_conditional_model(sd_dir):
+    model = load_model(str(sd_dir), "cpu")
+    assert isinstance(model, LatentSD) and model.conditional
+    assert model.resolution == 16 and model.channels == 3 and model.latent_shape == (4, 8, 8)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = model.encode(x)
+    with torch.no_grad():  # encode = the VAE's latent mode x scaling factor, exactly
+        direct = model.vae.encode(x).latent_dist.mode() * model.vae.config.scaling_factor
+    assert z.shape == (2, 4, 8, 8) and torch.equal(z, direct)
+    assert model.decode(z).shape == (2, 3, 16, 16)
+    cond = model.prompt_condition(["a photo of digit 3", ""])["encoder_hidden_states"]
+    assert cond.shape == (2, 16, 32) and not torch.allclose(cond[0], cond[1])
+    assert "no LoRA" in model.describe_parameters()
+
+
+def test_only_lora_parameters_get_gradients(sd_dir):
+    torch.manual_seed(0)
+    model = LatentSD.for_finetuning(str(sd_dir), rank=2, device="cpu")
+    lora = set(model.trainable_parameters())
+    assert lora and all("lora_" in n for n in lora)
+    n_lora = sum(p.numel() for p in model.trainable_parameters().values())
+    assert n_lora < sum(p.numel() for p in model.unet.parameters()) / 10
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    loss = model.training_loss(x, torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900]),
+                               model.prompt_condition(["a photo of digit 1"] * 3))
+    loss.backward()
+    got = {n for n, p in model.unet.named_parameters() if p.grad is not None}
+    assert got == lora
+    assert all(p.grad is None for p in [*model.vae.parameters(), *model.text_encoder.parameters()])
+    assert any(p.grad.abs().sum() > 0 for n, p in model.unet.named_parameters() if "lora_B" in n)
+
+
+def test_finetune_records_prompts_and_lora(lora_run, sd_dir, npz12):
+    meta = json.loads((lora_run / "run.json").read_text())
+    assert meta["config"]["pipeline"] == str(sd_dir) and meta["model_kind"] == "latent-sd"
+    assert [c["epoch"] for c in meta["checkpoints"]] == [1, 2]
+    ckpt = lora_run / "epoch-2"
+    assert (ckpt / "unet").is_symlink() and (ckpt / "lora" / "adapter_model.safetensors").is_file()
+    model = load_model(str(lora_run), "cpu")
+    assert model.spec.endswith("@epoch-2") and model.lora_rank == 2
+    labels = np.load(npz12)["labels"]
+    assert model.prompt_for("train/4") == f"a photo of digit {labels[4]}"
+    val_labels = np.load(str(npz12).replace(".npz", "_val.npz"))["labels"]
+    assert model.prompt_for("val/1") == f"a photo of digit {val_labels[1]}"
+    assert model.prompt_for("gen/3/p=a photo of digit 7/step500") == "a photo of digit 7"
+    assert "LoRA (rank 2)" in model.describe_parameters()
+    # the two checkpoints differ only in their LoRA weights, and so in their identity
+    assert load_model(f"{lora_run}@epoch-1", "cpu").identity() != model.identity()
+
+
+def _direct_features(model, att, images, keys):
+    """Per-sample gradients by an explicit autograd loop over the LoRA parameters (the UNet's own forward pass, no
+    torch.func), projected by the attributor's projector."""
+    spec = att.grad_spec
+    from attribution.features.outputs import output_value
+    from attribution.features.timesteps import noise_for
+
+    params = model.trainable_parameters()
+    for p in params.values():
+        p.requires_grad_(True)
+    ts = torch.tensor(spec.timesteps)
+    rows = []
+    try:
+        for x, key in zip(images, keys):
+            z0 = model.encode(x[None])
+            cond = model.condition([key])
+            eps = noise_for([key], ts, tuple(z0.shape[1:]), spec.seed, spec.draws)[0]
+            total = [torch.zeros_like(p) for p in params.values()]
+            for k, t in enumerate(ts):
+                tt = t.reshape(1)
+                x_t = model.schedule.add_noise(z0, eps[k:k + 1], tt)
+                out = model.unet(x_t, tt, **cond, return_dict=False)[0]
+                f = output_value(spec.fn, out, eps[k:k + 1], model.schedule.elbo_weight(tt))
+                for acc, g in zip(total, torch.autograd.grad(f, list(params.values()))):
+                    acc += g / len(ts)
+            rows.append(torch.cat([g.reshape(-1) for g in total]))
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+    return att.projector.project(torch.stack(rows)).cpu().numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("name", ["dtrak", "trak"])
+def test_scores_match_a_direct_computation(name, lora_run, npz12, tmp_path):
+    from attribution.engine import open_attribution
+    from attribution.methods import get_method
+    from attribution.sampling import Prompt
+    from attribution.targets import resolve_targets
+
+    att_all = open_attribution(str(lora_run), get_method(name), "cpu", dataset=f"npz:{npz12}", timesteps=2,
+                               proj_dim=64, cache=str(tmp_path))
+    att = att_all.members[0]
+    att_all.featurize()
+    prompt = Prompt("a photo of digit 3", guidance=2.0)
+    targets = resolve_targets("gen:0", att.model, f"npz:{npz12}", steps=3, prompt=prompt)
+    assert targets.keys == ["gen/0/p=a photo of digit 3"]
+    scores = att_all.scores(att_all.target_features(targets, cache=str(tmp_path)))
+    assert scores.shape == (1, 12) and np.isfinite(scores).all()
+
+    X = _direct_features(att.model, att, att.train.tensors(), [f"train/{i}" for i in range(12)])
+    g = _direct_features(att.model, att, targets.images, targets.keys)
+    # float32 vmap versus a float32 loop: the same sums in another order (relative differences ~1e-6)
+    np.testing.assert_allclose(att.store.features(), X, rtol=1e-4, atol=1e-4 * np.abs(X).max())
+    lam = att.resolve_lambda(att_all.method, None)
+    direct = g @ np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T)
+    np.testing.assert_allclose(scores, direct, rtol=1e-3, atol=1e-3 * np.abs(direct).max())
+
+
+def test_lora_saved_and_reloaded_gives_identical_gradients(lora_run, npz12, tmp_path):
+    from attribution.data import load_dataset
+    from attribution.features.gradients import GradientSpec, per_sample_gradients
+
+    model = load_model(str(lora_run), "cpu")
+    copy = tmp_path / "again"
+    model.save(copy)
+    again = load_model(str(copy), "cpu")
+    assert again.identity() == model.identity()
+    data = load_dataset(f"npz:{npz12}", "train", 16, 3)
+    spec = GradientSpec(fn="square", timesteps=(100, 600))
+    keys = [f"train/{i}" for i in range(3)]
+    a = per_sample_gradients(model, data.tensors([0, 1, 2]), keys, spec)
+    b = per_sample_gradients(again, data.tensors([0, 1, 2]), keys, spec)
+    assert a.shape[1] == sum(p.numel() for p in model.trainable_parameters().values())
+    assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+def test_generate_and_journey(lora_run, npz12, tmp_path):
+    from attribution.engine import open_attribution
+    from attribution.journey import JourneyConfig, run_journey
+    from attribution.methods import get_method
+    from attribution.sampling import Prompt, sample
+
+    model = load_model(str(lora_run), "cpu")
+    p3, p7 = Prompt("a photo of digit 3"), Prompt("a photo of digit 7")
+    t3 = sample(model, 2, seed=5, steps=4, sampler="ddim", prompt=p3)
+    assert t3.final.shape == (2, 3, 16, 16) and t3.xt.shape == (4, 2, 4, 8, 8) and t3.x0_pred.shape == (4, 2, 3, 16, 16)
+    assert not np.allclose(t3.final, sample(model, 2, seed=5, steps=4, sampler="ddim", prompt=p7).final)
+    np.testing.assert_array_equal(t3.final, sample(model, 2, seed=5, steps=4, sampler="ddim", prompt=p3).final)
+    # guidance 1 is the conditional prediction alone
+    one = sample(model, 1, seed=5, steps=2, sampler="ddim", prompt=Prompt(p3.text, guidance=1.0))
+    att = open_attribution(str(lora_run), get_method("dtrak"), "cpu", dataset=f"npz:{npz12}", timesteps=2,
+                           proj_dim=64, cache=str(tmp_path)).members[0]
+    att.featurize()
+    cfg = JourneyConfig(seed=5, steps=4, sampler="ddim", every=2, resamples=2, prompt=p3.text)
+    journey = run_journey(att, cfg, cache=str(tmp_path))
+    assert journey.x0.shape == (2, 3, 16, 16) and journey.xt.shape == (2, 4, 8, 8)
+    np.testing.assert_allclose(journey.final, t3.final[0], atol=1e-4)  # batch of 1 vs 2: float32 reordering
+    assert journey.features.shape == (2, 64) and np.isfinite(journey.scores(att, get_method("dtrak"))).all()
+    assert one.final.shape == (1, 3, 16, 16)
+
+    out = tmp_path / "gen"
+    assert main(["generate", "--checkpoint", str(lora_run), "--n", "2", "--steps", "2", "--out", str(out),
+                 "--prompt", p3.text, "--guidance", "3", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["seed-000000.png", "seed-000001.png"]
+
+
+# -- bad input: one line each ----------------------------------------------------------------------------------------
+
+
+def test_missing_component_is_named(sd_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sd_dir, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(CheckpointError, match=r"vae/ \(AutoencoderKL\) is missing") as exc:
+        load_model(str(broken), "cpu")
+    assert "\n" not in str(exc.value)
+
+
+def test_lora_for_another_unet_or_rank(lora_run, sd_dir, tmp_path):
+    other = build_tiny_pipeline(tmp_path / "other", WORDS, TinySDConfig(unet_channels=(32, 64)), seed=1)
+    shutil.copytree(lora_run / "epoch-2" / "lora", other / "lora")  # a LoRA made for the (16, 32) UNet
+    with pytest.raises(CheckpointError, match="do not fit this UNet") as exc:
+        load_model(str(other), "cpu")
+    assert "\n" not in str(exc.value)
+    wrong_rank = tmp_path / "rank"
+    shutil.copytree(sd_dir, wrong_rank)
+    shutil.copytree(lora_run / "epoch-2" / "lora", wrong_rank / "lora")
+    cfg = json.loads((wrong_rank / "lora" / "adapter_config.json").read_text())
+    (wrong_rank / "lora" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))
+    with pytest.raises(CheckpointError, match="another shape or rank") as exc:
+        load_model(str(wrong_rank), "cpu")
+    assert "\n" not in str(exc.value)
+
+
+def test_prompt_errors(sd_dir, tmp_path, capsys):
+    from attribution.sampling import Prompt, sample
+
+    model = load_model(str(sd_dir), "cpu")
+    with pytest.raises(ConfigError, match="give a prompt"):
+        sample(model, 1, steps=2)
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        sample(model, 1, steps=2, prompt=Prompt("  "))
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        model.condition(["gen/0/p="])
+    with pytest.raises(ConfigError, match="at least 1"):
+        sample(model, 1, steps=2, prompt=Prompt("a photo", guidance=0.5))
+    with pytest.raises(ConfigError, match="no prompt table"):
+        model.condition(["train/0"])
+    assert main(["generate", "--checkpoint", str(sd_dir), "--n", "1", "--steps", "2", "--out", str(tmp_path / "g"),
+                 "--prompt", "a photo", "--guidance", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the guidance scale must be at least 1")
+    long = " ".join(["photo"] * 20)  # 22 tokens with the start and end tokens; the tokenizer takes 16
+    cond = model.prompt_condition([long])["encoder_hidden_states"]
+    assert cond.shape == (1, 16, 32)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 1 and "22 tokens" in lines[0] and "truncated" in lines[0]
+    model.prompt_condition([long])  # cached: said once
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_unconditional_model_refuses_a_prompt(tiny_run):
+    from attribution.sampling import Prompt, sample
+
+    with pytest.raises(ConfigError, match="not text-conditional"):
+        sample(load_model(str(tiny_run), "cpu"), 1, steps=2, prompt=Prompt("a cat"))
+
+
+def test_shipped_latent_model_is_complete():
+    """The shipped `digits-latent`: a LoRA run over a base pipeline in the repository, small, with every
+    finetuning image's prompt (the sample quality and attribution figures are in BENCHMARKS.md, not asserted)."""
+    from attribution.models import list_shipped, resolve_checkpoint
+
+    info = resolve_checkpoint("digits-latent")
+    assert len(info.siblings) == 4 and "digits-latent" in list_shipped()
+    model = load_model("digits-latent", "cpu")
+    assert isinstance(model, LatentSD) and model.lora_rank == 8 and model.resolution == 16
+    assert model.prompts.dataset == "digits:5,6,7,8,9" and len(model.prompts.labels["train"]) == 807
+    first = model.prompts.classes[model.prompts.labels["train"][0]]
+    assert model.prompt_for("train/0") == f"a handwritten digit {first}"
+    weights = [p for p in (info.pipeline_dir.resolve().parent / "base").rglob("*.safetensors")]
+    assert weights and all(p.stat().st_size < 4 * 2**20 for p in weights)
+
+
+def test_checkpoint_methods_run_over_the_lora_checkpoints(lora_run, npz12, tmp_path):
+    """TracIn over the two LoRA checkpoints of the run (each training image at its recorded training timestep)."""
+    from attribution.engine import open_attribution
+    from attribution.methods import get_method
+    from attribution.targets import resolve_targets
+
+    att = open_attribution(str(lora_run), get_method("tracin"), "cpu", dataset=f"npz:{npz12}", timesteps=2,
+                           proj_dim=64, cache=str(tmp_path))
+    assert [m.model.spec.rsplit("@", 1)[1] for m in att.members] == ["epoch-1", "epoch-2"]
+    targets = resolve_targets("train:3", att.target_model, f"npz:{npz12}")
+    result = att.run(targets, cache=str(tmp_path))
+    assert result.scores.shape == (1, 12) and np.isfinite(result.scores).all()
+    assert result.scores[0, 3] > 0  # a training image pushes the model toward itself
