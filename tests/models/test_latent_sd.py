@@ -301,3 +301,28 @@ def test_checkpoint_methods_run_over_the_lora_checkpoints(lora_run, npz12, tmp_p
     result = att.run(targets, cache=str(tmp_path))
     assert result.scores.shape == (1, 12) and np.isfinite(result.scores).all()
     assert result.scores[0, 3] > 0  # a training image pushes the model toward itself
+
+
+def test_generate_page_on_the_shipped_latent_model(start_app, tmp_path):
+    """The Generate page of a text-conditional model takes a prompt and a guidance scale, and its images are the
+    library's samples for that prompt (uint8 pixels equal); the sidebar names the LoRA parameters attributed."""
+    from attribution.data.images import tensor_to_pixels
+    from attribution.sampling import Prompt, sample
+
+    at = start_app("digits-latent", tmp_path / "cache", dataset="digits")
+    at.switch_page("app_pages/generate.py").run()
+    assert not at.exception, at.exception
+    sidebar = [e.value for e in list(at.sidebar.caption) + list(at.sidebar.markdown)]
+    assert any("LoRA (rank 8)" in v and "parameters" in v for v in sidebar), sidebar
+    at.number_input(key="gen_n").set_value(2)
+    at.number_input(key="gen_steps").set_value(4)
+    at.text_input(key="gen_prompt").set_value("a handwritten digit 7")
+    at.number_input(key="gen_guidance").set_value(3.0)
+    at.button[0].click().run()  # the form's Generate button
+    assert not at.exception, at.exception
+    shown = at.session_state["generated"]
+    assert shown["prompt"] == {"prompt": "a handwritten digit 7", "negative": "", "guidance": 3.0}
+    expected = sample(load_model("digits-latent", "cpu"), 2, 0, steps=4,
+                      prompt=Prompt("a handwritten digit 7", "", 3.0))
+    np.testing.assert_array_equal(shown["pixels"], tensor_to_pixels(torch.from_numpy(expected.final)))
+    assert any("--prompt 'a handwritten digit 7' --guidance 3" in c.value for c in at.code)
