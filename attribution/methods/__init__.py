@@ -30,7 +30,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (DTRAK, TRAK, GradDot, Gr
 DEFAULT_METHOD = "dtrak"
 # The method the app recommends, from measurement (BENCHMARKS.md, "DAS and EK-FAC"): DAS has the highest LDS of the
 # gradient methods on the shipped digits bank, beyond D-TRAK's on both target splits (paired two-way CIs). It stays
-# out of DEFAULT_METHOD so that the default remains the paper's method and its scores stay comparable.
+# out of DEFAULT_METHOD so that the default remains the paper's method and its scores stay comparable. D-TRAK with
+# the avg output function ties it there (its gain is the output function, not the residual weights).
 RECOMMENDED_METHOD = "das"
 # What it is compared with by default (the D-TRAK paper's main comparison).
 BASELINE_METHOD = "trak"
