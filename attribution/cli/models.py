@@ -18,13 +18,18 @@ from .common import add_prompt_options, info, progress_bar, prompt_from
 
 # -- train ---------------------------------------------------------------------------------------------------------
 
-def cmd_train(args) -> int:
+def _run_options(args) -> dict:
+    """The TrainConfig fields `train` and `train-lora` share (the index file read and checked here)."""
     indices = read_index_file(args.indices) if args.indices else None
-    cfg = TrainConfig(dataset=args.dataset, out=args.out, epochs=args.epochs, seed=args.seed,
-                      batch_size=args.batch_size, lr=args.lr, checkpoints=args.checkpoints, preset=args.preset,
-                      resolution=args.resolution, indices=indices, index_file=args.indices, device=args.device,
-                      flip={"auto": None, "on": True, "off": False}[args.flip],
-                      save_epochs=[int(e) for e in args.save_epochs.split(",")] if args.save_epochs else [])
+    return dict(dataset=args.dataset, out=args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
+                lr=args.lr, checkpoints=args.checkpoints, indices=indices, index_file=args.indices,
+                device=args.device, flip={"auto": None, "on": True, "off": False}[args.flip],
+                save_epochs=[int(e) for e in args.save_epochs.split(",")] if args.save_epochs else [])
+
+
+def cmd_train(args) -> int:
+    cfg = TrainConfig(**_run_options(args), preset=args.preset, resolution=args.resolution)
+    indices = cfg.indices
 
     subset_indices(cfg, len(load_dataset(cfg.dataset, "train", cfg.resolution)))  # validate before reporting
     info(f"training a {cfg.preset} DDPM on {cfg.dataset}"
@@ -36,13 +41,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_lora(args) -> int:
-    indices = read_index_file(args.indices) if args.indices else None
-    cfg = TrainConfig(dataset=args.dataset, out=args.out, epochs=args.epochs, seed=args.seed,
-                      batch_size=args.batch_size, lr=args.lr, checkpoints=args.checkpoints, indices=indices,
-                      index_file=args.indices, device=args.device,
-                      flip={"auto": None, "on": True, "off": False}[args.flip],
-                      save_epochs=[int(e) for e in args.save_epochs.split(",")] if args.save_epochs else [],
-                      pipeline=args.pipeline, rank=args.rank, prompt_template=args.prompt_template)
+    cfg = TrainConfig(**_run_options(args), pipeline=args.pipeline, rank=args.rank,
+                      prompt_template=args.prompt_template)
+    indices = cfg.indices
     info(f"LoRA-finetuning {args.pipeline} (rank {cfg.rank}) on {cfg.dataset}"
          f"{f' ({len(indices)} indices from {args.indices})' if indices else ''}, prompts "
          f"{cfg.prompt_template!r}, {cfg.epochs} epochs, seed {cfg.seed}; checkpoints at epochs {cfg.save_epochs} "

@@ -99,7 +99,11 @@ def test_finetune_records_prompts_and_lora(lora_run, sd_dir, npz12):
     val_labels = np.load(str(npz12).replace(".npz", "_val.npz"))["labels"]
     assert model.prompt_for("val/1") == f"a photo of digit {val_labels[1]}"
     assert model.prompt_for("gen/3/p=a photo of digit 7/step500") == "a photo of digit 7"
-    assert "LoRA (rank 2)" in model.describe_parameters()
+    # what the sidebar reports ("LoRA (rank R), N parameters attributed", from run.json) is what is attributed
+    lora = model.trainable_parameters()
+    assert lora and all("lora_" in name for name in lora)
+    meta = model.info.run_metadata()
+    assert meta["config"]["rank"] == 2 and meta["trained_parameters"] == sum(p.numel() for p in lora.values())
     # the two checkpoints differ only in their LoRA weights, and so in their identity
     assert load_model(f"{lora_run}@epoch-1", "cpu").identity() != model.identity()
 
