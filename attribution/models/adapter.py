@@ -229,6 +229,10 @@ class DiffusionModel(ABC):
         classifier-free guidance uses it); only text-conditional models take prompts."""
         raise ConfigError(f"{self.spec} is not text-conditional: prompts do not apply to it")
 
+    def describe_parameters(self) -> str:
+        """What attribution differentiates, for people: "all N parameters" (a LoRA model says "LoRA, N ...")."""
+        return f"all {sum(p.numel() for p in self.trainable_parameters().values()):,} parameters"
+
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The parameters training updates and attribution differentiates by default (all; LoRA: the LoRA ones)."""
         return dict(self.module.named_parameters())

@@ -338,6 +338,12 @@ class LatentSD(DiffusionModel):
         lora = {k: p for k, p in self.unet.named_parameters() if "lora_" in k}
         return lora or dict(self.unet.named_parameters())
 
+    def describe_parameters(self) -> str:
+        n = sum(p.numel() for p in self.trainable_parameters().values())
+        if self.lora_rank is None:
+            return f"all {n:,} UNet parameters (no LoRA)"
+        return f"LoRA (rank {self.lora_rank}), {n:,} parameters attributed"
+
     def _hash_weights(self) -> str:
         import hashlib
 
