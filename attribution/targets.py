@@ -53,6 +53,13 @@ class Targets:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def select(self, rows) -> Targets:
+        """The targets at `rows` (integer positions), in that order."""
+        rows = [int(r) for r in rows]
+        return Targets(self.images[rows], [self.keys[r] for r in rows], [self.names[r] for r in rows],
+                       [self.labels[r] for r in rows], list(self.notes),
+                       [self.generated[r] for r in rows] if self.generated else [])
+
 
 def pixels_key(pixels: np.ndarray) -> str:
     return "file/" + hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:16]

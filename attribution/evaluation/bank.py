@@ -40,7 +40,7 @@ from ..features.timesteps import noise_for, select_timesteps
 from ..fileio import atomic_dir, read_json, save_npy, save_npz, write_json
 from ..models import load_model
 from ..models.checkpoint import resolve_checkpoint
-from ..sampling import sample
+from ..sampling import DEFAULT_GUIDANCE, Prompt, gen_key, sample
 from ..store import retrain_dir
 from ..train import index_hash, train
 from .ray_engine import (
@@ -131,23 +131,26 @@ def f_timesteps(k: int, num_timesteps: int = 1000) -> torch.Tensor:
 def simple_loss_outputs(model, images: torch.Tensor, keys: list[str], k: int, noise_sets: int,
                         batch: int = 4096) -> np.ndarray:
     """F (noise_sets, T) float64: each target's Simple loss averaged over the K uniform timesteps, noise set r
-    drawn from f"bank/{r}/{key}"."""
+    drawn from f"bank/{r}/{key}"; in the model's diffusion space (a latent model encodes the images first) and
+    with each key's condition (a text-conditional model reads the prompt from the key or its prompt table)."""
 
     ts = f_timesteps(k, model.num_timesteps)
-    shape = tuple(images.shape[1:])
+    shape = tuple(model.latent_shape)
     per_batch = max(1, batch // len(ts))
     out = np.zeros((noise_sets, len(keys)), dtype=np.float64)
     params = model.parameters()
     for r in range(noise_sets):
         for b in range(0, len(keys), per_batch):
-            x0 = images[b:b + per_batch].float()
+            z0 = model.encode(images[b:b + per_batch].float().to(model.device)).float().cpu()
+            cond = model.condition(keys[b:b + per_batch])  # a prompt per target for text-conditional models
             eps = noise_for([f"bank/{r}/{key}" for key in keys[b:b + per_batch]], ts, shape, NOISE_SEED)
-            n = len(x0)
+            n = len(z0)
             tt = ts.repeat(n)
-            x0r = x0[:, None].expand(n, len(ts), *shape).reshape(-1, *shape)
+            z0r = z0[:, None].expand(n, len(ts), *shape).reshape(-1, *shape)
             eps = eps.reshape(-1, *shape)
-            x_t = model.schedule.add_noise(x0r.to(model.device), eps.to(model.device), tt.to(model.device))
-            eps_hat = model.eps(params, x_t, tt.to(model.device))
+            cond = None if cond is None else {name: v.repeat_interleave(len(ts), 0) for name, v in cond.items()}
+            x_t = model.schedule.add_noise(z0r.to(model.device), eps.to(model.device), tt.to(model.device))
+            eps_hat = model.eps(params, x_t, tt.to(model.device), cond)
             loss = ((eps_hat.float().cpu() - eps) ** 2).flatten(1).mean(1).double().reshape(n, len(ts))
             out[r, b:b + n] = loss.mean(1).numpy()
     return out
@@ -207,7 +210,9 @@ def _identity(spec: BankSpec, recipe_key: str, dataset_hash: str, subset_source:
             "subsets_from": subset_source, "noise_sets": spec.noise_sets, "timesteps": spec.timesteps,
             "targets": spec.target_specs(), "gen_steps": spec.gen_steps, "sampler": "ddpm",
             "full_model_seed": FULL_SEED, "F": "simple loss, uniform timesteps, noise key bank/{r}/{target key}",
-            **({"full_model": full_model_hash} if full_model_hash else {})}
+            **({"full_model": full_model_hash} if full_model_hash else {}),
+            **({"gen_prompts": f"class prompts in equal blocks of seeds, guidance {DEFAULT_GUIDANCE}"}
+               if spec.recipe.pipeline else {})}
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -318,11 +323,15 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
     write_json(meta_path, meta)
     save_npy(folder / "masks.npy", masks)
 
+    worker_recipe = asdict(recipe)  # a LoRA recipe's base pipeline as an absolute path: workers may run elsewhere
+    if recipe.pipeline:
+        worker_recipe["pipeline"] = str(Path(recipe.pipeline).resolve())
+
     def job(subset: int | None, seed: int) -> dict:
         indices = None if subset is None else [int(i) for i in np.flatnonzero(masks[subset])]
         ih = index_hash(indices, n)
         return {"subset": subset, "seed": seed, "indices": indices, "index_set_hash": ih, "n_train": n,
-                "run_dir": str(retrain_dir(key, ih, seed, cache_root)), "recipe": asdict(recipe),
+                "run_dir": str(retrain_dir(key, ih, seed, cache_root)), "recipe": worker_recipe,
                 "recipe_key": key, "device": device}
 
     full = job(None, FULL_SEED)
@@ -418,7 +427,7 @@ def _make_targets(spec: BankSpec, folder: Path, full_job: dict, data, meta: dict
     src = Path(full_job["run_dir"])
     epoch = sorted(src.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
     with atomic_dir(folder / "model") as tmp:
-        shutil.copytree(epoch, tmp, dirs_exist_ok=True)
+        copy_checkpoint(epoch, tmp, folder / "model")
     model = load_model(str(folder / "model"), "cpu")
     torch.set_num_threads(1)
     parts, keys = [], []
@@ -429,9 +438,9 @@ def _make_targets(spec: BankSpec, folder: Path, full_job: dict, data, meta: dict
         parts.append(val.tensors(list(range(spec.val_targets))).numpy())
         keys += [f"val/{i}" for i in range(spec.val_targets)]
     if spec.gen_targets:
-        traj = sample(model, spec.gen_targets, 0, spec.gen_steps, "ddpm")
-        parts.append(traj.final)
-        keys += [f"gen/{int(s)}" for s in traj.seeds]
+        images, gen_keys = generate_targets(model, spec.gen_targets, spec.gen_steps)
+        parts.append(images)
+        keys += gen_keys
     images = np.concatenate(parts).astype(np.float32)
     meta["targets_hash"] = _targets_hash(keys, images)
     if (src / "retrain.json").is_file():
@@ -444,6 +453,43 @@ def _make_targets(spec: BankSpec, folder: Path, full_job: dict, data, meta: dict
     save_npz(folder / "targets.npz", images=images, keys=np.array(keys))
     write_json(folder / "bank.json", meta)
     return images, keys
+
+
+def copy_checkpoint(src: Path, tmp: Path, final: Path) -> None:
+    """Copy a checkpoint folder's files into `tmp` (to become `final`); a relative symbolic link (a LoRA
+    checkpoint's link to its base pipeline's component) is re-made relative to `final`, so the copy shares the base
+    instead of duplicating it."""
+    for entry in sorted(src.iterdir()):
+        if entry.is_symlink():
+            os.symlink(os.path.relpath(entry.resolve(), final.resolve()), tmp / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, tmp / entry.name)
+        else:
+            shutil.copy2(entry, tmp / entry.name)
+
+
+def generate_targets(model, n: int, steps: int) -> tuple[np.ndarray, list[str]]:
+    """n images of the model (DDPM, seeds 0..n-1) and their keys. A text-conditional model generates from its
+    finetuning set's class prompts in contiguous blocks of seeds (n/P each, the first classes one more when P does
+    not divide n), with the default classifier-free guidance; each key carries its prompt ("gen/7/p=a handwritten
+    digit 5")."""
+    if not model.conditional:
+        traj = sample(model, n, 0, steps, "ddpm")
+        return traj.final, [gen_key(s) for s in traj.seeds]
+    prompts = model.class_prompts()
+    if not prompts:
+        raise ConfigError(f"{model.spec} is text-conditional but records no class prompts (prompts.json); "
+                          "build its bank with --gen-targets 0, or from a checkpoint made by train-lora")
+    sizes = [n // len(prompts) + (c < n % len(prompts)) for c in range(len(prompts))]
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    parts, keys = [], []
+    for text, lo, hi in zip(prompts, bounds[:-1], bounds[1:]):
+        if hi > lo:
+            prompt = Prompt(text)
+            traj = sample(model, int(hi - lo), int(lo), steps, "ddpm", prompt=prompt)
+            parts.append(traj.final)
+            keys += [gen_key(s, prompt) for s in traj.seeds]
+    return np.concatenate(parts), keys
 
 
 def _finish(folder: Path, meta: dict, start: float, failures: list[str] | None = None) -> dict:

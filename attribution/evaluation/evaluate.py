@@ -24,6 +24,8 @@ from ..engine import Attribution, open_attribution
 from ..errors import ConfigError
 from ..fileio import save_npy
 from ..methods import get_method
+from ..models.adapter import key_prompt
+from ..sampling import Prompt
 from ..targets import Generated, Targets
 from .bank import Bank
 from .lambda_choice import gcv_lambda
@@ -37,7 +39,8 @@ def bank_targets(bank: Bank) -> Targets:
     """The bank's targets as engine targets (generated ones keep their seed, so Journey TRAK can re-sample them)."""
     keys = list(bank.target_keys)
     steps = int(bank.meta.get("identity", {}).get("gen_steps", 50))
-    generated = [Generated(int(k.split("/")[1]), steps, "ddpm") if k.startswith("gen/") else None for k in keys]
+    generated = [Generated(int(k.split("/")[1]), steps, "ddpm", None if key_prompt(k) is None
+                           else Prompt(key_prompt(k))) if k.startswith("gen/") else None for k in keys]
     return Targets(torch.from_numpy(np.asarray(bank.target_images, dtype=np.float32)), keys,
                    [k.replace("/", ":") for k in keys], [None] * len(keys), generated=generated)
 
@@ -116,7 +119,16 @@ def bank_target_features(bank: Bank, attribution: Attribution) -> list[np.ndarra
     cached = [np.load(p) if p.exists() else None for p in paths]
     if all(g is not None and g.shape[0] == n for g in cached):
         return cached
-    G = attribution.target_features(bank_targets(bank))
+    targets = bank_targets(bank)
+    if attribution.method.generated_only:  # e.g. Journey TRAK: validation targets have no trajectory, so NaN rows
+        rows = split_rows(bank, "gen")
+        G = []
+        for g in attribution.target_features(targets.select(rows)):
+            full = np.full((n, *np.shape(g)[1:]), np.nan, dtype=np.float32)
+            full[rows] = g
+            G.append(full)
+    else:
+        G = attribution.target_features(targets)
     for path, g in zip(paths, G):
         save_npy(path, np.asarray(g, dtype=np.float32))
     return G
@@ -194,8 +206,9 @@ def lds_table(bank: Bank, named_scores: dict[str, np.ndarray], split: str = "val
     share for full (T, N) score arrays restricted to one target split."""
     done = finished_bank(bank)
     rows = split_rows(bank, split)
-    return evaluate({k: np.asarray(v)[rows] for k, v in named_scores.items()}, done.masks, done.F[..., rows],
-                    n_resamples=n_resamples, seed=seed)
+    named = {k: np.asarray(v)[rows] for k, v in named_scores.items()}
+    named = {k: v for k, v in named.items() if not np.isnan(v).all()}  # no targets of this split (Journey TRAK)
+    return evaluate(named, done.masks, done.F[..., rows], n_resamples=n_resamples, seed=seed)
 
 
 def lambda_sweep(bank: Bank, run: BankRun, split: str = "val", lambdas: np.ndarray | None = None,
@@ -205,6 +218,8 @@ def lambda_sweep(bank: Bank, run: BankRun, split: str = "val", lambdas: np.ndarr
         raise ConfigError(f"{run.method} has no lambda to sweep")
     done = finished_bank(bank)
     rows = split_rows(bank, split)
+    if np.isnan(run.G[0][rows]).all():
+        raise ConfigError(f"{run.method} attributes generated targets only: it has no LDS on {split} targets")
     lambdas = run.lambda_grid() if lambdas is None else np.asarray(lambdas, dtype=np.float64)
     return lds_sweep(lambda lam: run.scores(lam)[rows], done.masks, done.F[..., rows], lambdas=lambdas,
                      n_resamples=n_resamples)

@@ -67,6 +67,7 @@ class Method(ABC):
     strategy: ClassVar[str | None] = None  # a timestep strategy the features must use (None: the user's choice)
     normalize: ClassVar[bool] = False  # unit-normalised per-timestep gradients (Diffusion-ReTrac)
     has_self_influence: ClassVar[bool] = True
+    generated_only: ClassVar[bool] = False  # attributes generated targets only (those with a sampling trajectory)
     per_step: ClassVar[bool] = False  # can score each denoising step of a journey (the Journey page and command)
     weightings: ClassVar[tuple[str, ...]] = ()  # how its checkpoints may be weighted (checkpoint methods)
     row_statistics: ClassVar[tuple[str, ...]] = ()  # per-training-row statistics its scores use (DAS's residuals)

@@ -17,6 +17,7 @@ class JourneyTRAK(KernelMethod):
     summary = "TRAK scores of each sampling step (x̂0 re-noised to t), averaged over the steps; generated targets only"
     default_fn = "simple"
     has_self_influence = False
+    generated_only = True
 
     def check_targets(self, targets) -> None:
         require_trajectories(targets, self.title)

@@ -229,6 +229,11 @@ class DiffusionModel(ABC):
         classifier-free guidance uses it); only text-conditional models take prompts."""
         raise ConfigError(f"{self.spec} is not text-conditional: prompts do not apply to it")
 
+    def class_prompts(self) -> list[str]:
+        """The prompt of each class of the training set, for a text-conditional model that records them (its
+        finetuning set's template); empty otherwise."""
+        return []
+
     def describe_parameters(self) -> str:
         """What attribution differentiates, for people: "all N parameters" (a LoRA model says "LoRA, N ...")."""
         return f"all {sum(p.numel() for p in self.trainable_parameters().values()):,} parameters"

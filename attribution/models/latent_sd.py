@@ -369,6 +369,9 @@ class LatentSD(DiffusionModel):
             return self.prompts.prompt(kind, int(rest.split("/")[0]))
         raise ConfigError(f"{self.spec} is text-conditional: give a prompt for {kind} images (--prompt)")
 
+    def class_prompts(self) -> list[str]:
+        return list(self.prompts.class_prompts().values()) if self.prompts is not None else []
+
     def condition(self, keys: Sequence[str]) -> Condition:
         return self.prompt_condition([self.prompt_for(k) for k in keys])
 

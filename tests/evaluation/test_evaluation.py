@@ -72,6 +72,25 @@ def test_a_method_on_the_bank_and_its_lambda_sweep(fake_bank, tmp_path):
     np.testing.assert_array_equal(again.scores(), scores)
 
 
+def test_journey_trak_on_a_bank_scores_its_generated_targets_only(fake_bank, tmp_path):
+    """Journey TRAK has no trajectory for validation targets: its bank features are NaN there and equal the
+    method's own features of the generated targets; the table lists it on generated targets only, and its
+    lambda sweep on validation targets is one line."""
+    bank, _ = fake_bank
+    run = score_bank(bank, "journey-trak", device="cpu", timesteps=2, proj_dim=128, cache=str(tmp_path))
+    gen = split_rows(bank, "gen")
+    assert np.isnan(run.G[0][:4]).all() and np.isfinite(run.G[0][gen]).all()
+    direct = run.attribution.target_features(bank_targets(bank).select(gen))
+    np.testing.assert_allclose(run.G[0][gen], direct[0], rtol=1e-5, atol=1e-6)
+    scores = run.scores()
+    assert "journey-trak" not in lds_table(bank, {"journey-trak": scores}, "val", n_resamples=20).methods
+    table = lds_table(bank, {"journey-trak": scores}, "gen", n_resamples=20)
+    assert table.methods["journey-trak"].standard.value == pytest.approx(
+        lds(scores[gen], bank.masks, bank.F[..., gen], n_resamples=20).standard.value)
+    with pytest.raises(ConfigError, match="generated targets only"):
+        lambda_sweep(bank, run, "val", n_resamples=20)
+
+
 def test_external_scores_are_checked(fake_bank):
     bank, _ = fake_bank
     with pytest.raises(ConfigError, match="needs 6 targets x 1618"):

@@ -330,3 +330,42 @@ def test_generate_page_on_the_shipped_latent_model(start_app, tmp_path):
                       prompt=Prompt("a handwritten digit 7", "", 3.0))
     np.testing.assert_array_equal(shown["pixels"], tensor_to_pixels(torch.from_numpy(expected.final)))
     assert any("--prompt 'a handwritten digit 7' --guidance 3" in c.value for c in at.code)
+
+
+def test_bank_of_a_lora_run_measures_f_with_prompts(lora_run, sd_dir, tmp_path):
+    """`bank build --run` on a LoRA run: subset finetunes on Ray, generated targets from the class prompts (keys
+    carry them), the bank's model shares the base pipeline through links, and F equals a direct per-target,
+    per-timestep computation in latent space with each target's prompt (a wrong prompt gives another F)."""
+    from attribution.evaluation.bank import Bank, BankSpec, build_bank, f_timesteps, simple_loss_outputs
+    from attribution.evaluation.recipes import recipe_from_run
+    from attribution.features.timesteps import noise_for
+    from attribution.models.adapter import key_prompt, prompt_key
+
+    spec = BankSpec(name="lat", recipe=recipe_from_run(lora_run), out=str(tmp_path / "bank"), subsets=2, seeds=1,
+                    val_targets=2, gen_targets=4, gen_steps=2, noise_sets=1, timesteps=3, full_model=str(lora_run))
+    folder = build_bank(spec, num_cpus=2, log=lambda m: None, cache_root=str(tmp_path / "cache"))
+    bank = Bank.load(folder)
+    assert bank.meta["status"] == "complete" and np.isfinite(bank.F).all()
+    prompts = [TEMPLATE.replace("{class}", str(c)) for c in range(10)]
+    assert list(bank.target_keys) == ["val/0", "val/1", prompt_key("gen/0", prompts[0]), prompt_key("gen/1", prompts[1]),
+                                      prompt_key("gen/2", prompts[2]), prompt_key("gen/3", prompts[3])]
+    assert (folder / "model" / "unet").is_symlink() and (folder / "model" / "unet").resolve() == (sd_dir / "unet").resolve()
+    assert (folder / "model" / "lora").is_dir() and not (folder / "model" / "lora").is_symlink()
+
+    model = load_model(str(folder / "model"), "cpu")
+    images = torch.from_numpy(np.asarray(bank.target_images))
+    keys = list(bank.target_keys)
+    got = simple_loss_outputs(model, images, keys, 3, 1)[0]
+    ts = f_timesteps(3)
+
+    def direct(x, key, prompt):
+        with torch.no_grad():
+            z0 = model.encode(x[None])
+            cond = model.prompt_condition([prompt])
+            eps = noise_for([f"bank/0/{key}"], ts, tuple(z0.shape[1:]), 0)[0]
+            return float(torch.stack([((model.predict_eps(model.schedule.add_noise(z0, e[None], t[None]), t[None],
+                                                           cond) - e[None]) ** 2).mean() for t, e in zip(ts, eps)]).mean())
+
+    right = [direct(x, k, key_prompt(k) or model.prompt_for(k)) for x, k in zip(images, keys)]
+    np.testing.assert_allclose(got, right, rtol=1e-4)  # float32, batched vs one target and timestep at a time
+    assert abs(direct(images[2], keys[2], prompts[7]) - got[2]) > 1e-3 * got[2]  # the prompt reaches F
