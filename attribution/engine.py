@@ -72,6 +72,7 @@ class Attributor:
             raise ConfigError(f"dataset {train.spec} is {train.resolution}x{train.resolution}x{train.channels} but "
                               f"{model.spec} expects {model.resolution}x{model.resolution}x{model.channels}; "
                               "load the dataset at the model's resolution")
+        model.check_training_set(train)  # also for a set not chosen by `training_dataset_of`
         self.model, self.train, self.cfg, self.batch_size = model, train, features, batch_size
         self.row_statistics = tuple(row_statistics)  # per-row statistics featurize also computes (`row_statistic`)
         self.grad_spec = features.gradient_spec(model.num_timesteps)

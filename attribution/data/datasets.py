@@ -348,8 +348,11 @@ def _npz(kind, arg, split):
 
 def training_dataset_of(model, dataset: str | None = None) -> ImageDataset:
     """The training split a model (a `models.DiffusionModel`: its spec, resolution, channels and run info) is
-    attributed against: `dataset`, else the one its training run recorded."""
+    attributed against: `dataset`, else the one its training run recorded; a ConfigError when the model cannot be
+    attributed against it (`DiffusionModel.check_training_set`)."""
     spec = dataset or (model.info.run_metadata().get("config", {}).get("dataset") if model.info else None)
     if not spec:
         raise ConfigError(f"{model.spec} does not record its training set; name the dataset (--dataset)")
-    return load_dataset(spec, "train", model.resolution, model.channels)
+    train = load_dataset(spec, "train", model.resolution, model.channels)
+    model.check_training_set(train)  # e.g. a LoRA finetune's prompts, read by index, were made for another set
+    return train

@@ -234,6 +234,12 @@ class DiffusionModel(ABC):
         finetuning set's template); empty otherwise."""
         return []
 
+    def check_training_set(self, train) -> None:
+        """Raise a ConfigError (one line) when this model cannot be attributed against `train` (a `data.ImageDataset`,
+        the training split chosen for it). Pixel models accept any set, as their training images need nothing
+        recorded per index; a model that reads per-image information by index (a LoRA finetune's prompt table)
+        checks that it was recorded for these images."""
+
     def describe_parameters(self) -> str:
         """What attribution differentiates, for people: "all N parameters" (a LoRA model says "LoRA, N ...")."""
         return f"all {sum(p.numel() for p in self.trainable_parameters().values()):,} parameters"

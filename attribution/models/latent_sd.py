@@ -73,8 +73,16 @@ class PromptTable:
         name = self.classes[lab] if 0 <= lab < len(self.classes) else ""
         return self.template.replace("{class}", name.replace("_", " "))
 
+    def class_names_of(self, split: str) -> list[str]:
+        """The class name of every image of a split, in order ("" where unknown): what its prompts depend on."""
+        return _names(self.classes, self.labels.get(split) or [])
+
     def class_prompts(self) -> dict[str, str]:
         return {c: self.template.replace("{class}", c.replace("_", " ")) for c in self.classes}
+
+
+def _names(classes: Sequence[str], labels: Sequence[int]) -> list[str]:
+    return [classes[lab] if 0 <= lab < len(classes) else "" for lab in labels]
 
 
 def check_template(template: str) -> None:
@@ -352,6 +360,26 @@ class LatentSD(DiffusionModel):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def check_training_set(self, train) -> None:
+        """The prompt table gives each training image's prompt by index, so the set attributed must be the one it
+        was recorded for: as many images, each of the same class (so of the same prompt; a spec written another
+        way, e.g. its classes in another order, passes). One ConfigError line naming both sets otherwise."""
+        if self.prompts is None or train.split != "train":
+            return  # no table: a training image's prompt is refused in `prompt_for`, with its own line
+        recorded = self.prompts.class_names_of("train")
+        n = len(train)
+        if n != len(recorded):
+            why = f"{n} training images, the finetuning set {len(recorded)}"
+        else:
+            given = _names(train.class_names, [int(v) for v in train.labels])
+            differ = sum(a != b for a, b in zip(recorded, given))
+            if not differ:
+                return
+            why = f"{differ} of its {n} training images in another class than the finetuning set's"
+        raise ConfigError(f"{self.spec} was finetuned on {self.prompts.dataset}, not on {train.spec} ({why}): its "
+                          "prompts.json gives each training image's prompt by index, so attribute it against "
+                          f"--dataset {self.prompts.dataset}")
 
     # -- conditions --
 

@@ -369,3 +369,63 @@ def test_bank_of_a_lora_run_measures_f_with_prompts(lora_run, sd_dir, tmp_path):
     right = [direct(x, k, key_prompt(k) or model.prompt_for(k)) for x, k in zip(images, keys)]
     np.testing.assert_allclose(got, right, rtol=1e-4)  # float32, batched vs one target and timestep at a time
     assert abs(direct(images[2], keys[2], prompts[7]) - got[2]) > 1e-3 * got[2]  # the prompt reaches F
+
+
+# -- the finetuning set: prompts are read by index, so only that set can be attributed ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped_latent():
+    return load_model("digits-latent", "cpu")
+
+
+def test_another_training_set_is_one_line_naming_both(shipped_latent):
+    """digits-latent's prompts.json was recorded for "digits:5,6,7,8,9" (807 images): attributing it against all
+    digits, or against another 807-image-sized set of other classes, would read the wrong image's prompt."""
+    from attribution.data import ImageDataset, training_dataset_of
+    from attribution.engine import Attributor
+    from attribution.features.config import FeatureConfig
+
+    for spec, why in [("digits", "1618 training images, the finetuning set 807"),
+                      ("digits:0,1,2,3,4", "811 training images, the finetuning set 807")]:
+        with pytest.raises(ConfigError) as exc:
+            training_dataset_of(shipped_latent, spec)
+        line = str(exc.value)
+        assert "\n" not in line and why in line
+        assert line.startswith("digits-latent@epoch-60 was finetuned on digits:5,6,7,8,9, not on " + spec)
+        assert line.endswith("--dataset digits:5,6,7,8,9")
+    # the same number of images, three of them labelled with another class: still not the finetuning set
+    same = training_dataset_of(shipped_latent, "digits:5,6,7,8,9")
+    labels = same.labels.copy()
+    labels[[0, 10, 20]] = (labels[[0, 10, 20]] + 1) % 5
+    shuffled = ImageDataset("npz:/elsewhere.npz", "train", same.pixels, labels, same.class_names, same.source_index)
+    with pytest.raises(ConfigError, match=r"not on npz:/elsewhere.npz \(3 of its 807 training images in another "
+                                          r"class than the finetuning set's\)"):
+        Attributor(shipped_latent, shuffled, FeatureConfig(timesteps=1, proj_dim=64))  # a set built by hand too
+
+
+def test_the_finetuning_set_passes_however_it_is_written(shipped_latent, tiny_run):
+    """The recorded spec, none (the run's own), or its classes listed in another order (the same images, the same
+    class per image, other label numbers) all pass; pixel models accept any set, as before."""
+    from attribution.data import training_dataset_of
+
+    recorded = training_dataset_of(shipped_latent, "digits:5,6,7,8,9")
+    assert len(recorded) == 807 and training_dataset_of(shipped_latent).spec == "digits:5,6,7,8,9"
+    reordered = training_dataset_of(shipped_latent, "digits:9,8,7,6,5")
+    assert not np.array_equal(reordered.labels, recorded.labels)  # other label numbers, the same class names
+    assert [reordered.label_name(i) for i in range(807)] == [recorded.label_name(i) for i in range(807)]
+    assert shipped_latent.prompt_for("train/0") == f"a handwritten digit {reordered.label_name(0)}"
+    pixel = load_model(str(tiny_run), "cpu")
+    assert len(training_dataset_of(pixel, "digits:0,1")) < len(training_dataset_of(pixel, "digits"))
+
+
+def test_cli_refuses_another_training_set(capsys, tmp_path):
+    rc = main(["score", "--checkpoint", "digits-latent", "--dataset", "digits", "--target", "gen:0", "--prompt",
+               "a handwritten digit 7", "--timesteps", "1", "--proj-dim", "64", "--device", "cpu",
+               "--cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in "\n".join(err)
+    errors = [ln for ln in err if ln.startswith("error:")]
+    assert errors == [err[-1]]
+    assert "finetuned on digits:5,6,7,8,9, not on digits (1618 training images" in err[-1]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.npy"))  # nothing featurized
