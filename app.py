@@ -93,14 +93,42 @@ def dataset_ui() -> str:
     return custom or picked
 
 
+def use_dataset(spec: str) -> None:
+    """Make `spec` the sidebar's dataset (the list's entry when it has one, else the custom spec)."""
+    options, _ = dataset_options()
+    if spec in options:
+        st.session_state.update(dataset_pick=spec, dataset_custom="")
+    else:
+        st.session_state["dataset_custom"] = spec
+
+
+def trained_on(spec: str | None) -> str | None:
+    """The dataset a checkpoint's training run records (None when unknown or unreadable)."""
+    try:
+        return resolve_checkpoint(spec).run_metadata().get("config", {}).get("dataset") if spec else None
+    except AttributionError:
+        return None
+
+
+def follow_checkpoint() -> None:
+    """On a change of checkpoint: switch the dataset to the one it was trained on, when it records one (a LoRA
+    checkpoint can only be attributed against its finetuning set)."""
+    spec = st.session_state.get("checkpoint_custom", "").strip() or st.session_state.get("checkpoint_pick")
+    dataset = trained_on(spec)
+    if dataset:
+        use_dataset(dataset)
+
+
 def checkpoint_ui() -> str | None:
     """Checkpoint picker; returns the chosen spec or None when there is nothing to choose."""
     options, _ = checkpoint_options()
     picked = st.selectbox("Checkpoint", options, index=0 if options else None, key="checkpoint_pick",
                           bind="query-params", placeholder="no shipped models yet", format_func=checkpoint_name,
-                          help="A shipped model, optionally an earlier epoch (NAME@epoch-N).")
+                          on_change=follow_checkpoint,
+                          help="A shipped model, optionally an earlier epoch (NAME@epoch-N); the dataset follows "
+                               "the one it was trained on.")
     custom = st.text_input("…or a checkpoint folder", key="checkpoint_custom", bind="query-params",
-                           placeholder="runs/digits or runs/digits@epoch-20",
+                           placeholder="runs/digits or runs/digits@epoch-20", on_change=follow_checkpoint,
                            help="A training-run folder (python -m attribution train), a DDPMPipeline folder or a "
                                 "UNet2DModel folder; add @epoch-N for an earlier checkpoint of a run.").strip()
     return custom or picked
@@ -125,10 +153,10 @@ def checkpoint_summary(spec: str | None, dataset: str, dataset_ok: bool = True) 
         st.error(str(exc))
         return
     meta = info.run_metadata()
-    trained_on = meta.get("config", {}).get("dataset")
+    recorded = meta.get("config", {}).get("dataset")
     parts = [f"`{checkpoint_name(info.spec)}`"]
-    if trained_on:
-        parts.append(f"trained on **{trained_on}**")
+    if recorded:
+        parts.append(f"trained on **{recorded}**")
     if meta.get("resolution"):
         parts.append(f"{meta['resolution']}×{meta['resolution']} px")
     if info.epoch is not None and len(info.siblings) > 1:
@@ -138,9 +166,11 @@ def checkpoint_summary(spec: str | None, dataset: str, dataset_ok: bool = True) 
         parts.append(f"LoRA (rank {meta['config'].get('rank')}), {meta.get('trained_parameters', 0):,} parameters "
                      "attributed")
     st.caption(" · ".join(parts))
-    if trained_on and trained_on != dataset and dataset_ok:
-        st.warning(f"This checkpoint was trained on {trained_on}, but the dataset chosen is {dataset}; "
+    if recorded and recorded != dataset and dataset_ok:
+        st.warning(f"This checkpoint was trained on {recorded}, but the dataset chosen is {dataset}; "
                    "attribution credits the dataset the model was trained on.", icon=":material/warning:")
+        st.button(f"Use {recorded}", key="use_recorded", on_click=use_dataset, args=(recorded,),
+                  help="Attribute against the training set this checkpoint records.")
 
 
 with st.sidebar:

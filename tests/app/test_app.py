@@ -68,6 +68,17 @@ def test_sidebar_warns_when_checkpoint_and_dataset_differ(app):
     app.sidebar.selectbox(key="dataset_pick").set_value("animals-2").run()
     assert app.session_state["dataset"] == "animals-2"
     assert "trained on digits" in app.sidebar.warning[0].value
+    app.sidebar.button(key="use_recorded").click().run()  # "Use digits": back to the checkpoint's training set
+    assert app.session_state["dataset"] == "digits" and not app.sidebar.warning
+
+
+def test_dataset_follows_a_newly_picked_checkpoint(app, tiny_run):
+    """Picking the shipped LoRA model switches the dataset to its finetuning set (a spec outside the list goes to
+    the custom field); picking the digits run again brings back the listed `digits`."""
+    app.sidebar.selectbox(key="checkpoint_pick").set_value("digits-latent").run()
+    assert app.session_state["dataset"] == "digits:5,6,7,8,9" and not app.sidebar.warning
+    app.sidebar.selectbox(key="checkpoint_pick").set_value(str(tiny_run)).run()
+    assert app.session_state["dataset"] == "digits" and app.session_state["dataset_custom"] == ""
 
 
 def test_generate(app):
