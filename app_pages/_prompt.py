@@ -12,8 +12,7 @@ from attribution.sampling import DEFAULT_GUIDANCE, Prompt
 
 def default_prompt(model) -> str:
     """The first class prompt of the model's finetuning set ("a handwritten digit 5"), else empty."""
-    prompts = getattr(model, "prompts", None)
-    return next(iter(prompts.class_prompts().values()), "") if prompts is not None else ""
+    return next(iter(model.class_prompts()), "")
 
 
 def prompt_inputs(model, key: str, fixed: dict | None = None) -> Prompt | None:

@@ -5,8 +5,10 @@ On disk (`banks/<name>/`, small enough to commit):
     bank.json                        recipe + key, dataset + content hash, alpha, M, seeds, noise sets, timesteps,
                                      targets ("val:3", "gen:17"), model hash, hardware, build time, status
     masks.npy                        bool (M, N): which training images subset j holds
-    targets.npz                      images float32 (T, C, H, W) in [-1, 1], keys ("val/3", "gen/17")
-    model/                           the full model (a DDPMPipeline folder, safetensors): the model to attribute
+    targets.npz                      images float32 (T, C, H, W) in [-1, 1], keys ("val/3", "gen/17"; a text-
+                                     conditional model's generated targets carry their prompt: "gen/17/p=...")
+    model/                           the full model (a DDPMPipeline folder, safetensors; a LoRA checkpoint's
+                                     lora/ and prompts.json, linking to its base pipeline): the model to attribute
     run/                             optional (`bank checkpoints`): the full model retrained with intermediate
                                      checkpoints (run.json, epoch-E/), its last one equal to model/ bit for bit;
                                      for the checkpoint methods (TracIn family) and the per-checkpoint LDS study

@@ -63,6 +63,10 @@ class BankRun:
         """(T, N) scores at `lam` (default: the method's default lambda)."""
         return self.attribution.scores(self.G, lam if lam is not None else self.default_lambda)
 
+    def covers(self, bank: Bank, split: str) -> bool:
+        """Whether the method attributes the split's targets (Journey TRAK: generated ones only)."""
+        return not np.isnan(self.G[0][split_rows(bank, split)]).all()
+
     def lambda_grid(self, per_decade: int = 4) -> np.ndarray:
         kernel = self.attribution.members[0].train_features().kernel
         return kernel.lambda_grid(per_decade=per_decade)
@@ -208,6 +212,10 @@ def lds_table(bank: Bank, named_scores: dict[str, np.ndarray], split: str = "val
     rows = split_rows(bank, split)
     named = {k: np.asarray(v)[rows] for k, v in named_scores.items()}
     named = {k: v for k, v in named.items() if not np.isnan(v).all()}  # no targets of this split (Journey TRAK)
+    for k, v in named.items():
+        if np.isnan(v).all(axis=1).any():
+            raise ConfigError(f"{k} has no scores for some {split} targets (it attributes generated images only); "
+                              "evaluate it on the generated targets (--split gen)")
     return evaluate(named, done.masks, done.F[..., rows], n_resamples=n_resamples, seed=seed)
 
 
@@ -218,7 +226,7 @@ def lambda_sweep(bank: Bank, run: BankRun, split: str = "val", lambdas: np.ndarr
         raise ConfigError(f"{run.method} has no lambda to sweep")
     done = finished_bank(bank)
     rows = split_rows(bank, split)
-    if np.isnan(run.G[0][rows]).all():
+    if not run.covers(bank, split):
         raise ConfigError(f"{run.method} attributes generated targets only: it has no LDS on {split} targets")
     lambdas = run.lambda_grid() if lambdas is None else np.asarray(lambdas, dtype=np.float64)
     return lds_sweep(lambda lam: run.scores(lam)[rows], done.masks, done.F[..., rows], lambdas=lambdas,
