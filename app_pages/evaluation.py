@@ -10,7 +10,6 @@ from attribution.evaluation.evaluate import lds_table, split_rows
 from attribution.figures import lds_lambda_figure, per_target_figure
 from attribution.methods import BASELINE_METHOD, DEFAULT_METHOD, METHODS
 from attribution.models.adapter import key_prompt
-from attribution.sampling import DEFAULT_GUIDANCE
 from app_pages._attr import featurize_with_progress
 from app_pages._eval import (bank_attribution, bank_run, cached_bank, checkpoint_curve, checkpoint_figure,
                              estimators_section, lambda_curve, table_rows)
@@ -142,7 +141,7 @@ for col, w in zip(cols, worst):
                                                             "bank's model as the checkpoint"):
         kind, idx = key.split("/")[:2]
         if key_prompt(key) is not None:  # a text-conditional bank's generated target: its prompt and guidance too
-            st.session_state.update(attr_prompt=key_prompt(key), attr_negative="", attr_guidance=DEFAULT_GUIDANCE)
+            st.session_state.update(attr_prompt=key_prompt(key), attr_negative="", attr_guidance=bank.gen_guidance)
         st.session_state["checkpoint_custom"] = str(bank.path / "model")
         st.session_state["attr_source"] = "Validation image" if kind == "val" else "Generated"
         st.session_state["attr_val_idx" if kind == "val" else "attr_seed"] = int(idx)

@@ -24,6 +24,8 @@ def add_commands(sub) -> None:
     bb.add_argument("--val-targets", type=int, default=100, help="validation images val:0.. (default 100)")
     bb.add_argument("--gen-targets", type=int, default=100, help="images of the full model, seeds 0.. (default 100)")
     bb.add_argument("--gen-steps", type=int, default=50, help="DDPM steps of the generated targets (default 50)")
+    bb.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of a text-conditional "
+                                                                "model's generated targets (default 7.5)")
     bb.add_argument("--noise-sets", type=int, default=2, help="R, independent noise sets for F (default 2)")
     bb.add_argument("--timesteps", type=int, default=100, help="K uniform timesteps of F (default 100)")
     add_ray_options(bb, "cache root for the retrained models (default: cache/ or $ATTRIBUTION_CACHE)")
@@ -57,7 +59,8 @@ def cmd_bank_build(args) -> int:
     spec = BankSpec(name=args.name, recipe=recipe, out=args.out, subsets=args.subsets, seeds=args.seeds,
                     alpha=args.alpha, subset_seed=args.subset_seed, subset_file=args.subset_file,
                     val_targets=args.val_targets, gen_targets=args.gen_targets, gen_steps=args.gen_steps,
-                    noise_sets=args.noise_sets, timesteps=args.timesteps, full_model=args.run)
+                    noise_sets=args.noise_sets, timesteps=args.timesteps, full_model=args.run,
+                    guidance=args.guidance)
     folder = build_bank(spec, address=args.ray_address, num_cpus=args.num_cpus, progress=progress_bar("bank"),
                         log=info, cache_root=args.cache)
     print(folder)

@@ -178,6 +178,7 @@ class BankSpec:
     noise_sets: int = 2
     timesteps: int = 100
     full_model: str | None = None  # a run folder whose final checkpoint is the bank's model (else trained here)
+    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance of a text-conditional model's generated targets
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -196,6 +197,8 @@ class BankSpec:
             raise ConfigError(f"--timesteps must be within 1..1000, got {self.timesteps}")
         if self.gen_steps < 1:
             raise ConfigError(f"--gen-steps must be at least 1, got {self.gen_steps}")
+        if not self.guidance >= 1:
+            raise ConfigError(f"--guidance must be at least 1 (1 = no classifier-free guidance), got {self.guidance}")
 
     @property
     def folder(self) -> Path:
@@ -213,7 +216,7 @@ def _identity(spec: BankSpec, recipe_key: str, dataset_hash: str, subset_source:
             "targets": spec.target_specs(), "gen_steps": spec.gen_steps, "sampler": "ddpm",
             "full_model_seed": FULL_SEED, "F": "simple loss, uniform timesteps, noise key bank/{r}/{target key}",
             **({"full_model": full_model_hash} if full_model_hash else {}),
-            **({"gen_prompts": f"class prompts in equal blocks of seeds, guidance {DEFAULT_GUIDANCE}"}
+            **({"gen_prompts": "class prompts in equal blocks of seeds", "gen_guidance": spec.guidance}
                if spec.recipe.pipeline else {})}
 
 
@@ -440,7 +443,7 @@ def _make_targets(spec: BankSpec, folder: Path, full_job: dict, data, meta: dict
         parts.append(val.tensors(list(range(spec.val_targets))).numpy())
         keys += [f"val/{i}" for i in range(spec.val_targets)]
     if spec.gen_targets:
-        images, gen_keys = generate_targets(model, spec.gen_targets, spec.gen_steps)
+        images, gen_keys = generate_targets(model, spec.gen_targets, spec.gen_steps, spec.guidance)
         parts.append(images)
         keys += gen_keys
     images = np.concatenate(parts).astype(np.float32)
@@ -470,11 +473,11 @@ def copy_checkpoint(src: Path, tmp: Path, final: Path) -> None:
             shutil.copy2(entry, tmp / entry.name)
 
 
-def generate_targets(model, n: int, steps: int) -> tuple[np.ndarray, list[str]]:
+def generate_targets(model, n: int, steps: int, guidance: float = DEFAULT_GUIDANCE) -> tuple[np.ndarray, list[str]]:
     """n images of the model (DDPM, seeds 0..n-1) and their keys. A text-conditional model generates from its
     finetuning set's class prompts in contiguous blocks of seeds (n/P each, the first classes one more when P does
-    not divide n), with the default classifier-free guidance; each key carries its prompt ("gen/7/p=a handwritten
-    digit 5")."""
+    not divide n), with classifier-free guidance `guidance`; each key carries its prompt ("gen/7/p=a handwritten
+    digit 5"; the guidance is the bank's, recorded in bank.json)."""
     if not model.conditional:
         traj = sample(model, n, 0, steps, "ddpm")
         return traj.final, [gen_key(s) for s in traj.seeds]
@@ -487,7 +490,7 @@ def generate_targets(model, n: int, steps: int) -> tuple[np.ndarray, list[str]]:
     parts, keys = [], []
     for text, lo, hi in zip(prompts, bounds[:-1], bounds[1:]):
         if hi > lo:
-            prompt = Prompt(text)
+            prompt = Prompt(text, guidance=guidance)
             traj = sample(model, int(hi - lo), int(lo), steps, "ddpm", prompt=prompt)
             parts.append(traj.final)
             keys += [gen_key(s, prompt) for s in traj.seeds]
@@ -643,6 +646,11 @@ class Bank:
         if self.run_dir is None:
             self.model_spec_for(True)  # the one-line error
         return list(resolve_checkpoint(str(self.run_dir)).siblings)
+
+    @property
+    def gen_guidance(self) -> float:
+        """The classifier-free guidance a text-conditional model's generated targets were sampled with."""
+        return float(self.meta.get("identity", {}).get("gen_guidance", DEFAULT_GUIDANCE))
 
     @property
     def dataset(self) -> str:

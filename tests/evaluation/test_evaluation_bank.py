@@ -53,7 +53,8 @@ def tiny_bank(tmp_path_factory, local_ray):
 @pytest.mark.parametrize("kw, msg", [({"alpha": 0.0}, "--alpha"), ({"alpha": 1.0}, "--alpha"),
                                      ({"subsets": 1}, "at least 2"), ({"seeds": 0}, "--seeds"),
                                      ({"noise_sets": 0}, "--noise-sets"), ({"timesteps": 0}, "--timesteps"),
-                                     ({"val_targets": 0, "gen_targets": 0}, "at least one target")])
+                                     ({"val_targets": 0, "gen_targets": 0}, "at least one target"),
+                                     ({"guidance": 0.5}, "--guidance")])
 def test_bad_bank_options_one_line(kw, msg, tmp_path):
     with pytest.raises(ConfigError, match=msg) as exc:
         BankSpec(**{**tiny_spec(tmp_path).__dict__, **kw})
