@@ -31,8 +31,8 @@ from attribution.evaluation.bank import Bank  # noqa: E402
 from attribution.evaluation.evaluate import lambda_report, lds_table, score_bank  # noqa: E402
 from attribution.methods import METHODS, get_method  # noqa: E402
 
-DEFAULT = ("dtrak,dtrak:simple,dtrak:l2,trak,journey-trak,grad-dot,grad-cos,relative-if,renorm-if,tracin,retrac,"
-           "tracincp,gas,pixel-dot,pixel-cos,clip-cos")
+DEFAULT = ("dtrak,dtrak:simple,dtrak:avg,dtrak:l1,dtrak:l2,dtrak:linf,dtrak:elbo,dtrak:interp,trak,journey-trak,"
+           "grad-dot,grad-cos,relative-if,renorm-if,tracin,retrac,tracincp,gas,pixel-dot,pixel-cos,das,das0,ekfac,clip-cos")
 
 
 def fmt(v: float, lo: float, hi: float) -> str:
@@ -98,7 +98,9 @@ def main() -> int:
                   + (", ".join(f"{d.a} − {d.b} {d.difference:+.3f} [{d.ci_two_way[0]:+.3f}, {d.ci_two_way[1]:+.3f}]"
                                for d in real) or "none") + "\n")
         for name, run in runs.items():
-            if run.uses_lambda:
+            if not run.covers(bank, split):
+                md.append(f"{name}: generated targets only (no trajectory for {split} targets)\n")
+            elif run.uses_lambda:
                 rep = lambda_report(bank, run, split, n_resamples=200)
                 lam_rows.append({"method": name, "split": split, "default": rep.default, "lds_default": rep.at(rep.default),
                                  "gcv": rep.gcv, "lds_gcv": rep.at(rep.gcv), "optimal": rep.best,
