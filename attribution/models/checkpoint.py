@@ -79,11 +79,12 @@ class CheckpointInfo:
         """sha256 of the weights file (first 16 hex digits): the checkpoint's identity in cache keys. A folder with
         adapter weights or a prompt table beside the UNet (`IDENTITY_EXTRAS`: a LoRA checkpoint) hashes those too."""
         h = hashlib.sha256()
+        weights = self.weights_path  # a property: a new Path at each access, so compare by value below
         extras = sorted(p for name in IDENTITY_EXTRAS for p in
                         ((self.pipeline_dir / name).rglob("*") if (self.pipeline_dir / name).is_dir()
                          else [self.pipeline_dir / name]) if p.is_file())
-        for path in [self.weights_path, *extras]:
-            if path is not self.weights_path:
+        for path in [weights, *extras]:
+            if path != weights:  # a pixel checkpoint's hash stays the weights file's own sha256
                 h.update(path.relative_to(self.pipeline_dir).as_posix().encode())
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

@@ -86,3 +86,17 @@ def test_generated_digits_have_same_class_proponents(digits_attributor, digits_c
 
     agreement = class_agreement(S, att.train.labels, labels, top=5)
     assert agreement.rate == same and agreement.above_chance, agreement
+
+
+def test_shipped_banks_are_found_by_their_models_identity():
+    """A checkpoint's identity (the cache key, and how a bank is found for the model being attributed: the "how far
+    to trust this" caption) is the sha256 of its weights file for a pixel model, so it survives code changes; each
+    shipped bank records the identity its model has now."""
+    import hashlib
+
+    from attribution.evaluation.bank import Bank, bank_for_model, list_banks
+
+    info = resolve_checkpoint("banks/digits/model")
+    assert info.content_hash() == hashlib.sha256(info.weights_path.read_bytes()).hexdigest()[:16]
+    for name in list_banks():
+        assert bank_for_model(load_model(Bank.load(name).model_spec, "cpu").identity()) == name
