@@ -678,7 +678,8 @@ class Bank:
                  f"  F = Simple loss over {len(self.meta['timesteps'])} uniform timesteps",
                  f"  model: {self.model_spec}"]
         if self.run_dir is not None:
-            lines.append(f"  checkpoint run: {self.run_dir} ({', '.join(self.meta.get('run', {}).get('checkpoints', []))})")
+            epochs = [spec.rsplit("@", 1)[-1] for spec in self.checkpoint_specs()]
+            lines.append(f"  checkpoint run: {self.run_dir} ({', '.join(epochs)})")
         if "build_seconds" in self.meta:
             lines.append(f"  built in {self.meta['build_seconds'] / 60:.1f} min on {self.meta.get('hardware', '?')}")
         return "\n".join(lines)
