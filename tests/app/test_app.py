@@ -18,11 +18,11 @@ from streamlit.testing.v1 import AppTest
 
 from attribution.errors import ImageError
 from app_pages._ui import display_size, page_indices, read_upload
+from page_support import tiles
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
 # The attribution tests featurize the 1618 digits once per feature set (K=2, k=512): ~15-40 s on two busy cores.
 RUN_TIMEOUT = 300
-TILE = re.compile(r"^train #(\d+) · class (.+) · score ([+-]\S+)$")  # under a ranked tile
 
 
 @pytest.fixture(scope="session")
@@ -161,17 +161,6 @@ def run_attribution(at: AppTest, source: str, index: int, compare: str = "(none)
     next(b for b in at.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
     assert not at.exception, at.exception
     return at
-
-
-def tiles(at: AppTest, key: str) -> list[tuple[int, str, float]]:
-    """(index, class, score) of the ranked tiles in the container `key`, in the order shown."""
-    out = []
-    for element in at.main.get_by_key(key).get("image"):
-        for img in element.proto.imgs:
-            m = TILE.match(img.caption)
-            assert m, img.caption
-            out.append((int(m[1]), m[2], float(m[3])))
-    return out
 
 
 def test_attribute_validation_target_with_comparison_and_lambda(app):

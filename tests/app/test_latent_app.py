@@ -8,8 +8,6 @@ library side uses its own feature cache, so the page's cached features are not w
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
@@ -18,11 +16,11 @@ from attribution.engine import open_attribution
 from attribution.methods import get_method
 from attribution.models import load_model
 from attribution.sampling import DEFAULT_GUIDANCE, Prompt
+from page_support import tiles
 
 DATASET = "digits:5,6,7,8,9"  # the finetuning set its prompts.json was recorded for
 RUN_TIMEOUT = 240  # seconds for one rerun that featurizes 807 images (about 11 s alone; the machine is shared)
 PROMPT, OTHER = "a handwritten digit 7", "a handwritten digit 9"
-TILE = re.compile(r"^train #(\d+) · class (.+) · score ([+-]\S+)$")  # under a ranked tile
 # The page and the library run the same float32 code on the same inputs but with separate feature caches and
 # models loaded twice: equal up to the order of float32 sums (~1e-6 relative), so 1e-4 leaves room and no more.
 RTOL = 1e-4
@@ -39,17 +37,6 @@ def library(tmp_path_factory):
                                 load=lambda s: models.setdefault(s, load_model(s, "cpu")), **options)
 
     return open_
-
-
-def tiles(at, key: str) -> list[tuple[int, str, float]]:
-    """(training index, class, score) of the ranked tiles in container `key`, in the order shown."""
-    out = []
-    for element in at.main.get_by_key(key).get("image"):
-        for img in element.proto.imgs:
-            m = TILE.match(img.caption)
-            assert m, img.caption
-            out.append((int(m[1]), m[2], float(m[3])))
-    return out
 
 
 def run_attribute(at, prompt: str):

@@ -1,0 +1,18 @@
+"""Reading the app's ranked tiles in AppTests (shared by tests/app/test_app.py and tests/app/test_latent_app.py)."""
+
+from __future__ import annotations
+
+import re
+
+TILE = re.compile(r"^train #(\d+) · class (.+) · score ([+-]\S+)$")  # the caption under a ranked tile
+
+
+def tiles(at, key: str) -> list[tuple[int, str, float]]:
+    """(training index, class, score) of the ranked tiles in the container `key`, in the order shown."""
+    out = []
+    for element in at.main.get_by_key(key).get("image"):
+        for img in element.proto.imgs:
+            m = TILE.match(img.caption)
+            assert m, img.caption
+            out.append((int(m[1]), m[2], float(m[3])))
+    return out
