@@ -58,7 +58,7 @@ def trust_caption(att: Attribution, options_key: str, lam: float | None, key: st
         run = trust_run(folder, options_key, att)
         parts = []
         for split, label in SPLITS.items():
-            if not bank.split(split).any() or not run.covers(bank, split):
+            if not bank.split(split).any() or not run.covers(split):
                 continue
             r = lds_at(bank, run, lam, split).standard
             c = ceiling(folder, split)

@@ -65,7 +65,7 @@ if not runs:
 # -- the LDS table -------------------------------------------------------------------------------------------------
 table = lds_table(bank, {m: r.scores() for m, r in runs.items()}, split)
 st.subheader("LDS with its noise ceilings")
-for m in [m for m, r in runs.items() if not r.covers(bank, split)]:
+for m in [m for m, r in runs.items() if not r.covers(split)]:
     st.caption(f"{m} attributes generated images only (along their sampling trajectory): see the generated targets.")
 st.dataframe(pd.DataFrame(table_rows(table)), hide_index=True, width="stretch")
 st.caption(f"Common mode: {table.common_mode_share:.0%} of F's variance across retrained models is shared by all "
@@ -80,7 +80,7 @@ st.code(f"python -m attribution lds --bank {name} --method {','.join(runs)} --sp
         f"--timesteps {timesteps} --proj-dim {proj_dim}", language="bash")
 
 # -- λ ---------------------------------------------------------------------------------------------------------------
-lam_methods = [m for m, r in runs.items() if r.uses_lambda and r.covers(bank, split)]
+lam_methods = [m for m, r in runs.items() if r.uses_lambda and r.covers(split)]
 if lam_methods:
     st.subheader("LDS versus λ")
     m = st.selectbox("Method", lam_methods, key="eval_lam_method")

@@ -98,7 +98,7 @@ def main() -> int:
                   + (", ".join(f"{d.a} − {d.b} {d.difference:+.3f} [{d.ci_two_way[0]:+.3f}, {d.ci_two_way[1]:+.3f}]"
                                for d in real) or "none") + "\n")
         for name, run in runs.items():
-            if not run.covers(bank, split):
+            if not run.covers(split):
                 md.append(f"{name}: generated targets only (no trajectory for {split} targets)\n")
             elif run.uses_lambda:
                 rep = lambda_report(bank, run, split, n_resamples=200)

@@ -137,9 +137,9 @@ def cmd_lds(args: argparse.Namespace) -> int:
             verdict = "real" if diff.real else "within noise"
             print(f"  {diff.a} - {diff.b}: {diff.difference:+.3f} {_ci(diff.ci_two_way)} ({verdict})")
         for name, run in runs.items():
-            if not run.covers(bank, split):
+            if not run.covers(split):
                 print(f"  {name}: attributes generated images only (no LDS on {split} targets)")
-            if not run.uses_lambda or not run.covers(bank, split):
+            if not run.uses_lambda or not run.covers(split):
                 continue
             report = lambda_report(bank, run, split, n_resamples=args.resamples)
             print(f"  {name}: retraining-free lambda (GCV) {report.gcv:.3g} -> LDS {report.at(report.gcv):+.3f}; "

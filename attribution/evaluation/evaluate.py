@@ -64,9 +64,9 @@ class BankRun:
         """(T, N) scores at `lam` (default: the method's default lambda)."""
         return self.attribution.scores(self.G, lam if lam is not None else self.default_lambda)
 
-    def covers(self, bank: Bank, split: str) -> bool:
-        """Whether the method attributes the split's targets (Journey TRAK: generated ones only)."""
-        return not np.isnan(self.G[0][split_rows(bank, split)]).all()
+    def covers(self, split: str) -> bool:
+        """Whether the method attributes every target of the split (Journey TRAK: generated ones only)."""
+        return split == "gen" or not self.attribution.method.generated_only
 
     def lambda_grid(self, per_decade: int = 4) -> np.ndarray:
         kernel = self.attribution.members[0].train_features().kernel
@@ -227,7 +227,7 @@ def lambda_sweep(bank: Bank, run: BankRun, split: str = "val", lambdas: np.ndarr
         raise ConfigError(f"{run.method} has no lambda to sweep")
     done = finished_bank(bank)
     rows = split_rows(bank, split)
-    if not run.covers(bank, split):
+    if not run.covers(split):
         raise ConfigError(f"{run.method} attributes generated targets only: it has no LDS on {split} targets")
     lambdas = run.lambda_grid() if lambdas is None else np.asarray(lambdas, dtype=np.float64)
     return lds_sweep(lambda lam: run.scores(lam)[rows], done.masks, done.F[..., rows], lambdas=lambdas,

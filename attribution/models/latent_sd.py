@@ -69,8 +69,7 @@ class PromptTable:
         if labels is None or not 0 <= index < len(labels):
             raise ConfigError(f"no prompt for {split} image {index}: the finetuning set {self.dataset} has "
                               f"{len(labels or [])} {split} images")
-        lab = labels[index]
-        name = self.classes[lab] if 0 <= lab < len(self.classes) else ""
+        name = _names(self.classes, [labels[index]])[0]
         return self.template.replace("{class}", name.replace("_", " "))
 
     def class_names_of(self, split: str) -> list[str]:
