@@ -143,15 +143,48 @@ class NoiseSchedule:
         return (betas[t] / (2 * (1 - betas[t]) * (1 - abar[t]))).float()
 
     def make_scheduler(self, sampler: str):
-        """A fresh diffusers scheduler for sampling: 'ddim' (deterministic, eta=0) or 'ddpm'."""
+        """A fresh diffusers scheduler for sampling: 'ddim' (deterministic, eta=0) or 'ddpm'.
+
+        Its `step` takes a noise prediction: the sampler converts the network's output with `eps_from_raw` first
+        (and combines guided predictions as noise), so the scheduler is told "epsilon" whatever the checkpoint's
+        `prediction_type`; handing a v-prediction scheduler epsilon would silently predict the wrong x0."""
         from diffusers import DDIMScheduler, DDPMScheduler  # lazy: diffusers takes seconds to import
 
         if sampler == "ddim":
             return DDIMScheduler.from_config(self.config, clip_sample=self.config.get("clip_sample", True),
-                                             set_alpha_to_one=False)
+                                             set_alpha_to_one=False, prediction_type="epsilon")
         if sampler == "ddpm":
-            return DDPMScheduler.from_config(self.config)
+            return DDPMScheduler.from_config(self.config, prediction_type="epsilon")
         raise ConfigError(f"unknown sampler {sampler!r}; use ddim or ddpm")
+
+
+# At the last timestep x_t is all but pure noise (sqrt(abar) = 0.0064 for the default schedule), so a trained
+# epsilon-prediction network returns nearly x_t itself (cosine ~0.99 on the shipped models), while a v-prediction
+# network returns about -x0 (uncorrelated with the noise) and an untrained one something unrelated.
+NOISE_COSINE = 0.5
+
+
+@torch.no_grad()
+def noise_cosine(model: "DiffusionModel", n: int = 4) -> float:
+    """Cosine between the network's output at t = T-1 and its input, on n seeded pure-noise samples (unconditional:
+    the empty prompt for a text-conditional model)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((n, *model.latent_shape), generator=gen).to(model.device)
+    t = torch.full((n,), model.num_timesteps - 1, dtype=torch.long, device=model.device)
+    cond = model.prompt_condition([""] * n) if model.conditional else model.condition([f"gen/{i}" for i in range(n)])
+    out = model.raw(model.parameters(), x, t, cond).double().flatten()
+    return float(out @ x.double().flatten() / (out.norm() * x.double().norm()).clamp_min(1e-30))
+
+
+def check_predicts_noise(model: "DiffusionModel", config_path: Path) -> None:
+    """One ConfigError line when a model read as epsilon-prediction (no `prediction_type` given) does not predict
+    the noise, so that a v-prediction checkpoint is never sampled or attributed as an epsilon one."""
+    cos = noise_cosine(model)
+    if cos < NOISE_COSINE:
+        raise ConfigError(f"{model.spec}: no prediction_type is given ({config_path} has none) and the network does "
+                          f"not predict the noise (its output at t={model.num_timesteps - 1} has cosine {cos:.2f} "
+                          "with pure-noise input; an epsilon model's is ~1): if it is a v-prediction model, write "
+                          "\"prediction_type\": \"v_prediction\" there, else \"epsilon\"")
 
 
 class DiffusionModel(ABC):

@@ -222,16 +222,43 @@ def load_unet(info: CheckpointInfo):
     return unet.float().eval()
 
 
+# Scheduler classes whose config describes the discrete DDPM (variance-preserving) noise process by its betas, the
+# process the sampler drives (with diffusers' DDPM and DDIM steps): any of them may name a checkpoint's schedule.
+# Others (flow matching, variance-exploding or EDM sigma schedules, consistency models) define another process.
+VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+                 "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                 "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                 "DPMSolverSDEScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "DDPMParallelScheduler",
+                 "DDIMParallelScheduler", "LCMScheduler", "TCDScheduler", "DDPMWuerstchenScheduler")
+
+
+def read_scheduler_config(info: CheckpointInfo) -> dict | None:
+    """The checkpoint's `scheduler_config.json` as written (None without one); one CheckpointError line when it is
+    unreadable or names a scheduler class whose noise process the sampler cannot drive."""
+    if info.scheduler_config is None:
+        return None
+    cfg = _read_config(info.scheduler_config)
+    name = cfg.get("_class_name")
+    if name is not None and name not in VP_SCHEDULERS:
+        raise CheckpointError(f"{info.scheduler_config} names {name}, a noise process this tool cannot sample or "
+                              f"attribute; supported are the DDPM-family schedulers ({', '.join(VP_SCHEDULERS[:3])}, "
+                              "Euler, DPM-Solver, ...), whose config gives the betas")
+    return cfg
+
+
+def states_prediction_type(info: CheckpointInfo) -> bool:
+    """Whether the checkpoint's scheduler config says what the network predicts (`prediction_type`)."""
+    cfg = read_scheduler_config(info)
+    return cfg is not None and cfg.get("prediction_type") is not None
+
+
 def load_schedule_config(info: CheckpointInfo) -> dict:
     """The DDPM noise-schedule config: the checkpoint's own when it has one, else `DEFAULT_SCHEDULE`."""
-    if info.scheduler_config is None:
+    cfg = read_scheduler_config(info)
+    if cfg is None:
         return dict(DEFAULT_SCHEDULE)
-    try:
-        cfg = json.loads(info.scheduler_config.read_text())
-    except Exception as exc:
-        raise CheckpointError(f"{info.scheduler_config} is not valid JSON ({exc})") from None
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas",
-            "clip_sample", "clip_sample_range")
+            "clip_sample", "clip_sample_range", "rescale_betas_zero_snr")
     out = dict(DEFAULT_SCHEDULE)
     out.update({k: cfg[k] for k in keys if k in cfg and cfg[k] is not None})
     return out

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
-from .adapter import DiffusionModel
-from .checkpoint import CheckpointInfo, resolve_checkpoint
+from .adapter import DiffusionModel, check_predicts_noise
+from .checkpoint import CheckpointInfo, resolve_checkpoint, states_prediction_type
 from .latent_sd import LatentSD
 from .pixel_ddpm import PixelDDPM
 
@@ -33,6 +33,13 @@ def implementation_for(info: CheckpointInfo) -> type[DiffusionModel]:
 
 
 def load_model(spec: str, device: str | torch.device = "auto") -> DiffusionModel:
-    """Resolve a checkpoint spec and load it with the implementation that accepts its folder."""
+    """Resolve a checkpoint spec and load it with the implementation that accepts its folder.
+
+    A checkpoint whose scheduler config does not say what its network predicts is taken as epsilon-prediction (the
+    diffusers default) only if the network's output on pure noise is that noise (`check_predicts_noise`): a
+    v-prediction model read as epsilon would sample and attribute silently wrong."""
     info = resolve_checkpoint(spec)
-    return implementation_for(info).load(info, device)
+    model = implementation_for(info).load(info, device)
+    if not states_prediction_type(info):
+        check_predicts_noise(model, info.scheduler_config or info.unet_dir / "scheduler_config.json")
+    return model
