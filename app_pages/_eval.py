@@ -44,7 +44,8 @@ def lambda_curve(name: str, method: str, timesteps: int, proj_dim: int, split: s
     r = lambda_report(cached_bank(name), bank_run(name, method, timesteps, proj_dim), split)
     return {"lambdas": r.sweep.lambdas, "standard": r.sweep.standard, "centered": r.sweep.centered,
             "ci": r.sweep.standard_ci_targets, "default": r.default, "gcv": r.gcv, "best": r.best,
-            "at_default": r.at(r.default), "at_gcv": r.at(r.gcv), "at_best": r.at(r.best), "ceiling": r.ceiling}
+            "at_default": r.at(r.default), "at_gcv": r.at(r.gcv), "at_best": r.at(r.best), "ceiling": r.ceiling,
+            "reachable": r.reachable, "held_out": r.held_out}
 
 
 @st.cache_resource(max_entries=8, show_spinner="Featurizing each checkpoint (once)…")
@@ -70,14 +71,20 @@ def checkpoint_figure(points: list[SweepPoint], method: str):
 
 
 def table_rows(table: LdsTable) -> list[dict]:
-    """The LDS table as display rows: value with its two-way CI, standard and centered."""
+    """The LDS table as display rows: value with its two-way CI, standard and centered, and each method's share of
+    the reachable ceiling with its interval."""
     out = []
     for r in table.rows():
         def fmt(variant):
             lo, hi = r[f"{variant}_ci_two_way_low"], r[f"{variant}_ci_two_way_high"]
             return f"{r[variant]:+.3f}" + (f"  [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else "")
+
+        def share(variant):
+            s = table.of_reachable(r["name"], variant) if r["kind"] == "method" else None
+            return "" if s is None else f"{s[0]:.0%}  [{s[1][0]:.0%}, {s[1][1]:.0%}]"
         out.append({"": r["name"], "kind": r["kind"], "LDS [95% CI]": fmt("standard"),
-                    "centered LDS [95% CI]": fmt("centered")})
+                    "of reachable": share("standard"), "centered LDS [95% CI]": fmt("centered"),
+                    "centered, of reachable": share("centered")})
     return out
 
 

@@ -10,8 +10,8 @@ bootstrap resamples. Features are cached (a rerun costs only the statistics); th
 featurization and target features is recorded on first computation in timing.json (load-dependent: quote it with
 the machine's load).
 
-Writes to --out: lds.csv (every row of both splits), lambda.csv (default / GCV / LDS-optimal λ per method and
-split) and lds.md (the markdown tables pasted into BENCHMARKS.md). Methods that cannot run (CLIP without weights)
+Writes to --out: lds.csv (every row of both splits, with each method's share of the reachable ceiling), lambda.csv
+(default / GCV / held-out-chosen / LDS-optimal λ per method and split) and lds.md (the markdown tables pasted into BENCHMARKS.md). Methods that cannot run (CLIP without weights)
 are listed with their reason.
 """
 
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attribution.errors import AttributionError  # noqa: E402
 from attribution.evaluation.bank import Bank  # noqa: E402
 from attribution.evaluation.evaluate import lambda_report, lds_table, score_bank  # noqa: E402
+from attribution.evaluation.lds import SINGLE_SEED, VARIANTS, holm  # noqa: E402
 from attribution.methods import METHODS, get_method  # noqa: E402
 
 DEFAULT = ("dtrak,dtrak:simple,dtrak:avg,dtrak:l1,dtrak:l2,dtrak:linf,dtrak:elbo,dtrak:interp,trak,journey-trak,"
@@ -37,6 +38,10 @@ DEFAULT = ("dtrak,dtrak:simple,dtrak:avg,dtrak:l1,dtrak:l2,dtrak:linf,dtrak:elbo
 
 def fmt(v: float, lo: float, hi: float) -> str:
     return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo == lo else f"{v:+.3f}"
+
+
+def share(s: tuple[float, tuple[float, float]] | None) -> str:
+    return "" if s is None else f"{s[0]:.0%} [{s[1][0]:.0%}, {s[1][1]:.0%}]"
 
 
 def main() -> int:
@@ -86,31 +91,47 @@ def main() -> int:
         table = lds_table(bank, named, split, n_resamples=args.resamples)
         md.append(f"\n**{split} targets** ({table.shape['targets']}); common mode "
                   f"{table.common_mode_share:.0%} of F's across-subset variance\n")
-        md.append("| method | LDS [95% CI] | centered LDS [95% CI] |")
-        md.append("|---|---|---|")
+        md.append("| method | LDS [95% CI] | of reachable | centered LDS [95% CI] | of reachable |")
+        md.append("|---|---|---|---|---|")
         for r in table.rows():
-            rows.append({"split": split, **r})
+            shares = {v: table.of_reachable(r["name"], v) if r["kind"] == "method" else None for v in VARIANTS}
+            rows.append({"split": split, **r, **{f"{v}_of_reachable": sh[0] if sh else float("nan")
+                                                  for v, sh in shares.items()}})
             md.append(f"| {r['name']} | {fmt(r['standard'], r['standard_ci_two_way_low'], r['standard_ci_two_way_high'])}"
-                      f" | {fmt(r['centered'], r['centered_ci_two_way_low'], r['centered_ci_two_way_high'])} |")
-        best = max(table.methods, key=lambda k: table.methods[k].standard.value)
-        real = [d for d in table.differences() if best in (d.a, d.b) and d.real]
-        md.append(f"\nBest: {best}; differences from it outside their two-way CI: "
-                  + (", ".join(f"{d.a} − {d.b} {d.difference:+.3f} [{d.ci_two_way[0]:+.3f}, {d.ci_two_way[1]:+.3f}]"
-                               for d in real) or "none") + "\n")
+                      f" | {share(shares['standard'])}"
+                      f" | {fmt(r['centered'], r['centered_ci_two_way_low'], r['centered_ci_two_way_high'])}"
+                      f" | {share(shares['centered'])} |")
+        if table.ceilings.seed is None:
+            md.append(f"\n{SINGLE_SEED}\n")
+        if len(table.methods) > 1:
+            held = table.best_held_out()
+            md.append(f"\nBest method chosen on half of the targets, LDS on the other half: {held.chosen[0]} "
+                      f"{held.held_out[0]:+.3f}; halves swapped: {held.chosen[1]} {held.held_out[1]:+.3f}.")
+            best = max(table.methods, key=lambda k: table.methods[k].standard.value)
+            diffs = [d for d in table.differences() if best in (d.a, d.b)]
+            real = [d for d, ok in zip(diffs, holm(diffs)) if ok]
+            md.append(f"Differences from the highest ({best}, chosen on these targets) that survive Holm's correction "
+                      f"over the {len(diffs)} shown: "
+                      + (", ".join(f"{d.a} − {d.b} {d.difference:+.3f} [{d.ci_two_way[0]:+.3f}, {d.ci_two_way[1]:+.3f}]"
+                                   f" (p={d.p_two_way:.3f})" for d in real) or "none") + "\n")
         for name, run in runs.items():
             if not run.covers(split):
                 md.append(f"{name}: generated targets only (no trajectory for {split} targets)\n")
             elif run.uses_lambda:
                 rep = lambda_report(bank, run, split, n_resamples=200)
+                held = rep.held_out
                 lam_rows.append({"method": name, "split": split, "default": rep.default, "lds_default": rep.at(rep.default),
                                  "gcv": rep.gcv, "lds_gcv": rep.at(rep.gcv), "optimal": rep.best,
-                                 "lds_optimal": rep.at(rep.best), "gcv_fraction_of_optimal": rep.gcv_within})
-    md.append("\n| method | split | default λ → LDS | GCV λ → LDS | LDS-optimal λ → LDS | GCV / optimal |")
+                                 "lds_optimal": rep.at(rep.best), "gcv_fraction_of_optimal": rep.gcv_within,
+                                 "held_out_lambda_a": held.chosen[0], "held_out_lambda_b": held.chosen[1],
+                                 "lds_held_out": held.value})
+    md.append("\n| method | split | default λ → LDS | GCV λ → LDS | λ chosen on one half → LDS on the other | "
+              "optimal on the same targets (optimistic) |")
     md.append("|---|---|---|---|---|---|")
     for r in lam_rows:
         md.append(f"| {r['method']} | {r['split']} | {r['default']:.3g} → {r['lds_default']:+.3f} | {r['gcv']:.3g} → "
-                  f"{r['lds_gcv']:+.3f} | {r['optimal']:.3g} → {r['lds_optimal']:+.3f} | "
-                  f"{r['gcv_fraction_of_optimal']:.0%} |")
+                  f"{r['lds_gcv']:+.3f} | {r['held_out_lambda_a']:.3g}, {r['held_out_lambda_b']:.3g} → "
+                  f"{r['lds_held_out']:+.3f} | {r['optimal']:.3g} → {r['lds_optimal']:+.3f} |")
     for entry, why in skipped.items():
         md.append(f"\nNot run: {entry}: {why}")
     for name, data in (("lds.csv", rows), ("lambda.csv", lam_rows)):

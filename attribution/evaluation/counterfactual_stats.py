@@ -22,7 +22,6 @@ from .image_metrics import pixel_l2, ssim
 from .lds import _percentile_ci
 
 METRICS = {"l2": "pixel L2", "ssim": "SSIM", "clip": "CLIP cosine"}
-MORE_CHANGE = {"l2": 1, "ssim": -1, "clip": -1}  # the sign of "changed more" for each measure
 N_BOOT = 2000
 
 

@@ -22,8 +22,19 @@ Beyond the paper's figure (issues 11 and 16):
 - **Ceilings**: seed-vs-seed (DInf's "exact retraining": each seed's F, averaged over noise sets, against the mean of
   the other seeds, per-target Spearman, averaged over targets and then seeds: how well one retrain predicts another)
   and noise-vs-noise (the same across noise sets, F averaged over seeds: F's own sampling noise), each standard and
-  centered. The seed ceiling compares one seed with S - 1 others, so with few seeds it understates what a perfect
-  method could reach against the S-seed mean; read it as the benchmark's noise level, not as an exact bound.
+  centered. The seed ceiling compares one seed with S - 1 others: it is a *lower* ceiling, since methods are scored
+  against the mean of all S seeds, which is less noisy than one seed, and a method can exceed it.
+- **Reachable ceiling**: the LDS a perfect predictor (the expected F over retraining seeds, known exactly) would reach
+  against the S-seed mean. If one seed's F correlates with another's at r per target, the S-seed mean's reliability
+  is S r / (1 + (S - 1) r) (Spearman-Brown) and a perfect predictor correlates with it at the square root of that:
+  ``reachable = sqrt(S r / (1 + (S - 1) r))`` with r the seed-vs-seed Spearman averaged over seed pairs and targets
+  (clipped to [0, 1]), with the same intervals (the transform is applied inside every resample). Transforming each
+  target's own r instead and averaging is biased low, since each target's r is noisy and the square root is concave
+  (on synthetic banks with r ~ 0.1-0.25 per target: 0.39 / 0.59 against the oracle's 0.44 / 0.64; the mean's
+  transform gives 0.44 / 0.64); where targets truly differ in r, the mean's transform is the higher of the two, so
+  the ceiling errs on the side of a ceiling. "x% of reachable" is a method's LDS over it (paired, on the same
+  resamples). It treats Spearman like Pearson correlation (for normal F the difference is below 0.01 here); on
+  synthetic banks of F = signal + seed noise an oracle method lands inside its interval (tests/evaluation/test_lds.py).
 - **Random baseline**: several seeded draws of i.i.d. normal scores (standard and centered LDS, mean and spread over
   draws) and of *target-agnostic* random scores (one random value per image, the same for every target): its spread
   shows how far a score with no target-specific content can move the standard LDS through the common mode.
@@ -67,22 +78,6 @@ KERNEL_CELLS = 8_000_000
 # Matrix products up to this many multiply-adds skip BLAS (see `_matmul`).
 SMALL_PRODUCT = 20_000_000
 VARIANTS = ("standard", "centered")
-
-# One line each, for every place that shows these figures (pages, CLI, BENCHMARKS.md).
-EXPLAIN = {
-    "standard": "LDS: per-target Spearman, across retrained subset models, of the predicted and the measured loss "
-                "(D-TRAK's definition; comparable with the paper).",
-    "centered": "Centered LDS: the same after removing each model's mean loss over targets, so a score that only "
-                "says 'this image lowers every loss' gets 0.",
-    "seed": "Seed-vs-seed ceiling: how well one retraining seed's losses predict the other seeds' (retraining noise).",
-    "noise": "Noise-vs-noise ceiling: how well one set of noise draws predicts another (F's own sampling noise).",
-    "random": "Random scores: the LDS a method without information reaches; the range is the central 95% of draws.",
-    "common_mode": "Common-mode share: the fraction of the loss variance across retrained models that all targets "
-                   "share (one model fits everything better or worse).",
-    "ci": "Intervals: 95% bootstrap over targets, and over retrained models and targets (two-way, model-aware); "
-          "only the two-way one says whether a difference is real.",
-}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
@@ -271,14 +266,16 @@ def _matmul(a: np.ndarray, b: np.ndarray, force_loop: bool = False) -> np.ndarra
     return a @ b
 
 
-def _resampled_lds(preds: Sequence[np.ndarray], truth: np.ndarray, res: Resamples) -> np.ndarray:
-    """Two-way bootstrap replicates of the LDS of each (M, T) prediction against one (M, T) truth: (P, B).
+def _resampled_lds(preds: Sequence[np.ndarray], truth: np.ndarray, res: Resamples,
+                   per_target: bool = False) -> np.ndarray:
+    """Two-way bootstrap replicates of the LDS of each (M, T) prediction against one (M, T) truth: (P, B); with
+    `per_target`, each target's resampled Spearman instead, (P, B, T) (the subsets resampled, not the targets).
 
     Per resample b and target m this is the count-weighted Pearson correlation of the resampled ranks (their weighted
     mean is (M + 1) / 2), i.e. scipy's Spearman on the explicitly resampled bank; 0 where a side is constant. The
     truth's ranks are computed once per chunk of resamples and shared by all predictions."""
     m, t = truth.shape
-    out = np.zeros((len(preds), res.n))
+    out = np.zeros((len(preds), res.n, t) if per_target else (len(preds), res.n))
     block = max(1, KERNEL_CELLS // (m * m))  # targets per block: bounds the (M, M*block) rank kernels
     for t0 in range(0, t, block):
         cols = slice(t0, min(t, t0 + block))
@@ -301,7 +298,10 @@ def _resampled_lds(preds: Sequence[np.ndarray], truth: np.ndarray, res: Resample
                 sd = np.sqrt(np.einsum("bjt,bjt->bt", dev_p * weights, dev_p, dtype=np.float64))
                 denom = sd * sd_truth
                 rho = np.divide(cov, denom, out=np.zeros_like(cov), where=denom > 0)
-                out[k, lo:lo + step] += (rho * w_targets).sum(axis=1)
+                if per_target:
+                    out[k, lo:lo + step, cols] = rho
+                else:
+                    out[k, lo:lo + step] += (rho * w_targets).sum(axis=1)
     return out
 
 
@@ -314,6 +314,43 @@ def _percentile_ci(replicates: np.ndarray) -> tuple[float, float]:
 def is_real(ci: tuple[float, float]) -> bool:
     """A difference (or figure) is "real" when its 95% interval excludes 0."""
     return bool(ci[0] > 0 or ci[1] < 0)
+
+
+def target_halves(n_targets: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of the targets (sorted indices), drawn by a seeded permutation."""
+    perm = np.random.default_rng([seed, n_targets]).permutation(n_targets)
+    return np.sort(perm[::2]), np.sort(perm[1::2])
+
+
+@dataclass(frozen=True)
+class HeldOutChoice:
+    """A choice (the best method, or a λ) made on one half of the targets and reported on the other half, both
+    ways, so the figure is not inflated by having been picked on the targets it reports."""
+
+    chosen: tuple  # (the choice on half A, the choice on half B)
+    held_out: tuple[float, float]  # LDS of A's choice on half B, of B's choice on half A
+
+    @property
+    def value(self) -> float:
+        """The mean of the two held-out figures."""
+        return float(np.mean(self.held_out))
+
+    @property
+    def agree(self) -> bool:
+        return self.chosen[0] == self.chosen[1]
+
+
+def choose_held_out(per_target: Mapping, seed: int = 0) -> HeldOutChoice:
+    """From candidate -> (T,) per-target Spearman, the candidate with the highest mean on each half of the targets
+    and its mean on the other half."""
+    names = list(per_target)
+    values = np.array([np.asarray(per_target[k], dtype=np.float64) for k in names])  # (C, T)
+    if values.ndim != 2 or values.shape[1] < 2:
+        raise ConfigError("a held-out choice needs at least 2 targets")
+    a, b = target_halves(values.shape[1], seed)
+    pick_a, pick_b = int(np.argmax(values[:, a].mean(axis=1))), int(np.argmax(values[:, b].mean(axis=1)))
+    return HeldOutChoice((names[pick_a], names[pick_b]),
+                         (float(values[pick_a, b].mean()), float(values[pick_b, a].mean())))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,11 +372,6 @@ class Estimate:
     target_replicates: np.ndarray = field(repr=False)  # (B,)
     n_undefined: int = 0  # targets with a constant prediction or ground truth (counted as 0)
 
-    @property
-    def se_two_way(self) -> float:
-        """Standard error from the two-way bootstrap."""
-        return float(self.replicates.std(ddof=1)) if self.replicates.size > 1 else 0.0
-
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not objects
 class LdsResult:
@@ -357,7 +389,8 @@ class LdsResult:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Paired comparison of two methods on the same bank and resamples: LDS(a) - LDS(b) with its intervals."""
+    """Paired comparison of two methods on the same bank and resamples: LDS(a) - LDS(b) with its intervals and the
+    two-way bootstrap p-value of "no difference"."""
 
     a: str
     b: str
@@ -365,11 +398,32 @@ class Comparison:
     difference: float
     ci_targets: tuple[float, float]
     ci_two_way: tuple[float, float]
+    p_two_way: float = 1.0
 
     @property
     def real(self) -> bool:
         """The two-way (model-aware) interval of the difference excludes 0."""
         return is_real(self.ci_two_way)
+
+
+def bootstrap_p(replicates: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "the difference is 0": twice the share of replicates on the far side of 0 (with
+    the usual +1 so that it is never exactly 0), at most 1."""
+    b = replicates.size
+    tail = min(int((replicates <= 0).sum()), int((replicates >= 0).sum()))
+    return min(1.0, 2 * (tail + 1) / (b + 1))
+
+
+def holm(comparisons: Sequence[Comparison], alpha: float = 1 - CI_LEVEL) -> list[bool]:
+    """Which comparisons are real after Holm's correction for testing them all (family-wise error `alpha`): sorted
+    by p-value, the i-th smallest (from 0) must have p <= alpha / (n - i), and every one before it too."""
+    order = np.argsort([c.p_two_way for c in comparisons], kind="stable")
+    out = [False] * len(comparisons)
+    for i, k in enumerate(order):
+        if comparisons[k].p_two_way > alpha / (len(comparisons) - i):
+            break
+        out[k] = True
+    return out
 
 
 def _n_undefined(pred: np.ndarray, truth: np.ndarray) -> int:
@@ -446,7 +500,8 @@ def compare(a: LdsResult, b: LdsResult, names: tuple[str, str] = ("a", "b")) -> 
         ea, eb = a[variant], b[variant]
         out[variant] = Comparison(names[0], names[1], variant, ea.value - eb.value,
                                   _percentile_ci(ea.target_replicates - eb.target_replicates),
-                                  _percentile_ci(ea.replicates - eb.replicates))
+                                  _percentile_ci(ea.replicates - eb.replicates),
+                                  bootstrap_p(ea.replicates - eb.replicates))
     return out
 
 
@@ -454,30 +509,67 @@ def compare(a: LdsResult, b: LdsResult, names: tuple[str, str] = ("a", "b")) -> 
 class Ceilings:
     """Noise ceilings of a bank (None where the bank has a single seed / noise set)."""
 
-    seed: LdsResult | None  # one seed's F vs the mean of the others (needs S >= 2)
+    seed: LdsResult | None  # one seed's F vs the mean of the others (needs S >= 2): a lower ceiling
     noise: LdsResult | None  # one noise set's F vs the mean of the others (needs R >= 2)
+    reachable: LdsResult | None = None  # a perfect predictor vs the S-seed mean (Spearman-Brown; needs S >= 2)
+
+
+REACHABLE = "reachable (perfect predictor)"
+SEED_CEILING = "seed-vs-seed ceiling (lower)"
+SINGLE_SEED = ("the bank has a single retraining seed, so it has no seed ceiling and no reachable LDS (how well a "
+               "perfect method could do); grow it with --seeds 2")
+
+
+def spearman_brown(r: np.ndarray, n_seeds: int) -> np.ndarray:
+    """The correlation of a perfect predictor with the mean of `n_seeds` replicates whose pairwise correlation is
+    r: sqrt(S r / (1 + (S - 1) r)), r clipped to [0, 1] (a negative seed-vs-seed correlation leaves nothing to
+    predict)."""
+    r = np.clip(np.asarray(r, dtype=np.float64), 0.0, 1.0)
+    return np.sqrt(n_seeds * r / (1.0 + (n_seeds - 1) * r))
+
+
+def _reachable(per_seed: np.ndarray, res: Resamples) -> LdsResult:
+    """The reachable ceiling of a bank's (M, S, T) per-seed F: Spearman-Brown of the seed-vs-seed Spearman averaged
+    over seed pairs and targets; inside every two-way resample likewise (targets resampled by their counts). The
+    per-target values are each target's r through the same transform (for the per-target figure only)."""
+    n_seeds, t = per_seed.shape[1], per_seed.shape[2]
+    pairs = list(combinations(range(n_seeds), 2))
+    out = {}
+    for variant in VARIANTS:
+        prep = center if variant == "centered" else (lambda x: x)
+        runs = [(prep(per_seed[:, a]), prep(per_seed[:, b])) for a, b in pairs]
+        r = np.mean([spearman_per_target(x, y) for x, y in runs], axis=0)  # (T,)
+        rho = np.mean([_resampled_lds([x], y, res, per_target=True)[0] for x, y in runs], axis=0)  # (B, T)
+        replicates = spearman_brown((rho * res.targets).sum(axis=1) / t, n_seeds)
+        target_replicates = spearman_brown(_matmul(res.targets.astype(np.float64), r[:, None])[:, 0] / t, n_seeds)
+        out[variant] = Estimate(float(spearman_brown(r.mean(), n_seeds)), spearman_brown(r, n_seeds),
+                                _percentile_ci(target_replicates), _percentile_ci(replicates), replicates,
+                                target_replicates)
+    return LdsResult(out["standard"], out["centered"], res)
 
 
 def ceilings(F: np.ndarray, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
              resamples: Resamples | None = None) -> Ceilings:
-    """Seed-vs-seed and noise-vs-noise ceilings, standard and centered, with the same intervals as a method."""
+    """Seed-vs-seed (lower), reachable and noise-vs-noise ceilings, standard and centered, with the same intervals
+    as a method."""
     F = check_outputs(F)
     if resamples is None:
         resamples = Resamples.draw(F.shape[0], F.shape[3], n_resamples, seed)
     resamples.check(F.shape[0], F.shape[3])
     _, s_count, r_count, _ = F.shape
-    seed_result = noise_result = None
+    seed_result = noise_result = reachable = None
     if s_count >= 2:
         per_seed = F.mean(axis=2)  # (M, S, T)
         pairs = [(per_seed[:, s], np.delete(per_seed, s, axis=1).mean(axis=1)) for s in range(s_count)]
         pairs = pairs[:1] if s_count == 2 else pairs  # with two runs the second pair is the first one swapped
         seed_result = _pairs_result(pairs, resamples)
+        reachable = _reachable(per_seed, resamples)
     if r_count >= 2:
         per_noise = F.mean(axis=1)  # (M, R, T)
         pairs = [(per_noise[:, r], np.delete(per_noise, r, axis=1).mean(axis=1)) for r in range(r_count)]
         pairs = pairs[:1] if r_count == 2 else pairs
         noise_result = _pairs_result(pairs, resamples)
-    return Ceilings(seed_result, noise_result)
+    return Ceilings(seed_result, noise_result, reachable)
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not objects
@@ -547,6 +639,22 @@ class LdsTable:
                 raise ConfigError(f"no method {name!r} in this table; it has {', '.join(self.methods)}")
         return compare(self.methods[a], self.methods[b], (a, b))
 
+    def of_reachable(self, name: str, variant: str = "standard") -> tuple[float, tuple[float, float]] | None:
+        """A method's LDS as a fraction of the reachable ceiling, with its two-way interval (the ratio in every
+        resample: both share them); None when the bank has no reachable ceiling (a single seed) or it is not
+        positive."""
+        reach = self.ceilings.reachable
+        if reach is None or reach[variant].value <= 0:
+            return None
+        est = self.methods[name][variant]
+        ratio = np.divide(est.replicates, reach[variant].replicates, out=np.full(est.replicates.shape, np.nan),
+                          where=reach[variant].replicates > 0)
+        return est.value / reach[variant].value, _percentile_ci(ratio[np.isfinite(ratio)])
+
+    def best_held_out(self, variant: str = "standard", seed: int = 0) -> HeldOutChoice:
+        """The best method chosen on one half of the targets, its LDS reported on the other half (both ways)."""
+        return choose_held_out({k: r[variant].per_target for k, r in self.methods.items()}, seed)
+
     def differences(self, variant: str = "standard") -> list[Comparison]:
         """Paired comparisons of every pair of methods, the higher-scoring one first."""
         out = []
@@ -574,7 +682,8 @@ class LdsTable:
                                                                      r[variant].ci_two_way).items()}}
 
         rows = [result_row(name, "method", r) for name, r in self.methods.items()]
-        for name, r in (("seed-vs-seed ceiling", self.ceilings.seed), ("noise-vs-noise ceiling", self.ceilings.noise)):
+        for name, r in ((REACHABLE, self.ceilings.reachable), (SEED_CEILING, self.ceilings.seed),
+                        ("noise-vs-noise ceiling", self.ceilings.noise)):
             if r is not None:
                 rows.append(result_row(name, "ceiling", r))
         rnd, spread = self.random, RandomBaseline.spread
@@ -647,6 +756,14 @@ class Sweep:
     centered_ci_targets: np.ndarray  # (L, 2)
     standard_ci_two_way: np.ndarray | None = None  # (L, 2)
     centered_ci_two_way: np.ndarray | None = None  # (L, 2)
+    standard_per_target: np.ndarray | None = field(default=None, repr=False)  # (L, T)
+    centered_per_target: np.ndarray | None = field(default=None, repr=False)  # (L, T)
+
+    def best_held_out(self, variant: str = "standard", seed: int = 0) -> HeldOutChoice:
+        """The point (λ) chosen on one half of the targets, its LDS reported on the other half (both ways)."""
+        per_target = getattr(self, f"{variant}_per_target")
+        labels = range(len(per_target)) if self.lambdas is None else self.lambdas.tolist()
+        return choose_held_out(dict(zip(labels, per_target)), seed)
 
     def best(self, variant: str = "standard") -> int:
         """Index of the highest LDS."""
@@ -702,4 +819,5 @@ def lds_sweep(source: Sequence[np.ndarray] | Callable[[float], np.ndarray] | Spe
             ci_w[v] = np.array([_percentile_ci(r) for r in _resampled_lds(ps, fb[v], res)])
     lam_arr = None if lambdas is None else np.asarray(lambdas, dtype=np.float64)
     return Sweep(lam_arr, values["standard"], values["centered"], ci_t["standard"], ci_t["centered"],
-                 ci_w["standard"], ci_w["centered"])
+                 ci_w["standard"], ci_w["centered"], np.array(per_target["standard"]),
+                 np.array(per_target["centered"]))

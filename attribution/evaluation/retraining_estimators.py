@@ -115,15 +115,6 @@ def estimator_scores(masks: np.ndarray, F: np.ndarray, fit_rows: np.ndarray,
     return out
 
 
-def retraining_estimator_scores(bank, fit_subsets: np.ndarray | None = None,
-                                names: tuple[str, ...] = tuple(ESTIMATORS)) -> dict[str, np.ndarray]:
-    """{"ei": (T, N), "datamodels": (T, N)} for every target of `bank`, fitted on its finished subsets
-    `fit_subsets` (positions among `bank.finished()`'s subsets; default the fitting half of `holdout_split`)."""
-    done = bank.finished()
-    fit = holdout_split(len(done.masks))[0] if fit_subsets is None else np.asarray(fit_subsets)
-    return estimator_scores(done.masks, done.F, fit, names)
-
-
 def heldout_lds_table(bank, named_scores: Mapping[str, np.ndarray], split: str = "val",
                       fit_fraction: float = 0.5, seed: int = SPLIT_SEED, estimators: tuple[str, ...] =
                       tuple(ESTIMATORS), n_resamples: int = 1000) -> tuple[LdsTable, dict]:

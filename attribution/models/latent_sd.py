@@ -89,11 +89,6 @@ def check_template(template: str) -> None:
         raise ConfigError(f"the prompt template {template!r} has no {{class}} placeholder, e.g. 'a {{class}} painting'")
 
 
-def check_guidance(guidance: float) -> None:
-    if not guidance >= 1:
-        raise ConfigError(f"the guidance scale must be at least 1 (1 = no classifier-free guidance), got {guidance}")
-
-
 def check_components(folder: Path) -> None:
     """One CheckpointError naming the first component a Stable Diffusion folder lacks."""
     for name, what in COMPONENTS.items():

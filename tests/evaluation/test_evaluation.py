@@ -14,7 +14,7 @@ from attribution.errors import ConfigError
 from attribution.evaluation.bank import Bank
 from attribution.evaluation.evaluate import (bank_targets, check_external_scores, lambda_sweep, lds_table,
                                              score_bank, split_rows)
-from attribution.evaluation.lds import lds
+from attribution.evaluation.lds import REACHABLE, SEED_CEILING, lds
 
 N = 1618  # the digits training split
 
@@ -137,7 +137,7 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
     assert not at.exception, at.exception
     table = at.dataframe[0].value
     names = list(table.iloc[:, 0])
-    assert names[:2] == ["pixel-cos", "trak"] and "seed-vs-seed ceiling" in names
+    assert names[:2] == ["pixel-cos", "trak"] and {SEED_CEILING, REACHABLE} <= set(names)
     bank = Bank.load(fake_bank_dir)
     pixels = bank_targets(bank).images.reshape(6, -1).double().numpy()
     from attribution.data import load_dataset
@@ -146,8 +146,11 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
     cos = (pixels @ X.T) / np.linalg.norm(pixels, axis=1)[:, None] / np.linalg.norm(X, axis=1)[None, :]
     expected = lds(cos[:4], bank.masks, bank.F[..., :4], n_resamples=50).standard.value
     assert table.iloc[0, 2].startswith(f"{expected:+.3f}")
+    # each method's share of the reachable ceiling (reachable and method on the same resamples, as the library)
+    share = lds_table(bank, {"pixel-cos": np.r_[cos, np.zeros((2, N))]}, "val").of_reachable("pixel-cos")
+    assert table["of reachable"].iloc[0].startswith(f"{share[0]:.0%}  [{share[1][0]:.0%}")
     assert {m.label for m in at.metric} >= {"LDS at this λ", "default λ", "retraining-free λ (GCV)",
-                                            "LDS-optimal λ"}
+                                            "λ chosen on held-out targets"}
     # the fake bank has no checkpoint run: the page says how to make one
     assert any("bank checkpoints --name fake" in c.value for c in at.caption)
     assert {d.label for d in at.get("download_button")} >= {"LDS table (CSV)", "LDS versus λ (CSV)",
@@ -179,7 +182,19 @@ def test_lds_command_sweeps_lambda_for_a_method(fake_bank, tmp_path, capsys):
     assert "retraining-free lambda (GCV)" in out
     rows = list(csv.DictReader(open(tmp_path / "out" / "sweep.csv")))
     best = max(rows, key=lambda r: float(r["lds"]))
-    assert f"LDS-optimal lambda {float(best['lambda']):.3g} -> LDS {float(best['lds']):+.3f}" in out
+    assert f"(on the same targets: {float(best['lambda']):.3g} -> {float(best['lds']):+.3f}, optimistic)" in out
+    # the held-out choice: the λ best on each half of the validation targets, its LDS on the other half
+    from attribution.evaluation.evaluate import lambda_report, score_bank
+    from attribution.evaluation.lds import target_halves
+
+    run = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=128, cache=str(tmp_path / "c"))
+    rep = lambda_report(bank, run, "val", n_resamples=20)
+    halves = target_halves(4)
+    per_target = rep.sweep.standard_per_target
+    pick = [int(np.argmax(per_target[:, h].mean(axis=1))) for h in halves]
+    assert rep.held_out.held_out == pytest.approx((per_target[pick[0], halves[1]].mean(),
+                                                   per_target[pick[1], halves[0]].mean()))
+    assert f"{rep.held_out.chosen[0]:.3g} -> {rep.held_out.held_out[0]:+.3f}" in out
     assert (tmp_path / "out" / "sweep.html").read_text().startswith("<!doctype html>")
 
 
@@ -301,8 +316,12 @@ def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_pa
     run = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=512, cache=str(tmp_path / "cache"))
     slider = at.main.get_by_key("attr_result_0").select_slider[0]
     lam = float(str(slider.value).split()[0])
+    from attribution.evaluation.evaluate import bank_ceilings
+
     for split in ("val", "gen"):
-        assert f"{lds_at(bank, run, lam, split).standard.value:+.2f}" in caption
+        value = lds_at(bank, run, lam, split).standard.value
+        reachable = bank_ceilings(bank, split).reachable.standard.value
+        assert f"{value:+.2f}" in caption and f"{value / reachable:.0%} of the reachable {reachable:+.2f}" in caption
     options = [float(o.split()[0]) for o in slider.options]
     slider.set_value(options[0]).run()
     moved = next(c.value for c in at.caption if "LDS at this λ" in c.value)

@@ -266,13 +266,91 @@ def test_evaluate_table_rows_match_single_calls():
     assert table.ceilings.seed.standard.value == pytest.approx(ceil.seed.standard.value)
     assert table.common_mode_share == pytest.approx(L.common_mode_share(F))
     rows = {row["name"]: row for row in table.rows()}
-    assert {"true", "half", "random", "seed-vs-seed ceiling", "noise-vs-noise ceiling", "random scores",
+    assert {"true", "half", "random", L.SEED_CEILING, L.REACHABLE, "noise-vs-noise ceiling", "random scores",
             "random target-agnostic scores"} <= set(rows)
     assert rows["true"]["standard"] == pytest.approx(table.methods["true"].standard.value)
     assert table.shape == {"subsets": 12, "seeds": 2, "noise_sets": 2, "targets": 20, "images": 30}
     diffs = table.differences()
     assert len(diffs) == 3 and all(d.difference >= 0 for d in diffs)
     assert any(d.a == "true" and d.b == "random" and d.real for d in diffs)
+
+
+def test_spearman_brown_hand_values():
+    # r = 0.3 with 2 seeds: reliability 0.6 / 1.3; 1 seed: sqrt(r); r <= 0: nothing to predict; r = 1: 1
+    np.testing.assert_allclose(L.spearman_brown([0.3, -0.2, 1.0], 2), [np.sqrt(0.6 / 1.3), 0.0, 1.0])
+    assert L.spearman_brown(0.25, 1) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("draw", range(3))
+def test_reachable_ceiling_is_what_an_oracle_reaches_above_the_seed_ceiling(draw):
+    """F = signal + seed noise with S = 2 (one seed predicts the other at r ~ 0.3): the oracle (the true effects)
+    is scored against the 2-seed mean, so it exceeds the one-seed figure; the reachable ceiling, from the seed-vs-seed
+    r alone, says where it lands."""
+    rng = np.random.default_rng(30 + draw)
+    masks, F, effect = _linear_bank(rng, m=40, n=60, t=60, seeds=2, noises=1, noise=6.0)
+    table = L.evaluate({"oracle": -effect, "random": rng.standard_normal(effect.shape)}, masks, F,
+                       n_resamples=300, seed=draw, n_random=5)
+    for variant in L.VARIANTS:
+        oracle, reach, seed = (table.methods["oracle"][variant], table.ceilings.reachable[variant],
+                               table.ceilings.seed[variant])
+        assert 0.15 < seed.value < 0.5
+        assert oracle.value > seed.ci_two_way[1]  # above the one-seed figure, beyond its interval
+        assert reach.ci_two_way[0] <= oracle.value <= reach.ci_two_way[1]
+        # reachable from the seed-vs-seed r: Spearman-Brown of the per-target Spearman averaged over targets
+        per_seed = F.mean(axis=2)
+        prep = L.center if variant == "centered" else (lambda x: x)
+        r = L.spearman_per_target(prep(per_seed[:, 0]), prep(per_seed[:, 1]))
+        assert reach.value == pytest.approx(L.spearman_brown(r.mean(), 2), abs=1e-12)
+        fraction, ci = table.of_reachable("oracle", variant)
+        assert fraction == pytest.approx(oracle.value / reach.value) and ci[0] < 1 < ci[1]
+        assert table.of_reachable("random", variant)[0] < 0.2
+
+
+def test_a_single_seed_bank_has_no_seed_or_reachable_ceiling():
+    rng = np.random.default_rng(4)
+    masks, F, effect = _linear_bank(rng, m=10, n=20, t=5, seeds=1, noises=2, noise=1.0)
+    table = L.evaluate({"oracle": -effect}, masks, F, n_resamples=50, n_random=3)
+    assert table.ceilings.seed is None and table.ceilings.reachable is None
+    assert table.of_reachable("oracle") is None
+    assert {row["name"] for row in table.rows()}.isdisjoint({L.SEED_CEILING, L.REACHABLE})
+    assert "\n" not in L.SINGLE_SEED and "single" in L.SINGLE_SEED
+
+
+def test_bootstrap_p_and_holm_by_hand():
+    assert L.bootstrap_p(np.array([1.0, 2.0, 3.0, -1.0])) == pytest.approx(2 * 2 / 5)  # one of 4 below 0, +1
+    assert L.bootstrap_p(np.ones(999)) == pytest.approx(2 / 1000)
+    assert L.bootstrap_p(np.zeros(9)) == 1.0
+
+    def c(p):
+        return L.Comparison("a", "b", "standard", 0.1, (0, 1), (0, 1), p)
+
+    # 4 tests at 0.05: thresholds 0.0125, 0.0167, 0.025, 0.05 for the sorted p-values; the third fails, so it
+    # and everything after it stay unconfirmed even though 0.04 < 0.05
+    assert L.holm([c(0.03), c(0.001), c(0.012), c(0.04)]) == [False, True, True, False]
+    assert L.holm([c(0.01), c(0.02)]) == [True, True] and L.holm([]) == []
+
+
+def test_held_out_choice_picks_on_one_half_and_reports_the_other():
+    a, b = L.target_halves(10, seed=3)
+    assert len(a) == len(b) == 5 and not set(a) & set(b) and set(a) | set(b) == set(range(10))
+    x, y = np.zeros(10), np.zeros(10)
+    x[a], y[a] = 0.9, 0.5  # x best on half A
+    x[b], y[b] = 0.1, 0.3  # y best on half B
+    choice = L.choose_held_out({"x": x, "y": y}, seed=3)
+    assert choice.chosen == ("x", "y") and choice.held_out == (pytest.approx(0.1), pytest.approx(0.5))
+    assert choice.value == pytest.approx(0.3) and not choice.agree
+
+
+def test_choosing_on_the_reported_targets_is_optimistic_and_held_out_is_not():
+    """Among 40 methods that are all noise, the best one on the same targets looks good; chosen on one half and
+    reported on the other it is at chance."""
+    rng = np.random.default_rng(7)
+    masks, F, effect = _linear_bank(rng, m=20, n=30, t=40, seeds=2, noise=1.0)
+    named = {f"noise{k}": rng.standard_normal(effect.shape) for k in range(40)}
+    table = L.evaluate(named, masks, F, n_resamples=20, n_random=2)
+    in_sample = max(r.standard.value for r in table.methods.values())
+    held = table.best_held_out()
+    assert in_sample > 0.05 and abs(held.value) < in_sample / 2, (in_sample, held)
 
 
 def test_sweep_matches_individual_lds_for_lists_callables_and_spectral_scores():
@@ -295,8 +373,13 @@ def test_sweep_matches_individual_lds_for_lists_callables_and_spectral_scores():
         for sweep in sweeps:
             assert sweep.standard[k] == pytest.approx(single.standard.value, abs=1e-9)
             assert sweep.centered[k] == pytest.approx(single.centered.value, abs=1e-9)
+            np.testing.assert_allclose(sweep.standard_per_target[k], single.standard.per_target, atol=1e-9)
         np.testing.assert_allclose(sweeps[2].standard_ci_two_way[k], single.standard.ci_two_way)
     assert sweeps[0].best() == int(np.argmax(sweeps[0].standard))
+    held = sweeps[0].best_held_out()
+    want = L.choose_held_out({lam: L.lds(explicit(lam), masks, F, n_resamples=10).standard.per_target
+                              for lam in lams})
+    assert held.chosen == want.chosen and held.held_out == pytest.approx(want.held_out)
 
 
 def test_spectral_scores_follow_the_kernel_module():
