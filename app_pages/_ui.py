@@ -132,14 +132,19 @@ def image_grid(pixels: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str
             st.image(pixels_to_pil(pix, size), caption=caption, width=int(size), output_format="PNG")
 
 
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A PNG (at model resolution) of uint8 (H, W, C) pixels: the command line reads back exactly these pixels."""
+    png = io.BytesIO()
+    pixels_to_pil(pixels).save(png, format="PNG")
+    return png.getvalue()
+
+
 def pngs_zip(pixels: np.ndarray, names: Sequence[str]) -> bytes:
     """A zip of PNGs (at model resolution) from uint8 (N, H, W, C) pixels."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for pix, name in zip(pixels, names):
-            png = io.BytesIO()
-            pixels_to_pil(pix).save(png, format="PNG")
-            zf.writestr(name, png.getvalue())
+            zf.writestr(name, png_bytes(pix))
     return buf.getvalue()
 
 
