@@ -71,6 +71,14 @@ def require_dataset(split: str = "train") -> ImageDataset:
         fail(exc)
 
 
+def go_to(page: str) -> None:
+    """Switch to `page` keeping the sidebar's choices. A plain `st.switch_page` clears the URL's query parameters and
+    raises when any is bound to a widget (the sidebar's dataset and checkpoint, the Evaluation page's bank) with a
+    value other than its default; an explicit empty set replaces them without that check, and each bound widget
+    puts its value back in the URL when it is drawn on the new page."""
+    st.switch_page(page, query_params={})
+
+
 def display_path(path) -> str:
     """A path for captions: relative to the working directory when inside it, else its last two parts (never
     the absolute path of the server's file system)."""

@@ -164,6 +164,37 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
         assert len(row) == 1 and row.iloc[0, 2].startswith(f"{held.methods[name].standard.value:+.3f}")
 
 
+def evaluated(start_app, tiny_run, fake_bank_dir, cache, methods):
+    """The Evaluation page on the fake bank after Evaluate with `methods` (K=1, k=512)."""
+    at = start_app(tiny_run, cache, banks=fake_bank_dir.parent, timeout=300)
+    at.switch_page("app_pages/evaluation.py").run()
+    at.multiselect(key="eval_methods").set_value(methods)
+    at.selectbox(key="eval_K").set_value(1)
+    at.selectbox(key="eval_k").set_value(512)
+    at.button[0].click().run()  # the form's Evaluate button
+    assert not at.exception, at.exception
+    return at
+
+
+def test_attribute_under_a_worst_predicted_target_opens_it(fake_bank_dir, tiny_run, tmp_path, start_app):
+    """Issue 24, 2: the "attribute" button under a worst-predicted target raised StreamlitAPIException (it set the
+    sidebar's checkpoint after the sidebar was drawn); it opens the target on the Attribute page, with the bank's
+    model and training set in the sidebar."""
+    at = evaluated(start_app, tiny_run, fake_bank_dir, tmp_path, ["pixel-cos"])
+    at.radio(key="eval_split").set_value("gen").run()
+    at.button(key="eval_open_gen/1").click().run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Attribute"
+    assert at.session_state["checkpoint"] == str(fake_bank_dir / "model")
+    assert at.session_state["dataset"] == "digits"
+    assert at.radio(key="attr_source").value == "Generated" and at.number_input(key="attr_seed").value == 1
+    at.switch_page("app_pages/evaluation.py").run()
+    at.button(key="eval_open_val/2").click().run()
+    assert not at.exception, at.exception
+    assert at.radio(key="attr_source").value == "Validation image"
+    assert at.number_input(key="attr_val_idx").value == 2
+
+
 def test_lds_command_sweeps_lambda_for_a_method(fake_bank, tmp_path, capsys):
     """`lds --method trak --sweep lambda --out DIR`: the GCV and optimal lambda line, a sweep table whose best row
     is the reported optimum, and sweep.csv / sweep.html."""
