@@ -176,6 +176,29 @@ def evaluated(start_app, tiny_run, fake_bank_dir, cache, methods):
     return at
 
 
+def test_the_lambda_figure_labels_each_mark_at_its_lambda(fake_bank_dir, tiny_run, tmp_path, start_app):
+    """Issue 24, 6: on the log λ axis a label sits at its own line (plotly reads an annotation's x as log10 on a
+    log axis: "optimal" was drawn near 10^λ and stretched the axis), and marks at the same λ (the default and the
+    current λ at first) share one label instead of printing over each other."""
+    import base64
+
+    import plotly.io as pio
+
+    at = evaluated(start_app, tiny_run, fake_bank_dir, tmp_path, ["trak"])
+    chart = next(c for c in at.get("plotly_chart") if c.proto.id.endswith("eval_lam_fig"))
+    fig = pio.from_json(chart.proto.spec)
+    x = fig.data[1].x  # the LDS line: the λ grid (a typed array in the chart's JSON)
+    lambdas = np.log10(np.frombuffer(base64.b64decode(x["bdata"]), x["dtype"]) if isinstance(x, dict) else x)
+    lines = sorted({s.x0 for s in fig.layout.shapes if s.x0 == s.x1})  # the dotted vertical lines
+    marked = [a for a in fig.layout.annotations if a.text != "seed ceiling"]
+    assert all(np.isclose(np.log10(lines), a.x).any() for a in marked)  # each label at a line (log10 units)
+    assert all(lambdas.min() <= a.x <= lambdas.max() for a in marked)
+    assert len(marked) == len(lines)  # one label per line: marks at the same λ share it
+    assert len({(a.x, a.y) for a in marked}) == len(marked)  # no label printed over another
+    names = ", ".join(a.text for a in marked)
+    assert all(n in names for n in ("default", "GCV", "optimal", "current"))
+
+
 def test_attribute_under_a_worst_predicted_target_opens_it(fake_bank_dir, tiny_run, tmp_path, start_app):
     """Issue 24, 2: the "attribute" button under a worst-predicted target raised StreamlitAPIException (it set the
     sidebar's checkpoint after the sidebar was drawn); it opens the target on the Attribute page, with the bank's
