@@ -18,6 +18,7 @@ import streamlit as st
 import torch
 
 from attribution.data import ImageDataset, load_dataset, load_image_pixels, open_image, pixels_to_pil, tensor_to_pixels
+from attribution.data.images import enlarged_note
 from attribution.errors import AttributionError
 from attribution.models import DiffusionModel, load_model
 from attribution.sampling import sample
@@ -184,7 +185,8 @@ def read_upload(data: bytes, name: str, resolution: int, channels: int) -> dict:
     Raises `ImageError` (one line) for non-images, truncated files and images that are too large.
 
     Returns:
-        {"name", "sha256", "preview" (PIL, at most 512 px), "pixels" (uint8 (R, R, C)), "resolution", "channels"}
+        {"name", "sha256", "preview" (PIL, at most 512 px), "pixels" (uint8 (R, R, C)), "resolution", "channels",
+        "note" (a warning for an image smaller than the model's resolution, else None)}
     """
     original = open_image(data, name)
     preview = original.copy()
@@ -193,7 +195,8 @@ def read_upload(data: bytes, name: str, resolution: int, channels: int) -> dict:
         preview = preview.convert("RGBA" if "A" in preview.getbands() else "RGB")
     pixels = load_image_pixels(data, resolution, channels, name)
     return {"name": name, "sha256": hashlib.sha256(data).hexdigest()[:16], "preview": preview, "pixels": pixels,
-            "resolution": int(resolution), "channels": int(channels)}
+            "resolution": int(resolution), "channels": int(channels),
+            "note": enlarged_note(name, original.size, resolution)}
 
 
 def generate_images(model: DiffusionModel, n: int, seed: int, steps: int, sampler: str,

@@ -143,6 +143,35 @@ def test_upload_rejects_non_images_and_keeps_working(app):
     assert len(app.get("image")) == 2  # original and "as the model sees it"
 
 
+def test_a_rejected_upload_is_no_target_and_a_tiny_image_gets_a_warning(app, tiny_run, tmp_path):
+    """Issue 24, 9: a rejected upload used to leave the previous upload as the Attribute page's target without a
+    word, and a 1x1 image was accepted silently (the model sees it enlarged to a flat square)."""
+    app.switch_page("app_pages/upload.py").run()
+    app.file_uploader[0].upload("red.png", png_bytes(), "image/png").run()
+    assert app.session_state["uploaded"]["name"] == "red.png" and not app.warning
+    app.file_uploader[0].clear().upload("notes.png", b"this is not an image", "image/png").run()
+    assert not app.exception
+    assert [e.value for e in app.error] == ["notes.png is not an image file PIL can read (PNG, JPEG, BMP, GIF, "
+                                            "WebP, TIFF)"]
+    assert "uploaded" not in app.session_state and "Upload an image" in app.info[0].value
+    app.switch_page("app_pages/attribute.py").run()
+    app.radio(key="attr_source").set_value("Uploaded").run()
+    assert not shown_images(app) and "Upload an image on the **Upload** page" in app.main.info[0].value
+
+    app.switch_page("app_pages/upload.py").run()
+    app.file_uploader[0].clear().upload("dot.png", png_bytes((1, 1)), "image/png").run()
+    assert not app.exception and app.session_state["uploaded"]["name"] == "dot.png"
+    assert [w.value for w in app.warning] == ["dot.png is 1x1 pixels, smaller than the 16x16 the model sees: it is "
+                                              "enlarged, so the target holds only the detail of a 1x1 image."]
+    # The command line says the same of an image file target.
+    from attribution.models import load_model
+    from attribution.targets import resolve_targets
+
+    (tmp_path / "dot.png").write_bytes(png_bytes((1, 1)))
+    notes = resolve_targets(str(tmp_path / "dot.png"), load_model(str(tiny_run), "cpu"), "digits").notes
+    assert app.warning[0].value in notes
+
+
 # -- attribution pages ---------------------------------------------------------------------------------------------
 
 
