@@ -27,8 +27,8 @@ from attribution.features.projectors import usable_projectors
 from attribution.kernel import Kernel
 from attribution.methods import METHODS, get_method
 from attribution.options import fields_of
-from attribution.report import (Ranked, export_metadata, export_name, positive_share, rank, ranking_rows, to_csv,
-                                to_npz_bytes)
+from attribution.report import (Ranked, export_metadata, export_name, metadata_arrays, positive_share, rank,
+                                ranking_rows, to_csv, to_npz_bytes)
 from attribution.run_options import RunOptions
 from attribution.models.adapter import key_prompt, prompt_key
 from attribution.sampling import Prompt, gen_key, sample
@@ -404,7 +404,7 @@ def result_footer(i: int, column: Column, att: Attribution, scores: np.ndarray, 
                        mime="text/csv", key=f"attr_csv_{i}")
     d2.download_button("Scores (.npz)", to_npz_bytes(scores=scores[None].astype(np.float32),
                                                      target_image=target.images.numpy(),
-                                                     **{k: np.array([v]) for k, v in meta.items()}),
+                                                     **metadata_arrays([meta])),
                        file_name=export_name("scores", meta, "npz"), key=f"attr_npz_{i}")
     if column.target.file:
         name, data = column.target.file
