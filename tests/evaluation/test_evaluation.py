@@ -121,6 +121,15 @@ def test_lds_command_with_a_score_file(fake_bank, tmp_path, capsys):
     assert main(["lds", "--bank", "no-such-bank", "--method", "trak"]) == 2
     err = capsys.readouterr().err
     assert "needs 6 targets" in err and "no bank 'no-such-bank'" in err
+    # Issue 24, 9: files that are no readable array (text, a pickled object array, cut short) are one line too.
+    (tmp_path / "text.npy").write_text("0.1, 0.2\n")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "short.npy").write_bytes((tmp_path / "mine.npy").read_bytes()[:200])
+    for name in ("text.npy", "objects.npy", "short.npy"):
+        assert main(["lds", "--bank", str(bank.path), "--scores", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"error: --scores {name} is not a readable .npy array"), err
 
 
 def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
