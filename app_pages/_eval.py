@@ -1,4 +1,4 @@
-"""UI helpers of the Evaluation page: cached banks and bank runs, the λ curve, table rows, the callback that opens a
+"""UI code of the Evaluation page: cached banks and bank runs, the λ curve, table rows, the callback that opens a
 bank target on the Attribute page. Not a page.
 
 A `BankRun` holds one method's target features on a bank (its attribution keeps the kernel decomposition), so the
