@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
 import streamlit as st
@@ -25,10 +27,10 @@ from attribution.features.projectors import usable_projectors
 from attribution.kernel import Kernel
 from attribution.methods import METHODS, get_method
 from attribution.options import fields_of
-from attribution.report import (Ranked, export_metadata, export_name, positive_share, rank, ranking_rows, to_csv,
-                                to_npz_bytes)
+from attribution.report import (Ranked, export_metadata, export_name, metadata_arrays, positive_share, rank,
+                                ranking_rows, to_csv, to_npz_bytes)
 from attribution.run_options import RunOptions
-from attribution.models.adapter import prompt_key
+from attribution.models.adapter import key_prompt, prompt_key
 from attribution.sampling import Prompt, gen_key, sample
 from attribution.targets import Generated, Targets, from_pixels, resolve_targets
 
@@ -163,19 +165,46 @@ def lambda_grid(kernel: Kernel) -> tuple[list[float], float]:
     return sorted({float(f"{v:.3g}") for v in kernel.lambda_grid(per_decade=4)} | {default}), default
 
 
-def lambda_slider(label: str, kernel: Kernel, key: str) -> float:
-    """A λ select-slider over `lambda_grid`, starting at the default (marked "default" on the slider) with a Reset
-    button. Give each feature set its own `key`: another set has another grid, which an old value may not be on."""
+def _new_key() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@dataclass
+class Lambda:
+    """The λ one result is shown at: what its slider shows, what its scores use and what its command line says.
+
+    Kept with the result it belongs to (not in the slider's widget state). The slider starts at this value and its
+    key changes whenever code sets the value (`set`: Reset; a new result gets a new `Lambda`), so a browser that
+    draws the slider anew (after another page, or after a run that did not show the results) shows this value, and
+    the value it sends back is this one. Writing λ into the widget's state instead reaches no browser in which the
+    slider was off the page: it showed the grid's first value while the scores stayed at the stored one."""
+
+    value: float | None = None  # None until first shown: then the feature set's default λ
+    key_id: str = field(default_factory=_new_key)
+
+    def set(self, value: float) -> None:
+        self.value, self.key_id = value, _new_key()
+
+    @classmethod
+    def after(cls, previous: Lambda | None) -> Lambda:
+        """The λ of a new result that continues `previous` (same options): its value, under a new slider."""
+        return cls(None if previous is None else previous.value)
+
+
+def lambda_slider(label: str, kernel: Kernel, lam: Lambda, key: str) -> float:
+    """A λ select-slider over `lambda_grid` showing `lam` (the default λ when it has no value or one off this
+    grid), the default marked "default", and a Reset button; the value picked is written back to `lam`. `key`
+    names the slider on its page (the widget key adds `lam.key_id`)."""
     grid, default = lambda_grid(kernel)
-    if st.session_state.get(key) not in grid:  # unset, or kept from a grid this feature set does not have
-        st.session_state[key] = default
-    lam = st.select_slider(label, grid, key=key, help=LAMBDA_HELP,
-                           format_func=lambda v: f"{v:.3g} (default)" if v == default else f"{v:.3g}")
-    st.button("Reset λ", key=f"reset_{key}",  # not "{key}_…": keep() must never restore a button
+    if lam.value not in grid:  # unset, or from a grid this feature set does not have
+        lam.set(default)
+    lam.value = st.select_slider(label, grid, value=lam.value, key=f"{key}_{lam.key_id}", help=LAMBDA_HELP,
+                                 format_func=lambda v: f"{v:.3g} (default)" if v == default else f"{v:.3g}")
+    st.button("Reset λ", key=f"reset_{key}_{lam.key_id}",  # not "{key}_…": keep() must never restore a button
               icon=":material/restart_alt:", type="tertiary",
-              disabled=lam == default, on_click=st.session_state.__setitem__, args=(key, default),
+              disabled=lam.value == default, on_click=lam.set, args=(default,),
               help=f"Back to the default λ = {default:.3g}")
-    return lam
+    return lam.value
 
 
 def topk_stability(score_at, grid: list[float], lam: float, k: int = 5) -> list[tuple[float, int]]:
@@ -200,19 +229,19 @@ def stability_caption(pairs: list[tuple[float, int]], k: int) -> str:
     return f"Top-{k} shared with the neighbouring λ values on the slider: {parts} ({verdict})."
 
 
-def lambda_controls(result: Result, opts: RunOptions, key: str, title: str = "") -> float | None:
-    """The λ slider of one result column (an `Attribution.run` result) with its guidance: default marked, Reset,
-    how stable the top-5 is at the neighbouring grid values, and the LDS at this λ on the model's bank when
-    one exists (app_pages/_trust.py). None for methods without λ."""
+def lambda_controls(result: Result, opts: RunOptions, lam: Lambda, key: str, title: str = "") -> float | None:
+    """The λ slider of one result column (an `Attribution.run` result, shown at `lam`) with its guidance: default
+    marked, Reset, how stable the top-5 is at the neighbouring grid values, and the LDS at this λ on the model's
+    bank when one exists (app_pages/_trust.py). None for methods without λ."""
     att = result.attribution
     if not att.method.uses_lambda:
         return None
     kernel = att.members[0].train_features().kernel
-    lam = lambda_slider(f"λ ({title})" if title else "λ", kernel, key)
+    value = lambda_slider(f"λ ({title})" if title else "λ", kernel, lam, key)
     grid, _ = lambda_grid(kernel)
-    st.caption(stability_caption(topk_stability(lambda v: result.at(v).scores[0], grid, lam), 5))
-    trust_caption(att, opts_key(opts), lam, key)
-    return lam
+    st.caption(stability_caption(topk_stability(lambda v: result.at(v).scores[0], grid, value), 5))
+    trust_caption(att, opts_key(opts), value, key)
+    return value
 
 
 def ranked_tiles(items: list[Ranked], data: ImageDataset, title: str, key: str) -> None:
@@ -283,34 +312,104 @@ def choose_target(model) -> tuple[Targets, str]:
 
 
 def prompt_options(target: Targets) -> list[tuple[str, object]]:
-    """The command line's --prompt/--guidance for a target generated from a prompt (none otherwise)."""
+    """The command line's prompt options for a target: --prompt/--guidance (and --negative-prompt) for one generated
+    from a prompt, --prompt for an image attributed under one (its noise key carries it), none otherwise."""
     made = target.generated[0] if target.generated else None
-    if made is None or made.prompt is None:
-        return []
-    opts = [("--prompt", made.prompt.text), ("--guidance", made.prompt.guidance)]
-    return opts + ([("--negative-prompt", made.prompt.negative)] if made.prompt.negative else [])
+    if made is not None and made.prompt is not None:
+        opts = [("--prompt", made.prompt.text), ("--guidance", made.prompt.guidance)]
+        return opts + ([("--negative-prompt", made.prompt.negative)] if made.prompt.negative else [])
+    text = key_prompt(target.keys[0]) if target.keys[0].startswith("file/") else None
+    return [] if text is None else [("--prompt", text)]
 
 
-def result_footer(i: int, opts: RunOptions, att: Attribution, scores: np.ndarray, lam: float | None,
-                  target: Targets, target_spec: str, n_pro: int, pro: list[Ranked]) -> None:
+@dataclass(frozen=True)
+class ColumnTarget:
+    """A target as one result column attributes it: the pixels and noise key (`targets`), the command line's options
+    that name them (`cli`: --target, then any prompt options) and, when --target names an image file the page made,
+    that file (`file`: name and PNG bytes, offered for download, with a `note` that says why)."""
+
+    targets: Targets
+    cli: tuple[tuple[str, object], ...]
+    file: tuple[str, bytes] | None = None
+    note: str = ""
+
+    @classmethod
+    def of(cls, target: Targets, spec: str) -> ColumnTarget:
+        """`target` under the spec the page picked it by."""
+        return cls(target, (("--target", spec), *prompt_options(target)))
+
+    def on_another_checkpoint(self, checkpoint: str) -> ColumnTarget:
+        """This target, picked with `checkpoint`, for a column with another checkpoint: the same pixels. gen:SEED
+        names the image a checkpoint generates, another image for another checkpoint, so that column attributes
+        this checkpoint's image as the PNG the Generate page's zip names it by (seed-SEED.png), which the column
+        offers and its command line reads. A dataset image or an image file is the same pixels for every
+        checkpoint."""
+        spec = dict(self.cli)["--target"]
+        if not spec.startswith("gen:"):
+            return self
+        made = self.targets.generated[0]
+        name, pixels = f"seed-{made.seed:06d}.png", tensor_to_pixels(self.targets.images)[0]
+        targets = target_from_pixels(pixels, name)
+        text = None if made.prompt is None else made.prompt.text
+        targets.keys[0] = prompt_key(targets.keys[0], text)  # the key the CLI gives the file under --prompt
+        return ColumnTarget(targets, (("--target", name), *prompt_options(targets)), (name, _ui.png_bytes(pixels)),
+                            f"Attributed: {spec} of {_ui.checkpoint_name(checkpoint)}, the first column's image, "
+                            f"which the command line reads from `{name}` (download above); {spec} of this "
+                            "checkpoint is another image.")
+
+
+@dataclass
+class Column:
+    """One result column of the Attribute page as computed: its downloads and command line read the same options,
+    target and λ as its scores."""
+
+    title: str
+    opts: RunOptions
+    target: ColumnTarget
+    result: Result | None = None  # set by Run
+    lam: Lambda = field(default_factory=Lambda)
+
+
+@dataclass
+class Computed:
+    """What the Attribute page computed, kept in one session-state entry: the target it was computed for
+    (`target_id`: model, dataset, spec, noise key and pixels; the results are shown only while that target is the
+    one chosen) and its columns."""
+
+    target_id: tuple
+    target_spec: str
+    columns: list[Column]
+
+    def lambda_of(self, opts: RunOptions) -> Lambda | None:
+        """The λ of the column computed with `opts` (a new Run with the same options continues from it)."""
+        return next((c.lam for c in self.columns if c.opts == opts), None)
+
+
+def result_footer(i: int, column: Column, att: Attribution, scores: np.ndarray, lam: float | None, n_pro: int,
+                  pro: list[Ranked]) -> None:
     """Under result column `i` of the Attribute page: the top's share of the positive score mass and its
-    same-class share (`pro`: the proponents shown), the score downloads (.csv, .npz) and the command line that
-    reproduces the column."""
+    same-class share (`pro`: the proponents shown), the score downloads (.csv, .npz), the image file its command
+    line reads when the page made it, and the command line that reproduces the column."""
+    target, cli = column.target.targets, list(column.target.cli)
     share = positive_share(scores, n_pro)
     st.caption(f"The top {n_pro} hold {share:.0%} of the positive score mass (a normalised share, not a "
                f"probability). Same-class share of the top {n_pro}: "
                + (f"{np.mean([r.class_name == target.labels[0] for r in pro]):.0%}" if target.labels[0]
                   and pro else "n/a"))
-    meta = export_metadata(target_spec, opts.method, lam, opts.checkpoint, att.train.spec, att.cfg)
+    meta = export_metadata(dict(cli)["--target"], column.opts.method, lam, column.opts.checkpoint, att.train.spec,
+                           att.cfg)
     rows = ranking_rows(scores, att.train, meta)
-    d1, d2 = st.columns(2)
+    d1, d2, *d3 = st.columns(3 if column.target.file else 2)
     d1.download_button("Scores (.csv)", to_csv(rows), file_name=export_name("scores", meta, "csv"),
                        mime="text/csv", key=f"attr_csv_{i}")
     d2.download_button("Scores (.npz)", to_npz_bytes(scores=scores[None].astype(np.float32),
                                                      target_image=target.images.numpy(),
-                                                     **{k: np.array([v]) for k, v in meta.items()}),
+                                                     **metadata_arrays([meta])),
                        file_name=export_name("scores", meta, "npz"), key=f"attr_npz_{i}")
-    st.code(opts.command_line("score", att.cfg, att.train.spec,
-                              [("--target", target_spec), ("--lambda", lam), ("--top", n_pro)]
-                              + prompt_options(target)),
+    if column.target.file:
+        name, data = column.target.file
+        d3[0].download_button("Target image (.png)", data, file_name=name, mime="image/png", key=f"attr_png_{i}")
+        st.caption(column.target.note)
+    st.code(column.opts.command_line("score", att.cfg, att.train.spec, [*cli[:1], ("--lambda", lam),
+                                                                         ("--top", n_pro), *cli[1:]]),
             language="bash", wrap_lines=True)

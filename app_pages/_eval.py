@@ -1,4 +1,5 @@
-"""UI helpers of the Evaluation page: cached banks and bank runs, the λ curve, table rows. Not a page.
+"""UI code of the Evaluation page: cached banks and bank runs, the λ curve, table rows, the callback that opens a
+bank target on the Attribute page. Not a page.
 
 A `BankRun` holds one method's target features on a bank (its attribution keeps the kernel decomposition), so the
 λ slider re-scores in milliseconds; it is shared by all sessions (`st.cache_resource`) and only read.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
+from attribution.data import BUILTIN_DATASETS
 from attribution.errors import AttributionError
 from attribution.evaluation.bank import Bank
 from attribution.engine import Attribution
@@ -17,6 +19,7 @@ from attribution.evaluation.evaluate import (BankRun, SweepPoint, lambda_report,
 from attribution.figures import lds_option_figure
 from attribution.evaluation.lds import LdsTable
 from attribution.evaluation.retraining_estimators import heldout_lds_table
+from attribution.models.adapter import key_prompt
 
 from app_pages._ui import cached_model
 
@@ -118,3 +121,17 @@ def estimators_section(name: str, methods: tuple[str, ...], timesteps: int, proj
                   if note["ei_undefined"] else "."))
     st.code(f"python -m attribution estimators --bank {name} --method {','.join(methods)} --split {split} "
             f"--timesteps {timesteps} --proj-dim {proj_dim}", language="bash")
+
+
+def open_target(bank: Bank, key: str) -> None:
+    """Button callback (it runs before the next run draws any widget, so it may set the sidebar's): bank target
+    `key` ("val/I" or "gen/SEED", with its prompt for a text-conditional bank) as the Attribute page's target, with
+    the bank's model as the checkpoint and its training set as the dataset."""
+    kind, idx = key.split("/")[:2]
+    if key_prompt(key) is not None:  # a text-conditional bank's generated target: its prompt and guidance too
+        st.session_state.update(attr_prompt=key_prompt(key), attr_negative="", attr_guidance=bank.gen_guidance)
+    dataset = ({"dataset_pick": bank.dataset, "dataset_custom": ""} if bank.dataset in BUILTIN_DATASETS
+               else {"dataset_custom": bank.dataset})  # the sidebar's list, else its custom spec
+    st.session_state.update(checkpoint_custom=bank.model_spec, **dataset,
+                            attr_source="Validation image" if kind == "val" else "Generated",
+                            **{"attr_val_idx" if kind == "val" else "attr_seed": int(idx)})

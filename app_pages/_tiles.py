@@ -17,7 +17,7 @@ import numpy as np
 import streamlit as st
 from attribution.data import ImageDataset
 
-from app_pages._ui import display_size
+from app_pages._ui import display_size, go_to
 
 SCORED = "scored_rankings"  # session_state: {(dataset spec, ranking label): (N,) scores}, newest last
 MAX_RANKINGS = 12
@@ -96,7 +96,7 @@ def details(data: ImageDataset, index: int) -> None:
     b1, b2 = st.columns(2)
     if b1.button("Attribute this image", icon=":material/hub:", on_click=_attribute_it, args=(index,),
                  key="details_attribute", disabled=data.split != "train"):
-        st.switch_page(st.session_state.pop("_goto"))
+        go_to(st.session_state.pop("_goto"))
     if b2.button("Show in training data", icon=":material/grid_view:", on_click=_show_it, args=(data, index),
                  key="details_show"):
-        st.switch_page(st.session_state.pop("_goto"))
+        go_to(st.session_state.pop("_goto"))

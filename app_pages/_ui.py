@@ -18,6 +18,7 @@ import streamlit as st
 import torch
 
 from attribution.data import ImageDataset, load_dataset, load_image_pixels, open_image, pixels_to_pil, tensor_to_pixels
+from attribution.data.images import enlarged_note
 from attribution.errors import AttributionError
 from attribution.models import DiffusionModel, load_model
 from attribution.sampling import sample
@@ -69,6 +70,14 @@ def require_dataset(split: str = "train") -> ImageDataset:
         return cached_dataset(spec, split)
     except AttributionError as exc:
         fail(exc)
+
+
+def go_to(page: str) -> None:
+    """Switch to `page` keeping the sidebar's choices. A plain `st.switch_page` clears the URL's query parameters and
+    raises when any is bound to a widget (the sidebar's dataset and checkpoint, the Evaluation page's bank) with a
+    value other than its default; an explicit empty set replaces them without that check, and each bound widget
+    puts its value back in the URL when it is drawn on the new page."""
+    st.switch_page(page, query_params={})
 
 
 def display_path(path) -> str:
@@ -132,14 +141,19 @@ def image_grid(pixels: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str
             st.image(pixels_to_pil(pix, size), caption=caption, width=int(size), output_format="PNG")
 
 
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A PNG (at model resolution) of uint8 (H, W, C) pixels: the command line reads back exactly these pixels."""
+    png = io.BytesIO()
+    pixels_to_pil(pixels).save(png, format="PNG")
+    return png.getvalue()
+
+
 def pngs_zip(pixels: np.ndarray, names: Sequence[str]) -> bytes:
     """A zip of PNGs (at model resolution) from uint8 (N, H, W, C) pixels."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for pix, name in zip(pixels, names):
-            png = io.BytesIO()
-            pixels_to_pil(pix).save(png, format="PNG")
-            zf.writestr(name, png.getvalue())
+            zf.writestr(name, png_bytes(pix))
     return buf.getvalue()
 
 
@@ -171,7 +185,8 @@ def read_upload(data: bytes, name: str, resolution: int, channels: int) -> dict:
     Raises `ImageError` (one line) for non-images, truncated files and images that are too large.
 
     Returns:
-        {"name", "sha256", "preview" (PIL, at most 512 px), "pixels" (uint8 (R, R, C)), "resolution", "channels"}
+        {"name", "sha256", "preview" (PIL, at most 512 px), "pixels" (uint8 (R, R, C)), "resolution", "channels",
+        "note" (a warning for an image smaller than the model's resolution, else None)}
     """
     original = open_image(data, name)
     preview = original.copy()
@@ -180,7 +195,8 @@ def read_upload(data: bytes, name: str, resolution: int, channels: int) -> dict:
         preview = preview.convert("RGBA" if "A" in preview.getbands() else "RGB")
     pixels = load_image_pixels(data, resolution, channels, name)
     return {"name": name, "sha256": hashlib.sha256(data).hexdigest()[:16], "preview": preview, "pixels": pixels,
-            "resolution": int(resolution), "channels": int(channels)}
+            "resolution": int(resolution), "channels": int(channels),
+            "note": enlarged_note(name, original.size, resolution)}
 
 
 def generate_images(model: DiffusionModel, n: int, seed: int, steps: int, sampler: str,

@@ -9,9 +9,10 @@ from attribution.errors import AttributionError
 from attribution.methods import METHODS, RECOMMENDED_METHOD
 from attribution.run_options import RunOptions
 from attribution.store import cache_root
-from app_pages._attr import (METHOD_TITLES, OPTION, PROJ_DIMS, PROJECTORS, cached_attribution, choose_target,
-                             feature_fn_options, featurize_note, featurize_with_progress, lambda_controls,
-                             option_widget, opts_key, ranked_tiles, result_footer, top_lists)
+from app_pages._attr import (METHOD_TITLES, OPTION, PROJ_DIMS, PROJECTORS, Column, ColumnTarget, Computed, Lambda,
+                             cached_attribution, choose_target, feature_fn_options, featurize_note,
+                             featurize_with_progress, lambda_controls, option_widget, ranked_tiles, result_footer,
+                             top_lists)
 from app_pages._tiles import record_scores
 from app_pages._ui import checkpoint_name, display_path, display_size, fail, keep, require_model
 
@@ -19,7 +20,7 @@ st.title("Attribute")
 st.caption("Proponents pushed the model toward the target (positive score); opponents pushed it away.")
 keep("attr_source", "attr_seed", "attr_train_idx", "attr_val_idx", "attr_method", "attr_fn", "attr_eta", "attr_K",
      "attr_strategy", "attr_k", "attr_projector", "attr_ckpt_weights", "attr_compare", "attr_compare_ckpt",
-     "attr_npro", "attr_nopp", "attr_lam_")
+     "attr_npro", "attr_nopp")
 model = require_model()
 dataset = st.session_state.get("dataset")
 size = display_size(model.resolution, 256)  # a large target
@@ -74,45 +75,49 @@ def options_for(method_name: str, checkpoint: str) -> RunOptions:
                       checkpoint_weights=ckpt_weights if ckpt_weights in cls.weightings else None)
 
 
-runs = [(METHOD_TITLES[method], options_for(method, model.spec))]
+# The columns Run would compute: each attributes the same pixels, with its own options.
+shown_target = ColumnTarget.of(target, target_spec)
+columns = [Column(METHOD_TITLES[method], options_for(method, model.spec), shown_target)]
 if compare not in ("(none)", method):  # comparing a method with itself would repeat its column (and widget keys)
-    runs.append((METHOD_TITLES[compare], options_for(compare, model.spec)))
+    columns.append(Column(METHOD_TITLES[compare], options_for(compare, model.spec), shown_target))
 if compare_ckpt != "(none)":
-    runs.append((f"{METHOD_TITLES[method]} @ {checkpoint_name(compare_ckpt)}", options_for(method, compare_ckpt)))
+    columns.append(Column(f"{METHOD_TITLES[method]} @ {checkpoint_name(compare_ckpt)}",
+                          options_for(method, compare_ckpt), shown_target.on_another_checkpoint(model.spec)))
 
 if not run:
     try:
-        st.caption(" ".join(dict.fromkeys(featurize_note(cached_attribution(opts)) for _, opts in runs)),
+        st.caption(" ".join(dict.fromkeys(featurize_note(cached_attribution(c.opts)) for c in columns)),
                    help="For the options as the form was last submitted.")
     except AttributionError:
         pass  # options that do not make an attribution are reported by Run, with the reason
 if run:
-    for stale in ("attr_runs", "attr_target", "attr_features"):  # a failed run must not leave older results
-        st.session_state.pop(stale, None)  # labelled as this target's
-    results = {}
+    # One entry holds what was computed (target, columns, λ): a failed run leaves none, never older results
+    # labelled as this target's; a column with the options of a previous one keeps its λ.
+    previous = st.session_state.pop("attr_computed", None)
     with st.status("Attributing…", expanded=True) as status:
         try:
-            for title, opts in runs:
-                METHODS[opts.method]().check_targets(target)  # before featurizing: an upload has no trajectory
-                att = cached_attribution(opts)
-                status.update(label=f"{title}: training features (cached after the first run)…", expanded=True)
+            for c in columns:
+                METHODS[c.opts.method]().check_targets(c.target.targets)  # before featurizing (no trajectory)
+                att = cached_attribution(c.opts)
+                status.update(label=f"{c.title}: training features (cached after the first run)…", expanded=True)
                 for member in att.members:
-                    st.caption(f"{title}: cache `{display_path(member.store_path)}`")
+                    st.caption(f"{c.title}: cache `{display_path(member.store_path)}`")
                 if len(att.members) > 1:
-                    st.caption(f"{title} over {len(att.members)} checkpoints, weighted by {att.weights_note}: "
+                    st.caption(f"{c.title} over {len(att.members)} checkpoints, weighted by {att.weights_note}: "
                                + ", ".join(f"{checkpoint_name(a.model.spec)} {w:.3g}"
                                            for a, w in zip(att.members, att.weights)))
-                featurize_with_progress(att, title)
-                status.update(label=f"{title}: kernel and target features…", expanded=True)
-                results[opts] = att.run(target)  # the kernel is decomposed once: later λ changes are instant
+                featurize_with_progress(att, c.title)
+                status.update(label=f"{c.title}: kernel and target features…", expanded=True)
+                c.result = att.run(c.target.targets)  # the kernel is decomposed once: later λ changes are instant
+                c.lam = Lambda.after(previous and previous.lambda_of(c.opts))
         except AttributionError as exc:
             status.update(state="error")
             fail(exc)
         status.update(label="Done", state="complete", expanded=False)
-    st.session_state.update(attr_runs=runs, attr_target=target_id, attr_features=results)
+    st.session_state["attr_computed"] = Computed(target_id, target_spec, columns)
 
-features = st.session_state.get("attr_features")
-if not features or st.session_state.get("attr_target") != target_id:
+computed: Computed | None = st.session_state.get("attr_computed")
+if computed is None or computed.target_id != target_id:
     st.info("Pick the options and press **Run attribution**. The first run for a checkpoint and feature "
             "configuration featurizes the whole training set (progress shown, cached in "
             f"`{display_path(cache_root())}`, "
@@ -123,21 +128,18 @@ if not features or st.session_state.get("attr_target") != target_id:
 st.subheader("Results")
 n_pro = st.slider("Proponents shown", 1, 16, 5, key="attr_npro")
 n_opp = st.slider("Opponents shown", 0, 16, 3, key="attr_nopp")
-columns = st.columns(len(st.session_state["attr_runs"]))
-for i, (col, (title, opts)) in enumerate(zip(columns, st.session_state["attr_runs"])):
-    if opts not in features:
-        continue
+for i, (col, c) in enumerate(zip(st.columns(len(computed.columns)), computed.columns)):
     with col, st.container(key=f"attr_result_{i}"):
-        st.markdown(f"#### {title}")
+        st.markdown(f"#### {c.title}")
         try:
-            att = cached_attribution(opts)
-            lam = lambda_controls(features[opts], opts, f"attr_lam_{opts_key(opts)}", title)
-            scores = features[opts].at(lam).scores[0]
+            att = cached_attribution(c.opts)
+            lam = lambda_controls(c.result, c.opts, c.lam, f"attr_lam_{i}", c.title)
+            scores = c.result.at(lam).scores[0]
         except AttributionError as exc:
             fail(exc)
-        record_scores(att.train, f"{title} · {target_spec}", scores)
+        record_scores(att.train, f"{c.title} · {computed.target_spec}", scores)
         pro, opp = top_lists(scores, att.train, n_pro, n_opp)
         ranked_tiles(pro, att.train, "Proponents", f"attr_pro_{i}")
         if n_opp:
             ranked_tiles(opp, att.train, "Opponents", f"attr_opp_{i}")
-        result_footer(i, opts, att, scores, lam, target, target_spec, n_pro, pro)
+        result_footer(i, c, att, scores, lam, n_pro, pro)

@@ -10,11 +10,10 @@ from attribution.evaluation.evaluate import lds_table, split_rows
 from attribution.evaluation.lds import SINGLE_SEED, holm
 from attribution.figures import lds_lambda_figure, per_target_figure
 from attribution.methods import BASELINE_METHOD, DEFAULT_METHOD, METHODS
-from attribution.models.adapter import key_prompt
 from app_pages._attr import featurize_with_progress
 from app_pages._eval import (bank_attribution, bank_run, cached_bank, checkpoint_curve, checkpoint_figure,
-                             estimators_section, lambda_curve, table_rows)
-from app_pages._ui import fail
+                             estimators_section, lambda_curve, open_target, table_rows)
+from app_pages._ui import fail, go_to
 
 st.title("Evaluation")
 st.caption("The linear datamodeling score (LDS): for each target, the Spearman correlation between the loss change a "
@@ -152,12 +151,8 @@ for col, w in zip(cols, worst):
     key = bank.target_keys[rows[w]]
     col.image(((bank.target_images[rows[w]].transpose(1, 2, 0).squeeze() + 1) * 127.5).clip(0, 255)
               .astype(np.uint8), width=64, caption=f"{key} · {table.methods[first].standard.per_target[w]:+.2f}")
-    if col.button("attribute", key=f"eval_open_{key}", help="Open this target on the Attribute page, with the "
-                                                            "bank's model as the checkpoint"):
-        kind, idx = key.split("/")[:2]
-        if key_prompt(key) is not None:  # a text-conditional bank's generated target: its prompt and guidance too
-            st.session_state.update(attr_prompt=key_prompt(key), attr_negative="", attr_guidance=bank.gen_guidance)
-        st.session_state["checkpoint_custom"] = str(bank.path / "model")
-        st.session_state["attr_source"] = "Validation image" if kind == "val" else "Generated"
-        st.session_state["attr_val_idx" if kind == "val" else "attr_seed"] = int(idx)
-        st.switch_page("app_pages/attribute.py")
+    # The callback sets the sidebar and the Attribute page's target before the next run draws any widget (the
+    # sidebar's are drawn before this page, so setting them here would raise); that run opens the page.
+    if col.button("attribute", key=f"eval_open_{key}", on_click=open_target, args=(bank, key),
+                  help="Open this target on the Attribute page, with the bank's model and training set"):
+        go_to("app_pages/attribute.py")

@@ -10,8 +10,8 @@ from attribution.figures import formation_figure
 from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import METHODS, get_method
 from attribution.sampling import SAMPLERS
-from app_pages._attr import (PROJ_DIMS, RunOptions, cached_attribution, featurize_job, lambda_slider, opts_key,
-                             ranked_tiles, top_lists)
+from app_pages._attr import (PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_job, lambda_slider,
+                             opts_key, ranked_tiles, top_lists)
 from app_pages._trust import trust_caption
 from app_pages._figures import chart
 from app_pages._journey import (WHY_DIFFERENT, attribute_overlap, choose_image, film_strip, journey_attributor,
@@ -26,7 +26,7 @@ st.title("Journey")
 st.caption("Attribution of every denoising step: at step t the model's guess of the clean image, x̂0, is re-noised "
            "to t and attributed (Journey-TRAK). The proponents change along the way, and the formation curve shows "
            "over which steps the image's features are decided.")
-keep("jr_source", "jr_seed", "jr_method", "jr_sampler", "jr_steps", "jr_every", "jr_R", "jr_K", "jr_k", "jr_lam_")
+keep("jr_source", "jr_seed", "jr_method", "jr_sampler", "jr_steps", "jr_every", "jr_R", "jr_K", "jr_k")
 model = require_model()
 dataset = st.session_state.get("dataset")
 size = display_size(model.resolution, 128)
@@ -56,7 +56,9 @@ with st.form("jr_form"):
 
 image_id = (model.spec, dataset, source_id)
 if run:
-    st.session_state.pop("jr_result", None)  # a failed run must not leave an older journey labelled as this one
+    # One entry holds what was computed and its λ: a failed run must not leave an older journey labelled as this
+    # one; a journey with the options of the previous one keeps its λ.
+    previous = st.session_state.pop("jr_result", None)
     cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=every, resamples=resamples, **prompt)
     opts = RunOptions(model.spec, dataset, method, timesteps=timesteps, proj_dim=int(proj_dim))
     with st.status("Computing the journey…", expanded=True) as status:
@@ -73,7 +75,8 @@ if run:
             fail(exc)
         status.update(label=f"Journey ready ({journey.meta['seconds']} s to compute, cached)", state="complete",
                       expanded=False)
-    st.session_state["jr_result"] = {"id": image_id, "journey": journey, "opts": opts, "cfg": cfg}
+    lam_state = Lambda.after(previous["lam"] if previous and previous["opts"] == opts else None)
+    st.session_state["jr_result"] = {"id": image_id, "journey": journey, "opts": opts, "cfg": cfg, "lam": lam_state}
     st.session_state["jr_playing"] = False
 
 result = st.session_state.get("jr_result")
@@ -86,7 +89,7 @@ if not result or result["id"] != image_id:
 journey, opts, cfg = result["journey"], result["opts"], result["cfg"]
 att = journey_attributor(opts)
 m = get_method(opts.method)
-lam = lambda_slider("λ", att.train_features().kernel, f"jr_lam_{opts.method}")
+lam = lambda_slider("λ", att.train_features().kernel, result["lam"], "jr_lam")
 trust_caption(cached_attribution(opts), opts_key(opts), lam, "jr_lam")
 scores = journey.scores(att, m, lam)
 form = formation(journey, scores, att.train, top=FORMATION_TOP)

@@ -12,7 +12,7 @@ from attribution.analysis.memorisation import class_ranks, size_normalized
 from attribution.errors import AttributionError
 from attribution.methods import METHODS
 from attribution.report import export_metadata, export_name, to_csv
-from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, RunOptions, cached_attribution, featurize_note,
+from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_note,
                              featurize_with_progress, lambda_slider, opts_key)
 from app_pages._figures import chart
 from app_pages._tiles import record_scores, tile_caption, tiles
@@ -22,7 +22,7 @@ from app_pages._ui import fail, keep, require_model
 st.title("Self-influence")
 st.caption("τ(xₙ)ₙ: the score of each training image for itself. High values mark atypical, memorised images; "
            "low values typical ones with many similar neighbours.")
-keep("si_method", "si_K", "si_k", "si_lambda_", "si_variant", "si_per_class", "si_n", "si_classes")
+keep("si_method", "si_K", "si_k", "si_variant", "si_per_class", "si_n", "si_classes")
 model = require_model()
 dataset = st.session_state.get("dataset")
 usable = [m for m in METHODS if METHODS[m].has_self_influence]  # e.g. not cosine methods (always 1)
@@ -48,9 +48,12 @@ if run:
             status.update(label="Features ready", state="complete")
     except AttributionError as exc:
         fail(exc)
-    st.session_state["si_opts"] = opts
+    previous = st.session_state.get("si_computed")  # what was computed and its λ, in one entry
+    st.session_state["si_computed"] = {"opts": opts, "lam": Lambda.after(
+        previous["lam"] if previous and previous["opts"] == opts else None)}
 
-opts = st.session_state.get("si_opts")
+computed = st.session_state.get("si_computed")
+opts = computed and computed["opts"]
 if opts is None or (opts.checkpoint, opts.dataset) != (model.spec, dataset):  # none yet, or for another model
     st.info("Choose a method and press **Compute**. The features are shared with the Attribute page.")
     st.stop()
@@ -59,7 +62,7 @@ try:
     att = cached_attribution(opts)
     lam = None
     if att.method.uses_lambda:
-        lam = lambda_slider("λ", att.members[0].train_features().kernel, f"si_lambda_{opts_key(opts)}")
+        lam = lambda_slider("λ", att.members[0].train_features().kernel, computed["lam"], "si_lambda")
         trust_caption(att, opts_key(opts), lam, "si_lambda")
     values = att.self_influence(lam)
 except AttributionError as exc:

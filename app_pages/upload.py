@@ -19,9 +19,9 @@ if file is not None:
     try:
         st.session_state["uploaded"] = {**read_upload(file.getvalue(), file.name, model.resolution, model.channels),
                                         "checkpoint": model.spec}
-    except AttributionError as exc:
+    except AttributionError as exc:  # the previous upload stops being the target: this one replaced it
+        st.session_state.pop("uploaded", None)
         st.error(str(exc), icon=":material/error:")
-        st.stop()
 
 uploaded = st.session_state.get("uploaded")
 if not uploaded:
@@ -31,6 +31,9 @@ if (uploaded["resolution"], uploaded["channels"]) != (model.resolution, model.ch
     st.warning(f"{uploaded['name']} was prepared for `{uploaded['checkpoint']}` "
                f"({uploaded['resolution']}×{uploaded['resolution']}); upload it again for the checkpoint now "
                "selected.")
+
+if uploaded.get("note"):
+    st.warning(uploaded["note"], icon=":material/warning:")
 
 left, right = st.columns(2)
 with left:

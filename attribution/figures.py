@@ -148,15 +148,50 @@ def lds_lambda_figure(lambdas: np.ndarray, standard: np.ndarray, centered: np.nd
     fig.add_trace(go.Scatter(x=lambdas, y=centered, mode="lines+markers", name="centered LDS",
                              marker=dict(size=5), line=dict(dash="dot"),
                              hovertemplate="λ=%{x:.3g}<br>centered=%{y:.3f}<extra></extra>"))
-    for (name, lam), color in zip((marks or {}).items(), _palette(max(1, len(marks or {})))):
-        fig.add_vline(x=lam, line_dash="dot", line_color=color, annotation_text=name,
-                      annotation_position="top left")
+    _log_x_marks(fig, marks or {}, lambdas)
     if ceiling is not None and np.isfinite(ceiling):
         fig.add_hline(y=ceiling, line_dash="dash", line_color="gray", annotation_text="seed ceiling")
     fig.update_layout(title=title, xaxis_title="λ", yaxis_title="LDS (Spearman)", template="plotly_white",
                       height=400, margin=dict(l=60, r=20, t=50, b=50))
     fig.update_xaxes(type="log")
     return fig
+
+
+CHAR_WIDTH = 0.009  # one label character's share of a plot's width (about 7 px of 800)
+
+
+def _log_x_marks(fig: go.Figure, marks: dict[str, float], x: np.ndarray) -> None:
+    """Dotted vertical lines at the named values `marks` on a log x axis over `x`, each labelled near the top.
+
+    Plotly reads an annotation's x in log10 units on a log axis but a line's in data units, so
+    `add_vline(annotation_text=...)` puts the label at 10^x (far off, stretching the axis). Marks at the same value
+    share one line and one label ("default, current"). Each label goes to the first row, right or left of its line,
+    where it overlaps no other label, crosses no other line and stays inside the plot (else the first row where it
+    overlaps no other label)."""
+    groups: dict[float, list[str]] = {}
+    for name, value in marks.items():
+        groups.setdefault(float(f"{value:.3g}"), []).append(name)
+    lo, hi = float(np.log10(np.min(x))), float(np.log10(np.max(x)))
+    span = max(hi - lo, 1e-9)
+    lines = [float(np.log10(v)) for v in groups]
+    placed: list[tuple[int, float, float]] = []  # (row, left, right) of the labels drawn
+
+    def fits(row: int, a: float, b: float, strict: bool) -> bool:
+        if any(r == row and a < right and left < b for r, left, right in placed):
+            return False
+        return not strict or (lo - 0.02 * span <= a and b <= hi + 0.02 * span
+                              and not any(a < line < b for line in lines))
+
+    for (value, names), color in zip(sorted(groups.items()), _palette(max(1, len(groups)))):
+        at, text = float(np.log10(value)), ", ".join(names)
+        width = (len(text) + 1) * CHAR_WIDTH * span
+        options = [(row, side) for row in range(len(groups)) for side in (1, -1)]
+        row, side = next((o for strict in (True, False) for o in options
+                          if fits(o[0], *sorted((at, at + o[1] * width)), strict)))
+        placed.append((row, *sorted((at, at + side * width))))
+        fig.add_vline(x=value, line_dash="dot", line_color=color)
+        fig.add_annotation(x=at, xref="x", y=1 - 0.08 * row, yref="paper", yanchor="top", showarrow=False, text=text,
+                           font=dict(color=color), xanchor="left" if side > 0 else "right", xshift=3 * side)
 
 
 def lds_option_figure(x: Sequence, lines: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str,

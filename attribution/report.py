@@ -92,11 +92,17 @@ def write_scores(path: str, scores: np.ndarray, data: ImageDataset, metas: Seque
         with atomic_path(path) as tmp:
             tmp.write_text(to_csv(rows))
     else:
-        arrays = {"scores": scores.astype(np.float32), **{key: np.array([meta[key] for meta in metas])
-                                                         for key in metas[0]}}
+        arrays = {"scores": scores.astype(np.float32), **metadata_arrays(metas)}
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
     return OUT_FORMATS[suffix]
+
+
+def metadata_arrays(metas: Sequence[dict]) -> dict[str, np.ndarray]:
+    """`export_metadata` of each score row as .npz arrays: text fields as strings, lambda as float64 (NaN for a
+    method without λ), a number to compute with rather than the CSV's text."""
+    return {key: np.array([float(m[key]) if m[key] != "" else np.nan for m in metas]) if key == "lambda"
+            else np.array([m[key] for m in metas]) for key in metas[0]}
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from .data import ImageDataset, load_dataset
-from .data.images import load_image_pixels, load_npz_images, pixels_to_tensor, tensor_to_pixels
+from .data.images import (enlarged_note, image_to_pixels, load_npz_images, open_image, pixels_to_tensor,
+                          tensor_to_pixels)
 from .errors import ImageError
 from .models.adapter import DiffusionModel, prompt_key
 from .sampling import Prompt, check_prompt, gen_key, sample
@@ -131,7 +132,10 @@ def _resolve(spec: str, model: DiffusionModel, dataset: str, steps: int, prompt:
     if not path.exists():
         raise ImageError(f"target {spec!r} is neither train:I, val:I (or A-B), gen:SEED, gen:A-B nor an existing "
                          "image or .npz file")
-    pixels = load_image_pixels(path, model.resolution, model.channels)
-    t = from_pixels(pixels[None], [path.name])
+    img = open_image(path)
+    t = from_pixels(image_to_pixels(img, model.resolution, model.channels)[None], [path.name])
     t.notes.append(f"{path.name} converted to {model.resolution}x{model.resolution}, {model.channels} channel(s)")
+    note = enlarged_note(path.name, img.size, model.resolution)
+    if note:
+        t.notes.append(note)  # the command line prints it
     return t

@@ -16,3 +16,13 @@ def tiles(at, key: str) -> list[tuple[int, str, float]]:
             assert m, img.caption
             out.append((int(m[1]), m[2], float(m[3])))
     return out
+
+
+def mounted_value(slider) -> float:
+    """The λ a browser shows for a select slider it mounts anew: the value the server sends with the element, else
+    the element's default. Chromium mounts a slider anew when two runs in a row have not drawn it (seen with
+    Playwright, issue 24); one that stays on the page, or is off it for one run, keeps the value it had. The
+    options read "0.809" or "0.809 (default)"."""
+    p = slider.proto
+    shown = p.raw_value[0] if p.set_value else p.options[int(p.default[0])]
+    return float(shown.split()[0])

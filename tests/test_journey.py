@@ -379,7 +379,7 @@ def test_journey_page_slider_play_and_film_strip(app, tiny_run, small_npz, cache
     trak = get_method("trak")
     att = open_attributor(load_model(str(tiny_run), "cpu"), trak, f"npz:{small_npz}", timesteps=2, proj_dim=512,
                           cache=str(cache))
-    lam = float(app.main.select_slider(key="jr_lam_trak").value)
+    lam = float(next(s for s in app.main.select_slider if s.label == "λ").value)
     S = j.scores(att, trak, lam)
     assert app.main.select_slider(key="jr_step").value == 7
     assert captions(app, "jr_images")[0] == f"x_t · step 7, t={int(j.timesteps[2])}"

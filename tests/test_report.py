@@ -117,6 +117,11 @@ def test_out_follows_the_extension_or_refuses(tmp_path):
     with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
         np.testing.assert_array_equal(z["scores"], scores.astype(np.float32))
         assert z["target"].tolist() == ["val:0", "val:1"] and z["method"].tolist() == ["dtrak"] * 2
+        assert z["lambda"].dtype == np.float64 and z["lambda"].tolist() == [0.5, 0.5]  # a number, not text
+    write_scores(str(tmp_path / "none.npz"), scores[:1], _dataset(3),
+                 [export_metadata("val:0", "pixel-cos", None, "digits", "toy", cfg)])
+    with np.load(tmp_path / "none.npz", allow_pickle=False) as z:
+        assert np.isnan(z["lambda"]).all()  # a method without λ
     for bad in ("s.txt", "s", "s.json"):
         with pytest.raises(ConfigError, match="unknown file type") as exc:
             write_scores(str(tmp_path / bad), scores, _dataset(3), metas)

@@ -108,7 +108,16 @@ def cmd_lds(args: argparse.Namespace) -> int:
         p = Path(path)
         if not p.is_file() or p.suffix != ".npy":
             raise ConfigError(f"--scores {path!r} is not an existing .npy file")
-        named[p.stem] = check_external_scores(bank, np.load(p, allow_pickle=False), p.name)
+        try:
+            with open(p, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":  # numpy would call anything else a pickle
+                    raise ValueError("no .npy header")
+            scores = np.load(p, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:  # text, a pickled object array, a file cut short
+            reason = str(exc).split(". ")[0].strip().rstrip(".")  # numpy's first sentence, not its paragraph
+            raise ConfigError(f"--scores {p.name} is not a readable .npy array ({reason}); save the score matrix "
+                              "with numpy.save (targets x training images, numbers, no objects)") from None
+        named[p.stem] = check_external_scores(bank, scores, p.name)
     runs = {}
     for name in methods:
         get_method(name)  # unknown names fail before any featurizing

@@ -79,6 +79,17 @@ def resize_square(img: Image.Image, resolution: int) -> Image.Image:
     return img
 
 
+def enlarged_note(name: str, size: tuple[int, int], resolution: int) -> str | None:
+    """A warning for an image whose centre square (its shorter side) is smaller than the model's resolution: it is
+    enlarged, so the target holds only that much detail (a 1x1 image is one flat colour). None otherwise."""
+    w, h = size
+    side = min(w, h)
+    if side >= resolution:
+        return None
+    return (f"{name} is {w}x{h} pixels, smaller than the {resolution}x{resolution} the model sees: it is enlarged, "
+            f"so the target holds only the detail of a {side}x{side} image.")
+
+
 def image_to_pixels(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
     """PIL image -> uint8 (R, R, C) as the model sees it."""
     arr = np.asarray(resize_square(to_mode(img, channels), resolution), dtype=np.uint8)

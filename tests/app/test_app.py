@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from attribution.errors import ImageError
 from app_pages._ui import display_size, page_indices, read_upload
-from page_support import tiles
+from page_support import mounted_value, tiles
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
 # The attribution tests featurize the 1618 digits once per feature set (K=2, k=512): ~15-40 s on two busy cores.
@@ -143,6 +143,35 @@ def test_upload_rejects_non_images_and_keeps_working(app):
     assert len(app.get("image")) == 2  # original and "as the model sees it"
 
 
+def test_a_rejected_upload_is_no_target_and_a_tiny_image_gets_a_warning(app, tiny_run, tmp_path):
+    """Issue 24, 9: a rejected upload used to leave the previous upload as the Attribute page's target without a
+    word, and a 1x1 image was accepted silently (the model sees it enlarged to a flat square)."""
+    app.switch_page("app_pages/upload.py").run()
+    app.file_uploader[0].upload("red.png", png_bytes(), "image/png").run()
+    assert app.session_state["uploaded"]["name"] == "red.png" and not app.warning
+    app.file_uploader[0].clear().upload("notes.png", b"this is not an image", "image/png").run()
+    assert not app.exception
+    assert [e.value for e in app.error] == ["notes.png is not an image file PIL can read (PNG, JPEG, BMP, GIF, "
+                                            "WebP, TIFF)"]
+    assert "uploaded" not in app.session_state and "Upload an image" in app.info[0].value
+    app.switch_page("app_pages/attribute.py").run()
+    app.radio(key="attr_source").set_value("Uploaded").run()
+    assert not shown_images(app) and "Upload an image on the **Upload** page" in app.main.info[0].value
+
+    app.switch_page("app_pages/upload.py").run()
+    app.file_uploader[0].clear().upload("dot.png", png_bytes((1, 1)), "image/png").run()
+    assert not app.exception and app.session_state["uploaded"]["name"] == "dot.png"
+    assert [w.value for w in app.warning] == ["dot.png is 1x1 pixels, smaller than the 16x16 the model sees: it is "
+                                              "enlarged, so the target holds only the detail of a 1x1 image."]
+    # The command line says the same of an image file target.
+    from attribution.models import load_model
+    from attribution.targets import resolve_targets
+
+    (tmp_path / "dot.png").write_bytes(png_bytes((1, 1)))
+    notes = resolve_targets(str(tmp_path / "dot.png"), load_model(str(tiny_run), "cpu"), "digits").notes
+    assert app.warning[0].value in notes
+
+
 # -- attribution pages ---------------------------------------------------------------------------------------------
 
 
@@ -225,6 +254,32 @@ def test_attribute_validation_target_with_comparison_and_lambda(app):
     assert "Run attribution" in app.main.info[0].value
 
 
+def test_lambda_slider_shows_the_lambda_of_the_scores_after_another_target(app):
+    """Issue 24, 1: after a second target the browser showed the λ slider at the grid's smallest value while the
+    scores, the command line and Reset were at the default λ, and the next click re-scored at the smallest λ. The
+    slider leaves the page while the chosen target has no results (the page stops early), so after two such runs
+    the browser mounts it anew when results come: it must mount at the λ of the scores."""
+    run_attribution(app, "Validation image", 3)
+    app.number_input(key="attr_val_idx").set_value(5).run()  # other targets: no results for them yet
+    app.number_input(key="attr_val_idx").set_value(6).run()
+    assert not app.main.select_slider
+    next(b for b in app.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    result = app.main.get_by_key("attr_result_0")
+    slider = result.select_slider[0]
+    default = next(float(o.split()[0]) for o in slider.options if "(default)" in o)
+    shown = mounted_value(slider)
+    assert shown == slider.value == default
+    assert np.isclose(float(result.code[0].value.split("--lambda ")[1].split()[0]), shown)
+    assert next(b for b in result.button if b.label == "Reset λ").disabled == (shown == default)
+    # The browser sends the value it shows with the next click, an unrelated one: the ranking stays.
+    pro = tiles(app, "attr_pro_0")
+    slider.set_value(shown)
+    app.slider(key="attr_npro").set_value(5).run()
+    assert not app.exception, app.exception
+    assert tiles(app, "attr_pro_0") == pro
+
+
 def test_attribute_generated_targets(app):
     """A generated target is the CLI's gen:SEED (DDPM, 50 steps) or, made otherwise, the PNG the Generate page
     downloads, so the command line shown reproduces it."""
@@ -277,7 +332,7 @@ def test_attribute_with_a_missing_checkpoint_shows_one_line(app, tiny_run):
 def _si_attribution(at):
     from app_pages._attr import cached_attribution
 
-    return cached_attribution(at.session_state["si_opts"])
+    return cached_attribution(at.session_state["si_computed"]["opts"])
 
 
 def test_self_influence(app):
@@ -326,6 +381,13 @@ def test_self_influence(app):
     other = next(o for o in app.sidebar.selectbox(key="checkpoint_pick").options if o.endswith("@epoch-1"))
     app.sidebar.selectbox(key="checkpoint_pick").set_value(other).run()
     assert not app.exception and app.main.info and not app.dataframe
+    # Back after another run without them: the values return, and the λ slider, drawn anew, shows the λ they were
+    # computed at (issue 24, 1).
+    app.run()
+    app.sidebar.selectbox(key="checkpoint_pick").set_value(app.sidebar.selectbox(key="checkpoint_pick").options[0])
+    app.run()
+    assert not app.exception, app.exception
+    assert mounted_value(app.main.select_slider[0]) == app.main.select_slider[0].value == lam
 
 
 # -- the pure helpers behind the pages ------------------------------------------------------------------------------

@@ -44,8 +44,8 @@ def run_attribute(at, prompt: str):
     next(b for b in at.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
     assert not at.exception, at.exception
     assert not at.main.error, [e.value for e in at.main.error]
-    (opts, result), = at.session_state["attr_features"].items()
-    return opts, result
+    column, = at.session_state["attr_computed"].columns
+    return column.opts, column.result
 
 
 def test_attribute_page_with_a_prompt(start_app, tmp_path, library):
@@ -132,7 +132,7 @@ def test_journey_page_with_a_prompt(start_app, tmp_path, library):
     np.testing.assert_allclose(journey.final, expected.final, atol=1e-5)
     np.testing.assert_allclose(journey.features, expected.features, rtol=RTOL,
                                atol=RTOL * np.abs(expected.features).max())
-    lam = at.select_slider(key="jr_lam_dtrak").value
+    lam = next(s for s in at.main.select_slider if s.label == "λ").value
     scores = expected.scores(att, get_method("dtrak"), lam)
     pro = tiles(at, "jr_pro")
     assert len(pro) == 6 and [i for i, _, _ in pro] == np.argsort(-scores[-1], kind="stable")[:6].tolist()
@@ -156,7 +156,7 @@ def test_attribute_page_refuses_another_training_set(start_app, tmp_path):
     errors = [e.value for e in at.main.error]
     assert len(errors) == 1 and "\n" not in errors[0]
     assert "finetuned on digits:5,6,7,8,9, not on digits (1618 training images" in errors[0]
-    assert "attr_features" not in at.session_state and not list(tmp_path.glob("cache/**/*.npy"))
+    assert "attr_computed" not in at.session_state and not list(tmp_path.glob("cache/**/*.npy"))
     at.radio(key="attr_source").set_value("Training image").run()
     assert [e.value for e in at.main.error] == errors and not at.main.button  # stopped before the form
     # the sidebar offers the way out: one click attributes against the finetuning set

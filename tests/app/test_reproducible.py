@@ -4,6 +4,7 @@ pixels people see and download); before, the CLI attributed the unrounded sample
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
 
@@ -19,6 +20,21 @@ from attribution.targets import resolve_targets
 from test_app import RUN_TIMEOUT, app, feature_cache, tiles  # noqa: F401 (fixtures)
 
 
+def offered_files(monkeypatch) -> dict[str, bytes]:
+    """file name -> bytes of every file the app offers for download from now on (AppTest keeps them in memory)."""
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    files, original = {}, MemoryMediaFileStorage.load_and_get_id
+
+    def record(self, path_or_data, mimetype, kind, filename=None):
+        if filename:
+            files[filename] = path_or_data
+        return original(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
+    return files
+
+
 def test_gen_target_is_the_8bit_image(tiny_run):
     model = load_model(str(tiny_run), "cpu")
     pixels = tensor_to_pixels(torch.from_numpy(sample(model, 1, 2).final))  # what the app holds and shows
@@ -26,7 +42,8 @@ def test_gen_target_is_the_8bit_image(tiny_run):
     assert torch.equal(target.images, pixels_to_tensor(pixels)) and target.keys == ["gen/2"]
 
 
-def test_the_pages_command_line_prints_the_pages_scores(app, feature_cache, capsys, monkeypatch):
+def test_the_pages_command_line_prints_the_pages_scores(app, feature_cache, tmp_path, capsys, monkeypatch):
+    offered = offered_files(monkeypatch)
     app.switch_page("app_pages/attribute.py").run()
     app.radio(key="attr_source").set_value("Generated").run()
     app.number_input(key="attr_seed").set_value(1)
@@ -50,7 +67,15 @@ def test_the_pages_command_line_prints_the_pages_scores(app, feature_cache, caps
     assert [(e["index"], e["label"], float(f"{e['score']:+.3g}")) for e in out["proponents"]] == pro
     cli_opp = [(e["index"], e["label"], float(f"{e['score']:+.3g}")) for e in out["opponents"]]
     assert cli_opp[:len(opp)] == opp
-    assert np.isclose(out["lambda"], float(line.split("--lambda ")[1].split()[0])) if "--lambda" in line else True
+    lam = float(line.split("--lambda ")[1].split()[0])
+    assert np.isclose(out["lambda"], lam)
+    # The .npz of the page and of `score --out` hold λ as a number (issue 24, 9: it was the CSV's text).
+    npz = next(data for name, data in offered.items() if name.endswith(".npz"))
+    assert main(argv[3:] + ["--out", str(tmp_path / "cli.npz")]) == 0
+    for source in (io.BytesIO(npz), tmp_path / "cli.npz"):
+        with np.load(source) as z:
+            assert z["lambda"].dtype == np.float64 and np.isclose(z["lambda"][0], lam)
+            assert z["scores"].shape == (1, 1618) and z["target"][0] == "gen:1"
 
 
 def test_pages_say_before_run_whether_the_features_are_cached(app):
@@ -68,3 +93,40 @@ def test_pages_say_before_run_whether_the_features_are_cached(app):
     assert "features for these options are cached" in " ".join(c.value for c in app.main.caption)
     app.switch_page("app_pages/self_influence.py").run()
     assert "not cached yet" in " ".join(c.value for c in app.main.caption)
+
+
+def test_a_checkpoint_column_attributes_the_main_columns_pixels(app, tiny_run, feature_cache, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Issue 24, 3: "…or with checkpoint" for a generated target attributes the main checkpoint's image (gen:SEED
+    with the other checkpoint is another image), and its command line reads those pixels from the PNG the column
+    offers, so that it prints the column's ranking."""
+    offered = offered_files(monkeypatch)
+    app.switch_page("app_pages/attribute.py").run()
+    app.radio(key="attr_source").set_value("Generated").run()
+    app.number_input(key="attr_seed").set_value(1)
+    app.number_input(key="attr_K").set_value(2)
+    app.selectbox(key="attr_k").set_value(512)
+    other = next(o for o in app.selectbox(key="attr_compare_ckpt").options if o.endswith("@epoch-1"))
+    app.selectbox(key="attr_compare_ckpt").set_value(other)
+    next(b for b in app.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    assert "--target gen:1" in app.main.get_by_key("attr_result_0").code[0].value
+    pro = tiles(app, "attr_pro_1")
+    argv = shlex.split(app.main.get_by_key("attr_result_1").code[0].value)
+    name = argv[argv.index("--target") + 1]
+    assert name.endswith(".png") and argv[argv.index("--checkpoint") + 1].endswith("@epoch-1")
+
+    # The PNG holds the pixels of the main checkpoint's gen:1, which the main column attributes.
+    (tmp_path / name).write_bytes(offered[name])
+    main_model = load_model(str(tiny_run), "cpu")
+    other_model = load_model(argv[argv.index("--checkpoint") + 1], "cpu")
+    png = resolve_targets(str(tmp_path / name), other_model, "digits")
+    assert torch.equal(png.images, resolve_targets("gen:1", main_model, "digits").images)
+    assert not torch.equal(png.images, resolve_targets("gen:1", other_model, "digits").images)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(feature_cache))  # the features the page computed
+    capsys.readouterr()
+    assert main(argv[3:] + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(e["index"], e["label"], float(f"{e['score']:+.3g}")) for e in out["proponents"]] == pro

@@ -121,6 +121,15 @@ def test_lds_command_with_a_score_file(fake_bank, tmp_path, capsys):
     assert main(["lds", "--bank", "no-such-bank", "--method", "trak"]) == 2
     err = capsys.readouterr().err
     assert "needs 6 targets" in err and "no bank 'no-such-bank'" in err
+    # Issue 24, 9: files that are no readable array (text, a pickled object array, cut short) are one line too.
+    (tmp_path / "text.npy").write_text("0.1, 0.2\n")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "short.npy").write_bytes((tmp_path / "mine.npy").read_bytes()[:200])
+    for name in ("text.npy", "objects.npy", "short.npy"):
+        assert main(["lds", "--bank", str(bank.path), "--scores", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"error: --scores {name} is not a readable .npy array"), err
 
 
 def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
@@ -165,6 +174,60 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
     for name in ("Empirical Influence", "Datamodels", "pixel-cos"):
         row = shown[shown.iloc[:, 0] == name]
         assert len(row) == 1 and row.iloc[0, 2].startswith(f"{held.methods[name].standard.value:+.3f}")
+
+
+def evaluated(start_app, tiny_run, fake_bank_dir, cache, methods):
+    """The Evaluation page on the fake bank after Evaluate with `methods` (K=1, k=512)."""
+    at = start_app(tiny_run, cache, banks=fake_bank_dir.parent, timeout=300)
+    at.switch_page("app_pages/evaluation.py").run()
+    at.multiselect(key="eval_methods").set_value(methods)
+    at.selectbox(key="eval_K").set_value(1)
+    at.selectbox(key="eval_k").set_value(512)
+    at.button[0].click().run()  # the form's Evaluate button
+    assert not at.exception, at.exception
+    return at
+
+
+def test_the_lambda_figure_labels_each_mark_at_its_lambda(fake_bank_dir, tiny_run, tmp_path, start_app):
+    """Issue 24, 6: on the log λ axis a label sits at its own line (plotly reads an annotation's x as log10 on a
+    log axis: "optimal" was drawn near 10^λ and stretched the axis), and marks at the same λ (the default and the
+    current λ at first) share one label instead of printing over each other."""
+    import base64
+
+    import plotly.io as pio
+
+    at = evaluated(start_app, tiny_run, fake_bank_dir, tmp_path, ["trak"])
+    chart = next(c for c in at.get("plotly_chart") if c.proto.id.endswith("eval_lam_fig"))
+    fig = pio.from_json(chart.proto.spec)
+    x = fig.data[1].x  # the LDS line: the λ grid (a typed array in the chart's JSON)
+    lambdas = np.log10(np.frombuffer(base64.b64decode(x["bdata"]), x["dtype"]) if isinstance(x, dict) else x)
+    lines = sorted({s.x0 for s in fig.layout.shapes if s.x0 == s.x1})  # the dotted vertical lines
+    marked = [a for a in fig.layout.annotations if a.text != "seed ceiling"]
+    assert all(np.isclose(np.log10(lines), a.x).any() for a in marked)  # each label at a line (log10 units)
+    assert all(lambdas.min() <= a.x <= lambdas.max() for a in marked)
+    assert len(marked) == len(lines)  # one label per line: marks at the same λ share it
+    assert len({(a.x, a.y) for a in marked}) == len(marked)  # no label printed over another
+    names = ", ".join(a.text for a in marked)
+    assert all(n in names for n in ("default", "GCV", "optimal", "current"))
+
+
+def test_attribute_under_a_worst_predicted_target_opens_it(fake_bank_dir, tiny_run, tmp_path, start_app):
+    """Issue 24, 2: the "attribute" button under a worst-predicted target raised StreamlitAPIException (it set the
+    sidebar's checkpoint after the sidebar was drawn); it opens the target on the Attribute page, with the bank's
+    model and training set in the sidebar."""
+    at = evaluated(start_app, tiny_run, fake_bank_dir, tmp_path, ["pixel-cos"])
+    at.radio(key="eval_split").set_value("gen").run()
+    at.button(key="eval_open_gen/1").click().run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Attribute"
+    assert at.session_state["checkpoint"] == str(fake_bank_dir / "model")
+    assert at.session_state["dataset"] == "digits"
+    assert at.radio(key="attr_source").value == "Generated" and at.number_input(key="attr_seed").value == 1
+    at.switch_page("app_pages/evaluation.py").run()
+    at.button(key="eval_open_val/2").click().run()
+    assert not at.exception, at.exception
+    assert at.radio(key="attr_source").value == "Validation image"
+    assert at.number_input(key="attr_val_idx").value == 2
 
 
 def test_lds_command_sweeps_lambda_for_a_method(fake_bank, tmp_path, capsys):
