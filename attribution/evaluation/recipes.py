@@ -35,6 +35,7 @@ class Recipe:
     pipeline: str | None = None  # a LoRA finetune of this Stable Diffusion folder (train-lora)
     rank: int = 4
     prompt_template: str = "a {class} painting"
+    randomness: str = "stream"  # "crn" or "stream" (train.py); a recipe recorded without it is a stream recipe
 
     def __post_init__(self):
         self.train_config("unused", None, 0)  # TrainConfig validates every field (one ConfigError line)
@@ -47,12 +48,14 @@ class Recipe:
                            batch_size=self.batch_size, lr=self.lr, warmup_fraction=self.warmup_fraction,
                            weight_decay=self.weight_decay, checkpoints=checkpoints, flip=self.flip, preset=self.preset,
                            resolution=self.resolution, indices=indices, device=device, pipeline=self.pipeline,
-                           rank=self.rank, prompt_template=self.prompt_template)
+                           rank=self.rank, prompt_template=self.prompt_template, randomness=self.randomness)
 
     def identity(self) -> dict:
-        """The fields that determine the weights (the name is only a label)."""
-        lora = ("pipeline", "rank", "prompt_template")  # absent for pixel recipes: their keys stay as they were
-        return {k: v for k, v in asdict(self).items() if k != "name" and (self.pipeline is not None or k not in lora)}
+        """The fields that determine the weights (the name is only a label). LoRA fields are absent for pixel
+        recipes and `randomness` for stream recipes: the keys of recipes made before them stay as they were."""
+        lora = ("pipeline", "rank", "prompt_template")
+        return {k: v for k, v in asdict(self).items() if k != "name" and (self.pipeline is not None or k not in lora)
+                and (k != "randomness" or v != "stream")}
 
     def key(self, dataset_hash: str) -> str:
         """16 hex digits of sha256 over the identity and the training data's content hash."""
