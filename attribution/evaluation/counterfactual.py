@@ -258,7 +258,7 @@ def _weights_hash(model_spec: str) -> str:
 def study_folder(source: Source, spec: StudySpec, dataset_hash: str, cache: str | None = None) -> Path:
 
     identity = source.identity(spec, dataset_hash)
-    slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}"
+    slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}" + ("-crn" if source.recipe.randomness == "crn" else "")
     if source.studies_root is not None:
         return source.studies_root / f"{slug.replace(':', '_')}-{identity_hash(identity)}"
     return counterfactual_dir(source.model_hash, slug, identity, cache)

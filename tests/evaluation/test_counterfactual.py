@@ -226,7 +226,7 @@ def test_crn_study_of_a_stream_model_retrains_its_before(recipe_run, local_ray, 
     assert s.meta["identity"]["model"] in {resolve_checkpoint(str(r)).content_hash() for r in runs}
     control = next(c for c in s.cells if c["method"] == "none")
     assert control["identical"] and report.models_trained == 1 and report.models_reused == 1
-    assert s.cli_line().endswith("--randomness crn")
+    assert s.cli_line().endswith("--randomness crn") and "-ddpm3-crn-" in report.folder.name
     # resuming it another way: one line each, nothing trained or lost
     markers = sorted(cache.glob("retrain/*/*/retrain.json"))
     cells = sorted(p.name for p in (report.folder / "cells").iterdir())
@@ -298,6 +298,25 @@ def test_a_bank_is_a_source_and_keeps_its_studies(fake_bank_dir, tmp_path):
     folder = study_folder(source, tiny_spec(), "datahash")
     assert folder.parent == bank / "counterfactual"
     assert study_folder(source, tiny_spec(proj_dim=256), "datahash") != folder
+
+
+def test_the_shipped_stream_study_keeps_its_folder():
+    """The digits bank's study made before CRN: asked again with --randomness stream it is the same folder (same
+    identity), so it is reopened, not redone; with crn it is another study."""
+    import json
+
+    from attribution.evaluation.counterfactual import source_from_bank, study_folder
+
+    folder = Path(__file__).resolve().parents[2] / "banks" / "digits" / "counterfactual" / \
+        "digits-eval-ddpm50-61e28d932e0a"
+    meta = json.loads((folder / "study.json").read_text())
+    a = meta["asked"]
+    spec = StudySpec(targets=tuple(a["targets"]), methods=tuple(a["methods"]), removals=tuple(a["removals"]),
+                     steps=a["steps"], randomness="stream")
+    source = source_from_bank("digits")
+    assert source.identity(spec, meta["identity"]["dataset_hash"]) == meta["identity"]
+    assert study_folder(source, spec, meta["identity"]["dataset_hash"]) == folder
+    assert Study.load(folder).cli_line().endswith("--remove 0.05 --randomness stream")
 
 
 def test_estimators_command_on_a_bank(fake_bank_dir, capsys):

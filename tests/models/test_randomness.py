@@ -110,12 +110,21 @@ def test_stream_draws_are_the_single_stream_of_before():
             assert torch.equal(mask, torch.rand(len(bi), generator=gen) < 0.5)
 
 
-def test_bad_randomness_is_one_line(tmp_path):
+def test_bad_randomness_is_one_line(tmp_path, tiny_run, capsys):
+    from attribution.cli import main
+
     with pytest.raises(ConfigError, match="--randomness must be one of crn, stream") as exc:
         tiny(tmp_path, "fixed")
     assert "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match="--randomness"):
         replace(RECIPES["tiny-test"], randomness="CRN")
+    for cmd in (["train", "--dataset", "digits", "--preset", "tiny", "--out", str(tmp_path / "run")],
+                ["bank", "build", "--name", "b", "--recipe", "tiny-test", "--out", str(tmp_path / "bank")],
+                ["counterfactual", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "study")]):
+        assert main(cmd + ["--randomness", "fixed"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "error: --randomness must be one of crn, stream, got 'fixed'", err
+    assert not list(tmp_path.iterdir())
 
 
 # -- whole runs ----------------------------------------------------------------------------------------------------
