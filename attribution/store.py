@@ -91,14 +91,19 @@ def stats_dir(checkpoint_hash: str, dataset: str, split: str, slug: str, identit
             / f"{_slug(slug)}-{identity_hash(identity)}")
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def identity_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """How a stored identity `a` differs from the one asked for `b`, one phrase per differing leaf ("recipe.lr:
+    0.001 there, 0.002 asked"; a long list as its length)."""
+    def short(v):
+        return f"{len(v)} items" if isinstance(v, list) and len(v) > 4 else repr(v)
+
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{key}.")
+            out += identity_differences(va, vb, f"{prefix}{key}.")
         elif va != vb:
-            out.append(f"{prefix}{key}: {va!r} there, {vb!r} asked")
+            out.append(f"{prefix}{key}: {short(va)} there, {short(vb)} asked")
     return out
 
 
@@ -124,7 +129,7 @@ class FeatureStore:
         cfg_path = path / "config.json"
         if cfg_path.is_file():
             stored = json.loads(cfg_path.read_text())
-            differences = _diff(stored.get("identity", {}), identity)
+            differences = identity_differences(stored.get("identity", {}), identity)
             if any(d.startswith("projection") for d in differences):
                 raise CacheMismatchError(
                     f"feature store {path} was projected with another matrix ({'; '.join(differences[:2])}): its "
@@ -235,7 +240,7 @@ class CurvatureStore:
                 / f"{_slug(slug)}-{identity_hash(identity)}")
         cfg_path = path / "config.json"
         if cfg_path.is_file():
-            differences = _diff(json.loads(cfg_path.read_text()).get("identity", {}), identity)
+            differences = identity_differences(json.loads(cfg_path.read_text()).get("identity", {}), identity)
             if differences:
                 raise CacheMismatchError(f"curvature folder {path} was made for another configuration "
                                          f"({'; '.join(differences[:4])}); delete it")

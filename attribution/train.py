@@ -9,6 +9,19 @@ A run folder holds `run.json` (the config, index-set hash, losses) and one `epoc
 each a DDPMPipeline folder written atomically, plus `training_timesteps.npy`: the timestep each training image
 was drawn at during that epoch (used by the timestep analysis). Same seed, same machine -> same weights.
 
+Where the random draws come from (`randomness`, recorded in run.json; a run.json without it is a stream run):
+
+- `stream` (every run made before CRN existed, kept bit for bit): the data order, then each batch's timesteps,
+  noises and flips, all from one CPU generator seeded by the run's seed, in the order training consumes them.
+  Removing one image re-draws everything after it.
+- `crn` (common random numbers, the default of banks and counterfactual studies): each epoch's order is a
+  permutation of the *full* training split drawn from (seed, epoch), restricted to the images present and then
+  batched; each image's timestep, noise and flip come from its own generator keyed by (seed, epoch, its index in
+  the full training split). Two runs on subsets that differ by one image draw the same numbers for every image
+  they share; only the batches after the removed image's position are composed differently.
+
+Both seed the initial weights (and a LoRA adapter) from the seed alone.
+
 LoRA finetuning (`train-lora`, D-TRAK's SD-LoRA setting) is the same loop with `pipeline` set: a Stable Diffusion
 folder gets a fresh LoRA adapter of rank `rank` (the only trainable weights), every training image is conditioned
 on its class through `prompt_template`, images are encoded by the pipeline's VAE, and each checkpoint is a LoRA
@@ -64,8 +77,11 @@ class TrainConfig:
     pipeline: str | None = None  # LoRA-finetune this Stable Diffusion folder instead of training a pixel DDPM
     rank: int = 4  # LoRA rank (with `pipeline`)
     prompt_template: str = "a {class} painting"  # each training image's prompt (with `pipeline`)
+    randomness: str = "stream"  # "crn" or "stream" (module docstring); a run.json without it is a stream run
 
     def __post_init__(self):
+        if self.randomness not in DRAWS:
+            raise ConfigError(f"--randomness must be one of {', '.join(sorted(DRAWS))}, got {self.randomness!r}")
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -131,6 +147,72 @@ def subset_indices(cfg: TrainConfig, n_all: int) -> np.ndarray:
     return np.unique(idx)
 
 
+class StreamDraws:
+    """`stream` randomness: one CPU generator seeded by the run's seed, consumed in training order (the data order
+    of an epoch, then each batch's timesteps, noises and flips)."""
+
+    def __init__(self, seed: int, idx: np.ndarray, n_all: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.n = len(idx)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's order: positions into the run's (sorted) training images."""
+        return torch.randperm(self.n, generator=self.gen)
+
+    def batch(self, epoch: int, rows: torch.Tensor, num_timesteps: int, shape: tuple[int, ...], flip: bool,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(timesteps, noises, flip mask or None) of the images at these positions."""
+        t = torch.randint(0, num_timesteps, (len(rows),), generator=self.gen)
+        eps = torch.randn((len(rows), *shape), generator=self.gen)
+        mask = torch.rand(len(rows), generator=self.gen) < 0.5 if flip else None
+        return t, eps, mask
+
+
+def crn_generator(seed: int, epoch: int, what: str) -> torch.Generator:
+    """A CPU generator keyed by (seed, epoch, what): its 63-bit seed is taken from sha256 of the three."""
+    digest = hashlib.sha256(f"crn/{seed}/{epoch}/{what}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def crn_order(seed: int, epoch: int, n_all: int) -> torch.Tensor:
+    """The epoch's permutation of the full training split (indices 0..n_all-1), drawn from (seed, epoch)."""
+    return torch.randperm(n_all, generator=crn_generator(seed, epoch, "order"))
+
+
+def image_draws(seed: int, epoch: int, image: int, num_timesteps: int, shape: tuple[int, ...], flip: bool,
+                ) -> tuple[int, torch.Tensor, bool]:
+    """(timestep, noise, flipped) of training image `image` (its index in the full split) in `epoch`: a pure
+    function of (seed, epoch, image), whichever other images the run trains on."""
+    gen = crn_generator(seed, epoch, f"train/{image}")
+    t = int(torch.randint(0, num_timesteps, (1,), generator=gen))
+    eps = torch.randn(shape, generator=gen)
+    return t, eps, bool(torch.rand(1, generator=gen) < 0.5) if flip else False
+
+
+class CrnDraws:
+    """`crn` randomness (common random numbers): the epoch's order is the full split's permutation restricted to
+    the run's images; every image's draws come from `image_draws`."""
+
+    def __init__(self, seed: int, idx: np.ndarray, n_all: int):
+        self.seed, self.idx, self.n_all = seed, torch.as_tensor(idx, dtype=torch.long), n_all
+        self.position = torch.full((n_all,), -1, dtype=torch.long)  # full index -> position in idx (-1: absent)
+        self.position[self.idx] = torch.arange(len(idx))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        pos = self.position[crn_order(self.seed, epoch, self.n_all)]
+        return pos[pos >= 0]
+
+    def batch(self, epoch: int, rows: torch.Tensor, num_timesteps: int, shape: tuple[int, ...], flip: bool,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        draws = [image_draws(self.seed, epoch, int(i), num_timesteps, shape, flip) for i in self.idx[rows]]
+        t = torch.tensor([d[0] for d in draws], dtype=torch.long)
+        eps = torch.stack([d[1] for d in draws])
+        return t, eps, torch.tensor([d[2] for d in draws]) if flip else None
+
+
+DRAWS = {"crn": CrnDraws, "stream": StreamDraws}  # the values of TrainConfig.randomness
+
+
 def prompt_table(dataset: str, template: str, resolution: int, channels: int) -> PromptTable:
     """Every training and validation image's prompt: its class name through `template`."""
     train_set = load_dataset(dataset, "train", resolution, channels)
@@ -175,7 +257,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.trainable_parameters().values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(cfg.warmup_fraction * total))))
-    gen = torch.Generator().manual_seed(cfg.seed)  # data order, timesteps, noise, flips: all from one CPU stream
+    draws = DRAWS[cfg.randomness](cfg.seed, idx, n_all)  # data order, timesteps, noises, flips
 
     out = Path(cfg.out)
     skip = ("indices", "device") + (("pipeline", "rank", "prompt_template") if cfg.pipeline is None else ())
@@ -192,16 +274,14 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
         meta["indices"] = [int(i) for i in idx]
     start = time.time()
     for epoch in range(1, cfg.epochs + 1):
-        perm = torch.randperm(n, generator=gen)
+        perm = draws.order(epoch)
         epoch_t = torch.empty(n, dtype=torch.long)
         losses = []
         for b in range(steps_per_epoch):
             bi = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x0 = x_all[bi]
-            t = torch.randint(0, model.num_timesteps, (len(bi),), generator=gen)
-            eps = torch.randn((len(bi), *model.latent_shape), generator=gen)
+            t, eps, mask = draws.batch(epoch, bi, model.num_timesteps, tuple(model.latent_shape), flip)
             if flip:
-                mask = torch.rand(len(bi), generator=gen) < 0.5
                 x0 = torch.where(mask[:, None, None, None], x0.flip(-1), x0)
             epoch_t[bi] = t
             x0, t, eps = x0.to(device), t.to(device), eps.to(device)

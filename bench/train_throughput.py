@@ -2,12 +2,15 @@
 
     python bench/train_throughput.py --configs small:2,small:1,eval:1 --epochs 2 --repeats 2
     python bench/train_throughput.py --raw --configs small:2,small:1,eval:1   # bare optimizer steps only
+    python bench/train_throughput.py --randomness --configs eval:1 --epochs 3 --repeats 3   # crn against stream
 
 For each PRESET:THREADS it runs `train` (the full call: model construction, the loop, the final checkpoint
 written) and a plain loop over the same tensors (same UNet, AdamW + warm-up/cosine LambdaLR, same random draws,
 no bookkeeping, no checkpoint), alternating A/B/A/B so that other load on the machine hits both alike, and prints
 samples/s, samples/s per core (= per thread), and the ratio train/plain (median over repeats), by wall time and
-by the process's CPU time (the fairer figure for one-thread runs on a shared machine).
+by the process's CPU time (the fairer figure for one-thread runs on a shared machine). With --randomness it times
+`train` with common random numbers against `train` with one stream instead (alternating, same recipe), and prints
+the ratio crn/stream of samples/s.
 """
 
 from __future__ import annotations
@@ -76,9 +79,12 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--raw", action="store_true", help="only time bare optimizer steps on random tensors "
                                                      "(5 steps after 2 warm-up steps per PRESET:THREADS)")
+    p.add_argument("--randomness", action="store_true", help="time train with crn against train with stream")
     a = p.parse_args()
     if a.raw:
         return raw_steps(a)
+    if a.randomness:
+        return randomness_ab(a)
     data = load_dataset(a.dataset, "train")
     x_all = data.tensors()
     samples = len(x_all) * a.epochs
@@ -102,6 +108,31 @@ def main():
                      "plain_samples_per_cpu_s": round(samples / cp, 1), "ratio_by_cpu_time": round(cp / ct, 3)})
         rows[-1]["load_avg_1min"] = round(os.getloadavg()[0], 2)
         print(json.dumps(rows[-1]), flush=True)
+
+
+def randomness_ab(a) -> None:
+    """samples/s of `train` with crn and with stream randomness (alternating A/B), and their ratio."""
+    samples = len(load_dataset(a.dataset, "train")) * a.epochs
+    for item in a.configs.split(","):
+        preset, threads = item.split(":")
+        torch.set_num_threads(int(threads))
+        times: dict[str, list] = {"stream": [], "crn": []}
+        for r in range(a.repeats):
+            for mode in ("stream", "crn"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    times[mode].append(timed(train, TrainConfig(dataset=a.dataset, out=tmp, epochs=a.epochs,
+                                                                batch_size=a.batch_size, lr=a.lr, preset=preset,
+                                                                checkpoints=1, device="cpu", randomness=mode)))
+        wall = {m: statistics.median(w for w, _ in t) for m, t in times.items()}
+        cpu = {m: statistics.median(c for _, c in t) for m, t in times.items()}
+        print(json.dumps({"preset": preset, "threads": int(threads), "batch": a.batch_size, "samples": samples,
+                          "stream_samples_per_s": round(samples / wall["stream"], 1),
+                          "crn_samples_per_s": round(samples / wall["crn"], 1),
+                          "ratio_crn_over_stream": round(wall["stream"] / wall["crn"], 3),
+                          "stream_samples_per_cpu_s": round(samples / cpu["stream"], 1),
+                          "crn_samples_per_cpu_s": round(samples / cpu["crn"], 1),
+                          "ratio_by_cpu_time": round(cpu["stream"] / cpu["crn"], 3),
+                          "load_avg_1min": round(os.getloadavg()[0], 2)}), flush=True)
 
 
 def raw_steps(a) -> None:

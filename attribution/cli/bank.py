@@ -26,6 +26,12 @@ def add_commands(sub) -> None:
     bb.add_argument("--gen-steps", type=int, default=50, help="DDPM steps of the generated targets (default 50)")
     bb.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of a text-conditional "
                                                                 "model's generated targets (default 7.5)")
+    bb.add_argument("--targets-from", metavar="BANK",
+                    help="take the targets from another bank (name or folder: same data, the same val:/gen: keys) "
+                         "instead of making them, so that both banks measure F on the same images")
+    bb.add_argument("--randomness", help="crn (common random numbers: each image's draws keyed by seed, epoch and "
+                                         "image) or stream; default: crn for a new bank, a bank's own when resuming "
+                                         "or growing it, the run's own with --run")
     bb.add_argument("--noise-sets", type=int, default=2, help="R, independent noise sets for F (default 2)")
     bb.add_argument("--timesteps", type=int, default=100, help="K uniform timesteps of F (default 100)")
     add_ray_options(bb, "cache root for the retrained models (default: cache/ or $ATTRIBUTION_CACHE)")
@@ -50,7 +56,9 @@ def cmd_bank_build(args) -> int:
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_address(address)  # fail in seconds, before torch is even imported
-    from ..evaluation.bank import BankSpec, build_bank  # lazy: keeps the start of the other commands fast
+    from dataclasses import replace  # lazy: keeps the start of the other commands fast
+
+    from ..evaluation.bank import BankSpec, build_bank, default_randomness  # lazy: keeps the start of the other commands fast
     from ..evaluation.recipes import get_recipe, recipe_from_run  # lazy: keeps the start of the other commands fast
 
     if args.num_cpus is not None and args.num_cpus < 1:
@@ -60,7 +68,8 @@ def cmd_bank_build(args) -> int:
                     alpha=args.alpha, subset_seed=args.subset_seed, subset_file=args.subset_file,
                     val_targets=args.val_targets, gen_targets=args.gen_targets, gen_steps=args.gen_steps,
                     noise_sets=args.noise_sets, timesteps=args.timesteps, full_model=args.run,
-                    guidance=args.guidance)
+                    guidance=args.guidance, targets_from=args.targets_from)
+    spec.recipe = replace(recipe, randomness=args.randomness or default_randomness(spec.folder, args.run))
     folder = build_bank(spec, address=args.ray_address, num_cpus=args.num_cpus, progress=progress_bar("bank"),
                         log=info, cache_root=args.cache)
     print(folder)

@@ -39,6 +39,10 @@ def add_commands(sub) -> None:
     p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
     p.add_argument("--clip-weights", help="a local open_clip weights file: adds the CLIP cosine measure")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights")
+    p.add_argument("--randomness", default="crn",
+                   help="of every retrain: crn (default; common random numbers: a removal changes only which images "
+                        "are present) or stream; a model trained the other way is first retrained on the full split "
+                        "at its seed to be the 'before'")
     p.add_argument("--out", help="study folder (default: the bank's counterfactual/ folder, else the cache)")
     add_ray_options(p)
     p.set_defaults(func=cmd_counterfactual)
@@ -89,7 +93,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     spec = StudySpec(targets=targets, methods=methods, removals=removals, opponents=args.opponents,
                      seeds=args.seeds, controls=args.controls, steps=steps or 50, sampler=args.sampler,
                      timesteps=args.timesteps, proj_dim=args.proj_dim, projector=args.projector,
-                     clip_weights=args.clip_weights, clip_model=args.clip_model)
+                     clip_weights=args.clip_weights, clip_model=args.clip_model, randomness=args.randomness)
     report = run_study(source, spec, folder=args.out, address=args.ray_address, num_cpus=args.num_cpus,
                        progress=progress_bar("counterfactual"), log=info, cache=args.cache)
     info(f"{report.cells_total - report.cells_done_before} cells computed ({report.models_trained} models trained, "

@@ -24,6 +24,7 @@ def _run_options(args) -> dict:
     return dict(dataset=args.dataset, out=args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
                 lr=args.lr, checkpoints=args.checkpoints, indices=indices, index_file=args.indices,
                 device=args.device, flip={"auto": None, "on": True, "off": False}[args.flip],
+                randomness=args.randomness,
                 save_epochs=[int(e) for e in args.save_epochs.split(",")] if args.save_epochs else [])
 
 
@@ -34,7 +35,7 @@ def cmd_train(args) -> int:
     subset_indices(cfg, len(load_dataset(cfg.dataset, "train", cfg.resolution)))  # validate before reporting
     info(f"training a {cfg.preset} DDPM on {cfg.dataset}"
          f"{f' ({len(indices)} indices from {args.indices})' if indices else ''} for {cfg.epochs} epochs, "
-         f"seed {cfg.seed}; checkpoints at epochs {cfg.save_epochs} -> {cfg.out}")
+         f"seed {cfg.seed}, {cfg.randomness} randomness; checkpoints at epochs {cfg.save_epochs} -> {cfg.out}")
     out = train(cfg, progress=progress_bar("epochs"))
     print(out)
     return 0
@@ -46,7 +47,8 @@ def cmd_train_lora(args) -> int:
     indices = cfg.indices
     info(f"LoRA-finetuning {args.pipeline} (rank {cfg.rank}) on {cfg.dataset}"
          f"{f' ({len(indices)} indices from {args.indices})' if indices else ''}, prompts "
-         f"{cfg.prompt_template!r}, {cfg.epochs} epochs, seed {cfg.seed}; checkpoints at epochs {cfg.save_epochs} "
+         f"{cfg.prompt_template!r}, {cfg.epochs} epochs, seed {cfg.seed}, {cfg.randomness} randomness; checkpoints "
+         f"at epochs {cfg.save_epochs} "
          f"-> {cfg.out}")
     out = train(cfg, progress=progress_bar("epochs"))
     print(out)
@@ -99,6 +101,14 @@ def cmd_app(args) -> int:
     os.execv(sys.executable, cmd)
 
 
+def _randomness_option(p) -> None:
+    p.add_argument("--randomness", default="stream",
+                   help="where the data order, timesteps, noises and flips come from: stream (default: one stream "
+                        "from the seed, as every run made before CRN; a run.json without the field is one) or crn "
+                        "(common random numbers: each image's draws keyed by seed, epoch and image, for runs to be "
+                        "compared with subset retrains, e.g. a bank's --run)")
+
+
 def add_commands(sub) -> None:
     t = sub.add_parser("train", help="train a small DDPM (UNet2DModel) on a dataset or a subset of it")
     t.add_argument("--dataset", required=True, help="dataset spec, e.g. digits, animals-2, folder:PATH")
@@ -115,6 +125,7 @@ def add_commands(sub) -> None:
     t.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
                    help="random horizontal flips (auto: on except for digits)")
     t.add_argument("--device", default="auto")
+    _randomness_option(t)
     t.set_defaults(func=cmd_train)
 
     lo = sub.add_parser("train-lora", help="LoRA-finetune a local Stable Diffusion folder on a dataset with class "
@@ -136,6 +147,7 @@ def add_commands(sub) -> None:
     lo.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
                     help="random horizontal flips (auto: on except for digits)")
     lo.add_argument("--device", default="auto")
+    _randomness_option(lo)
     lo.set_defaults(func=cmd_train_lora)
 
     g = sub.add_parser("generate", help="generate images (PNGs + samples.npz)")

@@ -21,6 +21,11 @@ F is the Simple loss, mean (eps_hat - eps)^2, of each target averaged over K uni
 for K=100), with the noise of set r drawn from the key f"bank/{r}/{target key}" (`noise_for`), so two noise sets
 measure F's own sampling noise and two seeds the retraining noise. Subset j is drawn from its own generator
 (subset_seed, j), so a bank can grow (more subsets or seeds) without changing the rows it has.
+
+Every retrain of a bank (its full model included) uses the recipe's `randomness` (train.py): `crn` (common random
+numbers, the default for new banks: every draw tied to the image it belongs to) or `stream` (a bank.json that does
+not record it, as the banks built before CRN existed). A bank never mixes the two: resuming it with the other one is
+refused. Its targets can be copied from another bank (`targets_from`) so two banks measure F on the same images.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from ..fileio import atomic_dir, read_json, save_npy, save_npz, write_json
 from ..models import load_model
 from ..models.checkpoint import resolve_checkpoint
 from ..sampling import DEFAULT_GUIDANCE, Prompt, gen_key, sample
-from ..store import retrain_dir
+from ..store import identity_differences, retrain_dir
 from ..train import index_hash, train
 from .ray_engine import (
     ProgressMeter,
@@ -52,7 +57,7 @@ from .ray_engine import (
     probe_address,
     single_thread,
 )
-from .recipes import Recipe
+from .recipes import Recipe, recipe_from_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BANKS_DIR = REPO_ROOT / "banks"
@@ -179,6 +184,7 @@ class BankSpec:
     timesteps: int = 100
     full_model: str | None = None  # a run folder whose final checkpoint is the bank's model (else trained here)
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance of a text-conditional model's generated targets
+    targets_from: str | None = None  # another bank (name or folder) whose targets to copy instead of making them
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -209,31 +215,68 @@ class BankSpec:
 
 
 def _identity(spec: BankSpec, recipe_key: str, dataset_hash: str, subset_source: str,
-              full_model_hash: str | None = None) -> dict:
+              full_model_hash: str | None = None, targets_from: dict | None = None) -> dict:
     """What every output of the bank depends on (a rerun with another identity is refused)."""
     return {"recipe": spec.recipe.identity(), "recipe_key": recipe_key, "dataset_hash": dataset_hash,
             "subsets_from": subset_source, "noise_sets": spec.noise_sets, "timesteps": spec.timesteps,
             "targets": spec.target_specs(), "gen_steps": spec.gen_steps, "sampler": "ddpm",
             "full_model_seed": FULL_SEED, "F": "simple loss, uniform timesteps, noise key bank/{r}/{target key}",
             **({"full_model": full_model_hash} if full_model_hash else {}),
+            **({"targets_from": targets_from} if targets_from else {}),
             **({"gen_prompts": "class prompts in equal blocks of seeds", "gen_guidance": spec.guidance}
                if spec.recipe.pipeline else {})}
-
-
-def _diff(a: dict, b: dict) -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            va, vb = a.get(key), b.get(key)
-            short = (lambda v: f"{len(v)} items" if isinstance(v, list) and len(v) > 4 else repr(v))
-            out.append(f"{key}: {short(va)} there, {short(vb)} asked")
-    return out
 
 
 def _targets_hash(keys: list[str], images: np.ndarray) -> str:
     h = hashlib.sha256("\n".join(keys).encode())
     h.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
     return h.hexdigest()[:16]
+
+
+def retrain_job(recipe: Recipe, recipe_key: str, indices: list[int] | None, n: int, seed: int, subset,
+                cache_root: str | None = None, device: str = "cpu") -> dict:
+    """What `train_task` needs to retrain `recipe` on `indices` (None: the full split of n images) at `seed`, into
+    the cache folder keyed by (recipe key, index set, seed) that every bank and study shares. A LoRA recipe's base
+    pipeline goes as an absolute path: workers may run elsewhere."""
+    worker_recipe = asdict(recipe)
+    if recipe.pipeline:
+        worker_recipe["pipeline"] = str(Path(recipe.pipeline).resolve())
+    ih = index_hash(indices, n)
+    return {"subset": subset, "seed": seed, "indices": indices, "index_set_hash": ih, "n_train": n,
+            "run_dir": str(retrain_dir(recipe_key, ih, seed, cache_root)), "recipe": worker_recipe,
+            "recipe_key": recipe_key, "device": device}
+
+
+def default_randomness(folder: Path, run: str | None = None) -> str:
+    """`randomness` when not asked for: a bank being resumed or grown keeps its own (a bank never mixes the two),
+    a bank of a training run (`--run`) retrains the way that run was trained, a new bank uses common random
+    numbers."""
+    if (folder / "bank.json").is_file():
+        return bank_randomness(read_json(folder / "bank.json"))
+    return recipe_from_run(run).randomness if run else "crn"
+
+
+def copied_targets(source: str, wanted: list[str], dataset_hash: str, guidance: float | None,
+                   ) -> tuple[np.ndarray, list[str], dict]:
+    """(images, keys, provenance) of the targets `wanted` ("val:3", "gen:17") taken from another bank's
+    targets.npz, so that two banks (e.g. stream and CRN) measure F on the same images. Its generated targets are
+    that bank's model's samples, not this bank's. One ConfigError line when that bank lacks one."""
+    other = Bank.load(source)
+    name = other.meta["name"]
+    if other.meta["identity"]["dataset_hash"] != dataset_hash:
+        raise ConfigError(f"bank {name} was built on other training data ({other.meta['identity']['dataset_hash']}, "
+                          f"this bank's: {dataset_hash}); its targets cannot be taken")
+    if guidance is not None and other.gen_guidance != guidance:
+        raise ConfigError(f"bank {name}'s generated targets were sampled with guidance {other.gen_guidance:g}; "
+                          f"give --guidance {other.gen_guidance:g} to take them")
+    rows = {":".join(k.split("/")[:2]): r for r, k in enumerate(other.target_keys)}
+    missing = [w for w in wanted if w not in rows]
+    if missing:
+        raise ConfigError(f"bank {name} has no target {missing[0]} ({len(missing)} of the {len(wanted)} asked for "
+                          f"are missing; it has {len(rows)}: lower --val-targets / --gen-targets)")
+    picked = [rows[w] for w in wanted]
+    return (other.target_images[picked], [other.target_keys[r] for r in picked],
+            {"bank": name, "targets_hash": other.meta["targets_hash"]})
 
 
 # -- Ray tasks (module-level, so workers import them) --------------------------------------------------------------
@@ -300,15 +343,28 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
     key = recipe.key(dataset_hash)
     full_hash = None
     if spec.full_model:
-
+        run_randomness = recipe_from_run(spec.full_model).randomness
+        if run_randomness != recipe.randomness:
+            raise ConfigError(f"{spec.full_model} was trained with {run_randomness} randomness; its bank's subsets "
+                              f"must be retrained the same way: give --randomness {run_randomness} (or leave it "
+                              f"out), or train the run again with --randomness {recipe.randomness}")
         full_hash = resolve_checkpoint(spec.full_model).content_hash()
-    identity = _identity(spec, key, dataset_hash, subset_source, full_hash)
+    copied = None
+    if spec.targets_from:
+        copied = copied_targets(spec.targets_from, spec.target_specs(), dataset_hash,
+                                spec.guidance if recipe.pipeline else None)
+    identity = _identity(spec, key, dataset_hash, subset_source, full_hash, copied[2] if copied else None)
     folder = spec.folder
     meta_path = folder / "bank.json"
     meta = {}
     if meta_path.is_file():
         meta = read_json(meta_path)
-        differences = _diff(meta.get("identity", {}), identity)
+        had = bank_randomness(meta)
+        if had != recipe.randomness:
+            raise ConfigError(f"{folder} holds {had} retrains; resuming it with --randomness {recipe.randomness} "
+                              f"would mix {had} and {recipe.randomness} retrains in one bank: give --randomness "
+                              f"{had} (or leave it out), or build another bank (another --name)")
+        differences = identity_differences(meta.get("identity", {}), identity)
         if differences:
             raise ConfigError(f"{folder} holds a bank built another way ({'; '.join(differences[:3])}); "
                               "use another --name/--out or delete it")
@@ -321,23 +377,17 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
     seeds = list(range(max(spec.seeds, len(meta.get("seeds", [])))))
     device = "cpu"
     meta.update({"name": spec.name, "identity": identity, "recipe_name": recipe.name, "dataset": recipe.dataset,
-                 "n_train": n, "alpha": float(masks.sum(1).mean() / n), "subsets": len(masks), "seeds": seeds,
+                 "randomness": recipe.randomness, "n_train": n, "alpha": float(masks.sum(1).mean() / n),
+                 "subsets": len(masks), "seeds": seeds,
                  "noise_sets": spec.noise_sets, "timesteps": f_timesteps(spec.timesteps).tolist(),
                  "targets": spec.target_specs(), "status": "building",
                  "F_shape": ["subsets", "seeds", "noise_sets", "targets"]})
     write_json(meta_path, meta)
     save_npy(folder / "masks.npy", masks)
 
-    worker_recipe = asdict(recipe)  # a LoRA recipe's base pipeline as an absolute path: workers may run elsewhere
-    if recipe.pipeline:
-        worker_recipe["pipeline"] = str(Path(recipe.pipeline).resolve())
-
     def job(subset: int | None, seed: int) -> dict:
         indices = None if subset is None else [int(i) for i in np.flatnonzero(masks[subset])]
-        ih = index_hash(indices, n)
-        return {"subset": subset, "seed": seed, "indices": indices, "index_set_hash": ih, "n_train": n,
-                "run_dir": str(retrain_dir(key, ih, seed, cache_root)), "recipe": worker_recipe,
-                "recipe_key": key, "device": device}
+        return retrain_job(recipe, key, indices, n, seed, subset, cache_root, device)
 
     full = job(None, FULL_SEED)
     subset_jobs = [job(j, s) for j in range(len(masks)) for s in seeds]
@@ -346,10 +396,10 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
     model_ready = (folder / "model" / "unet").is_dir() and targets_file.is_file()
     trained = {jb["run_dir"] for jb in [full, *subset_jobs] if (Path(jb["run_dir"]) / "retrain.json").is_file()}
     if not model_ready and spec.full_model:  # the run's own model is the bank's model: nothing to train
-        _make_targets(spec, folder, {"run_dir": spec.full_model}, data, meta)
+        _make_targets(spec, folder, {"run_dir": spec.full_model}, data, meta, copied)
         model_ready = True
     if not model_ready and full["run_dir"] in trained:  # killed between training the full model and its targets
-        _make_targets(spec, folder, full, data, meta)
+        _make_targets(spec, folder, full, data, meta, copied)
         model_ready = True
     to_train = [jb for jb in ([] if model_ready else [full]) + to_measure if jb["run_dir"] not in trained]
     total = len(to_train) + len(to_measure) + (0 if model_ready else 1)
@@ -404,7 +454,7 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
                 continue
             if kind == "train" and jb["subset"] is None:
                 meter.step(note=f"trained the full model in {result['train_seconds']}s; making targets")
-                images, keys = _make_targets(spec, folder, jb, data, meta)
+                images, keys = _make_targets(spec, folder, jb, data, meta, copied)
                 targets_ref = (ray.put(images), keys)
                 meter.step(note="targets ready")
             elif kind == "train":
@@ -426,8 +476,10 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
     return folder
 
 
-def _make_targets(spec: BankSpec, folder: Path, full_job: dict, data, meta: dict) -> tuple[np.ndarray, list[str]]:
-    """Copy the full model into the bank, generate its targets, write targets.npz; return (images, keys)."""
+def _make_targets(spec: BankSpec, folder: Path, full_job: dict, data, meta: dict,
+                  copied: tuple[np.ndarray, list[str], dict] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Copy the full model into the bank, generate its targets (or take `copied`: `copied_targets`), write
+    targets.npz; return (images, keys)."""
 
     src = Path(full_job["run_dir"])
     epoch = sorted(src.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
@@ -435,18 +487,21 @@ def _make_targets(spec: BankSpec, folder: Path, full_job: dict, data, meta: dict
         copy_checkpoint(epoch, tmp, folder / "model")
     model = load_model(str(folder / "model"), "cpu")
     torch.set_num_threads(1)
-    parts, keys = [], []
-    if spec.val_targets:
-        val = load_dataset(spec.recipe.dataset, "val", model.resolution, model.channels)
-        if spec.val_targets > len(val):
-            raise ConfigError(f"--val-targets {spec.val_targets} exceeds the {len(val)} validation images")
-        parts.append(val.tensors(list(range(spec.val_targets))).numpy())
-        keys += [f"val/{i}" for i in range(spec.val_targets)]
-    if spec.gen_targets:
-        images, gen_keys = generate_targets(model, spec.gen_targets, spec.gen_steps, spec.guidance)
-        parts.append(images)
-        keys += gen_keys
-    images = np.concatenate(parts).astype(np.float32)
+    if copied is not None:
+        images, keys = copied[0].astype(np.float32), list(copied[1])
+    else:
+        parts, keys = [], []
+        if spec.val_targets:
+            val = load_dataset(spec.recipe.dataset, "val", model.resolution, model.channels)
+            if spec.val_targets > len(val):
+                raise ConfigError(f"--val-targets {spec.val_targets} exceeds the {len(val)} validation images")
+            parts.append(val.tensors(list(range(spec.val_targets))).numpy())
+            keys += [f"val/{i}" for i in range(spec.val_targets)]
+        if spec.gen_targets:
+            images, gen_keys = generate_targets(model, spec.gen_targets, spec.gen_steps, spec.guidance)
+            parts.append(images)
+            keys += gen_keys
+        images = np.concatenate(parts).astype(np.float32)
     meta["targets_hash"] = _targets_hash(keys, images)
     if (src / "retrain.json").is_file():
         meta["model"] = {"path": "model", "content_hash": model.identity(), "seed": FULL_SEED,
@@ -512,6 +567,12 @@ def _finish(folder: Path, meta: dict, start: float, failures: list[str] | None =
 def bank_recipe(meta: dict) -> Recipe:
     """The retraining recipe a bank was built with (from bank.json)."""
     return Recipe(name=meta["recipe_name"], **meta["identity"]["recipe"])
+
+
+def bank_randomness(meta: dict) -> str:
+    """How a bank's models were retrained (bank.json): crn or stream; stream when it does not say (every bank built
+    before CRN existed, and stream recipes' identities, which leave it out to keep their keys)."""
+    return meta.get("identity", {}).get("recipe", {}).get("randomness", "stream")
 
 
 def build_checkpoint_run(bank: "Bank", checkpoints: int = 5, log=print) -> Path:
@@ -670,8 +731,9 @@ class Bank:
         m, s, r, t = self.F.shape
         val, gen = int(self.split("val").sum()), int(self.split("gen").sum())
         lines = [f"bank {self.meta['name']} at {self.path} ({self.meta['status']})",
-                 f"  recipe {self.meta['recipe_name']} (key {self.meta['identity']['recipe_key']}) on "
-                 f"{self.dataset}, N={self.masks.shape[1]} training images, alpha={self.meta['alpha']:.3f}",
+                 f"  recipe {self.meta['recipe_name']} (key {self.meta['identity']['recipe_key']}, "
+                 f"{bank_randomness(self.meta)} randomness) on {self.dataset}, N={self.masks.shape[1]} "
+                 f"training images, alpha={self.meta['alpha']:.3f}",
                  f"  F: {m} subsets x {s} seeds x {r} noise sets x {t} targets ({val} val, {gen} gen); "
                  f"{int(self.done.sum())}/{self.done.size} retrains done, {int(self.done.all(1).sum())} subsets "
                  "complete",

@@ -18,6 +18,12 @@ the same removal again, so the change a seed alone makes is measured beside the 
 original image bit for bit (the retraining is the same procedure as the original training), at the next seed it
 shows the retraining-seed noise of an unchanged training set.
 
+Retrains use `randomness` (train.py; `crn` by default, the paper's protocol with common random numbers, so that a
+removal changes only which images are present). The "before" model must be trained the same way as the removals:
+when the source's model was trained with the other randomness (a stream bank or run), the source's recipe is
+retrained on the full split at its seed with the asked randomness, once (the cache folder a bank of that recipe
+shares), and that model is the one attributed, regenerated and compared with.
+
 On disk (a bank's studies in `banks/<name>/counterfactual/`, a checkpoint's in the cache, `store.counterfactual_dir`):
 
     study.json                      identity (model, recipe, sampler, feature options) and what was asked for
@@ -35,7 +41,7 @@ import contextlib
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +57,10 @@ from ..methods import METHODS, get_method
 from ..models import load_model
 from ..models.checkpoint import resolve_checkpoint
 from ..sampling import SAMPLERS, sample
-from ..store import counterfactual_dir, identity_hash, retrain_dir
+from ..store import counterfactual_dir, identity_differences, identity_hash
 from ..targets import Generated, Targets
-from ..train import index_hash
-from .bank import Bank, train_task
+from ..train import DRAWS
+from .bank import Bank, retrain_job, train_task
 from .image_metrics import clip_cosines, pixel_l2, ssim, to_tensor
 from .ray_engine import (
     ProgressMeter,
@@ -140,8 +146,11 @@ class StudySpec:
     feature_seed: int = 0
     clip_weights: str | None = None
     clip_model: str = "ViT-B-32"
+    randomness: str = "crn"  # of every retrain, the "before" model's included (module docstring)
 
     def __post_init__(self):
+        if self.randomness not in DRAWS:
+            raise ConfigError(f"--randomness must be one of {', '.join(sorted(DRAWS))}, got {self.randomness!r}")
 
         if not self.targets:
             raise ConfigError("give at least one target, e.g. --targets gen:0-9")
@@ -218,6 +227,29 @@ def source_from_checkpoint(spec: str) -> Source:
     return Source(str(info.run_dir), info.content_hash(), recipe, seed, f"--checkpoint {spec}")
 
 
+def study_source(source: Source, randomness: str, n: int, dataset_hash: str, cache: str | None = None,
+                 log=print) -> Source:
+    """The source whose model is the study's "before": `source` itself when its model was trained with
+    `randomness`, else its recipe retrained with `randomness` on the full split at its seed (in this process, once:
+    the cache folder a bank of that recipe shares)."""
+    if source.recipe.randomness == randomness:
+        return source
+    recipe = replace(source.recipe, randomness=randomness)
+    job = retrain_job(recipe, recipe.key(dataset_hash), None, n, source.seed, "full split (the study's before)",
+                      cache)
+    if not (Path(job["run_dir"]) / "retrain.json").is_file():
+        log(f"{source.label}'s model was trained with {source.recipe.randomness} randomness: retraining its recipe "
+            f"{recipe.name} with {randomness} on the full split at seed {source.seed} as the study's 'before' model "
+            "(once; the removals are retrained the same way)")
+    threads = torch.get_num_threads()
+    try:
+        train_task(job)  # one thread, like every retrain on Ray: the same bits as a bank's full model
+    finally:
+        torch.set_num_threads(threads)
+    return Source(job["run_dir"], _weights_hash(job["run_dir"]), recipe, source.seed, source.label,
+                  source.studies_root)
+
+
 def _weights_hash(model_spec: str) -> str:
 
     return resolve_checkpoint(model_spec).content_hash()
@@ -226,7 +258,7 @@ def _weights_hash(model_spec: str) -> str:
 def study_folder(source: Source, spec: StudySpec, dataset_hash: str, cache: str | None = None) -> Path:
 
     identity = source.identity(spec, dataset_hash)
-    slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}"
+    slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}" + ("-crn" if source.recipe.randomness == "crn" else "")
     if source.studies_root is not None:
         return source.studies_root / f"{slug.replace(':', '_')}-{identity_hash(identity)}"
     return counterfactual_dir(source.model_hash, slug, identity, cache)
@@ -324,22 +356,31 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and cluster is None:
         probe_address(address)  # before anything is computed or written
-    recipe = source.recipe
-    data = load_dataset(recipe.dataset, "train", recipe.resolution)
+    data = load_dataset(source.recipe.dataset, "train", source.recipe.resolution)
     n, dataset_hash = len(data), data.content_hash
     counts = sorted({removal_count(r, n) for r in spec.removals})
-    identity = source.identity(spec, dataset_hash)
-    folder = Path(folder) if folder else study_folder(source, spec, dataset_hash, cache)
-    meta_path = folder / "study.json"
-    meta = read_json(meta_path) if meta_path.is_file() else {}
-    if meta and meta.get("identity") != identity:
-        raise ConfigError(f"{folder} holds a study made another way (another model, recipe, sampler or feature "
-                          "options); use another --out or delete it")
+    if folder and (Path(folder) / "study.json").is_file():  # resuming: refused before any retraining
+        had = read_json(Path(folder) / "study.json").get("randomness", "stream")
+        if had != spec.randomness:
+            raise ConfigError(f"{folder} holds a study retrained with {had} randomness; resume it with --randomness "
+                              f"{had}, or give another --out for a {spec.randomness} study")
     embedder = None
     if spec.clip_weights:
 
         embedder = ClipEmbedder.from_file(spec.clip_weights, spec.clip_model)  # one line when missing
     methods = [m for m in spec.methods if m != RANDOM]
+    if source.recipe.randomness != spec.randomness:
+        _open_attributions(source, spec, methods, cache)  # bad method options: one line before retraining
+    source = study_source(source, spec.randomness, n, dataset_hash, cache, log)
+    recipe = source.recipe
+    identity = source.identity(spec, dataset_hash)
+    folder = Path(folder) if folder else study_folder(source, spec, dataset_hash, cache)
+    meta_path = folder / "study.json"
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    if meta and meta.get("identity") != identity:
+        raise ConfigError(f"{folder} holds a study made another way "
+                          f"({'; '.join(identity_differences(meta.get('identity', {}), identity)[:3])}); use another "
+                          "--out or delete it")
     attributions = _open_attributions(source, spec, methods, cache)  # validates (weights, options) first
     model = load_model(source.model_spec, "cpu")
 
@@ -374,14 +415,9 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
         if empty:
             warnings.append(f"warning: {cell.method} removing {cell.k} images for gen:{cell.target} leaves no "
                             f"image of class {', '.join(empty)}")
-        kept = np.setdiff1d(np.arange(n), removed)
-        ih = index_hash([int(i) for i in kept], n)
-        run_dir = str(retrain_dir(key, ih, cell.seed, cache))
-        g = groups.setdefault(run_dir, {"job": {"subset": f"counterfactual {cell.method} k={cell.k}",
-                                                "seed": cell.seed, "indices": [int(i) for i in kept],
-                                                "index_set_hash": ih, "n_train": n, "run_dir": run_dir,
-                                                "recipe": asdict(recipe), "recipe_key": key, "device": "cpu"},
-                                        "cells": [], "removed": {}})
+        kept = [int(i) for i in np.setdiff1d(np.arange(n), removed)]
+        job = retrain_job(recipe, key, kept, n, cell.seed, f"counterfactual {cell.method} k={cell.k}", cache)
+        g = groups.setdefault(job["run_dir"], {"job": job, "cells": [], "removed": {}})
         g["cells"].append(cell)
         g["removed"][cell] = removed
     for w in dict.fromkeys(warnings):
@@ -392,7 +428,7 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
         f"({source.label}); {done_before} of {len(cells)} cells done, {len(groups)} models to train or reuse -> "
         f"{folder}")
     write_json(meta_path, {**meta, "identity": identity, "source": source.label, "recipe_name": recipe.name,
-                           "n_train": n, "dataset": recipe.dataset,
+                           "randomness": recipe.randomness, "n_train": n, "dataset": recipe.dataset,
                            "asked": {**asdict(spec), "counts": counts}, "status": "running"})
     failures: list[str] = []
     if groups:
@@ -547,7 +583,7 @@ class Study:
         line += " --opponents" if a.get("opponents") else ""
         line += f" --seeds {a['seeds']}" if a.get("seeds", 1) > 1 else ""
         line += " --controls" if a.get("controls") else ""
-        return line
+        return line + f" --randomness {self.meta.get('randomness', 'stream')}"
 
 
 def list_studies(roots: list[Path]) -> list[Path]:

@@ -4,7 +4,9 @@ LDS compares an attribution of one model with the outputs of models retrained on
 the attributed model and every subset model must come from the same recipe. A recipe is either named (`RECIPES`,
 e.g. "digits-eval", chosen so one half-subset retrain takes one to two minutes on one CPU thread) or read from a
 training run folder's run.json (`recipe_from_run`). `Recipe.key(dataset_hash)` hashes every field that reaches the
-weights plus the training data's content hash; it names the retrained models' cache folder.
+weights plus the training data's content hash; it names the retrained models' cache folder. `randomness` (crn or
+stream, train.py) is one of them; the named recipes are stream recipes (the shipped banks were built with them), and
+a bank or study picks the randomness it retrains with (`dataclasses.replace(recipe, randomness="crn")`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Recipe:
     pipeline: str | None = None  # a LoRA finetune of this Stable Diffusion folder (train-lora)
     rank: int = 4
     prompt_template: str = "a {class} painting"
+    randomness: str = "stream"  # "crn" or "stream" (train.py); a recipe recorded without it is a stream recipe
 
     def __post_init__(self):
         self.train_config("unused", None, 0)  # TrainConfig validates every field (one ConfigError line)
@@ -47,12 +50,14 @@ class Recipe:
                            batch_size=self.batch_size, lr=self.lr, warmup_fraction=self.warmup_fraction,
                            weight_decay=self.weight_decay, checkpoints=checkpoints, flip=self.flip, preset=self.preset,
                            resolution=self.resolution, indices=indices, device=device, pipeline=self.pipeline,
-                           rank=self.rank, prompt_template=self.prompt_template)
+                           rank=self.rank, prompt_template=self.prompt_template, randomness=self.randomness)
 
     def identity(self) -> dict:
-        """The fields that determine the weights (the name is only a label)."""
-        lora = ("pipeline", "rank", "prompt_template")  # absent for pixel recipes: their keys stay as they were
-        return {k: v for k, v in asdict(self).items() if k != "name" and (self.pipeline is not None or k not in lora)}
+        """The fields that determine the weights (the name is only a label). LoRA fields are absent for pixel
+        recipes and `randomness` for stream recipes: the keys of recipes made before them stay as they were."""
+        lora = ("pipeline", "rank", "prompt_template")
+        return {k: v for k, v in asdict(self).items() if k != "name" and (self.pipeline is not None or k not in lora)
+                and (k != "randomness" or v != "stream")}
 
     def key(self, dataset_hash: str) -> str:
         """16 hex digits of sha256 over the identity and the training data's content hash."""

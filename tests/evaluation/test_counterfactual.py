@@ -127,8 +127,9 @@ def local_ray():
 
 
 def tiny_spec(**kw) -> StudySpec:
+    """The stream study (recipe_run is a stream run: the control at its seed retrains it bit for bit)."""
     return StudySpec(**{"targets": (0, 1), "methods": ("random", "pixel-cos"), "removals": (100,), "steps": 3,
-                        "controls": True, "proj_dim": 512, **kw})
+                        "controls": True, "proj_dim": 512, "randomness": "stream", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -199,15 +200,61 @@ def test_rerun_is_instant_and_removal_sets_are_reused(study, recipe_run, local_r
     assert again["l2"] == lost["l2"] and again["model_hash"] == lost["model_hash"]
 
 
+@pytest.mark.slow
+def test_crn_study_of_a_stream_model_retrains_its_before(recipe_run, local_ray, tmp_path):
+    """A CRN study of a model trained with the stream: the recipe is retrained with CRN on the full split at the
+    model's seed and that model is the "before" (attributed and regenerated); every removal is a CRN retrain; the
+    study records it. Resuming a study with another randomness or another recipe is refused in one line, before any
+    retraining; a removal fraction outside (0, 1) too."""
+    import json
+    from dataclasses import replace
+
+    from attribution.models.checkpoint import resolve_checkpoint
+
+    cache = tmp_path
+    source = source_from_checkpoint(str(recipe_run))
+    spec = tiny_spec(targets=(0,), methods=("random",), randomness="crn")
+    report = run_study(source, spec, log=lambda m: None, cache=str(cache), cluster=local_ray)
+    s = Study.load(report.folder)
+    assert s.meta["randomness"] == "crn" and s.meta["identity"]["recipe"]["randomness"] == "crn"
+    assert s.meta["identity"]["model"] != source.model_hash  # the CRN full model, not the stream run
+    crn_key = s.meta["identity"]["recipe_key"]
+    before_run = Path(cache, "retrain", crn_key)
+    runs = sorted(p.parent for p in before_run.glob("*/run.json"))
+    assert len(runs) == 2 and all(json.loads((r / "run.json").read_text())["config"]["randomness"] == "crn"
+                                  for r in runs)  # the full model (also the control at seed 0) and one removal
+    assert s.meta["identity"]["model"] in {resolve_checkpoint(str(r)).content_hash() for r in runs}
+    control = next(c for c in s.cells if c["method"] == "none")
+    assert control["identical"] and report.models_trained == 1 and report.models_reused == 1
+    assert s.cli_line().endswith("--randomness crn") and "-ddpm3-crn-" in report.folder.name
+    # resuming it another way: one line each, nothing trained or lost
+    markers = sorted(cache.glob("retrain/*/*/retrain.json"))
+    cells = sorted(p.name for p in (report.folder / "cells").iterdir())
+    bad = [(source, replace(spec, randomness="stream"), "holds a study retrained with crn randomness"),
+           (replace(source, recipe=replace(source.recipe, lr=5e-3, randomness="crn")), spec,
+            "recipe.lr: 0.001 there, 0.005 asked")]
+    for src, sp, msg in bad:
+        with pytest.raises(ConfigError, match=msg) as exc:
+            run_study(src, sp, folder=report.folder, log=lambda m: None, cache=str(cache))
+        assert "\n" not in str(exc.value)
+    assert sorted(cache.glob("retrain/*/*/retrain.json")) == markers
+    assert sorted(p.name for p in (report.folder / "cells").iterdir()) == cells
+    for fraction in ("-0.05", "1.5"):
+        with pytest.raises(ConfigError, match="at least one image|whole number") as exc:
+            StudySpec(targets=(0,), methods=("random",), removals=parse_removals(fraction))
+        assert "(0, 1)" in str(exc.value) or "below 1" in str(exc.value)
+
+
 def test_counterfactual_command_prints_the_study(study, recipe_run, capsys):
     from attribution.cli import main
 
     report, cache = study
     assert main(["counterfactual", "--checkpoint", str(recipe_run), "--targets", "gen:0-1", "--methods",
                  "random,pixel-cos", "--remove", "100", "--steps", "3", "--controls", "--proj-dim", "512",
-                 "--cache", str(cache)]) == 0
+                 "--cache", str(cache), "--randomness", "stream"]) == 0
     out = capsys.readouterr().out
     assert str(report.folder) in out and "pixel-cos" in out and "100 = 6.2%" in out
+    assert Study.load(report.folder).cli_line().endswith("--controls --randomness stream")
 
 
 def test_counterfactual_page_shows_a_cached_study(study, tiny_run, start_app):
@@ -251,6 +298,25 @@ def test_a_bank_is_a_source_and_keeps_its_studies(fake_bank_dir, tmp_path):
     folder = study_folder(source, tiny_spec(), "datahash")
     assert folder.parent == bank / "counterfactual"
     assert study_folder(source, tiny_spec(proj_dim=256), "datahash") != folder
+
+
+def test_the_shipped_stream_study_keeps_its_folder():
+    """The digits bank's study made before CRN: asked again with --randomness stream it is the same folder (same
+    identity), so it is reopened, not redone; with crn it is another study."""
+    import json
+
+    from attribution.evaluation.counterfactual import source_from_bank, study_folder
+
+    folder = Path(__file__).resolve().parents[2] / "banks" / "digits" / "counterfactual" / \
+        "digits-eval-ddpm50-61e28d932e0a"
+    meta = json.loads((folder / "study.json").read_text())
+    a = meta["asked"]
+    spec = StudySpec(targets=tuple(a["targets"]), methods=tuple(a["methods"]), removals=tuple(a["removals"]),
+                     steps=a["steps"], randomness="stream")
+    source = source_from_bank("digits")
+    assert source.identity(spec, meta["identity"]["dataset_hash"]) == meta["identity"]
+    assert study_folder(source, spec, meta["identity"]["dataset_hash"]) == folder
+    assert Study.load(folder).cli_line().endswith("--remove 0.05 --randomness stream")
 
 
 def test_estimators_command_on_a_bank(fake_bank_dir, capsys):

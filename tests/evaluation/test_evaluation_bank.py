@@ -6,6 +6,7 @@ targets, F over 5 timesteps and 2 noise sets) is built once per module on a loca
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,8 +21,8 @@ import pytest
 import torch
 
 from attribution.errors import ConfigError
-from attribution.evaluation.bank import Bank, BankSpec, build_bank, random_masks, read_subset_file, \
-    simple_loss_outputs
+from attribution.evaluation.bank import Bank, BankSpec, build_bank, copied_targets, default_randomness, \
+    random_masks, read_subset_file, simple_loss_outputs
 from attribution.evaluation.ray_engine import RayCluster, probe_address, run_tasks
 from attribution.evaluation.recipes import RECIPES, Recipe, get_recipe, recipe_from_run
 
@@ -74,6 +75,56 @@ def test_bad_subset_files(tmp_path):
     np.save(tmp_path / "idx.npy", np.array([[0, 2], [1, 3]]))
     masks = read_subset_file(tmp_path / "idx.npy", 5)
     assert masks.tolist() == [[True, False, True, False, False], [False, True, False, True, False]]
+
+
+def test_bad_bank_input_is_refused_before_anything_is_written(tiny_run, tmp_path):
+    """Mixing CRN and stream retrains in one bank (resuming it with the other randomness, or a --run bank retrained
+    another way than its run), a subset file with indices outside the training set: one line, nothing written."""
+    from dataclasses import asdict, replace
+
+    stream = get_recipe("tiny-test")
+    crn = replace(stream, randomness="crn")
+    folder = tmp_path / "stream-bank"  # a bank.json as every bank built before CRN: no randomness recorded
+    folder.mkdir()
+    (folder / "bank.json").write_text(json.dumps({"name": "s", "recipe_name": "tiny-test",
+                                                  "identity": {"recipe": stream.identity()}}))
+    before = (folder / "bank.json").read_bytes()
+    assert default_randomness(folder) == "stream"  # resuming keeps the bank's own
+    assert default_randomness(tmp_path / "new") == "crn"  # a new bank
+    assert default_randomness(tmp_path / "new", str(tiny_run)) == "stream"  # the run's own (its run.json: none)
+    cases = [(BankSpec(**{**tiny_spec(folder).__dict__, "recipe": crn}), "holds stream retrains; resuming it with "
+                                                                         "--randomness crn would mix"),
+             (BankSpec(**{**tiny_spec(tmp_path / "run-bank").__dict__, "recipe": replace(
+                 recipe_from_run(tiny_run), randomness="crn"), "full_model": str(tiny_run)}),
+              "was trained with stream randomness"),
+             (BankSpec(**{**tiny_spec(tmp_path / "file-bank").__dict__, "subset_file": str(tmp_path / "s.txt")}),
+              "row 1 has indices outside 0..1617")]
+    (tmp_path / "s.txt").write_text("0 1 2\n3 4 1618\n")
+    for spec, msg in cases:
+        with pytest.raises(ConfigError, match=msg) as exc:
+            build_bank(spec, log=lambda m: None, cache_root=str(tmp_path / "cache"))
+        assert "\n" not in str(exc.value)
+    assert (folder / "bank.json").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["bank.json"]
+    assert not (tmp_path / "run-bank").exists() and not (tmp_path / "file-bank").exists()
+    assert not (tmp_path / "cache").exists()
+    assert asdict(crn)["randomness"] == "crn" and "randomness" not in stream.identity()
+
+
+def test_targets_from_the_digits_bank_are_its_targets():
+    """`--targets-from digits` (a CRN digits bank beside the stream one): the same 100 + 100 images and keys, so
+    both banks measure F on identical targets; a target the other bank lacks is one line."""
+    from attribution.evaluation.bank import _targets_hash
+
+    bank = Bank.load("digits")
+    wanted = [f"val:{i}" for i in range(100)] + [f"gen:{s}" for s in range(100)]
+    images, keys, origin = copied_targets("digits", wanted, bank.meta["identity"]["dataset_hash"], None)
+    assert keys == bank.target_keys and np.array_equal(images, bank.target_images)
+    assert _targets_hash(keys, images) == bank.meta["targets_hash"] == origin["targets_hash"]
+    assert origin["bank"] == "digits"
+    with pytest.raises(ConfigError, match="bank digits has no target gen:100"):
+        copied_targets("digits", wanted + ["gen:100"], bank.meta["identity"]["dataset_hash"], None)
+    with pytest.raises(ConfigError, match="other training data"):
+        copied_targets("digits", wanted, "another-hash", None)
 
 
 def test_unanswered_ray_address_fails_fast_without_writing(tmp_path, capsys):
@@ -213,6 +264,42 @@ def test_rerun_retrains_nothing_and_growing_reuses_models(tiny_bank, tmp_path, l
 
 
 @pytest.mark.slow
+def test_crn_bank_beside_a_stream_bank_with_its_targets(tiny_bank, tmp_path, local_ray, capsys):
+    """A CRN bank that takes the stream bank's targets: every retrain (the full model included) is a CRN one,
+    recorded as such; F is measured on the same images. Resuming the stream bank from the command line keeps its
+    randomness by default and refuses the other one in one line."""
+    from dataclasses import replace
+
+    from attribution.cli import main
+
+    folder, cache = tiny_bank
+    spec = BankSpec(**{**tiny_spec(tmp_path / "crn").__dict__, "recipe": replace(get_recipe("tiny-test"),
+                                                                                  randomness="crn"),
+                       "subsets": 2, "seeds": 1, "targets_from": str(folder)})
+    build_bank(spec, log=lambda m: None, cache_root=str(cache), cluster=local_ray)
+    crn, stream = Bank.load(tmp_path / "crn"), Bank.load(folder)
+    assert crn.meta["randomness"] == "crn" and stream.meta["randomness"] == "stream"
+    assert crn.meta["identity"]["recipe"]["randomness"] == "crn" and "randomness" not in stream.meta["identity"]["recipe"]
+    assert crn.meta["identity"]["targets_from"] == {"bank": "tiny", "targets_hash": stream.meta["targets_hash"]}
+    assert crn.target_keys == stream.target_keys and np.array_equal(crn.target_images, stream.target_images)
+    assert crn.meta["model"]["content_hash"] != stream.meta["model"]["content_hash"]  # another full model
+    assert crn.meta["model"]["train"]["recipe"]["randomness"] == "crn"
+    runs = [Path(p).parent for p in sorted(cache.glob(f"retrain/{crn.meta['identity']['recipe_key']}/*/run.json"))]
+    assert len(runs) == 3  # the full model and 2 subsets, in their own cache folders
+    assert all(json.loads((r / "run.json").read_text())["config"]["randomness"] == "crn" for r in runs)
+    assert np.isfinite(crn.F).all() and "crn randomness" in crn.summary()
+    # the command line: resuming the stream bank keeps its randomness; asking for the other one is refused
+    base = ["bank", "build", "--name", "tiny", "--recipe", "tiny-test", "--out", str(folder), "--subsets", "4",
+            "--seeds", "2", "--val-targets", "2", "--gen-targets", "2", "--gen-steps", "3", "--timesteps", "5",
+            "--cache", str(cache)]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base + ["--randomness", "crn"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "would mix stream and crn retrains in one bank" in err and "\n" not in err
+
+
+@pytest.mark.slow
 def test_bank_from_a_run_folder_attributes_that_run(tiny_run, tmp_path, local_ray):
     from attribution.models.checkpoint import resolve_checkpoint
 
@@ -269,7 +356,8 @@ def test_external_ray_cluster_gives_identical_F(tiny_bank, tmp_path):
         out = tmp_path / "bank"
         cmd = [sys.executable, "-m", "attribution", "bank", "build", "--name", "tiny", "--recipe", "tiny-test",
                "--subsets", "4", "--seeds", "2", "--val-targets", "2", "--gen-targets", "2", "--gen-steps", "3",
-               "--timesteps", "5", "--out", str(out), "--cache", str(tmp_path / "cache"), "--ray-address", address]
+               "--timesteps", "5", "--out", str(out), "--cache", str(tmp_path / "cache"), "--ray-address", address,
+               "--randomness", "stream"]  # as the module's bank (a new bank's default is crn)
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
         assert run.returncode == 0, run.stderr[-2000:]
         assert "Ray cluster at" in Bank.load(out).meta["ray"]
