@@ -19,6 +19,12 @@ Where the random draws come from (`randomness`, recorded in run.json; a run.json
   batched; each image's timestep, noise and flip come from its own generator keyed by (seed, epoch, its index in
   the full training split). Two runs on subsets that differ by one image draw the same numbers for every image
   they share; only the batches after the removed image's position are composed differently.
+- `crn-slots` (common random numbers with fixed batches): the same draws, but the batches are the full run's: the
+  full split's permutation is cut into batches of `batch_size` and each batch keeps the images present, so a run on
+  any subset takes the full run's number of steps, with the full run's learning-rate schedule, and an image shares
+  its batch with the same images in every run that holds them (a batch with none of them is skipped, the schedule
+  moving on). Under `crn` a removal shifts every later batch boundary, which on the digits recipe undoes most of
+  the gain for removals beyond a few images (BENCHMARKS.md, "Common random numbers in retraining").
 
 Both seed the initial weights (and a LoRA adapter) from the seed alone.
 
@@ -159,6 +165,14 @@ class StreamDraws:
         """The epoch's order: positions into the run's (sorted) training images."""
         return torch.randperm(self.n, generator=self.gen)
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(self.n / batch_size)
+
+    def batches(self, epoch: int, batch_size: int) -> list[torch.Tensor]:
+        """The epoch's batches: positions into the run's training images (the order, cut into batches)."""
+        perm = self.order(epoch)
+        return [perm[b * batch_size:(b + 1) * batch_size] for b in range(self.steps_per_epoch(batch_size))]
+
     def batch(self, epoch: int, rows: torch.Tensor, num_timesteps: int, shape: tuple[int, ...], flip: bool,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(timesteps, noises, flip mask or None) of the images at these positions."""
@@ -195,8 +209,12 @@ class CrnDraws:
 
     def __init__(self, seed: int, idx: np.ndarray, n_all: int):
         self.seed, self.idx, self.n_all = seed, torch.as_tensor(idx, dtype=torch.long), n_all
+        self.n = len(idx)
         self.position = torch.full((n_all,), -1, dtype=torch.long)  # full index -> position in idx (-1: absent)
         self.position[self.idx] = torch.arange(len(idx))
+
+    steps_per_epoch = StreamDraws.steps_per_epoch
+    batches = StreamDraws.batches
 
     def order(self, epoch: int) -> torch.Tensor:
         pos = self.position[crn_order(self.seed, epoch, self.n_all)]
@@ -210,7 +228,20 @@ class CrnDraws:
         return t, eps, torch.tensor([d[2] for d in draws]) if flip else None
 
 
-DRAWS = {"crn": CrnDraws, "stream": StreamDraws}  # the values of TrainConfig.randomness
+class CrnSlotDraws(CrnDraws):
+    """`crn-slots` randomness: `crn`'s draws in the full run's batches (the full split's permutation cut into
+    batches of `batch_size`), each keeping the run's images; a batch may be smaller, or empty."""
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(self.n_all / batch_size)
+
+    def batches(self, epoch: int, batch_size: int) -> list[torch.Tensor]:
+        full = crn_order(self.seed, epoch, self.n_all)
+        slots = [self.position[full[b * batch_size:(b + 1) * batch_size]] for b in range(self.steps_per_epoch(batch_size))]
+        return [pos[pos >= 0] for pos in slots]
+
+
+DRAWS = {"crn": CrnDraws, "crn-slots": CrnSlotDraws, "stream": StreamDraws}  # the values of TrainConfig.randomness
 
 
 def prompt_table(dataset: str, template: str, resolution: int, channels: int) -> PromptTable:
@@ -253,11 +284,11 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
     keys = np.array([f"train/{i}" for i in idx])  # each image's key, for the model's per-sample condition
     flip = FLIP_DEFAULT.get(cfg.dataset.split(":")[0], False) if cfg.flip is None else cfg.flip
 
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    draws = DRAWS[cfg.randomness](cfg.seed, idx, n_all)  # data order (batches), timesteps, noises, flips
+    steps_per_epoch = draws.steps_per_epoch(cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.trainable_parameters().values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(cfg.warmup_fraction * total))))
-    draws = DRAWS[cfg.randomness](cfg.seed, idx, n_all)  # data order, timesteps, noises, flips
 
     out = Path(cfg.out)
     skip = ("indices", "device") + (("pipeline", "rank", "prompt_template") if cfg.pipeline is None else ())
@@ -274,11 +305,12 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> Path:
         meta["indices"] = [int(i) for i in idx]
     start = time.time()
     for epoch in range(1, cfg.epochs + 1):
-        perm = draws.order(epoch)
         epoch_t = torch.empty(n, dtype=torch.long)
         losses = []
-        for b in range(steps_per_epoch):
-            bi = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        for bi in draws.batches(epoch, cfg.batch_size):
+            if not len(bi):  # crn-slots: none of this batch's images is in the run; the schedule moves on
+                lr_sched.step()
+                continue
             x0 = x_all[bi]
             t, eps, mask = draws.batch(epoch, bi, model.num_timesteps, tuple(model.latent_shape), flip)
             if flip:

@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="retrains at a time (one thread each)")
     p.add_argument("--cache", help="cache root of the retrained models (default: cache/ or $ATTRIBUTION_CACHE)")
     p.add_argument("--stream-seed-pair", action="store_true", help="also retrain the stream full model at seed 1")
+    p.add_argument("--modes", default="crn,crn-slots,stream", help="randomness modes to compare (train.py)")
     a = p.parse_args()
 
     recipe = get_recipe(a.recipe)
@@ -79,10 +80,11 @@ def main() -> None:
     subsets = {"full": None, "minus one": [i for i in range(n) if i != one],
                "minus 5%": [int(i) for i in np.setdiff1d(np.arange(n), five)]}
     models = {}  # (mode, subset, seed) -> job
-    for mode in ("crn", "stream"):
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    for mode in modes:
         r = replace(recipe, randomness=mode)
         key = r.key(data.content_hash)
-        runs = [(name, 0) for name in subsets] + ([("full", 1)] if mode == "crn" or a.stream_seed_pair else [])
+        runs = [(name, 0) for name in subsets] + ([("full", 1)] if mode != "stream" or a.stream_seed_pair else [])
         for name, seed in runs:
             models[mode, name, seed] = retrain_job(r, key, subsets[name], n, seed, f"{name} ({mode})", a.cache)
     todo = [jb for jb in models.values() if not (Path(jb["run_dir"]) / "retrain.json").is_file()]
@@ -105,7 +107,7 @@ def main() -> None:
                        "gen": regenerate(model, range(10), 50, "ddpm"),
                        "train_seconds": json.loads((Path(jb["run_dir"]) / "retrain.json").read_text())["train_seconds"]}
     results = []
-    for mode in ("crn", "stream"):
+    for mode in modes:
         full = measured[mode, "full", 0]
         spread = spread_of(full["F"])
         for other in [("minus one", 0), ("minus 5%", 0), ("full", 1)]:
@@ -120,14 +122,15 @@ def main() -> None:
                             "F_centered_rms": f_centered, "F_centered_over_spread": f_centered / spread,
                             "image_l2_median": float(np.median([pixel_l2(x, y) for x, y in
                                                                                 zip(full["gen"], b["gen"])]))})
-    norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in measured["crn", "full", 0]["w"].values())))
+    norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in measured[modes[0], "full", 0]["w"].values())))
     info = {"recipe": a.recipe, "n_train": n, "removed_one": one, "removed_5pct": len(five), "targets": keys,
-            "F_spread": spread_of(measured[("crn", "full", 0)]["F"]),
+            "F_spread": spread_of(measured[(modes[0], "full", 0)]["F"]),
             "weight_norm_full_crn": norm, "train_wall_seconds": train_wall, "jobs": a.jobs,
             "load_avg_1min": round(os.getloadavg()[0], 2),
             "train_seconds": {f"{m[0]} {m[1]} seed {m[2]}": v["train_seconds"] for m, v in measured.items()},
             "stream_full_equals_bank_model": resolve_checkpoint(models["stream", "full", 0]["run_dir"]).content_hash()
-            == bank.meta["model"]["content_hash"] if a.recipe == bank.meta["recipe_name"] else None,
+            == bank.meta["model"]["content_hash"] if a.recipe == bank.meta["recipe_name"] and "stream" in modes
+            else None,
             "results": results}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +142,7 @@ def main() -> None:
               f"{r['image_l2_median']:.2f} |" for r in results]
     (out / "distances.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"weight norm of the CRN full model {norm:.1f}; stream full model equals the bank's model: "
+    print(f"weight norm of the {modes[0]} full model {norm:.1f}; stream full model equals the bank's model: "
           f"{info['stream_full_equals_bank_model']}")
 
 

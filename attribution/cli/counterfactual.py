@@ -24,7 +24,8 @@ def add_commands(sub) -> None:
     p.add_argument("--targets", default="gen:0-9", help="generated targets: gen:0-9, gen:3, gen:1,gen:7 (default "
                                                        "gen:0-9); only generated images can be regenerated")
     p.add_argument("--methods", default="random,trak,dtrak",
-                   help="comma-separated: random (K random images) and any method (default random,trak,dtrak)")
+                   help="comma-separated: random (K random images) and any method, METHOD:FN for an output "
+                        "function, e.g. dtrak:avg (default random,trak,dtrak)")
     p.add_argument("--remove", default="0.05", help="K: a count (100) or a fraction of the training set (0.05)")
     p.add_argument("--remove-grid", help="dose-response: several K, e.g. 0.05,0.1,0.2 (replaces --remove)")
     p.add_argument("--opponents", action="store_true", help="also remove the top opponents (the reverse test)")

@@ -159,8 +159,13 @@ class StudySpec:
         if not self.methods:
             raise ConfigError("give at least one method, e.g. --methods random,dtrak")
         for m in self.methods:
-            if m != RANDOM and m not in METHODS:
-                raise ConfigError(f"unknown method {m!r}; use random or one of: {', '.join(METHODS)}")
+            name, _, fn = m.partition(":")
+            if m != RANDOM and name not in METHODS:
+                raise ConfigError(f"unknown method {m!r}; use random or one of: {', '.join(METHODS)} (METHOD:FN "
+                                  "for an output function, e.g. dtrak:avg)")
+            if fn and fn not in get_method(name).fn_choices():
+                raise ConfigError(f"{name} has no output function {fn!r}; it has: "
+                                  f"{', '.join(get_method(name).fn_choices()) or 'none to choose'}")
         if not self.removals:
             raise ConfigError("give a removal size, e.g. --remove 0.05")
         for r in self.removals:
@@ -258,7 +263,7 @@ def _weights_hash(model_spec: str) -> str:
 def study_folder(source: Source, spec: StudySpec, dataset_hash: str, cache: str | None = None) -> Path:
 
     identity = source.identity(spec, dataset_hash)
-    slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}" + ("-crn" if source.recipe.randomness == "crn" else "")
+    slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}" + ("" if source.recipe.randomness == "stream" else f"-{source.recipe.randomness}")
     if source.studies_root is not None:
         return source.studies_root / f"{slug.replace(':', '_')}-{identity_hash(identity)}"
     return counterfactual_dir(source.model_hash, slug, identity, cache)
@@ -276,7 +281,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"gen-{self.target}__{self.method}__{self.direction}__k{self.k}__seed-{self.seed}"
+        return f"gen-{self.target}__{file_label(self.method)}__{self.direction}__k{self.k}__seed-{self.seed}"
 
     @classmethod
     def parse(cls, name: str) -> "Cell":
@@ -284,6 +289,12 @@ class Cell:
         if not m:
             raise ValueError(name)
         return cls(int(m.group(1)), m.group(2), m.group(3), int(m.group(4)), int(m.group(5)))
+
+
+def file_label(method: str) -> str:
+    """A method entry as it appears in file names ("dtrak:avg" -> "dtrak-avg": no colons, which some file systems
+    refuse)."""
+    return method.replace(":", "-")
 
 
 def removed_indices(cell: Cell, n: int, scores: np.ndarray | None) -> np.ndarray:
@@ -477,10 +488,10 @@ def _open_attributions(source: Source, spec: StudySpec, methods: list[str], cach
 
     out = {}
     for m in methods:
-        method = get_method(m)
+        name, _, fn = m.partition(":")  # METHOD or METHOD:FN (an output function, e.g. dtrak:avg)
         extra = {"clip_weights": spec.clip_weights, "clip_model": spec.clip_model} if "clip" in m else {}
-        out[m] = open_attribution(source.model_spec, method, "cpu", dataset=source.recipe.dataset, cache=cache,
-                                  **spec.feature_options(), **extra)
+        out[m] = open_attribution(source.model_spec, get_method(name), "cpu", dataset=source.recipe.dataset,
+                                  cache=cache, fn=fn or None, **spec.feature_options(), **extra)
     return out
 
 
@@ -488,7 +499,7 @@ def _method_scores(folder: Path, method: str, attribution, spec: StudySpec, befo
                    ) -> np.ndarray:
     """(T, N) float32 scores of the study's targets (in spec.targets order), cached in scores/<method>.npz."""
 
-    path = folder / "scores" / f"{method}.npz"
+    path = folder / "scores" / f"{file_label(method)}.npz"
     have: dict[int, np.ndarray] = {}
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:

@@ -83,6 +83,22 @@ def test_removal_sizes_targets_and_classes():
     assert emptied_classes(np.array([0, 2]), labels, ["a", "b", "c"]) == []
 
 
+def test_a_method_with_its_output_function(tmp_path):
+    """`dtrak:avg` is D-TRAK with the Avg output: accepted, attributed with that function, and written to files
+    without a colon; an output function the method does not have is one line."""
+    from attribution.evaluation.counterfactual import Cell, _open_attributions
+
+    spec = StudySpec(targets=(0,), methods=("random", "dtrak:avg"), removals=(0.05,), proj_dim=512, timesteps=1)
+    assert Cell(0, "dtrak:avg", "proponents", 81, 0).name == "gen-0__dtrak-avg__proponents__k81__seed-0"
+    source = source_from_checkpoint("digits")
+    att = _open_attributions(source, spec, ["dtrak:avg"], str(tmp_path))["dtrak:avg"]
+    assert att.method.name == "dtrak" and att.members[0].cfg.fn == "avg"
+    for bad in ("dtrak:nope", "pixel-cos:avg"):
+        with pytest.raises(ConfigError, match="has no output function") as exc:
+            StudySpec(targets=(0,), methods=(bad,), removals=(0.05,))
+        assert "\n" not in str(exc.value)
+
+
 def test_cli_bad_input_is_one_line(recipe_run, tmp_path, capsys):
     from attribution.cli import main
 

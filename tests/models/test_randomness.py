@@ -27,7 +27,7 @@ from attribution.errors import ConfigError
 from attribution.evaluation.bank import simple_loss_outputs
 from attribution.evaluation.recipes import RECIPES
 from attribution.models import load_model
-from attribution.train import CrnDraws, StreamDraws, TrainConfig, _model_and_data, crn_order, image_draws, \
+from attribution.train import CrnDraws, CrnSlotDraws, StreamDraws, TrainConfig, _model_and_data, crn_order, image_draws, \
     lr_lambda, subset_indices, train
 
 N_DIGITS = 1618
@@ -195,6 +195,29 @@ def test_crn_run_reproduces_itself_and_records_its_timesteps(tmp_path):
     # a stream run of the same seed is another model
     s = train(tiny(tmp_path / "s", "stream", epochs=1))
     assert not all(torch.equal(wa[k], v) for k, v in weights(s, 1).items())
+
+
+def test_crn_slots_keep_the_full_runs_batches(tmp_path):
+    """crn-slots: a subset's batches are the full run's batches with the absent images left out, so every run takes
+    the full run's steps and an image meets the same batch mates in every run that holds them; under crn a half
+    subset is re-batched (about half the steps, other mates)."""
+    rng = np.random.default_rng(5)
+    half = np.sort(rng.choice(N_DIGITS, N_DIGITS // 2, replace=False))
+    full_slots, half_slots = CrnSlotDraws(3, np.arange(N_DIGITS), N_DIGITS), CrnSlotDraws(3, half, N_DIGITS)
+    for epoch in (1, 2):
+        fb, hb = full_slots.batches(epoch, 64), half_slots.batches(epoch, 64)
+        assert len(fb) == len(hb) == math.ceil(N_DIGITS / 64)
+        assert [set(half[b].tolist()) for b in hb] == [set(b.tolist()) & set(half.tolist()) for b in fb]
+        # the full run's slots are crn's full-split batches: same order, same cuts
+        crn = CrnDraws(3, np.arange(N_DIGITS), N_DIGITS).batches(epoch, 64)
+        assert all(torch.equal(a, b) for a, b in zip(fb, crn))
+    assert len(CrnDraws(3, half, N_DIGITS).batches(1, 64)) == math.ceil(len(half) / 64)
+    # training: a subset of 40 images keeps the full run's schedule of 51 batches of 32 an epoch (most of them empty
+    # here, and skipped); the run records it
+    run = train(tiny(tmp_path / "slots", "crn-slots", indices=list(range(40)), epochs=1))
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["config"]["randomness"] == "crn-slots" and meta["checkpoints"][0]["step"] == math.ceil(N_DIGITS / 32)
+    assert timesteps(run, 1).tolist() == [image_draws(0, 1, i, 1000, (1, 16, 16), False)[0] for i in range(40)]
 
 
 @pytest.mark.slow
