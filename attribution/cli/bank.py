@@ -29,9 +29,10 @@ def add_commands(sub) -> None:
     bb.add_argument("--targets-from", metavar="BANK",
                     help="take the targets from another bank (name or folder: same data, the same val:/gen: keys) "
                          "instead of making them, so that both banks measure F on the same images")
-    bb.add_argument("--randomness", help="crn (common random numbers: each image's draws keyed by seed, epoch and "
-                                         "image) or stream; default: crn for a new bank, a bank's own when resuming "
-                                         "or growing it, the run's own with --run")
+    bb.add_argument("--randomness", help="crn-slots (common random numbers: each image's draws keyed by seed, epoch "
+                                         "and image, in the full run's batches), crn (the same draws, re-batched) or "
+                                         "stream; default: crn-slots for a new bank, a bank's own when resuming or "
+                                         "growing it, the run's own with --run")
     bb.add_argument("--noise-sets", type=int, default=2, help="R, independent noise sets for F (default 2)")
     bb.add_argument("--timesteps", type=int, default=100, help="K uniform timesteps of F (default 100)")
     add_ray_options(bb, "cache root for the retrained models (default: cache/ or $ATTRIBUTION_CACHE)")

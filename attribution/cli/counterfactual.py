@@ -40,10 +40,10 @@ def add_commands(sub) -> None:
     p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
     p.add_argument("--clip-weights", help="a local open_clip weights file: adds the CLIP cosine measure")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights")
-    p.add_argument("--randomness", default="crn",
-                   help="of every retrain: crn (default; common random numbers: a removal changes only which images "
-                        "are present) or stream; a model trained the other way is first retrained on the full split "
-                        "at its seed to be the 'before'")
+    p.add_argument("--randomness", default="crn-slots",
+                   help="of every retrain: crn-slots (default; common random numbers in the full run's batches: a "
+                        "removal changes only which images are present), crn (re-batched) or stream; a model trained "
+                        "the other way is first retrained on the full split at its seed to be the 'before'")
     p.add_argument("--out", help="study folder (default: the bank's counterfactual/ folder, else the cache)")
     add_ray_options(p)
     p.set_defaults(func=cmd_counterfactual)

@@ -104,9 +104,10 @@ def cmd_app(args) -> int:
 def _randomness_option(p) -> None:
     p.add_argument("--randomness", default="stream",
                    help="where the data order, timesteps, noises and flips come from: stream (default: one stream "
-                        "from the seed, as every run made before CRN; a run.json without the field is one) or crn "
-                        "(common random numbers: each image's draws keyed by seed, epoch and image, for runs to be "
-                        "compared with subset retrains, e.g. a bank's --run)")
+                        "from the seed, as every run made before CRN; a run.json without the field is one), "
+                        "crn-slots (common random numbers: each image's draws keyed by seed, epoch and image, in the "
+                        "full split's batches, for runs to be compared with subset retrains, e.g. a bank's --run) "
+                        "or crn (the same draws, re-batched over the images present)")
 
 
 def add_commands(sub) -> None:

@@ -22,10 +22,11 @@ for K=100), with the noise of set r drawn from the key f"bank/{r}/{target key}" 
 measure F's own sampling noise and two seeds the retraining noise. Subset j is drawn from its own generator
 (subset_seed, j), so a bank can grow (more subsets or seeds) without changing the rows it has.
 
-Every retrain of a bank (its full model included) uses the recipe's `randomness` (train.py): `crn` (common random
-numbers, the default for new banks: every draw tied to the image it belongs to) or `stream` (a bank.json that does
-not record it, as the banks built before CRN existed). A bank never mixes the two: resuming it with the other one is
-refused. Its targets can be copied from another bank (`targets_from`) so two banks measure F on the same images.
+Every retrain of a bank (its full model included) uses the recipe's `randomness` (train.py): `crn-slots` (common
+random numbers in the full run's batches, the default for new banks: every draw tied to the image it belongs to,
+and a removed image leaves only its own batch changed), `crn` (the same draws, re-batched after each removal) or
+`stream` (a bank.json that does not record it, as the banks built before CRN existed). A bank never mixes them:
+resuming it with another one is refused. Its targets can be copied from another bank (`targets_from`) so two banks measure F on the same images.
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def default_randomness(folder: Path, run: str | None = None) -> str:
     numbers."""
     if (folder / "bank.json").is_file():
         return bank_randomness(read_json(folder / "bank.json"))
-    return recipe_from_run(run).randomness if run else "crn"
+    return recipe_from_run(run).randomness if run else "crn-slots"
 
 
 def copied_targets(source: str, wanted: list[str], dataset_hash: str, guidance: float | None,
@@ -570,7 +571,7 @@ def bank_recipe(meta: dict) -> Recipe:
 
 
 def bank_randomness(meta: dict) -> str:
-    """How a bank's models were retrained (bank.json): crn or stream; stream when it does not say (every bank built
+    """How a bank's models were retrained (bank.json): crn-slots, crn or stream; stream when it does not say (every bank built
     before CRN existed, and stream recipes' identities, which leave it out to keep their keys)."""
     return meta.get("identity", {}).get("recipe", {}).get("randomness", "stream")
 

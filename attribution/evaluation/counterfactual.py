@@ -18,8 +18,8 @@ the same removal again, so the change a seed alone makes is measured beside the 
 original image bit for bit (the retraining is the same procedure as the original training), at the next seed it
 shows the retraining-seed noise of an unchanged training set.
 
-Retrains use `randomness` (train.py; `crn` by default, the paper's protocol with common random numbers, so that a
-removal changes only which images are present). The "before" model must be trained the same way as the removals:
+Retrains use `randomness` (train.py; `crn-slots` by default: the paper's protocol with common random numbers in
+the full run's batches, so that a removal changes only which images are present). The "before" model must be trained the same way as the removals:
 when the source's model was trained with the other randomness (a stream bank or run), the source's recipe is
 retrained on the full split at its seed with the asked randomness, once (the cache folder a bank of that recipe
 shares), and that model is the one attributed, regenerated and compared with.
@@ -146,7 +146,7 @@ class StudySpec:
     feature_seed: int = 0
     clip_weights: str | None = None
     clip_model: str = "ViT-B-32"
-    randomness: str = "crn"  # of every retrain, the "before" model's included (module docstring)
+    randomness: str = "crn-slots"  # of every retrain, the "before" model's included (module docstring)
 
     def __post_init__(self):
         if self.randomness not in DRAWS:

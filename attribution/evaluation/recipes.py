@@ -4,9 +4,9 @@ LDS compares an attribution of one model with the outputs of models retrained on
 the attributed model and every subset model must come from the same recipe. A recipe is either named (`RECIPES`,
 e.g. "digits-eval", chosen so one half-subset retrain takes one to two minutes on one CPU thread) or read from a
 training run folder's run.json (`recipe_from_run`). `Recipe.key(dataset_hash)` hashes every field that reaches the
-weights plus the training data's content hash; it names the retrained models' cache folder. `randomness` (crn or
+weights plus the training data's content hash; it names the retrained models' cache folder. `randomness` (crn-slots, crn or
 stream, train.py) is one of them; the named recipes are stream recipes (the shipped banks were built with them), and
-a bank or study picks the randomness it retrains with (`dataclasses.replace(recipe, randomness="crn")`).
+a bank or study picks the randomness it retrains with (`dataclasses.replace(recipe, randomness="crn-slots")`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Recipe:
     pipeline: str | None = None  # a LoRA finetune of this Stable Diffusion folder (train-lora)
     rank: int = 4
     prompt_template: str = "a {class} painting"
-    randomness: str = "stream"  # "crn" or "stream" (train.py); a recipe recorded without it is a stream recipe
+    randomness: str = "stream"  # "crn-slots", "crn" or "stream" (train.py); recorded without it: a stream recipe
 
     def __post_init__(self):
         self.train_config("unused", None, 0)  # TrainConfig validates every field (one ConfigError line)

@@ -90,7 +90,7 @@ def test_bad_bank_input_is_refused_before_anything_is_written(tiny_run, tmp_path
                                                   "identity": {"recipe": stream.identity()}}))
     before = (folder / "bank.json").read_bytes()
     assert default_randomness(folder) == "stream"  # resuming keeps the bank's own
-    assert default_randomness(tmp_path / "new") == "crn"  # a new bank
+    assert default_randomness(tmp_path / "new") == "crn-slots"  # a new bank
     assert default_randomness(tmp_path / "new", str(tiny_run)) == "stream"  # the run's own (its run.json: none)
     cases = [(BankSpec(**{**tiny_spec(folder).__dict__, "recipe": crn}), "holds stream retrains; resuming it with "
                                                                          "--randomness crn would mix"),
