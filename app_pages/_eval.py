@@ -63,7 +63,7 @@ def checkpoint_figure(points: list[SweepPoint], method: str):
     splits = list(points[0].tables)
     lines = {sp: (np.array([p.tables[sp].methods[method].standard.value for p in points]),
                   np.array([p.tables[sp].methods[method].standard.ci_two_way for p in points])) for sp in splits}
-    ceiling = {sp: (c.standard.value if (c := points[0].tables[sp].ceilings.seed) is not None else None)
+    ceiling = {sp: (c.standard.value if (c := points[0].tables[sp].ceilings.reachable) is not None else None)
                for sp in splits}
     frame = pd.DataFrame([{"checkpoint": p.value, "split": sp, "lds": p.tables[sp].methods[method].standard.value,
                            "low": p.tables[sp].methods[method].standard.ci_two_way[0],

@@ -108,8 +108,9 @@ if lam_methods:
                    f"{held.held_out[1]:+.3f}). The optimum on all targets, {curve['best']:.3g} → LDS "
                    f"{curve['at_best']:+.3f}, is optimistic: it is chosen on the targets it reports.")
     marks = {"default": curve["default"], "GCV": curve["gcv"], "optimal": curve["best"], "current": lam}
+    ceilings = {"reachable": curve["reachable"], "seed-vs-seed (lower)": curve["ceiling"]}
     st.plotly_chart(lds_lambda_figure(curve["lambdas"], curve["standard"], curve["centered"], curve["ci"], marks,
-                                      curve["ceiling"], f"{m}: LDS versus λ ({split} targets)"), key="eval_lam_fig")
+                                      ceilings, f"{m}: LDS versus λ ({split} targets)"), key="eval_lam_fig")
     st.download_button("LDS versus λ (CSV)", pd.DataFrame({k: curve[k] for k in ("lambdas", "standard", "centered")})
                        .to_csv(index=False), f"lds-lambda-{name}-{m}-{split}.csv", "text/csv")
     st.code(f"python -m attribution lds --bank {name} --method {m} --split {split} --sweep lambda", language="bash")

@@ -135,9 +135,10 @@ def selected_points(selection) -> list[tuple[int, int]]:
 
 def lds_lambda_figure(lambdas: np.ndarray, standard: np.ndarray, centered: np.ndarray,
                       ci: np.ndarray | None = None, marks: dict[str, float] | None = None,
-                      ceiling: float | None = None, title: str = "LDS versus λ") -> go.Figure:
+                      ceilings: dict[str, float | None] | None = None, title: str = "LDS versus λ") -> go.Figure:
     """LDS (and centered LDS) along λ on a log axis, a shaded target-bootstrap band, dotted vertical lines at the
-    named λ values (`marks`: default, retraining-free, optimal, current) and a dashed line at the seed ceiling."""
+    named λ values (`marks`: default, retraining-free, optimal, current) and a dashed line at each named ceiling
+    (`ceilings`: reachable, seed-vs-seed)."""
     fig = go.Figure()
     if ci is not None:
         fig.add_trace(go.Scatter(x=np.r_[lambdas, lambdas[::-1]], y=np.r_[ci[:, 1], ci[::-1, 0]], fill="toself",
@@ -149,8 +150,9 @@ def lds_lambda_figure(lambdas: np.ndarray, standard: np.ndarray, centered: np.nd
                              marker=dict(size=5), line=dict(dash="dot"),
                              hovertemplate="λ=%{x:.3g}<br>centered=%{y:.3f}<extra></extra>"))
     _log_x_marks(fig, marks or {}, lambdas)
-    if ceiling is not None and np.isfinite(ceiling):
-        fig.add_hline(y=ceiling, line_dash="dash", line_color="gray", annotation_text="seed ceiling")
+    for (name, value), color in zip((ceilings or {}).items(), ("dimgray", "darkgray", "silver")):
+        if value is not None and np.isfinite(value):
+            fig.add_hline(y=value, line_dash="dash", line_color=color, annotation_text=name)
     fig.update_layout(title=title, xaxis_title="λ", yaxis_title="LDS (Spearman)", template="plotly_white",
                       height=400, margin=dict(l=60, r=20, t=50, b=50))
     fig.update_xaxes(type="log")
@@ -197,7 +199,7 @@ def _log_x_marks(fig: go.Figure, marks: dict[str, float], x: np.ndarray) -> None
 def lds_option_figure(x: Sequence, lines: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str,
                       ceiling: dict[str, float] | None = None, title: str = "LDS", log_x: bool = False) -> go.Figure:
     """LDS as one option varies (K, k, checkpoint): one line per split or variant with its two-way 95% CI as error
-    bars (`lines[name] = (values, (n, 2) CI)`), and each split's seed ceiling as a dashed line."""
+    bars (`lines[name] = (values, (n, 2) CI)`), and each split's reachable ceiling (`ceiling`) as a dashed line."""
     fig = go.Figure()
     palette = _palette(max(1, len(lines)))
     for (name, (values, ci)), color in zip(lines.items(), palette):
@@ -207,7 +209,7 @@ def lds_option_figure(x: Sequence, lines: dict[str, tuple[np.ndarray, np.ndarray
                                               arrayminus=values - ci[:, 0], color=color)))
     for (name, c), color in zip((ceiling or {}).items(), palette):
         if c is not None and np.isfinite(c):
-            fig.add_hline(y=c, line_dash="dash", line_color=color, annotation_text=f"seed ceiling ({name})")
+            fig.add_hline(y=c, line_dash="dash", line_color=color, annotation_text=f"reachable ({name})")
     fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title="LDS (Spearman)", template="plotly_white",
                       height=400, margin=dict(l=60, r=20, t=50, b=50))
     if log_x:

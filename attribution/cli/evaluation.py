@@ -194,7 +194,8 @@ def cmd_lds(args: argparse.Namespace) -> int:
                 for lam, s, c in zip(sweep.lambdas, sweep.standard, sweep.centered):
                     print(f"    lambda {lam:10.3g}  LDS {s:+.3f}  centered {c:+.3f}")
                 sweeps.append((name, split, sweep, {"default": report.default, "GCV": report.gcv,
-                                                    "optimal": report.best}, report.ceiling))
+                                                    "optimal": report.best},
+                               {"reachable": report.reachable, "seed-vs-seed (lower)": report.ceiling}))
     option_rows, option_figures = [], []
     if args.sweep in ("K", "k", "checkpoint"):
         values = [v.strip() for v in args.values.split(",") if v.strip()] if args.values else None
@@ -218,7 +219,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
             lines = {sp: (np.array([p.tables[sp].methods[name].standard.value for p in points]),
                           np.array([p.tables[sp].methods[name].standard.ci_two_way for p in points]))
                      for sp in splits}
-            ceil = {sp: (c.standard.value if (c := points[0].tables[sp].ceilings.seed) is not None else None)
+            ceil = {sp: (c.standard.value if (c := points[0].tables[sp].ceilings.reachable) is not None else None)
                     for sp in splits}
             option_figures.append(lds_option_figure([p.value for p in points], lines, args.sweep, ceil,
                                                     f"{name}: LDS versus {args.sweep}", log_x=args.sweep == "k"))

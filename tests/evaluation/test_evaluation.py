@@ -202,13 +202,20 @@ def test_the_lambda_figure_labels_each_mark_at_its_lambda(fake_bank_dir, tiny_ru
     x = fig.data[1].x  # the LDS line: the λ grid (a typed array in the chart's JSON)
     lambdas = np.log10(np.frombuffer(base64.b64decode(x["bdata"]), x["dtype"]) if isinstance(x, dict) else x)
     lines = sorted({s.x0 for s in fig.layout.shapes if s.x0 == s.x1})  # the dotted vertical lines
-    marked = [a for a in fig.layout.annotations if a.text != "seed ceiling"]
+    marked = [a for a in fig.layout.annotations if a.text not in ("reachable", "seed-vs-seed (lower)")]
     assert all(np.isclose(np.log10(lines), a.x).any() for a in marked)  # each label at a line (log10 units)
     assert all(lambdas.min() <= a.x <= lambdas.max() for a in marked)
     assert len(marked) == len(lines)  # one label per line: marks at the same λ share it
     assert len({(a.x, a.y) for a in marked}) == len(marked)  # no label printed over another
     names = ", ".join(a.text for a in marked)
     assert all(n in names for n in ("default", "GCV", "optimal", "current"))
+    # the reachable and seed-vs-seed ceilings as dashed lines at their values
+    bank = Bank.load(fake_bank_dir)
+    from attribution.evaluation.evaluate import bank_ceilings
+
+    ceil = bank_ceilings(bank, "val")
+    hlines = {a.text: a.y for a in fig.layout.annotations if a.text in ("reachable", "seed-vs-seed (lower)")}
+    assert hlines["reachable"] == pytest.approx(ceil.reachable.standard.value, abs=1e-12)
 
 
 def test_attribute_under_a_worst_predicted_target_opens_it(fake_bank_dir, tiny_run, tmp_path, start_app):
