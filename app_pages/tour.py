@@ -18,7 +18,8 @@ from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import DEFAULT_METHOD, get_method
 from streamlit.errors import StreamlitAPIException
 from app_pages._attr import (PROJ_DIMS, RunOptions, cached_attribution, featurize_job, featurize_with_progress,
-                             generated_pixels, ranked_tiles, target_from_pixels, top_lists)
+                             ranked_tiles, target_from_pixels, top_lists)
+from app_pages._image import generated_pixels
 from app_pages._figures import chart
 from app_pages._tiles import record_scores, tiles
 from app_pages._ui import display_size, fail, keep, progress_bar, require_model

@@ -356,7 +356,8 @@ def tile_indices(at, key: str) -> list[int]:
 def compute_journey(at, **values):
     at.switch_page("app_pages/journey.py").run()
     assert not at.exception
-    for key, value in {"jr_steps": 8, "jr_every": 3, "jr_R": 2, "jr_K": 2, **values}.items():
+    steps = {} if "jr_fwd_steps" in values else {"jr_steps": 8}  # a generated image's steps, or an upload's
+    for key, value in {**steps, "jr_every": 3, "jr_R": 2, "jr_K": 2, **values}.items():
         at.number_input(key=key).set_value(value)
     at.selectbox(key="jr_k").set_value(512)
     at.selectbox(key="jr_method").set_value("trak")
@@ -419,9 +420,9 @@ def test_journey_page_noises_an_upload_forward(app, train):
     app.session_state["uploaded"] = {"name": "mine.png", "sha256": "abc", "pixels": train.pixels[5],
                                      "resolution": 16, "channels": 1}
     app.switch_page("app_pages/journey.py").run()
-    app.radio(key="jr_source").set_value("Uploaded image").run()
+    app.radio(key="jr_source").set_value("Uploaded").run()
     assert "noising it forward" in app.main.info[0].value
-    j = compute_journey(app, jr_steps=6, jr_every=2)
+    j = compute_journey(app, jr_fwd_steps=6, jr_every=2)
     assert j.meta["mode"] == "forward" and j.meta["name"] == "mine.png"
     np.testing.assert_allclose(j.final, train.tensors([5])[0].numpy())
     assert "--image mine.png" in app.main.code[0].value
@@ -458,25 +459,32 @@ def test_journey_cli_forward_noises_an_image_file(tiny_run, small_npz, cache, tm
             "2", "--resamples", "1", "--method", "trak", "--timesteps", "2", "--proj-dim", "256", "--cache", str(cache)]
     assert main(base + ["--image", str(tmp_path / "missing.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not an existing image file" in err[0]
+    assert len(err) == 1 and "neither train:I, val:I nor an existing image file" in err[0]
     assert main(base + ["--image", str(tmp_path / "seven.png"), "--out", str(tmp_path / "out")]) == 0
     assert "noising it forward" in capsys.readouterr().err
     meta = json.loads((tmp_path / "out" / "journey.json").read_text())
     assert meta["mode"] == "forward" and meta["name"] == "seven.png"
     with np.load(tmp_path / "out" / "journey.npz") as z:
         np.testing.assert_allclose(z["final"], train.tensors([7])[0].numpy())
+        seven = z["scores"]
+    # train:I names the same image (what the Journey page's command line says for a dataset image): the same
+    # pixels, so the journey cached for seven.png (keyed by the pixels) is the one reused
+    assert main(base + ["--image", "train:7", "--out", str(tmp_path / "out-train")]) == 0
+    assert "train:7: x̂0 approaches the final image" in capsys.readouterr().out
+    with np.load(tmp_path / "out-train" / "journey.npz") as z:
+        np.testing.assert_allclose(z["final"], train.tensors([7])[0].numpy())
+        np.testing.assert_allclose(z["scores"], seven)
 
 
 def test_journey_page_resamples_a_generated_image_with_its_sampler(app, tiny_run, model):
     from attribution.sampling import sample
 
-    traj = sample(model, 2, 3, steps=6, sampler="ddim")
-    app.session_state["generated"] = {"checkpoint": model.spec, "seeds": [3, 4], "pixels": None, "steps": 6,
-                                      "sampler": "ddim"}
+    traj = sample(model, 2, 3, steps=6, sampler="ddim")  # as the Generate page makes seeds 3 and 4
     app.switch_page("app_pages/journey.py").run()
-    app.radio(key="jr_source").set_value("Generated image").run()
-    app.selectbox(key="jr_gen_seed").set_value(4).run()
-    assert any("ddim, 6 steps" in c.value for c in app.main.caption)
+    app.number_input(key="jr_seed").set_value(4)
+    app.number_input(key="jr_steps").set_value(6)
+    app.selectbox(key="jr_sampler").set_value("ddim").run()
+    assert app.query_params["image"] == "gen:4" and app.query_params["sampler"] == "ddim"
     app.number_input(key="jr_every").set_value(2)
     app.number_input(key="jr_R").set_value(1)
     app.number_input(key="jr_K").set_value(2)

@@ -281,8 +281,8 @@ def test_lambda_slider_shows_the_lambda_of_the_scores_after_another_target(app):
 
 
 def test_attribute_generated_targets(app):
-    """A generated target is the CLI's gen:SEED (DDPM, 50 steps) or, made otherwise, the PNG the Generate page
-    downloads, so the command line shown reproduces it."""
+    """A generated target is the CLI's gen:SEED (DDPM, 50 steps) or, made otherwise, the PNG the result column
+    offers, so the command line shown reproduces it."""
     app.switch_page("app_pages/attribute.py").run()
     app.radio(key="attr_source").set_value("Generated").run()
     assert not app.exception
@@ -294,9 +294,8 @@ def test_attribute_generated_targets(app):
     app.button[0].click().run()
     app.switch_page("app_pages/attribute.py").run()
     assert not app.exception
-    assert app.selectbox(key="attr_gen_seed").options == ["3", "4"]
-    assert shown_images(app) == ["seed-000003.png"]
-    assert any("`seed-000003.png`" in c.value for c in app.main.caption)
+    assert app.number_input(key="attr_seed").value == 3 and app.number_input(key="attr_steps").value == 4
+    assert shown_images(app) == ["gen:3 · ddpm, 4 steps"]
 
 
 def test_attribute_training_image_is_its_own_top_proponent(app):
@@ -441,6 +440,7 @@ def test_attribute_with_a_checkpoint_method_matches_the_library(app, tiny_run, f
 def test_timesteps_page(app, tiny_run):
     app.switch_page("app_pages/timesteps.py").run(timeout=RUN_TIMEOUT)
     assert not app.exception, app.exception
+    app.radio(key="ts_source").set_value("Training image").run(timeout=RUN_TIMEOUT)
     assert any("recorded" in c.value for c in app.caption)  # the one-image curve marks the training timestep
     app.number_input(key="ts_samples").set_value(30)
     next(b for b in app.button if b.label == "Compute norms").click().run(timeout=RUN_TIMEOUT)

@@ -100,7 +100,7 @@ def test_journey_page_with_a_prompt(start_app, tmp_path, library):
     at = start_app("digits-latent", tmp_path / "cache", dataset=DATASET, timeout=RUN_TIMEOUT)
     at.switch_page("app_pages/journey.py").run()
     assert not at.exception, at.exception
-    assert at.radio(key="jr_source").value == "Seed"
+    assert at.radio(key="jr_source").value == "Generated"
     assert at.text_input(key="jr_prompt").value == "a handwritten digit 5"
 
     def compute(prompt: str):
