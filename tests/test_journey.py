@@ -245,6 +245,24 @@ def test_formation_summary_milestones():
     assert f.covered(0.5) == 31 and f.covered(0.9) == 41 and f.covered(0.0) == 1
     assert f.settled(0.5) == 31 and f.settled(0.0) == 1 and f.settled(1.0) == 50
     assert f.summary().startswith("x̂0 is halfway to the final image at step 31 and 90% of the way at step 41 (of 50)")
+    assert f.summary().endswith("from step 31 on, at least half of the last step's top-4 proponents are among the "
+                                "step's top-4.")
+
+
+def test_formation_summary_says_when_the_proponents_keep_changing():
+    """Issue 24, 8: the page said "from step 50 on, at least half of the last step's top-4 are among the step's
+    top-4" (true of the last step alone) while no earlier step shared any; the Tour said the proponents settle."""
+    from attribution.analysis.formation import Formation
+
+    steps = np.array([1, 11, 21, 31, 41, 50])
+    d = np.array([1.0, 0.9, 0.6, 0.2, 0.05, 0.0])
+    none = Formation(steps, steps * 20, d, np.zeros(6), np.array([0, 0, 0, 0, 0, 1.0]), top=4)
+    assert none.settled(0.5) == 50
+    assert none.summary().endswith("the proponents keep changing to the end: an earlier step's top-4 holds none of "
+                                   "the last step's top-4.")
+    some = Formation(steps, steps * 20, d, np.zeros(6), np.array([0, 0.25, 0, 0.25, 0.25, 1.0]), top=4)
+    assert some.summary().endswith("an earlier step's top-4 holds at most 1 of the last step's top-4.")
+    assert "from step" not in none.summary() + some.summary()
 
 
 def test_journeys_are_cached_and_keyed_by_their_options(trak_att, cache, monkeypatch):

@@ -501,6 +501,17 @@ def test_tour_walks_through_five_steps(app, tiny_run, feature_cache):
     assert any(c.value.startswith("Largest at t = ") for c in app.caption)
 
 
+def test_the_tour_promises_only_what_its_journey_measures(app):
+    """Issue 24, 8: the Tour said the proponents "settle as the image takes shape" while the journey's own overlap
+    with the last step's proponents is 0 until the last step on the digits model; it now points at the sentence
+    that reports the measured overlap (attribution/analysis/formation.py)."""
+    app.switch_page("app_pages/tour.py").run()
+    assert not app.exception, app.exception
+    text = " ".join(m.value for m in app.main.markdown)
+    assert "how much of the last step's top proponents the earlier steps already hold" in text
+    assert "settle" not in text
+
+
 def test_sidebar_checks_a_dataset_spec_at_once_and_names_checkpoints_without_paths(app, tiny_run):
     app.sidebar.text_input(key="dataset_custom").set_value("blah:xyz").run()
     assert not app.exception
