@@ -64,6 +64,19 @@ def test_home_and_sidebar(app, tiny_run):
     assert not app.sidebar.warning
 
 
+def test_home_leads_to_the_tour_and_claims_only_what_the_app_measures(app):
+    """Issue 24, 8: Home said the scores "rank images well" while the README says to trust them only a little, and
+    did not lead to the Tour. Its first link is the Tour, and its claims are the measured shares of the reachable
+    LDS (the README's "Does it work?" figures, which the Evaluation page reproduces)."""
+    assert [link.proto.page for link in app.get("page_link")][0] == "tour"
+    text = " ".join(m.value for m in app.main.markdown)
+    assert "rank images well" not in text
+    readme = " ".join((Path(APP).parent / "README.md").read_text().split())
+    for figure in ("+0.64", "+0.52", "37% / 24%"):
+        assert figure in text and figure in readme
+    assert "a lead to check, not a verdict" in text
+
+
 def test_sidebar_warns_when_checkpoint_and_dataset_differ(app):
     app.sidebar.selectbox(key="dataset_pick").set_value("animals-2").run()
     assert app.session_state["dataset"] == "animals-2"
