@@ -293,8 +293,8 @@ class ColumnTarget:
             return cls(target, (("--target", spec), *prompt_options(target)))
         return cls(target, (("--target", spec), *prompt_options(target)),
                    (spec, _ui.png_bytes(tensor_to_pixels(target.images)[0])),
-                   f"Generated with {made.sampler}, {made.steps} steps, not as the command line's gen:SEED (DDPM, "
-                   f"50 steps): the command line reads the image from `{spec}` (download above).")
+                   f"Sampled with {made.sampler}, {made.steps} steps (gen:SEED is DDPM, 50): the command line reads "
+                   f"`{spec}` (download above).")
 
     def on_another_checkpoint(self, checkpoint: str) -> ColumnTarget:
         """This target, picked with `checkpoint`, for a column with another checkpoint: the same pixels. gen:SEED
@@ -311,9 +311,8 @@ class ColumnTarget:
         text = None if made.prompt is None else made.prompt.text
         targets.keys[0] = prompt_key(targets.keys[0], text)  # the key the CLI gives the file under --prompt
         return ColumnTarget(targets, (("--target", name), *prompt_options(targets)), (name, _ui.png_bytes(pixels)),
-                            f"Attributed: {spec} of {_ui.checkpoint_name(checkpoint)}, the first column's image, "
-                            f"which the command line reads from `{name}` (download above); {spec} of this "
-                            "checkpoint is another image.")
+                            f"The first column's image, {spec} of {_ui.checkpoint_name(checkpoint)}, read from "
+                            f"`{name}` (download above); {spec} of this checkpoint is another image.")
 
 
 @dataclass

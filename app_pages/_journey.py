@@ -37,11 +37,9 @@ def journey_cli(opts: RunOptions, cfg, journey, dataset_spec: str, lam: float, f
 
 
 WHY_DIFFERENT = (
-    "Why the last step's proponents differ from the Attribute page's for the same image: the target feature is "
-    "not the same. Here each step attributes the model's guess x̂0 re-noised to that step's timestep t, averaged "
-    "over R noise draws, at that one t (Journey-TRAK). The Attribute page attributes the final image itself, "
-    "its loss averaged over K timesteps spread over the whole schedule with fixed noise. Both rank the same "
-    "training features, so the lists overlap, but the order and scores differ.")
+    "The last step's proponents differ from the Attribute page's: the target feature is not the same (here x̂0 "
+    "re-noised to one step's t, R noise draws; there the final image over K timesteps, fixed noise). The lists "
+    "overlap in part.")
 
 
 def attribute_overlap(method: str, dataset_spec: str, name: str, last_scores: np.ndarray, k: int = 5) -> str:

@@ -39,8 +39,8 @@ st.subheader("Method")
 c1, c2, c3 = st.columns(3)  # outside the form: what they choose decides which other controls apply
 method = option_widget(c1, "method", "attr_method",
                        format_func=lambda m: METHOD_TITLES[m] + (" (recommended)" if m == RECOMMENDED_METHOD else ""))
-c1.caption(METHODS[method].summary[:1].upper() + METHODS[method].summary[1:] + "."  # what the method measures
-           + (" Recommended: the highest LDS of the gradient methods on the digits bank (Evaluation page)."
+st.caption(METHODS[method].summary[:1].upper() + METHODS[method].summary[1:] + "."  # what it measures; under the
+           + (" Recommended: best LDS on the digits bank."  # row: some are long
               if method == RECOMMENDED_METHOD else ""))
 fn, eta = None, None
 if len(METHODS[method]().fn_choices()) > 1:

@@ -17,9 +17,8 @@ from attribution.magic.runs import MagicRun, MagicSpec, list_runs, open_run
 from attribution.magic.validate import evaluate, fit_summary
 
 st.title("Exact influence (MAGIC)")
-st.caption("How would this image's likelihood (bits/dim under the probability-flow ODE) change if a training image "
-           "weighed more? MAGIC differentiates through the whole training run of a small score model, so the answer "
-           "is exact for that run rather than an approximation of it.")
+st.caption("How would this image's likelihood (bits/dim) change if a training image weighed more? MAGIC "
+           "differentiates through the whole training run of a small score model: exact for that run.")
 
 runs = list_runs()
 if not runs:

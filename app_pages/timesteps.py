@@ -17,13 +17,12 @@ from app_pages._timesteps import curve, influential_tab, trained_at
 from app_pages._ui import cached_model, checkpoint_name, display_size, fail, keep, progress_bar, require_model
 
 st.title("Timesteps")
-st.caption("Per-sample gradient norms ‖∇θ L(x, t)‖ depend strongly on the timestep t. Plain TracIn therefore "
-           "favours training images drawn at timesteps with large gradients, whatever the target (\"generally "
-           "influential\" samples); Diffusion-ReTrac normalises the gradients to remove that bias.")
-st.caption("Direction: the Diffusion-ReTrac paper reports norms rising toward noise (large t). On the "
-           "ε-prediction DDPMs here they fall with t: the ε-MSE gradient is proportional to the prediction error, "
-           "which is largest at small t (recovering faint noise from a nearly clean image; the shipped digits "
-           "model's loss falls from ~0.17 at t = 10 to ~0.0004 at t = 900, where x_t is almost pure noise).")
+st.caption("Gradient norms ‖∇θ L(x, t)‖ depend strongly on t, so plain TracIn favours training images drawn at "
+           "large-gradient timesteps whatever the target (\"generally influential\"); Diffusion-ReTrac normalises "
+           "the gradients.")
+st.caption("The Diffusion-ReTrac paper reports norms rising toward noise; on these ε-prediction DDPMs they fall "
+           "with t, as the ε-MSE gradient follows the prediction error (digits: loss ~0.17 at t = 10, ~0.0004 at "
+           "t = 900).")
 keep("ts_log", "ts_grid", "ts_samples", "ts_per_bin", "ts_samples_c", "ts_infl_methods", "ts_infl_n",
      "ts_infl_k")
 model = require_model()

@@ -525,6 +525,29 @@ def test_the_tour_promises_only_what_its_journey_measures(app):
     assert "settle" not in text
 
 
+def test_captions_do_not_wrap_over_three_lines(app):
+    """Issue 24, 8: captions wrapped over 4-5 lines (the Attribute page's method note in a third of the width, the
+    Timesteps page's notes, the Journey page's comparison note). In the wide layout a caption at full width holds
+    about 150 characters a line and one in a column of three about 45: at most 360 and 140."""
+    from app_pages._journey import WHY_DIFFERENT
+
+    too_long = []
+
+    def check(page):
+        assert not app.exception, app.exception
+        too_long.extend((page, c.value) for col in app.main.columns for c in col.caption if len(c.value) > 140)
+        too_long.extend((page, c.value) for c in app.main.caption if len(c.value) > 360)
+
+    for page in ("attribute", "timesteps", "journey", "self_influence", "generate", "upload", "tour", "home"):
+        app.switch_page(f"app_pages/{page}.py").run()
+        check(page)
+    app.switch_page("app_pages/attribute.py").run()
+    app.selectbox(key="attr_method").set_value("das").run()  # the recommended method's long summary
+    check("attribute (das)")
+    assert not too_long, too_long
+    assert len(WHY_DIFFERENT) <= 260  # shown after a journey with a sentence on the Attribute page's overlap
+
+
 def test_sidebar_checks_a_dataset_spec_at_once_and_names_checkpoints_without_paths(app, tiny_run):
     app.sidebar.text_input(key="dataset_custom").set_value("blah:xyz").run()
     assert not app.exception
