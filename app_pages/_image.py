@@ -36,6 +36,7 @@ PARAMS = ("image", "steps", "sampler", "prompt", "negative", "guidance")  # its 
 SOURCES = {"gen": "Generated", "upload": "Uploaded", "train": "Training image", "val": "Validation image"}
 KIND_OF = {label: kind for kind, label in SOURCES.items()}
 CLI_STEPS, CLI_SAMPLER = 50, "ddpm"  # how the command line's gen:SEED is sampled
+MAX_NUMBER = 2**31 - 1  # the largest seed (and index) the picker takes
 _SPEC = re.compile(r"(gen|train|val):(\d+)|upload:([0-9a-f]{16})")
 
 
@@ -97,28 +98,29 @@ class ImageRef:
         if not spec:
             return None
         m = _SPEC.fullmatch(spec)
-        if not m:
-            raise ImageError(f"the link's image={spec!r} is not gen:SEED, train:I, val:I or upload:HASH")
+        if not m or (m[2] and int(m[2]) > MAX_NUMBER):
+            raise ImageError(f"the link's image={spec!r} is not gen:SEED, train:I, val:I or upload:HASH (SEED and I "
+                             f"at most {MAX_NUMBER})")
         ref = cls("upload", upload=m[3]) if m[3] else cls(m[1], int(m[2]))
 
-        def number(name: str, kind, least: float):
+        def number(name: str, kind, least: float, most: float):
             try:
                 value = kind(params[name])
             except ValueError:
                 value = None
-            if value is None or value < least:
-                raise ImageError(f"the link's {name}={params[name]!r} is not a number of at least {least:g}")
+            if value is None or not least <= value <= most:
+                raise ImageError(f"the link's {name}={params[name]!r} is not a number from {least:g} to {most:g}")
             return value
 
         if "steps" in params:
-            ref = replace(ref, steps=number("steps", int, 1))
+            ref = replace(ref, steps=number("steps", int, 1, 10_000))
         if "sampler" in params:
             if params["sampler"] not in SAMPLERS:
                 raise ImageError(f"the link's sampler={params['sampler']!r} is not one of {', '.join(SAMPLERS)}")
             ref = replace(ref, sampler=params["sampler"])
         if "prompt" in params:
             ref = replace(ref, prompt=str(params["prompt"]), negative=str(params.get("negative", "")),
-                          guidance=number("guidance", float, 1) if "guidance" in params else None)
+                          guidance=number("guidance", float, 1, 30) if "guidance" in params else None)
         return ref
 
 
@@ -204,7 +206,11 @@ def pick_image(model, prefix: str) -> ImageRef:
                             key=show(f"{prefix}_source", SOURCES[ref.kind]))]
     if kind == "gen":
         c1, c2, c3 = st.columns(3)
-        seed = c1.number_input("Seed", 0, 2**31 - 1, key=show(f"{prefix}_seed", ref.number),
+        if ref.steps > model.num_timesteps:  # a link made with another model
+            st.warning(f"{ref.steps} sampling steps are more than this model's {model.num_timesteps} timesteps: "
+                       f"{model.num_timesteps}.", icon=":material/warning:")
+            ref = replace(ref, steps=model.num_timesteps)
+        seed = c1.number_input("Seed", 0, MAX_NUMBER, key=show(f"{prefix}_seed", ref.number),
                                help="A seed names one image: gen:SEED on the command line (DDPM, 50 steps).")
         steps = c2.number_input("Sampling steps", 1, model.num_timesteps, key=show(f"{prefix}_steps", ref.steps))
         sampler = c3.selectbox("Sampler", SAMPLERS, key=show(f"{prefix}_sampler", ref.sampler),
@@ -220,7 +226,7 @@ def pick_image(model, prefix: str) -> ImageRef:
         picked = ImageRef("upload", upload=sha)
     else:
         label = "Training" if kind == "train" else "Validation"
-        index = st.number_input(f"{label} image index", 0, 10**7, key=show(number_keys[kind], ref.number))
+        index = st.number_input(f"{label} image index", 0, MAX_NUMBER, key=show(number_keys[kind], ref.number))
         picked = ImageRef(kind, int(index))
     if model.conditional and kind in ("gen", "upload"):
         show(f"{prefix}_prompt", ref.prompt if ref.prompt is not None else default_prompt(model))

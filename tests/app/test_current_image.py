@@ -129,7 +129,14 @@ def test_a_link_it_cannot_read_is_one_line(tiny_run, feature_cache, monkeypatch)
     monkeypatch.setenv("ATTRIBUTION_CACHE", str(feature_cache))
     at = open_link({"image": "gen:x"}, "app_pages/attribute.py")
     assert [e.value for e in at.sidebar.error] == ["the link's image='gen:x' is not gen:SEED, train:I, val:I or "
-                                                   "upload:HASH"]
+                                                   "upload:HASH (SEED and I at most 2147483647)"]
+    at = open_link({"image": "gen:3", "steps": "0"}, "app_pages/journey.py")
+    assert [e.value for e in at.sidebar.error] == ["the link's steps='0' is not a number from 1 to 10000"]
+    at = open_link({"image": "gen:3", "steps": "5000"}, "app_pages/journey.py")  # this model has 1000 timesteps
+    assert [w.value for w in at.main.warning] == ["5000 sampling steps are more than this model's 1000 timesteps: "
+                                                  "1000."]
+    assert at.number_input(key="jr_steps").value == 1000 and at.query_params["steps"] == "1000"
     at = open_link({"image": "upload:0123456789abcdef"}, "app_pages/attribute.py")
+
     assert [e.value for e in at.main.error] == ["the uploaded image 0123456789abcdef is not on this server; upload it "
                                                 "again on the Upload page"]
