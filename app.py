@@ -1,7 +1,8 @@
 """Streamlit entry point: `streamlit run app.py` (or `python -m attribution app`).
 
-This file is the frame around every page: page config, the shared sidebar (dataset, checkpoint, device) and the
-page list. Pages read the sidebar's choices from `st.session_state["dataset"]` and `st.session_state["checkpoint"]`.
+This file is the frame around every page: page config, the shared sidebar (dataset, checkpoint, device), the
+current image in the URL (app_pages/_image.py) and the page list. Pages read the sidebar's choices from
+`st.session_state["dataset"]` and `st.session_state["checkpoint"]`.
 
 Defaults: the shipped `digits` checkpoint and dataset when present; the environment variables
 `ATTRIBUTION_CHECKPOINT` and `ATTRIBUTION_DATASET` override them (the tests point them at a tiny model).
@@ -21,6 +22,7 @@ from attribution.errors import AttributionError  # noqa: E402
 from attribution.evaluation.bank import banks_dir, list_banks  # noqa: E402
 from attribution.models import list_shipped, resolve_checkpoint  # noqa: E402
 from app_pages._figures import FORMAT_KEY, FORMATS  # noqa: E402
+from app_pages._image import sync_url  # noqa: E402
 from app_pages._ui import cached_dataset, checkpoint_name  # noqa: E402
 
 # The page list: one entry per page file in app_pages/, grouped into sidebar sections. Add new pages here
@@ -183,5 +185,6 @@ with st.sidebar:
     st.caption(f"Device: {describe_device(resolve_device())}")
     st.radio("Figure downloads", FORMATS, horizontal=True, key=FORMAT_KEY, format_func=str.upper,
              help="What the camera button in a figure's toolbar downloads: PNG (2x) or SVG.")
+    sync_url()  # the current image (Generate, Upload, Attribute, Journey, Timesteps) in the URL, or from a link
 
 st.navigation(PAGES).run()

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import streamlit as st
-import torch
 
 from app_pages import _ui
-from app_pages._prompt import prompt_inputs
+from app_pages._image import ImageRef, image_target, pick_image
 from app_pages._tiles import tile_caption, tiles
 from app_pages._trust import trust_caption
 from app_pages._ui import cached_model, fail
-from attribution.data import ImageDataset, tensor_to_pixels, training_dataset_of
+from attribution.data import ImageDataset, tensor_to_pixels
 from attribution.engine import Attribution, Attributor, Result, format_duration
 from attribution.errors import AttributionError
 from attribution.features.projectors import usable_projectors
@@ -31,8 +30,7 @@ from attribution.report import (Ranked, export_metadata, export_name, metadata_a
                                 ranking_rows, to_csv, to_npz_bytes)
 from attribution.run_options import RunOptions
 from attribution.models.adapter import key_prompt, prompt_key
-from attribution.sampling import Prompt, gen_key, sample
-from attribution.targets import Generated, Targets, from_pixels, resolve_targets
+from attribution.targets import Targets, from_pixels
 
 PROJ_DIMS = (512, 1024, 2048, 4096, 8192, 16384)  # the k values offered (any k works on the command line)
 OPTION = {spec.name: spec for spec in fields_of(RunOptions)}  # labels, help and choices of the option widgets
@@ -139,15 +137,6 @@ def feature_fn_options(method: str) -> list[str]:
 
 def target_from_pixels(pixels: np.ndarray, name: str, label: str | None = None) -> Targets:
     return from_pixels(pixels[None], [name], [label])
-
-
-@st.cache_data(max_entries=16, show_spinner="Generating the target (DDPM, 50 steps)…")
-def generated_pixels(checkpoint: str, seed: int, prompt: tuple | None = None) -> np.ndarray:
-    """uint8 (R, R, C): the image `checkpoint` generates from `seed` (what the CLI's gen:SEED target is; `prompt`:
-    (text, negative, guidance) for a text-conditional model), sampled once per (checkpoint, seed, prompt) rather
-    than on every rerun of the page."""
-    traj = sample(cached_model(checkpoint), 1, int(seed), prompt=None if prompt is None else Prompt(*prompt))
-    return tensor_to_pixels(torch.from_numpy(traj.final))[0]
 
 
 LAMBDA_HELP = ("λ is the ridge term in the kernel (ΦᵀΦ + λI)⁻¹ that turns gradient similarity into attribution. "
@@ -261,54 +250,16 @@ def top_lists(scores: np.ndarray, data: ImageDataset, n_pro: int, n_opp: int):
     return rank(scores, data, n_pro, 1), rank(scores, data, n_opp, -1)
 
 
-def choose_target(model) -> tuple[Targets, str]:
-    """The Attribute page's target picker (generated, uploaded, training or validation image): the target and the
-    spec the command line names it by. Stops the page with guidance or one error line when there is none."""
-    dataset = st.session_state.get("dataset")
-    sources = ["Generated", "Uploaded", "Training image", "Validation image"]
-    source = st.radio("Attribute", sources, horizontal=True, key="attr_source", label_visibility="collapsed")
+def choose_target(model) -> tuple[Targets, str, ImageRef]:
+    """The Attribute page's target: the current image (generated, uploaded, training or validation image; the
+    picker of app_pages/_image.py), the spec the command line names it by, and the image's name. Stops the page
+    with guidance or one error line when there is none."""
+    ref = pick_image(model, "attr")
     try:
-        if source == "Generated":
-            gen = st.session_state.get("generated")
-            seeds = gen["seeds"] if gen and gen["checkpoint"] == model.spec else []
-            prompt = prompt_inputs(model, "attr", gen.get("prompt") if seeds else None)
-            seed = (st.selectbox("Generated image (seed)", seeds, key="attr_gen_seed") if seeds else
-                    st.number_input("Seed to generate (DDPM, 50 steps)", 0, 2**31 - 1, 0, key="attr_seed"))
-            if seeds:
-                pixels = gen["pixels"][seeds.index(seed)]
-            else:  # cached per (checkpoint, seed): not sampled again on every rerun
-                pixels = generated_pixels(model.spec, int(seed), None if prompt is None else
-                                          (prompt.text, prompt.negative, prompt.guidance))
-            made = (50, "ddpm") if not seeds else (int(gen["steps"]), gen["sampler"])
-            if not seeds or (gen["steps"], gen["sampler"]) == (50, "ddpm"):
-                target = target_from_pixels(pixels, f"gen:{seed}")
-                target.keys[0] = gen_key(int(seed), prompt)  # the same noise key the CLI uses for gen:SEED
-                target_spec = f"gen:{seed}"
-            else:  # not the CLI's gen:SEED image (DDPM, 50 steps): name the PNG of the Generate page's zip instead,
-                target_spec = f"seed-{int(seed):06d}.png"  # which the CLI reads back to the same pixels and noise key
-                target = target_from_pixels(pixels, target_spec)
-                st.caption(f"Generated with {gen['sampler']}, {gen['steps']} steps: the command line below reads it "
-                           f"as `{target_spec}` from the Generate page's download.")
-            target.generated = [Generated(int(seed), *made, prompt)]  # its trajectory can be re-sampled (Journey TRAK)
-        elif source == "Uploaded":
-            up = st.session_state.get("uploaded")
-            if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
-                st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
-                st.stop()
-            prompt = prompt_inputs(model, "attr_up")
-            target = target_from_pixels(up["pixels"], up["name"])
-            target_spec = up["name"]
-        else:
-            split = "train" if source == "Training image" else "val"
-            idx = st.number_input(f"{split} index", 0, 10**7, 0, key=f"attr_{split}_idx")
-            target = resolve_targets(f"{split}:{int(idx)}", model, training_dataset_of(model, dataset).spec)
-            prompt = None  # a training or validation image keeps its own prompt
-            target_spec = f"{split}:{int(idx)}"
-        if prompt is not None and target.keys[0].startswith("file/"):  # an image attributed under a prompt
-            target.keys[0] = prompt_key(target.keys[0], prompt.text)
+        target, spec = image_target(model, ref, st.session_state.get("dataset"))
     except AttributionError as exc:
         fail(exc)
-    return target, target_spec
+    return target, spec, ref
 
 
 def prompt_options(target: Targets) -> list[tuple[str, object]]:
@@ -335,8 +286,15 @@ class ColumnTarget:
 
     @classmethod
     def of(cls, target: Targets, spec: str) -> ColumnTarget:
-        """`target` under the spec the page picked it by."""
-        return cls(target, (("--target", spec), *prompt_options(target)))
+        """`target` under the spec the page picked it by; an image generated otherwise than the CLI's gen:SEED
+        (DDPM, 50 steps) is named by its PNG, which the column offers."""
+        made = target.generated[0] if target.generated else None
+        if made is None or spec.startswith("gen:"):
+            return cls(target, (("--target", spec), *prompt_options(target)))
+        return cls(target, (("--target", spec), *prompt_options(target)),
+                   (spec, _ui.png_bytes(tensor_to_pixels(target.images)[0])),
+                   f"Sampled with {made.sampler}, {made.steps} steps (gen:SEED is DDPM, 50): the command line reads "
+                   f"`{spec}` (download above).")
 
     def on_another_checkpoint(self, checkpoint: str) -> ColumnTarget:
         """This target, picked with `checkpoint`, for a column with another checkpoint: the same pixels. gen:SEED
@@ -353,9 +311,8 @@ class ColumnTarget:
         text = None if made.prompt is None else made.prompt.text
         targets.keys[0] = prompt_key(targets.keys[0], text)  # the key the CLI gives the file under --prompt
         return ColumnTarget(targets, (("--target", name), *prompt_options(targets)), (name, _ui.png_bytes(pixels)),
-                            f"Attributed: {spec} of {_ui.checkpoint_name(checkpoint)}, the first column's image, "
-                            f"which the command line reads from `{name}` (download above); {spec} of this "
-                            "checkpoint is another image.")
+                            f"The first column's image, {spec} of {_ui.checkpoint_name(checkpoint)}, read from "
+                            f"`{name}` (download above); {spec} of this checkpoint is another image.")
 
 
 @dataclass

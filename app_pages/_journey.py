@@ -1,5 +1,5 @@
 """Helpers of the Journey page (and the Tour): the cached attributor, the command line, the Attribute-page
-comparison, the image picker, Play and the film strip. Not a page."""
+comparison, the image, Play and the film strip. Not a page."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import numpy as np
 import streamlit as st
 
 from app_pages._attr import METHOD_TITLES
-from app_pages._prompt import prompt_inputs
+from app_pages._image import image_target, pick_image
 from app_pages._tiles import SCORED, tiles
-from app_pages._ui import cached_model
+from app_pages._ui import cached_model, fail
 from attribution.analysis.formation import top_indices
-from attribution.data import pixels_to_tensor
 from attribution.engine import Attributor
+from attribution.errors import AttributionError
 from attribution.report import to_npz_bytes
 from attribution.run_options import JOURNEY_OPTIONS, RunOptions
 
@@ -24,9 +24,10 @@ def journey_attributor(opts: RunOptions) -> Attributor:
     return opts.attributor(cached_model(opts.checkpoint))
 
 
-def journey_cli(opts: RunOptions, cfg, journey, dataset_spec: str, lam: float, uploaded: bool) -> str:
-    """The `python -m attribution journey` line that recomputes this journey."""
-    image = ("--image", journey.meta["name"]) if uploaded else ("--seed", cfg.seed)
+def journey_cli(opts: RunOptions, cfg, journey, dataset_spec: str, lam: float, forward: bool) -> str:
+    """The `python -m attribution journey` line that recomputes this journey (`forward`: of an image noised forward,
+    an uploaded file or train:I / val:I, by --image)."""
+    image = ("--image", journey.meta["name"]) if forward else ("--seed", cfg.seed)
     prompt = [] if cfg.prompt is None else [("--prompt", cfg.prompt), ("--guidance", cfg.guidance)] + (
         [("--negative-prompt", cfg.negative)] if cfg.negative else [])
     return opts.command_line("journey", dataset=dataset_spec, only=JOURNEY_OPTIONS, extra=[
@@ -36,11 +37,9 @@ def journey_cli(opts: RunOptions, cfg, journey, dataset_spec: str, lam: float, u
 
 
 WHY_DIFFERENT = (
-    "Why the last step's proponents differ from the Attribute page's for the same image: the target feature is "
-    "not the same. Here each step attributes the model's guess x̂0 re-noised to that step's timestep t, averaged "
-    "over R noise draws, at that one t (Journey-TRAK). The Attribute page attributes the final image itself, "
-    "its loss averaged over K timesteps spread over the whole schedule with fixed noise. Both rank the same "
-    "training features, so the lists overlap, but the order and scores differ.")
+    "The last step's proponents differ from the Attribute page's: the target feature is not the same (here x̂0 "
+    "re-noised to one step's t, R noise draws; there the final image over K timesteps, fixed noise). The lists "
+    "overlap in part.")
 
 
 def attribute_overlap(method: str, dataset_spec: str, name: str, last_scores: np.ndarray, k: int = 5) -> str:
@@ -55,39 +54,28 @@ def attribute_overlap(method: str, dataset_spec: str, name: str, last_scores: np
     return f" In this session: the last step's top-{k} shares {shared}/{k} with the Attribute page's {label}."
 
 
-def choose_image(model):
-    """The Journey page's image picker: (image tensor for an upload else None, (steps, sampler) fixed by the
-    Generate page else None, seed, name, source id, prompt fields for `JourneyConfig` ({} for an unconditional
-    model)). Stops the page with guidance when there is nothing to pick."""
-    source = st.radio("Image", ["Seed", "Generated image", "Uploaded image"], horizontal=True, key="jr_source",
-                      label_visibility="collapsed")
-    image, fixed, seed, made = None, None, 0, None
-    if source == "Seed":
-        seed = int(st.number_input("Seed (the image gen:SEED)", 0, 2**31 - 1, 0, key="jr_seed"))
-        name, source_id = f"gen:{seed}", f"gen/{seed}"
-    elif source == "Generated image":
-        gen = st.session_state.get("generated")
-        if not gen or gen["checkpoint"] != model.spec:
-            st.info("Generate images on the **Generate** page first, or pick a seed.")
-            st.stop()
-        seed = int(st.selectbox("Generated image (seed)", gen["seeds"], key="jr_gen_seed"))
-        fixed, made = (int(gen["steps"]), gen["sampler"]), gen.get("prompt")
-        name, source_id = f"gen:{seed}", f"gen/{seed}"
-        st.caption(f"Sampled again with {fixed[1]}, {fixed[0]} steps: the same image as on the Generate page (a seed "
-                   "names one image), now with its whole trajectory.")
-    else:
-        up = st.session_state.get("uploaded")
-        if not up or (up["resolution"], up["channels"]) != (model.resolution, model.channels):
-            st.info("Upload an image on the **Upload** page first (it is converted to what this model sees).")
-            st.stop()
-        st.info("An uploaded image has no sampling trajectory, so it is attributed by **noising it forward**: x_t is the "
-                "image noised to each chosen step's t and x̂0 the model's one-step prediction from x_t.",
-                icon=":material/info:")
-        image = pixels_to_tensor(up["pixels"])
-        name, source_id = up["name"], f"upload/{up['sha256']}"
-    prompt = prompt_inputs(model, "jr", made)
-    text = {} if prompt is None else {"prompt": prompt.text, "negative": prompt.negative, "guidance": prompt.guidance}
-    return image, fixed, seed, name, (source_id, prompt and prompt.text), text
+def choose_image(model, dataset: str | None):
+    """The Journey page's image: the current image (app_pages/_image.py). Returns (the image tensor to noise forward,
+    None for a generated image, whose trajectory is sampled; its ImageRef; its name; prompt fields for
+    `JourneyConfig`, {} for an unconditional model). Stops the page with guidance or one error line."""
+    ref = pick_image(model, "jr")
+    prompt = ref.the_prompt()
+    fields = {} if prompt is None else {"prompt": prompt.text, "negative": prompt.negative,
+                                        "guidance": prompt.guidance}
+    if ref.kind == "gen":
+        return None, ref, f"gen:{ref.number}", fields
+    if model.conditional and ref.kind in ("train", "val"):
+        st.info("On a text-conditional model the journey follows a generated or an uploaded image (a dataset image "
+                "keeps its own prompt).")
+        st.stop()
+    try:
+        target, name = image_target(model, ref, dataset)
+    except AttributionError as exc:
+        fail(exc)
+    st.info(f"{name} has no sampling trajectory, so it is attributed by **noising it forward**: x_t is the image "
+            "noised to each chosen step's t and x̂0 the model's one-step prediction from x_t.",
+            icon=":material/info:")
+    return target.images[0], ref, name, fields
 
 
 def toggle_play(labels: list[int]) -> None:

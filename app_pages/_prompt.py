@@ -7,32 +7,46 @@ from __future__ import annotations
 
 import streamlit as st
 
+from attribution.errors import AttributionError
+from attribution.models import Demo
 from attribution.sampling import DEFAULT_GUIDANCE, Prompt
 
 
+def demo_of(model) -> Demo:
+    """The demo defaults recorded with the model (`demo.json` beside a shipped model), else the plain ones; an
+    unreadable demo.json is one warning line, and the plain defaults."""
+    try:
+        return model.info.demo() if model.info is not None else Demo()
+    except AttributionError as exc:
+        st.warning(str(exc), icon=":material/warning:")
+        return Demo()
+
+
 def default_prompt(model) -> str:
-    """The first class prompt of the model's finetuning set ("a handwritten digit 5"), else empty."""
-    return next(iter(model.class_prompts()), "")
+    """The model's demo prompt, else the first class prompt of its finetuning set ("a handwritten digit 5"), else
+    empty."""
+    return demo_of(model).prompt or next(iter(model.class_prompts()), "")
 
 
-def prompt_inputs(model, key: str, fixed: dict | None = None) -> Prompt | None:
-    """Prompt, negative prompt and guidance for a text-conditional model (None for an unconditional one). `fixed`:
-    the prompt an image was generated with (shown, not editable)."""
+def default_guidance(model) -> float:
+    """The model's demo guidance scale, else Stable Diffusion's 7.5."""
+    guidance = demo_of(model).guidance
+    return DEFAULT_GUIDANCE if guidance is None else guidance
+
+
+def prompt_inputs(model, key: str) -> Prompt | None:
+    """Prompt, negative prompt and guidance for a text-conditional model (None for an unconditional one)."""
     if not model.conditional:
         return None
-    if fixed is not None:
-        prompt = Prompt(fixed["prompt"], fixed["negative"], fixed["guidance"])
-        st.caption(f"Prompt: **{prompt.text}**" + (f" · negative: {prompt.negative}" if prompt.negative else "")
-                   + f" · guidance {prompt.guidance:g}")
-        return prompt
     c1, c2, c3 = st.columns([3, 2, 1])
     text = c1.text_input("Prompt", default_prompt(model), key=f"{key}_prompt",
                          help="What the text-conditional model generates; training images keep their own prompts "
                               "(their class through the finetuning template).")
     negative = c2.text_input("Negative prompt", "", key=f"{key}_negative",
                              help="Classifier-free guidance pushes away from it (empty: the unconditional prompt).")
-    guidance = c3.number_input("Guidance", 1.0, 30.0, DEFAULT_GUIDANCE, 0.5, key=f"{key}_guidance",
-                               help="Classifier-free guidance scale (1 = none; Stable Diffusion's default is 7.5).")
+    guidance = c3.number_input("Guidance", 1.0, 30.0, default_guidance(model), 0.5, key=f"{key}_guidance",
+                               help="Classifier-free guidance scale (1 = none). The default is the model's recorded "
+                                    "demo value (demo.json) where it has one, else Stable Diffusion's 7.5.")
     return Prompt(text, negative, float(guidance))
 
 
@@ -42,7 +56,7 @@ def prompt_from_state(model, key: str) -> Prompt | None:
         return None
     return Prompt(st.session_state.get(f"{key}_prompt", default_prompt(model)),
                   st.session_state.get(f"{key}_negative", ""),
-                  float(st.session_state.get(f"{key}_guidance", DEFAULT_GUIDANCE)))
+                  float(st.session_state.get(f"{key}_guidance", default_guidance(model))))
 
 
 def as_prompt(d: dict | None) -> Prompt | None:

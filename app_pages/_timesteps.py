@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import streamlit as st
+import torch
 from attribution.analysis.influential import top_k_stats
 from attribution.analysis.norms import NormConfig, sample_curve
 from attribution.data import ImageDataset, training_dataset_of
@@ -22,14 +23,19 @@ from app_pages._ui import cached_model, fail
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def curve(spec: str, dataset_spec: str, index: int, grid: int) -> tuple[np.ndarray, np.ndarray, int, str]:
-    """(timesteps, gradient norms) of one training image over a grid, with the timestep it was trained at and
-    that timestep's source ("recorded" or "sampled"); cached per (checkpoint, dataset, image, grid)."""
+def curve(spec: str, key: str, image: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, gradient norms) of one image ((C, H, W) in [-1, 1], noise key `key`: an attribution target's)
+    over a grid of timesteps with fixed noise; cached per (checkpoint, image, key, grid)."""
+    return sample_curve(cached_model(spec), torch.from_numpy(image), key, NormConfig(grid=grid))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def trained_at(spec: str, dataset_spec: str, index: int) -> tuple[int, str]:
+    """The timestep training image `index` was drawn at in the epoch that ended at the checkpoint, and that
+    timestep's source ("recorded" by the training run, or "sampled")."""
     m = cached_model(spec)
-    data = training_dataset_of(m, dataset_spec)
-    ts, norms = sample_curve(m, data.tensors([index])[0], f"{data.split}/{index}", NormConfig(grid=grid))
-    trained, source = training_timesteps(m, data, 0)
-    return ts, norms, int(trained[index]), source
+    trained, source = training_timesteps(m, training_dataset_of(m, dataset_spec), 0)
+    return int(trained[index]), source
 
 
 def influential_tab(model, train: ImageDataset, dataset: str | None) -> None:

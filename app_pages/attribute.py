@@ -18,29 +18,29 @@ from app_pages._ui import checkpoint_name, display_path, display_size, fail, kee
 
 st.title("Attribute")
 st.caption("Proponents pushed the model toward the target (positive score); opponents pushed it away.")
-keep("attr_source", "attr_seed", "attr_train_idx", "attr_val_idx", "attr_method", "attr_fn", "attr_eta", "attr_K",
-     "attr_strategy", "attr_k", "attr_projector", "attr_ckpt_weights", "attr_compare", "attr_compare_ckpt",
-     "attr_npro", "attr_nopp")
+keep("attr_method", "attr_fn", "attr_eta", "attr_K", "attr_strategy", "attr_k", "attr_projector", "attr_ckpt_weights",
+     "attr_compare", "attr_compare_ckpt", "attr_npro", "attr_nopp")  # the target is the current image (_image.py)
 model = require_model()
 dataset = st.session_state.get("dataset")
 size = display_size(model.resolution, 256)  # a large target
 
 # -- 1. the target -----------------------------------------------------------------------------------------------
 st.subheader("Target")
-target, target_spec = choose_target(model)
+target, target_spec, ref = choose_target(model)
 # What the stored results belong to: results for another target, checkpoint or dataset are never shown as this one's.
 target_id = (model.spec, dataset, target_spec, target.keys[0],
              hashlib.sha256(target.images.numpy().tobytes()).hexdigest()[:16])
 st.image(pixels_to_pil(tensor_to_pixels(target.images[0]), size), output_format="PNG",
-         caption=f"{target_spec}" + (f" · label {target.labels[0]}" if target.labels[0] else ""))
+         caption=ref.describe(target_spec if ref.kind == "upload" else None)
+         + (f" · label {target.labels[0]}" if target.labels[0] else ""))
 
 # -- 2. method and options (a form: nothing runs until Run) --------------------------------------------------------
 st.subheader("Method")
 c1, c2, c3 = st.columns(3)  # outside the form: what they choose decides which other controls apply
 method = option_widget(c1, "method", "attr_method",
                        format_func=lambda m: METHOD_TITLES[m] + (" (recommended)" if m == RECOMMENDED_METHOD else ""))
-c1.caption(METHODS[method].summary[:1].upper() + METHODS[method].summary[1:] + "."  # what the method measures
-           + (" Recommended: the highest LDS of the gradient methods on the digits bank (Evaluation page)."
+st.caption(METHODS[method].summary[:1].upper() + METHODS[method].summary[1:] + "."  # what it measures; under the
+           + (" Recommended: best LDS on the digits bank."  # row: some are long
               if method == RECOMMENDED_METHOD else ""))
 fn, eta = None, None
 if len(METHODS[method]().fn_choices()) > 1:

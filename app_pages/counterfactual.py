@@ -6,17 +6,18 @@ import streamlit as st
 
 from attribution.errors import AttributionError
 from attribution.evaluation.counterfactual import CONTROL, RANDOM
-from attribution.evaluation.counterfactual_stats import METRICS, dose_response, per_target, seed_noise, summary_rows
+from attribution.evaluation.counterfactual_stats import (METRICS, best_supported, dose_response, per_target, seed_noise,
+                                                         summary_rows, verdict)
 from app_pages._counterfactual import (EXAMPLE, boxplot_figure, cached_study, difference_map, dose_figure, label,
                                        stamp, study_folders)
 from app_pages._figures import chart
 from app_pages._ui import cached_dataset, display_size, fail, image_grid
 
 st.title("Counterfactual")
-st.caption("The D-TRAK paper's visual test (section 4.4): remove the training images a method calls the strongest "
-           "proponents of a generated image, retrain with the same recipe and seed, and regenerate the image from "
-           "the same seed and noise. A method that found the images that made it changes it more than removing as "
-           "many random images does.")
+st.caption("The D-TRAK paper's visual test: remove a method's top proponents of a generated image, retrain, "
+           "regenerate from the same noise. Finding the images that made it should change it more than removing as "
+           "many random ones.")
+lead = st.container()  # the verdict, once the study and its removal are chosen
 folders = study_folders()
 if not folders:
     st.info("No counterfactual study yet. Run one (resumable; each removal is one retrain):")
@@ -49,8 +50,20 @@ metrics = [m for m in METRICS if any(c.get(m) is not None for c in cells)]
 metric = c4.selectbox("Measure", metrics, key="cf_metric", format_func=METRICS.get)
 here = [c for c in cells if c["direction"] == direction and int(c["k"]) == k and int(c["seed"]) == seed]
 methods = sorted({c["method"] for c in here}, key=lambda m: (m != RANDOM, m))
+rows_all = summary_rows(study)
+best = best_supported(rows_all, direction, k, seed)
 c1, c2 = st.columns(2)
-method = c1.selectbox("Method", methods, key="cf_method", index=len(methods) - 1)
+method = c1.selectbox("Method", methods, key="cf_method", index=methods.index(best) if best in methods else
+                      len(methods) - 1, help="Starts on the method this study supports best: the highest lower end "
+                      "of the paired interval of its pixel-L2 change beyond random removal.")
+shown = method if verdict(rows_all, method, direction, k, seed, n_train) else best  # random has no verdict
+said = shown and verdict(rows_all, shown, direction, k, seed, n_train)
+with lead:
+    if said:
+        whose = "the method this study supports best" if shown == best else "the method chosen below"
+        st.markdown(f"**Verdict** ({whose}): {said}")
+    else:
+        st.caption("No method of this removal is paired with random removal on the same targets: no verdict.")
 targets = sorted({int(c["target"]) for c in here if c["method"] == method})
 target = c2.selectbox("Target", targets, key="cf_target", format_func=lambda t: f"gen:{t}")
 cell = next(c for c in here if c["method"] == method and int(c["target"]) == target)
@@ -89,7 +102,7 @@ st.subheader("Across targets")
 values = dict(sorted(per_target(study, metric, direction, k, seed).items(), key=lambda kv: (kv[0] != RANDOM, kv[0])))
 chart(boxplot_figure(values, metric, f"{METRICS[metric]} after removing {k} images ({direction}), seed {seed}"),
       key="cf_box", name="counterfactual-boxplot")
-rows = [r for r in summary_rows(study) if r["direction"] == direction and r["k"] == k and r["seed"] == seed]
+rows = [r for r in rows_all if r["direction"] == direction and r["k"] == k and r["seed"] == seed]
 table = pd.DataFrame([{"method": r["method"], "targets": r["targets"],
                        **{f"median {METRICS[m]}": r.get(f"{m}_median") for m in metrics},
                        "L2 − random (mean)": r.get("l2_vs_random"),

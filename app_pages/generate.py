@@ -1,4 +1,4 @@
-"""Generate: sample images from the chosen checkpoint; the last batch becomes the attribution targets."""
+"""Generate: sample images from the chosen checkpoint; the first image of the batch becomes the current image."""
 
 import time
 
@@ -6,7 +6,8 @@ import streamlit as st
 
 from attribution.errors import AttributionError
 from attribution.sampling import SAMPLERS
-from app_pages._prompt import as_prompt, prompt_flags, prompt_from_state, prompt_inputs
+from app_pages._image import ImageRef, set_current
+from app_pages._prompt import as_prompt, demo_of, prompt_flags, prompt_from_state, prompt_inputs
 from app_pages._ui import (display_size, fail, generate_images, image_grid, pngs_zip, progress_bar,
                           require_model)
 
@@ -29,7 +30,7 @@ def _queue() -> None:
 job = st.session_state.pop("generate_job", None)
 with st.form("generate"):
     c1, c2, c3, c4 = st.columns(4)
-    c1.number_input("Seed", 0, 2**31 - 1, 0, key="gen_seed",
+    c1.number_input("Seed", 0, 2**31 - 1, demo_of(model).seed, key="gen_seed",
                     help="Image i gets seed SEED+i, so a seed names the same image everywhere.")
     c2.number_input("Images", 1, 64, 8, key="gen_n")
     c3.number_input("Steps", 1, model.num_timesteps, 50, key="gen_steps",
@@ -51,6 +52,9 @@ if job is not None:
             fail(exc)
         status.update(label=f"Generated {job['n']} images in {time.time() - start:.1f} s", state="complete")
     st.session_state["generated"] = {**result, "seconds": round(time.time() - start, 1)}
+    made = job["prompt"]
+    set_current(ImageRef("gen", int(job["seed"]), int(job["steps"]), job["sampler"],
+                         *(() if made is None else (made.text, made.negative, made.guidance))))
     st.rerun()  # redraw with the form enabled
 
 generated = st.session_state.get("generated")
@@ -67,7 +71,8 @@ if generated["checkpoint"] != model.spec:
     st.warning(f"These images came from `{generated['checkpoint']}`, not the checkpoint now selected.")
 size = display_size(pixels.shape[1], 96)
 image_grid(pixels, [f"seed {s}" for s in seeds], size, key="generated_grid")
-st.caption("These images are the targets for attribution on the next pages.")
+st.caption(f"The first, seed {seeds[0]}, became the current image: the Attribute, Journey and Timesteps pages open on "
+           "it (their seed picks another).")
 st.download_button("Download PNGs (.zip)", pngs_zip(pixels, [f"seed-{s:06d}.png" for s in seeds]),
                    file_name="generated.zip", mime="application/zip", icon=":material/download:")
 st.code(f"python -m attribution generate --checkpoint {generated['checkpoint']} --n {len(seeds)} "

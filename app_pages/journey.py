@@ -9,7 +9,6 @@ from attribution.analysis.formation import formation
 from attribution.figures import formation_figure
 from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import METHODS, get_method
-from attribution.sampling import SAMPLERS
 from app_pages._attr import (PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_job, lambda_slider,
                              opts_key, ranked_tiles, top_lists)
 from app_pages._trust import trust_caption
@@ -26,25 +25,21 @@ st.title("Journey")
 st.caption("Attribution of every denoising step: at step t the model's guess of the clean image, x̂0, is re-noised "
            "to t and attributed (Journey-TRAK). The proponents change along the way, and the formation curve shows "
            "over which steps the image's features are decided.")
-keep("jr_source", "jr_seed", "jr_method", "jr_sampler", "jr_steps", "jr_every", "jr_R", "jr_K", "jr_k")
+keep("jr_method", "jr_fwd_steps", "jr_every", "jr_R", "jr_K", "jr_k")  # the image: the current one (_image.py)
 model = require_model()
 dataset = st.session_state.get("dataset")
 size = display_size(model.resolution, 128)
 
 # -- 1. the image ------------------------------------------------------------------------------------------------
-image, fixed, seed, name, source_id, prompt = choose_image(model)
+image, ref, name, prompt = choose_image(model, dataset)
 
 # -- 2. options (a form: nothing runs until Compute) --------------------------------------------------------------
 with st.form("jr_form"):
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c3, c4 = st.columns(3)
     method = c1.selectbox("Method", JOURNEY_METHODS, format_func=lambda m: METHODS[m].title, key="jr_method")
-    if fixed is None:
-        sampler = c2.selectbox("Sampler", SAMPLERS, key="jr_sampler")
-        steps = int(c3.number_input("Sampling steps", 1, model.num_timesteps, 50, key="jr_steps"))
-    else:
-        sampler, steps = fixed[1], fixed[0]
-        c2.caption(f"Sampler: **{sampler}**")
-        c3.caption(f"Sampling steps: **{steps}**")
+    steps = ref.steps if image is None else int(c3.number_input(
+        "Steps", 1, model.num_timesteps, 50, key="jr_fwd_steps",
+        help="The image has no trajectory: it is noised to the timesteps of this many DDPM steps."))
     every = int(c4.number_input("Attribute every N-th step", 1, model.num_timesteps, 5, key="jr_every",
                                 help="Counted back from the last step, which is always attributed."))
     c5, c6, c7 = st.columns(3)
@@ -54,12 +49,13 @@ with st.form("jr_form"):
     proj_dim = c7.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="jr_k")
     run = st.form_submit_button("Compute journey", type="primary")
 
-image_id = (model.spec, dataset, source_id)
+image_id = (model.spec, dataset, ref)
 if run:
     # One entry holds what was computed and its λ: a failed run must not leave an older journey labelled as this
     # one; a journey with the options of the previous one keeps its λ.
     previous = st.session_state.pop("jr_result", None)
-    cfg = JourneyConfig(seed=seed, steps=steps, sampler=sampler, every=every, resamples=resamples, **prompt)
+    cfg = JourneyConfig(seed=ref.number if image is None else 0, steps=steps,
+                        sampler=ref.sampler if image is None else "ddpm", every=every, resamples=resamples, **prompt)
     opts = RunOptions(model.spec, dataset, method, timesteps=timesteps, proj_dim=int(proj_dim))
     with st.status("Computing the journey…", expanded=True) as status:
         try:
@@ -139,5 +135,5 @@ step_panel()
 
 # -- 4. film strip: the top proponent of each step, downloads, the command line -------------------------------------
 film_strip(journey, scores, form, att.train, labels, FORMATION_TOP)
-st.code(journey_cli(opts, cfg, journey, att.train.spec, lam, uploaded=image is not None), language="bash",
+st.code(journey_cli(opts, cfg, journey, att.train.spec, lam, forward=image is not None), language="bash",
         wrap_lines=True)

@@ -83,12 +83,10 @@ ranks = class_ranks(values, data.labels)
 order = np.argsort(-values, kind="stable")
 if per_class:  # the top of every class first: all rank-1 images, then all rank-2, ...
     order = order[np.argsort(ranks[order], kind="stable")]
-st.caption(("Shown: self-influence divided by the squared norm of the image's feature φ (the Rayleigh quotient of "
-            "(ΦᵀΦ + λI)⁻¹ for its unit direction): how few training images share its gradient direction, "
-            "whatever the gradient's size." if variant == "normalised" else
-            "Shown: plain self-influence, the image's score for itself (with Q = I, the kernel leverage). It grows "
-            "with the gradient's size; switch to the size-normalised variant to see unusual images rather than "
-            "large gradients.")
+st.caption(("Shown: self-influence divided by the squared norm of the image's feature φ: how few training images "
+            "share its gradient direction, whatever the gradient's size." if variant == "normalised" else
+            "Shown: plain self-influence, the image's score for itself (the kernel leverage). It grows with the "
+            "gradient's size; the size-normalised variant shows unusual images rather than large gradients.")
            + (" Ordered by rank within class: the most self-influential image of each class first." if per_class
               else ""))
 n_show = st.slider("Images shown", 4, 32, 10, key="si_n")

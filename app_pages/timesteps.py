@@ -1,29 +1,29 @@
 """Timesteps: how loss-gradient norms depend on the diffusion timestep, and what that does to TracIn-style
-attribution (Diffusion-ReTrac paper). Four views: one image over a grid of timesteps, the training set at its
-training timesteps (click a point to open the image), the same per checkpoint, and the generally influential
-training images per method."""
+attribution (Diffusion-ReTrac paper). Four views: the current image (generated, uploaded or from the dataset) over
+a grid of timesteps, the training set at its training timesteps (click a point to open the image), the same per
+checkpoint, and the generally influential training images per method."""
 
 import streamlit as st
 
 from attribution.analysis.norms import NormConfig, training_norms
-from attribution.data import training_dataset_of
+from attribution.data import pixels_to_pil, tensor_to_pixels, training_dataset_of
 from attribution.errors import AttributionError
 from attribution.figures import norm_curve_figure, norm_scatter_figure, per_checkpoint_figure, selected_points
 from attribution.methods.over_checkpoints import run_checkpoints
 from app_pages._figures import chart
+from app_pages._image import image_target, pick_image
 from app_pages._tiles import tile_caption, tiles
-from app_pages._timesteps import curve, influential_tab
+from app_pages._timesteps import curve, influential_tab, trained_at
 from app_pages._ui import cached_model, checkpoint_name, display_size, fail, keep, progress_bar, require_model
 
 st.title("Timesteps")
-st.caption("Per-sample gradient norms ‖∇θ L(x, t)‖ depend strongly on the timestep t. Plain TracIn therefore "
-           "favours training images drawn at timesteps with large gradients, whatever the target (\"generally "
-           "influential\" samples); Diffusion-ReTrac normalises the gradients to remove that bias.")
-st.caption("Direction: the Diffusion-ReTrac paper reports norms rising toward noise (large t). On the "
-           "ε-prediction DDPMs here they fall with t: the ε-MSE gradient is proportional to the prediction error, "
-           "which is largest at small t (recovering faint noise from a nearly clean image; the shipped digits "
-           "model's loss falls from ~0.17 at t = 10 to ~0.0004 at t = 900, where x_t is almost pure noise).")
-keep("ts_log", "ts_index", "ts_grid", "ts_samples", "ts_per_bin", "ts_samples_c", "ts_infl_methods", "ts_infl_n",
+st.caption("Gradient norms ‖∇θ L(x, t)‖ depend strongly on t, so plain TracIn favours training images drawn at "
+           "large-gradient timesteps whatever the target (\"generally influential\"); Diffusion-ReTrac normalises "
+           "the gradients.")
+st.caption("The Diffusion-ReTrac paper reports norms rising toward noise; on these ε-prediction DDPMs they fall "
+           "with t, as the ε-MSE gradient follows the prediction error (digits: loss ~0.17 at t = 10, ~0.0004 at "
+           "t = 900).")
+keep("ts_log", "ts_grid", "ts_samples", "ts_per_bin", "ts_samples_c", "ts_infl_methods", "ts_infl_n",
      "ts_infl_k")
 model = require_model()
 dataset = st.session_state.get("dataset")
@@ -41,23 +41,31 @@ one, scatter, per_ckpt, influential = st.tabs(["One image", "Training set", "Per
 
 # -- one image over a grid of timesteps ---------------------------------------------------------------------------
 with one:
+    ref = pick_image(model, "ts")  # the current image: generated, uploaded or from the dataset
+    try:
+        target, name = image_target(model, ref, dataset)
+    except AttributionError as exc:
+        fail(exc)
+    name = name if ref.kind == "upload" else ref.spec  # gen:SEED however it was sampled (the caption says how)
     c1, c2, c3 = st.columns([1, 1, 2])
-    index = int(c1.number_input("Training image", 0, len(train) - 1, 0, key="ts_index"))
     grid = int(c2.select_slider("Timesteps", [10, 25, 50, 100, 200], 100, key="ts_grid"))
     ckpts = c3.multiselect("Checkpoints", run_specs, [model.spec], key="ts_ckpts", format_func=checkpoint_name)
-    c1.image(train.thumbnail(index, size), width=size, output_format="PNG",
-             caption=f"#{index} · {train.label_name(index)}")
+    c1.image(pixels_to_pil(tensor_to_pixels(target.images[0]), size), width=size, output_format="PNG",
+             caption=ref.describe(name)
+             + (f" · {target.labels[0]}" if target.labels[0] else ""))
     if ckpts:
         curves, marks, sources = {}, {}, set()
         with st.spinner("Gradient norms at every timestep (fixed noise)…"):
             for spec in ckpts:
-                ts, norms, trained, source = curve(spec, train.spec, index, grid)
-                curves[checkpoint_name(spec)], marks[checkpoint_name(spec)] = (ts, norms), trained
-                sources.add(source)
-        chart(norm_curve_figure(curves, marks, f"train:{index}: gradient norm versus timestep", log_y), "ts_curve",
-              f"gradient-norm-train-{index}")
-        st.caption(f"Dashed lines: the timestep this image was drawn at in the epoch that ended at each checkpoint "
-                   f"({', '.join(sorted(sources))}). The same noise is used at every timestep.")
+                curves[checkpoint_name(spec)] = curve(spec, target.keys[0], target.images[0].numpy(), grid)
+                if ref.kind == "train":  # a training image was drawn at a timestep in each epoch
+                    marks[checkpoint_name(spec)], source = trained_at(spec, train.spec, ref.number)
+                    sources.add(source)
+        chart(norm_curve_figure(curves, marks, f"{name}: gradient norm versus timestep", log_y), "ts_curve",
+              f"gradient-norm-{name.replace(':', '-')}")
+        st.caption("The same noise at every timestep" + (
+            f"; dashed lines: the timestep this image was drawn at in the epoch that ended at each checkpoint "
+            f"({', '.join(sorted(sources))})." if sources else "."))
 
 # -- the training set at its training timesteps ---------------------------------------------------------------------
 with scatter:

@@ -18,7 +18,8 @@ from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import DEFAULT_METHOD, get_method
 from streamlit.errors import StreamlitAPIException
 from app_pages._attr import (PROJ_DIMS, RunOptions, cached_attribution, featurize_job, featurize_with_progress,
-                             generated_pixels, ranked_tiles, target_from_pixels, top_lists)
+                             ranked_tiles, target_from_pixels, top_lists)
+from app_pages._image import generated_pixels
 from app_pages._figures import chart
 from app_pages._tiles import record_scores, tiles
 from app_pages._ui import display_size, fail, keep, progress_bar, require_model
@@ -101,8 +102,8 @@ except StreamlitAPIException:  # a version of the app without the pages
 
 # -- 4. the journey -----------------------------------------------------------------------------------------------
 if step(4, "Its journey", "Attribute every 10th denoising step: at each, the model's current guess of the final "
-        "image (x̂0) is attributed. Early steps borrow from many training images; the proponents settle as the "
-        "image takes shape.", "Follow its journey", "pixels" in tour):
+        "image (x̂0) is attributed. The sentence under the strip says when x̂0 takes shape, and how much of the last "
+        "step's top proponents the earlier steps already hold.", "Follow its journey", "pixels" in tour):
     with st.status("Journey…", expanded=True) as status:
         jatt = attempt(lambda: cached_attribution(opts).members[0])  # the Attribute page's features and kernel
         attempt(lambda: featurize_job(jatt).watch(progress_bar(f"Featurizing {len(jatt.train)} training images")))

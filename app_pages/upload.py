@@ -1,11 +1,12 @@
-"""Upload: your own image as an attribution target, shown as the model sees it."""
+"""Upload: your own image as the current image (an attribution target), shown as the model sees it."""
 
 import streamlit as st
 
 from attribution.data import pixels_to_pil
 from attribution.data.images import IMAGE_SUFFIXES
 from attribution.errors import AttributionError
-from app_pages._ui import display_size, read_upload, require_model
+from app_pages._image import KEY, ImageRef, forget_upload, save_upload, set_current, upload_record
+from app_pages._ui import display_size, fail, read_upload, require_model
 
 st.title("Upload")
 model = require_model()
@@ -19,9 +20,17 @@ if file is not None:
     try:
         st.session_state["uploaded"] = {**read_upload(file.getvalue(), file.name, model.resolution, model.channels),
                                         "checkpoint": model.spec}
+        save_upload(file.getvalue(), st.session_state["uploaded"])
+        set_current(ImageRef("upload", upload=st.session_state["uploaded"]["sha256"]))
     except AttributionError as exc:  # the previous upload stops being the target: this one replaced it
         st.session_state.pop("uploaded", None)
+        forget_upload()
         st.error(str(exc), icon=":material/error:")
+elif getattr(st.session_state.get(KEY), "kind", None) == "upload":  # opened on a link that names an upload
+    try:
+        upload_record(model, st.session_state[KEY].upload)
+    except AttributionError as exc:
+        fail(exc)
 
 uploaded = st.session_state.get("uploaded")
 if not uploaded:
@@ -43,4 +52,5 @@ with right:
     st.markdown(f"**As the model sees it** · {uploaded['resolution']}×{uploaded['resolution']}")
     st.image(pixels_to_pil(uploaded["pixels"], display_size(uploaded["resolution"], 256)), width=256,
              output_format="PNG")
-st.caption(f"Stored as the upload target (sha256 {uploaded['sha256']}).")
+st.caption(f"The current image of the Attribute, Journey and Timesteps pages: upload:{uploaded['sha256']} in the "
+           "link, kept on this server (cache/uploads/) so that the link reopens it.")

@@ -26,6 +26,8 @@ Layout (one folder per feature set; the name carries a readable slug and a hash 
       throughput.json                  featurization speed per checkpoint on this machine (`record_throughput`)
       counterfactual/
         <checkpoint hash>/<slug>-<identity hash>/   one counterfactual study (evaluation/counterfactual.py)
+      uploads/
+        <sha256 prefix>/<file name>    an image uploaded in the app (a link names it by the hash)
 
 Featurizing writes rows in batches: rows first (flushed), then the done mask (atomically replaced), so a kill at
 any point loses at most the batch in flight and a rerun resumes at the first unfinished row. A folder appears
@@ -290,6 +292,12 @@ def counterfactual_dir(checkpoint_hash: str, slug: str, identity: dict,
 
 
 # -- MAGIC (attribution/magic): weighted runs, per-query metagradients, leave-out retrains --------------------------
+
+def uploads_dir(root: str | os.PathLike | None = None) -> Path:
+    """Images uploaded in the app, one folder per content hash (`<sha256 prefix>/<file name>`), so that a link that
+    names an upload by its hash reopens it on this server."""
+    return cache_root(root) / "uploads"
+
 
 def magic_root(root: str | os.PathLike | None = None) -> Path:
     """cache/magic: one folder per deterministic weighted run (see attribution/magic/runs.py)."""

@@ -245,6 +245,24 @@ def test_formation_summary_milestones():
     assert f.covered(0.5) == 31 and f.covered(0.9) == 41 and f.covered(0.0) == 1
     assert f.settled(0.5) == 31 and f.settled(0.0) == 1 and f.settled(1.0) == 50
     assert f.summary().startswith("x̂0 is halfway to the final image at step 31 and 90% of the way at step 41 (of 50)")
+    assert f.summary().endswith("from step 31 on, at least half of the last step's top-4 proponents are among the "
+                                "step's top-4.")
+
+
+def test_formation_summary_says_when_the_proponents_keep_changing():
+    """Issue 24, 8: the page said "from step 50 on, at least half of the last step's top-4 are among the step's
+    top-4" (true of the last step alone) while no earlier step shared any; the Tour said the proponents settle."""
+    from attribution.analysis.formation import Formation
+
+    steps = np.array([1, 11, 21, 31, 41, 50])
+    d = np.array([1.0, 0.9, 0.6, 0.2, 0.05, 0.0])
+    none = Formation(steps, steps * 20, d, np.zeros(6), np.array([0, 0, 0, 0, 0, 1.0]), top=4)
+    assert none.settled(0.5) == 50
+    assert none.summary().endswith("the proponents keep changing to the end: an earlier step's top-4 holds none of "
+                                   "the last step's top-4.")
+    some = Formation(steps, steps * 20, d, np.zeros(6), np.array([0, 0.25, 0, 0.25, 0.25, 1.0]), top=4)
+    assert some.summary().endswith("an earlier step's top-4 holds at most 1 of the last step's top-4.")
+    assert "from step" not in none.summary() + some.summary()
 
 
 def test_journeys_are_cached_and_keyed_by_their_options(trak_att, cache, monkeypatch):
@@ -356,7 +374,8 @@ def tile_indices(at, key: str) -> list[int]:
 def compute_journey(at, **values):
     at.switch_page("app_pages/journey.py").run()
     assert not at.exception
-    for key, value in {"jr_steps": 8, "jr_every": 3, "jr_R": 2, "jr_K": 2, **values}.items():
+    steps = {} if "jr_fwd_steps" in values else {"jr_steps": 8}  # a generated image's steps, or an upload's
+    for key, value in {**steps, "jr_every": 3, "jr_R": 2, "jr_K": 2, **values}.items():
         at.number_input(key=key).set_value(value)
     at.selectbox(key="jr_k").set_value(512)
     at.selectbox(key="jr_method").set_value("trak")
@@ -419,9 +438,9 @@ def test_journey_page_noises_an_upload_forward(app, train):
     app.session_state["uploaded"] = {"name": "mine.png", "sha256": "abc", "pixels": train.pixels[5],
                                      "resolution": 16, "channels": 1}
     app.switch_page("app_pages/journey.py").run()
-    app.radio(key="jr_source").set_value("Uploaded image").run()
+    app.radio(key="jr_source").set_value("Uploaded").run()
     assert "noising it forward" in app.main.info[0].value
-    j = compute_journey(app, jr_steps=6, jr_every=2)
+    j = compute_journey(app, jr_fwd_steps=6, jr_every=2)
     assert j.meta["mode"] == "forward" and j.meta["name"] == "mine.png"
     np.testing.assert_allclose(j.final, train.tensors([5])[0].numpy())
     assert "--image mine.png" in app.main.code[0].value
@@ -458,25 +477,32 @@ def test_journey_cli_forward_noises_an_image_file(tiny_run, small_npz, cache, tm
             "2", "--resamples", "1", "--method", "trak", "--timesteps", "2", "--proj-dim", "256", "--cache", str(cache)]
     assert main(base + ["--image", str(tmp_path / "missing.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not an existing image file" in err[0]
+    assert len(err) == 1 and "neither train:I, val:I nor an existing image file" in err[0]
     assert main(base + ["--image", str(tmp_path / "seven.png"), "--out", str(tmp_path / "out")]) == 0
     assert "noising it forward" in capsys.readouterr().err
     meta = json.loads((tmp_path / "out" / "journey.json").read_text())
     assert meta["mode"] == "forward" and meta["name"] == "seven.png"
     with np.load(tmp_path / "out" / "journey.npz") as z:
         np.testing.assert_allclose(z["final"], train.tensors([7])[0].numpy())
+        seven = z["scores"]
+    # train:I names the same image (what the Journey page's command line says for a dataset image): the same
+    # pixels, so the journey cached for seven.png (keyed by the pixels) is the one reused
+    assert main(base + ["--image", "train:7", "--out", str(tmp_path / "out-train")]) == 0
+    assert "train:7: x̂0 approaches the final image" in capsys.readouterr().out
+    with np.load(tmp_path / "out-train" / "journey.npz") as z:
+        np.testing.assert_allclose(z["final"], train.tensors([7])[0].numpy())
+        np.testing.assert_allclose(z["scores"], seven)
 
 
 def test_journey_page_resamples_a_generated_image_with_its_sampler(app, tiny_run, model):
     from attribution.sampling import sample
 
-    traj = sample(model, 2, 3, steps=6, sampler="ddim")
-    app.session_state["generated"] = {"checkpoint": model.spec, "seeds": [3, 4], "pixels": None, "steps": 6,
-                                      "sampler": "ddim"}
+    traj = sample(model, 2, 3, steps=6, sampler="ddim")  # as the Generate page makes seeds 3 and 4
     app.switch_page("app_pages/journey.py").run()
-    app.radio(key="jr_source").set_value("Generated image").run()
-    app.selectbox(key="jr_gen_seed").set_value(4).run()
-    assert any("ddim, 6 steps" in c.value for c in app.main.caption)
+    app.number_input(key="jr_seed").set_value(4)
+    app.number_input(key="jr_steps").set_value(6)
+    app.selectbox(key="jr_sampler").set_value("ddim").run()
+    assert app.query_params["image"] == "gen:4" and app.query_params["sampler"] == "ddim"
     app.number_input(key="jr_every").set_value(2)
     app.number_input(key="jr_R").set_value(1)
     app.number_input(key="jr_K").set_value(2)

@@ -62,12 +62,18 @@ class Formation:
         return int(self.steps[0] if not len(below) else self.steps[min(below[-1] + 1, len(self.steps) - 1)])
 
     def summary(self) -> str:
-        """One sentence on when the image and its proponents are decided."""
+        """One sentence on when the image and its proponents are decided: the proponents only where an earlier
+        step already holds half of the last step's top-k (else how many it holds at most)."""
         h, n, s = self.covered(0.5), self.covered(0.9), self.settled(0.5)
-        last = int(self.steps[-1])
-        return (f"x̂0 is halfway to the final image at step {h} and 90% of the way at step {n} (of {last}); "
-                f"from step {s} on, at least half of the last step's top-{self.top} proponents are among the "
-                f"step's top-{self.top}.")
+        last, k = int(self.steps[-1]), self.top
+        text = f"x̂0 is halfway to the final image at step {h} and 90% of the way at step {n} (of {last}); "
+        if s < last:
+            return text + (f"from step {s} on, at least half of the last step's top-{k} proponents are among the "
+                           f"step's top-{k}.")
+        shared = int(round(float(self.overlap[:-1].max()) * k)) if len(self.overlap) > 1 else 0
+        held = "none" if shared == 0 else f"at most {shared}"
+        return text + (f"the proponents keep changing to the end: an earlier step's top-{k} holds {held} of the "
+                       f"last step's top-{k}.")
 
 
 def pixel_correlation(images: np.ndarray, ref: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ formation.html (the plotly formation curve). The computed journey is cached, so 
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from ..methods import METHODS, get_method
 from ..models import load_model
 from ..run_options import JOURNEY_OPTIONS, add_run_options, run_options
 from ..sampling import check_prompt
+from ..targets import resolve_targets
 from .common import add_prompt_options, info, progress_bar, prompt_from, write_figures
 
 JOURNEY_METHODS = [name for name, cls in METHODS.items() if cls.per_step]  # kernel methods that score one step
+DATASET_IMAGE = re.compile(r"(train|val):\d+")
 
 
 def add_commands(sub) -> None:
@@ -36,7 +39,8 @@ def add_commands(sub) -> None:
     add_run_options(j, only=JOURNEY_OPTIONS)
     src = j.add_mutually_exclusive_group(required=True)
     src.add_argument("--seed", type=int, help="the generated image (gen:SEED)")
-    src.add_argument("--image", help="an image file without a trajectory: attributed by noising it forward")
+    src.add_argument("--image", help="an image without a trajectory, attributed by noising it forward: an image file, "
+                                     "or train:I / val:I (an image of the training set's splits)")
     j.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     j.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     j.add_argument("--every", type=int, help="every N-th step, counted back from the last (default: steps // 10)")
@@ -65,15 +69,18 @@ def cmd_journey(args) -> int:
     cfg.check(model.num_timesteps)
     check_prompt(model, prompt)
     image, name = None, f"gen:{args.seed}"
-    if args.image:
-        path = Path(args.image).expanduser()
-        if not path.is_file():
-            raise ImageError(f"--image {args.image!r} is not an existing image file")
-        image, name = pixels_to_tensor(load_image_pixels(path, model.resolution, model.channels)), path.name
-        info(f"{name} has no sampling trajectory: attributing it by noising it forward (x_t = the image noised to "
-             "each step's t, x̂0 = the model's one-step prediction)")
     method = get_method(args.method)
     att = run_options(args, seed=args.feature_seed).attributor(model)
+    if args.image and DATASET_IMAGE.fullmatch(args.image):
+        image, name = resolve_targets(args.image, model, att.train.spec).images[0], args.image
+    elif args.image:
+        path = Path(args.image).expanduser()
+        if not path.is_file():
+            raise ImageError(f"--image {args.image!r} is neither train:I, val:I nor an existing image file")
+        image, name = pixels_to_tensor(load_image_pixels(path, model.resolution, model.channels)), path.name
+    if image is not None:
+        info(f"{name} has no sampling trajectory: attributing it by noising it forward (x_t = the image noised to "
+             "each step's t, x̂0 = the model's one-step prediction)")
     info(f"training features: {att.train.spec} ({len(att.train)} images), fn={att.cfg.fn}, K={att.cfg.timesteps}, "
          f"k={att.proj_dim} ({att.cfg.projector}); cache: {att.store_path}")
     att.featurize(progress=progress_bar("featurize"))

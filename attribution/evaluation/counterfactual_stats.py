@@ -6,6 +6,8 @@
   their mean with a 95% percentile bootstrap interval over targets (`lds._percentile_ci`), and the Wilcoxon
   signed-rank test (two-sided; exact for small samples without ties, scipy's choice otherwise). With 10 targets
   the smallest two-sided p the test can give is 2/1024 = 0.002.
+- The method the study supports best (`best_supported`: the highest lower end of that interval) and a one-sentence
+  `verdict` on a method's removals against random ones.
 - Retraining-seed noise: the same removal retrained with the next seed, compared with the first seed's image (the
   change a seed alone makes), and with `controls` the unchanged training set at the model's own seed (must be 0:
   retraining reproduces the original) and at the next seed.
@@ -114,3 +116,36 @@ def dose_response(study: Study, metric: str, direction: str, seed: int) -> dict[
         if d == direction and s == seed and vals:
             out[method].append((k, float(np.median(vals))))
     return dict(out)
+
+
+def best_supported(rows: list[dict], direction: str, k: int, seed: int) -> str | None:
+    """The method this study supports best at one (direction, K, seed): the one whose removals changed the
+    regenerated images most beyond random removal on the same targets, by the lower end of the 95% interval of the
+    paired pixel-L2 difference (then by the mean difference). None when no method is paired with random there."""
+    paired_rows = [r for r in rows if (r["direction"], r["k"], r["seed"]) == (direction, k, seed)
+                   and r.get("l2_vs_random") is not None]
+    if not paired_rows:
+        return None
+    return max(paired_rows, key=lambda r: (np.nan_to_num(r["l2_vs_random_ci_low"], nan=-np.inf),
+                                           r["l2_vs_random"]))["method"]
+
+
+def verdict(rows: list[dict], method: str, direction: str, k: int, seed: int, n_train: int) -> str | None:
+    """One sentence a student can read on what removing `method`'s top-K did to the regenerated images compared
+    with removing K random images (`summary_rows`' paired pixel-L2 figures); None when the study has no paired
+    comparison for it."""
+    key = (direction, k, seed)
+    row = next((r for r in rows if r["method"] == method and (r["direction"], r["k"], r["seed"]) == key), None)
+    rnd = next((r for r in rows if r["method"] == RANDOM and (r["direction"], r["k"], r["seed"]) == key), None)
+    if row is None or rnd is None or row.get("l2_vs_random") is None:
+        return None
+    lo, hi, p = row["l2_vs_random_ci_low"], row["l2_vs_random_ci_high"], row["l2_vs_random_p"]
+    how = ("changed the regenerated images more than" if lo > 0 else
+           "changed the regenerated images less than" if hi < 0 else
+           "did not change the regenerated images measurably more than")
+    retrained = f", retrained with seed {seed}" if seed else ""
+    return (f"Removing {method}'s top {k} {direction} ({k / n_train:.1%} of the training set{retrained}) {how} "
+            f"removing {k} random images did: median pixel L2 {row['l2_median']:.2f} "
+            f"against {rnd['l2_median']:.2f}, paired difference {row['l2_vs_random']:+.2f} [{lo:+.2f}, {hi:+.2f}] "
+            f"(95% interval over {row['paired_targets']} targets), Wilcoxon p = "
+            + ("n/a" if np.isnan(p) else f"{p:.2g}") + ".")

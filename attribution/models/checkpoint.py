@@ -117,6 +117,44 @@ class CheckpointInfo:
             return json.loads((self.run_dir / "run.json").read_text())
         return {}
 
+    def demo(self) -> Demo:
+        """The demo defaults recorded beside the checkpoint (`demo.json` in its run folder, else in its pipeline
+        folder); the plain defaults when there is none."""
+        for folder in (self.run_dir, self.pipeline_dir):
+            if folder is not None and (folder / DEMO_FILE).is_file():
+                return Demo.read(folder / DEMO_FILE)
+        return Demo()
+
+
+DEMO_FILE = "demo.json"
+
+
+@dataclass(frozen=True)
+class Demo:
+    """What the app starts a model's pages on, recorded by hand in `demo.json` beside a shipped model: a seed whose
+    image shows the model well and, for a text-conditional model, a prompt and the guidance scale that make good
+    images of it (`note`: how they were chosen)."""
+
+    seed: int = 0
+    prompt: str | None = None
+    guidance: float | None = None
+    note: str = ""
+
+    @classmethod
+    def read(cls, path: Path) -> Demo:
+        d = _read_config(path)
+        unknown = sorted(set(d) - {"seed", "prompt", "guidance", "note"})
+        if unknown:
+            raise CheckpointError(f"{path} has unknown fields {', '.join(unknown)} (seed, prompt, guidance, note)")
+        try:
+            demo = cls(int(d.get("seed", 0)), d.get("prompt"),
+                       None if d.get("guidance") is None else float(d["guidance"]), str(d.get("note", "")))
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: seed must be a whole number and guidance a number") from None
+        if demo.seed < 0 or (demo.guidance is not None and demo.guidance < 1):
+            raise CheckpointError(f"{path}: seed must be at least 0 and guidance at least 1")
+        return demo
+
 
 def _read_config(path: Path) -> dict:
     try:

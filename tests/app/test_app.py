@@ -64,6 +64,19 @@ def test_home_and_sidebar(app, tiny_run):
     assert not app.sidebar.warning
 
 
+def test_home_leads_to_the_tour_and_claims_only_what_the_app_measures(app):
+    """Issue 24, 8: Home said the scores "rank images well" while the README says to trust them only a little, and
+    did not lead to the Tour. Its first link is the Tour, and its claims are the measured shares of the reachable
+    LDS (the README's "Does it work?" figures, which the Evaluation page reproduces)."""
+    assert [link.proto.page for link in app.get("page_link")][0] == "tour"
+    text = " ".join(m.value for m in app.main.markdown)
+    assert "rank images well" not in text
+    readme = " ".join((Path(APP).parent / "README.md").read_text().split())
+    for figure in ("+0.64", "+0.52", "37% / 24%"):
+        assert figure in text and figure in readme
+    assert "a lead to check, not a verdict" in text
+
+
 def test_sidebar_warns_when_checkpoint_and_dataset_differ(app):
     app.sidebar.selectbox(key="dataset_pick").set_value("animals-2").run()
     assert app.session_state["dataset"] == "animals-2"
@@ -281,8 +294,8 @@ def test_lambda_slider_shows_the_lambda_of_the_scores_after_another_target(app):
 
 
 def test_attribute_generated_targets(app):
-    """A generated target is the CLI's gen:SEED (DDPM, 50 steps) or, made otherwise, the PNG the Generate page
-    downloads, so the command line shown reproduces it."""
+    """A generated target is the CLI's gen:SEED (DDPM, 50 steps) or, made otherwise, the PNG the result column
+    offers, so the command line shown reproduces it."""
     app.switch_page("app_pages/attribute.py").run()
     app.radio(key="attr_source").set_value("Generated").run()
     assert not app.exception
@@ -294,9 +307,8 @@ def test_attribute_generated_targets(app):
     app.button[0].click().run()
     app.switch_page("app_pages/attribute.py").run()
     assert not app.exception
-    assert app.selectbox(key="attr_gen_seed").options == ["3", "4"]
-    assert shown_images(app) == ["seed-000003.png"]
-    assert any("`seed-000003.png`" in c.value for c in app.main.caption)
+    assert app.number_input(key="attr_seed").value == 3 and app.number_input(key="attr_steps").value == 4
+    assert shown_images(app) == ["gen:3 · ddpm, 4 steps"]
 
 
 def test_attribute_training_image_is_its_own_top_proponent(app):
@@ -441,6 +453,7 @@ def test_attribute_with_a_checkpoint_method_matches_the_library(app, tiny_run, f
 def test_timesteps_page(app, tiny_run):
     app.switch_page("app_pages/timesteps.py").run(timeout=RUN_TIMEOUT)
     assert not app.exception, app.exception
+    app.radio(key="ts_source").set_value("Training image").run(timeout=RUN_TIMEOUT)
     assert any("recorded" in c.value for c in app.caption)  # the one-image curve marks the training timestep
     app.number_input(key="ts_samples").set_value(30)
     next(b for b in app.button if b.label == "Compute norms").click().run(timeout=RUN_TIMEOUT)
@@ -499,6 +512,40 @@ def test_tour_walks_through_five_steps(app, tiny_run, feature_cache):
     app.button(key="tour_go_5").click().run(timeout=RUN_TIMEOUT)
     assert not app.exception, app.exception
     assert any(c.value.startswith("Largest at t = ") for c in app.caption)
+
+
+def test_the_tour_promises_only_what_its_journey_measures(app):
+    """Issue 24, 8: the Tour said the proponents "settle as the image takes shape" while the journey's own overlap
+    with the last step's proponents is 0 until the last step on the digits model; it now points at the sentence
+    that reports the measured overlap (attribution/analysis/formation.py)."""
+    app.switch_page("app_pages/tour.py").run()
+    assert not app.exception, app.exception
+    text = " ".join(m.value for m in app.main.markdown)
+    assert "how much of the last step's top proponents the earlier steps already hold" in text
+    assert "settle" not in text
+
+
+def test_captions_do_not_wrap_over_three_lines(app):
+    """Issue 24, 8: captions wrapped over 4-5 lines (the Attribute page's method note in a third of the width, the
+    Timesteps page's notes, the Journey page's comparison note). In the wide layout a caption at full width holds
+    about 150 characters a line and one in a column of three about 45: at most 360 and 140."""
+    from app_pages._journey import WHY_DIFFERENT
+
+    too_long = []
+
+    def check(page):
+        assert not app.exception, app.exception
+        too_long.extend((page, c.value) for col in app.main.columns for c in col.caption if len(c.value) > 140)
+        too_long.extend((page, c.value) for c in app.main.caption if len(c.value) > 360)
+
+    for page in ("attribute", "timesteps", "journey", "self_influence", "generate", "upload", "tour", "home"):
+        app.switch_page(f"app_pages/{page}.py").run()
+        check(page)
+    app.switch_page("app_pages/attribute.py").run()
+    app.selectbox(key="attr_method").set_value("das").run()  # the recommended method's long summary
+    check("attribute (das)")
+    assert not too_long, too_long
+    assert len(WHY_DIFFERENT) <= 260  # shown after a journey with a sentence on the Attribute page's overlap
 
 
 def test_sidebar_checks_a_dataset_spec_at_once_and_names_checkpoints_without_paths(app, tiny_run):

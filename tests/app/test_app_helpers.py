@@ -101,3 +101,25 @@ def test_a_running_status_stays_expanded():
                     offenders.append(f"{path.name}:{node.lineno}")
     assert running >= 7  # Attribute, Journey and Timesteps update their running panels
     assert not offenders, offenders
+
+
+def test_an_image_generated_otherwise_than_gen_seed_is_named_by_the_png_its_column_offers():
+    """The CLI's gen:SEED is DDPM with 50 steps; an image generated otherwise is attributed as its PNG, which the
+    result column offers for download and its command line reads back to the same pixels."""
+    import io
+
+    from PIL import Image
+
+    from app_pages._attr import ColumnTarget
+    from attribution.targets import Generated, from_pixels
+
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 1), dtype=np.uint8)
+    target = from_pixels(pixels, ["seed-000003.png"])
+    target.generated = [Generated(3, 4, "ddim")]
+    column = ColumnTarget.of(target, "seed-000003.png")
+    assert dict(column.cli)["--target"] == "seed-000003.png" and column.file[0] == "seed-000003.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(column.file[1])))[..., None], pixels[0])
+    assert "ddim, 4 steps" in column.note and "download above" in column.note
+    gen = from_pixels(pixels, ["gen:3"])
+    gen.generated = [Generated(3)]
+    assert ColumnTarget.of(gen, "gen:3").file is None  # the command line makes gen:3 itself

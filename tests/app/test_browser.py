@@ -190,3 +190,39 @@ def test_four_concurrent_sessions_get_the_single_session_top5(server, browser):
     alone.context.close()
     assert all(re.match(r"^train #\d+ · class \d · score \+", c) for c in single), single
     assert concurrent == [single] * 4
+
+
+@pytest.mark.browser
+def test_the_current_image_is_in_the_url_across_pages_and_links(server, browser):
+    """Issue 24, 7 in a real browser (AppTest cannot see the URL bar): the seed generated is in the URL, stays
+    there when the sidebar opens another page, and the URL opened in a new session shows the same image."""
+    from urllib.parse import parse_qs, urlparse
+
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/generate")
+    wait_for_app_run(page, timeout=120_000)
+    page.locator(".st-key-gen_seed input").fill("7")
+    page.locator(".st-key-gen_n input").fill("1")
+    page.locator(".st-key-gen_steps input").fill("5")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_test_id("stImageCaption").first).to_have_text("seed 7", timeout=60_000)
+    wait_for_app_run(page)
+    expect(page).to_have_url(re.compile(r"image=gen%3A7"))
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name="Attribute").click()
+    wait_for_app_run(page, timeout=120_000)
+    expect(page.get_by_role("heading", name="Attribute")).to_be_visible()
+    expect(page.get_by_test_id("stImageCaption").first).to_have_text("gen:7 · ddpm, 5 steps", timeout=60_000)
+    wait_for_app_run(page)
+    assert parse_qs(urlparse(page.url).query)["image"] == ["gen:7"] and "/attribute" in page.url
+    link = page.url
+    page.close()
+
+    fresh = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    fresh.goto(link)
+    wait_for_app_run(fresh, timeout=120_000)
+    expect(fresh.get_by_test_id("stImageCaption").first).to_have_text("gen:7 · ddpm, 5 steps", timeout=60_000)
+    expect(fresh.locator(".st-key-attr_seed input")).to_have_value("7")
+    expect(fresh.get_by_test_id("stException")).to_have_count(0)
+    fresh.context.close()

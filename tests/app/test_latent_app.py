@@ -15,7 +15,7 @@ from attribution.data import load_dataset
 from attribution.engine import open_attribution
 from attribution.methods import get_method
 from attribution.models import load_model
-from attribution.sampling import DEFAULT_GUIDANCE, Prompt
+from attribution.sampling import Prompt
 from page_support import tiles
 
 DATASET = "digits:5,6,7,8,9"  # the finetuning set its prompts.json was recorded for
@@ -57,7 +57,8 @@ def test_attribute_page_with_a_prompt(start_app, tmp_path, library):
     at.switch_page("app_pages/attribute.py").run()
     assert not at.exception, at.exception
     assert at.radio(key="attr_source").value == "Generated"
-    assert at.text_input(key="attr_prompt").value == "a handwritten digit 5"  # the first class prompt
+    assert at.text_input(key="attr_prompt").value == PROMPT  # the model's demo prompt (demo.json)
+    at.number_input(key="attr_seed").set_value(0)
     at.selectbox(key="attr_method").set_value("dtrak").run()
     at.number_input(key="attr_K").set_value(1)
     at.selectbox(key="attr_k").set_value(512)
@@ -100,8 +101,9 @@ def test_journey_page_with_a_prompt(start_app, tmp_path, library):
     at = start_app("digits-latent", tmp_path / "cache", dataset=DATASET, timeout=RUN_TIMEOUT)
     at.switch_page("app_pages/journey.py").run()
     assert not at.exception, at.exception
-    assert at.radio(key="jr_source").value == "Seed"
-    assert at.text_input(key="jr_prompt").value == "a handwritten digit 5"
+    assert at.radio(key="jr_source").value == "Generated"
+    assert at.text_input(key="jr_prompt").value == PROMPT  # the model's demo prompt (demo.json)
+    at.number_input(key="jr_seed").set_value(0)
 
     def compute(prompt: str):
         at.text_input(key="jr_prompt").set_value(prompt)
@@ -119,12 +121,12 @@ def test_journey_page_with_a_prompt(start_app, tmp_path, library):
 
     shown = compute(PROMPT)
     cfg = shown["cfg"]
-    assert (cfg.prompt, cfg.negative, cfg.guidance) == (PROMPT, "", DEFAULT_GUIDANCE)
+    assert (cfg.prompt, cfg.negative, cfg.guidance) == (PROMPT, "", 3.0)  # the demo guidance
     assert f"--prompt '{PROMPT}'" in at.main.code[-1].value
 
     att = library("dtrak", timesteps=1, proj_dim=512).members[0]
     att.featurize()
-    cfg_lib = JourneyConfig(seed=0, steps=4, sampler="ddim", every=2, resamples=2, prompt=PROMPT)
+    cfg_lib = JourneyConfig(seed=0, steps=4, sampler="ddim", every=2, resamples=2, prompt=PROMPT, guidance=3.0)
     expected = run_journey(att, cfg_lib, cache=str(tmp_path / "library-journeys"))
     journey = shown["journey"]
     assert journey.xt.shape == (2, 4, 8, 8) and journey.xt_images().shape == (2, 3, 16, 16)  # latents shown decoded
@@ -162,3 +164,30 @@ def test_attribute_page_refuses_another_training_set(start_app, tmp_path):
     # the sidebar offers the way out: one click attributes against the finetuning set
     at.sidebar.button(key="use_recorded").click().run()
     assert at.session_state["dataset"] == DATASET and not at.main.error
+
+
+def test_pages_start_on_the_models_demo_defaults(start_app, tmp_path):
+    """Issue 24, 8: the default guidance 7.5 gave blobs for "a handwritten digit 7" on digits-latent (3 gives 7s).
+    Each shipped model records its demo defaults (demo.json: a good seed, and the prompt and guidance of a
+    text-conditional model), and the Generate, Attribute and Journey pages start on them."""
+    from attribution.models import resolve_checkpoint
+
+    at = start_app("digits-latent", tmp_path / "cache", dataset=DATASET)
+    at.switch_page("app_pages/generate.py").run()
+    assert not at.exception, at.exception
+    assert (at.number_input(key="gen_seed").value, at.text_input(key="gen_prompt").value,
+            at.number_input(key="gen_guidance").value) == (4, PROMPT, 3.0)
+    at.switch_page("app_pages/attribute.py").run()
+    assert not at.exception, at.exception
+    assert (at.number_input(key="attr_seed").value, at.text_input(key="attr_prompt").value,
+            at.number_input(key="attr_guidance").value) == (4, PROMPT, 3.0)
+    assert at.get("image")[0].proto.imgs[0].caption == f"gen:4 · “{PROMPT}”, guidance 3"
+    at.switch_page("app_pages/journey.py").run()
+    assert (at.number_input(key="jr_seed").value, at.number_input(key="jr_guidance").value) == (4, 3.0)
+    demo = resolve_checkpoint("digits-latent").demo()
+    assert (demo.seed, demo.prompt, demo.guidance) == (4, PROMPT, 3.0)
+    # the unconditional shipped models record a seed whose image shows them well
+    assert resolve_checkpoint("digits").demo().seed == 2 and resolve_checkpoint("animals-2").demo().prompt is None
+    at = start_app("digits", tmp_path / "cache")
+    at.switch_page("app_pages/generate.py").run()
+    assert at.number_input(key="gen_seed").value == 2

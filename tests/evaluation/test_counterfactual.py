@@ -406,6 +406,33 @@ def test_counterfactual_page_on_a_planted_bank_study(tmp_path, tiny_run, start_a
     assert "--opponents --seeds 2" in at.code[0].value and "--bank plant" in at.code[0].value
 
 
+def test_counterfactual_page_leads_with_a_verdict_on_the_best_supported_method(tmp_path, tiny_run, start_app):
+    """Issue 24, 8: the page opened on TRAK (the last method by name) and gave no plain answer. It opens on the
+    method the study supports best (dtrak: its planted removals change the images three times as much as random
+    ones; trak's as much as random) and leads with one sentence from the paired statistics."""
+    folder = tmp_path / "banks" / "plant" / "counterfactual" / "planted-study"
+    plant_study(folder, methods=("random", "dtrak", "trak"), ks=(10,), seeds=(0,))
+    at = start_app(tiny_run, tmp_path / "cache", banks=tmp_path / "banks")
+    at.switch_page("app_pages/counterfactual.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="cf_method").value == "dtrak" and at.main.markdown[0].value.startswith("**Verdict**")
+    from attribution.evaluation.counterfactual_stats import best_supported, summary_rows, verdict
+
+    rows = summary_rows(Study.load(folder))
+    assert best_supported(rows, "proponents", 10, 0) == "dtrak" == at.selectbox(key="cf_method").value
+    said = verdict(rows, "dtrak", "proponents", 10, 0, N_DIGITS)
+    assert said.startswith("Removing dtrak's top 10 proponents (0.6% of the training set) changed the regenerated "
+                           "images more than removing 10 random images did: median pixel L2 ")
+    first = at.main.markdown[0].value  # the first text under the title
+    assert first == f"**Verdict** (the method this study supports best): {said}"
+    at.selectbox(key="cf_method").set_value("trak").run()
+    assert at.main.markdown[0].value == ("**Verdict** (the method chosen below): "
+                                         + verdict(rows, "trak", "proponents", 10, 0, N_DIGITS))
+    assert "did not change the regenerated images measurably more than" in at.main.markdown[0].value
+    at.selectbox(key="cf_method").set_value("random").run()  # the reference itself: the best method's verdict
+    assert at.main.markdown[0].value == first
+
+
 def test_clip_cosine_is_added_to_finished_cells(tiny_clip_name, tmp_path):
     """CLIP weights given to a study with finished cells (here a planted one): every cell gains the CLIP cosine of
     its before/after images under that embedder, equal to a direct computation, and the summary reports it."""

@@ -56,3 +56,23 @@ def test_magic_page(magic_cache, monkeypatch, capsys):
     title = json.loads(chart.proto.spec)["layout"]["title"]["text"]
     rho = line.split("Spearman ")[1].split(" ")[0]
     assert title.startswith(f"ρ = {rho}")
+
+
+def test_magic_page_says_when_its_run_has_barely_learnt(magic_cache, monkeypatch):
+    """Issue 24, 8: the default run's samples score 9.9 bits/dim, near uniform noise (10.7) and far from its training
+    images (7.9), and the page did not say so. It measures the run once (fit.json) and says it in one warning."""
+    from attribution.magic.runs import list_runs, open_run
+    from attribution.magic.validate import fit_summary
+
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(magic_cache))
+    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    at.switch_page("app_pages/magic.py").run()
+    assert not at.exception, at.exception
+    warnings = [w.value for w in at.main.warning]
+    assert len(warnings) == 1 and warnings[0].startswith("**This run has barely learnt to generate digits**")
+    (run_dir,) = list_runs(magic_cache)
+    fit = fit_summary(open_run(run_dir))  # read back from the run folder
+    assert (run_dir / "fit.json").is_file() and (fit["gap"] is None or fit["gap"] > 0.5)
+    assert (f"its samples score {fit['generated']:.2f} bits/dim, its training images {fit['train']:.2f} and "
+            f"uniform noise {fit['noise']:.2f}") in warnings[0]
