@@ -206,6 +206,60 @@ def common_mode_share(F: np.ndarray) -> float:
     return float(d.shape[1] * (c * c).sum() / total)
 
 
+@dataclass(frozen=True)
+class VarianceComponents:
+    """Per-target two-way random-effects ANOVA of a bank's F averaged over noise sets, F[j, s] = mu + a_j + b_s +
+    e_js, averaged over targets: the variance of the subset effect a (the signal an attribution can predict), of the
+    seed effect b (retraining noise every subset shares at one seed: common random numbers put it there, and a
+    correlation across subsets at one seed ignores it), and of the subset-specific seed noise e (what caps the
+    seed-vs-seed correlation). `noise_sets` is the part of e that is F's measurement: the model x noise-set
+    interaction's variance in the mean over the R noise sets (every model is measured on the same noise draws, so
+    the noise sets' own spread is a per-target offset, not a difference between models). `predicted_r` =
+    a / (a + e), the seed-vs-seed correlation these components imply."""
+
+    subset: float
+    seed: float
+    residual: float
+    noise_sets: float  # included in `residual`
+
+    @property
+    def predicted_r(self) -> float:
+        total = self.subset + self.residual
+        return self.subset / total if total > 0 else 0.0
+
+    def shares(self) -> dict[str, float]:
+        """subset, seed and residual as shares of their sum (the across-model variance of F); noise_sets likewise
+        (a part of the residual)."""
+        total = self.subset + self.seed + self.residual
+        return {k: (getattr(self, k) / total if total > 0 else 0.0)
+                for k in ("subset", "seed", "residual", "noise_sets")}
+
+
+def variance_components(F: np.ndarray, centered: bool = False) -> VarianceComponents:
+    """`VarianceComponents` of a bank's (M, S, R, T) F (S >= 2); `centered` first removes each retrained model's
+    (and noise set's) mean over targets, as the centered LDS does. Method-of-moments estimates, floored at 0."""
+    F = check_outputs(F)
+    m, n_seeds, r_count, t = F.shape
+    if n_seeds < 2:
+        raise ConfigError(SINGLE_SEED)
+    if centered:
+        F = F - F.mean(axis=3, keepdims=True)
+    x = F.mean(axis=2)  # (M, S, T)
+    noise = 0.0
+    if r_count > 1:  # model x noise-set interaction, its variance in the mean over R sets
+        inter = F - x[:, :, None] - (F.mean(axis=(0, 1)) - F.mean(axis=(0, 1, 2)))[None, None]
+        noise = float(((inter ** 2).sum(axis=(0, 1, 2)) / ((m * n_seeds - 1) * (r_count - 1))).mean() / r_count)
+    grand = x.mean(axis=(0, 1))
+    a = x.mean(axis=1) - grand  # (M, T)
+    b = x.mean(axis=0) - grand  # (S, T)
+    e = x - grand - a[:, None, :] - b[None, :, :]
+    ms_e = (e ** 2).sum(axis=(0, 1)) / ((m - 1) * (n_seeds - 1))
+    ms_a = n_seeds * (a ** 2).sum(axis=0) / (m - 1)
+    ms_b = m * (b ** 2).sum(axis=0) / (n_seeds - 1)
+    return VarianceComponents(float(np.maximum((ms_a - ms_e) / n_seeds, 0).mean()),
+                              float(np.maximum((ms_b - ms_e) / m, 0).mean()), float(ms_e.mean()), noise)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resampling
 

@@ -316,6 +316,27 @@ def test_a_single_seed_bank_has_no_seed_or_reachable_ceiling():
     assert "\n" not in L.SINGLE_SEED and "single" in L.SINGLE_SEED
 
 
+def test_variance_components_recover_known_components():
+    """F = subset effect (var 4) + seed effect shared by all subsets (var 9) + subset-specific seed noise (var 1) +
+    a noise-set offset per target (var 5, the same for every model) + model x noise-set noise (var 2 per set, R = 2:
+    1 in their mean): the components come back (the measurement noise inside the residual), and a / (a + e)
+    predicts the seed-vs-seed Spearman (near-normal data)."""
+    rng = np.random.default_rng(3)
+    m, s_count, r_count, t = 400, 3, 2, 40
+    F = (2 * rng.standard_normal((m, 1, 1, t)) + 3 * rng.standard_normal((1, s_count, 1, t))
+         + rng.standard_normal((m, s_count, 1, t)) + np.sqrt(5) * rng.standard_normal((1, 1, r_count, t))
+         + np.sqrt(2) * rng.standard_normal((m, s_count, r_count, t)))
+    vc = L.variance_components(F)
+    assert vc.subset == pytest.approx(4, rel=0.1) and vc.seed == pytest.approx(9, rel=0.35)
+    assert vc.residual == pytest.approx(2, rel=0.1) and vc.noise_sets == pytest.approx(1, rel=0.1)
+    shares = vc.shares()
+    assert shares["subset"] + shares["seed"] + shares["residual"] == pytest.approx(1.0)
+    seed_r = L.ceilings(F[:, :2], n_resamples=10).seed.standard.value
+    assert vc.predicted_r == pytest.approx(seed_r, abs=0.05)
+    with pytest.raises(ConfigError, match="single"):
+        L.variance_components(F[:, :1])
+
+
 def test_bootstrap_p_and_holm_by_hand():
     assert L.bootstrap_p(np.array([1.0, 2.0, 3.0, -1.0])) == pytest.approx(2 * 2 / 5)  # one of 4 below 0, +1
     assert L.bootstrap_p(np.ones(999)) == pytest.approx(2 / 1000)
