@@ -627,9 +627,12 @@ def bank_for_model(content_hash: str, root: Path | None = None) -> str | None:
 
 
 def list_banks(root: Path | None = None) -> list[str]:
-    """Names of the banks under banks/ that have targets (a build that got past its full model)."""
+    """Names of the banks under banks/ that have targets (a build that got past its full model): first those
+    retrained with common random numbers (their ground truth is less noisy: BENCHMARKS.md), then the others, each
+    group by name."""
     root = root or banks_dir()
-    return sorted(p.parent.name for p in root.glob("*/bank.json") if (p.parent / "targets.npz").is_file())
+    names = [p.parent.name for p in root.glob("*/bank.json") if (p.parent / "targets.npz").is_file()]
+    return sorted(names, key=lambda n: (bank_randomness(read_json(root / n / "bank.json")) == "stream", n))
 
 
 @dataclass

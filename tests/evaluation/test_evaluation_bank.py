@@ -369,3 +369,19 @@ def test_external_ray_cluster_gives_identical_F(tiny_bank, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_banks_retrained_with_common_random_numbers_are_listed_first(tmp_path):
+    """The Evaluation page opens on the first bank listed: a CRN bank before the stream ones, else by name."""
+    import json
+
+    from attribution.evaluation.bank import list_banks
+
+    for name, randomness in (("a-stream", None), ("b-crn", "crn-slots"), ("c-old", None), ("d-unfinished", "crn")):
+        folder = tmp_path / name
+        folder.mkdir()
+        recipe = {} if randomness is None else {"randomness": randomness}
+        (folder / "bank.json").write_text(json.dumps({"identity": {"recipe": recipe}}))
+        if name != "d-unfinished":  # no targets yet: not listed
+            (folder / "targets.npz").write_bytes(b"")
+    assert list_banks(tmp_path) == ["b-crn", "a-stream", "c-old"]
