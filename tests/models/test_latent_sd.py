@@ -311,6 +311,7 @@ def test_generate_page_on_the_shipped_latent_model(start_app, tmp_path):
     """The Generate page of a text-conditional model takes a prompt and a guidance scale, and its images are the
     library's samples for that prompt (uint8 pixels equal); the sidebar names the LoRA parameters attributed."""
     from attribution.data.images import tensor_to_pixels
+    from app_pages._prompt import demo_of
     from attribution.sampling import Prompt, sample
 
     at = start_app("digits-latent", tmp_path / "cache", dataset="digits")
@@ -326,7 +327,8 @@ def test_generate_page_on_the_shipped_latent_model(start_app, tmp_path):
     assert not at.exception, at.exception
     shown = at.session_state["generated"]
     assert shown["prompt"] == {"prompt": "a handwritten digit 7", "negative": "", "guidance": 3.0}
-    expected = sample(load_model("digits-latent", "cpu"), 2, 0, steps=4,
+    assert shown["seeds"][0] == demo_of(load_model("digits-latent", "cpu")).seed  # the page opens on the demo seed
+    expected = sample(load_model("digits-latent", "cpu"), 2, shown["seeds"][0], steps=4,
                       prompt=Prompt("a handwritten digit 7", "", 3.0))
     np.testing.assert_array_equal(shown["pixels"], tensor_to_pixels(torch.from_numpy(expected.final)))
     assert any("--prompt 'a handwritten digit 7' --guidance 3" in c.value for c in at.code)

@@ -113,7 +113,7 @@ def test_stream_draws_are_the_single_stream_of_before():
 def test_bad_randomness_is_one_line(tmp_path, tiny_run, capsys):
     from attribution.cli import main
 
-    with pytest.raises(ConfigError, match="--randomness must be one of crn, stream") as exc:
+    with pytest.raises(ConfigError, match="--randomness must be one of crn, crn-slots, stream") as exc:
         tiny(tmp_path, "fixed")
     assert "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match="--randomness"):
@@ -123,7 +123,7 @@ def test_bad_randomness_is_one_line(tmp_path, tiny_run, capsys):
                 ["counterfactual", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "study")]):
         assert main(cmd + ["--randomness", "fixed"]) == 2
         err = capsys.readouterr().err.strip()
-        assert err == "error: --randomness must be one of crn, stream, got 'fixed'", err
+        assert err == "error: --randomness must be one of crn, crn-slots, stream, got 'fixed'", err
     assert not list(tmp_path.iterdir())
 
 
