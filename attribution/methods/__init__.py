@@ -1,6 +1,7 @@
 """Attribution methods: one file each, one interface (`base.Method`), one registry."""
 
 from ..errors import ConfigError
+from ..features.config import FeatureConfig
 from .base import KernelMethod, Method, SimilarityMethod, TrainFeatures
 from .clip_cos import CLIPCos
 from .clip_dot import CLIPDot
@@ -46,4 +47,23 @@ def get_method(name: str) -> Method:
     return METHODS[name]()
 
 
-__all__ = ["BASELINE_METHOD", "DEFAULT_METHOD", "RECOMMENDED_METHOD", "TIMESTEP_BIAS_METHODS", "METHODS", "get_method", "Method", "KernelMethod", "SimilarityMethod", "TrainFeatures"]
+CURVATURE_OPTIONS = ("damping", "damping_rule", "curvature_samples")
+
+
+def curvature_options(methods: list[str], **options) -> dict:
+    """The EK-FAC options that are set (`CURVATURE_OPTIONS`: None = the default), checked once for the command
+    line and the app before anything is computed: refused unless one of `methods` takes them, and their values by
+    the rules of `FeatureConfig` (one line each)."""
+    chosen = {k: v for k, v in options.items() if v is not None}
+    unknown = set(chosen) - set(CURVATURE_OPTIONS)
+    if unknown:
+        raise ConfigError(f"not an EK-FAC option: {', '.join(sorted(unknown))}")
+    if chosen and not any(get_method(name).uses_damping for name in methods):
+        flags = ", ".join("--" + k.replace("_", "-") for k in chosen)
+        raise ConfigError(f"{flags} applies to the EK-FAC influence methods (ekfac, ekfac-elbo) only")
+    if chosen:
+        FeatureConfig(fn="simple", curvature="ekfac", **chosen)
+    return chosen
+
+
+__all__ = ["CURVATURE_OPTIONS", "curvature_options", "BASELINE_METHOD", "DEFAULT_METHOD", "RECOMMENDED_METHOD", "TIMESTEP_BIAS_METHODS", "METHODS", "get_method", "Method", "KernelMethod", "SimilarityMethod", "TrainFeatures"]

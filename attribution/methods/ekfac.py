@@ -6,9 +6,12 @@ scalable data attribution in diffusion models"; code `BrunoKM/diffusion-influenc
 L the training loss (Simple, at the features' K timesteps and noise), m the measurement (`ekfac`: the same loss of
 the target; `ekfac-elbo`: the ELBO-weighted loss over the K timesteps), H the EK-FAC approximation of the training
 loss's Gauss-Newton matrix over the UNet's Linear and Conv2d layers, estimated on every training image's noisy
-copies (uniform timesteps and noise, as DInf draws them), and lambda = damping x the mean EK-FAC eigenvalue
-(`--damping`, default 0.1, kronfluence's heuristic). The scores are dot products of EK-FAC-whitened gradients
-(`features.curvature`), projected and cached like every feature set; changing the damping re-featurizes.
+copies (uniform timesteps and noise, as DInf draws them; `--curvature-samples`, default 2 per image), and the
+damping lambda = `--damping` (default 0.1) x a mean EK-FAC eigenvalue: by default (`--damping-rule global`) the
+mean over every tracked layer, one lambda for all; with `--damping-rule module`, each layer's own mean, per layer
+(kronfluence's heuristic). The scores are dot products of EK-FAC-whitened gradients (`features.curvature`),
+projected and cached like every feature set; another damping or rule re-whitens the training gradients (a new
+feature set) but reuses the fitted factors, which are cached without it.
 
 Own implementation rather than kronfluence: kronfluence's per-sample gradients are one per row of the batch the
 loss sees, but a diffusion example's loss is a mean over many (timestep, noise) copies of one image (DInf asserts
@@ -27,16 +30,17 @@ class EKFACInfluence(Method):
     title = "EK-FAC influence"
     summary = ("influence function: the change in the target's loss if the training image were removed, from "
                "loss gradients through the inverse EK-FAC curvature (Gauss-Newton) of the training loss over the "
-               "UNet's linear and convolution layers; damping 0.1 x the mean eigenvalue (--damping); no lambda")
+               "UNet's linear and convolution layers; damping 0.1 x the mean eigenvalue (--damping, "
+               "--damping-rule); no lambda")
     default_fn = "simple"
     uses_lambda = False
     uses_damping = True
     measurement = None  # the target's output function (None: the training loss itself)
 
     def feature_config(self, fn=None, eta=None, strategy="uniform", clip_model="ViT-B-32", clip_weights=None,
-                       damping=None, **options) -> FeatureConfig:
+                       **options) -> FeatureConfig:
         fn = self.check_fn("interp" if eta is not None and fn is None else fn)
-        return FeatureConfig(fn=fn, strategy=strategy, curvature="ekfac", damping=damping, **options)
+        return FeatureConfig(fn=fn, strategy=strategy, curvature="ekfac", **options)
 
     def check_features(self, cfg: FeatureConfig) -> None:
         if cfg.fn != self.default_fn:
