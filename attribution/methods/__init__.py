@@ -6,6 +6,7 @@ from .base import KernelMethod, Method, SimilarityMethod, TrainFeatures
 from .clip_cos import CLIPCos
 from .clip_dot import CLIPDot
 from .das import DAS, DASLeverage
+from .das_size import DASResidualSize
 from .dtrak import DTRAK
 from .ekfac import EKFACInfluence, EKFACInfluenceELBO
 from .gas import GAS
@@ -24,7 +25,7 @@ from .trak import TRAK
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DTRAK, TRAK, GradDot, GradCos, RelativeInfluence,
                                                         RenormalizedInfluence, DiffusionTracIn, DiffusionReTrac,
                                                         TracInCP, GAS, JourneyTRAK, PixelDot, PixelCos, CLIPDot,
-                                                        CLIPCos, DAS, DASLeverage, EKFACInfluence,
+                                                        CLIPCos, DAS, DASLeverage, DASResidualSize, EKFACInfluence,
                                                         EKFACInfluenceELBO)}
 
 # The method a user gets without choosing one: D-TRAK, the paper's best gradient method.

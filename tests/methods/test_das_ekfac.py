@@ -1,8 +1,10 @@
 """DAS and EK-FAC influence against direct computations (issue 15).
 
-- DAS / DAS0 scores equal the formula computed here from scratch: Avg-output gradients by plain autograd (one
-  image, one timestep at a time), projected with the store's projector, the ridge kernel by a float64 solve, the
-  residual weights from the model's own errors, the leverage as the diagonal of the hat matrix.
+- DAS / DAS0 / DAS (residual size) scores equal the formula computed here from scratch: Avg-output gradients by
+  plain autograd (one image, one timestep at a time), projected with the store's projector, the ridge kernel by a
+  float64 solve, the residual weights from the model's own errors, the leverage as the diagonal of the hat matrix.
+- DAS0's leave-one-out factor 1 / (1 - h) is exact: on a toy ridge problem, residual / (1 - h) x the kernel score
+  equals the change of each target's prediction when the row is left out and the ridge is refitted.
 - EK-FAC on a model that is one linear layer (where K-FAC is exact: the GGN of the MSE is A (x) (2/D) I) gives the
   influence of the explicit damped inverse GGN, built here from the layer's Jacobians.
 - EK-FAC with a very large damping is the gradient dot product over the tracked layers divided by lambda.
@@ -23,7 +25,8 @@ from attribution.features.curvature import CurvatureSpec, copy_inputs, fit_ekfac
 from attribution.features.gradients import GradientSpec, per_sample_gradients
 from attribution.features.residuals import residual_timesteps
 from attribution.features.timesteps import noise_for, noise_seed
-from attribution.methods import curvature_options, get_method
+from attribution.kernel import Kernel
+from attribution.methods import TrainFeatures, curvature_options, get_method
 from module_model import ModuleModel
 
 
@@ -101,9 +104,38 @@ def test_das_scores_equal_a_direct_computation(tiny_run, npz12, tmp_path):
     lev = _open("das0", tiny_run, npz12, tmp_path)  # the same features and weights (one cache)
     h = np.diag(X @ np.linalg.solve(K, X.T))
     got0 = lev.scores(lev.features_of(imgs[target_rows], [f"train/{i}" for i in target_rows]), lam)
-    np.testing.assert_allclose(got0, kernel_scores * (w / (1 - h) ** 2)[None, :], rtol=2e-4,
+    np.testing.assert_allclose(got0, kernel_scores * (w / (1 - h))[None, :], rtol=2e-4,
                                atol=1e-6 * np.abs(got0).max())
     assert not np.allclose(got0 / got0.max(), got / got.max())  # the correction changes the scores
+
+    size = _open("das-size", tiny_run, npz12, tmp_path)  # the same features, the residual's size as the weight
+    size.featurize()
+    e_mean = np.array([_residual_curve(model, imgs[i], f"train/{i}").mean() for i in range(12)])
+    got_size = size.scores(size.features_of(imgs[target_rows], [f"train/{i}" for i in target_rows]), lam)
+    np.testing.assert_allclose(got_size, kernel_scores * e_mean[None, :], rtol=2e-4,
+                               atol=1e-6 * np.abs(got_size).max())
+
+
+def test_das0_leave_one_out_factor_is_exact_on_a_toy_ridge_problem():
+    """das0's weight residual / (1 - h) times the kernel score is the change in a target's ridge prediction when
+    the training row is left out: compared with refitting the ridge problem without each row, one at a time."""
+    rng = np.random.default_rng(0)
+    n, k, lam = 10, 6, 0.3  # few rows per dimension: leverages ~0.5, where 1/(1-h) and 1/(1-h)^2 differ by 2x
+    X = rng.normal(size=(n, k))
+    y = X @ rng.normal(size=k) + 0.5 * rng.normal(size=n)
+    G = rng.normal(size=(3, k))  # three targets' features
+    beta = np.linalg.solve(X.T @ X + lam * np.eye(k), X.T @ y)
+    residual = y - X @ beta
+    exact = np.empty((len(G), n))
+    for i in range(n):  # the leave-one-out refits
+        keep = np.arange(n) != i
+        beta_i = np.linalg.solve(X[keep].T @ X[keep] + lam * np.eye(k), X[keep].T @ y[keep])
+        exact[:, i] = G @ (beta - beta_i)  # what including row i adds to each target's prediction
+    train = TrainFeatures(X.astype(np.float32), lambda: Kernel.fit(X), lambda name: residual)
+    leverage = train.kernel.self_influence(lam)
+    assert 0.3 < leverage.mean() < 0.8  # the regime where the factor matters
+    got = get_method("das0").score(train, G, lam)
+    np.testing.assert_allclose(got, exact, rtol=1e-8, atol=1e-10 * np.abs(exact).max())
 
 
 # -- EK-FAC: exact where K-FAC is exact -----------------------------------------------------------------------------
