@@ -15,10 +15,10 @@ reference's `mean` loss type; uniform timesteps, K = 10 there; through the ridge
   (`features.residuals`, "das-residual"). That weight is scale-free: it carries the *shape* of the image's error
   curve over timesteps, not the size of its residual. On the digits bank's model it varies by 2.8% across the
   training images (coefficient of variation; range 0.200-0.238), so `das` is D-TRAK with the Avg output
-  (`--method dtrak --fn avg`) up to a few-percent reweighting of the training images, and scores like it (LDS
-  +0.334 vs +0.333 on validation targets, +0.238 vs +0.235 on generated ones; BENCHMARKS.md, "DAS and EK-FAC")
-  at the extra cost of a residual pass. The residual's size, which the derivation multiplies by, is `das-size`
-  (`das_size.py`).
+  (`--method dtrak --fn avg`) up to a few-percent reweighting of the training images, and scores like it at the
+  extra cost of a residual pass (LDS on validation / generated targets: digits bank +0.334 / +0.238 vs +0.333 /
+  +0.235, digits-latent bank +0.538 / +0.388 vs +0.539 / +0.388; every paired interval covers 0; BENCHMARKS.md,
+  "DAS and EK-FAC"). The residual's size, which the derivation multiplies by, is `das-size` (`das_size.py`).
 - `das0` (the reference's DAS0): additionally divided by (1 - h_nn), the exact ridge leave-one-out factor (a test
   checks it against refitting a toy ridge problem once per left-out row). The reference divides by (1 - h)^2,
   which is not the leave-one-out change of a ridge fit; that branch of its code does not run (next paragraph).
@@ -45,7 +45,8 @@ class DAS(KernelMethod):
     summary = ("Diffusion Attribution Score: how much removing the training image would change the noise "
                "predictor's output on the target (a proxy for the KL divergence between the two models), from "
                "D-TRAK's kernel on gradients of the output itself (Avg), times the reference code's scale-free "
-               "residual weight (within a few percent of 1/sqrt(10) for every image: D-TRAK Avg, reweighted slightly)")
+               "residual weight (nearly equal for every image: 2.8% spread on the digits model; D-TRAK Avg, reweighted "
+               "slightly)")
     default_fn = "avg"
     row_statistics = (RESIDUAL,)
 

@@ -18,6 +18,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from module_model import ModuleModel
 
 from attribution.engine import open_attribution
 from attribution.errors import ConfigError
@@ -27,7 +28,6 @@ from attribution.features.residuals import residual_timesteps
 from attribution.features.timesteps import noise_for, noise_seed
 from attribution.kernel import Kernel
 from attribution.methods import TrainFeatures, curvature_options, get_method
-from module_model import ModuleModel
 
 
 @pytest.fixture(scope="module")

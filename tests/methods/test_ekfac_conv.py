@@ -28,11 +28,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from module_model import ModuleModel
 
 from attribution.features.curvature import CurvatureSpec, copy_inputs, fit_ekfac
 from attribution.features.gradients import GradientSpec, per_sample_gradients
 from attribution.features.timesteps import noise_seed
-from module_model import ModuleModel
 
 SIDE, OUT_CH, KERNEL = 4, 3, 3
 D = SIDE * SIDE  # one channel in and out
@@ -91,9 +91,9 @@ def _directions(spec, keys, n_copies):
 
 
 def _brute_force_ekfac(model, stride, x0, keys, spec, transpose_conv_qs=False):
-    """Per tracked layer: (parameter indices (out, in + 1) in the flat gradient, Kronecker eigenbasis U, Lambda);
-    and H. `transpose_conv_qs`: the convolution's output-side basis transposed (the error the test must catch)."""
-    x_t, t, _, _ = copy_inputs(model, x0, keys, spec)
+    """Per tracked layer: (parameter indices (out, in + 1) in the flat gradient, Kronecker eigenbasis U, Lambda).
+    `transpose_conv_qs`: the convolution's output-side basis transposed (the error the test must catch)."""
+    x_t = copy_inputs(model, x0, keys, spec)[0]  # the copies' noisy inputs (the network ignores t)
     x = x_t.double()
     p = {k: v.double() for k, v in model.parameters().items()}
     names, sizes = list(p), [v.numel() for v in p.values()]
@@ -110,8 +110,8 @@ def _brute_force_ekfac(model, stride, x0, keys, spec, transpose_conv_qs=False):
 
     # A and S of the convolution: explicit patches; output gradients through d out / d (pre-activation)
     s = F.conv2d(x, p["conv.weight"], p["conv.bias"], stride=stride, padding=1)  # (copies, OUT_CH, h, w)
-    head = lambda s_: F.linear(torch.tanh(s_).flatten(1), p["lin.weight"], p["lin.bias"])  # noqa: E731
-    Js = torch.autograd.functional.jacobian(head, s)  # (copies, D, copies, OUT_CH, h, w)
+    Js = torch.autograd.functional.jacobian(
+        lambda s_: F.linear(torch.tanh(s_).flatten(1), p["lin.weight"], p["lin.bias"]), s)  # (copies, D, copies, OUT_CH, h, w)
     Js = torch.stack([Js[c, :, c] for c in range(n_copies)]).flatten(3)  # (copies, D, OUT_CH, positions)
     g_conv = torch.einsum("crd,cdop->crpo", R, Js).reshape(-1, OUT_CH)
     a_conv = _patches(x, stride)
@@ -121,7 +121,7 @@ def _brute_force_ekfac(model, stride, x0, keys, spec, transpose_conv_qs=False):
 
     layers = []
     for prefix, a, g in (("conv", a_conv, g_conv), ("lin", a_lin, g_lin)):
-        w, b = p[f"{prefix}.weight"], p[f"{prefix}.bias"]
+        w = p[f"{prefix}.weight"]
         out_dim, in_dim = w.shape[0], w[0].numel()
         idx = np.empty((out_dim, in_dim + 1), dtype=np.int64)
         idx[:, :in_dim] = starts[f"{prefix}.weight"] + np.arange(out_dim * in_dim).reshape(out_dim, in_dim)
@@ -134,7 +134,7 @@ def _brute_force_ekfac(model, stride, x0, keys, spec, transpose_conv_qs=False):
         flat = torch.from_numpy(idx.reshape(-1))
         lam = torch.einsum("pk,pq,qk->k", U, H[flat][:, flat], U)  # the exact block's diagonal in the eigenbasis
         layers.append((flat, U, lam))
-    return layers, H
+    return layers
 
 
 def _expected_influence(layers, q, g, damping, rule):
@@ -159,7 +159,7 @@ def test_ekfac_matches_brute_force_on_conv_tanh_linear(stride, fisher):
     keys = [f"train/{i}" for i in range(n)]
     spec = CurvatureSpec(samples=8, fisher=fisher)
     ekfac = fit_ekfac(model, lambda rows: x0[rows], keys, spec, batch_size=4)
-    layers, H = _brute_force_ekfac(model, stride, x0, keys, spec)
+    layers = _brute_force_ekfac(model, stride, x0, keys, spec)
 
     # the fitted eigenvalues are the brute-force ones (their bases agree up to sign where eigenvalues are distinct)
     # (ggn: the linear layer's S is (2/D) I, so any output basis is an eigenbasis, and Lambda does not depend on it)
@@ -169,7 +169,7 @@ def test_ekfac_matches_brute_force_on_conv_tanh_linear(stride, fisher):
     gspec = GradientSpec("simple", (0, 10, 25, 49))
     g = per_sample_gradients(model, x0, keys, gspec).double()
     q = per_sample_gradients(model, -x0.flip(0), [f"val/{i}" for i in range(n)], gspec).double()
-    wrong_basis, _ = _brute_force_ekfac(model, stride, x0, keys, spec, transpose_conv_qs=True)
+    wrong_basis = _brute_force_ekfac(model, stride, x0, keys, spec, transpose_conv_qs=True)
     sizes = [len(flat) for flat, _, _ in layers]
     for rule in ("global", "module"):
         for damping in (0.01, 0.1, 1.0):
