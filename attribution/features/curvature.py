@@ -293,7 +293,12 @@ class EKFAC:
         same for all) or over the layer's own eigenvalues ("module", kronfluence's heuristic)."""
         check_damping(damping, rule)
         if rule == "module":
-            return [damping * float(lam.mean()) for lam in self.eigenvalues]
+            lams = [damping * float(lam.mean()) for lam in self.eigenvalues]
+            flat = [layer.name for layer, lam in zip(self.layout.layers, lams) if not lam > 0]
+            if flat:  # no curvature at all: damping x 0 would divide its gradients by zero
+                raise ConfigError(f"EK-FAC layer {flat[0]} has no curvature (all its eigenvalues are 0), so the "
+                                  "module damping rule gives it no damping; use --damping-rule global")
+            return lams
         return [damping * self.mean_eigenvalue()] * len(self.eigenvalues)
 
     def whiten(self, g: torch.Tensor, damping: float, rule: str = "global") -> torch.Tensor:

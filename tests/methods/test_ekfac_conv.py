@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from module_model import ModuleModel
 
+from attribution.errors import ConfigError
 from attribution.features.curvature import CurvatureSpec, copy_inputs, fit_ekfac
 from attribution.features.gradients import GradientSpec, per_sample_gradients
 from attribution.features.timesteps import noise_seed
@@ -184,3 +185,8 @@ def test_ekfac_matches_brute_force_on_conv_tanh_linear(stride, fisher):
             # with its output basis transposed the convolution's part would be off by >= 10x that tolerance
             wrong = _expected_influence(wrong_basis, q, g, damping, rule)[0]
             assert np.abs(wrong - expected[0]).max() > 10 * 1.1e-3 * np.abs(expected[0]).max()
+    # a layer without curvature cannot be damped by its own mean eigenvalue: one line, not NaN features
+    ekfac.eigenvalues[0] = torch.zeros_like(ekfac.eigenvalues[0])
+    with pytest.raises(ConfigError, match="conv has no curvature") as exc:
+        ekfac.whiten(g, 0.1, "module")
+    assert "\n" not in str(exc.value)
