@@ -1,7 +1,7 @@
 """EK-FAC influence's LDS along its damping, damping rule and curvature copies per image, on a ground-truth bank.
 
     OMP_NUM_THREADS=1 python bench/ekfac_sweep.py --bank digits --out bench/results/lds-digits/sweep-ekfac
-    python bench/ekfac_sweep.py --bank digits --dampings 0.01,0.1 --samples 2 --rules global --out /tmp/ek  # a part
+    python bench/ekfac_sweep.py --bank digits --dampings 0.01,0.1 --grid global:2 --out /tmp/ek  # a part
 
 Every configuration is `score_bank(bank, "ekfac", damping=D, damping_rule=R, curvature_samples=C)`: one factor fit
 per copies-per-image C (cached without the damping, so the damping values and rules of one C share it), one
@@ -9,9 +9,9 @@ whitened featurization of the training set and of the bank's targets per (D, R, 
 the statistics). They are evaluated in one LDS table per split together with the baselines (`--baselines`, default
 TRAK and D-TRAK with the Avg output), so every paired difference uses the same bootstrap resamples.
 
-Features at K = 10, k = 4096 (the LDS tables' defaults). Writes to --out: sweep.csv (one row per configuration and
-split: LDS and centered LDS with their two-way 95% CIs, and the paired differences from each baseline with theirs)
-and sweep.md (the tables pasted into BENCHMARKS.md).
+Features at K = `--timesteps` (default 10) and k = 4096 (the LDS tables' defaults). Writes to --out: sweep.csv
+(one row per configuration and split: LDS and centered LDS with their two-way 95% CIs, and the paired differences
+from each baseline with theirs) and sweep.md (the tables pasted into BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -37,26 +37,29 @@ def main() -> int:
     p.add_argument("--bank", default="digits")
     p.add_argument("--dampings", default="0.0001,0.001,0.01,0.1,1",
                    help="damping factors (x the rule's mean eigenvalue); default 1e-3..10 x the default 0.1")
-    p.add_argument("--rules", default="global,module")
-    p.add_argument("--samples", default="2,8", help="curvature copies per training image")
+    p.add_argument("--grid", default="global:2,global:8,module:2,module:8",
+                   help="RULE:COPIES pairs (damping rule, curvature copies per training image), each swept along "
+                        "--dampings")
     p.add_argument("--baselines", default="trak,dtrak:avg", help="METHOD or METHOD:FN, scored beside EK-FAC")
+    p.add_argument("--timesteps", type=int, default=10, help="K of the features (EK-FAC's and the baselines')")
     p.add_argument("--cache", default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args()
     bank = Bank.load(args.bank)
-    runs, configs = {}, {}  # features at the defaults of `score_bank` (K = 10, k = 4096), as the LDS tables use
+    runs, configs = {}, {}  # k = 4096, the LDS tables' default
     for entry in [b.strip() for b in args.baselines.split(",") if b.strip()]:
         method, _, fn = entry.partition(":")
-        runs[entry] = score_bank(bank, method, device="cpu", fn=fn or None, cache=args.cache)
-    for samples in [int(s) for s in args.samples.split(",")]:
-        for rule in [r.strip() for r in args.rules.split(",")]:
-            for damping in [float(d) for d in args.dampings.split(",")]:
-                label = f"ekfac {rule} c{samples} d{damping:g}"
-                start = time.time()
-                runs[label] = score_bank(bank, "ekfac", device="cpu", damping=damping, damping_rule=rule,
-                                         curvature_samples=samples, cache=args.cache)
-                configs[label] = (rule, samples, damping)
-                print(f"{label}: scored in {time.time() - start:.0f} s (the fit and features: once)", flush=True)
+        runs[entry] = score_bank(bank, method, device="cpu", fn=fn or None, timesteps=args.timesteps,
+                                 cache=args.cache)
+    for pair in [g.strip() for g in args.grid.split(",") if g.strip()]:
+        rule, _, samples = pair.partition(":")
+        for damping in [float(d) for d in args.dampings.split(",")]:
+            label = f"ekfac {rule} c{samples} d{damping:g}"
+            start = time.time()
+            runs[label] = score_bank(bank, "ekfac", device="cpu", damping=damping, damping_rule=rule,
+                                     curvature_samples=int(samples), timesteps=args.timesteps, cache=args.cache)
+            configs[label] = (rule, int(samples), damping)
+            print(f"{label}: scored in {time.time() - start:.0f} s (the fit and features: once)", flush=True)
     named = {k: r.scores() for k, r in runs.items()}
     baselines = [k for k in runs if k not in configs]
     rows, md = [], []

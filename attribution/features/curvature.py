@@ -19,8 +19,10 @@ Grosse et al. 2023), layer by layer over the UNet's `nn.Linear` and `nn.Conv2d` 
   Monte Carlo Fisher, equal to the GGN of the MSE loss in expectation: the MSE's Hessian in the output is (2/D) I);
   "ggn" backpropagates every output dimension (the exact GGN; D backward passes per copy: tiny models only).
 
-For a single linear layer K-FAC is exact (the GGN of the MSE is A (x) (2/D) I), and so is EK-FAC: the test checks
-the influence against the explicit inverse.
+For a single linear layer K-FAC is exact (the GGN of the MSE is A (x) (2/D) I), and so is EK-FAC: a test checks
+the influence against the explicit inverse. That test cannot see the output-side eigenbasis (there S is a multiple
+of the identity, so every basis is an eigenbasis); `tests/methods/test_ekfac_conv.py` checks a conv -> tanh -> linear
+network (stride 1 and 2, "ggn" and "mc") against its GGN, A, S and Kronecker eigenbases built by brute force.
 
 Influence as a dot product: with H = Q diag(Lambda) Q^T and the damping lambda,
 
