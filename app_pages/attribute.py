@@ -40,7 +40,7 @@ c1, c2, c3 = st.columns(3)  # outside the form: what they choose decides which o
 method = option_widget(c1, "method", "attr_method",
                        format_func=lambda m: METHOD_TITLES[m] + (" (recommended)" if m == RECOMMENDED_METHOD else ""))
 st.caption(METHODS[method].summary[:1].upper() + METHODS[method].summary[1:] + "."  # what it measures; under the
-           + (" Recommended: best LDS on the digits bank."  # row: some are long
+           + (" Recommended with the avg output: the best LDS of the gradient methods on both banks."  # row
               if method == RECOMMENDED_METHOD else ""))
 fn, eta = None, None
 if len(METHODS[method]().fn_choices()) > 1:

@@ -23,8 +23,8 @@ st.markdown(
 Scores are estimates from the gradients of the trained model, not a replay of training. The app measures how well
 they predict retraining (the **Evaluation** page: the linear datamodeling score, LDS, against models retrained on
 random halves of the training set). On the digits bank a perfect method would reach LDS +0.64 on validation digits
-and +0.52 on generated ones (retraining noise caps it there); D-TRAK reaches **37% / 24%** of that, DAS (the
-recommended method) 52% / 46%, and plain pixel similarity as much as DAS (52% / 48%). On the digits
+and +0.52 on generated ones (retraining noise caps it there); D-TRAK reaches **37% / 24%** of that, D-TRAK with
+the Avg output (the recommended setting) 52% / 46%, and plain pixel similarity as much (51% / 49%). On the digits
 **Counterfactual** study, removing a method's top 5% of proponents did not change the regenerated images
 measurably more than removing as many random images.
 

@@ -36,7 +36,7 @@ import torch
 from .data import ImageDataset, training_dataset_of
 from .errors import ConfigError
 from .features.config import FeatureConfig
-from .features.curvature import EKFAC, CurvatureSpec, fit_ekfac, layout
+from .features.curvature import EKFAC, fit_ekfac, layout
 from .features.embeddings import make_embedder
 from .features.gradients import param_count, per_sample_gradients
 from .features.projectors import (
@@ -85,8 +85,7 @@ class Attributor:
         else:
             self.grad_dim = param_count(model, features.params)
             if features.curvature:  # whitened gradients (influence functions): the tracked layers' dimension
-
-                self.curvature_spec = CurvatureSpec(seed=features.seed, params=features.params)
+                self.curvature_spec = features.curvature_spec()
                 self.grad_dim = layout(model, features.params).dim
             self.proj_dim = self.grad_dim if features.projector == "identity" else features.proj_dim
         self.identity = {"checkpoint": model.identity(), "dataset": train.spec, "dataset_hash": train.content_hash,
@@ -150,7 +149,7 @@ class Attributor:
             g = per_sample_gradients(self.model, images[s:s + self.batch_size], list(keys[s:s + self.batch_size]),
                                      spec, ts)
             if self.curvature_spec is not None:
-                g = self.ekfac().whiten(g, self.cfg.effective_damping)
+                g = self.ekfac().whiten(g, self.cfg.effective_damping, self.cfg.effective_damping_rule)
             out.append(self.projector.project(g).cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
@@ -456,14 +455,18 @@ def open_attributor(model: DiffusionModel, method: Method, dataset: str | None =
                     proj_dim: int = 4096, projector: str = "auto", seed: int = 0, params: str | None = None,
                     cache: str | None = None, store_dir: str | None = None, batch_size: int = 16,
                     proj_seed: int | None = None, clip_model: str = "ViT-B-32", clip_weights: str | None = None,
-                    damping: float | None = None) -> Attributor:
-    """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk."""
+                    damping: float | None = None, damping_rule: str | None = None,
+                    curvature_samples: int | None = None) -> Attributor:
+    """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk.
+    The EK-FAC options (damping, damping_rule, curvature_samples) are passed on only when set: a method without
+    curvature refuses them (`FeatureConfig`)."""
     train = training_dataset_of(model, dataset)
+    curvature = {k: v for k, v in (("damping", damping), ("damping_rule", damping_rule),
+                                   ("curvature_samples", curvature_samples)) if v is not None}
     cfg = method.feature_config(fn=fn, eta=eta, timesteps=timesteps, strategy=strategy, noises=noises,
                                 proj_dim=proj_dim, seed=seed, params=params, proj_seed=proj_seed,
                                 projector=default_projector(model.device) if projector == "auto" else projector,
-                                clip_model=clip_model, clip_weights=clip_weights,
-                                **({} if damping is None else {"damping": damping}))
+                                clip_model=clip_model, clip_weights=clip_weights, **curvature)
     cfg.gradient_spec(model.num_timesteps)  # K against T
     return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size,
                       row_statistics=method.row_statistics)

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .engine import Attribution, Attributor, open_attribution, open_attributor
-from .errors import ConfigError
 from .features.config import FeatureConfig
-from .features.curvature import check_damping
+from .features.curvature import DAMPING_RULES, DEFAULT_SAMPLES
 from .features.embeddings import CLIP_HELP
 from .features.outputs import OUTPUT_FUNCTIONS
 from .features.projectors import PROJECTORS
 from .features.timesteps import STRATEGIES
-from .methods import DEFAULT_METHOD, METHODS, get_method
+from .methods import CURVATURE_OPTIONS, DEFAULT_METHOD, METHODS, curvature_options, get_method
 from .methods.over_checkpoints import CHECKPOINT_WEIGHTS
 from .models.adapter import DiffusionModel
 from .options import add_arguments, command_line, from_args, opt, validate
@@ -79,6 +78,13 @@ class RunOptions:
                                                                 label="CLIP weights"))
     damping: float | None = field(default=None, metadata=opt(
         "ekfac, ekfac-elbo: damping as a multiple of the mean EK-FAC eigenvalue (default 0.1)", label="Damping"))
+    damping_rule: str | None = field(default=None, metadata=opt(
+        "ekfac, ekfac-elbo: global (default: damping x the mean eigenvalue of all tracked layers, one lambda) or "
+        "module (damping x each layer's own mean eigenvalue: kronfluence's heuristic)", choices=DAMPING_RULES,
+        label="Damping rule", noun="EK-FAC damping rule"))
+    curvature_samples: int | None = field(default=None, metadata=opt(
+        f"ekfac, ekfac-elbo: noisy copies per training image for the EK-FAC factors (default {DEFAULT_SAMPLES})",
+        label="Curvature copies per image"))
     checkpoint_weights: str | None = field(default=None, metadata=opt(
         "checkpoint methods: lr (default) weights each checkpoint by the learning rate x epochs since the previous "
         "one, all projected with --seed; uniform is TracInCP/GAS as the D-TRAK paper runs them (appendix A.3): the "
@@ -93,10 +99,7 @@ class RunOptions:
 
     def __post_init__(self):
         validate(self)
-        if self.damping is not None:
-            check_damping(self.damping)
-            if not get_method(self.method).uses_damping:
-                raise ConfigError("--damping applies to the EK-FAC influence methods (ekfac, ekfac-elbo) only")
+        curvature_options([self.method], **{k: getattr(self, k) for k in CURVATURE_OPTIONS})
 
     def feature_options(self) -> dict[str, Any]:
         """The keyword options of `engine.open_attributor` (all but the model and the method)."""
@@ -104,7 +107,7 @@ class RunOptions:
                 "strategy": self.strategy, "noises": self.noises, "proj_dim": self.proj_dim,
                 "projector": self.projector, "seed": self.seed, "params": self.params, "cache": self.cache,
                 "store_dir": self.store, "batch_size": self.batch_size, "clip_model": self.clip_model,
-                "clip_weights": self.clip_weights, "damping": self.damping}
+                "clip_weights": self.clip_weights, **{k: getattr(self, k) for k in CURVATURE_OPTIONS}}
 
     def open(self, load: Callable[[str], DiffusionModel] | None = None) -> Attribution:
         """The Attribution these options define (`engine.open_attribution`; `load(spec)` loads a model)."""

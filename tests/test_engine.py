@@ -608,8 +608,8 @@ def test_methods_match_their_formulas(featurized):
     assert {n for n, m in METHODS.items()
             if not issubclass(m, (CheckpointMethod, SimilarityMethod))} == {"dtrak", "trak", "grad-dot", "grad-cos",
                                                                              "relative-if", "renorm-if",
-                                                                             "journey-trak", "das", "das0", "ekfac",
-                                                                             "ekfac-elbo"}
+                                                                             "journey-trak", "das", "das0", "das-size",
+                                                                             "ekfac", "ekfac-elbo"}
     k = X.shape[1]
     lam = 0.05 * np.trace(X @ X.T) / len(X)
     A = np.linalg.solve(X.T @ X + lam * np.eye(k), X.T)  # (k, N), dense float64

@@ -23,7 +23,6 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..fileio import atomic_path
-from ..features.curvature import check_damping
 from ..kernel import check_lambda
 from .common import info, progress_bar, write_figures
 
@@ -44,6 +43,10 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="feature noise and projection seed")
     p.add_argument("--damping", type=float, help="ekfac: damping as a multiple of the mean EK-FAC eigenvalue "
                                                  "(default 0.1)")
+    p.add_argument("--damping-rule", help="ekfac: global (default: one lambda, damping x the mean eigenvalue of all "
+                                          "tracked layers) or module (per layer: kronfluence's heuristic)")
+    p.add_argument("--curvature-samples", type=int, help="ekfac: noisy copies per training image for the EK-FAC "
+                                                         "factors (default 2)")
     p.add_argument("--sweep", choices=["lambda", "K", "k", "checkpoint"],
                    help="also report LDS along lambda (instant, from the kernel's eigendecomposition), K (timesteps), "
                         "k (projection dimension) or the checkpoints of the bank's run (each featurizes once); a "
@@ -87,7 +90,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import (SPLITS, check_external_scores, finished_bank, lambda_report, lds_table,  # lazy: keeps the start of the other commands fast
                                        option_sweep, score_bank)
     from ..figures import lds_lambda_figure, lds_option_figure  # lazy: keeps the start of the other commands fast
-    from ..methods import get_method  # lazy: keeps the start of the other commands fast
+    from ..methods import curvature_options, get_method  # lazy: keeps the start of the other commands fast
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     for s in splits:
@@ -121,15 +124,13 @@ def cmd_lds(args: argparse.Namespace) -> int:
     runs = {}
     for name in methods:
         get_method(name)  # unknown names fail before any featurizing
-    if args.damping is not None:
-        check_damping(args.damping)
-        if not any(get_method(name).uses_damping for name in methods):
-            raise ConfigError("--damping applies to the EK-FAC influence methods (ekfac, ekfac-elbo) only")
+    curvature = curvature_options(methods, damping=args.damping, damping_rule=args.damping_rule,
+                                  curvature_samples=args.curvature_samples)
 
     def feature_options(name: str) -> dict:
         return dict(fn=args.fn if args.fn in get_method(name).fn_choices() else None, timesteps=args.timesteps,
                     proj_dim=args.proj_dim, projector=args.projector, seed=args.seed, cache=args.cache,
-                    **({"damping": args.damping} if get_method(name).uses_damping else {}))
+                    **(curvature if get_method(name).uses_damping else {}))
 
     if args.sweep in ("K", "k", "checkpoint") and not methods:
         raise ConfigError(f"a {args.sweep} sweep needs --method (score files have no options to sweep)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
-from .curvature import check_damping
+from .curvature import DEFAULT_DAMPING, DEFAULT_SAMPLES, CurvatureSpec, check_damping
 from .gradients import GradientSpec
 from .outputs import OUTPUT_FUNCTIONS
 from .projectors import PROJECTORS, check_fast_jl_dim
@@ -38,6 +38,12 @@ class FeatureConfig:
         curvature: None, or "ekfac": gradients whitened by the EK-FAC curvature of the training loss before the
             projection (influence functions; see `curvature.py`).
         damping: EK-FAC damping as a multiple of the mean EK-FAC eigenvalue (with curvature only; default 0.1).
+        damping_rule: whose mean eigenvalue the damping multiplies (with curvature only): "global" (all tracked
+            layers', one lambda; the default) or "module" (each layer's own: kronfluence's heuristic); see
+            `curvature.DAMPING_RULES`.
+        curvature_samples: noisy copies per training image the EK-FAC factors are estimated on (with curvature
+            only; default `curvature.DEFAULT_SAMPLES`). Part of the curvature's identity, not of the features'
+            dict (the Attributor records the whole `CurvatureSpec`).
     """
 
     fn: str = "square"
@@ -56,6 +62,8 @@ class FeatureConfig:
     clip_weights: str | None = None  # a local file; the identity records its content digest, not its path
     curvature: str | None = None
     damping: float | None = None
+    damping_rule: str | None = None
+    curvature_samples: int | None = None
 
     @property
     def projection_seed(self) -> int:
@@ -82,10 +90,14 @@ class FeatureConfig:
             raise ConfigError(f"eta must be within [0, 1], got {self.eta}")
         if self.curvature not in (None, "ekfac"):
             raise ConfigError(f"unknown curvature {self.curvature!r}; use ekfac")
-        if self.damping is not None:
-            if self.curvature is None:
-                raise ConfigError("damping applies to the influence-function (EK-FAC) method only: use --method ekfac")
-            check_damping(self.damping)
+        if self.curvature is None:
+            for name in ("damping", "damping_rule", "curvature_samples"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name.replace('_', ' ')} applies to the influence-function (EK-FAC) methods "
+                                      "only: use --method ekfac or ekfac-elbo")
+        else:
+            check_damping(self.effective_damping, self.effective_damping_rule)
+            self.curvature_spec()  # the copies per image
         if self.fn != "interp" and self.eta != 1.0:
             raise ConfigError("eta applies only to the Simple/Square interpolation: use --fn interp with --eta")
 
@@ -112,17 +124,33 @@ class FeatureConfig:
             d.pop("proj_seed")
         if self.strategy == "training":  # K applies to targets only: training rows use their own timestep
             d.pop("timesteps")
+        d.pop("curvature_samples")  # in the identity's "curvature" entry (`CurvatureSpec.to_dict`)
         if self.curvature is None:  # absent unless set: caches made before the option stay valid
             d.pop("curvature")
             d.pop("damping")
+            d.pop("damping_rule")
         else:
             d["damping"] = self.effective_damping
+            if self.effective_damping_rule == "global":  # absent: caches made before the option stay valid
+                d.pop("damping_rule")
+            else:
+                d["damping_rule"] = self.effective_damping_rule
         return d
 
     @property
     def effective_damping(self) -> float:
         """The EK-FAC damping factor used: `damping`, else 0.1 (x the mean eigenvalue)."""
-        return 0.1 if self.damping is None else float(self.damping)
+        return DEFAULT_DAMPING if self.damping is None else float(self.damping)
+
+    @property
+    def effective_damping_rule(self) -> str:
+        """The EK-FAC damping rule used: `damping_rule`, else "global"."""
+        return self.damping_rule or "global"
+
+    def curvature_spec(self) -> CurvatureSpec:
+        """How the EK-FAC factors of these features are estimated (their copies per image, seed and parameters)."""
+        samples = {} if self.curvature_samples is None else {"samples": self.curvature_samples}
+        return CurvatureSpec(seed=self.seed, params=self.params, **samples)
 
     def slug(self) -> str:
         if self.embedding:
@@ -132,5 +160,10 @@ class FeatureConfig:
         unit = "-unit" if self.normalize else ""
         ts = "Ttrain" if self.strategy == "training" else f"K{self.timesteps}{self.strategy[0]}"
         ps = "" if self.proj_seed is None else f"-p{self.proj_seed}"
-        cv = "" if self.curvature is None else f"-{self.curvature}{self.effective_damping:g}"
+        cv = ""
+        if self.curvature is not None:
+            rule = "m" if self.effective_damping_rule == "module" else ""
+            samples = self.curvature_spec().samples
+            copies = "" if samples == DEFAULT_SAMPLES else f"c{samples}"
+            cv = f"-{self.curvature}{self.effective_damping:g}{rule}{copies}"
         return f"{fn}-{ts}-n{self.noises}{unit}{cv}-{self.projector}-{k}-s{self.seed}{ps}"

@@ -19,8 +19,10 @@ Grosse et al. 2023), layer by layer over the UNet's `nn.Linear` and `nn.Conv2d` 
   Monte Carlo Fisher, equal to the GGN of the MSE loss in expectation: the MSE's Hessian in the output is (2/D) I);
   "ggn" backpropagates every output dimension (the exact GGN; D backward passes per copy: tiny models only).
 
-For a single linear layer K-FAC is exact (the GGN of the MSE is A (x) (2/D) I), and so is EK-FAC: the test checks
-the influence against the explicit inverse.
+For a single linear layer K-FAC is exact (the GGN of the MSE is A (x) (2/D) I), and so is EK-FAC: a test checks
+the influence against the explicit inverse. That test cannot see the output-side eigenbasis (there S is a multiple
+of the identity, so every basis is an eigenbasis); `tests/methods/test_ekfac_conv.py` checks a conv -> tanh -> linear
+network (stride 1 and 2, "ggn" and "mc") against its GGN, A, S and Kronecker eigenbases built by brute force.
 
 Influence as a dot product: with H = Q diag(Lambda) Q^T and the damping lambda,
 
@@ -30,9 +32,17 @@ so `whiten` maps a flat gradient to D^{-1/2} Q^T g (the gradient in the eigenbas
 the damped eigenvalue), and whitened gradients are projected, cached and scored like any other features (the
 projection preserves dot products in expectation). Self-influence is the whitened gradient's squared norm.
 
-Damping rule: lambda = `damping` x the mean of Lambda over every tracked layer (kronfluence's heuristic, 0.1 by
-default; the same rule as the kernel's default lambda here). One lambda for all layers, so as damping grows the
-scores tend to the plain gradient dot product over the tracked parameters divided by lambda.
+Damping rules (`DAMPING_RULES`; `damping` is 0.1 by default, the same factor as the kernel's default lambda here):
+
+- "global" (the default): one lambda for every tracked layer, `damping` x the mean of all the eigenvalues of all
+  tracked layers (every entry of every Lambda_l counts once, so the layers with the most parameters dominate it).
+  As damping grows the scores tend to the plain gradient dot product over the tracked parameters divided by lambda.
+- "module": kronfluence's heuristic (its `damping_factor=None`: `FactorConfig.prepare` adds
+  0.1 x torch.mean(lambda_matrix) to each module's own eigenvalues, `kronfluence/factor/config.py`): per layer,
+  lambda_l = `damping` x the mean of that layer's Lambda_l. Layers with small curvature get a small damping.
+
+The damping enters only `whiten`: the fitted factors (Q_A, Q_S, Lambda) are cached without it, so another damping
+or rule re-whitens the gradients but never refits the curvature.
 
 Layers outside Linear/Conv2d (GroupNorm, LayerNorm, embeddings) and grouped or non-zero-padded convolutions are
 not tracked: their parameters are left out of the features, and `Layout.skipped` names them.
@@ -53,6 +63,9 @@ from ..models.adapter import DiffusionModel
 from .timesteps import noise_seed
 
 FISHER = ("mc", "ggn")
+DAMPING_RULES = ("global", "module")
+DEFAULT_DAMPING = 0.1  # x the mean eigenvalue (of all tracked layers, or of each layer under the "module" rule)
+DEFAULT_SAMPLES = 2  # noisy copies per training image for the factors
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,7 @@ class CurvatureSpec:
         params: comma-separated parameter-name prefixes (None: the model's trainable parameters).
     """
 
-    samples: int = 2
+    samples: int = DEFAULT_SAMPLES
     fisher: str = "mc"
     seed: int = 0
     params: str | None = None
@@ -84,11 +97,14 @@ class CurvatureSpec:
                 "params": self.params}
 
 
-def check_damping(damping: float) -> None:
-    """The one rule for EK-FAC damping: a positive, finite multiple of the mean eigenvalue."""
+def check_damping(damping: float, rule: str = "global") -> None:
+    """The one check of an EK-FAC damping: a positive, finite multiple of the mean EK-FAC eigenvalue, under one of
+    the `DAMPING_RULES`."""
     if not (damping > 0 and np.isfinite(damping)):
         raise ConfigError(f"EK-FAC damping must be a positive number (a multiple of the mean EK-FAC eigenvalue), "
                           f"got {damping}")
+    if rule not in DAMPING_RULES:
+        raise ConfigError(f"unknown EK-FAC damping rule {rule!r}; use one of: {', '.join(DAMPING_RULES)}")
 
 
 @dataclass
@@ -274,17 +290,25 @@ class EKFAC:
         total = sum(float(lam.sum()) for lam in self.eigenvalues)
         return total / sum(lam.numel() for lam in self.eigenvalues)
 
-    def damping_value(self, damping: float) -> float:
-        """lambda = damping x the mean EK-FAC eigenvalue over every tracked layer."""
-        check_damping(damping)
-        return damping * self.mean_eigenvalue()
+    def damping_values(self, damping: float, rule: str = "global") -> list[float]:
+        """lambda_l of each tracked layer: damping x the mean eigenvalue over every tracked layer ("global", the
+        same for all) or over the layer's own eigenvalues ("module", kronfluence's heuristic)."""
+        check_damping(damping, rule)
+        if rule == "module":
+            lams = [damping * float(lam.mean()) for lam in self.eigenvalues]
+            flat = [layer.name for layer, lam in zip(self.layout.layers, lams) if not lam > 0]
+            if flat:  # no curvature at all: damping x 0 would divide its gradients by zero
+                raise ConfigError(f"EK-FAC layer {flat[0]} has no curvature (all its eigenvalues are 0), so the "
+                                  "module damping rule gives it no damping; use --damping-rule global")
+            return lams
+        return [damping * self.mean_eigenvalue()] * len(self.eigenvalues)
 
-    def whiten(self, g: torch.Tensor, damping: float) -> torch.Tensor:
+    def whiten(self, g: torch.Tensor, damping: float, rule: str = "global") -> torch.Tensor:
         """D^{-1/2} Q^T g for flat gradients g (B, P) (`per_sample_gradients` order): (B, layout.dim) float32."""
-        lam = self.damping_value(damping)
+        lams = self.damping_values(damping, rule)
         g = g.double()
         out = []
-        for layer, qa, qs, ev in zip(self.layout.layers, self.QA, self.QS, self.eigenvalues):
+        for layer, qa, qs, ev, lam in zip(self.layout.layers, self.QA, self.QS, self.eigenvalues, lams):
             s, n = self.layout.offsets[layer.weight]
             mat = g[:, s:s + n].reshape(len(g), layer.out_dim, -1)
             if layer.bias is not None:

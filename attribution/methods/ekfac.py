@@ -6,9 +6,19 @@ scalable data attribution in diffusion models"; code `BrunoKM/diffusion-influenc
 L the training loss (Simple, at the features' K timesteps and noise), m the measurement (`ekfac`: the same loss of
 the target; `ekfac-elbo`: the ELBO-weighted loss over the K timesteps), H the EK-FAC approximation of the training
 loss's Gauss-Newton matrix over the UNet's Linear and Conv2d layers, estimated on every training image's noisy
-copies (uniform timesteps and noise, as DInf draws them), and lambda = damping x the mean EK-FAC eigenvalue
-(`--damping`, default 0.1, kronfluence's heuristic). The scores are dot products of EK-FAC-whitened gradients
-(`features.curvature`), projected and cached like every feature set; changing the damping re-featurizes.
+copies (uniform timesteps and noise, as DInf draws them; `--curvature-samples`, default 2 per image), and the
+damping lambda = `--damping` (default 0.1) x a mean EK-FAC eigenvalue: by default (`--damping-rule global`) the
+mean over every tracked layer, one lambda for all; with `--damping-rule module`, each layer's own mean, per layer
+(kronfluence's heuristic). The scores are dot products of EK-FAC-whitened gradients (`features.curvature`),
+projected and cached like every feature set; another damping or rule re-whitens the training gradients (a new
+feature set) but reuses the fitted factors, which are cached without it.
+
+Measured (BENCHMARKS.md, "EK-FAC's damping and copies"; digits bank, LDS validation / generated): at the shared
+default K = 10 timesteps x 1 noise draw per gradient it scores like TRAK (+0.117 / +0.054), flat over damping
+1e-4..1, both damping rules and 2 or 8 copies, far below D-TRAK Avg (+0.333 / +0.235): a Simple-loss gradient of
+few draws is dominated by their residual noise, which no curvature removes. With more samples per gradient it
+rises steeply (K = 40: +0.270 / +0.169, TRAK at K = 40 +0.177 / +0.141, a real difference on validation only; within noise of D-TRAK Avg's
++0.322 / +0.230): give this method `--timesteps 40` or more (DInf uses 250 samples per gradient).
 
 Own implementation rather than kronfluence: kronfluence's per-sample gradients are one per row of the batch the
 loss sees, but a diffusion example's loss is a mean over many (timestep, noise) copies of one image (DInf asserts
@@ -27,16 +37,17 @@ class EKFACInfluence(Method):
     title = "EK-FAC influence"
     summary = ("influence function: the change in the target's loss if the training image were removed, from "
                "loss gradients through the inverse EK-FAC curvature (Gauss-Newton) of the training loss over the "
-               "UNet's linear and convolution layers; damping 0.1 x the mean eigenvalue (--damping); no lambda")
+               "UNet's linear and convolution layers; damping 0.1 x the mean eigenvalue (--damping, "
+               "--damping-rule); no lambda")
     default_fn = "simple"
     uses_lambda = False
     uses_damping = True
     measurement = None  # the target's output function (None: the training loss itself)
 
     def feature_config(self, fn=None, eta=None, strategy="uniform", clip_model="ViT-B-32", clip_weights=None,
-                       damping=None, **options) -> FeatureConfig:
+                       **options) -> FeatureConfig:
         fn = self.check_fn("interp" if eta is not None and fn is None else fn)
-        return FeatureConfig(fn=fn, strategy=strategy, curvature="ekfac", damping=damping, **options)
+        return FeatureConfig(fn=fn, strategy=strategy, curvature="ekfac", **options)
 
     def check_features(self, cfg: FeatureConfig) -> None:
         if cfg.fn != self.default_fn:

@@ -1,8 +1,10 @@
 """DAS and EK-FAC influence against direct computations (issue 15).
 
-- DAS / DAS0 scores equal the formula computed here from scratch: Avg-output gradients by plain autograd (one
-  image, one timestep at a time), projected with the store's projector, the ridge kernel by a float64 solve, the
-  residual weights from the model's own errors, the leverage as the diagonal of the hat matrix.
+- DAS / DAS0 / DAS (residual size) scores equal the formula computed here from scratch: Avg-output gradients by
+  plain autograd (one image, one timestep at a time), projected with the store's projector, the ridge kernel by a
+  float64 solve, the residual weights from the model's own errors, the leverage as the diagonal of the hat matrix.
+- DAS0's leave-one-out factor 1 / (1 - h) is exact: on a toy ridge problem, residual / (1 - h) x the kernel score
+  equals the change of each target's prediction when the row is left out and the ridge is refitted.
 - EK-FAC on a model that is one linear layer (where K-FAC is exact: the GGN of the MSE is A (x) (2/D) I) gives the
   influence of the explicit damped inverse GGN, built here from the layer's Jacobians.
 - EK-FAC with a very large damping is the gradient dot product over the tracked layers divided by lambda.
@@ -16,6 +18,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from module_model import ModuleModel
 
 from attribution.engine import open_attribution
 from attribution.errors import ConfigError
@@ -23,8 +26,8 @@ from attribution.features.curvature import CurvatureSpec, copy_inputs, fit_ekfac
 from attribution.features.gradients import GradientSpec, per_sample_gradients
 from attribution.features.residuals import residual_timesteps
 from attribution.features.timesteps import noise_for, noise_seed
-from attribution.methods import get_method
-from attribution.models.adapter import DiffusionModel, NoiseSchedule
+from attribution.kernel import Kernel
+from attribution.methods import TrainFeatures, curvature_options, get_method
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,12 @@ def _avg_gradient(model, x0, key, timesteps):
 
 
 def _residual_weight(model, x0, key):
+    e = _residual_curve(model, x0, key)
+    return float((e / (np.linalg.norm(e) + 1e-8)).mean())
+
+
+def _residual_curve(model, x0, key):
+    """e_t = the root-mean-squared training error at each residual timestep, by plain forward passes."""
     errors = []
     for t in residual_timesteps(model.num_timesteps).tolist():
         gen = torch.Generator().manual_seed(noise_seed(0, f"das-residual/{key}", t))
@@ -68,8 +77,7 @@ def _residual_weight(model, x0, key):
         with torch.no_grad():
             pred = model.raw(model.parameters(), model.schedule.add_noise(x0[None], eps, tt), tt)
         errors.append(float(((pred - eps).double() ** 2).mean().sqrt()))
-    e = np.array(errors)
-    return float((e / (np.linalg.norm(e) + 1e-8)).mean())
+    return np.array(errors)
 
 
 def test_das_scores_equal_a_direct_computation(tiny_run, npz12, tmp_path):
@@ -96,9 +104,38 @@ def test_das_scores_equal_a_direct_computation(tiny_run, npz12, tmp_path):
     lev = _open("das0", tiny_run, npz12, tmp_path)  # the same features and weights (one cache)
     h = np.diag(X @ np.linalg.solve(K, X.T))
     got0 = lev.scores(lev.features_of(imgs[target_rows], [f"train/{i}" for i in target_rows]), lam)
-    np.testing.assert_allclose(got0, kernel_scores * (w / (1 - h) ** 2)[None, :], rtol=2e-4,
+    np.testing.assert_allclose(got0, kernel_scores * (w / (1 - h))[None, :], rtol=2e-4,
                                atol=1e-6 * np.abs(got0).max())
     assert not np.allclose(got0 / got0.max(), got / got.max())  # the correction changes the scores
+
+    size = _open("das-size", tiny_run, npz12, tmp_path)  # the same features, the residual's size as the weight
+    size.featurize()
+    e_mean = np.array([_residual_curve(model, imgs[i], f"train/{i}").mean() for i in range(12)])
+    got_size = size.scores(size.features_of(imgs[target_rows], [f"train/{i}" for i in target_rows]), lam)
+    np.testing.assert_allclose(got_size, kernel_scores * e_mean[None, :], rtol=2e-4,
+                               atol=1e-6 * np.abs(got_size).max())
+
+
+def test_das0_leave_one_out_factor_is_exact_on_a_toy_ridge_problem():
+    """das0's weight residual / (1 - h) times the kernel score is the change in a target's ridge prediction when
+    the training row is left out: compared with refitting the ridge problem without each row, one at a time."""
+    rng = np.random.default_rng(0)
+    n, k, lam = 10, 6, 0.3  # few rows per dimension: leverages ~0.5, where 1/(1-h) and 1/(1-h)^2 differ by 2x
+    X = rng.normal(size=(n, k))
+    y = X @ rng.normal(size=k) + 0.5 * rng.normal(size=n)
+    G = rng.normal(size=(3, k))  # three targets' features
+    beta = np.linalg.solve(X.T @ X + lam * np.eye(k), X.T @ y)
+    residual = y - X @ beta
+    exact = np.empty((len(G), n))
+    for i in range(n):  # the leave-one-out refits
+        keep = np.arange(n) != i
+        beta_i = np.linalg.solve(X[keep].T @ X[keep] + lam * np.eye(k), X[keep].T @ y[keep])
+        exact[:, i] = G @ (beta - beta_i)  # what including row i adds to each target's prediction
+    train = TrainFeatures(X.astype(np.float32), lambda: Kernel.fit(X), lambda name: residual)
+    leverage = train.kernel.self_influence(lam)
+    assert 0.3 < leverage.mean() < 0.8  # the regime where the factor matters
+    got = get_method("das0").score(train, G, lam)
+    np.testing.assert_allclose(got, exact, rtol=1e-8, atol=1e-10 * np.abs(exact).max())
 
 
 # -- EK-FAC: exact where K-FAC is exact -----------------------------------------------------------------------------
@@ -112,38 +149,14 @@ class _LinearNet(torch.nn.Module):
         return (self.lin(x.flatten(1)).view_as(x),)
 
 
-class _LinearModel(DiffusionModel):
+def _linear_model():
     """A 'diffusion model' whose noise predictor is one linear layer on 2x2 one-channel images."""
-
-    kind = "test-linear"
-
-    def __init__(self):
-        super().__init__(NoiseSchedule.from_config({"num_train_timesteps": 50}), None, "cpu")
-        torch.manual_seed(0)
-        self.net = _LinearNet(4).requires_grad_(False)
-
-    @classmethod
-    def accepts(cls, info):
-        return False
-
-    @classmethod
-    def load(cls, info, device="auto"):
-        raise NotImplementedError
-
-    def save(self, target, extra=None):
-        raise NotImplementedError
-
-    @property
-    def module(self):
-        return self.net
-
-    resolution = 2
-    channels = 1
-    latent_shape = (1, 2, 2)
+    torch.manual_seed(0)
+    return ModuleModel(_LinearNet(4), 2)
 
 
 def test_ekfac_matches_the_explicit_inverse_ggn_on_a_linear_layer():
-    model = _LinearModel()
+    model = _linear_model()
     rng = np.random.default_rng(0)
     x0 = torch.from_numpy(rng.uniform(-1, 1, (6, 1, 2, 2)).astype(np.float32))
     keys = [f"train/{i}" for i in range(6)]
@@ -165,7 +178,7 @@ def test_ekfac_matches_the_explicit_inverse_ggn_on_a_linear_layer():
     q = per_sample_gradients(model, -x0.flip(0), ["val/0", "val/1", "val/2", "val/3", "val/4", "val/5"],
                              gspec).double()
     for damping in (0.01, 0.1, 1.0):
-        lam = ekfac.damping_value(damping)
+        lam = ekfac.damping_values(damping)[0]
         explicit = (q @ torch.linalg.solve(H + lam * torch.eye(len(H), dtype=H.dtype), g.T)).numpy()
         via_ekfac = (ekfac.whiten(q, damping).double() @ ekfac.whiten(g, damping).double().T).numpy()
         # float32 whitened features (relative 1e-7) through a condition number of at most ~1/damping
@@ -173,7 +186,7 @@ def test_ekfac_matches_the_explicit_inverse_ggn_on_a_linear_layer():
 
 
 def test_ekfac_fit_resumes_to_the_same_factors():
-    model = _LinearModel()
+    model = _linear_model()
     x0 = torch.linspace(-1, 1, 5 * 4).reshape(5, 1, 2, 2)
     keys = [f"train/{i}" for i in range(5)]
     spec = CurvatureSpec(samples=3)
@@ -197,7 +210,7 @@ def test_ekfac_with_large_damping_is_the_gradient_dot_product(tiny_run, npz12, t
     member = att.members[0]
     imgs = member.train.tensors(list(range(12)))
     keys = [f"train/{i}" for i in range(12)]
-    lam = member.ekfac().damping_value(1e8)
+    lam = member.ekfac().damping_values(1e8)[0]
     got = att.scores(att.features_of(imgs[:4], keys[:4])) * lam
     g = per_sample_gradients(member.model, imgs, keys, member.grad_spec).double()
     lay = layout(member.model)
@@ -220,3 +233,36 @@ def test_ekfac_damping_changes_scores_and_bad_damping_is_one_line(tiny_run, npz1
     with pytest.raises(ConfigError) as exc:  # damping means nothing to a kernel method
         _open("dtrak", tiny_run, npz12, tmp_path, damping=0.1)
     assert "ekfac" in str(exc.value)
+    for bad in ({"damping_rule": "layerwise"}, {"curvature_samples": 0}):
+        with pytest.raises(ConfigError) as exc:
+            _open("ekfac", tiny_run, npz12, tmp_path, **bad)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        _open("dtrak", tiny_run, npz12, tmp_path, damping_rule="module")
+    assert "ekfac" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(ConfigError) as exc:  # the command line's and the app's check, before anything is computed
+        curvature_options(["dtrak", "trak"], curvature_samples=8)
+    assert "--curvature-samples" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_another_damping_reuses_the_fitted_factors(tiny_run, npz12, tmp_path, monkeypatch):
+    first = _open("ekfac", tiny_run, npz12, tmp_path)
+    first.featurize()
+    import attribution.engine
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the EK-FAC factors were fitted again")
+
+    monkeypatch.setattr(attribution.engine, "fit_ekfac", refit)
+    imgs = first.members[0].train.tensors([0, 1])
+    scores = {}
+    for options in ({"damping": 1.0}, {"damping_rule": "module"}, {"damping": 1.0, "damping_rule": "module"}):
+        att = _open("ekfac", tiny_run, npz12, tmp_path, **options)
+        assert att.members[0].store_path != first.members[0].store_path  # its own whitened features
+        att.featurize()  # no refit (the factors are cached without the damping)
+        scores[tuple(options.items())] = att.scores(att.features_of(imgs, ["train/0", "train/1"]))
+    first_scores = first.scores(first.features_of(imgs, ["train/0", "train/1"]))
+    for s in scores.values():
+        assert not np.allclose(s / np.abs(s).max(), first_scores / np.abs(first_scores).max(), rtol=1e-3)
+    with pytest.raises(AssertionError, match="fitted again"):  # more copies per image: another fit
+        _open("ekfac", tiny_run, npz12, tmp_path, curvature_samples=3).featurize()
