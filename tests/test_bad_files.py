@@ -228,3 +228,23 @@ def test_a_bad_image_is_one_line_as_upload_and_as_file(name, data, says, channel
     with pytest.raises(AttributionError) as file:
         load_image_pixels(tmp_path / name, 16, channels)
     assert str(upload.value) == str(file.value) == says
+
+
+# -- the app -------------------------------------------------------------------------------------------------------
+
+def test_the_evaluation_page_shows_a_damaged_bank_in_one_line(tiny_run, tmp_path, start_app):
+    """A bank whose bank.json is damaged is still listed; the Evaluation page opening on it shows that file's one
+    line instead of a traceback, and a good bank beside it opens."""
+    root = tmp_path / "banks"
+    make_bank(root / "broken")
+    (root / "broken" / "bank.json").write_text('{"name": "broken", ')
+    make_bank(root / "good")
+    at = start_app(tiny_run, tmp_path / "cache", banks=root)
+    at.switch_page("app_pages/evaluation.py").run()
+    assert not at.exception
+    assert at.selectbox(key="eval_bank").value == "broken"
+    assert [e.value for e in at.error] == ["broken/bank.json is not valid JSON (Expecting property name enclosed in "
+                                           "double quotes: line 1 column 20 (char 19)); restore it from a copy of "
+                                           "the bank"]
+    at.selectbox(key="eval_bank").set_value("good").run()
+    assert not at.exception and not at.error
