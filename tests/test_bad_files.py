@@ -230,6 +230,20 @@ def test_a_bad_image_is_one_line_as_upload_and_as_file(name, data, says, channel
     assert str(upload.value) == str(file.value) == says
 
 
+def test_a_damaged_magic_parameter_file_is_one_line(tmp_path):
+    from attribution.errors import CheckpointError
+    from attribution.magic.runs import load_theta
+
+    path = tmp_path / "run" / "theta.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad}")
+    with pytest.raises(CheckpointError) as exc:
+        load_theta(path)
+    assert str(exc.value).startswith("run/theta.safetensors is not a readable MAGIC parameter file (")
+    assert "\n" not in str(exc.value) and "rerun the command that wrote it" in str(exc.value)
+    assert path.read_bytes().endswith(b"{bad}")
+
+
 # -- the app -------------------------------------------------------------------------------------------------------
 
 def test_the_evaluation_page_shows_a_damaged_bank_in_one_line(tiny_run, tmp_path, start_app):
