@@ -131,7 +131,7 @@ st.caption("Score: −∂ bits/dim / ∂wᵢ at w = 1. Removing a set S of train
 st.subheader("Predicted versus actual (leave-out retraining)")
 folders = sorted((run.path / "validation").glob("*-seed*/sets.json"))
 if not folders:
-    st.info(f"No leave-out retrains yet: `python -m attribution magic validate --run {run.path} --sets 50` "
+    st.info(f"No leave-out retrains yet: `python -m attribution magic validate --run {run.path.name} --sets 50` "
             "retrains with 1% removed 50 times and reports the Spearman correlation for every cached query.")
 else:
     folder = st.selectbox("Retrain set", [f.parent.name for f in folders], key="mg_val")

@@ -26,5 +26,10 @@ class ConfigError(AttributionError):
     """An option outside its allowed range or set."""
 
 
+class FileFormatError(AttributionError):
+    """A file that is missing, empty, corrupt, of the wrong kind (text for an array, an archive without the arrays
+    it should hold) or of the wrong shape."""
+
+
 class CacheMismatchError(AttributionError):
     """A cache folder whose stored configuration differs from the one asked for."""

@@ -4,6 +4,9 @@ Everything is written to a temporary name in the same folder and then renamed ov
 `os.replace`, which is atomic on POSIX filesystems. A kill mid-write leaves at most a stray `.tmp-*` file, which
 is ignored and cleaned up on the next write.
 
+The readers (`read_json`, `read_npy`, `read_npz`) turn a file that is missing, empty, corrupt or of the wrong kind
+into one `FileFormatError` line that names the file and says what to do; they never delete or rewrite it.
+
 Files and folders end with the permissions an ordinary `open` / `mkdir` would give them (0666 / 0777 less the
 umask, typically 0644 / 0755), not the owner-only 0600 / 0700 of the temporary names they were written under.
 """
@@ -15,10 +18,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .errors import FileFormatError
 
 
 def _read_umask() -> int:
@@ -57,8 +63,86 @@ def write_json(target: str | os.PathLike, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text())
+REWRITE = "rerun the command that wrote it"
+
+
+def reason(exc: BaseException) -> str:
+    """An exception's message as a short phrase for a one-line error: its first line, first sentence, no final
+    period; the exception's class name when it has no message."""
+    text = str(exc).strip().splitlines()[0].strip() if str(exc).strip() else ""
+    text = text.split(". ")[0].rstrip(".").strip()
+    return text[:160] or type(exc).__name__
+
+
+def _name(path: Path, name: str | None) -> str:
+    return name or str(path)
+
+
+def read_json(path: str | os.PathLike, fix: str = REWRITE, name: str | None = None) -> dict:
+    """The JSON object in `path`. A missing, unreadable, empty or non-JSON file, or JSON that is not an object, is
+    one FileFormatError line: "<name> is not ...; <fix>" (`name` defaults to the path)."""
+    path = Path(path)
+    label = _name(path, name)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileFormatError(f"{label} is missing; {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"{label} cannot be read as text ({reason(exc)}); {fix}") from None
+    if not text.strip():
+        raise FileFormatError(f"{label} is empty; {fix}")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise FileFormatError(f"{label} is not valid JSON ({reason(exc)}); {fix}") from None
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{label} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
+def _check_head(path: Path, label: str, fix: str, magic: bytes, kind: str) -> None:
+    """Refuse an empty file (FileFormatError) or one that does not start as a `kind` file does (ValueError):
+    numpy would call text a pickle, and read a .npy where an .npz is wanted."""
+    with open(path, "rb") as f:
+        head = f.read(len(magic))
+    if not head:
+        raise FileFormatError(f"{label} is empty; {fix}")
+    if head != magic:
+        raise ValueError(f"no {kind} header")
+
+
+def read_npy(path: str | os.PathLike, fix: str = REWRITE, name: str | None = None) -> np.ndarray:
+    """The array in the .npy file `path` (never unpickled). Missing, empty, text, cut short or an object array: one
+    FileFormatError line."""
+    path = Path(path)
+    label = _name(path, name)
+    try:
+        _check_head(path, label, fix, b"\x93NUMPY", ".npy")
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileFormatError(f"{label} is missing; {fix}") from None
+    except (ValueError, OSError, EOFError) as exc:  # text, a pickled object array, a file cut short
+        raise FileFormatError(f"{label} is not a readable .npy array ({reason(exc)}); {fix}") from None
+
+
+def read_npz(path: str | os.PathLike, keys: Sequence[str], fix: str = REWRITE, name: str | None = None,
+             ) -> dict[str, np.ndarray]:
+    """The arrays `keys` of the .npz file `path`, read into memory (never unpickled). Missing, empty, not a zip
+    archive, cut short, an object array or one of `keys` absent: one FileFormatError line."""
+    path = Path(path)
+    label = _name(path, name)
+    try:
+        _check_head(path, label, fix, b"PK", "zip archive")
+        with np.load(path, allow_pickle=False) as z:
+            absent = [k for k in keys if k not in z.files]
+            if absent:
+                raise FileFormatError(f"{label} has no array {', '.join(absent)} (it holds "
+                                      f"{', '.join(z.files) or 'none'}); {fix}")
+            return {k: z[k] for k in keys}
+    except FileNotFoundError:
+        raise FileFormatError(f"{label} is missing; {fix}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise FileFormatError(f"{label} is not a readable .npz archive ({reason(exc)}); {fix}") from None
 
 
 def save_npy(target: str | os.PathLike, array: np.ndarray) -> None:

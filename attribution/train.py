@@ -49,7 +49,7 @@ import torch
 from .data import ImageDataset, load_dataset
 from .device import resolve_device
 from .errors import ConfigError, DatasetError
-from .fileio import save_npy, write_json
+from .fileio import reason, save_npy, write_json
 from .models.adapter import NoiseSchedule
 from .models.checkpoint import DEFAULT_SCHEDULE
 from .models.latent_sd import LatentSD, PromptTable, check_template
@@ -110,6 +110,9 @@ class TrainConfig:
             raise ConfigError(f"checkpoint epochs must be within 1..{self.epochs}, got {bad}")
 
 
+INDEX_FILE = "give a .npy of integers or a text file of whitespace- or comma-separated integers"
+
+
 def read_index_file(path: str | Path) -> list[int]:
     """Indices into the training split: a .npy of integers or a text file of whitespace/comma-separated integers."""
     path = Path(path)
@@ -121,9 +124,9 @@ def read_index_file(path: str | Path) -> list[int]:
         else:
             arr = np.array(path.read_text().replace(",", " ").split(), dtype=np.int64)
     except Exception as exc:
-        raise ConfigError(f"{path} is not a list of integer indices ({exc})") from None
+        raise ConfigError(f"{path} is not a list of integer indices ({reason(exc)}); {INDEX_FILE}") from None
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.size == 0:
-        raise ConfigError(f"{path} must hold a non-empty 1-D list of integer indices")
+        raise ConfigError(f"{path} must hold a non-empty 1-D list of integer indices; {INDEX_FILE}")
     return [int(i) for i in arr]
 
 

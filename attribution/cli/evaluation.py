@@ -22,9 +22,24 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, read_npy, read_npz
 from ..kernel import check_lambda
 from .common import info, progress_bar, write_figures
+
+SCORES_FIX = ("give the score matrix (targets x training images, numbers) as a .npy saved with numpy.save, or the "
+              ".npz that `score --out FILE.npz` writes")
+
+
+def read_score_file(p: Path) -> np.ndarray:
+    """The score matrix of a --scores file: a .npy array or a .npz with a 'scores' array; one line otherwise."""
+    if not p.is_file():
+        raise ConfigError(f"--scores {p} is not an existing file; {SCORES_FIX}")
+    if p.suffix == ".npy":
+        return read_npy(p, SCORES_FIX, f"--scores {p.name}")
+    if p.suffix == ".npz":
+        return read_npz(p, ("scores",), SCORES_FIX, f"--scores {p.name}")["scores"]
+    kind = "a ranked table, not a matrix" if p.suffix == ".csv" else f"a {p.suffix or 'suffix-less'} file"
+    raise ConfigError(f"--scores {p.name} is {kind}; {SCORES_FIX}")
 
 
 def add_commands(sub) -> None:
@@ -32,8 +47,8 @@ def add_commands(sub) -> None:
     p.add_argument("--bank", required=True, help="a bank name under banks/ (e.g. digits) or a bank folder")
     p.add_argument("--method", default="", help="comma-separated methods to evaluate, e.g. dtrak,trak,grad-cos")
     p.add_argument("--scores", action="append", default=[],
-                   help="a .npy score array from another tool: targets x training images in the bank's order "
-                        "(repeatable)")
+                   help="a score matrix, targets x training images in the bank's order: a .npy array, or the .npz "
+                        "that `score --out` writes (its 'scores'); repeatable")
     p.add_argument("--split", default="val,gen", help="target splits to report: val, gen, all (comma-separated)")
     p.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: each method's default)")
     p.add_argument("--fn", help="output function (D-TRAK only)")
@@ -109,17 +124,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
     named: dict[str, np.ndarray] = {}
     for path in args.scores:
         p = Path(path)
-        if not p.is_file() or p.suffix != ".npy":
-            raise ConfigError(f"--scores {path!r} is not an existing .npy file")
-        try:
-            with open(p, "rb") as f:
-                if f.read(6) != b"\x93NUMPY":  # numpy would call anything else a pickle
-                    raise ValueError("no .npy header")
-            scores = np.load(p, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:  # text, a pickled object array, a file cut short
-            reason = str(exc).split(". ")[0].strip().rstrip(".")  # numpy's first sentence, not its paragraph
-            raise ConfigError(f"--scores {p.name} is not a readable .npy array ({reason}); save the score matrix "
-                              "with numpy.save (targets x training images, numbers, no objects)") from None
+        scores = read_score_file(p)
         named[p.stem] = check_external_scores(bank, scores, p.name)
     runs = {}
     for name in methods:

@@ -53,6 +53,9 @@ def _spec(args):
                      OdeConfig(steps=args.ode_steps, solver=args.solver))
 
 
+RUN_HELP = "a MAGIC run folder, or its name under the cache's magic/ folder (both printed by magic train)"
+
+
 def add_commands(sub) -> None:
     m = sub.add_parser("magic", help="exact influence on a query's bits/dim through metagradients (MAGIC)")
     msub = m.add_subparsers(dest="magic_command", required=True)
@@ -63,7 +66,7 @@ def add_commands(sub) -> None:
     t.set_defaults(func=cmd_train)
 
     q = msub.add_parser("query", help="metagradient of one query's bits/dim with respect to every example weight")
-    q.add_argument("--run", required=True, help="a MAGIC run folder (printed by magic train)")
+    q.add_argument("--run", required=True, help=RUN_HELP)
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--seed", type=int, help="a generated image: sample from the run's model with this seed")
     src.add_argument("--image", help="an image file of the run's size, grayscale")
@@ -76,7 +79,7 @@ def add_commands(sub) -> None:
     q.set_defaults(func=cmd_query)
 
     v = msub.add_parser("validate", help="leave-fraction-out retraining: Spearman of predicted vs actual change")
-    v.add_argument("--run", required=True)
+    v.add_argument("--run", required=True, help=RUN_HELP)
     v.add_argument("--fraction", type=float, default=0.01, help="fraction removed per retrain (default 0.01)")
     v.add_argument("--sets", type=int, default=50, help="number of removed sets (default 50)")
     v.add_argument("--set-seed", type=int, default=0)

@@ -14,10 +14,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageError
+from ..fileio import reason
 
 # Larger images are refused before decoding (a 20000 x 20000 PNG would need 1.2 GB as RGB).
 MAX_PIXELS = 4096 * 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The modes `to_mode` turns into both grayscale and RGB (a TIFF can also hold LAB, which PIL makes no grayscale of).
+MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "LA", "PA", "CMYK", "YCbCr", "HSV", "I", "I;16", "I;16B", "I;16L",
+         "I;16N", "F"}
+READABLE = "give a PNG, JPEG, BMP, GIF, WebP or TIFF image"
 
 
 def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
@@ -28,6 +33,8 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
         if not path.is_file():
             raise ImageError(f"image file not found: {path}")
         source = path.read_bytes()
+    if not source:
+        raise ImageError(f"{label} is empty (0 bytes); {READABLE}")
     try:
         img = Image.open(io.BytesIO(source))
     except UnidentifiedImageError:
@@ -35,14 +42,17 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     except Image.DecompressionBombError:  # PIL refuses > 2 x Image.MAX_IMAGE_PIXELS (about 179M pixels) itself
         raise ImageError(f"{label} is far larger than {MAX_PIXELS:,} pixels; images that large are refused") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a header cut short (JPEG, BMP, WebP)
-        raise ImageError(f"{label} is truncated or corrupt ({exc})") from None
+        raise ImageError(f"{label} is truncated or corrupt ({reason(exc)})") from None
     w, h = img.size
     if w * h > MAX_PIXELS:
         raise ImageError(f"{label} is {w}x{h} pixels; images larger than {MAX_PIXELS:,} pixels are refused")
+    if img.mode not in MODES:
+        raise ImageError(f"{label} is a {img.mode} image, which cannot be made grayscale or RGB; save it as an RGB "
+                         "or grayscale PNG or JPEG")
     try:
         img.load()
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{label} is truncated or corrupt ({exc})") from None
+        raise ImageError(f"{label} is truncated or corrupt ({reason(exc)})") from None
     return img
 
 

@@ -43,9 +43,18 @@ import numpy as np
 import torch
 
 from ..data import load_dataset
-from ..errors import ConfigError
+from ..errors import AttributionError, ConfigError, FileFormatError
 from ..features.timesteps import noise_for, select_timesteps
-from ..fileio import atomic_dir, read_json, save_npy, save_npz, write_json
+from ..fileio import (
+    atomic_dir,
+    read_json,
+    read_npy,
+    read_npz,
+    reason,
+    save_npy,
+    save_npz,
+    write_json,
+)
 from ..models import load_model
 from ..models.checkpoint import resolve_checkpoint
 from ..sampling import DEFAULT_GUIDANCE, Prompt, gen_key, sample
@@ -73,6 +82,15 @@ FULL_SEED = 0
 
 # -- subsets -------------------------------------------------------------------------------------------------------
 
+def restore_fix(folder: Path) -> str:
+    """What to do about a bank file that cannot be read: bank.json, masks.npy and targets.npz are not remade by a
+    rerun of the build (it resumes from them), so the file is restored."""
+    folder = Path(folder)
+    if folder.resolve().parent == BANKS_DIR.resolve():
+        return f"restore it with `git checkout banks/{folder.name}` or from a copy of the bank"
+    return "restore it from a copy of the bank"
+
+
 def random_masks(n: int, m: int, alpha: float, seed: int) -> np.ndarray:
     """(m, n) bool: row j holds round(alpha * n) images drawn without replacement by the generator (seed, j)."""
     k = int(round(alpha * n))
@@ -80,6 +98,10 @@ def random_masks(n: int, m: int, alpha: float, seed: int) -> np.ndarray:
     for j in range(m):
         masks[j, np.random.default_rng([seed, j]).choice(n, size=k, replace=False)] = True
     return masks
+
+
+SUBSET_FILE = ("give a .npy (M, N) bool mask, a .npy (M, k) integer array, or a text file with one subset's indices "
+               "per line")
 
 
 def read_subset_file(path: str | Path, n: int) -> np.ndarray:
@@ -100,8 +122,9 @@ def read_subset_file(path: str | Path, n: int) -> np.ndarray:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"{path} is not a subset file ({exc}); give a .npy (M, N) bool mask, a .npy (M, k) "
-                          "integer array, or a text file with one subset's indices per line") from None
+        raise ConfigError(f"{path} is not a subset file ({reason(exc)}); {SUBSET_FILE}") from None
+    if not rows:
+        raise ConfigError(f"{path} holds no subsets; {SUBSET_FILE}")
     if len(rows) and np.asarray(rows[0]).dtype == bool:
         masks = np.asarray(rows, dtype=bool)
         if masks.shape[1] != n:
@@ -253,7 +276,7 @@ def default_randomness(folder: Path, run: str | None = None) -> str:
     a bank of a training run (`--run`) retrains the way that run was trained, a new bank uses common random
     numbers."""
     if (folder / "bank.json").is_file():
-        return bank_randomness(read_json(folder / "bank.json"))
+        return bank_randomness(read_json(folder / "bank.json", restore_fix(folder), f"{folder.name}/bank.json"))
     return recipe_from_run(run).randomness if run else "crn-slots"
 
 
@@ -359,7 +382,7 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
     meta_path = folder / "bank.json"
     meta = {}
     if meta_path.is_file():
-        meta = read_json(meta_path)
+        meta = read_json(meta_path, restore_fix(folder), f"{folder.name}/bank.json")
         had = bank_randomness(meta)
         if had != recipe.randomness:
             raise ConfigError(f"{folder} holds {had} retrains; resuming it with --randomness {recipe.randomness} "
@@ -369,7 +392,13 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
         if differences:
             raise ConfigError(f"{folder} holds a bank built another way ({'; '.join(differences[:3])}); "
                               "use another --name/--out or delete it")
-        old = np.load(folder / "masks.npy", allow_pickle=False)
+        # the subsets are the identity's (subset_source), so masks.npy missing (a build killed before writing it)
+        # is written again below; one that is there must be readable
+        old = masks if not (folder / "masks.npy").is_file() else read_npy(
+            folder / "masks.npy", restore_fix(folder), f"{folder.name}/masks.npy")
+        if old.ndim != 2:
+            raise FileFormatError(f"{folder.name}/masks.npy holds an array of shape {old.shape}, not (subsets, "
+                                  f"training images) masks; {restore_fix(folder)}")
         rows = min(len(old), len(masks))
         if old.shape[1] != n or not np.array_equal(old[:rows], masks[:rows]):
             raise ConfigError(f"{folder}/masks.npy differs from the subsets asked for; use another --name/--out")
@@ -429,8 +458,8 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
         waiting = {jb["run_dir"]: jb for jb in to_measure if jb["run_dir"] not in trained}
         targets_ref = None
         if model_ready:
-            with np.load(targets_file, allow_pickle=False) as z:
-                targets_ref = (ray.put(z["images"]), [str(k) for k in z["keys"]])
+            z = read_npz(targets_file, ("images", "keys"), restore_fix(folder), f"{folder.name}/targets.npz")
+            targets_ref = (ray.put(z["images"]), [str(k) for k in z["keys"]])
         in_flight: dict = {}
         failures: list[str] = []
         while queue or ready_to_measure or in_flight:
@@ -620,10 +649,19 @@ def build_checkpoint_run(bank: "Bank", checkpoints: int = 5, log=print) -> Path:
 def bank_for_model(content_hash: str, root: Path | None = None) -> str | None:
     """The name of a bank whose model has these weights (`DiffusionModel.identity()`), or None."""
     for name in list_banks(root):
-        meta = read_json((root or banks_dir()) / name / "bank.json")
-        if meta.get("model", {}).get("content_hash") == content_hash:
+        meta = _meta_or_none((root or banks_dir()) / name)
+        if meta is not None and meta.get("model", {}).get("content_hash") == content_hash:
             return name
     return None
+
+
+def _meta_or_none(folder: Path) -> dict | None:
+    """A bank's bank.json, None when it cannot be read: listing and matching banks skip over a damaged one, whose
+    one-line error comes when it is loaded."""
+    try:
+        return read_json(folder / "bank.json")
+    except AttributionError:
+        return None
 
 
 def list_banks(root: Path | None = None) -> list[str]:
@@ -632,7 +670,7 @@ def list_banks(root: Path | None = None) -> list[str]:
     group by name."""
     root = root or banks_dir()
     names = [p.parent.name for p in root.glob("*/bank.json") if (p.parent / "targets.npz").is_file()]
-    return sorted(names, key=lambda n: (bank_randomness(read_json(root / n / "bank.json")) == "stream", n))
+    return sorted(names, key=lambda n: (bank_randomness(_meta_or_none(root / n) or {}) == "stream", n))
 
 
 @dataclass
@@ -656,12 +694,25 @@ class Bank:
             known = sorted(p.parent.name for p in banks_dir().glob("*/bank.json"))
             raise ConfigError(f"no bank {str(name_or_path)!r} (no bank.json there); known banks: "
                               f"{', '.join(known) or 'none'}; build one with `python -m attribution bank build`")
-        meta = read_json(path / "bank.json")
-        masks = np.load(path / "masks.npy", allow_pickle=False)
+        name = path.name
+        restore = restore_fix(path)
+        meta = read_json(path / "bank.json", restore, f"{name}/bank.json")
+        absent = [k for k, kind in (("seeds", list), ("noise_sets", int), ("targets_hash", str))
+                  if not isinstance(meta.get(k), kind)]
+        if absent:
+            raise FileFormatError(f"{name}/bank.json has no valid {', '.join(absent)}; {restore}")
+        masks = read_npy(path / "masks.npy", restore, f"{name}/masks.npy")
+        if masks.ndim != 2 or masks.dtype != bool:
+            raise FileFormatError(f"{name}/masks.npy holds a {masks.dtype} array of shape {masks.shape}, not the "
+                                  f"(subsets, training images) bool masks; {restore}")
         if not (path / "targets.npz").is_file():
-            raise ConfigError(f"bank {path} has no targets yet (its full model is still training); rerun the build")
-        with np.load(path / "targets.npz", allow_pickle=False) as z:
-            images, keys = z["images"], [str(k) for k in z["keys"]]
+            raise ConfigError(f"bank {path.name} has no targets yet (its full model is still training); rerun the "
+                              "build")
+        z = read_npz(path / "targets.npz", ("images", "keys"), restore, f"{name}/targets.npz")
+        images, keys = z["images"], [str(k) for k in z["keys"]]
+        if images.ndim != 4 or len(images) != len(keys):
+            raise FileFormatError(f"{name}/targets.npz holds {len(keys)} keys and images of shape {images.shape}, "
+                                  f"not one (C, H, W) image per key; {restore}")
         seeds = meta["seeds"]
         F = np.full((len(masks), len(seeds), meta["noise_sets"], len(keys)), np.nan)
         done = np.zeros((len(masks), len(seeds)), dtype=bool)
@@ -670,10 +721,13 @@ class Bank:
                 p = _output_path(path, j, s)
                 if not p.is_file():
                     continue
-                with np.load(p, allow_pickle=False) as z:
-                    if str(z["targets_hash"]) != meta["targets_hash"] or z["F"].shape != F.shape[2:]:
-                        raise ConfigError(f"{p} was computed for other targets; delete it and rerun the build")
-                    F[j, seeds.index(s)] = z["F"]
+                label = f"{name}/outputs/{p.name}"
+                redo = "delete it and rerun the bank's `bank build` command (it measures only that output again)"
+                z = read_npz(p, ("F", "targets_hash"), redo, label)
+                if str(z["targets_hash"]) != meta["targets_hash"] or z["F"].shape != F.shape[2:]:
+                    raise FileFormatError(f"{label} was computed for other targets (F of shape {z['F'].shape}, "
+                                          f"the bank needs {F.shape[2:]}); {redo}")
+                F[j, seeds.index(s)] = z["F"]
                 done[j, seeds.index(s)] = True
         return cls(path, meta, masks, images, keys, F, done)
 

@@ -26,7 +26,7 @@ import torch
 from ..data import load_dataset
 from ..data.images import open_image
 from ..errors import CheckpointError, ConfigError, ImageError
-from ..fileio import atomic_path, save_npz, write_json
+from ..fileio import atomic_path, reason, save_npz, write_json
 from ..store import identity_hash, magic_root, magic_run_dir
 from .likelihood import bits_per_dim, check_steps, time_grid
 from .score_model import ScoreModel, ScoreModelConfig, marginal_std
@@ -209,7 +209,12 @@ def save_theta(path: Path, theta: torch.Tensor) -> None:
 def load_theta(path: Path) -> torch.Tensor:
     from safetensors.torch import load_file  # lazy: only saving/loading a run needs it
 
-    return load_file(str(path))["theta"]
+    try:
+        return load_file(str(path))["theta"]
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error kinds; a missing key is a KeyError)
+        raise CheckpointError(f"{path.parent.name}/{path.name} is not a readable MAGIC parameter file "
+                              f"({reason(exc)}); delete it and rerun the command that wrote it (magic train or "
+                              "magic validate)") from None
 
 
 def open_run(path: str | os.PathLike) -> MagicRun:
@@ -217,6 +222,8 @@ def open_run(path: str | os.PathLike) -> MagicRun:
     p = Path(path)
     if p.name == "run.json":
         p = p.parent
+    if not p.exists() and p.name == str(path) and (magic_root() / p.name).is_dir():  # a run's name in the cache
+        p = magic_root() / p.name
     if not p.exists():
         raise CheckpointError(f"MAGIC run folder not found: {p}; {HOW_TO_MAKE}")
     cfg = p / "run.json"

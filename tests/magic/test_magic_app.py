@@ -43,12 +43,15 @@ def test_magic_page(magic_cache, monkeypatch, capsys):
     captions = [img.caption for el in at.get("image") for img in el.proto.imgs]
     assert captions[1].startswith(f"#{top} · ")            # first tile after the query: the largest score
     assert any(m.value == f"{q['meta']['bpd']:.3f}" for m in at.metric)
-    assert any("magic validate" in i.value for i in at.info)
+    # the command to run next names the run as the cache knows it, not by the server's absolute path
+    (command,) = [i.value.split("`")[1] for i in at.info if "magic validate" in i.value]
+    assert command == f"python -m attribution magic validate --run {run_dir.name} --sets 50"
+    assert str(magic_cache) not in "".join(i.value for i in at.info)
     runs_metric = next(m for m in at.metric if m.label == "Training runs of time")
     assert float(runs_metric.value) == pytest.approx(q["meta"]["runs_of_training"], abs=0.05)
     # with retrains present, the scatter and its rho appear
     capsys.readouterr()
-    assert main(["magic", "validate", "--run", str(run_dir), "--sets", "3"]) == 0
+    assert main([*command.split()[3:-1], "3"]) == 0  # the page's command as given, with 3 sets
     line = capsys.readouterr().out.strip()
     at.run()
     assert not at.exception, at.exception
