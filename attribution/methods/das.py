@@ -43,10 +43,8 @@ class DAS(KernelMethod):
     name = "das"
     title = "DAS"
     summary = ("Diffusion Attribution Score: how much removing the training image would change the noise "
-               "predictor's output on the target (a proxy for the KL divergence between the two models), from "
-               "D-TRAK's kernel on gradients of the output itself (Avg), times the reference code's scale-free "
-               "residual weight (nearly equal for every image: 2.8% spread on the digits model; D-TRAK Avg, reweighted "
-               "slightly)")
+               "predictor's output on the target, from D-TRAK's kernel on Avg-output gradients times the reference "
+               "code's scale-free residual weight (2.8% spread on the digits model: D-TRAK Avg, reweighted slightly)")
     default_fn = "avg"
     row_statistics = (RESIDUAL,)
 
