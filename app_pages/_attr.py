@@ -24,9 +24,11 @@ from attribution.data import ImageDataset, tensor_to_pixels
 from attribution.engine import Attribution, Attributor, Result, format_duration
 from attribution.errors import AttributionError
 from attribution.features.projectors import usable_projectors
+from attribution.journey import JourneyConfig
 from attribution.kernel import Kernel
 from attribution.methods import METHODS, get_method
 from attribution.options import fields_of
+from attribution.prepare import Task
 from attribution.report import (Ranked, export_metadata, export_name, metadata_arrays, positive_share, rank,
                                 ranking_rows, to_csv, to_npz_bytes)
 from attribution.run_options import RunOptions
@@ -145,6 +147,16 @@ def estimate_note(named: list[tuple[str, Attribution]], n_targets: int = 1) -> s
     return (f"Not cached yet, so this run featurizes the training set first: {'; '.join(parts)}. "
             + ("" if unknown else f"About {format_duration(total)} in all on this machine. ")
             + "Progress is shown; the result is cached and an interrupted run resumes.")
+
+
+def journey_note(att: Attribution, cfg: JourneyConfig) -> str:
+    """Before a journey: cached, or about how long its training features and step features will take here."""
+    seconds, bases = Task("journey", att, journey=cfg).estimate(probe=True)
+    if seconds == 0:
+        return "This journey is cached: it shows in seconds."
+    if seconds is None:
+        return f"No estimate yet ({'; '.join(bases)})."
+    return f"About {format_duration(seconds)} on this machine ({'; '.join(bases)}); cached afterwards."
 
 
 def featurize_note(att: Attribution) -> str:

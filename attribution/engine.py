@@ -201,14 +201,16 @@ class Attributor:
         if missing == 0:
             return 0.0, "cached"
         per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
-        return self._at_throughput(missing * per_row, f"{missing} images", probe)
+        return self.estimate_for(missing * per_row, f"{missing} images", probe)
 
     def targets_estimate(self, n: int, probe: bool = False) -> tuple[float | None, str]:
         """(seconds, basis) that the features of `n` targets will take (each at the configured timesteps and
         noises), from the same measured throughput as `featurize_estimate`."""
-        return self._at_throughput(n * len(self.grad_spec.timesteps) * self.cfg.noises, f"{n} targets", probe)
+        return self.estimate_for(n * len(self.grad_spec.timesteps) * self.cfg.noises, f"{n} targets", probe)
 
-    def _at_throughput(self, sample_timesteps: int, what: str, probe: bool) -> tuple[float | None, str]:
+    def estimate_for(self, sample_timesteps: int, what: str, probe: bool = False) -> tuple[float | None, str]:
+        """(seconds, basis) for `sample_timesteps` gradients (`what` names them in the basis) at this machine's
+        measured throughput for these features; with `probe` and no measurement, one image is timed first."""
         entry = recorded_throughput(self.cache_dir, self.throughput_key)
         if entry is None and probe:
             per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
