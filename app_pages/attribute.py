@@ -7,6 +7,7 @@ import streamlit as st
 from attribution.data import pixels_to_pil, tensor_to_pixels
 from attribution.errors import AttributionError
 from attribution.methods import METHODS, RECOMMENDED_METHOD
+from attribution.report import agreement_caption
 from attribution.run_options import RunOptions
 from attribution.store import cache_root
 from app_pages._attr import (METHOD_TITLES, OPTION, PROJ_DIMS, PROJECTORS, Column, ColumnTarget, Computed, Lambda,
@@ -138,6 +139,10 @@ for i, (col, c) in enumerate(zip(st.columns(len(computed.columns)), computed.col
         except AttributionError as exc:
             fail(exc)
         record_scores(att.train, f"{c.title} · {computed.target_spec}", scores)
+        if i == 0:
+            first_scores = scores
+        else:  # a comparison column: how far it agrees with the first
+            st.caption(agreement_caption(scores, first_scores, n_pro, computed.columns[0].title))
         pro, opp = top_lists(scores, att.train, n_pro, n_opp)
         ranked_tiles(pro, att.train, "Proponents", f"attr_pro_{i}")
         if n_opp:

@@ -132,6 +132,12 @@ def test_a_checkpoint_column_attributes_the_main_columns_pixels(app, tiny_run, f
     assert not app.exception, app.exception
     assert "--target gen:1" in app.main.get_by_key("attr_result_0").code[0].value
     pro = tiles(app, "attr_pro_1")
+    # Issue 24, 3: a comparison column says how far it agrees with the first (top-k overlap, Spearman), and the
+    # figures are those of the two columns' scores.
+    shared = len({i for i, *_ in pro} & {i for i, *_ in tiles(app, "attr_pro_0")})
+    said = next(c.value for c in app.main.get_by_key("attr_result_1").caption if c.value.startswith("Against"))
+    assert said.startswith(f"Against D-TRAK: {shared} of the top 5 proponents shared; Spearman rank correlation")
+    assert "Against" not in " ".join(c.value for c in app.main.get_by_key("attr_result_0").caption)
     argv = shlex.split(app.main.get_by_key("attr_result_1").code[0].value)
     name = argv[argv.index("--target") + 1]
     assert name.endswith(".png") and argv[argv.index("--checkpoint") + 1].endswith("@epoch-1")
