@@ -138,6 +138,10 @@ def test_a_checkpoint_column_attributes_the_main_columns_pixels(app, tiny_run, f
     said = next(c.value for c in app.main.get_by_key("attr_result_1").caption if c.value.startswith("Against"))
     assert said.startswith(f"Against D-TRAK: {shared} of the top 5 proponents shared; Spearman rank correlation")
     assert "Against" not in " ".join(c.value for c in app.main.get_by_key("attr_result_0").caption)
+    # Issue 24, verdict: beside a ranking of a model without a bank, a sentence says its trust is not measured
+    for i in (0, 1):
+        assert "it has no ground-truth bank" in " ".join(c.value for c in
+                                                         app.main.get_by_key(f"attr_result_{i}").caption)
     argv = shlex.split(app.main.get_by_key("attr_result_1").code[0].value)
     name = argv[argv.index("--target") + 1]
     assert name.endswith(".png") and argv[argv.index("--checkpoint") + 1].endswith("@epoch-1")
