@@ -195,7 +195,7 @@ class Attributor:
     def featurize_estimate(self, probe: bool = False) -> tuple[float | None, str]:
         """(seconds, basis) that featurizing the missing rows will take: 0 when cached; from the throughput
         recorded on this machine for this checkpoint, parameter set and kind of features; else, with `probe`, from
-        timing one training image now (a rough upper bound: batches are faster per image); else (None, why)."""
+        timing three training images now, after one untimed call that pays the set-up (a rough upper bound: larger batches are faster per image); else (None, why)."""
         store_done = FeatureStore.peek_done(self.store_path)
         missing = len(self.train) if store_done is None else int((~store_done).sum())
         if missing == 0:
@@ -210,20 +210,23 @@ class Attributor:
 
     def estimate_for(self, sample_timesteps: int, what: str, probe: bool = False) -> tuple[float | None, str]:
         """(seconds, basis) for `sample_timesteps` gradients (`what` names them in the basis) at this machine's
-        measured throughput for these features; with `probe` and no measurement, one image is timed first."""
+        measured throughput for these features; with `probe` and no measurement, three images are timed first."""
         entry = recorded_throughput(self.cache_dir, self.throughput_key)
         if entry is None and probe:
             per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
-            start = time.perf_counter()
-            ts = None if self.train_timesteps is None else self.train_timesteps[:1]
-            self.features_of(self.train.tensors([0]), [f"{self.train.split}/0"], ts)
+            rows = list(range(min(3, len(self.train))))
+            keys = [f"{self.train.split}/{i}" for i in rows]
+            ts = None if self.train_timesteps is None else self.train_timesteps[rows]
+            self.features_of(self.train.tensors(rows[:1]), keys[:1], None if ts is None else ts[:1])  # warm-up:
+            start = time.perf_counter()  # the first call's set-up (projector, buffers) took ~4 s of a 5 s timing
+            self.features_of(self.train.tensors(rows), keys, ts)
             elapsed = time.perf_counter() - start
-            record_throughput(self.cache_dir, self.throughput_key, per_row / elapsed, elapsed, rough=True)
+            record_throughput(self.cache_dir, self.throughput_key, len(rows) * per_row / elapsed, elapsed, rough=True)
             entry = recorded_throughput(self.cache_dir, self.throughput_key)
         if entry is None:
             return None, f"no featurization of these features ({self.cfg.cost_kind()}) has been timed here yet"
         rate = entry["sample_timesteps_per_s"]
-        how = ("timed on one image (a rough upper bound until the first featurization)" if entry.get("rough")
+        how = ("timed on three images (a rough upper bound until the first featurization)" if entry.get("rough")
                else f"measured here {entry['measured']}")
         return sample_timesteps / rate, f"{what} at {rate:.3g} sample-timesteps/s, {how}"
 

@@ -156,7 +156,7 @@ def test_featurize_estimate_from_the_measured_throughput(model, digits, tmp_path
     att = Attributor(model, train, CFG, cache=tmp_path, batch_size=4)
     seconds, basis = att.featurize_estimate()
     assert seconds is None and "timed" in basis
-    seconds, basis = att.featurize_estimate(probe=True)  # times one image, keeps it as a rough measurement
+    seconds, basis = att.featurize_estimate(probe=True)  # times three images after a warm-up, keeps it as a rough measurement
     assert seconds > 0 and "rough" in basis and att.featurize_estimate()[1] == basis
     record_throughput(att.cache_dir, att.throughput_key, 4.0, 3.0)  # measured: 4 sample-timesteps/s
     seconds, basis = att.featurize_estimate()
