@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,9 +24,11 @@ from attribution.data import ImageDataset, tensor_to_pixels
 from attribution.engine import Attribution, Attributor, Result, format_duration
 from attribution.errors import AttributionError
 from attribution.features.projectors import usable_projectors
+from attribution.journey import JourneyConfig
 from attribution.kernel import Kernel
 from attribution.methods import METHODS, get_method
 from attribution.options import fields_of
+from attribution.prepare import Task
 from attribution.report import (Ranked, export_metadata, export_name, metadata_arrays, positive_share, rank,
                                 ranking_rows, to_csv, to_npz_bytes)
 from attribution.run_options import RunOptions
@@ -62,24 +65,24 @@ def cached_attribution(opts: RunOptions) -> Attribution:
     return opts.open(load=cached_model)
 
 
-class FeaturizeJob:
-    """One featurization of one feature store in a background thread of the server, shared by every session
-    that asks for that store. It runs to the end even when the session that started it goes away (a closed tab,
-    a lost connection: Streamlit stops that session's script, not this thread); sessions only watch it."""
+class BackgroundJob:
+    """One piece of long work (a featurization, the preparation for class) in a background thread of the server,
+    shared by every session that asks for the same `key`. It runs to the end even when the session that started
+    it goes away (a closed tab, a lost connection: Streamlit stops that session's script, not this thread);
+    sessions only watch it."""
 
-    def __init__(self, member: Attributor):
-        self.done, self.total, self.message, self.error = 0, len(member.train), "starting", None
-        self.thread = threading.Thread(target=self._run, args=(member,), daemon=True,
-                                       name=f"featurize {member.store_path.name}")
+    def __init__(self, name: str, work: Callable[[Callable[[int, int, str], None]], object], total: int = 1):
+        self.done, self.total, self.message, self.error = 0, total, "starting", None
+        self.thread = threading.Thread(target=self._run, args=(work,), daemon=True, name=name)
         self.thread.start()
 
-    def _run(self, member: Attributor) -> None:
+    def _run(self, work) -> None:
         try:
-            member.featurize(progress=self._update)
+            work(self._update)
         except Exception as exc:  # handed to every watching session
             self.error = exc
 
-    def _update(self, done: int, total: int, message: str) -> None:
+    def _update(self, done: int, total: int, message: str = "") -> None:
         self.done, self.total, self.message = done, total, message
 
     def watch(self, update, poll: float = 0.5) -> None:
@@ -92,18 +95,26 @@ class FeaturizeJob:
         update(self.done, self.total, self.message)
 
 
-_JOBS: dict[str, FeaturizeJob] = {}
+_JOBS: dict[str, BackgroundJob] = {}
 _JOBS_LOCK = threading.Lock()
 
 
-def featurize_job(member: Attributor) -> FeaturizeJob:
-    """The running job for `member`'s store, or a new one (a finished or failed job is replaced: the new one
-    finds the finished rows cached, or retries)."""
+def background_job(key: str, work, total: int = 1, start: bool = True) -> BackgroundJob | None:
+    """The running job for `key`, or (with `start`) a new one running `work(progress)` (a finished or failed job
+    is replaced: the new one finds the finished work cached, or retries). Without `start`: None when none runs."""
     with _JOBS_LOCK:
-        job = _JOBS.get(str(member.store_path))
+        job = _JOBS.get(key)
         if job is None or not job.thread.is_alive():
-            job = _JOBS[str(member.store_path)] = FeaturizeJob(member)
+            if not start:
+                return None
+            job = _JOBS[key] = BackgroundJob(key, work, total)
         return job
+
+
+def featurize_job(member: Attributor) -> BackgroundJob:
+    """The background featurization of `member`'s store (one per store, whoever asks)."""
+    return background_job(str(member.store_path), lambda progress: member.featurize(progress=progress),
+                          len(member.train))
 
 
 def featurize_with_progress(att: Attribution, title: str = "") -> None:
@@ -114,20 +125,43 @@ def featurize_with_progress(att: Attribution, title: str = "") -> None:
             f"{prefix}featurizing {len(member.train)} training images with {member.model.spec}"))
 
 
-def featurize_note(att: Attribution) -> str:
-    """Before Run: whether the training features are cached, else about how long featurizing will take here
-    (from the throughput measured on this machine; a one-image timing until the first featurization)."""
-    total, bases = 0.0, []
-    for member in att.members:
-        seconds, basis = member.featurize_estimate(probe=True)
-        if seconds:
+def estimate_note(named: list[tuple[str, Attribution]], n_targets: int = 1) -> str:
+    """Before Run: per result column (title, attribution), whether its training features are cached, else about
+    how long its featurization and its targets' features will take here (from the throughput measured on this
+    machine for that kind of features; a one-image timing until the first featurization), and the total."""
+    total, parts, unknown = 0.0, [], []
+    for title, att in named:
+        seconds, bases = att.estimate(n_targets, probe=True)
+        featurized = all(m.featurize_estimate()[0] == 0 for m in att.members)
+        if seconds is None:
+            unknown.append(title)
+            parts.append(f"{title}: no estimate ({'; '.join(bases)})")
+        elif not featurized:
             total += seconds
-            bases.append(basis)
-    if not total:
-        return "The training features for these options are cached: a run takes seconds."
-    return (f"The training features for these options are not cached yet: featurizing will take about "
-            f"{format_duration(total)} on this machine ({'; '.join(bases)}). Progress is shown; the result is "
-            "cached and an interrupted run resumes.")
+            parts.append(f"{title}: about {format_duration(seconds)} ({'; '.join(bases)})")
+        else:
+            total += seconds
+    if not parts:
+        return (f"The training features for these options are cached: a run takes about {format_duration(total)} "
+                "(the targets' features).")
+    return (f"Not cached yet, so this run featurizes the training set first: {'; '.join(parts)}. "
+            + ("" if unknown else f"About {format_duration(total)} in all on this machine. ")
+            + "Progress is shown; the result is cached and an interrupted run resumes.")
+
+
+def journey_note(att: Attribution, cfg: JourneyConfig) -> str:
+    """Before a journey: cached, or about how long its training features and step features will take here."""
+    seconds, bases = Task("journey", att, journey=cfg).estimate(probe=True)
+    if seconds == 0:
+        return "This journey is cached: it shows in seconds."
+    if seconds is None:
+        return f"No estimate yet ({'; '.join(bases)})."
+    return f"About {format_duration(seconds)} on this machine ({'; '.join(bases)}); cached afterwards."
+
+
+def featurize_note(att: Attribution) -> str:
+    """`estimate_note` of one attribution, for pages with one result."""
+    return estimate_note([(att.method.title, att)])
 
 
 def feature_fn_options(method: str) -> list[str]:

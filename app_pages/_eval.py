@@ -13,13 +13,14 @@ import streamlit as st
 from attribution.data import BUILTIN_DATASETS
 from attribution.errors import AttributionError
 from attribution.evaluation.bank import Bank
-from attribution.engine import Attribution
+from attribution.engine import Attribution, format_duration
 from attribution.evaluation.evaluate import (BankRun, SweepPoint, lambda_report, open_on_bank, option_sweep,
                                              run_on_bank)
 from attribution.figures import lds_option_figure
 from attribution.evaluation.lds import LdsTable
 from attribution.evaluation.retraining_estimators import heldout_lds_table
 from attribution.models.adapter import key_prompt
+from attribution.prepare import Task, estimate_text
 
 from app_pages._ui import cached_model
 
@@ -33,6 +34,15 @@ def cached_bank(name: str) -> Bank:
 def bank_attribution(name: str, method: str, timesteps: int, proj_dim: int) -> Attribution:
     """`method` on bank `name`'s model and training set (validated; featurized separately, in the background)."""
     return open_on_bank(cached_bank(name), method, timesteps=timesteps, proj_dim=proj_dim, load=cached_model)
+
+
+def evaluation_note(name: str, methods, timesteps: int, proj_dim: int) -> str:
+    """Before Evaluate: per method, cached, or about how long its training features and the bank's target
+    features will take here (from the throughput measured for that kind of features)."""
+    total, lines = estimate_text([Task(m, bank_attribution(name, m, timesteps, proj_dim), bank=cached_bank(name))
+                                  for m in methods])
+    return ("Before the first Evaluate here: " + "; ".join(lines.splitlines())
+            + (f". About {format_duration(total)} in all on this machine." if total else "."))
 
 
 @st.cache_resource(max_entries=12, show_spinner="Scoring the bank's targets…")

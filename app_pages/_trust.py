@@ -55,9 +55,12 @@ def describe(value: float, ci: tuple[float, float], label: str, ceilings: tuple[
 
 def trust_caption(att: Attribution, options_key: str, lam: float | None, key: str) -> None:
     """Under a λ slider: the LDS at `lam` on the model's bank (both target splits, with two-way CIs, the share of
-    the reachable ceiling and the seed-vs-seed figure), or a button that scores the bank's targets first. Nothing when the model has no bank."""
+    the reachable ceiling and the seed-vs-seed figure), or a button that scores the bank's targets first; without a bank, a sentence that says so."""
     folder = bank_of(att.members[-1].model.identity(), str(banks_dir()))
     if folder is None:
+        st.caption("**How far to trust this:** not measured for this model: it has no ground-truth bank (retrained "
+                   "models), so no figure says how well its rankings agree with retraining. The Evaluation page "
+                   "measures that on the banks' models.")
         return
     bank, name = cached_bank(folder), Path(folder).name
     flag = f"trust_{folder}_{options_key}"

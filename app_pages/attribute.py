@@ -7,10 +7,11 @@ import streamlit as st
 from attribution.data import pixels_to_pil, tensor_to_pixels
 from attribution.errors import AttributionError
 from attribution.methods import METHODS, RECOMMENDED_METHOD
+from attribution.report import agreement_caption
 from attribution.run_options import RunOptions
 from attribution.store import cache_root
 from app_pages._attr import (METHOD_TITLES, OPTION, PROJ_DIMS, PROJECTORS, Column, ColumnTarget, Computed, Lambda,
-                             cached_attribution, choose_target, feature_fn_options, featurize_note,
+                             cached_attribution, choose_target, estimate_note, feature_fn_options,
                              featurize_with_progress, lambda_controls, option_widget, ranked_tiles, result_footer,
                              top_lists)
 from app_pages._tiles import record_scores
@@ -47,7 +48,7 @@ if len(METHODS[method]().fn_choices()) > 1:
     fn = option_widget(c2, "fn", "attr_fn", choices=feature_fn_options(method))
     if fn == "interp":
         eta = c3.slider(OPTION["eta"].label, 0.0, 1.0, 1.0, 0.05, key="attr_eta", help=OPTION["eta"].help)
-with st.form("attr_form"):
+with st.container(border=True):  # no form: the estimate below is for what these widgets show
     c4, c5, c6, c7 = st.columns(4)
     timesteps = option_widget(c4, "timesteps", "attr_K", min_value=1, max_value=model.num_timesteps)
     fixed_strategy = METHODS[method].strategy  # a method that fixes its timesteps has no strategy to choose
@@ -64,7 +65,7 @@ with st.form("attr_form"):
     siblings = model.info.siblings if model.info else []
     compare_ckpt = c9.selectbox("…or with checkpoint", ["(none)", *[s for s in siblings if s != model.spec]],
                                 key="attr_compare_ckpt", format_func=checkpoint_name)
-    run = st.form_submit_button("Run attribution", type="primary")
+    run = st.button("Run attribution", type="primary")
 
 
 def options_for(method_name: str, checkpoint: str) -> RunOptions:
@@ -86,8 +87,8 @@ if compare_ckpt != "(none)":
 
 if not run:
     try:
-        st.caption(" ".join(dict.fromkeys(featurize_note(cached_attribution(c.opts)) for c in columns)),
-                   help="For the options as the form was last submitted.")
+        st.caption(estimate_note([(c.title, cached_attribution(c.opts)) for c in columns]), help="Every column "
+                   "featurizes the training set with its own options once (cached, shared by all sessions).")
     except AttributionError:
         pass  # options that do not make an attribution are reported by Run, with the reason
 if run:
@@ -138,6 +139,10 @@ for i, (col, c) in enumerate(zip(st.columns(len(computed.columns)), computed.col
         except AttributionError as exc:
             fail(exc)
         record_scores(att.train, f"{c.title} · {computed.target_spec}", scores)
+        if i == 0:
+            first_scores = scores
+        else:  # a comparison column: how far it agrees with the first
+            st.caption(agreement_caption(scores, first_scores, n_pro, computed.columns[0].title))
         pro, opp = top_lists(scores, att.train, n_pro, n_opp)
         ranked_tiles(pro, att.train, "Proponents", f"attr_pro_{i}")
         if n_opp:

@@ -9,10 +9,11 @@ from attribution.evaluation.bank import Bank, list_banks
 from attribution.evaluation.evaluate import lds_table, split_rows
 from attribution.evaluation.lds import SINGLE_SEED, holm
 from attribution.figures import lds_lambda_figure, per_target_figure
-from attribution.methods import BASELINE_METHOD, DEFAULT_METHOD, METHODS
+from attribution.methods import METHODS
+from attribution.prepare import EVALUATION
 from app_pages._attr import featurize_with_progress
 from app_pages._eval import (bank_attribution, bank_run, cached_bank, checkpoint_curve, checkpoint_figure,
-                             estimators_section, lambda_curve, open_target, table_rows)
+                             estimators_section, evaluation_note, lambda_curve, open_target, table_rows)
 from app_pages._ui import fail, go_to
 
 st.title("Evaluation")
@@ -34,11 +35,12 @@ st.caption(bank.summary().replace(f"{bank.path.parent}/", "").replace("\n", "  \
 
 with st.form("eval_form"):
     c1, c2, c3 = st.columns([3, 1, 1])
-    methods = c1.multiselect("Methods", list(METHODS), default=[DEFAULT_METHOD, BASELINE_METHOD], key="eval_methods",
+    methods = c1.multiselect("Methods", list(METHODS), default=list(EVALUATION.methods), key="eval_methods",
                              help="Each is computed on the bank's own model and training set.")
-    timesteps = c2.selectbox("K (timesteps)", [1, 2, 5, 10, 20, 50, 100], index=3, key="eval_K",
+    Ks, ks = [1, 2, 5, 10, 20, 50, 100], [512, 1024, 2048, 4096, 8192]
+    timesteps = c2.selectbox("K (timesteps)", Ks, index=Ks.index(EVALUATION.timesteps), key="eval_K",
                              help="Timesteps the features average over (the paper's K).")
-    proj_dim = c3.selectbox("k (projection)", [512, 1024, 2048, 4096, 8192], index=3, key="eval_k")
+    proj_dim = c3.selectbox("k (projection)", ks, index=ks.index(EVALUATION.proj_dim), key="eval_k")
     run = st.form_submit_button("Evaluate", type="primary")
 split = st.radio("Targets", ["val", "gen"], horizontal=True, key="eval_split",
                  format_func={"val": "validation images", "gen": "generated images"}.get)
@@ -48,6 +50,11 @@ if run:
 ready = st.session_state.get("eval_ready")
 if not ready or ready[0] != name:
     st.info("Pick methods and press **Evaluate**: features are computed once per method and cached.")
+    try:
+        st.caption(evaluation_note(name, methods, timesteps, proj_dim),
+                   help="For the options as the form was last submitted.")
+    except AttributionError:
+        pass  # options that do not make an attribution are reported by Evaluate, with the reason
     st.stop()
 _, methods, timesteps, proj_dim = ready
 runs = {}

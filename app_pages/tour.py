@@ -14,12 +14,15 @@ from attribution.analysis.norms import NormConfig, sample_curve
 from attribution.data import pixels_to_pil, pixels_to_tensor, tensor_to_pixels
 from attribution.errors import AttributionError
 from attribution.figures import norm_curve_figure
-from attribution.journey import JourneyConfig, run_journey
+from attribution.evaluation.bank import banks_dir
+from attribution.journey import run_journey
 from attribution.methods import DEFAULT_METHOD, get_method
+from attribution.prepare import TOUR, TourSettings
 from streamlit.errors import StreamlitAPIException
-from app_pages._attr import (PROJ_DIMS, RunOptions, cached_attribution, featurize_job, featurize_with_progress,
+from app_pages._attr import (PROJ_DIMS, cached_attribution, estimate_note, featurize_job, featurize_with_progress, journey_note,
                              ranked_tiles, target_from_pixels, top_lists)
 from app_pages._image import generated_pixels
+from app_pages._prepare import prepare_panel
 from app_pages._figures import chart
 from app_pages._tiles import record_scores, tiles
 from app_pages._ui import display_size, fail, keep, progress_bar, require_model
@@ -32,10 +35,12 @@ model = require_model()
 dataset = st.session_state.get("dataset")
 with st.expander("Settings (shared with the Attribute page: the same settings reuse its cached features)"):
     c1, c2, c3 = st.columns(3)
-    seed = int(c1.number_input("Seed of the image", 0, 2**31 - 1, 0, key="tour_seed"))
-    K = int(c2.number_input("Timesteps K", 1, model.num_timesteps, 10, key="tour_K"))
-    k = c3.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="tour_k")
-opts = RunOptions(model.spec, dataset, DEFAULT_METHOD, timesteps=K, proj_dim=int(k))
+    seed = int(c1.number_input("Seed of the image", 0, 2**31 - 1, TOUR.seed, key="tour_seed"))
+    K = int(c2.number_input("Timesteps K", 1, model.num_timesteps, TOUR.timesteps, key="tour_K"))
+    k = c3.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(TOUR.proj_dim), key="tour_k")
+settings = TourSettings(seed, K, int(k))
+prepare_panel(model.spec, dataset, settings, str(banks_dir()))
+opts = settings.options(model.spec, dataset)
 tour_id = (model.spec, dataset, seed, K, int(k))
 tour = st.session_state.get("tour")
 if not tour or tour["id"] != tour_id:  # other settings: start again
@@ -43,9 +48,15 @@ if not tour or tour["id"] != tour_id:  # other settings: start again
 size = display_size(model.resolution, 160)
 
 
-def step(n: int, title: str, text: str, label: str, ready: bool = True) -> bool:
+def step(n: int, title: str, text: str, label: str, ready: bool = True, note=None) -> bool:
+    """A step's title, text and button; `note()` is the estimate shown under the text (errors are Run's)."""
     st.subheader(f"{n}. {title}")
     st.markdown(text)
+    if note is not None:
+        try:
+            st.caption(note())
+        except AttributionError:
+            pass
     return st.button(label, key=f"tour_go_{n}", type="primary", disabled=not ready,
                      help=None if ready else "Do the step before first.")
 
@@ -69,7 +80,8 @@ if "pixels" in tour:
 if step(2, "Which training images made it?", "D-TRAK compares the gradient of the model's loss on this image with "
         "the gradient on every training image. **Proponents** pushed the model toward this image (positive score), "
         "**opponents** away from it. The first run featurizes the whole training set (progress below); every later "
-        "run, in any session, reuses it.", "Find proponents and opponents", "pixels" in tour):
+        "run, in any session, reuses it.", "Find proponents and opponents", "pixels" in tour,
+        note=lambda: estimate_note([("D-TRAK", cached_attribution(opts))])):
     with st.status("Attributing…", expanded=True) as status:
         att = attempt(lambda: cached_attribution(opts))
         attempt(lambda: featurize_with_progress(att, "D-TRAK"))
@@ -103,11 +115,12 @@ except StreamlitAPIException:  # a version of the app without the pages
 # -- 4. the journey -----------------------------------------------------------------------------------------------
 if step(4, "Its journey", "Attribute every 10th denoising step: at each, the model's current guess of the final "
         "image (x̂0) is attributed. The sentence under the strip says when x̂0 takes shape, and how much of the last "
-        "step's top proponents the earlier steps already hold.", "Follow its journey", "pixels" in tour):
+        "step's top proponents the earlier steps already hold.", "Follow its journey", "pixels" in tour,
+        note=lambda: journey_note(cached_attribution(opts), settings.journey())):
     with st.status("Journey…", expanded=True) as status:
         jatt = attempt(lambda: cached_attribution(opts).members[0])  # the Attribute page's features and kernel
         attempt(lambda: featurize_job(jatt).watch(progress_bar(f"Featurizing {len(jatt.train)} training images")))
-        cfg = JourneyConfig(seed=seed, steps=50, sampler="ddpm", every=10, resamples=5)
+        cfg = settings.journey()
         tour["journey"] = attempt(lambda: run_journey(jatt, cfg, progress_bar("Journey"), name=f"gen:{seed}"))
         status.update(label="Done", state="complete", expanded=False)
 if "journey" in tour:

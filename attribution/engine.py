@@ -194,27 +194,41 @@ class Attributor:
 
     def featurize_estimate(self, probe: bool = False) -> tuple[float | None, str]:
         """(seconds, basis) that featurizing the missing rows will take: 0 when cached; from the throughput
-        recorded on this machine for this checkpoint and parameter set; else, with `probe`, from timing one
-        training image now (a rough upper bound: batches are faster per image); else (None, why)."""
+        recorded on this machine for this checkpoint, parameter set and kind of features; else, with `probe`, from
+        timing three training images now, after one untimed call that pays the set-up (a rough upper bound: larger batches are faster per image); else (None, why)."""
         store_done = FeatureStore.peek_done(self.store_path)
         missing = len(self.train) if store_done is None else int((~store_done).sum())
         if missing == 0:
             return 0.0, "cached"
         per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
+        return self.estimate_for(missing * per_row, f"{missing} images", probe)
+
+    def targets_estimate(self, n: int, probe: bool = False) -> tuple[float | None, str]:
+        """(seconds, basis) that the features of `n` targets will take (each at the configured timesteps and
+        noises), from the same measured throughput as `featurize_estimate`."""
+        return self.estimate_for(n * len(self.grad_spec.timesteps) * self.cfg.noises, f"{n} targets", probe)
+
+    def estimate_for(self, sample_timesteps: int, what: str, probe: bool = False) -> tuple[float | None, str]:
+        """(seconds, basis) for `sample_timesteps` gradients (`what` names them in the basis) at this machine's
+        measured throughput for these features; with `probe` and no measurement, three images are timed first."""
         entry = recorded_throughput(self.cache_dir, self.throughput_key)
         if entry is None and probe:
-            start = time.perf_counter()
-            ts = None if self.train_timesteps is None else self.train_timesteps[:1]
-            self.features_of(self.train.tensors([0]), [f"{self.train.split}/0"], ts)
+            per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
+            rows = list(range(min(3, len(self.train))))
+            keys = [f"{self.train.split}/{i}" for i in rows]
+            ts = None if self.train_timesteps is None else self.train_timesteps[rows]
+            self.features_of(self.train.tensors(rows[:1]), keys[:1], None if ts is None else ts[:1])  # warm-up:
+            start = time.perf_counter()  # the first call's set-up (projector, buffers) took ~4 s of a 5 s timing
+            self.features_of(self.train.tensors(rows), keys, ts)
             elapsed = time.perf_counter() - start
-            record_throughput(self.cache_dir, self.throughput_key, per_row / elapsed, elapsed, rough=True)
+            record_throughput(self.cache_dir, self.throughput_key, len(rows) * per_row / elapsed, elapsed, rough=True)
             entry = recorded_throughput(self.cache_dir, self.throughput_key)
         if entry is None:
-            return None, "no featurization of this checkpoint has been timed on this machine yet"
+            return None, f"no featurization of these features ({self.cfg.cost_kind()}) has been timed here yet"
         rate = entry["sample_timesteps_per_s"]
-        how = ("timed on one image (a rough upper bound until the first featurization)" if entry.get("rough")
+        how = ("timed on three images (a rough upper bound until the first featurization)" if entry.get("rough")
                else f"measured here {entry['measured']}")
-        return missing * per_row / rate, f"{missing} images at {rate:.3g} sample-timesteps/s, {how}"
+        return sample_timesteps / rate, f"{what} at {rate:.3g} sample-timesteps/s, {how}"
 
     def ekfac(self, progress: Progress | None = None):
         """The EK-FAC factors of this checkpoint's training loss on the training set (fitted once, cached under
@@ -266,8 +280,10 @@ class Attributor:
 
     @property
     def throughput_key(self) -> str:
-        """What a recorded featurization speed is for: this checkpoint, parameter set and device type."""
-        return f"{self.identity['checkpoint']}|{self.cfg.params or 'all'}|{self.model.device.type}"
+        """What a recorded featurization speed is for: this checkpoint, parameter set, device type and kind of
+        features (`FeatureConfig.cost_kind`: TRAK's Simple-loss features are not timed by D-TRAK's)."""
+        return (f"{self.identity['checkpoint']}|{self.cfg.params or 'all'}|{self.model.device.type}|"
+                f"{self.cfg.cost_kind()}")
 
     # -- scoring -----------------------------------------------------------------------------------------------
 
@@ -350,6 +366,22 @@ class Attribution:
             _ = att.store
         for att in self.members:
             att.featurize(progress(att) if progress else None)
+
+    def estimate(self, n_targets: int = 1, probe: bool = False) -> tuple[float | None, list[str]]:
+        """(seconds, bases): about how long `run` on `n_targets` targets will take here, from each member's
+        measured throughput: its missing training features plus the targets' features (None when a member has no
+        measurement and `probe` is off). The bases say, per member, what was measured; cached features add
+        nothing."""
+        total, bases = 0.0, []
+        for att in self.members:
+            parts = [att.featurize_estimate(probe), att.targets_estimate(n_targets, probe) if n_targets else (0, "")]
+            for seconds, basis in parts:
+                if seconds is None:
+                    return None, [basis]
+                total += seconds
+                if seconds and basis:
+                    bases.append(basis)
+        return total, bases
 
     def features_of(self, images: torch.Tensor, keys: Sequence[str]) -> list[np.ndarray]:
         """Per-member features of images (with their noise keys) by the method's recipe, as targets without a

@@ -237,6 +237,12 @@ def journey_path(att, cfg: JourneyConfig, source: str, cache: str | None = None,
     return journey_dir(att.identity["checkpoint"], slug, ident, cache)
 
 
+def journey_cached(att, cfg: JourneyConfig, cache: str | None = None) -> bool:
+    """Whether `run_journey(att, cfg)` of generated image `cfg.seed` (sampled by `att`'s model) is on disk."""
+    path = journey_path(att, cfg, gen_key(cfg.seed, cfg.text()), cache)
+    return path.with_suffix(".npz").exists() and path.with_suffix(".json").exists()
+
+
 def step_features(att, x0: np.ndarray, timesteps: np.ndarray, keys: list[str], resamples: int,
                   progress: Progress | None = None) -> np.ndarray:
     """Projected features of images x0 (n, C, H, W), each re-noised at its own timestep with R draws: (n, k)."""

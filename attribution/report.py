@@ -124,3 +124,22 @@ def positive_share(scores: np.ndarray, top: int) -> float:
     calibrated probability)."""
     pos = np.sort(scores[scores > 0])[::-1]
     return float(pos[:top].sum() / pos.sum()) if pos.size else 0.0
+
+
+def agreement(scores: np.ndarray, reference: np.ndarray, k: int = 5) -> tuple[int, float]:
+    """How far two rankings of the same training set agree: (images shared by their top-k proponents, Spearman
+    rank correlation of all the scores; NaN when either is constant)."""
+    a, b = np.asarray(scores, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    shared = len(set(np.argsort(-a, kind="stable")[:k].tolist()) & set(np.argsort(-b, kind="stable")[:k].tolist()))
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return shared, float("nan")
+    from scipy.stats import spearmanr  # lazy: scipy submodules load slowly
+
+    return shared, float(spearmanr(a, b).statistic)
+
+
+def agreement_caption(scores: np.ndarray, reference: np.ndarray, k: int, reference_title: str) -> str:
+    """One sentence for a comparison column: its agreement with the first column (`agreement`)."""
+    shared, rho = agreement(scores, reference, k)
+    return (f"Against {reference_title}: {shared} of the top {k} proponents shared; Spearman rank correlation of "
+            f"all {len(scores)} scores {rho:+.2f}.")

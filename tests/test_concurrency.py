@@ -156,7 +156,7 @@ def test_featurize_estimate_from_the_measured_throughput(model, digits, tmp_path
     att = Attributor(model, train, CFG, cache=tmp_path, batch_size=4)
     seconds, basis = att.featurize_estimate()
     assert seconds is None and "timed" in basis
-    seconds, basis = att.featurize_estimate(probe=True)  # times one image, keeps it as a rough measurement
+    seconds, basis = att.featurize_estimate(probe=True)  # times three images after a warm-up, keeps it as a rough measurement
     assert seconds > 0 and "rough" in basis and att.featurize_estimate()[1] == basis
     record_throughput(att.cache_dir, att.throughput_key, 4.0, 3.0)  # measured: 4 sample-timesteps/s
     seconds, basis = att.featurize_estimate()
@@ -165,10 +165,16 @@ def test_featurize_estimate_from_the_measured_throughput(model, digits, tmp_path
     assert att.featurize_estimate()[0] == pytest.approx(8 * 2 / 4.0)
     att.featurize()
     assert att.featurize_estimate() == (0.0, "cached")
-    # another feature configuration of the same checkpoint uses the same measurement
-    other = Attributor(model, train, FeatureConfig(fn="square", projector="sjlt", proj_dim=64, timesteps=4),
+    # the same kind of features at another K or seed uses the same measurement; the targets' features too
+    other = Attributor(model, train, FeatureConfig(fn="square", projector="sjlt", proj_dim=64, timesteps=4, seed=3),
                        cache=tmp_path)
     assert other.featurize_estimate()[0] == pytest.approx(8 * 4 / 4.0)
+    assert other.targets_estimate(5) == (pytest.approx(5 * 4 / 4.0), other.targets_estimate(5)[1])
+    # another kind does not: TRAK's Simple-loss features, or another k, were estimated from D-TRAK's (issue 24, 4)
+    for cfg in (FeatureConfig(fn="simple", projector="sjlt", proj_dim=64, timesteps=2),
+                FeatureConfig(fn="square", projector="sjlt", proj_dim=128, timesteps=2)):
+        seconds, basis = Attributor(model, train, cfg, cache=tmp_path).featurize_estimate()
+        assert seconds is None and "timed here" in basis
 
 
 def test_written_files_get_normal_permissions(tmp_path):

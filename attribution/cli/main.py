@@ -11,9 +11,9 @@ import argparse
 import sys
 
 from ..errors import AttributionError
-from . import analysis, bank, counterfactual, engine, evaluation, journey, magic, models
+from . import analysis, bank, counterfactual, engine, evaluation, journey, magic, models, prepare
 
-COMMAND_MODULES = (models, engine, journey, analysis, bank, evaluation, counterfactual, magic)
+COMMAND_MODULES = (models, engine, journey, analysis, bank, evaluation, counterfactual, magic, prepare)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -115,11 +115,20 @@ def _bank_run(bank: Bank, attribution: Attribution, options: dict | None,
     return BankRun(attribution.method.name, attribution, G, attribution.resolve_lambda(None), dict(options or {}))
 
 
+def _bank_target_paths(bank: Bank, attribution: Attribution) -> list:
+    name = f"{attribution.method.name}-{bank.meta['targets_hash']}.npy"
+    return [member.store_path / "bank-targets" / name for member in attribution.members]
+
+
+def bank_targets_cached(bank: Bank, attribution: Attribution) -> bool:
+    """Whether `bank_target_features` would read every member's features from the cache (no gradients)."""
+    return all(p.exists() for p in _bank_target_paths(bank, attribution))
+
+
 def bank_target_features(bank: Bank, attribution: Attribution) -> list[np.ndarray]:
     """Per-member features of the bank's targets by the method's recipe, cached as
     `<feature folder>/bank-targets/<method>-<targets hash>.npy` (written atomically once all members are done)."""
-    name = f"{attribution.method.name}-{bank.meta['targets_hash']}.npy"
-    paths = [member.store_path / "bank-targets" / name for member in attribution.members]
+    paths = _bank_target_paths(bank, attribution)
     n = len(bank.target_keys)
     cached = [np.load(p) if p.exists() else None for p in paths]
     if all(g is not None and g.shape[0] == n for g in cached):

@@ -106,6 +106,16 @@ class FeatureConfig:
         return GradientSpec(self.fn, tuple(ts.tolist()), self.noises, self.seed, self.eta, self.params,
                             self.normalize)
 
+    def cost_kind(self) -> str:
+        """What the time to featurize one (image, timestep) depends on beside the checkpoint and the device: the
+        output function, the projection (its kind and k), the curvature whitening, the embedding, per-timestep
+        normalisation. Timesteps, noises and seeds only scale or reorder the work, so they are not part of it."""
+        if self.embedding:
+            return self.embedding + (f"-{self.clip_model}" if self.embedding == "clip" else "")
+        proj = self.projector if self.projector == "identity" else f"{self.projector}{self.proj_dim}"
+        return "-".join([self.fn, proj, *([self.curvature] if self.curvature else []),
+                         *(["normalize"] if self.normalize else [])])
+
     def to_dict(self) -> dict:
         if self.embedding == "pixels":
             return {"embedding": "pixels"}

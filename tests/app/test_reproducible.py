@@ -83,7 +83,7 @@ def test_pages_say_before_run_whether_the_features_are_cached(app):
     default K=10, k=4096 is never featurized by the tests; a one-image timing gives the estimate)."""
     app.switch_page("app_pages/attribute.py").run()
     note = " ".join(c.value for c in app.main.caption)
-    assert "not cached yet: featurizing will take about" in note and "1618 images at" in note
+    assert "Not cached yet, so this run featurizes" in note and "1618 images at" in note
     app.radio(key="attr_source").set_value("Validation image").run()
     app.number_input(key="attr_K").set_value(2)
     app.selectbox(key="attr_k").set_value(512)
@@ -92,7 +92,27 @@ def test_pages_say_before_run_whether_the_features_are_cached(app):
     app.run()  # the next rerun, with the options just used
     assert "features for these options are cached" in " ".join(c.value for c in app.main.caption)
     app.switch_page("app_pages/self_influence.py").run()
-    assert "not cached yet" in " ".join(c.value for c in app.main.caption)
+    assert "Not cached yet" in " ".join(c.value for c in app.main.caption)
+
+
+def test_the_estimate_before_run_counts_every_comparison_column(app):
+    """Issue 24, 4: with the main column's features cached, the note said "cached: a run takes seconds" although
+    the comparison columns needed two new featurizations (372 s). Each column is estimated with its own options,
+    as the widgets show them, and the note names the ones that featurize."""
+    app.switch_page("app_pages/attribute.py").run()
+    app.radio(key="attr_source").set_value("Validation image").run()
+    app.number_input(key="attr_K").set_value(2)
+    app.selectbox(key="attr_k").set_value(512)
+    next(b for b in app.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    app.run()
+    assert "features for these options are cached" in " ".join(c.value for c in app.main.caption)
+    app.selectbox(key="attr_compare").set_value("trak").run()
+    other = next(o for o in app.selectbox(key="attr_compare_ckpt").options if o.endswith("@epoch-1"))
+    app.selectbox(key="attr_compare_ckpt").set_value(other).run()
+    note = next(c.value for c in app.main.caption if "cached" in c.value)
+    assert "a run takes" not in note and "Not cached yet" in note
+    assert "TRAK: about" in note and "@epoch-1: about" in note and "in all on this machine" in note
 
 
 def test_a_checkpoint_column_attributes_the_main_columns_pixels(app, tiny_run, feature_cache, tmp_path, capsys,
@@ -112,6 +132,16 @@ def test_a_checkpoint_column_attributes_the_main_columns_pixels(app, tiny_run, f
     assert not app.exception, app.exception
     assert "--target gen:1" in app.main.get_by_key("attr_result_0").code[0].value
     pro = tiles(app, "attr_pro_1")
+    # Issue 24, 3: a comparison column says how far it agrees with the first (top-k overlap, Spearman), and the
+    # figures are those of the two columns' scores.
+    shared = len({i for i, *_ in pro} & {i for i, *_ in tiles(app, "attr_pro_0")})
+    said = next(c.value for c in app.main.get_by_key("attr_result_1").caption if c.value.startswith("Against"))
+    assert said.startswith(f"Against D-TRAK: {shared} of the top 5 proponents shared; Spearman rank correlation")
+    assert "Against" not in " ".join(c.value for c in app.main.get_by_key("attr_result_0").caption)
+    # Issue 24, verdict: beside a ranking of a model without a bank, a sentence says its trust is not measured
+    for i in (0, 1):
+        assert "it has no ground-truth bank" in " ".join(c.value for c in
+                                                         app.main.get_by_key(f"attr_result_{i}").caption)
     argv = shlex.split(app.main.get_by_key("attr_result_1").code[0].value)
     name = argv[argv.index("--target") + 1]
     assert name.endswith(".png") and argv[argv.index("--checkpoint") + 1].endswith("@epoch-1")

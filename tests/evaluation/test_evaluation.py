@@ -139,6 +139,9 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
     at.switch_page("app_pages/evaluation.py").run()
     assert not at.exception
     assert at.selectbox(key="eval_bank").value == "fake"
+    # Before Evaluate, an estimate per default method from the measured throughput (issue 24, 4: a spinner only)
+    note = next(c.value for c in at.main.caption if c.value.startswith("Before the first Evaluate"))
+    assert "dtrak: about" in note and "trak: about" in note and "6 targets at" in note and "in all" in note
     at.multiselect(key="eval_methods").set_value(["pixel-cos", "trak"])
     at.selectbox(key="eval_K").set_value(1)
     at.selectbox(key="eval_k").set_value(512)

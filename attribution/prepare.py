@@ -1,0 +1,142 @@
+"""Prepare for class: compute ahead of time what the app's Tour, the Attribute page's defaults and the Evaluation
+page's defaults use, so that a class's first clicks take seconds instead of minutes.
+
+    tasks = plan("digits")                  # opens models and banks, computes nothing
+    for t in tasks:
+        seconds, bases = t.estimate()       # from the throughput measured on this machine (0: already cached)
+    run(tasks, progress)                    # featurizes (cached, resumable, one featurization per store)
+
+The defaults the pages open on are declared here, once: the Tour's image and feature settings (`TOUR`, its journey
+`TOUR_JOURNEY`), and the Evaluation page's methods, K and k (`EVALUATION`). The Attribute page's defaults are
+`RunOptions`' own, which are the Tour's features (D-TRAK, K = 10, k = 4096), so one featurization serves both.
+Everything is written to the feature cache (cache/ or $ATTRIBUTION_CACHE), where every page and session finds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .engine import Attribution, Progress, format_duration
+from .errors import ConfigError
+from .evaluation.bank import Bank, list_banks
+from .evaluation.evaluate import bank_target_features, bank_targets_cached, open_on_bank
+from .journey import JourneyConfig, journey_cached, run_journey
+from .methods import BASELINE_METHOD, DEFAULT_METHOD
+from .run_options import RunOptions
+
+
+@dataclass(frozen=True)
+class TourSettings:
+    """What the Tour opens on: the generated image gen:`seed` and D-TRAK with `timesteps` and `proj_dim`."""
+
+    seed: int = 0
+    timesteps: int = 10
+    proj_dim: int = 4096
+
+    def options(self, checkpoint: str, dataset: str | None) -> RunOptions:
+        return RunOptions(checkpoint, dataset, DEFAULT_METHOD, timesteps=self.timesteps, proj_dim=self.proj_dim)
+
+    def journey(self, seed: int | None = None) -> JourneyConfig:
+        """The Tour's journey (step 4): every 10th of 50 DDPM steps, 5 re-noisings each."""
+        return JourneyConfig(seed=self.seed if seed is None else seed, steps=50, sampler="ddpm", every=10,
+                             resamples=5)
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What the Evaluation page scores when first opened: these methods with K and k."""
+
+    methods: tuple[str, ...] = (DEFAULT_METHOD, BASELINE_METHOD)
+    timesteps: int = 10
+    proj_dim: int = 4096
+
+
+TOUR = TourSettings()
+EVALUATION = EvaluationSettings()
+
+
+@dataclass
+class Task:
+    """One piece of preparation: an attribution's training features, and then either the targets of a bank (the
+    Evaluation page) or a journey (the Tour's step 4)."""
+
+    title: str
+    attribution: Attribution
+    bank: Bank | None = None
+    journey: JourneyConfig | None = field(default=None)
+
+    def estimate(self, probe: bool = False) -> tuple[float | None, list[str]]:
+        """(seconds, bases) still to compute here (0 when everything is cached), from the measured throughput;
+        None when these features have never been timed here and `probe` is off."""
+        n = 0
+        if self.bank is not None and not bank_targets_cached(self.bank, self.attribution):
+            n = len(self.bank.target_keys)
+        seconds, bases = self.attribution.estimate(n, probe)
+        if seconds is None or self.journey is None or journey_cached(self.attribution.members[0], self.journey):
+            return seconds, bases
+        cfg = self.journey
+        extra, basis = self.attribution.members[0].estimate_for(len(cfg.step_indices()) * cfg.resamples,
+                                                                 f"a journey of gen:{cfg.seed}", probe)
+        return (None, [basis]) if extra is None else (seconds + extra, [*bases, basis])
+
+    def run(self, progress: Progress | None = None) -> None:
+        self.attribution.featurize((lambda member: progress) if progress else None)
+        if self.bank is not None:
+            if progress:
+                progress(0, 1, f"features of the {len(self.bank.target_keys)} targets of bank "
+                               f"{self.bank.meta['name']}")
+            bank_target_features(self.bank, self.attribution)
+        if self.journey is not None:
+            run_journey(self.attribution.members[0], self.journey, progress, name=f"gen:{self.journey.seed}")
+
+
+def plan(checkpoint: str = "digits", dataset: str | None = None, banks: Sequence[str] | None = None,
+         load: Callable | None = None, tour: TourSettings = TOUR) -> list[Task]:
+    """What the Tour, the Attribute page's defaults (the Tour's features) and the Evaluation page's defaults use
+    for `checkpoint`: one task for the Tour's features and journey (`tour`: the Tour's settings, by default what
+    it opens on), one per (bank, method) of `EVALUATION`. `banks` default: the bank the Evaluation page opens on
+    (the first `list_banks` gives); [] for none. `load(spec)` loads a model (the app passes its cached loader)."""
+    tour = Task(f"Tour and Attribute defaults: D-TRAK, K = {tour.timesteps}, k = {tour.proj_dim} on {checkpoint}",
+                tour.options(checkpoint, dataset).open(load=load), journey=tour.journey())
+    names = list_banks()[:1] if banks is None else list(banks)
+    tasks = [tour]
+    for name in names:
+        bank = Bank.load(name)
+        for method in EVALUATION.methods:
+            tasks.append(Task(f"Evaluation on bank {bank.meta['name']}: {method}, K = {EVALUATION.timesteps}, "
+                              f"k = {EVALUATION.proj_dim}",
+                              open_on_bank(bank, method, timesteps=EVALUATION.timesteps,
+                                           proj_dim=EVALUATION.proj_dim, **({"load": load} if load else {})),
+                              bank=bank))
+    return tasks
+
+
+def estimate_text(tasks: Sequence[Task], probe: bool = True) -> tuple[float | None, str]:
+    """(seconds, one line per task): "Tour …: about 4 min (1618 images at 77 sample-timesteps/s, measured here …)"
+    or "…: cached"; the total is None when a task has no measurement (and `probe` is off)."""
+    total, lines = 0.0, []
+    for t in tasks:
+        seconds, bases = t.estimate(probe)
+        if seconds is None:
+            total = None
+            lines.append(f"{t.title}: no estimate ({'; '.join(bases)})")
+        else:
+            total = None if total is None else total + seconds
+            lines.append(f"{t.title}: " + (f"about {format_duration(seconds)} ({'; '.join(bases)})" if seconds
+                                           else "cached"))
+    return total, "\n".join(lines)
+
+
+def run(tasks: Sequence[Task], progress: Progress | None = None) -> None:
+    """Compute every task in turn; `progress(done, total, message)` is prefixed with the task's title."""
+    for i, t in enumerate(tasks):
+        prefix = f"{i + 1}/{len(tasks)} {t.title}"
+
+        def step(done: int, total: int, message: str = "", prefix=prefix) -> None:
+            if progress:
+                progress(done, total, f"{prefix}: {message}" if message else prefix)
+
+        t.run(step)
+    if not tasks:
+        raise ConfigError("nothing to prepare")

@@ -1,0 +1,43 @@
+"""Prepare for class (issue 24, 5 and 4): the Tour says before its long steps how long they will take here, and its
+"Prepare for class" button computes, in one shared background job, what the Tour (its features and journey) and
+the Evaluation page's defaults use; afterwards every step reads the cache. The CLI's `prepare` does the same."""
+
+from __future__ import annotations
+
+import re
+
+from attribution.cli import main
+from test_app import RUN_TIMEOUT, app, feature_cache  # noqa: F401 (fixtures)
+
+
+def captions(at) -> str:
+    return "\n".join(c.value for c in at.main.caption)
+
+
+def test_the_tour_estimates_its_steps_and_prepares_for_class(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTRIBUTION_BANKS", str(tmp_path))  # no bank: the Tour's own work only
+    app.switch_page("app_pages/tour.py").run()
+    app.number_input(key="tour_K").set_value(2)
+    app.selectbox(key="tour_k").set_value(512).run()
+    assert not app.exception, app.exception
+    text = captions(app)
+    assert "Not cached yet, so this run featurizes" in text and "D-TRAK: about" in text  # before step 2
+    assert re.search(r"About \d+ (s|min) on this machine \(1618 images at .*a journey of gen:0", text)  # step 4
+    assert "Tour and Attribute defaults: D-TRAK, K = 2, k = 512" in text and "In all: about" in text
+
+    app.button(key="prepare_go").click().run(timeout=RUN_TIMEOUT)
+    assert not app.exception, app.exception
+    assert any("Prepared" in s.value for s in app.main.success)
+    app.run()
+    text = captions(app)
+    assert "features for these options are cached" in text and "This journey is cached" in text
+    assert any("Prepared" in s.value for s in app.main.success)
+
+
+def test_prepare_command_prints_its_estimate_first(tiny_run, feature_cache, monkeypatch, capsys):
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(feature_cache))
+    assert main(["prepare", "--checkpoint", str(tiny_run), "--bank", "none", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"Tour and Attribute defaults: D-TRAK, K = 10, k = 4096 on .*: about \d+", err)
+    assert "total: about" in err
+    assert main(["prepare", "--checkpoint", str(tiny_run), "--bank", "nosuchbank", "--dry-run"]) == 2
