@@ -128,24 +128,28 @@ def featurize_with_progress(att: Attribution, title: str = "") -> None:
 def estimate_note(named: list[tuple[str, Attribution]], n_targets: int = 1) -> str:
     """Before Run: per result column (title, attribution), whether its training features are cached, else about
     how long its featurization and its targets' features will take here (from the throughput measured on this
-    machine for that kind of features; a one-image timing until the first featurization), and the total."""
-    total, parts, unknown = 0.0, [], []
+    machine for that kind of features; a three-image timing until the first featurization), and the total, short
+    enough for a caption."""
+    total, parts, unknown, rough = 0.0, [], [], False
     for title, att in named:
         seconds, bases = att.estimate(n_targets, probe=True)
         featurized = all(m.featurize_estimate()[0] == 0 for m in att.members)
+        rough = rough or any("rough" in b for b in bases)
         if seconds is None:
             unknown.append(title)
-            parts.append(f"{title}: no estimate ({'; '.join(bases)})")
+            parts.append(f"{title}: no estimate")
         elif not featurized:
             total += seconds
-            parts.append(f"{title}: about {format_duration(seconds)} ({'; '.join(bases)})")
+            parts.append(f"{title}: about {format_duration(seconds)}")
         else:
             total += seconds
     if not parts:
         return (f"The training features for these options are cached: a run takes about {format_duration(total)} "
                 "(the targets' features).")
-    return (f"Not cached yet, so this run featurizes the training set first: {'; '.join(parts)}. "
-            + ("" if unknown else f"About {format_duration(total)} in all on this machine. ")
+    basis = ("timed on three images here, a rough upper bound" if rough
+             else "from the featurization speed measured on this machine")
+    return (f"Not cached yet, so this run featurizes the training set first: {'; '.join(parts)} ({basis}). "
+            + ("" if unknown else f"About {format_duration(total)} in all. ")
             + "Progress is shown; the result is cached and an interrupted run resumes.")
 
 

@@ -9,7 +9,7 @@ import streamlit as st
 
 from attribution.engine import format_duration
 from attribution.errors import AttributionError
-from attribution.prepare import TourSettings, estimate_text, plan, run
+from attribution.prepare import TourSettings, estimates, plan, run
 
 from app_pages._attr import background_job
 from app_pages._ui import cached_model, fail, progress_bar
@@ -33,8 +33,9 @@ def prepare_panel(checkpoint: str, dataset: str | None, tour: TourSettings, bank
     with st.expander("Prepare for class: compute everything the Tour and the Evaluation page use, once",
                      expanded=job is not None):
         if job is None:
-            total, lines = estimate_text(tasks)
-            st.caption("  \n".join(lines.splitlines()))
+            total, rows = estimates(tasks)
+            st.dataframe({"what": [r[0] for r in rows], "time here": [r[1] for r in rows]}, hide_index=True,
+                         width="stretch")
             if total == 0:
                 st.success("Prepared: every step of the Tour, the Attribute page's defaults and the Evaluation "
                            "page's defaults read the cache.", icon=":material/check_circle:")

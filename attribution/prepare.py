@@ -112,20 +112,26 @@ def plan(checkpoint: str = "digits", dataset: str | None = None, banks: Sequence
     return tasks
 
 
-def estimate_text(tasks: Sequence[Task], probe: bool = True) -> tuple[float | None, str]:
-    """(seconds, one line per task): "Tour …: about 4 min (1618 images at 77 sample-timesteps/s, measured here …)"
-    or "…: cached"; the total is None when a task has no measurement (and `probe` is off)."""
-    total, lines = 0.0, []
+def estimates(tasks: Sequence[Task], probe: bool = True) -> tuple[float | None, list[tuple[str, str]]]:
+    """(seconds in all, [(task title, "about 4 min (1618 images at 77 sample-timesteps/s, measured here …)" or
+    "cached")]); the total is None when a task has no measurement (and `probe` is off)."""
+    total, rows = 0.0, []
     for t in tasks:
         seconds, bases = t.estimate(probe)
         if seconds is None:
             total = None
-            lines.append(f"{t.title}: no estimate ({'; '.join(bases)})")
+            rows.append((t.title, f"no estimate ({'; '.join(bases)})"))
         else:
             total = None if total is None else total + seconds
-            lines.append(f"{t.title}: " + (f"about {format_duration(seconds)} ({'; '.join(bases)})" if seconds
-                                           else "cached"))
-    return total, "\n".join(lines)
+            rows.append((t.title, f"about {format_duration(seconds)} ({'; '.join(bases)})" if seconds else "cached"))
+    return total, rows
+
+
+def estimate_text(tasks: Sequence[Task], probe: bool = True) -> tuple[float | None, str]:
+    """(seconds, one line per task): "Tour …: about 4 min (1618 images at 77 sample-timesteps/s, measured here …)"
+    or "…: cached"; the total is None when a task has no measurement (and `probe` is off)."""
+    total, rows = estimates(tasks, probe)
+    return total, "\n".join(f"{title}: {text}" for title, text in rows)
 
 
 def run(tasks: Sequence[Task], progress: Progress | None = None) -> None:

@@ -7,23 +7,34 @@ from __future__ import annotations
 import re
 
 from attribution.cli import main
-from test_app import RUN_TIMEOUT, app, feature_cache  # noqa: F401 (fixtures)
+from test_app import RUN_TIMEOUT, feature_cache  # noqa: F401 (fixtures)
 
 
 def captions(at) -> str:
     return "\n".join(c.value for c in at.main.caption)
 
 
-def test_the_tour_estimates_its_steps_and_prepares_for_class(app, tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTRIBUTION_BANKS", str(tmp_path))  # no bank: the Tour's own work only
+def test_the_tour_estimates_its_steps_and_prepares_for_class(tiny_run, start_app, tmp_path, monkeypatch):
+    """On a cache of its own (nothing cached: the shared test cache holds the Tour's features from other tests)
+    and 40 training digits (the same pages, cheaper), the Tour estimates steps 2 and 4 before they run; "Prepare
+    for class" computes both; afterwards both say cached."""
+    from attribution.data import load_dataset
+    import numpy as np
+
+    digits = load_dataset("digits")
+    npz = tmp_path / "digits40.npz"
+    np.savez(npz, images=digits.pixels[:40, ..., 0], labels=digits.labels[:40])
+    app = start_app(str(tiny_run), tmp_path / "cache", banks=tmp_path / "no-banks", dataset=f"npz:{npz}")
     app.switch_page("app_pages/tour.py").run()
     app.number_input(key="tour_K").set_value(2)
     app.selectbox(key="tour_k").set_value(512).run()
     assert not app.exception, app.exception
     text = captions(app)
     assert "Not cached yet, so this run featurizes" in text and "D-TRAK: about" in text  # before step 2
-    assert re.search(r"About \d+ (s|min) on this machine \(1618 images at .*a journey of gen:0", text)  # step 4
-    assert "Tour and Attribute defaults: D-TRAK, K = 2, k = 512" in text and "In all: about" in text
+    assert re.search(r"About \d+ (s|min) on this machine \(40 images at .*a journey of gen:0", text)  # step 4
+    table = app.main.dataframe[0].value  # the prepare panel: one row per task, with its estimate
+    assert table["what"].tolist() == ["Tour and Attribute defaults: D-TRAK, K = 2, k = 512 on " + str(tiny_run) + "@epoch-2"]
+    assert table["time here"].iloc[0].startswith("about ") and "In all: about" in text
 
     app.button(key="prepare_go").click().run(timeout=RUN_TIMEOUT)
     assert not app.exception, app.exception

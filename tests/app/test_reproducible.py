@@ -80,10 +80,10 @@ def test_the_pages_command_line_prints_the_pages_scores(app, feature_cache, tmp_
 
 def test_pages_say_before_run_whether_the_features_are_cached(app):
     """Before Run the Attribute page says the features are cached, or how long featurizing will take here (the
-    default K=10, k=4096 is never featurized by the tests; a one-image timing gives the estimate)."""
+    default K=10, k=4096 is never featurized by the tests; a three-image timing gives the estimate)."""
     app.switch_page("app_pages/attribute.py").run()
     note = " ".join(c.value for c in app.main.caption)
-    assert "Not cached yet, so this run featurizes" in note and "1618 images at" in note
+    assert "Not cached yet, so this run featurizes" in note and "D-TRAK: about" in note
     app.radio(key="attr_source").set_value("Validation image").run()
     app.number_input(key="attr_K").set_value(2)
     app.selectbox(key="attr_k").set_value(512)
@@ -112,7 +112,8 @@ def test_the_estimate_before_run_counts_every_comparison_column(app):
     app.selectbox(key="attr_compare_ckpt").set_value(other).run()
     note = next(c.value for c in app.main.caption if "cached" in c.value)
     assert "a run takes" not in note and "Not cached yet" in note
-    assert "TRAK: about" in note and "@epoch-1: about" in note and "in all on this machine" in note
+    # the checkpoint column's features are made by no other test; TRAK's at K=2, k=512 may be cached by one
+    assert "@epoch-1: about" in note and " in all. " in note
 
 
 def test_a_checkpoint_column_attributes_the_main_columns_pixels(app, tiny_run, feature_cache, tmp_path, capsys,
