@@ -138,10 +138,21 @@ def full_page_screenshot(page, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
 
 
-def choose(page, key: str, option: str) -> None:
-    """Pick `option` in the selectbox with widget key `key` (a form's selectbox does not rerun the app)."""
+def set_number(page, key: str, value, timeout: float = 180_000) -> None:
+    """Type `value` into the number input with widget key `key` and commit it (Enter), then wait for the run it
+    starts (outside a form it reruns the page)."""
+    box = page.locator(f".st-key-{key} input")
+    box.fill(str(value))
+    box.press("Enter")
+    wait_for_app_run(page, timeout=timeout)
+
+
+def choose(page, key: str, option: str, timeout: float = 180_000) -> None:
+    """Pick `option` in the selectbox with widget key `key`, then wait for the run it starts (a selectbox outside a
+    form reruns the page, which may time a featurization for its estimate: seconds, minutes on a loaded machine)."""
     box = page.locator(f".st-key-{key} [role='combobox']")
     box.scroll_into_view_if_needed()
     box.click()
     page.keyboard.type(option)  # filter the list: a long or virtualised list may not have rendered the option yet
     page.get_by_role("option", name=option, exact=True).click()
+    wait_for_app_run(page, timeout=timeout)

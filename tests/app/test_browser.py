@@ -12,7 +12,7 @@ import re
 import pytest
 
 from browser_support import (ServerError, app_server, choose, chromium_path, full_page_screenshot, launch_chromium,
-                             wait_for_app_run)
+                             set_number, wait_for_app_run)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_attribute_in_browser(server, browser, tmp_path):
     wait_for_app_run(page)
     expect(page.get_by_test_id("stImageCaption").first).to_contain_text("val:5")
 
-    page.locator(".st-key-attr_K input").fill("2")
+    set_number(page, "attr_K", 2)  # the options rerun the page (its estimate): no form
     choose(page, "attr_k", "512")
     choose(page, "attr_compare", "TRAK")
     page.get_by_role("button", name="Run attribution").click()
@@ -158,7 +158,7 @@ def _start_attribution(browser, server):
     page = context.new_page()
     page.goto(f"{server}/attribute")
     wait_for_app_run(page, timeout=120_000)
-    page.locator(".st-key-attr_K input").fill("2")
+    set_number(page, "attr_K", 2)
     choose(page, "attr_k", "512")
     return page
 
