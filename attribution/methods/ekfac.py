@@ -17,8 +17,9 @@ Measured (BENCHMARKS.md, "EK-FAC's damping and copies"; digits bank, LDS validat
 default K = 10 timesteps x 1 noise draw per gradient it scores like TRAK (+0.117 / +0.054), flat over damping
 1e-4..1, both damping rules and 2 or 8 copies, far below D-TRAK Avg (+0.333 / +0.235): a Simple-loss gradient of
 few draws is dominated by their residual noise, which no curvature removes. With more samples per gradient it
-rises steeply (K = 40: +0.270 / +0.169, TRAK at K = 40 +0.177 / +0.141, a real difference on validation only; within noise of D-TRAK Avg's
-+0.322 / +0.230): give this method `--timesteps 40` or more (DInf uses 250 samples per gradient).
+rises steeply: at K = 40, +0.270 / +0.169 against TRAK's +0.177 / +0.141 (a real difference on validation only) and
+within noise of D-TRAK Avg's +0.322 / +0.230. Give this method `--timesteps 40` or more (DInf uses 250 samples
+per gradient).
 
 Own implementation rather than kronfluence: kronfluence's per-sample gradients are one per row of the batch the
 loss sees, but a diffusion example's loss is a mean over many (timestep, noise) copies of one image (DInf asserts

@@ -33,7 +33,8 @@ def test_the_tour_estimates_its_steps_and_prepares_for_class(tiny_run, start_app
     assert "Not cached yet, so this run featurizes" in text and "D-TRAK: about" in text  # before step 2
     assert re.search(r"About \d+ (s|min) on this machine \(40 images at .*a journey of gen:0", text)  # step 4
     table = app.main.dataframe[0].value  # the prepare panel: one row per task, with its estimate
-    assert table["what"].tolist() == ["Tour and Attribute defaults: D-TRAK, K = 2, k = 512 on " + str(tiny_run) + "@epoch-2"]
+    tour_task = f"Tour and Attribute defaults: D-TRAK, K = 2, k = 512 on {tiny_run}@epoch-2"
+    assert table["what"].tolist() == [tour_task]
     assert table["time here"].iloc[0].startswith("about ") and "In all: about" in text
 
     app.button(key="prepare_go").click().run(timeout=RUN_TIMEOUT)
