@@ -86,7 +86,7 @@ journey, opts, cfg = result["journey"], result["opts"], result["cfg"]
 att = journey_attributor(opts)
 m = get_method(opts.method)
 lam = lambda_slider("λ", att.train_features().kernel, result["lam"], "jr_lam")
-trust_caption(cached_attribution(opts), opts_key(opts), lam, "jr_lam")
+trust_caption(cached_attribution(opts), opts_key(opts), lam, "jr_lam", "val" if image is not None else "gen")
 scores = journey.scores(att, m, lam)
 form = formation(journey, scores, att.train, top=FORMATION_TOP)
 labels = [int(s) for s in journey.steps]

@@ -362,11 +362,13 @@ def test_checkpoint_methods_use_the_bank_run(bank_with_run, tmp_path):
 
 def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_path, start_app):
     """With the bank's model as the checkpoint, the Attribute page offers to measure the LDS on the bank; the
-    caption then shows the LDS at the slider's λ, equal to `lds_at` computed directly, and follows the slider."""
+    verdict beside the ranking then gives the LDS at the slider's λ on the bank's validation targets (the target
+    is a validation image), equal to `lds_at` computed directly, with its share of the reachable ceiling, and
+    follows the slider."""
     import json
     import shutil
 
-    from attribution.evaluation.evaluate import lds_at, score_bank
+    from attribution.evaluation.evaluate import bank_ceilings, lds_at, score_bank
     from attribution.models.checkpoint import resolve_checkpoint
 
     folder = tmp_path / "banks" / "trust"
@@ -384,18 +386,16 @@ def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_pa
     assert not at.exception, at.exception
     next(b for b in at.button if b.label.startswith("How far to trust this?")).click().run()
     assert not at.exception, at.exception
-    caption = next(c.value for c in at.caption if "LDS at this λ" in c.value)
+    caption = next(c for c in at.caption if "rankings like this" in c.value)
     bank = Bank.load(folder)
     run = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=512, cache=str(tmp_path / "cache"))
     slider = at.main.get_by_key("attr_result_0").select_slider[0]
     lam = float(str(slider.value).split()[0])
-    from attribution.evaluation.evaluate import bank_ceilings
-
-    for split in ("val", "gen"):
-        value = lds_at(bank, run, lam, split).standard.value
-        reachable = bank_ceilings(bank, split).reachable.standard.value
-        assert f"{value:+.2f}" in caption and f"{value / reachable:.0%} of the reachable {reachable:+.2f}" in caption
+    value = lds_at(bank, run, lam, "val").standard.value
+    reachable = bank_ceilings(bank, "val").reachable.standard.value
+    assert f"LDS {value:+.2f} ({value / reachable:.0%} of reachable)" in caption.value
+    assert f"reachable {reachable:+.3f}" in caption.proto.help and "validation targets" in caption.proto.help
     options = [float(o.split()[0]) for o in slider.options]
     slider.set_value(options[0]).run()
-    moved = next(c.value for c in at.caption if "LDS at this λ" in c.value)
-    assert f"{lds_at(bank, run, options[0], 'val').standard.value:+.2f}" in moved
+    moved = next(c.value for c in at.caption if "rankings like this" in c.value)
+    assert f"LDS {lds_at(bank, run, options[0], 'val').standard.value:+.2f}" in moved
