@@ -154,9 +154,10 @@ def estimate_note(named: list[tuple[str, Attribution]], n_targets: int = 1) -> s
             + "Progress is shown; the result is cached and an interrupted run resumes.")
 
 
-def journey_note(att: Attribution, cfg: JourneyConfig) -> str:
-    """Before a journey: cached, or about how long its training features and step features will take here."""
-    seconds, bases = Task("journey", att, journey=cfg).estimate(probe=True)
+def journey_note(att: Attribution, cfg: JourneyConfig, image=None) -> str:
+    """Before a journey (of generated image `cfg.seed`, or of `image` noised forward): cached, or about how long
+    its training features and step features will take here."""
+    seconds, bases = Task("journey", att, journey=cfg, image=image).estimate(probe=True)
     if seconds == 0:
         return "This journey is cached: it shows in seconds."
     if seconds is None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from .engine import Attribution, Progress, format_duration
 from .errors import ConfigError
 from .evaluation.bank import Bank, list_banks
@@ -65,6 +67,7 @@ class Task:
     attribution: Attribution
     bank: Bank | None = None
     journey: JourneyConfig | None = field(default=None)
+    image: torch.Tensor | None = field(default=None, repr=False)  # a journey's image noised forward (not sampled)
 
     def estimate(self, probe: bool = False) -> tuple[float | None, list[str]]:
         """(seconds, bases) still to compute here (0 when everything is cached), from the measured throughput;
@@ -73,11 +76,13 @@ class Task:
         if self.bank is not None and not bank_targets_cached(self.bank, self.attribution):
             n = len(self.bank.target_keys)
         seconds, bases = self.attribution.estimate(n, probe)
-        if seconds is None or self.journey is None or journey_cached(self.attribution.members[0], self.journey):
+        if seconds is None or self.journey is None or journey_cached(self.attribution.members[0], self.journey,
+                                                                      image=self.image):
             return seconds, bases
         cfg = self.journey
-        extra, basis = self.attribution.members[0].estimate_for(len(cfg.step_indices()) * cfg.resamples,
-                                                                 f"a journey of gen:{cfg.seed}", probe)
+        what = "a journey" + (f" of gen:{cfg.seed}" if self.image is None else "")
+        extra, basis = self.attribution.members[0].estimate_for(len(cfg.step_indices()) * cfg.resamples, what,
+                                                                 probe)
         return (None, [basis]) if extra is None else (seconds + extra, [*bases, basis])
 
     def run(self, progress: Progress | None = None) -> None:
@@ -88,7 +93,8 @@ class Task:
                                f"{self.bank.meta['name']}")
             bank_target_features(self.bank, self.attribution)
         if self.journey is not None:
-            run_journey(self.attribution.members[0], self.journey, progress, name=f"gen:{self.journey.seed}")
+            run_journey(self.attribution.members[0], self.journey, progress, image=self.image,
+                        name=f"gen:{self.journey.seed}" if self.image is None else None)
 
 
 def plan(checkpoint: str = "digits", dataset: str | None = None, banks: Sequence[str] | None = None,
