@@ -7,6 +7,8 @@ the expected LDS is known: F = masks @ effect + noise, with `effect` the true pe
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -345,6 +347,24 @@ def test_lds_sweeps_over_checkpoints_and_K(bank_with_run, tmp_path, capsys):
     assert (tmp_path / "o2" / "sweep-K.html").is_file()
     out = capsys.readouterr().out
     assert "LDS along checkpoint" in out and "LDS along K" in out
+
+
+def test_lds_per_checkpoint_is_estimated_before_compute(bank_with_run, tiny_run, tmp_path, start_app):
+    """Issue 24, 4: "Compute LDS per checkpoint" showed a spinner only. Beside it, a line says how many checkpoints
+    still need features and about how long they take here: a checkpoint not timed yet at the speed measured for
+    the bank's model (the same network; Evaluate just featurized it), never a constant; its help lists each."""
+    from attribution.evaluation.bank import build_checkpoint_run
+
+    build_checkpoint_run(Bank.load(bank_with_run), 2, log=lambda m: None)  # reused if a test above made it
+    at = evaluated(start_app, tiny_run, bank_with_run, tmp_path / "cache", ["trak"])
+    note = next(c for c in at.main.caption if "checkpoints to featurize" in c.value)
+    assert re.fullmatch(r"1 of 2 checkpoints to featurize \(the training set and the bank's targets each\): about "
+                        r"\d+ (s|min) here\.", note.value), note.value
+    assert "epoch-1: about" in note.proto.help and "measured here for epoch-2 (the same network)" in note.proto.help
+    assert "epoch-2: cached" in note.proto.help
+    at.button(key="eval_ckpt_run").click().run()
+    assert not at.exception, at.exception
+    assert not [c for c in at.main.caption if "checkpoints to featurize" in c.value]  # the figure instead
 
 
 def test_checkpoint_methods_use_the_bank_run(bank_with_run, tmp_path):
