@@ -18,11 +18,12 @@ import streamlit as st
 from app_pages import _ui
 from app_pages._image import ImageRef, image_target, pick_image
 from app_pages._tiles import tile_caption, tiles
-from app_pages._trust import trust_caption
+from app_pages._trust import held_out_button, trust_caption
 from app_pages._ui import cached_model, fail
 from attribution.data import ImageDataset, tensor_to_pixels
 from attribution.engine import Attribution, Attributor, Result, format_duration
 from attribution.errors import AttributionError
+from attribution.evaluation.verdict import target_split
 from attribution.features.projectors import usable_projectors
 from attribution.journey import JourneyConfig
 from attribution.kernel import Kernel
@@ -153,9 +154,10 @@ def estimate_note(named: list[tuple[str, Attribution]], n_targets: int = 1) -> s
             + "Progress is shown; the result is cached and an interrupted run resumes.")
 
 
-def journey_note(att: Attribution, cfg: JourneyConfig) -> str:
-    """Before a journey: cached, or about how long its training features and step features will take here."""
-    seconds, bases = Task("journey", att, journey=cfg).estimate(probe=True)
+def journey_note(att: Attribution, cfg: JourneyConfig, image=None) -> str:
+    """Before a journey (of generated image `cfg.seed`, or of `image` noised forward): cached, or about how long
+    its training features and step features will take here."""
+    seconds, bases = Task("journey", att, journey=cfg, image=image).estimate(probe=True)
     if seconds == 0:
         return "This journey is cached: it shows in seconds."
     if seconds is None:
@@ -258,16 +260,20 @@ def stability_caption(pairs: list[tuple[float, int]], k: int) -> str:
 
 def lambda_controls(result: Result, opts: RunOptions, lam: Lambda, key: str, title: str = "") -> float | None:
     """The λ slider of one result column (an `Attribution.run` result, shown at `lam`) with its guidance: default
-    marked, Reset, how stable the top-5 is at the neighbouring grid values, and the LDS at this λ on the model's
-    bank when one exists (app_pages/_trust.py). None for methods without λ."""
+    marked, Reset, how stable the top-5 is at the neighbouring grid values; then, for every method, the verdict
+    from the model's bank when one exists (app_pages/_trust.py) and the button that sets the λ chosen on its
+    held-out targets. None for methods without λ."""
     att = result.attribution
-    if not att.method.uses_lambda:
-        return None
-    kernel = att.members[0].train_features().kernel
-    value = lambda_slider(f"λ ({title})" if title else "λ", kernel, lam, key)
-    grid, _ = lambda_grid(kernel)
-    st.caption(stability_caption(topk_stability(lambda v: result.at(v).scores[0], grid, value), 5))
-    trust_caption(att, opts_key(opts), value, key)
+    value = None
+    if att.method.uses_lambda:
+        kernel = att.members[0].train_features().kernel
+        value = lambda_slider(f"λ ({title})" if title else "λ", kernel, lam, key)
+        grid, _ = lambda_grid(kernel)
+        st.caption(stability_caption(topk_stability(lambda v: result.at(v).scores[0], grid, value), 5))
+    split = target_split(result.targets)
+    shown = trust_caption(att, opts_key(opts), value, key, split)
+    if shown is not None and value is not None:
+        held_out_button(*shown, opts_key(opts), grid, value, lam.set, split, result.targets.keys[0], key)
     return value
 
 

@@ -20,7 +20,7 @@ from attribution.figures import lds_option_figure
 from attribution.evaluation.lds import LdsTable
 from attribution.evaluation.retraining_estimators import heldout_lds_table
 from attribution.models.adapter import key_prompt
-from attribution.prepare import Task, estimate_text
+from attribution.prepare import Task, checkpoint_tasks, estimate_text, estimates, share_measured_rate
 
 from app_pages._ui import cached_model
 
@@ -43,6 +43,29 @@ def evaluation_note(name: str, methods, timesteps: int, proj_dim: int) -> str:
                                   for m in methods])
     return ("Before the first Evaluate here: " + "; ".join(lines.splitlines())
             + (f". About {format_duration(total)} in all on this machine." if total else "."))
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def checkpoint_plan(name: str, method: str, timesteps: int, proj_dim: int) -> list[Task]:
+    """What the LDS per checkpoint computes, one task per checkpoint of bank `name`'s run (opened, not computed)."""
+    return checkpoint_tasks(cached_bank(name), method, load=cached_model, timesteps=timesteps, proj_dim=proj_dim)
+
+
+def checkpoint_note(name: str, method: str, timesteps: int, proj_dim: int) -> tuple[str, str]:
+    """(one line, one line per checkpoint) before the LDS per checkpoint: cached, or how many checkpoints still
+    need their features and about how long that takes here, from the measured throughput."""
+    tasks = checkpoint_plan(name, method, timesteps, proj_dim)
+    share_measured_rate(tasks)
+    total, rows = estimates(tasks, probe=False)
+    todo = sum(text != "cached" for _, text in rows)
+    per = "  \n".join(f"{title}: {text}" for title, text in rows)
+    if not todo:
+        return f"Every checkpoint's features are cached ({len(tasks)}): this takes seconds.", per
+    if total is None:
+        return (f"{todo} of {len(tasks)} checkpoints to featurize; no estimate yet: none has been timed with these "
+                "features here (Evaluate times the last).", per)
+    return (f"{todo} of {len(tasks)} checkpoints to featurize (the training set and the bank's targets each): about "
+            f"{format_duration(total)} here.", per)
 
 
 @st.cache_resource(max_entries=12, show_spinner="Scoring the bank's targets…")

@@ -16,7 +16,7 @@ from attribution.methods import METHODS, TIMESTEP_BIAS_METHODS
 from attribution.run_options import RunOptions
 from attribution.targets import resolve_targets
 
-from app_pages._attr import METHOD_TITLES, cached_attribution, featurize_with_progress
+from app_pages._attr import METHOD_TITLES, cached_attribution, estimate_note, featurize_with_progress
 from app_pages._figures import chart
 from app_pages._tiles import tile_caption, tiles
 from app_pages._ui import cached_model, fail
@@ -44,14 +44,22 @@ def influential_tab(model, train: ImageDataset, dataset: str | None) -> None:
     st.caption("For many generated targets, count the distinct training images among each method's top-k "
                "proponents. Few distinct images = the same images rank high for every target.")
     choices = list(METHODS)
-    with st.form("ts_infl_form"):
+    with st.container(border=True):  # no form: the estimate below is for what these widgets show
         c1, c2, c3 = st.columns([2, 1, 1])
         methods = c1.multiselect("Methods", choices, list(TIMESTEP_BIAS_METHODS),
                                  format_func=METHOD_TITLES.get, key="ts_infl_methods")
         n_targets = int(c2.number_input("Generated targets (seeds 0..)", 2, 200, 20, key="ts_infl_n"))
         k = int(c3.number_input("Top k", 1, 100, 10, key="ts_infl_k"))
-        go_i = st.form_submit_button("Compute", type="primary")
+        go_i = st.button("Compute", type="primary", key="ts_infl_go")
     key_i = (model.spec, train.spec, tuple(methods), n_targets, k)
+    if not go_i and methods:
+        try:
+            st.caption(estimate_note([(METHOD_TITLES[m], cached_attribution(RunOptions(model.spec, dataset, m)))
+                                      for m in methods], n_targets),
+                       help=f"Each method's training features (once, shared with the other pages) and the features "
+                            f"of the {n_targets} generated targets; sampling them comes first.")
+        except AttributionError:
+            pass  # options that do not make an attribution are reported by Compute, with the reason
     if go_i:
         stats = []
         with st.status("Scoring…", expanded=True) as status:

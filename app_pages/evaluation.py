@@ -13,7 +13,8 @@ from attribution.methods import METHODS
 from attribution.prepare import EVALUATION
 from app_pages._attr import featurize_with_progress
 from app_pages._eval import (bank_attribution, bank_run, cached_bank, checkpoint_curve, checkpoint_figure,
-                             estimators_section, evaluation_note, lambda_curve, open_target, table_rows)
+                             checkpoint_note, estimators_section, evaluation_note, lambda_curve, open_target,
+                             table_rows)
 from app_pages._ui import fail, go_to
 
 st.title("Evaluation")
@@ -132,7 +133,13 @@ else:
     if st.button("Compute LDS per checkpoint", key="eval_ckpt_run",
                  help="Featurizes the training set at each checkpoint once (cached on disk, shared by everyone)."):
         st.session_state["eval_ckpt"] = (name, m, timesteps, proj_dim)
-    if st.session_state.get("eval_ckpt") == (name, m, timesteps, proj_dim):
+    if st.session_state.get("eval_ckpt") != (name, m, timesteps, proj_dim):
+        try:
+            line, per_checkpoint = checkpoint_note(name, m, timesteps, proj_dim)
+            st.caption(line, help=per_checkpoint)
+        except AttributionError as exc:
+            st.caption(f"No LDS per checkpoint for {m}: {exc}")
+    else:
         points = checkpoint_curve(name, m, timesteps, proj_dim)
         fig, frame = checkpoint_figure(points, m)
         st.plotly_chart(fig, key="eval_ckpt_fig")

@@ -9,8 +9,8 @@ from attribution.analysis.formation import formation
 from attribution.figures import formation_figure
 from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import METHODS, get_method
-from app_pages._attr import (PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_job, lambda_slider,
-                             opts_key, ranked_tiles, top_lists)
+from app_pages._attr import (PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_job, journey_note,
+                             lambda_slider, opts_key, ranked_tiles, top_lists)
 from app_pages._trust import trust_caption
 from app_pages._figures import chart
 from app_pages._journey import (WHY_DIFFERENT, attribute_overlap, choose_image, film_strip, journey_attributor,
@@ -33,8 +33,8 @@ size = display_size(model.resolution, 128)
 # -- 1. the image ------------------------------------------------------------------------------------------------
 image, ref, name, prompt = choose_image(model, dataset)
 
-# -- 2. options (a form: nothing runs until Compute) --------------------------------------------------------------
-with st.form("jr_form"):
+# -- 2. options (no form: the estimate below is for what these widgets show; nothing runs until Compute) ----------
+with st.container(border=True):
     c1, c3, c4 = st.columns(3)
     method = c1.selectbox("Method", JOURNEY_METHODS, format_func=lambda m: METHODS[m].title, key="jr_method")
     steps = ref.steps if image is None else int(c3.number_input(
@@ -47,16 +47,23 @@ with st.form("jr_form"):
                                     help="Noise draws of the re-noised x̂0 averaged per step (Journey-TRAK: 20)."))
     timesteps = int(c6.number_input("Training-feature timesteps K", 1, model.num_timesteps, 10, key="jr_K"))
     proj_dim = c7.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="jr_k")
-    run = st.form_submit_button("Compute journey", type="primary")
+    run = st.button("Compute journey", type="primary")
 
 image_id = (model.spec, dataset, ref)
+cfg = JourneyConfig(seed=ref.number if image is None else 0, steps=steps,
+                    sampler=ref.sampler if image is None else "ddpm", every=every, resamples=resamples, **prompt)
+opts = RunOptions(model.spec, dataset, method, timesteps=timesteps, proj_dim=int(proj_dim))
+if not run:
+    try:
+        cfg.check(model.num_timesteps)
+        st.caption(journey_note(cached_attribution(opts), cfg, image), help="The training features (once per "
+                   "feature set, shared with the other pages) and the attributed steps' features.")
+    except AttributionError:
+        pass  # options that do not make a journey are reported by Compute, with the reason
 if run:
     # One entry holds what was computed and its λ: a failed run must not leave an older journey labelled as this
     # one; a journey with the options of the previous one keeps its λ.
     previous = st.session_state.pop("jr_result", None)
-    cfg = JourneyConfig(seed=ref.number if image is None else 0, steps=steps,
-                        sampler=ref.sampler if image is None else "ddpm", every=every, resamples=resamples, **prompt)
-    opts = RunOptions(model.spec, dataset, method, timesteps=timesteps, proj_dim=int(proj_dim))
     with st.status("Computing the journey…", expanded=True) as status:
         try:
             cfg.check(model.num_timesteps)
@@ -86,7 +93,7 @@ journey, opts, cfg = result["journey"], result["opts"], result["cfg"]
 att = journey_attributor(opts)
 m = get_method(opts.method)
 lam = lambda_slider("λ", att.train_features().kernel, result["lam"], "jr_lam")
-trust_caption(cached_attribution(opts), opts_key(opts), lam, "jr_lam")
+trust_caption(cached_attribution(opts), opts_key(opts), lam, "jr_lam", "val" if image is not None else "gen")
 scores = journey.scores(att, m, lam)
 form = formation(journey, scores, att.train, top=FORMATION_TOP)
 labels = [int(s) for s in journey.steps]

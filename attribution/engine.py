@@ -75,6 +75,9 @@ class Attributor:
         model.check_training_set(train)  # also for a set not chosen by `training_dataset_of`
         self.model, self.train, self.cfg, self.batch_size = model, train, features, batch_size
         self.row_statistics = tuple(row_statistics)  # per-row statistics featurize also computes (`row_statistic`)
+        # Another attributor whose measured speed stands in for this one's until this one is timed (a checkpoint of
+        # the same run: the same network, so the same speed); see `estimate_for`.
+        self.rate_like: Attributor | None = None
         self.grad_spec = features.gradient_spec(model.num_timesteps)
         self.curvature_spec = self._ekfac = None  # influence functions: EK-FAC whitening (`features.curvature`)
         self.embedder = None  # the similarity baselines' features: embeddings of the images, no gradients
@@ -212,6 +215,12 @@ class Attributor:
         """(seconds, basis) for `sample_timesteps` gradients (`what` names them in the basis) at this machine's
         measured throughput for these features; with `probe` and no measurement, three images are timed first."""
         entry = recorded_throughput(self.cache_dir, self.throughput_key)
+        like = None if entry is not None or self.rate_like is None else recorded_throughput(
+            self.rate_like.cache_dir, self.rate_like.throughput_key)
+        if like is not None:
+            return sample_timesteps / like["sample_timesteps_per_s"], (
+                f"{what} at {like['sample_timesteps_per_s']:.3g} sample-timesteps/s, measured here for "
+                f"{self.rate_like.model.spec.rsplit('@', 1)[-1]} (the same network)")
         if entry is None and probe:
             per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
             rows = list(range(min(3, len(self.train))))

@@ -237,9 +237,18 @@ def journey_path(att, cfg: JourneyConfig, source: str, cache: str | None = None,
     return journey_dir(att.identity["checkpoint"], slug, ident, cache)
 
 
-def journey_cached(att, cfg: JourneyConfig, cache: str | None = None) -> bool:
-    """Whether `run_journey(att, cfg)` of generated image `cfg.seed` (sampled by `att`'s model) is on disk."""
-    path = journey_path(att, cfg, gen_key(cfg.seed, cfg.text()), cache)
+def journey_source(cfg: JourneyConfig, image: torch.Tensor | None = None) -> str:
+    """What a journey's cache entry and noise keys are named by: generated image `cfg.seed`, or `image` (C, H, W)
+    noised forward, by its pixels."""
+    if image is not None:
+        return prompt_key(pixels_key(tensor_to_pixels(image.reshape(-1, *image.shape[-2:]))), cfg.prompt)
+    return gen_key(cfg.seed, cfg.text())
+
+
+def journey_cached(att, cfg: JourneyConfig, cache: str | None = None, image: torch.Tensor | None = None) -> bool:
+    """Whether `run_journey(att, cfg, image=image)` is on disk: of generated image `cfg.seed` (sampled by `att`'s
+    model), or of `image` noised forward."""
+    path = journey_path(att, cfg, journey_source(cfg, image), cache)
     return path.with_suffix(".npz").exists() and path.with_suffix(".json").exists()
 
 
@@ -270,10 +279,7 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
     trajectory of the image the target checkpoint generates, each with its own gradients."""
     sampler_model = sampler_model or att.model
     cfg.check(att.model.num_timesteps)
-    if image is not None:
-        source = prompt_key(pixels_key(tensor_to_pixels(image.reshape(-1, *image.shape[-2:]))), cfg.prompt)
-    else:
-        source = gen_key(cfg.seed, cfg.text())
+    source = journey_source(cfg, image)
     sampled_by = sampler_model.identity() if image is None and sampler_model is not att.model else None
     path = journey_path(att, cfg, source, cache, sampled_by)
     if use_cache:

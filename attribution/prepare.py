@@ -17,13 +17,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .engine import Attribution, Progress, format_duration
+import torch
+
+from .engine import Attribution, Progress, format_duration, open_attribution
 from .errors import ConfigError
 from .evaluation.bank import Bank, list_banks
 from .evaluation.evaluate import bank_target_features, bank_targets_cached, open_on_bank
 from .journey import JourneyConfig, journey_cached, run_journey
-from .methods import BASELINE_METHOD, DEFAULT_METHOD
+from .methods import BASELINE_METHOD, DEFAULT_METHOD, get_method
 from .run_options import RunOptions
+from .store import recorded_throughput
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Task:
     attribution: Attribution
     bank: Bank | None = None
     journey: JourneyConfig | None = field(default=None)
+    image: torch.Tensor | None = field(default=None, repr=False)  # a journey's image noised forward (not sampled)
 
     def estimate(self, probe: bool = False) -> tuple[float | None, list[str]]:
         """(seconds, bases) still to compute here (0 when everything is cached), from the measured throughput;
@@ -73,11 +77,13 @@ class Task:
         if self.bank is not None and not bank_targets_cached(self.bank, self.attribution):
             n = len(self.bank.target_keys)
         seconds, bases = self.attribution.estimate(n, probe)
-        if seconds is None or self.journey is None or journey_cached(self.attribution.members[0], self.journey):
+        if seconds is None or self.journey is None or journey_cached(self.attribution.members[0], self.journey,
+                                                                      image=self.image):
             return seconds, bases
         cfg = self.journey
-        extra, basis = self.attribution.members[0].estimate_for(len(cfg.step_indices()) * cfg.resamples,
-                                                                 f"a journey of gen:{cfg.seed}", probe)
+        what = "a journey" + (f" of gen:{cfg.seed}" if self.image is None else "")
+        extra, basis = self.attribution.members[0].estimate_for(len(cfg.step_indices()) * cfg.resamples, what,
+                                                                 probe)
         return (None, [basis]) if extra is None else (seconds + extra, [*bases, basis])
 
     def run(self, progress: Progress | None = None) -> None:
@@ -88,7 +94,32 @@ class Task:
                                f"{self.bank.meta['name']}")
             bank_target_features(self.bank, self.attribution)
         if self.journey is not None:
-            run_journey(self.attribution.members[0], self.journey, progress, name=f"gen:{self.journey.seed}")
+            run_journey(self.attribution.members[0], self.journey, progress, image=self.image,
+                        name=f"gen:{self.journey.seed}" if self.image is None else None)
+
+
+def checkpoint_tasks(bank: Bank, method: str, load: Callable | None = None, **options) -> list[Task]:
+    """What the LDS per checkpoint (`option_sweep(bank, method, "checkpoint")`) computes: one task per checkpoint
+    of the bank's run, `method` on it (`options`: those of `open_attribution`) with the bank's targets. Every
+    checkpoint is the same network, so one that has not been timed here is estimated at the speed measured for
+    the run's last checkpoint (the bank's model, which the Evaluation page featurizes first), else for any other."""
+    method_cls = get_method(method)
+    if method_cls.weightings:
+        raise ConfigError(f"{method} already sums over the run's checkpoints; pick a single-checkpoint method")
+    tasks = [Task(spec.rsplit("@", 1)[-1], open_attribution(spec, method_cls, dataset=bank.dataset,
+                                                          **({"load": load} if load else {}), **options), bank=bank)
+             for spec in bank.checkpoint_specs()]
+    share_measured_rate(tasks)
+    return tasks
+
+
+def share_measured_rate(tasks: Sequence[Task]) -> None:
+    """Let tasks on checkpoints of one run (one network) that have not been timed here be estimated at the speed
+    measured for the last timed one (call again after a featurization: it may have timed one)."""
+    members = [t.attribution.members[0] for t in tasks]
+    timed = [m for m in reversed(members) if recorded_throughput(m.cache_dir, m.throughput_key) is not None]
+    for m in members:
+        m.rate_like = timed[0] if timed else None
 
 
 def plan(checkpoint: str = "digits", dataset: str | None = None, banks: Sequence[str] | None = None,

@@ -513,3 +513,36 @@ def test_journey_page_resamples_a_generated_image_with_its_sampler(app, tiny_run
     j = app.session_state["jr_result"]["journey"]
     assert j.meta["config"]["sampler"] == "ddim" and j.meta["config"]["steps"] == 6 and j.meta["name"] == "gen:4"
     np.testing.assert_allclose(j.final, traj.final[1], atol=1e-4)  # the same image (batch of 2 vs 1: ~2e-6)
+
+
+def test_journey_page_estimates_before_compute(tiny_run, small_npz, tmp_path, monkeypatch):
+    """Issue 24, 4: the Journey page showed a spinner only. Before Compute, a line says about how long the training
+    features and the attributed steps' features will take here (from the throughput measured for them), for what
+    the widgets show (no form: changing R changes the estimate before Compute), and "cached" once computed. On a
+    cache of its own, so what other tests computed cannot make it "cached" first."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
+    monkeypatch.setenv("ATTRIBUTION_DATASET", f"npz:{small_npz}")
+    monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+
+    def note() -> str:
+        found = [c.value for c in at.main.caption if c.value.startswith(("About ", "This journey is cached"))]
+        assert len(found) == 1, [c.value for c in at.main.caption]
+        return found[0]
+
+    at.switch_page("app_pages/journey.py").run()
+    for key, value in {"jr_steps": 8, "jr_every": 3, "jr_R": 2, "jr_K": 2}.items():
+        at.number_input(key=key).set_value(value)
+    at.selectbox(key="jr_k").set_value(512)
+    at.selectbox(key="jr_method").set_value("trak").run()
+    assert not at.exception, at.exception
+    before = note()
+    assert "96 images at" in before and "a journey of gen:" in before and "sample-timesteps/s" in before
+    compute_journey(at)
+    at.run()
+    assert note() == "This journey is cached: it shows in seconds."
+    at.number_input(key="jr_R").set_value(3).run()  # not computed yet: the estimate follows the widget at once
+    after = note()
+    assert after.startswith("About ") and "a journey of gen:" in after and "96 images" not in after

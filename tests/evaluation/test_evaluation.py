@@ -7,6 +7,8 @@ the expected LDS is known: F = masks @ effect + noise, with `effect` the true pe
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -347,6 +349,24 @@ def test_lds_sweeps_over_checkpoints_and_K(bank_with_run, tmp_path, capsys):
     assert "LDS along checkpoint" in out and "LDS along K" in out
 
 
+def test_lds_per_checkpoint_is_estimated_before_compute(bank_with_run, tiny_run, tmp_path, start_app):
+    """Issue 24, 4: "Compute LDS per checkpoint" showed a spinner only. Beside it, a line says how many checkpoints
+    still need features and about how long they take here: a checkpoint not timed yet at the speed measured for
+    the bank's model (the same network; Evaluate just featurized it), never a constant; its help lists each."""
+    from attribution.evaluation.bank import build_checkpoint_run
+
+    build_checkpoint_run(Bank.load(bank_with_run), 2, log=lambda m: None)  # reused if a test above made it
+    at = evaluated(start_app, tiny_run, bank_with_run, tmp_path / "cache", ["trak"])
+    note = next(c for c in at.main.caption if "checkpoints to featurize" in c.value)
+    assert re.fullmatch(r"1 of 2 checkpoints to featurize \(the training set and the bank's targets each\): about "
+                        r"\d+ (s|min) here\.", note.value), note.value
+    assert "epoch-1: about" in note.proto.help and "measured here for epoch-2 (the same network)" in note.proto.help
+    assert "epoch-2: cached" in note.proto.help
+    at.button(key="eval_ckpt_run").click().run()
+    assert not at.exception, at.exception
+    assert not [c for c in at.main.caption if "checkpoints to featurize" in c.value]  # the figure instead
+
+
 def test_checkpoint_methods_use_the_bank_run(bank_with_run, tmp_path):
     """TracInCP on a bank attributes over the run's checkpoints (its last is the bank's model)."""
     from attribution.evaluation.bank import build_checkpoint_run
@@ -362,11 +382,13 @@ def test_checkpoint_methods_use_the_bank_run(bank_with_run, tmp_path):
 
 def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_path, start_app):
     """With the bank's model as the checkpoint, the Attribute page offers to measure the LDS on the bank; the
-    caption then shows the LDS at the slider's λ, equal to `lds_at` computed directly, and follows the slider."""
+    verdict beside the ranking then gives the LDS at the slider's λ on the bank's validation targets (the target
+    is a validation image), equal to `lds_at` computed directly, with its share of the reachable ceiling, and
+    follows the slider."""
     import json
     import shutil
 
-    from attribution.evaluation.evaluate import lds_at, score_bank
+    from attribution.evaluation.evaluate import bank_ceilings, lds_at, score_bank
     from attribution.models.checkpoint import resolve_checkpoint
 
     folder = tmp_path / "banks" / "trust"
@@ -384,18 +406,16 @@ def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_pa
     assert not at.exception, at.exception
     next(b for b in at.button if b.label.startswith("How far to trust this?")).click().run()
     assert not at.exception, at.exception
-    caption = next(c.value for c in at.caption if "LDS at this λ" in c.value)
+    caption = next(c for c in at.caption if "rankings like this" in c.value)
     bank = Bank.load(folder)
     run = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=512, cache=str(tmp_path / "cache"))
     slider = at.main.get_by_key("attr_result_0").select_slider[0]
     lam = float(str(slider.value).split()[0])
-    from attribution.evaluation.evaluate import bank_ceilings
-
-    for split in ("val", "gen"):
-        value = lds_at(bank, run, lam, split).standard.value
-        reachable = bank_ceilings(bank, split).reachable.standard.value
-        assert f"{value:+.2f}" in caption and f"{value / reachable:.0%} of the reachable {reachable:+.2f}" in caption
+    value = lds_at(bank, run, lam, "val").standard.value
+    reachable = bank_ceilings(bank, "val").reachable.standard.value
+    assert f"LDS {value:+.2f} ({value / reachable:.0%} of reachable)" in caption.value
+    assert f"reachable {reachable:+.3f}" in caption.proto.help and "validation targets" in caption.proto.help
     options = [float(o.split()[0]) for o in slider.options]
     slider.set_value(options[0]).run()
-    moved = next(c.value for c in at.caption if "LDS at this λ" in c.value)
-    assert f"{lds_at(bank, run, options[0], 'val').standard.value:+.2f}" in moved
+    moved = next(c.value for c in at.caption if "rankings like this" in c.value)
+    assert f"LDS {lds_at(bank, run, options[0], 'val').standard.value:+.2f}" in moved
