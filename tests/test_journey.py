@@ -520,9 +520,11 @@ def test_journey_page_estimates_before_compute(tiny_run, small_npz, tmp_path, mo
     features and the attributed steps' features will take here (from the throughput measured for them), for what
     the widgets show (no form: changing R changes the estimate before Compute), and "cached" once computed. On a
     cache of its own, so what other tests computed cannot make it "cached" first."""
+    import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
+    st.cache_resource.clear()  # the app's opened attributions are shared by the process: another test's point
+    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))  # at that test's cache, where this one's are done
     monkeypatch.setenv("ATTRIBUTION_DATASET", f"npz:{small_npz}")
     monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(APP), default_timeout=120).run()
