@@ -50,7 +50,7 @@ import torch
 from ..data import load_dataset
 from ..data.images import tensor_to_pixels
 from ..engine import open_attribution
-from ..errors import ConfigError
+from ..errors import AttributionError, ConfigError
 from ..features.embeddings import ClipEmbedder
 from ..fileio import read_json, save_npz, write_json
 from ..methods import METHODS, get_method
@@ -598,8 +598,18 @@ class Study:
 
 
 def list_studies(roots: list[Path]) -> list[Path]:
-    """Study folders under the given roots (a bank's counterfactual/ folder, the cache's counterfactual/)."""
-    out = []
+    """Study folders under the given roots (a bank's counterfactual/ folder, the cache's counterfactual/): first
+    those retrained with common random numbers (only the removal differs between before and after, so they can
+    tell methods apart: BENCHMARKS.md), then the others (studies from before CRN say no `randomness`: the stream),
+    each group by path. A study.json that cannot be read sorts with the others; loading it gives its one line."""
+    out = set()
     for root in roots:
-        out += [p.parent for p in Path(root).glob("**/study.json")]
-    return sorted(set(out))
+        out |= {p.parent for p in Path(root).glob("**/study.json")}
+
+    def stream(folder: Path) -> bool:
+        try:
+            return read_json(folder / "study.json").get("randomness", "stream") == "stream"
+        except (AttributionError, AttributeError):  # unreadable, or not a JSON object
+            return True
+
+    return sorted(out, key=lambda f: (stream(f), f))

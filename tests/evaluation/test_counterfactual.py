@@ -456,3 +456,19 @@ def test_clip_cosine_is_added_to_finished_cells(tiny_clip_name, tmp_path):
         assert c["clip"] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), abs=1e-6)
         assert c["clip_identity"] == emb.identity
     assert all(r["clip_median"] is not None for r in summary_rows(s))
+
+
+def test_studies_with_common_random_numbers_are_listed_first(tmp_path):
+    """The Counterfactual page opens on the first study listed: a CRN study (it can tell methods apart) before
+    stream ones, whose study.json from before CRN has no `randomness`; a damaged study.json is still listed."""
+    from attribution.evaluation.counterfactual import list_studies
+    from attribution.fileio import write_json
+
+    made = {"a-stream": {"status": "done"}, "b-stream": {"randomness": "stream"}, "z-crn": {"randomness": "crn-slots"},
+            "c-crn": {"randomness": "crn"}}
+    for name, meta in made.items():
+        write_json(tmp_path / "bank" / "counterfactual" / name / "study.json", meta)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "study.json").write_text("{not json")
+    got = [p.name for p in list_studies([tmp_path / "bank" / "counterfactual", tmp_path / "broken"])]
+    assert got[:2] == ["c-crn", "z-crn"] and set(got[2:]) == {"a-stream", "b-stream", "broken"}
