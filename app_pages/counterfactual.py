@@ -42,7 +42,10 @@ c1, c2, c3, c4 = st.columns(4)
 direction = c1.selectbox("Removed", directions, key="cf_direction", help="proponents: the images the method says "
                          "made the target more likely; opponents: the reverse test")
 ks = sorted({int(c["k"]) for c in cells if c["direction"] == direction})
-k = c2.selectbox("K (images removed)", ks, key="cf_k", format_func=lambda v: f"{v} ({v / n_train:.1%})")
+done = {v: sum(c["direction"] == direction and int(c["k"]) == v for c in cells) for v in ks}
+k = c2.selectbox("K (images removed)", ks, key="cf_k", format_func=lambda v: f"{v} ({v / n_train:.1%})",
+                 index=max(range(len(ks)), key=lambda i: (done[ks[i]], ks[i])),  # the K with the most finished
+                 help="Opens on the K with the most finished cells (a removal still being retrained has fewer).")
 seeds = sorted({int(c["seed"]) for c in cells})
 seed = c3.selectbox("Retraining seed", seeds, key="cf_seed", help="The first is the model's own seed; the next "
                     "retrains the same removal again (the change a seed alone makes).")

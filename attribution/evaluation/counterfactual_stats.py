@@ -21,10 +21,11 @@ import numpy as np
 
 from .counterfactual import CONTROL, RANDOM, Study
 from .image_metrics import pixel_l2, ssim
-from .lds import _percentile_ci
+from .lds import CI_LEVEL, _percentile_ci
 
 METRICS = {"l2": "pixel L2", "ssim": "SSIM", "clip": "CLIP cosine"}
 N_BOOT = 2000
+MIN_DECIDING = 6  # paired targets below which the exact two-sided signed-rank p cannot reach 0.05 (2 / 2^5 > 0.05)
 
 
 def _group(study: Study) -> dict[tuple, dict[int, dict]]:
@@ -140,12 +141,15 @@ def verdict(rows: list[dict], method: str, direction: str, k: int, seed: int, n_
     if row is None or rnd is None or row.get("l2_vs_random") is None:
         return None
     lo, hi, p = row["l2_vs_random_ci_low"], row["l2_vs_random_ci_high"], row["l2_vs_random_p"]
-    how = ("changed the regenerated images more than" if lo > 0 else
-           "changed the regenerated images less than" if hi < 0 else
+    n = row["paired_targets"]
+    decided = not np.isnan(p) and p < 1 - CI_LEVEL  # the bootstrap interval of a few targets is no test alone
+    how = ("changed the regenerated images more than" if lo > 0 and decided else
+           "changed the regenerated images less than" if hi < 0 and decided else
            "did not change the regenerated images measurably more than")
+    few = (f" With {n} targets no paired test can decide (the signed-rank test needs {MIN_DECIDING} or more)."
+           if n < MIN_DECIDING else "")
     retrained = f", retrained with seed {seed}" if seed else ""
     return (f"Removing {method}'s top {k} {direction} ({k / n_train:.1%} of the training set{retrained}) {how} "
             f"removing {k} random images did: median pixel L2 {row['l2_median']:.2f} "
             f"against {rnd['l2_median']:.2f}, paired difference {row['l2_vs_random']:+.2f} [{lo:+.2f}, {hi:+.2f}] "
-            f"(95% interval over {row['paired_targets']} targets), Wilcoxon p = "
-            + ("n/a" if np.isnan(p) else f"{p:.2g}") + ".")
+            f"(95% interval over {n} targets), Wilcoxon p = " + ("n/a" if np.isnan(p) else f"{p:.2g}") + "." + few)

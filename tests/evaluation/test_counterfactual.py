@@ -411,7 +411,7 @@ def test_counterfactual_page_leads_with_a_verdict_on_the_best_supported_method(t
     method the study supports best (dtrak: its planted removals change the images three times as much as random
     ones; trak's as much as random) and leads with one sentence from the paired statistics."""
     folder = tmp_path / "banks" / "plant" / "counterfactual" / "planted-study"
-    plant_study(folder, methods=("random", "dtrak", "trak"), ks=(10,), seeds=(0,))
+    plant_study(folder, targets=range(6), methods=("random", "dtrak", "trak"), ks=(10,), seeds=(0,))
     at = start_app(tiny_run, tmp_path / "cache", banks=tmp_path / "banks")
     at.switch_page("app_pages/counterfactual.py").run()
     assert not at.exception, at.exception
@@ -472,3 +472,27 @@ def test_studies_with_common_random_numbers_are_listed_first(tmp_path):
     (tmp_path / "broken" / "study.json").write_text("{not json")
     got = [p.name for p in list_studies([tmp_path / "bank" / "counterfactual", tmp_path / "broken"])]
     assert got[:2] == ["c-crn", "z-crn"] and set(got[2:]) == {"a-stream", "b-stream", "broken"}
+
+
+def test_a_verdict_on_too_few_targets_says_so_and_the_page_opens_on_the_most_finished_k(tmp_path, tiny_run,
+                                                                                         start_app):
+    """A dose still being retrained had 2 of 10 targets done, and the page opened on it saying pixel cosine's
+    removal "changed the regenerated images more than" random removal (a bootstrap interval over 2 targets, Wilcoxon
+    p = 0.5). With fewer than 6 paired targets no signed-rank test can reach p < 0.05: the verdict says so and
+    claims nothing; the page opens on the K with the most finished cells."""
+    from attribution.evaluation.counterfactual_stats import summary_rows, verdict
+
+    folder = tmp_path / "banks" / "plant" / "counterfactual" / "planted-study"
+    plant_study(folder, targets=(0, 1, 2), ks=(10, 40), seeds=(0,))
+    rows = summary_rows(Study.load(folder))
+    row = next(r for r in rows if (r["method"], r["direction"], r["k"]) == ("dtrak", "proponents", 40))
+    assert row["l2_vs_random_ci_low"] > 0  # the interval alone would have said "more"
+    said = verdict(rows, "dtrak", "proponents", 40, 0, N_DIGITS)
+    assert "did not change the regenerated images measurably more than" in said
+    assert said.endswith("With 3 targets no paired test can decide (the signed-rank test needs 6 or more).")
+    for cell in (folder / "cells").glob("gen-2__*__k40__*"):  # K = 40 still retraining for one target
+        cell.unlink()
+    at = start_app(tiny_run, tmp_path / "cache", banks=tmp_path / "banks")
+    at.switch_page("app_pages/counterfactual.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="cf_k").value == 10
