@@ -6,6 +6,10 @@ current image in the URL (app_pages/_image.py) and the page list. Pages read the
 
 Defaults: the shipped `digits` checkpoint and dataset when present; the environment variables
 `ATTRIBUTION_CHECKPOINT` and `ATTRIBUTION_DATASET` override them (the tests point them at a tiny model).
+
+At its first run a server starts computing, in the background, what the Tour, the Attribute page's defaults and the
+Evaluation page's defaults use for the default checkpoint and dataset, when not cached yet (app_pages/_prepare.py;
+the sidebar shows its progress); `ATTRIBUTION_PREPARE=0` turns that off (the tests do).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from attribution.evaluation.bank import banks_dir, list_banks  # noqa: E402
 from attribution.models import list_shipped, resolve_checkpoint  # noqa: E402
 from app_pages._figures import FORMAT_KEY, FORMATS  # noqa: E402
 from app_pages._image import sync_url  # noqa: E402
+from app_pages._prepare import prepare_at_start, preparation_status  # noqa: E402
 from app_pages._ui import cached_dataset, checkpoint_name  # noqa: E402
 
 # The page list: one entry per page file in app_pages/, grouped into sidebar sections. Add new pages here
@@ -186,5 +191,7 @@ with st.sidebar:
     st.radio("Figure downloads", FORMATS, horizontal=True, key=FORMAT_KEY, format_func=str.upper,
              help="What the camera button in a figure's toolbar downloads: PNG (2x) or SVG.")
     sync_url()  # the current image (Generate, Upload, Attribute, Journey, Timesteps) in the URL, or from a link
+    # A server's first run starts computing what the Tour and the Evaluation page use (once; its progress here).
+    preparation_status(prepare_at_start(checkpoint_options()[1], dataset_options()[1]))
 
 st.navigation(PAGES).run()

@@ -112,6 +112,12 @@ def background_job(key: str, work, total: int = 1, start: bool = True) -> Backgr
         return job
 
 
+def find_job(key: str) -> BackgroundJob | None:
+    """The job last started for `key`, running or ended (its `error` says how it ended); None when none was."""
+    with _JOBS_LOCK:
+        return _JOBS.get(key)
+
+
 def featurize_job(member: Attributor) -> BackgroundJob:
     """The background featurization of `member`'s store (one per store, whoever asks)."""
     return background_job(str(member.store_path), lambda progress: member.featurize(progress=progress),

@@ -18,6 +18,8 @@ from pathlib import Path
 
 # Before torch is imported anywhere: the reference machine has 2 cores, and one thread keeps runs reproducible.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No preparation for class at a test server's first run (app.py): tests that want it set ATTRIBUTION_PREPARE=1.
+os.environ.setdefault("ATTRIBUTION_PREPARE", "0")
 
 import pytest
 

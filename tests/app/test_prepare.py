@@ -53,3 +53,47 @@ def test_prepare_command_prints_its_estimate_first(tiny_run, feature_cache, monk
     assert re.search(r"Tour and Attribute defaults: D-TRAK, K = 10, k = 4096 on .*: about \d+", err)
     assert "total: about" in err
     assert main(["prepare", "--checkpoint", str(tiny_run), "--bank", "nosuchbank", "--dry-run"]) == 2
+
+
+def test_a_servers_first_run_prepares_for_class_in_the_background(tiny_run, start_app, tmp_path, monkeypatch):
+    """With ATTRIBUTION_PREPARE on (the app's default; the tests turn it off), the first run starts the Tour panel's
+    job for the default checkpoint and dataset without waiting for it: the sidebar shows its progress, the Tour's
+    panel watches the same job, and once it ends the Tour's features and journey are cached."""
+    from attribution.data import load_dataset
+    from attribution.prepare import TOUR
+    import numpy as np
+
+    from app_pages._attr import find_job
+    from app_pages._prepare import prepare_key
+
+    digits = load_dataset("digits")
+    npz = tmp_path / "digits40.npz"
+    np.savez(npz, images=digits.pixels[:40, ..., 0], labels=digits.labels[:40])
+    monkeypatch.setenv("ATTRIBUTION_PREPARE", "1")
+    app = start_app(str(tiny_run), tmp_path / "cache", banks=tmp_path / "no-banks", dataset=f"npz:{npz}")
+    assert not app.exception, app.exception
+    key = prepare_key(f"{tiny_run}@epoch-2", f"npz:{npz}", TOUR, str(tmp_path / "no-banks"))
+    job = find_job(key)
+    assert job is not None, "no preparation started at the first run"
+    if job.thread.is_alive():  # usually: 40 images take seconds, the first run returns without waiting for them
+        bars = [p.proto.text for p in app.sidebar.get("progress")]
+        assert any(t.startswith("Preparing for class") for t in bars), bars
+    job.thread.join(RUN_TIMEOUT)
+    assert job.error is None, job.error
+    app.switch_page("app_pages/tour.py").run()
+    assert not app.exception, app.exception
+    assert any("Prepared" in s.value for s in app.main.success)  # the panel: everything cached
+    text = captions(app)
+    assert "features for these options are cached" in text and "This journey is cached" in text
+
+
+def test_a_server_with_preparation_off_starts_nothing(tiny_run, start_app, tmp_path):
+    from attribution.prepare import TOUR
+
+    from app_pages._attr import find_job
+    from app_pages._prepare import prepare_key
+
+    app = start_app(str(tiny_run), tmp_path / "cache", banks=tmp_path / "no-banks")  # conftest: preparation off
+    assert not app.exception, app.exception
+    assert find_job(prepare_key(f"{tiny_run}@epoch-2", "digits", TOUR, str(tmp_path / "no-banks"))) is None
+    assert not app.sidebar.get("progress")
