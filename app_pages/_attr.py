@@ -276,11 +276,19 @@ def lambda_controls(result: Result, opts: RunOptions, lam: Lambda, key: str, tit
         value = lambda_slider(f"λ ({title})" if title else "λ", kernel, lam, key)
         grid, _ = lambda_grid(kernel)
         st.caption(stability_caption(topk_stability(lambda v: result.at(v).scores[0], grid, value), 5))
-    split = target_split(result.targets)
+    verdict_controls(att, opts, lam, value, key, target_split(result.targets), result.targets.keys[0])
+    return value
+
+
+def verdict_controls(att: Attribution, opts: RunOptions, lam: Lambda, value: float | None, key: str,
+                     split: str = "val", exclude: str | None = None) -> None:
+    """Beside a ranking shown at λ = `value` (None: a method without λ): the verdict from the model's bank
+    (`trust_caption`) and, when it is shown and the method has λ, the button that sets `lam` to the λ chosen on
+    the bank's held-out `split` targets (`exclude`: the target attributed, a bank target's key, left out)."""
     shown = trust_caption(att, opts_key(opts), value, key, split)
     if shown is not None and value is not None:
-        held_out_button(*shown, opts_key(opts), grid, value, lam.set, split, result.targets.keys[0], key)
-    return value
+        grid, _ = lambda_grid(att.members[0].train_features().kernel)
+        held_out_button(*shown, opts_key(opts), grid, value, lam.set, split, exclude, key)
 
 
 def ranked_tiles(items: list[Ranked], data: ImageDataset, title: str, key: str) -> None:

@@ -10,8 +10,7 @@ from attribution.figures import formation_figure
 from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import METHODS, get_method
 from app_pages._attr import (PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_job, journey_note,
-                             lambda_slider, opts_key, ranked_tiles, top_lists)
-from app_pages._trust import trust_caption
+                             lambda_slider, ranked_tiles, top_lists, verdict_controls)
 from app_pages._figures import chart
 from app_pages._journey import (WHY_DIFFERENT, attribute_overlap, choose_image, film_strip, journey_attributor,
                                 journey_cli, toggle_play)
@@ -93,7 +92,8 @@ journey, opts, cfg = result["journey"], result["opts"], result["cfg"]
 att = journey_attributor(opts)
 m = get_method(opts.method)
 lam = lambda_slider("λ", att.train_features().kernel, result["lam"], "jr_lam")
-trust_caption(cached_attribution(opts), opts_key(opts), lam, "jr_lam", "val" if image is not None else "gen")
+verdict_controls(cached_attribution(opts), opts, result["lam"], lam, "jr_lam", "val" if image is not None else "gen",
+                 ref.spec.replace(":", "/") if ref.kind in ("gen", "val") else None)  # a bank target's key
 scores = journey.scores(att, m, lam)
 form = formation(journey, scores, att.train, top=FORMATION_TOP)
 labels = [int(s) for s in journey.steps]

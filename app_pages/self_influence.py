@@ -13,10 +13,9 @@ from attribution.errors import AttributionError
 from attribution.methods import METHODS
 from attribution.report import export_metadata, export_name, to_csv
 from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_note,
-                             featurize_with_progress, lambda_slider, opts_key)
+                             featurize_with_progress, lambda_slider, verdict_controls)
 from app_pages._figures import chart
 from app_pages._tiles import record_scores, tile_caption, tiles
-from app_pages._trust import trust_caption
 from app_pages._ui import fail, keep, require_model
 
 st.title("Self-influence")
@@ -63,7 +62,7 @@ try:
     lam = None
     if att.method.uses_lambda:
         lam = lambda_slider("λ", att.members[0].train_features().kernel, computed["lam"], "si_lambda")
-        trust_caption(att, opts_key(opts), lam, "si_lambda")
+        verdict_controls(att, opts, computed["lam"], lam, "si_lambda")
     values = att.self_influence(lam)
 except AttributionError as exc:
     fail(exc)

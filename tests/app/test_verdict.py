@@ -116,3 +116,62 @@ def test_use_the_lambda_chosen_on_held_out_targets(trust_bank, tmp_path, start_a
     code = at.main.get_by_key("attr_result_0").code[0].value
     assert re.search(r"--lambda (\S+)", code) and float(re.search(r"--lambda (\S+)", code)[1]) == want
     assert next(b for b in at.button if b.label.startswith("Use the λ chosen")).disabled
+
+
+def lam_slider(at):
+    return next(s for s in at.main.select_slider if s.label == "λ")
+
+
+def _held_out_click(at, slider, choice, key_caption) -> float:
+    """Move the slider off the held-out choice if it is there, press the button; the λ it set (grid value)."""
+    import numpy as np
+
+    grid = [float(o.split()[0]) for o in slider.options]
+    want = grid[int(np.argmin(np.abs(np.log(np.asarray(grid) / choice.lam))))]
+    if float(str(slider.value).split()[0]) == want:
+        slider.set_value(next(o for o in slider.options if float(o.split()[0]) != want)).run()
+    assert any(key_caption in c.value for c in at.main.caption)  # the verdict is shown
+    button = next(b for b in at.button if b.label.startswith("Use the λ chosen on held-out targets"))
+    assert f"({want:.3g})" in button.label
+    button.click().run()
+    assert not at.exception, at.exception
+    return want
+
+
+def test_journey_and_self_influence_offer_the_held_out_lambda(trust_bank, tmp_path, start_app):
+    """The same button beside the Journey's and the Self-influence page's λ slider: the Journey of validation image
+    0 (a bank target: left out of the choice, as on Attribute) moves its slider and its command line to the λ
+    chosen on the other validation targets; Self-influence to the one chosen on all of them."""
+    from attribution.evaluation.evaluate import score_bank
+    from attribution.evaluation.verdict import held_out_lambda
+
+    cache = tmp_path / "cache"
+    bank = Bank.load(trust_bank)
+    run = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=512, cache=str(cache))
+    at = start_app(trust_bank / "model", cache, banks=trust_bank.parent, timeout=TIMEOUT)
+    at.switch_page("app_pages/journey.py").run()
+    at.radio(key="jr_source").set_value("Validation image").run()
+    at.number_input(key="jr_val_idx").set_value(0)
+    at.selectbox(key="jr_method").set_value("trak")
+    at.number_input(key="jr_fwd_steps").set_value(3)
+    at.number_input(key="jr_every").set_value(1)
+    at.number_input(key="jr_R").set_value(1)
+    at.number_input(key="jr_K").set_value(1)
+    at.selectbox(key="jr_k").set_value(512)
+    next(b for b in at.button if b.label == "Compute journey").click().run()
+    assert not at.exception, at.exception
+    want = _held_out_click(at, lam_slider(at), held_out_lambda(bank, run, "val", exclude="val/0"),
+                           "rankings like this match retraining")
+    assert float(str(lam_slider(at).value).split()[0]) == want
+    code = "\n".join(c.value for c in at.main.code)
+    assert float(re.search(r"--lambda (\S+)", code)[1]) == want
+
+    at.switch_page("app_pages/self_influence.py").run()
+    at.selectbox(key="si_method").set_value("trak")
+    at.number_input(key="si_K").set_value(1)
+    at.selectbox(key="si_k").set_value(512)
+    next(b for b in at.button if b.label == "Compute").click().run()
+    assert not at.exception, at.exception
+    want = _held_out_click(at, lam_slider(at), held_out_lambda(bank, run, "val"),
+                           "rankings like this match retraining")
+    assert float(str(lam_slider(at).value).split()[0]) == want
