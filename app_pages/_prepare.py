@@ -14,15 +14,14 @@ import os
 
 import streamlit as st
 
+from app_pages._attr import BackgroundJob, background_job, find_job
+from app_pages._ui import cached_model, fail, progress_bar
 from attribution.engine import format_duration
 from attribution.errors import AttributionError
 from attribution.evaluation.bank import banks_dir
 from attribution.models import resolve_checkpoint
 from attribution.prepare import TOUR, TourSettings, estimates, plan, run
 from attribution.store import cache_root
-
-from app_pages._attr import BackgroundJob, background_job, find_job
-from app_pages._ui import cached_model, fail, progress_bar
 
 PREPARE_ENV = "ATTRIBUTION_PREPARE"  # "0", "off", "false" or "no": no preparation at the server's first run
 PREPARED = ("Prepared: every step of the Tour, the Attribute page's defaults and the Evaluation page's defaults read "

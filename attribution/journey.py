@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from .data import tensor_to_pixels
-from .errors import ConfigError
+from .errors import AttributionError, ConfigError
 from .features.gradients import per_sample_gradients
 from .features.timesteps import noise_for
 from .fileio import read_json, save_npz, write_json
 from .models.adapter import prompt_key
 from .sampling import DEFAULT_GUIDANCE, SAMPLERS, Prompt, Trajectory, check_sampling, gen_key, sample
-from .store import journey_dir
+from .store import journey_dir, load_arrays
 from .targets import pixels_key
 
 Progress = Callable[[int, int, str], None]
@@ -221,9 +221,11 @@ class Journey:
         npz, meta = path.with_suffix(".npz"), path.with_suffix(".json")
         if not (npz.exists() and meta.exists()):
             return None
-        with np.load(npz, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        return cls(meta=read_json(meta), **arrays)
+        arrays = load_arrays(npz)
+        try:
+            return None if arrays is None else cls(meta=read_json(meta), **arrays)
+        except (AttributionError, TypeError):  # a damaged cache entry: recomputed and saved over
+            return None
 
 
 def journey_path(att, cfg: JourneyConfig, source: str, cache: str | None = None, sampled_by: str | None = None,

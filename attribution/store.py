@@ -48,15 +48,30 @@ import json
 import os
 import re
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CacheMismatchError
-from .fileio import atomic_dir, save_npy, save_npz, write_json
+from .errors import CacheMismatchError, FileFormatError
+from .fileio import atomic_dir, read_json, reason, save_npy, save_npz, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError)  # what a damaged array or JSON file raises
+
+
+def recompute_fix(folder: Path, what: str = "its features") -> str:
+    """What to do about a damaged file inside the cache (the end of its one-line error)."""
+    return f"delete the folder {folder} to recompute {what} (nothing else in the cache is affected)"
+
+
+def damaged(path: Path, exc: BaseException, what: str = "its features") -> FileFormatError:
+    """The one line for a damaged array inside the cache: which file, why, and that deleting its folder recomputes
+    `what`."""
+    return FileFormatError(f"cache file {path} is damaged ({reason(exc)}); {recompute_fix(path.parent, what)}")
 
 
 def cache_root(root: str | os.PathLike | None = None) -> Path:
@@ -130,7 +145,7 @@ class FeatureStore:
         store = cls(path, identity, n_rows, dim, provenance)
         cfg_path = path / "config.json"
         if cfg_path.is_file():
-            stored = json.loads(cfg_path.read_text())
+            stored = read_json(cfg_path, recompute_fix(path))
             differences = identity_differences(stored.get("identity", {}), identity)
             if any(d.startswith("projection") for d in differences):
                 raise CacheMismatchError(
@@ -190,7 +205,21 @@ class FeatureStore:
     # -- rows --------------------------------------------------------------------------------------------------
 
     def done(self) -> np.ndarray:
-        return np.load(self.path / "done.npy", allow_pickle=False)
+        """Which rows are finished; a damaged or wrong-sized mask is one line (the rows are kept: see `damaged`)."""
+        return self._array("done.npy", (self.n_rows,))
+
+    def _array(self, name: str, shape: tuple[int, ...], mmap_mode: str | None = None) -> np.ndarray:
+        path = self.path / name
+        try:
+            with open(path, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":  # numpy would call text a pickle
+                    raise ValueError("empty" if path.stat().st_size == 0 else "not a .npy array")
+            array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        except UNREADABLE as exc:
+            raise damaged(path, exc) from None
+        if array.shape != shape:
+            raise damaged(path, ValueError(f"shape {array.shape}, expected {shape}"))
+        return array
 
     @property
     def complete(self) -> bool:
@@ -198,7 +227,7 @@ class FeatureStore:
 
     def write_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Write finished rows, flush them, then mark them done (atomically)."""
-        mm = np.load(self.path / "features.npy", mmap_mode="r+")
+        mm = self._array("features.npy", (self.n_rows, self.dim), "r+")
         mm[rows] = values.astype(np.float32)
         mm.flush()
         del mm
@@ -208,22 +237,20 @@ class FeatureStore:
 
     def features(self) -> np.ndarray:
         """The (N, k) float32 features, memory-mapped read-only."""
-        return np.load(self.path / "features.npy", mmap_mode="r")
+        return self._array("features.npy", (self.n_rows, self.dim), "r")
 
     # -- kernel ------------------------------------------------------------------------------------------------
 
     def load_kernel_arrays(self) -> dict[str, np.ndarray] | None:
-        path = self.path / "kernel.npz"
-        if not path.is_file():
-            return None
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        """The stored decomposition; None when there is none or it is damaged (it is recomputed from the features
+        and saved over it)."""
+        return load_arrays(self.path / "kernel.npz")
 
     def save_kernel_arrays(self, **arrays: np.ndarray) -> None:
         save_npz(self.path / "kernel.npz", compress=False, **arrays)
 
     def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        return read_json(self.path / "config.json", recompute_fix(self.path))
 
 
 class CurvatureStore:
@@ -242,7 +269,7 @@ class CurvatureStore:
                 / f"{_slug(slug)}-{identity_hash(identity)}")
         cfg_path = path / "config.json"
         if cfg_path.is_file():
-            differences = identity_differences(json.loads(cfg_path.read_text()).get("identity", {}), identity)
+            differences = identity_differences(read_json(cfg_path, recompute_fix(path, "its curvature")).get("identity", {}), identity)
             if differences:
                 raise CacheMismatchError(f"curvature folder {path} was made for another configuration "
                                          f"({'; '.join(differences[:4])}); delete it")
@@ -267,12 +294,27 @@ class CurvatureStore:
     def save_partial(self, state: dict) -> None:
         save_npz(self.path / "partial.npz", compress=False, **{k: np.asarray(v) for k, v in state.items()})
 
-    @staticmethod
-    def _load(path: Path) -> dict[str, np.ndarray] | None:
-        if not path.is_file():
-            return None
+    _load = staticmethod(lambda path: load_arrays(path))  # a damaged fit or factor file: refitted, saved over it
+
+
+def load_array(path: Path) -> np.ndarray | None:
+    """The array of an .npy the cache can recompute (a bank's target features); None when absent or damaged."""
+    try:
+        return np.load(path, allow_pickle=False) if path.is_file() else None
+    except UNREADABLE:
+        return None
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
+    """Every array of an .npz the cache can recompute (a kernel decomposition, curvature factors, a fit in
+    progress); None when it is absent or damaged, so the caller recomputes it and saves over it."""
+    if not path.is_file():
+        return None
+    try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
+    except UNREADABLE:
+        return None
 
 
 def retrain_dir(recipe_key: str, index_set_hash: str, seed: int, root: str | os.PathLike | None = None) -> Path:

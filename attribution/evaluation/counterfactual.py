@@ -52,12 +52,12 @@ from ..data.images import tensor_to_pixels
 from ..engine import open_attribution
 from ..errors import AttributionError, ConfigError
 from ..features.embeddings import ClipEmbedder
-from ..fileio import read_json, save_npz, write_json
+from ..fileio import read_json, read_npz, save_npz, write_json
 from ..methods import METHODS, get_method
 from ..models import load_model
 from ..models.checkpoint import resolve_checkpoint
 from ..sampling import SAMPLERS, sample
-from ..store import counterfactual_dir, identity_differences, identity_hash
+from ..store import counterfactual_dir, identity_differences, identity_hash, load_arrays
 from ..targets import Generated, Targets
 from ..train import DRAWS
 from .bank import Bank, retrain_job, train_task
@@ -399,9 +399,9 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
     before = {}
     for s in spec.targets:
         path = folder / "before" / f"gen-{s}.npz"
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                before[s] = z["pixels"]
+        stored = load_arrays(path)  # a damaged file is regenerated and saved over
+        if stored is not None and "pixels" in stored:
+            before[s] = stored["pixels"]
         else:
             before[s] = regenerate(model, [s], spec.steps, spec.sampler)[0]
             save_npz(path, pixels=before[s], seed=np.array(s))
@@ -501,9 +501,9 @@ def _method_scores(folder: Path, method: str, attribution, spec: StudySpec, befo
 
     path = folder / "scores" / f"{file_label(method)}.npz"
     have: dict[int, np.ndarray] = {}
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            have = {int(s): row for s, row in zip(z["seeds"], z["scores"])}
+    stored = load_arrays(path)  # a damaged file is rescored and saved over
+    if stored is not None and {"seeds", "scores"} <= stored.keys():
+        have = {int(s): row for s, row in zip(stored["seeds"], stored["scores"])}
     missing = [s for s in spec.targets if s not in have]
     if missing:
         log(f"{method}: scoring {len(missing)} target(s) (training features cached after the first run)")
@@ -573,14 +573,15 @@ class Study:
         return f"{self.meta.get('source', '?')} · {self.folder.name}"
 
     def before(self, target: int) -> np.ndarray:
-        with np.load(self.folder / "before" / f"gen-{target}.npz", allow_pickle=False) as z:
-            return z["pixels"]
+        return read_npz(self.folder / "before" / f"gen-{target}.npz", ["pixels"],
+                        "delete it and rerun the study to regenerate it")["pixels"]
 
     def cell_arrays(self, cell: dict) -> tuple[np.ndarray, np.ndarray]:
         """(removed indices in rank order, regenerated image) of a cell record."""
         name = Cell(int(cell["target"]), cell["method"], cell["direction"], int(cell["k"]), int(cell["seed"])).name
-        with np.load(self.folder / "cells" / f"{name}.npz", allow_pickle=False) as z:
-            return z["removed"], z["after"]
+        z = read_npz(self.folder / "cells" / f"{name}.npz", ["removed", "after"],
+                     f"delete cells/{name}.* and rerun the study to remake it (its retrained model is cached)")
+        return z["removed"], z["after"]
 
     def cli_line(self) -> str:
         a = self.meta.get("asked", {})

@@ -26,6 +26,7 @@ from ..fileio import save_npy
 from ..methods import get_method
 from ..models.adapter import key_prompt
 from ..sampling import Prompt
+from ..store import load_array
 from ..targets import Generated, Targets
 from .bank import Bank
 from .lambda_choice import gcv_lambda
@@ -130,7 +131,7 @@ def bank_target_features(bank: Bank, attribution: Attribution) -> list[np.ndarra
     `<feature folder>/bank-targets/<method>-<targets hash>.npy` (written atomically once all members are done)."""
     paths = _bank_target_paths(bank, attribution)
     n = len(bank.target_keys)
-    cached = [np.load(p) if p.exists() else None for p in paths]
+    cached = [load_array(p) for p in paths]  # a damaged file is recomputed and saved over
     if all(g is not None and g.shape[0] == n for g in cached):
         return cached
     targets = bank_targets(bank)

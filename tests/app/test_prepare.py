@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import re
 
-from attribution.cli import main
 from test_app import RUN_TIMEOUT, feature_cache  # noqa: F401 (fixtures)
+
+from attribution.cli import main
 
 
 def captions(at) -> str:
@@ -18,8 +19,9 @@ def test_the_tour_estimates_its_steps_and_prepares_for_class(tiny_run, start_app
     """On a cache of its own (nothing cached: the shared test cache holds the Tour's features from other tests)
     and 40 training digits (the same pages, cheaper), the Tour estimates steps 2 and 4 before they run; "Prepare
     for class" computes both; afterwards both say cached."""
-    from attribution.data import load_dataset
     import numpy as np
+
+    from attribution.data import load_dataset
 
     digits = load_dataset("digits")
     npz = tmp_path / "digits40.npz"
@@ -59,12 +61,12 @@ def test_a_servers_first_run_prepares_for_class_in_the_background(tiny_run, star
     """With ATTRIBUTION_PREPARE on (the app's default; the tests turn it off), the first run starts the Tour panel's
     job for the default checkpoint and dataset without waiting for it: the sidebar shows its progress, the Tour's
     panel watches the same job, and once it ends the Tour's features and journey are cached."""
-    from attribution.data import load_dataset
-    from attribution.prepare import TOUR
     import numpy as np
 
     from app_pages._attr import find_job
     from app_pages._prepare import prepare_key
+    from attribution.data import load_dataset
+    from attribution.prepare import TOUR
 
     digits = load_dataset("digits")
     npz = tmp_path / "digits40.npz"
@@ -88,10 +90,9 @@ def test_a_servers_first_run_prepares_for_class_in_the_background(tiny_run, star
 
 
 def test_a_server_with_preparation_off_starts_nothing(tiny_run, start_app, tmp_path):
-    from attribution.prepare import TOUR
-
     from app_pages._attr import find_job
     from app_pages._prepare import prepare_key
+    from attribution.prepare import TOUR
 
     app = start_app(str(tiny_run), tmp_path / "cache", banks=tmp_path / "no-banks")  # conftest: preparation off
     assert not app.exception, app.exception
