@@ -27,8 +27,8 @@ and +0.52 on generated ones (retraining noise caps it there); D-TRAK reaches **3
 the Avg output (the recommended setting) 52% / 46%, and plain pixel similarity as much (51% / 49%). The
 **Counterfactual** page shows the test a student can see: retrained without a method's top 20% of proponents
 (with common random numbers, so only the removal differs), the model redraws its images **2.4x** as far from the
-original with D-TRAK Avg's proponents removed as with random images removed, 3.1x with pixel similarity's;
-D-TRAK's default output and TRAK do no better than random.
+original with D-TRAK Avg's proponents removed as with random images removed, 3.1x with pixel similarity's (and
+2.3-2.8x and 3.1-4.2x when 5% or 10% are removed); D-TRAK's default output and TRAK do no better than random.
 
 So read a ranking as a lead to check, not a verdict: the sentence beside a result gives the LDS of its method and
 λ where the model has a bank.
