@@ -24,6 +24,7 @@ from attribution.data import ImageDataset, tensor_to_pixels
 from attribution.engine import Attribution, Attributor, Result, format_duration
 from attribution.errors import AttributionError
 from attribution.evaluation.verdict import target_split
+from attribution.features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS  # noqa: F401 (the pages' defaults)
 from attribution.features.projectors import usable_projectors
 from attribution.journey import JourneyConfig
 from attribution.kernel import Kernel

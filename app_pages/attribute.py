@@ -10,7 +10,7 @@ from attribution.methods import METHODS, RECOMMENDED_METHOD
 from attribution.report import agreement_caption
 from attribution.run_options import RunOptions
 from attribution.store import cache_root
-from app_pages._attr import (METHOD_TITLES, OPTION, PROJ_DIMS, PROJECTORS, Column, ColumnTarget, Computed, Lambda,
+from app_pages._attr import (METHOD_TITLES, OPTION, DEFAULT_PROJ_DIM, PROJ_DIMS, PROJECTORS, Column, ColumnTarget, Computed, Lambda,
                              cached_attribution, choose_target, estimate_note, feature_fn_options,
                              featurize_with_progress, lambda_controls, option_widget, ranked_tiles, result_footer,
                              top_lists)
@@ -54,7 +54,7 @@ with st.container(border=True):  # no form: the estimate below is for what these
     fixed_strategy = METHODS[method].strategy  # a method that fixes its timesteps has no strategy to choose
     strategy = (option_widget(c5, "strategy", "attr_strategy") if fixed_strategy is None
                 else c5.caption(f"{OPTION['strategy'].label}: **{fixed_strategy}**") or fixed_strategy)
-    proj_dim = option_widget(c6, "proj_dim", "attr_k", choices=PROJ_DIMS, index=PROJ_DIMS.index(4096))
+    proj_dim = option_widget(c6, "proj_dim", "attr_k", choices=PROJ_DIMS, index=PROJ_DIMS.index(DEFAULT_PROJ_DIM))
     projector = option_widget(c7, "projector", "attr_projector", choices=PROJECTORS)
     c8, c9, c10 = st.columns(3)
     ckpt_weights = None if not METHODS[method].weightings else option_widget(

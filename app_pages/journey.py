@@ -9,7 +9,7 @@ from attribution.analysis.formation import formation
 from attribution.figures import formation_figure
 from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import METHODS, get_method
-from app_pages._attr import (PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_job, journey_note,
+from app_pages._attr import (DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS, PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_job, journey_note,
                              lambda_slider, ranked_tiles, top_lists, verdict_controls)
 from app_pages._figures import chart
 from app_pages._journey import (WHY_DIFFERENT, attribute_overlap, choose_image, film_strip, journey_attributor,
@@ -44,8 +44,9 @@ with st.container(border=True):
     c5, c6, c7 = st.columns(3)
     resamples = int(c5.number_input("Re-noisings per step (R)", 1, 64, 20, key="jr_R",
                                     help="Noise draws of the re-noised x̂0 averaged per step (Journey-TRAK: 20)."))
-    timesteps = int(c6.number_input("Training-feature timesteps K", 1, model.num_timesteps, 10, key="jr_K"))
-    proj_dim = c7.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="jr_k")
+    timesteps = int(c6.number_input("Training-feature timesteps K", 1, model.num_timesteps, DEFAULT_TIMESTEPS,
+                                    key="jr_K"))
+    proj_dim = c7.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(DEFAULT_PROJ_DIM), key="jr_k")
     run = st.button("Compute journey", type="primary")
 
 image_id = (model.spec, dataset, ref)

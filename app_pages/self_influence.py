@@ -12,7 +12,7 @@ from attribution.analysis.memorisation import class_ranks, size_normalized
 from attribution.errors import AttributionError
 from attribution.methods import METHODS
 from attribution.report import export_metadata, export_name, to_csv
-from app_pages._attr import (METHOD_TITLES, PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_note,
+from app_pages._attr import (METHOD_TITLES, DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS, PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_note,
                              featurize_with_progress, lambda_slider, verdict_controls)
 from app_pages._figures import chart
 from app_pages._tiles import record_scores, tile_caption, tiles
@@ -29,8 +29,8 @@ usable = [m for m in METHODS if METHODS[m].has_self_influence]  # e.g. not cosin
 with st.form("si_form"):
     c1, c2, c3 = st.columns(3)
     method = c1.selectbox("Method", usable, format_func=METHOD_TITLES.get, key="si_method")
-    timesteps = c2.number_input("Timesteps K", 1, model.num_timesteps, 10, key="si_K")
-    proj_dim = c3.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(4096), key="si_k")
+    timesteps = c2.number_input("Timesteps K", 1, model.num_timesteps, DEFAULT_TIMESTEPS, key="si_K")
+    proj_dim = c3.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(DEFAULT_PROJ_DIM), key="si_k")
     run = st.form_submit_button("Compute", type="primary")
 
 opts = RunOptions(model.spec, dataset, method, timesteps=int(timesteps), proj_dim=int(proj_dim))

@@ -35,7 +35,7 @@ import torch
 
 from .data import ImageDataset, training_dataset_of
 from .errors import ConfigError
-from .features.config import FeatureConfig
+from .features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS, FeatureConfig
 from .features.curvature import EKFAC, fit_ekfac, layout
 from .features.embeddings import make_embedder
 from .features.gradients import param_count, per_sample_gradients
@@ -492,9 +492,10 @@ def progress_message(done: int, total: int, finished_now: int, elapsed: float) -
 
 
 def open_attributor(model: DiffusionModel, method: Method, dataset: str | None = None, fn: str | None = None,
-                    eta: float | None = None, timesteps: int = 10, strategy: str = "uniform", noises: int = 1,
-                    proj_dim: int = 4096, projector: str = "auto", seed: int = 0, params: str | None = None,
-                    cache: str | None = None, store_dir: str | None = None, batch_size: int = 16,
+                    eta: float | None = None, timesteps: int = DEFAULT_TIMESTEPS, strategy: str = "uniform",
+                    noises: int = 1, proj_dim: int = DEFAULT_PROJ_DIM, projector: str = "auto", seed: int = 0,
+                    params: str | None = None, cache: str | None = None, store_dir: str | None = None,
+                    batch_size: int = 16,
                     proj_seed: int | None = None, clip_model: str = "ViT-B-32", clip_weights: str | None = None,
                     damping: float | None = None, damping_rule: str | None = None,
                     curvature_samples: int | None = None) -> Attributor:

@@ -21,6 +21,7 @@ import torch
 
 from .engine import Attribution, Progress, format_duration, open_attribution
 from .errors import ConfigError
+from .features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from .evaluation.bank import Bank, list_banks
 from .evaluation.evaluate import bank_target_features, bank_targets_cached, open_on_bank
 from .journey import JourneyConfig, journey_cached, run_journey
@@ -34,8 +35,8 @@ class TourSettings:
     """What the Tour opens on: the generated image gen:`seed` and D-TRAK with `timesteps` and `proj_dim`."""
 
     seed: int = 0
-    timesteps: int = 10
-    proj_dim: int = 4096
+    timesteps: int = DEFAULT_TIMESTEPS
+    proj_dim: int = DEFAULT_PROJ_DIM
 
     def options(self, checkpoint: str, dataset: str | None) -> RunOptions:
         return RunOptions(checkpoint, dataset, DEFAULT_METHOD, timesteps=self.timesteps, proj_dim=self.proj_dim)
@@ -51,8 +52,8 @@ class EvaluationSettings:
     """What the Evaluation page scores when first opened: these methods with K and k."""
 
     methods: tuple[str, ...] = (DEFAULT_METHOD, BASELINE_METHOD)
-    timesteps: int = 10
-    proj_dim: int = 4096
+    timesteps: int = DEFAULT_TIMESTEPS
+    proj_dim: int = DEFAULT_PROJ_DIM
 
 
 TOUR = TourSettings()

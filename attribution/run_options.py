@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .engine import Attribution, Attributor, open_attribution, open_attributor
-from .features.config import FeatureConfig
+from .features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS, FeatureConfig
 from .features.curvature import DAMPING_RULES, DEFAULT_SAMPLES
 from .features.embeddings import CLIP_HELP
 from .features.outputs import OUTPUT_FUNCTIONS
@@ -60,12 +60,12 @@ class RunOptions:
         noun="output function"))
     eta: float | None = field(default=None, metadata=opt(
         "Simple/Square interpolation weight in [0, 1] (implies --fn interp)", label="η (interp)"))
-    timesteps: int = field(default=10, metadata=opt("K, timesteps averaged over", label="Timesteps K"))
+    timesteps: int = field(default=DEFAULT_TIMESTEPS, metadata=opt("K, timesteps averaged over", label="Timesteps K"))
     strategy: str = field(default="uniform", metadata=opt(
         "uniform (0, T/K, ...), cumulative (0..K-1) or training (training images at their training timestep)",
         choices=STRATEGIES, label="Timestep strategy", noun="timestep strategy"))
     noises: int = field(default=1, metadata=opt("noise draws per timestep", label="Noise draws"))
-    proj_dim: int = field(default=4096, metadata=opt("k, the projection dimension", label="Projection k"))
+    proj_dim: int = field(default=DEFAULT_PROJ_DIM, metadata=opt("k, the projection dimension", label="Projection k"))
     projector: str = field(default="auto", metadata=opt(
         "auto: trak-cuda on a GPU with fast_jl, else sjlt", choices=("auto", *PROJECTORS), label="Projector",
         noun="projector"))

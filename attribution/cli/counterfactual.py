@@ -12,6 +12,7 @@ import argparse
 import math
 
 from ..errors import ConfigError
+from ..features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from .common import add_ray_options, info, progress_bar
 
 
@@ -35,8 +36,9 @@ def add_commands(sub) -> None:
                                                            "(at the model's seed it must reproduce the original)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the bank's, else 50)")
     p.add_argument("--sampler", default="ddpm", help="ddpm or ddim (default ddpm)")
-    p.add_argument("--timesteps", type=int, default=10, help="K of the gradient features (default 10)")
-    p.add_argument("--proj-dim", type=int, default=4096, help="k (default 4096)")
+    p.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS,
+                   help=f"K of the gradient features (default {DEFAULT_TIMESTEPS})")
+    p.add_argument("--proj-dim", type=int, default=DEFAULT_PROJ_DIM, help=f"k (default {DEFAULT_PROJ_DIM})")
     p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
     p.add_argument("--clip-weights", help="a local open_clip weights file: adds the CLIP cosine measure")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights")
@@ -54,8 +56,8 @@ def add_commands(sub) -> None:
     e.add_argument("--method", default="", help="methods to compare on the same held-out subsets, e.g. dtrak,trak")
     e.add_argument("--split", default="val,gen", help="target splits: val, gen, all (comma-separated)")
     e.add_argument("--fit-fraction", type=float, default=0.5, help="share of the finished subsets used to fit")
-    e.add_argument("--timesteps", type=int, default=10)
-    e.add_argument("--proj-dim", type=int, default=4096)
+    e.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS)
+    e.add_argument("--proj-dim", type=int, default=DEFAULT_PROJ_DIM)
     e.add_argument("--resamples", type=int, default=1000)
     e.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
     e.set_defaults(func=cmd_estimators)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from ..fileio import atomic_path, read_npy, read_npz
 from ..kernel import check_lambda
 from .common import info, progress_bar, write_figures
@@ -52,8 +53,9 @@ def add_commands(sub) -> None:
     p.add_argument("--split", default="val,gen", help="target splits to report: val, gen, all (comma-separated)")
     p.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: each method's default)")
     p.add_argument("--fn", help="output function (D-TRAK only)")
-    p.add_argument("--timesteps", type=int, default=10, help="K of the features (default 10)")
-    p.add_argument("--proj-dim", type=int, default=4096, help="k (default 4096)")
+    p.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS,
+                   help=f"K of the features (default {DEFAULT_TIMESTEPS})")
+    p.add_argument("--proj-dim", type=int, default=DEFAULT_PROJ_DIM, help=f"k (default {DEFAULT_PROJ_DIM})")
     p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
     p.add_argument("--seed", type=int, default=0, help="feature noise and projection seed")
     p.add_argument("--damping", type=float, help="ekfac: damping as a multiple of the mean EK-FAC eigenvalue "

@@ -51,6 +51,7 @@ from ..data import load_dataset
 from ..data.images import tensor_to_pixels
 from ..engine import open_attribution
 from ..errors import AttributionError, ConfigError
+from ..features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from ..features.embeddings import ClipEmbedder
 from ..fileio import read_json, read_npz, save_npz, write_json
 from ..methods import METHODS, get_method
@@ -140,8 +141,8 @@ class StudySpec:
     controls: bool = False
     steps: int = 50
     sampler: str = "ddpm"
-    timesteps: int = 10
-    proj_dim: int = 4096
+    timesteps: int = DEFAULT_TIMESTEPS
+    proj_dim: int = DEFAULT_PROJ_DIM
     projector: str = "auto"
     feature_seed: int = 0
     clip_weights: str | None = None

@@ -14,6 +14,10 @@ from .timesteps import STRATEGIES, select_timesteps
 EMBEDDINGS = (None, "pixels", "clip")
 
 
+DEFAULT_TIMESTEPS = 10  # K: the D-TRAK paper's default and every page's, command's and study's (declared once here)
+DEFAULT_PROJ_DIM = 4096  # k: likewise
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """How per-sample features phi(x) are computed.
@@ -48,10 +52,10 @@ class FeatureConfig:
 
     fn: str = "square"
     eta: float = 1.0
-    timesteps: int = 10
+    timesteps: int = DEFAULT_TIMESTEPS
     strategy: str = "uniform"
     noises: int = 1
-    proj_dim: int = 4096
+    proj_dim: int = DEFAULT_PROJ_DIM
     projector: str = "sjlt"
     seed: int = 0
     params: str | None = None
