@@ -72,8 +72,11 @@ target = c2.selectbox("Target", targets, key="cf_target", format_func=lambda t: 
 cell = next(c for c in here if c["method"] == method and int(c["target"]) == target)
 
 # -- before / after ---------------------------------------------------------------------------------------------------
-before = study.before(target)
-removed, after = study.cell_arrays(cell)
+try:  # a damaged file of the study: one line that says how to remake it
+    before = study.before(target)
+    removed, after = study.cell_arrays(cell)
+except AttributionError as exc:
+    fail(exc)
 diff, scale = difference_map(before, after)
 size = display_size(before.shape[0], 160)
 image_grid([before, after, diff], [f"before (gen:{target})", f"after: {method} removed {k}, seed {seed}",

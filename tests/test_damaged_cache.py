@@ -124,3 +124,27 @@ def test_damaged_bank_target_features_are_recomputed(fake_bank_dir, tmp_path):
     again = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=64, cache=str(tmp_path / "cache"))
     np.testing.assert_allclose(again.scores(), first.scores(), rtol=1e-5, atol=1e-7)
     assert np.load(cached).shape[0] == len(bank.target_keys)  # saved over
+
+
+def test_a_damaged_study_cell_is_one_line(tmp_path):
+    """A finished cell whose arrays are damaged (its retrained model is cached, so rerunning the study remakes it):
+    reading it for the page is one line saying so; the before image likewise."""
+    import json
+
+    from attribution.evaluation.counterfactual import Cell, Study
+
+    folder = tmp_path / "study"
+    (folder / "cells").mkdir(parents=True)
+    (folder / "before").mkdir()
+    (folder / "study.json").write_text(json.dumps({"source": "test"}))
+    cell = {"target": 0, "method": "random", "direction": "proponents", "k": 5, "seed": 0, "l2": 0.1}
+    name = Cell(0, "random", "proponents", 5, 0).name
+    (folder / "cells" / f"{name}.json").write_text(json.dumps(cell))
+    (folder / "cells" / f"{name}.npz").write_bytes(b"PK\x03\x04 cut short")
+    (folder / "before" / "gen-0.npz").write_bytes(b"")
+    study = Study.load(folder)
+    with pytest.raises(FileFormatError, match=rf"delete cells/{name}\.\* and rerun the study") as exc:
+        study.cell_arrays(study.cells[0])
+    assert "\n" not in str(exc.value)
+    with pytest.raises(FileFormatError, match="gen-0.npz is empty; delete it and rerun the study"):
+        study.before(0)

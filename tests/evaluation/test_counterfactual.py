@@ -496,3 +496,20 @@ def test_a_verdict_on_too_few_targets_says_so_and_the_page_opens_on_the_most_fin
     at.switch_page("app_pages/counterfactual.py").run()
     assert not at.exception, at.exception
     assert at.selectbox(key="cf_k").value == 10
+
+
+def test_counterfactual_page_says_a_damaged_cell_in_one_line(tmp_path, tiny_run, start_app):
+    """A cell's arrays damaged on disk: the page shows one error line that says how to remake it, no traceback."""
+    from attribution.evaluation.counterfactual import Cell
+
+    folder = tmp_path / "banks" / "plant" / "counterfactual" / "planted-study"
+    plant_study(folder)
+    for c in Study.load(folder).cells:  # every cell, whichever the page opens on
+        name = Cell(int(c["target"]), c["method"], c["direction"], int(c["k"]), int(c["seed"])).name
+        path = folder / "cells" / f"{name}.npz"
+        path.write_bytes(path.read_bytes()[:40])
+    at = start_app(tiny_run, tmp_path / "cache", banks=tmp_path / "banks")
+    at.switch_page("app_pages/counterfactual.py").run()
+    assert not at.exception, at.exception
+    (error,) = at.error
+    assert "rerun the study to remake it" in error.value and "\n" not in error.value
