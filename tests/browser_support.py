@@ -150,9 +150,19 @@ def set_number(page, key: str, value, timeout: float = 180_000) -> None:
 def choose(page, key: str, option: str, timeout: float = 180_000) -> None:
     """Pick `option` in the selectbox with widget key `key`, then wait for the run it starts (a selectbox outside a
     form reruns the page, which may time a featurization for its estimate: seconds, minutes on a loaded machine)."""
-    box = page.locator(f".st-key-{key} [role='combobox']")
-    box.scroll_into_view_if_needed()
-    box.click()
-    page.keyboard.type(option)  # filter the list: a long or virtualised list may not have rendered the option yet
-    page.get_by_role("option", name=option, exact=True).click()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(3):
+        wait_for_app_run(page, timeout=timeout)  # a rerun that redraws the widget closes an open list
+        box = page.locator(f".st-key-{key} [role='combobox']")
+        box.scroll_into_view_if_needed()
+        box.click()
+        page.keyboard.type(option)  # filter the list: a long or virtualised list may not have rendered it yet
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=15_000)
+            break
+        except PlaywrightTimeout:  # the list was redrawn (detached) by a run that started meanwhile: open it again
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
     wait_for_app_run(page, timeout=timeout)
