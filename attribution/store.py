@@ -279,14 +279,14 @@ class CurvatureStore:
         return cls(path, identity)
 
     def load_factors(self) -> dict[str, np.ndarray] | None:
-        return self._load(self.path / "factors.npz")
+        return load_arrays(self.path / "factors.npz")  # a damaged file: refitted and saved over
 
     def save_factors(self, arrays: dict[str, np.ndarray]) -> None:
         save_npz(self.path / "factors.npz", compress=False, **arrays)
         (self.path / "partial.npz").unlink(missing_ok=True)
 
     def load_partial(self) -> dict | None:
-        arrays = self._load(self.path / "partial.npz")
+        arrays = load_arrays(self.path / "partial.npz")  # a damaged one: the fit starts again
         if arrays is None:
             return None
         return {k: (v.item() if v.ndim == 0 else v) for k, v in arrays.items()}
@@ -294,7 +294,6 @@ class CurvatureStore:
     def save_partial(self, state: dict) -> None:
         save_npz(self.path / "partial.npz", compress=False, **{k: np.asarray(v) for k, v in state.items()})
 
-    _load = staticmethod(lambda path: load_arrays(path))  # a damaged fit or factor file: refitted, saved over it
 
 
 def load_array(path: Path) -> np.ndarray | None:
