@@ -20,15 +20,20 @@ import streamlit as st
 
 st.set_page_config(page_title="Diffusion data attribution", page_icon=":material/scatter_plot:", layout="wide")
 
-from attribution.data import BUILTIN_DATASETS  # noqa: E402  (set_page_config must come first)
-from attribution.device import describe_device, resolve_device  # noqa: E402
-from attribution.errors import AttributionError  # noqa: E402
-from attribution.evaluation.bank import banks_dir, list_banks  # noqa: E402
-from attribution.models import list_shipped, resolve_checkpoint  # noqa: E402
-from app_pages._figures import FORMAT_KEY, FORMATS  # noqa: E402
-from app_pages._image import sync_url  # noqa: E402
-from app_pages._prepare import prepare_at_start, preparation_status  # noqa: E402
-from app_pages._ui import cached_dataset, checkpoint_name  # noqa: E402
+from app_pages._figures import FORMAT_KEY, FORMATS
+from app_pages._image import sync_url
+from app_pages._prepare import preparation_status, prepare_at_start
+from app_pages._ui import cached_dataset, checkpoint_name
+from attribution import (
+    BUILTIN_DATASETS,
+    AttributionError,
+    banks_dir,
+    describe_device,
+    list_banks,
+    list_shipped,
+    resolve_checkpoint,
+    resolve_device,
+)
 
 # The page list: one entry per page file in app_pages/, grouped into sidebar sections. Add new pages here
 # (e.g. "Attribution": attribute, self-influence, timesteps, journey), each with an explicit url_path.

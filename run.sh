@@ -3,8 +3,12 @@
 #
 #   ./run.sh app             set up .venv if needed, then serve the Streamlit app on http://localhost:${PORT:-8501}
 #   ./run.sh test [ARGS...]  set up .venv (+ test tools, + Debian chromium when possible), then run pytest ARGS
+#   ./run.sh test --fast     the inner loop: every test but those marked slow or browser (a few minutes)
+#   ./run.sh lint            ruff and the import contracts (pyproject.toml), as the test suite checks them
 #
-# Setup is skipped when .venv/.installed-<sha256 of the requirement files> exists, so later runs start at once.
+# Setup installs the pinned requirements and this project (`pip install -e .`: `import attribution` and the
+# `attribution` command work from anywhere in .venv); it is skipped when .venv/.installed-<sha256 of the requirement
+# files and pyproject.toml> exists, so later runs start at once.
 # Environment: PORT (app port, default 8501), PYTHON (interpreter used to create .venv, default python3).
 set -euo pipefail
 
@@ -19,7 +23,7 @@ say() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -39,7 +43,7 @@ make_venv() {
 # install REQUIREMENT_FILE...: pip-install the files unless a stamp for exactly their contents exists.
 install() {
     local hash stamp
-    hash=$( { cat "$@"; printf '%s\n' "${DATA_PACKAGES[@]}"; } | sha256sum | cut -c1-16)
+    hash=$( { cat "$@" pyproject.toml; printf '%s\n' "${DATA_PACKAGES[@]}"; } | sha256sum | cut -c1-16)
     stamp="$VENV/.installed-$hash"
     if [[ -f "$stamp" ]]; then
         say "dependencies up to date ($stamp)"
@@ -58,6 +62,8 @@ install() {
     done
     say "installing ${DATA_PACKAGES[*]} (data only, --no-deps)"
     "$PY" -m pip install --disable-pip-version-check --no-deps "${DATA_PACKAGES[@]}"
+    say "installing this project (editable: pip install -e .)"
+    "$PY" -m pip install --disable-pip-version-check --no-deps -e .
     touch "$stamp"
     say "setup done ($stamp)"
 }
@@ -90,9 +96,25 @@ case "$cmd" in
     test)
         make_venv
         install requirements.txt requirements-dev.txt
-        ensure_chromium
-        say "running: python -m pytest $*"
-        exec "$PY" -m pytest "$@"
+        args=()
+        for a in "$@"; do
+            if [[ "$a" == --fast ]]; then
+                args+=(-m "not slow and not browser")
+            else
+                args+=("$a")
+            fi
+        done
+        [[ " $* " == *" --fast "* ]] || ensure_chromium
+        say "running: python -m pytest ${args[*]}"
+        exec "$PY" -m pytest "${args[@]}"
+        ;;
+    lint)
+        make_venv
+        install requirements.txt requirements-dev.txt
+        say "ruff check ."
+        "$PY" -m ruff check .
+        say "lint-imports (the architecture contracts)"
+        exec "$VENV/bin/lint-imports"
         ;;
     *)
         usage

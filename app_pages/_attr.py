@@ -20,22 +20,37 @@ from app_pages._image import ImageRef, image_target, pick_image
 from app_pages._tiles import tile_caption, tiles
 from app_pages._trust import held_out_button, trust_caption
 from app_pages._ui import cached_model, fail
-from attribution.data import ImageDataset, tensor_to_pixels
-from attribution.engine import Attribution, Attributor, Result, format_duration
-from attribution.errors import AttributionError
-from attribution.evaluation.verdict import target_split
-from attribution.features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS  # noqa: F401 (the pages' defaults)
-from attribution.features.projectors import usable_projectors
-from attribution.journey import JourneyConfig
-from attribution.kernel import Kernel
-from attribution.methods import METHODS, get_method
-from attribution.options import fields_of
-from attribution.prepare import Task
-from attribution.report import (Ranked, export_metadata, export_name, metadata_arrays, positive_share, rank,
-                                ranking_rows, to_csv, to_npz_bytes)
-from attribution.run_options import RunOptions
-from attribution.models.adapter import key_prompt, prompt_key
-from attribution.targets import Targets, from_pixels
+from attribution import (
+    METHODS,
+    Attribution,
+    AttributionError,
+    Attributor,
+    ImageDataset,
+    JourneyConfig,
+    Kernel,
+    Ranked,
+    Result,
+    RunOptions,
+    Targets,
+    export_metadata,
+    export_name,
+    fields_of,
+    format_duration,
+    from_pixels,
+    get_method,
+    key_prompt,
+    metadata_arrays,
+    positive_share,
+    prompt_key,
+    rank,
+    ranking_rows,
+    target_split,
+    tensor_to_pixels,
+    to_csv,
+    to_npz_bytes,
+    usable_projectors,
+)
+from attribution import PreparationTask as Task
 
 PROJ_DIMS = (512, 1024, 2048, 4096, 8192, 16384)  # the k values offered (any k works on the command line)
 OPTION = {spec.name: spec for spec in fields_of(RunOptions)}  # labels, help and choices of the option widgets

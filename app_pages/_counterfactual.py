@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
-from attribution.evaluation.bank import banks_dir
-from attribution.evaluation.counterfactual import Study, list_studies
-from attribution.evaluation.counterfactual_stats import METRICS
-from attribution.store import counterfactual_root
+
+from attribution import COUNTERFACTUAL_METRICS as METRICS
+from attribution import CounterfactualStudy as Study
+from attribution import banks_dir, counterfactual_root, list_studies
 
 EXAMPLE = ("python -m attribution counterfactual --bank digits --targets gen:0-9 --methods random,pixel-cos,trak,dtrak "
            "--remove 0.05")

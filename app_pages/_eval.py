@@ -10,19 +10,30 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
-from attribution.data import BUILTIN_DATASETS
-from attribution.errors import AttributionError
-from attribution.evaluation.bank import Bank
-from attribution.engine import Attribution, format_duration
-from attribution.evaluation.evaluate import (BankRun, SweepPoint, lambda_report, open_on_bank, option_sweep,
-                                             run_on_bank)
-from attribution.figures import lds_option_figure
-from attribution.evaluation.lds import LdsTable
-from attribution.evaluation.retraining_estimators import heldout_lds_table
-from attribution.models.adapter import key_prompt
-from attribution.prepare import Task, checkpoint_tasks, estimate_text, estimates, share_measured_rate
 
 from app_pages._ui import cached_model
+from attribution import (
+    BUILTIN_DATASETS,
+    Attribution,
+    AttributionError,
+    Bank,
+    BankRun,
+    LdsTable,
+    SweepPoint,
+    checkpoint_tasks,
+    estimate_text,
+    format_duration,
+    heldout_lds_table,
+    key_prompt,
+    lambda_report,
+    lds_option_figure,
+    open_on_bank,
+    option_sweep,
+    run_on_bank,
+    share_measured_rate,
+)
+from attribution import PreparationTask as Task
+from attribution import preparation_estimates as estimates
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the bank…")
@@ -111,11 +122,11 @@ def table_rows(table: LdsTable) -> list[dict]:
     the reachable ceiling with its interval."""
     out = []
     for r in table.rows():
-        def fmt(variant):
+        def fmt(variant, r=r):
             lo, hi = r[f"{variant}_ci_two_way_low"], r[f"{variant}_ci_two_way_high"]
             return f"{r[variant]:+.3f}" + (f"  [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else "")
 
-        def share(variant):
+        def share(variant, r=r):
             s = table.of_reachable(r["name"], variant) if r["kind"] == "method" else None
             return "" if s is None else f"{s[0]:.0%}  [{s[1][0]:.0%}, {s[1][1]:.0%}]"
         out.append({"": r["name"], "kind": r["kind"], "LDS [95% CI]": fmt("standard"),

@@ -24,12 +24,22 @@ import torch
 
 from app_pages._prompt import default_guidance, default_prompt, demo_of, prompt_inputs
 from app_pages._ui import cached_model, read_upload
-from attribution.data import tensor_to_pixels, training_dataset_of
-from attribution.errors import ImageError
-from attribution.models.adapter import prompt_key
-from attribution.sampling import DEFAULT_GUIDANCE, SAMPLERS, Prompt, gen_key, sample
-from attribution.store import uploads_dir
-from attribution.targets import Generated, Targets, from_pixels, resolve_targets
+from attribution import (
+    DEFAULT_GUIDANCE,
+    SAMPLERS,
+    Generated,
+    ImageError,
+    Prompt,
+    Targets,
+    from_pixels,
+    gen_key,
+    prompt_key,
+    resolve_targets,
+    sample,
+    tensor_to_pixels,
+    training_dataset_of,
+    uploads_dir,
+)
 
 KEY = "current_image"  # the session's ImageRef
 PARAMS = ("image", "steps", "sampler", "prompt", "negative", "guidance")  # its query parameters

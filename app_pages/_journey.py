@@ -10,11 +10,7 @@ from app_pages._attr import METHOD_TITLES
 from app_pages._image import image_target, pick_image
 from app_pages._tiles import SCORED, tiles
 from app_pages._ui import cached_model, fail
-from attribution.analysis.formation import top_indices
-from attribution.engine import Attributor
-from attribution.errors import AttributionError
-from attribution.report import to_npz_bytes
-from attribution.run_options import JOURNEY_OPTIONS, RunOptions
+from attribution import JOURNEY_OPTIONS, AttributionError, Attributor, RunOptions, to_npz_bytes, top_indices
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)

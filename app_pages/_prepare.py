@@ -16,12 +16,11 @@ import streamlit as st
 
 from app_pages._attr import BackgroundJob, background_job, find_job
 from app_pages._ui import cached_model, fail, progress_bar
-from attribution.engine import format_duration
-from attribution.errors import AttributionError
-from attribution.evaluation.bank import banks_dir
-from attribution.models import resolve_checkpoint
-from attribution.prepare import TOUR, TourSettings, estimates, plan, run
-from attribution.store import cache_root
+from attribution import TOUR_SETTINGS as TOUR
+from attribution import AttributionError, TourSettings, banks_dir, cache_root, format_duration, resolve_checkpoint
+from attribution import plan_preparation as plan
+from attribution import preparation_estimates as estimates
+from attribution import run_preparation as run
 
 PREPARE_ENV = "ATTRIBUTION_PREPARE"  # "0", "off", "false" or "no": no preparation at the server's first run
 PREPARED = ("Prepared: every step of the Tour, the Attribute page's defaults and the Evaluation page's defaults read "

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from attribution.errors import AttributionError
-from attribution.models import Demo
-from attribution.sampling import DEFAULT_GUIDANCE, Prompt
+from attribution import DEFAULT_GUIDANCE, AttributionError, Demo, Prompt
 
 
 def demo_of(model) -> Demo:

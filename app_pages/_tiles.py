@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import streamlit as st
-from attribution.data import ImageDataset
 
 from app_pages._ui import display_size, go_to
+from attribution import ImageDataset
 
 SCORED = "scored_rankings"  # session_state: {(dataset spec, ranking label): (N,) scores}, newest last
 MAX_RANKINGS = 12

@@ -6,20 +6,25 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 import torch
-from attribution.analysis.influential import top_k_stats
-from attribution.analysis.norms import NormConfig, sample_curve
-from attribution.data import ImageDataset, training_dataset_of
-from attribution.errors import AttributionError
-from attribution.features.timesteps import training_timesteps
-from attribution.figures import influential_figure
-from attribution.methods import METHODS, TIMESTEP_BIAS_METHODS
-from attribution.run_options import RunOptions
-from attribution.targets import resolve_targets
 
 from app_pages._attr import METHOD_TITLES, cached_attribution, estimate_note, featurize_with_progress
 from app_pages._figures import chart
 from app_pages._tiles import tile_caption, tiles
 from app_pages._ui import cached_model, fail
+from attribution import (
+    METHODS,
+    TIMESTEP_BIAS_METHODS,
+    AttributionError,
+    ImageDataset,
+    NormConfig,
+    RunOptions,
+    influential_figure,
+    resolve_targets,
+    sample_curve,
+    top_k_stats,
+    training_dataset_of,
+    training_timesteps,
+)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

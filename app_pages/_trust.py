@@ -14,15 +14,25 @@ from pathlib import Path
 
 import numpy as np
 import streamlit as st
-from attribution.engine import Attribution, format_duration
-from attribution.errors import AttributionError
-from attribution.evaluation.bank import bank_for_model, banks_dir
-from attribution.evaluation.evaluate import BankRun, bank_targets_cached, open_on_bank, run_on_bank
-from attribution.evaluation.verdict import BASELINE_SIMILARITY, HeldOutLambda, held_out_lambda, verdict
-from attribution.prepare import Task
 
 from app_pages._eval import cached_bank
 from app_pages._ui import cached_model
+from attribution import (
+    BASELINE_SIMILARITY,
+    Attribution,
+    AttributionError,
+    BankRun,
+    HeldOutLambda,
+    bank_for_model,
+    bank_targets_cached,
+    banks_dir,
+    format_duration,
+    held_out_lambda,
+    open_on_bank,
+    run_on_bank,
+    verdict,
+)
+from attribution import PreparationTask as Task
 
 
 @st.cache_data(ttl=300, show_spinner=False)

@@ -17,11 +17,19 @@ import numpy as np
 import streamlit as st
 import torch
 
-from attribution.data import ImageDataset, load_dataset, load_image_pixels, open_image, pixels_to_pil, tensor_to_pixels
-from attribution.data.images import enlarged_note
-from attribution.errors import AttributionError
-from attribution.models import DiffusionModel, load_model
-from attribution.sampling import sample
+from attribution import (
+    AttributionError,
+    DiffusionModel,
+    ImageDataset,
+    enlarged_note,
+    load_dataset,
+    load_image_pixels,
+    load_model,
+    open_image,
+    pixels_to_pil,
+    sample,
+    tensor_to_pixels,
+)
 
 # -- cached loaders ------------------------------------------------------------------------------------------------
 

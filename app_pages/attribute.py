@@ -4,18 +4,39 @@ import hashlib
 
 import streamlit as st
 
-from attribution.data import pixels_to_pil, tensor_to_pixels
-from attribution.errors import AttributionError
-from attribution.methods import METHODS, RECOMMENDED_METHOD
-from attribution.report import agreement_caption
-from attribution.run_options import RunOptions
-from attribution.store import cache_root
-from app_pages._attr import (METHOD_TITLES, OPTION, DEFAULT_PROJ_DIM, PROJ_DIMS, PROJECTORS, Column, ColumnTarget, Computed, Lambda,
-                             cached_attribution, choose_target, estimate_note, feature_fn_options,
-                             featurize_with_progress, lambda_controls, option_widget, ranked_tiles, result_footer,
-                             top_lists)
+from app_pages._attr import (
+    METHOD_TITLES,
+    OPTION,
+    PROJ_DIMS,
+    PROJECTORS,
+    Column,
+    ColumnTarget,
+    Computed,
+    Lambda,
+    cached_attribution,
+    choose_target,
+    estimate_note,
+    feature_fn_options,
+    featurize_with_progress,
+    lambda_controls,
+    option_widget,
+    ranked_tiles,
+    result_footer,
+    top_lists,
+)
 from app_pages._tiles import record_scores
 from app_pages._ui import checkpoint_name, display_path, display_size, fail, keep, require_model
+from attribution import (
+    DEFAULT_PROJ_DIM,
+    METHODS,
+    RECOMMENDED_METHOD,
+    AttributionError,
+    RunOptions,
+    agreement_caption,
+    cache_root,
+    pixels_to_pil,
+    tensor_to_pixels,
+)
 
 st.title("Attribute")
 st.caption("Proponents pushed the model toward the target (positive score); opponents pushed it away.")

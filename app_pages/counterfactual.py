@@ -4,14 +4,26 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from attribution.errors import AttributionError
-from attribution.evaluation.counterfactual import CONTROL, RANDOM
-from attribution.evaluation.counterfactual_stats import (METRICS, best_supported, dose_response, per_target, seed_noise,
-                                                         summary_rows, verdict)
-from app_pages._counterfactual import (EXAMPLE, boxplot_figure, cached_study, difference_map, dose_figure, label,
-                                       stamp, study_folders)
+from app_pages._counterfactual import (
+    EXAMPLE,
+    boxplot_figure,
+    cached_study,
+    difference_map,
+    dose_figure,
+    label,
+    stamp,
+    study_folders,
+)
 from app_pages._figures import chart
 from app_pages._ui import cached_dataset, display_size, fail, image_grid
+from attribution import COUNTERFACTUAL_CONTROL as CONTROL
+from attribution import COUNTERFACTUAL_METRICS as METRICS
+from attribution import COUNTERFACTUAL_RANDOM as RANDOM
+from attribution import AttributionError, best_supported, dose_response
+from attribution import counterfactual_per_target as per_target
+from attribution import counterfactual_rows as summary_rows
+from attribution import counterfactual_seed_noise as seed_noise
+from attribution import counterfactual_verdict as verdict
 
 st.title("Counterfactual")
 st.caption("The D-TRAK paper's visual test: remove a method's top proponents of a generated image, retrain, "

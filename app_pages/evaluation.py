@@ -4,18 +4,34 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from attribution.errors import AttributionError
-from attribution.evaluation.bank import Bank, list_banks
-from attribution.evaluation.evaluate import lds_table, split_rows
-from attribution.evaluation.lds import SINGLE_SEED, holm
-from attribution.figures import lds_lambda_figure, per_target_figure
-from attribution.methods import METHODS
-from attribution.prepare import EVALUATION
 from app_pages._attr import featurize_with_progress
-from app_pages._eval import (bank_attribution, bank_run, cached_bank, checkpoint_curve, checkpoint_figure,
-                             checkpoint_note, estimators_section, evaluation_note, lambda_curve, open_target,
-                             table_rows)
+from app_pages._eval import (
+    bank_attribution,
+    bank_run,
+    cached_bank,
+    checkpoint_curve,
+    checkpoint_figure,
+    checkpoint_note,
+    estimators_section,
+    evaluation_note,
+    lambda_curve,
+    open_target,
+    table_rows,
+)
 from app_pages._ui import fail, go_to
+from attribution import EVALUATION_SETTINGS as EVALUATION
+from attribution import (
+    METHODS,
+    SINGLE_SEED,
+    AttributionError,
+    Bank,
+    holm,
+    lds_lambda_figure,
+    lds_table,
+    list_banks,
+    per_target_figure,
+    split_rows,
+)
 
 st.title("Evaluation")
 st.caption("The linear datamodeling score (LDS): for each target, the Spearman correlation between the loss change a "

@@ -4,12 +4,10 @@ import time
 
 import streamlit as st
 
-from attribution.errors import AttributionError
-from attribution.sampling import SAMPLERS
 from app_pages._image import ImageRef, set_current
 from app_pages._prompt import as_prompt, demo_of, prompt_flags, prompt_from_state, prompt_inputs
-from app_pages._ui import (display_size, fail, generate_images, image_grid, pngs_zip, progress_bar,
-                          require_model)
+from app_pages._ui import display_size, fail, generate_images, image_grid, pngs_zip, progress_bar, require_model
+from attribution import SAMPLERS, AttributionError
 
 st.title("Generate")
 model = require_model()

@@ -3,18 +3,42 @@
 import streamlit as st
 import torch
 
-from attribution.data import pixels_to_pil, tensor_to_pixels
-from attribution.errors import AttributionError
-from attribution.analysis.formation import formation
-from attribution.figures import formation_figure
-from attribution.journey import JourneyConfig, run_journey
-from attribution.methods import METHODS, get_method
-from app_pages._attr import (DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS, PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_job, journey_note,
-                             lambda_slider, ranked_tiles, top_lists, verdict_controls)
+from app_pages._attr import (
+    PROJ_DIMS,
+    Lambda,
+    RunOptions,
+    cached_attribution,
+    featurize_job,
+    journey_note,
+    lambda_slider,
+    ranked_tiles,
+    top_lists,
+    verdict_controls,
+)
 from app_pages._figures import chart
-from app_pages._journey import (WHY_DIFFERENT, attribute_overlap, choose_image, film_strip, journey_attributor,
-                                journey_cli, toggle_play)
+from app_pages._journey import (
+    WHY_DIFFERENT,
+    attribute_overlap,
+    choose_image,
+    film_strip,
+    journey_attributor,
+    journey_cli,
+    toggle_play,
+)
 from app_pages._ui import display_size, fail, keep, progress_bar, require_model
+from attribution import (
+    DEFAULT_PROJ_DIM,
+    DEFAULT_TIMESTEPS,
+    METHODS,
+    AttributionError,
+    JourneyConfig,
+    formation,
+    formation_figure,
+    get_method,
+    pixels_to_pil,
+    run_journey,
+    tensor_to_pixels,
+)
 
 JOURNEY_METHODS = [m for m in METHODS if METHODS[m].per_step]  # the kernel methods that score single steps
 N_PRO, N_OPP, FORMATION_TOP = 6, 3, 8

@@ -10,11 +10,12 @@ import plotly.express as px
 import streamlit as st
 
 from app_pages._ui import display_size, fail, image_grid, progress_bar
-from attribution.data.images import pixels_to_pil
-from attribution.errors import AttributionError
-from attribution.magic.query import query_metagradient, train_run
-from attribution.magic.runs import MagicRun, MagicSpec, list_runs, open_run
-from attribution.magic.validate import evaluate, fit_summary
+from attribution import AttributionError, MagicRun, MagicSpec, pixels_to_pil, query_metagradient
+from attribution import evaluate_magic as evaluate
+from attribution import list_magic_runs as list_runs
+from attribution import magic_fit_summary as fit_summary
+from attribution import open_magic_run as open_run
+from attribution import train_magic_run as train_run
 
 st.title("Exact influence (MAGIC)")
 st.caption("How would this image's likelihood (bits/dim) change if a training image weighed more? MAGIC "
@@ -77,7 +78,7 @@ try:
         i = c2.number_input("Index", 0, run.run.n - 1, 0, key="mg_train_index")
         pixels, label = run.dataset.pixels[int(i)], f"train:{i}"
     elif source == "Validation image":
-        from attribution.data import load_dataset  # noqa: PLC0415 (only the query picker needs the dataset)
+        from attribution import load_dataset  # only the query picker needs the dataset
 
         val = load_dataset(spec.dataset, "val", resolution=spec.resolution, channels=1)
         i = c2.number_input("Index", 0, len(val) - 1, 0, key="mg_val_index")

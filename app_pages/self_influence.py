@@ -8,15 +8,31 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from attribution.analysis.memorisation import class_ranks, size_normalized
-from attribution.errors import AttributionError
-from attribution.methods import METHODS
-from attribution.report import export_metadata, export_name, to_csv
-from app_pages._attr import (METHOD_TITLES, DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS, PROJ_DIMS, Lambda, RunOptions, cached_attribution, featurize_note,
-                             featurize_with_progress, lambda_slider, verdict_controls)
+from app_pages._attr import (
+    METHOD_TITLES,
+    PROJ_DIMS,
+    Lambda,
+    RunOptions,
+    cached_attribution,
+    featurize_note,
+    featurize_with_progress,
+    lambda_slider,
+    verdict_controls,
+)
 from app_pages._figures import chart
 from app_pages._tiles import record_scores, tile_caption, tiles
 from app_pages._ui import fail, keep, require_model
+from attribution import (
+    DEFAULT_PROJ_DIM,
+    DEFAULT_TIMESTEPS,
+    METHODS,
+    AttributionError,
+    class_ranks,
+    export_metadata,
+    export_name,
+    size_normalized,
+    to_csv,
+)
 
 st.title("Self-influence")
 st.caption("τ(xₙ)ₙ: the score of each training image for itself. High values mark atypical, memorised images; "

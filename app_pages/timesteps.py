@@ -5,16 +5,24 @@ checkpoint, and the generally influential training images per method."""
 
 import streamlit as st
 
-from attribution.analysis.norms import NormConfig, training_norms
-from attribution.data import pixels_to_pil, tensor_to_pixels, training_dataset_of
-from attribution.errors import AttributionError
-from attribution.figures import norm_curve_figure, norm_scatter_figure, per_checkpoint_figure, selected_points
-from attribution.methods.over_checkpoints import run_checkpoints
 from app_pages._figures import chart
 from app_pages._image import image_target, pick_image
 from app_pages._tiles import tile_caption, tiles
 from app_pages._timesteps import curve, influential_tab, trained_at
 from app_pages._ui import cached_model, checkpoint_name, display_size, fail, keep, progress_bar, require_model
+from attribution import (
+    AttributionError,
+    NormConfig,
+    norm_curve_figure,
+    norm_scatter_figure,
+    per_checkpoint_figure,
+    pixels_to_pil,
+    run_checkpoints,
+    selected_points,
+    tensor_to_pixels,
+    training_dataset_of,
+    training_norms,
+)
 
 st.title("Timesteps")
 st.caption("Gradient norms ‖∇θ L(x, t)‖ depend strongly on t, so plain TracIn favours training images drawn at "

@@ -8,24 +8,41 @@ buttons at once: the first press pays for the work, the others wait for it and r
 import numpy as np
 import streamlit as st
 import torch
-
-from attribution.analysis.formation import formation, top_indices
-from attribution.analysis.norms import NormConfig, sample_curve
-from attribution.data import pixels_to_pil, pixels_to_tensor, tensor_to_pixels
-from attribution.errors import AttributionError
-from attribution.figures import norm_curve_figure
-from attribution.evaluation.bank import banks_dir
-from attribution.journey import run_journey
-from attribution.methods import DEFAULT_METHOD, get_method
-from attribution.prepare import TOUR, TourSettings
 from streamlit.errors import StreamlitAPIException
-from app_pages._attr import (PROJ_DIMS, cached_attribution, estimate_note, featurize_job, featurize_with_progress, journey_note,
-                             ranked_tiles, target_from_pixels, top_lists)
+
+from app_pages._attr import (
+    PROJ_DIMS,
+    cached_attribution,
+    estimate_note,
+    featurize_job,
+    featurize_with_progress,
+    journey_note,
+    ranked_tiles,
+    target_from_pixels,
+    top_lists,
+)
+from app_pages._figures import chart
 from app_pages._image import generated_pixels
 from app_pages._prepare import prepare_panel
-from app_pages._figures import chart
 from app_pages._tiles import record_scores, tiles
 from app_pages._ui import display_size, fail, keep, progress_bar, require_model
+from attribution import (
+    DEFAULT_METHOD,
+    AttributionError,
+    NormConfig,
+    TourSettings,
+    banks_dir,
+    formation,
+    get_method,
+    norm_curve_figure,
+    pixels_to_pil,
+    pixels_to_tensor,
+    run_journey,
+    sample_curve,
+    tensor_to_pixels,
+    top_indices,
+)
+from attribution import TOUR_SETTINGS as TOUR
 
 st.title("Tour")
 st.caption("Five steps through data attribution on the model in the sidebar (by default the shipped digits model): "

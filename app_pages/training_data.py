@@ -3,8 +3,8 @@
 import numpy as np
 import streamlit as st
 
-from attribution.data import SPLITS
 from app_pages._ui import display_size, image_grid, page_indices, require_dataset
+from attribution import SPLITS
 
 PAGE_SIZES = (24, 48, 96)
 

@@ -2,11 +2,9 @@
 
 import streamlit as st
 
-from attribution.data import pixels_to_pil
-from attribution.data.images import IMAGE_SUFFIXES
-from attribution.errors import AttributionError
 from app_pages._image import KEY, ImageRef, forget_upload, save_upload, set_current, upload_record
 from app_pages._ui import display_size, fail, read_upload, require_model
+from attribution import IMAGE_SUFFIXES, AttributionError, pixels_to_pil
 
 st.title("Upload")
 model = require_model()

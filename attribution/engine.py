@@ -198,7 +198,8 @@ class Attributor:
     def featurize_estimate(self, probe: bool = False) -> tuple[float | None, str]:
         """(seconds, basis) that featurizing the missing rows will take: 0 when cached; from the throughput
         recorded on this machine for this checkpoint, parameter set and kind of features; else, with `probe`, from
-        timing three training images now, after one untimed call that pays the set-up (a rough upper bound: larger batches are faster per image); else (None, why)."""
+        timing three training images now, after one untimed call that pays the set-up (a rough upper bound: larger
+        batches are faster per image); else (None, why)."""
         store_done = FeatureStore.peek_done(self.store_path)
         missing = len(self.train) if store_done is None else int((~store_done).sum())
         if missing == 0:
@@ -522,7 +523,8 @@ def open_attribution(checkpoints: str, method: Method, device: str = "auto", loa
     `load_model(spec, device)`; the app passes its cached loader).
 
     `checkpoint_weights` (checkpoint methods): "lr" weights checkpoint c by the learning rate it was trained at
-    (`methods.over_checkpoints.tracin_weights`), every checkpoint projected with one seed; "uniform" is TracInCP / GAS as the D-TRAK paper
+    (`methods.over_checkpoints.tracin_weights`), every checkpoint projected with one seed; "uniform" is TracInCP / GAS
+    as the D-TRAK paper
     runs them (appendix A.3): the mean over the C checkpoints, checkpoint c projected with seed + c."""
     specs = method.checkpoints(checkpoints)
     if options.get("store_dir") and len(specs) > 1:

@@ -269,7 +269,8 @@ class CurvatureStore:
                 / f"{_slug(slug)}-{identity_hash(identity)}")
         cfg_path = path / "config.json"
         if cfg_path.is_file():
-            differences = identity_differences(read_json(cfg_path, recompute_fix(path, "its curvature")).get("identity", {}), identity)
+            differences = identity_differences(read_json(cfg_path, recompute_fix(path, "its curvature"))
+                                               .get("identity", {}), identity)
             if differences:
                 raise CacheMismatchError(f"curvature folder {path} was made for another configuration "
                                          f"({'; '.join(differences[:4])}); delete it")

@@ -240,7 +240,8 @@ class CrnSlotDraws(CrnDraws):
 
     def batches(self, epoch: int, batch_size: int) -> list[torch.Tensor]:
         full = crn_order(self.seed, epoch, self.n_all)
-        slots = [self.position[full[b * batch_size:(b + 1) * batch_size]] for b in range(self.steps_per_epoch(batch_size))]
+        slots = [self.position[full[b * batch_size:(b + 1) * batch_size]]
+                 for b in range(self.steps_per_epoch(batch_size))]
         return [pos[pos >= 0] for pos in slots]
 
 

@@ -14,13 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from attribution.evaluation.bank import Bank, bank_randomness  # noqa: E402
-from attribution.evaluation.evaluate import split_rows  # noqa: E402
-from attribution.evaluation.lds import VARIANTS, evaluate, variance_components  # noqa: E402
+from attribution import Bank, split_rows
+from attribution.evaluation.bank import bank_randomness
+from attribution.evaluation.lds import VARIANTS, evaluate, variance_components
 
 
 def main() -> int:
@@ -39,10 +38,10 @@ def main() -> int:
     common = np.all([b.done[:n].all(1) for b in banks.values()], axis=0)
     rows = np.flatnonzero(common)
     out, md = [], [f"{len(rows)} subsets finished in every bank ({', '.join(banks)}); components per target, averaged "
-                   "over targets, as shares of F's variance across retrained models; noise sets: the part of the residual that is "
-                   "F's measurement; r = subset / (subset + residual).\n",
-                   "| bank | randomness | split | variant | subset | seed (shared) | residual | of which noise sets | r implied | "
-                   "seed-vs-seed | reachable |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                   "over targets, as shares of F's variance across retrained models; noise sets: the part of the "
+                   "residual that is F's measurement; r = subset / (subset + residual).\n",
+                   "| bank | randomness | split | variant | subset | seed (shared) | residual | of which noise sets | "
+                   "r implied | seed-vs-seed | reachable |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, bank in banks.items():
         for split in ("val", "gen"):
             targets = split_rows(bank, split)
@@ -57,8 +56,8 @@ def main() -> int:
                        "seed_vs_seed": seed.value, "seed_ci": seed.ci_two_way, "reachable": reach.value,
                        "reachable_ci": reach.ci_two_way, "subsets": int(len(rows))}
                 out.append(row)
-                md.append(f"| {name} | {row['randomness']} | {split} | {variant} | {sh['subset']:.0%} | {sh['seed']:.0%} "
-                          f"| {sh['residual']:.0%} | {sh['noise_sets']:.0%} | {vc.predicted_r:+.2f} | "
+                md.append(f"| {name} | {row['randomness']} | {split} | {variant} | {sh['subset']:.0%} | "
+                          f"{sh['seed']:.0%} | {sh['residual']:.0%} | {sh['noise_sets']:.0%} | {vc.predicted_r:+.2f} | "
                           f"{seed.value:+.3f} [{seed.ci_two_way[0]:+.3f}, {seed.ci_two_way[1]:+.3f}] | "
                           f"{reach.value:+.3f} [{reach.ci_two_way[0]:+.3f}, {reach.ci_two_way[1]:+.3f}] |")
     target = Path(a.out)

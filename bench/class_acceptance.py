@@ -1,7 +1,7 @@
 """The app in front of a class, timed in a real browser (issue 24's acceptance), on the shipped digits model.
 
-    python bench/class_acceptance.py --shots /tmp/class-shots            # run from a fresh clone, machine idle
-    python bench/class_acceptance.py --cache /tmp/empty-cache --no-prepare   # the cold path: nothing prepared
+    python -m bench.class_acceptance --shots /tmp/class-shots            # run from a fresh clone, machine idle
+    python -m bench.class_acceptance --cache /tmp/empty-cache --no-prepare   # the cold path: nothing prepared
 
 Starts `streamlit run app.py` (tests/browser_support.py) on a feature cache that is empty unless --cache names one
 (a fresh clone's cache/ is empty: features are never shipped) and drives system Chromium with Playwright:
@@ -34,10 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+try:
+    from tests import browser_support as bs  # the browser helpers the test suite uses
+except ModuleNotFoundError:
+    raise SystemExit("run it from the repository root as a module: python -m bench.class_acceptance") from None
 
-import browser_support as bs
+ROOT = Path(__file__).resolve().parents[1]
 
 LONG = 20 * 60_000  # ms: a cold featurization on a busy machine
 

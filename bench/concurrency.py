@@ -20,23 +20,16 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from attribution.data import ImageDataset, load_dataset  # noqa: E402
-from attribution.engine import Attributor  # noqa: E402
-from attribution.features.config import FeatureConfig  # noqa: E402
-from attribution.methods import get_method  # noqa: E402
-from attribution.models import load_model  # noqa: E402
-from attribution.models.pixel_ddpm import PixelDDPM  # noqa: E402
+from attribution import Attributor, FeatureConfig, get_method, ImageDataset, load_dataset, load_model
+from attribution.models.pixel_ddpm import PixelDDPM
 
 
 def main():
@@ -92,7 +85,7 @@ def main():
                 barrier = threading.Barrier(s)
                 ids = targets[r * s:(r + 1) * s]
 
-                def job(j):
+                def job(j, barrier=barrier, variant=variant, ids=ids):
                     barrier.wait()
                     return attribute(shared if variant == "lock" else copies[j], ids[j])
 

@@ -24,25 +24,21 @@ import argparse
 import json
 import multiprocessing
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import numpy as np
+import torch
+from safetensors.torch import load_file
 
-from attribution.data import load_dataset  # noqa: E402
-from attribution.evaluation.bank import Bank, retrain_job, simple_loss_outputs, train_task  # noqa: E402
-from attribution.evaluation.counterfactual import RANDOM, Cell, regenerate, removed_indices  # noqa: E402
-from attribution.evaluation.image_metrics import pixel_l2  # noqa: E402
-from attribution.evaluation.recipes import get_recipe  # noqa: E402
-from attribution.models import load_model  # noqa: E402
-from attribution.models.checkpoint import resolve_checkpoint  # noqa: E402
+from attribution import Bank, COUNTERFACTUAL_RANDOM as RANDOM, load_dataset, load_model, resolve_checkpoint
+from attribution.evaluation.bank import retrain_job, simple_loss_outputs, train_task
+from attribution.evaluation.counterfactual import Cell, regenerate, removed_indices
+from attribution.evaluation.image_metrics import pixel_l2
+from attribution.evaluation.recipes import get_recipe
 
 ONE_IMAGE_SEED = 2024  # the removed image: default_rng(ONE_IMAGE_SEED).integers(N)
 

@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attribution.evaluation.bank import Bank  # noqa: E402
-from attribution.evaluation.evaluate import open_on_bank  # noqa: E402
-from attribution.methods import get_method  # noqa: E402
+from attribution import Bank, get_method, open_on_bank
 
 
 def main() -> int:

@@ -21,11 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attribution.evaluation.bank import Bank  # noqa: E402
-from attribution.evaluation.evaluate import lds_table, score_bank  # noqa: E402
-from attribution.report import to_csv  # noqa: E402
+from attribution import Bank, lds_table, score_bank, to_csv
 
 
 def ci(lo: float, hi: float) -> str:

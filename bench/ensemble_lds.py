@@ -26,14 +26,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attribution.data import load_dataset  # noqa: E402
-from attribution.engine import open_attribution  # noqa: E402
-from attribution.evaluation.bank import FULL_SEED, Bank, bank_recipe, retrain_job, train_task  # noqa: E402
-from attribution.evaluation.evaluate import lds_table, run_on_bank  # noqa: E402
-from attribution.evaluation.lds import holm  # noqa: E402
-from attribution.methods import get_method  # noqa: E402
+from attribution import Bank, get_method, holm, lds_table, load_dataset, open_attribution, run_on_bank
+from attribution.evaluation.bank import FULL_SEED, bank_recipe, retrain_job, train_task
 
 
 def main() -> int:
@@ -80,7 +74,8 @@ def main() -> int:
             named[f"{entry} M={m}"] = run.scores()
             print(f"{entry} M={m}: {seconds} s", flush=True)
             cost_path.write_text(json.dumps(cost, indent=1))
-    rows, md = [], [f"Bank `{bank.meta['name']}` ({bank.meta.get('identity', {}).get('recipe', {}).get('randomness', 'stream')} "
+    rows, md = [], [f"Bank `{bank.meta['name']}` "
+                    f"({bank.meta.get('identity', {}).get('recipe', {}).get('randomness', 'stream')} "
                     f"retrains), K={a.timesteps}, k={a.proj_dim}, each method at its default λ; members: the bank's "
                     f"model and the recipe at seeds 1..{max(sizes) - 1}; two-way 95% CIs.\n"]
     for split in ("val", "gen"):

@@ -17,19 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attribution.data import load_dataset  # noqa: E402
-from attribution.data.datasets import ImageDataset  # noqa: E402
-from attribution.features.timesteps import noise_for, select_timesteps  # noqa: E402
-from attribution.models import load_model  # noqa: E402
+from attribution import ImageDataset, load_dataset, load_model
+from attribution.features.timesteps import noise_for, select_timesteps
 
 
 def subset(d: ImageDataset, n: int) -> ImageDataset:
@@ -105,7 +99,8 @@ def main():
     seconds = run(model, data, a.timesteps, a.proj_dim, batch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"pipeline": a.pipeline, "device": a.device, "n": a.n, "K": a.timesteps, "k": a.proj_dim,
-                      "batch": batch, "seconds": round(seconds, 2), "sample_timesteps_per_s": round(a.n * a.timesteps / seconds, 1),
+                      "batch": batch, "seconds": round(seconds, 2),
+                      "sample_timesteps_per_s": round(a.n * a.timesteps / seconds, 1),
                       "peak_rss_mib": round(peak)}))
 
 

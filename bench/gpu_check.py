@@ -22,22 +22,16 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attribution.data import load_dataset  # noqa: E402
-from attribution.data.datasets import ImageDataset  # noqa: E402
-from attribution.engine import Attributor  # noqa: E402
-from attribution.features.config import FeatureConfig  # noqa: E402
-from attribution.features.projectors import TrakGaussianProjector, fast_jl_available  # noqa: E402
-from attribution.models.adapter import NoiseSchedule  # noqa: E402
-from attribution.models.pixel_ddpm import PixelDDPM  # noqa: E402
-from attribution.models.checkpoint import DEFAULT_SCHEDULE  # noqa: E402
-from attribution.models.presets import unet_for  # noqa: E402
+from attribution import Attributor, FeatureConfig, ImageDataset, load_dataset
+from attribution.features.projectors import TrakGaussianProjector, fast_jl_available
+from attribution.models.adapter import NoiseSchedule
+from attribution.models.pixel_ddpm import PixelDDPM
+from attribution.models.checkpoint import DEFAULT_SCHEDULE
+from attribution.models.presets import unet_for
 
 # diffusers' DDPM CIFAR-10 UNet (google/ddpm-cifar10-32), the architecture D-TRAK's CIFAR experiments use.
 CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,

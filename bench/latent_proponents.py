@@ -19,19 +19,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from attribution.data import load_dataset  # noqa: E402
-from attribution.data.images import grid_image  # noqa: E402
-from attribution.engine import open_attribution  # noqa: E402
-from attribution.fileio import atomic_path, write_json  # noqa: E402
-from attribution.methods import get_method  # noqa: E402
-from attribution.sampling import Prompt  # noqa: E402
-from attribution.targets import resolve_targets  # noqa: E402
+from attribution import (atomic_path, get_method, grid_image, load_dataset, open_attribution, Prompt, resolve_targets,
+                         write_json)
 
 
 def bootstrap_ci(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:

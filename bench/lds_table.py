@@ -11,7 +11,8 @@ featurization and target features is recorded on first computation in timing.jso
 the machine's load).
 
 Writes to --out: lds.csv (every row of both splits, with each method's share of the reachable ceiling), lambda.csv
-(default / GCV / held-out-chosen / LDS-optimal λ per method and split) and lds.md (the markdown tables pasted into BENCHMARKS.md). Methods that cannot run (CLIP without weights)
+(default / GCV / held-out-chosen / LDS-optimal λ per method and split) and lds.md (the markdown tables pasted into
+BENCHMARKS.md). Methods that cannot run (CLIP without weights)
 are listed with their reason.
 """
 
@@ -24,13 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attribution.errors import AttributionError  # noqa: E402
-from attribution.evaluation.bank import Bank  # noqa: E402
-from attribution.evaluation.evaluate import lambda_report, lds_table, score_bank  # noqa: E402
-from attribution.evaluation.lds import SINGLE_SEED, VARIANTS, holm  # noqa: E402
-from attribution.methods import METHODS, get_method  # noqa: E402
+from attribution import (AttributionError, Bank, get_method, holm, lambda_report, lds_table, METHODS, score_bank,
+                         SINGLE_SEED)
+from attribution.evaluation.lds import VARIANTS
 
 DEFAULT = ("dtrak,dtrak:simple,dtrak:avg,dtrak:l1,dtrak:l2,dtrak:linf,dtrak:elbo,dtrak:interp,trak,journey-trak,"
            "grad-dot,grad-cos,relative-if,renorm-if,tracin,retrac,tracincp,gas,pixel-dot,pixel-cos,das,das0,ekfac,clip-cos")
@@ -97,7 +94,8 @@ def main() -> int:
             shares = {v: table.of_reachable(r["name"], v) if r["kind"] == "method" else None for v in VARIANTS}
             rows.append({"split": split, **r, **{f"{v}_of_reachable": sh[0] if sh else float("nan")
                                                   for v, sh in shares.items()}})
-            md.append(f"| {r['name']} | {fmt(r['standard'], r['standard_ci_two_way_low'], r['standard_ci_two_way_high'])}"
+            md.append(f"| {r['name']} | "
+                      f"{fmt(r['standard'], r['standard_ci_two_way_low'], r['standard_ci_two_way_high'])}"
                       f" | {share(shares['standard'])}"
                       f" | {fmt(r['centered'], r['centered_ci_two_way_low'], r['centered_ci_two_way_high'])}"
                       f" | {share(shares['centered'])} |")
@@ -120,7 +118,8 @@ def main() -> int:
             elif run.uses_lambda:
                 rep = lambda_report(bank, run, split, n_resamples=200)
                 held = rep.held_out
-                lam_rows.append({"method": name, "split": split, "default": rep.default, "lds_default": rep.at(rep.default),
+                lam_rows.append({"method": name, "split": split,
+                                 "default": rep.default, "lds_default": rep.at(rep.default),
                                  "gcv": rep.gcv, "lds_gcv": rep.at(rep.gcv), "optimal": rep.best,
                                  "lds_optimal": rep.at(rep.best), "gcv_fraction_of_optimal": rep.gcv_within,
                                  "held_out_lambda_a": held.chosen[0], "held_out_lambda_b": held.chosen[1],

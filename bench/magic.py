@@ -27,12 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from attribution import evaluate_magic as evaluate, MagicRun, MagicSpec, train_magic_run as train_run
+from attribution.magic.validate import finite_difference_check, retrain
 
-from attribution.magic.query import train_run
-from attribution.magic.runs import MagicRun, MagicSpec
-from attribution.magic.validate import evaluate, finite_difference_check, retrain
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args) -> str:

@@ -14,12 +14,9 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attribution.evaluation.bank import Bank  # noqa: E402
-from attribution.evaluation.evaluate import bank_targets, open_on_bank  # noqa: E402
+from attribution import Bank, open_on_bank
+from attribution.evaluation.evaluate import bank_targets
 
 
 def cpu() -> float:
@@ -57,7 +54,7 @@ def main():
     if member.curvature_spec is not None:
         timed("curvature", lambda: member.ekfac(progress))
     for stat in att.method.row_statistics:
-        timed(stat, lambda: member.row_statistic(stat, progress))
+        timed(stat, lambda stat=stat: member.row_statistic(stat, progress))
     timed("train_features", lambda: member.featurize(progress))
     if att.method.uses_lambda:
         timed("kernel", lambda: member.train_features().kernel)

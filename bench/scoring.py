@@ -12,18 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attribution.data import load_dataset  # noqa: E402
-from attribution.engine import Attributor  # noqa: E402
-from attribution.features.config import FeatureConfig  # noqa: E402
-from attribution.kernel import Kernel  # noqa: E402
-from attribution.methods import get_method  # noqa: E402
-from attribution.models import load_model  # noqa: E402
+from attribution import Attributor, FeatureConfig, get_method, Kernel, load_dataset, load_model
 
 
 def main():
@@ -45,7 +36,7 @@ def main():
     Kernel.fit(att.store.features())
     fit_s = time.perf_counter() - start
     method = get_method("dtrak")
-    att.train_features().kernel  # load the cached decomposition once, as the app does
+    _ = att.train_features().kernel  # load the cached decomposition once, as the app does
     lam = att.resolve_lambda(method, None)
     new_target, lam_change = [], []
     for r in range(a.repeats):

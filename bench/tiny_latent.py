@@ -23,15 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from attribution.cli.main import main as cli  # noqa: E402
-from attribution.data import load_dataset  # noqa: E402
-from attribution.models import load_model  # noqa: E402
-from attribution.models.tiny_sd import TinySDConfig, build_tiny_pipeline  # noqa: E402
-from attribution.train import prompt_table  # noqa: E402
+from attribution import load_dataset, load_model
+from attribution.cli.main import main as cli
+from attribution.models.tiny_sd import TinySDConfig, build_tiny_pipeline
+from attribution.train import prompt_table
 
 TEMPLATE = "a handwritten digit {class}"
 WORDS = ("a", "handwritten", "digit")

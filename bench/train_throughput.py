@@ -20,19 +20,16 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from attribution.data import load_dataset  # noqa: E402
-from attribution.models.checkpoint import DEFAULT_SCHEDULE  # noqa: E402
-from attribution.models.presets import unet_for  # noqa: E402
-from attribution.train import TrainConfig, lr_lambda, train  # noqa: E402
+from attribution import load_dataset, train_model as train, TrainConfig
+from attribution.models.checkpoint import DEFAULT_SCHEDULE
+from attribution.models.presets import unet_for
+from attribution.train import lr_lambda
 
 
 def plain_loop(x_all: torch.Tensor, preset: str, epochs: int, batch: int, lr: float, seed: int = 0) -> None:
@@ -93,7 +90,7 @@ def main():
         preset, threads = item.split(":")
         torch.set_num_threads(int(threads))
         t_train, t_plain = [], []
-        for r in range(a.repeats):
+        for _ in range(a.repeats):
             with tempfile.TemporaryDirectory() as tmp:
                 t_train.append(timed(train, TrainConfig(dataset=a.dataset, out=tmp, epochs=a.epochs,
                                                         batch_size=a.batch_size, lr=a.lr, preset=preset,
@@ -117,7 +114,7 @@ def randomness_ab(a) -> None:
         preset, threads = item.split(":")
         torch.set_num_threads(int(threads))
         times: dict[str, list] = {"stream": [], "crn": []}
-        for r in range(a.repeats):
+        for _ in range(a.repeats):
             for mode in ("stream", "crn"):
                 with tempfile.TemporaryDirectory() as tmp:
                     times[mode].append(timed(train, TrainConfig(dataset=a.dataset, out=tmp, epochs=a.epochs,

@@ -14,21 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attribution.data import tensor_to_pixels  # noqa: E402
-from attribution.engine import open_attributor  # noqa: E402
-from attribution.report import rank  # noqa: E402
-from attribution.methods import get_method  # noqa: E402
-from attribution.models import load_model  # noqa: E402
-from attribution.sampling import sample  # noqa: E402
+from attribution import get_method, load_model, open_attributor, rank, sample, tensor_to_pixels
 
 
 def tile(pixels: np.ndarray, size: int) -> Image.Image:

@@ -11,22 +11,14 @@ with the last step).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attribution.data import pixels_to_pil, tensor_to_pixels  # noqa: E402
-from attribution.engine import open_attributor  # noqa: E402
-from attribution.fileio import atomic_path  # noqa: E402
-from attribution.analysis.formation import formation, top_indices  # noqa: E402
-from attribution.journey import JourneyConfig, run_journey  # noqa: E402
-from attribution.methods import get_method  # noqa: E402
-from attribution.models import load_model  # noqa: E402
+from attribution import (atomic_path, formation, get_method, JourneyConfig, load_model, open_attributor, pixels_to_pil,
+                         run_journey, tensor_to_pixels, top_indices)
 
 CELL, PAD, LABEL_W, TOP = 64, 14, 110, 3
 COLORS = {"distance": (31, 119, 180), "similarity": (255, 127, 14), "overlap": (127, 127, 127)}

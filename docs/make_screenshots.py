@@ -1,8 +1,8 @@
 """Regenerate the README screenshots of the app: docs/app-generate.png, app-training-data.png and app-attribute.png.
 
-    OMP_NUM_THREADS=1 python docs/make_screenshots.py                       # the shipped digits model and dataset
-    ATTRIBUTION_CHECKPOINT=runs/x python docs/make_screenshots.py --sampler ddim --steps 250
-    OMP_NUM_THREADS=1 python docs/make_screenshots.py --explore    # Attribute progress/explore/details, Tour
+    OMP_NUM_THREADS=1 python -m docs.make_screenshots                       # the shipped digits model and dataset
+    ATTRIBUTION_CHECKPOINT=runs/x python -m docs.make_screenshots --sampler ddim --steps 250
+    OMP_NUM_THREADS=1 python -m docs.make_screenshots --explore    # Attribute progress/explore/details, Tour
 
 Starts `streamlit run app.py` on a free port (tests/browser_support.py, shared with tests/test_browser.py), drives
 system Chromium (/usr/bin/chromium or chromium-headless-shell) with Playwright, and stops the server again.
@@ -19,10 +19,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+try:
+    from tests import browser_support as bs  # the browser helpers the test suite uses
+except ModuleNotFoundError:
+    raise SystemExit("run it from the repository root as a module: python -m docs.make_screenshots") from None
 
-import browser_support as bs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PAGE_TIMEOUT_MS = 5 * 60_000  # a page run that loads the model, samples gen:0 and times one image on a busy CPU
 FEATURIZE_TIMEOUT_MS = 20 * 60_000  # the first Attribute run featurizes the training set for D-TRAK and TRAK

@@ -6,6 +6,10 @@
   names in the environment.
 - `tiny_run`: a training-run folder (preset "tiny", 2 epochs on the digits training split, checkpoints at
   epochs 1 and 2), trained once per session in a temporary folder. About 5 s on two CPU cores.
+- `model`, `digits`, `digits_val`: the randomly initialised tiny UNet (engine_support.tiny_model(0), one per module:
+  tests may train it) and the digits training and validation splits. Modules that mean another model by `model`
+  (a trained run's) define their own fixture of that name, which takes precedence in that module.
+- `npz12`: the first 12 digits training images as an .npz file (and the next 4 as `<name>_val.npz` beside it).
 
 Everything is written under pytest's temporary folders, never into the working tree.
 """
@@ -13,7 +17,6 @@ Everything is written under pytest's temporary folders, never into the working t
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 # Before torch is imported anywhere: the reference machine has 2 cores, and one thread keeps runs reproducible.
@@ -21,16 +24,44 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # No preparation for class at a test server's first run (app.py): tests that want it set ATTRIBUTION_PREPARE=1.
 os.environ.setdefault("ATTRIBUTION_PREPARE", "0")
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # so `import attribution` works under plain `pytest` too
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def model():
+    from engine_support import tiny_model
+
+    return tiny_model(0)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from attribution.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_val():
+    from attribution.data import load_dataset
+
+    return load_dataset("digits", "val")
+
+
+@pytest.fixture(scope="session")
+def npz12(tmp_path_factory, digits) -> Path:
+    path = tmp_path_factory.mktemp("npz12") / "d12.npz"
+    np.savez(path, images=digits.pixels[:12, ..., 0], labels=digits.labels[:12])
+    np.savez(path.with_name("d12_val.npz"), images=digits.pixels[12:16, ..., 0], labels=digits.labels[12:16])
+    return path
 
 
 @pytest.fixture

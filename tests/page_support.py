@@ -1,8 +1,16 @@
-"""Reading the app's ranked tiles in AppTests (shared by tests/app/test_app.py and tests/app/test_latent_app.py)."""
+"""Helpers of the AppTests (tests/app/): the app's path, the run timeout, reading ranked tiles and images, a PNG."""
 
 from __future__ import annotations
 
+import io
 import re
+from pathlib import Path
+
+from PIL import Image
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+# The attribution tests featurize the 1618 digits once per feature set (K=2, k=512): ~15-40 s on two busy cores.
+RUN_TIMEOUT = 300
 
 TILE = re.compile(r"^train #(\d+) · class (.+) · score ([+-]\S+)$")  # the caption under a ranked tile
 
@@ -26,3 +34,14 @@ def mounted_value(slider) -> float:
     p = slider.proto
     shown = p.raw_value[0] if p.set_value else p.options[int(p.default[0])]
     return float(shown.split()[0])
+
+
+def shown_images(at) -> list[str]:
+    """Captions of every image on the page (one st.image call can hold many images)."""
+    return [img.caption for element in at.get("image") for img in element.proto.imgs]
+
+
+def png_bytes(size=(40, 30), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 200).save(buf, format="PNG")
+    return buf.getvalue()

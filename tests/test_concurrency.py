@@ -15,25 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from attribution.data import load_dataset
 from attribution.engine import Attributor, format_duration, progress_message
 from attribution.features.config import FeatureConfig
 from attribution.fileio import atomic_dir, save_npy, write_json
 from attribution.sampling import sample
-from test_engine import keys_for, subset, tiny_model
+from engine_support import keys_for, subset
 
 THREADS = 8
 CFG = FeatureConfig(fn="square", projector="sjlt", proj_dim=64, timesteps=2)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(0)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def test_threads_sharing_one_model_get_the_serial_features(model, digits, tmp_path):
@@ -156,12 +145,14 @@ def test_featurize_estimate_from_the_measured_throughput(model, digits, tmp_path
     att = Attributor(model, train, CFG, cache=tmp_path, batch_size=4)
     seconds, basis = att.featurize_estimate()
     assert seconds is None and "timed" in basis
-    seconds, basis = att.featurize_estimate(probe=True)  # times three images after a warm-up, keeps it as a rough measurement
+    # times three images after a warm-up, keeps it as a rough measurement
+    seconds, basis = att.featurize_estimate(probe=True)
     assert seconds > 0 and "rough" in basis and att.featurize_estimate()[1] == basis
     record_throughput(att.cache_dir, att.throughput_key, 4.0, 3.0)  # measured: 4 sample-timesteps/s
     seconds, basis = att.featurize_estimate()
     assert seconds == pytest.approx(8 * 2 / 4.0) and "8 images" in basis and "measured here" in basis
-    record_throughput(att.cache_dir, att.throughput_key, 100.0, 0.1, rough=True)  # a later probe does not replace a measurement
+    record_throughput(att.cache_dir, att.throughput_key, 100.0, 0.1,
+                      rough=True)  # a later probe does not replace a measurement
     assert att.featurize_estimate()[0] == pytest.approx(8 * 2 / 4.0)
     att.featurize()
     assert att.featurize_estimate() == (0.0, "cached")

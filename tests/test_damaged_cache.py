@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_engine import TWO_STEPS, digits, digits_val, model, subset  # noqa: F401 (fixtures)
+from engine_support import TWO_STEPS, subset
 
 from attribution.cli import main
 from attribution.engine import Attributor

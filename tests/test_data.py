@@ -35,12 +35,12 @@ def fresh(spec: str, split: str = "train", **kw):
 # -- digits -----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def digits():
+def digits_splits():
     return load_dataset("digits", "train"), load_dataset("digits", "val")
 
 
-def test_digits_split_sizes_and_source_index(digits):
-    train, val = digits
+def test_digits_split_sizes_and_source_index(digits_splits):
+    train, val = digits_splits
     assert (len(train), len(val)) == (1618, 179)
     assert len(np.intersect1d(train.source_index, val.source_index)) == 0
     assert np.array_equal(np.sort(np.concatenate([train.source_index, val.source_index])), np.arange(1797))
@@ -48,10 +48,10 @@ def test_digits_split_sizes_and_source_index(digits):
     assert np.all(np.diff(train.source_index) > 0) and np.all(np.diff(val.source_index) > 0)
 
 
-def test_digits_pixels_labels_and_stratification(digits):
+def test_digits_pixels_labels_and_stratification(digits_splits):
     from sklearn.datasets import load_digits
 
-    train, val = digits
+    train, val = digits_splits
     src = load_digits()
     for split in (train, val):
         assert split.pixels.dtype == np.uint8 and split.pixels.shape[1:] == (16, 16, 1)
@@ -66,10 +66,10 @@ def test_digits_pixels_labels_and_stratification(digits):
     assert np.array_equal(np.bincount(val.labels), np.round(per_class * 0.1).astype(int))
 
 
-def test_digits_images_match_their_source(digits):
+def test_digits_images_match_their_source(digits_splits):
     from sklearn.datasets import load_digits
 
-    train, _ = digits
+    train, _ = digits_splits
     src = load_digits().images[train.source_index]  # (N, 8, 8) in 0..16
     # 2x2 block means of the 16x16 upscale against the 8x8 source; the bicubic kernel smooths a little, so
     # demand a high correlation per image rather than equality (a misaligned source_index gives ~0.3).
@@ -80,17 +80,17 @@ def test_digits_images_match_their_source(digits):
     assert corr.min() > 0.9
 
 
-def test_digits_stable_across_loads(digits):
+def test_digits_stable_across_loads(digits_splits):
     again = fresh("digits")
-    assert again is not digits[0]
-    assert np.array_equal(again.pixels, digits[0].pixels)
-    assert np.array_equal(again.labels, digits[0].labels)
-    assert np.array_equal(again.source_index, digits[0].source_index)
-    assert again.content_hash == digits[0].content_hash
+    assert again is not digits_splits[0]
+    assert np.array_equal(again.pixels, digits_splits[0].pixels)
+    assert np.array_equal(again.labels, digits_splits[0].labels)
+    assert np.array_equal(again.source_index, digits_splits[0].source_index)
+    assert again.content_hash == digits_splits[0].content_hash
 
 
-def test_digits_tensors(digits, recwarn):
-    train, _ = digits
+def test_digits_tensors(digits_splits, recwarn):
+    train, _ = digits_splits
     x = train.tensors()
     # Read-only pixels are copied, not wrapped (torch warns once per process on non-writable arrays).
     assert not [w for w in recwarn if "not writable" in str(w.message)]

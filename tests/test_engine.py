@@ -15,7 +15,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from attribution.data import load_dataset
+from engine_support import TWO_STEPS, keys_for, subset, tiny_model
+
 from attribution.data.datasets import ImageDataset
 from attribution.engine import Attribution, Attributor, open_attributor
 from attribution.report import rank
@@ -29,44 +30,12 @@ from attribution.features.timesteps import noise_for, select_timesteps
 from attribution.kernel import Kernel
 from attribution.methods import METHODS, get_method
 from attribution.models.adapter import DiffusionModel, NoiseSchedule
-from attribution.models.pixel_ddpm import PixelDDPM
 from attribution.models.checkpoint import DEFAULT_SCHEDULE
-from attribution.models.presets import unet_for
 
 CPU = torch.device("cpu")
-TWO_STEPS = dict(timesteps=2)  # K=2 uniform: t = 0, 500
 
 
-# -- shared fixtures ---------------------------------------------------------------------------------------------
-
-
-def tiny_model(seed: int = 0) -> DiffusionModel:
-    torch.manual_seed(seed)
-    return PixelDDPM(unet_for(16, 1, "tiny"), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
-
-
-@pytest.fixture(scope="module")
-def model() -> DiffusionModel:
-    return tiny_model(0)
-
-
-@pytest.fixture(scope="module")
-def digits() -> ImageDataset:
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def digits_val() -> ImageDataset:
-    return load_dataset("digits", "val")
-
-
-def subset(d: ImageDataset, n: int) -> ImageDataset:
-    return ImageDataset(d.spec, d.split, d.pixels[:n].copy(), d.labels[:n].copy(), list(d.class_names),
-                        d.source_index[:n].copy())
-
-
-def keys_for(split: str, rows) -> list[str]:
-    return [f"{split}/{i}" for i in rows]
+# -- shared fixtures (model, digits, digits_val: conftest.py) -----------------------------------------------------
 
 
 @pytest.fixture(scope="module")

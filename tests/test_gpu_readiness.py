@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine_support import subset, tiny_model
+
 from attribution.data import load_dataset
-from attribution.data.datasets import ImageDataset
 from attribution.engine import Attribution, Attributor
 from attribution.errors import CacheMismatchError, ConfigError
 from attribution.features.config import FeatureConfig
@@ -24,30 +25,11 @@ from attribution.features.projectors import (FAST_JL_MAX_CHUNK, TrakGaussianProj
 from attribution.features.timesteps import noise_for
 from attribution.kernel import Kernel
 from attribution.methods import get_method
-from attribution.models.adapter import DiffusionModel, NoiseSchedule
-from attribution.models.pixel_ddpm import PixelDDPM
 from attribution.models.checkpoint import DEFAULT_SCHEDULE
-from attribution.models.presets import unet_for
 from attribution.store import FeatureStore
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def tiny_model(seed: int = 0, prediction_type: str = "epsilon") -> DiffusionModel:
-    torch.manual_seed(seed)
-    schedule = NoiseSchedule.from_config({**DEFAULT_SCHEDULE, "prediction_type": prediction_type})
-    return PixelDDPM(unet_for(16, 1, "tiny"), schedule, None, "cpu")
-
-
-def subset(d: ImageDataset, n: int) -> ImageDataset:
-    return ImageDataset(d.spec, d.split, d.pixels[:n].copy(), d.labels[:n].copy(), list(d.class_names),
-                        d.source_index[:n].copy())
-
-
-@pytest.fixture(scope="module")
-def digits() -> ImageDataset:
-    return load_dataset("digits")
 
 
 def one_line(exc_info) -> str:
@@ -282,13 +264,6 @@ def test_journey_trak_ensemble_scores_the_target_checkpoints_one_trajectory(tiny
 
 
 # -- 7. TracInCP and GAS with uniform checkpoint weights ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def npz12(tmp_path_factory, digits):
-    path = tmp_path_factory.mktemp("npz") / "digits12.npz"
-    np.savez(path, images=digits.pixels[:12, ..., 0], labels=digits.labels[:12])
-    return path
 
 
 def test_uniform_checkpoint_weights_average_with_a_projection_seed_per_checkpoint(tiny_run, npz12, tmp_path):

@@ -205,7 +205,8 @@ def test_journey_trak_baseline_is_the_mean_of_per_step_scores(model, trak_att, c
     per_step = run_journey(trak_att, JourneyConfig(seed=4, steps=12, every=1, resamples=1), cache=str(cache))
     assert len(per_step) == 12
     steps_scores = per_step.scores(trak_att, trak, lam)
-    np.testing.assert_allclose(baseline, steps_scores.mean(0), rtol=0, atol=1e-5 * np.abs(baseline).max())  # float32 features
+    np.testing.assert_allclose(baseline, steps_scores.mean(0), rtol=0,
+                               atol=1e-5 * np.abs(baseline).max())  # float32 features
     assert np.corrcoef(baseline, steps_scores[-1])[0, 1] < 0.99  # the average is not just the last step
 
     upload = from_pixels(load_dataset("digits").pixels[:1], ["mine.png"])

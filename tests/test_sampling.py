@@ -49,7 +49,8 @@ def test_each_step_predicts_x0_from_the_noise_prediction(prediction_type, sample
     for i, t in enumerate(traj.timesteps):
         xt = traj.xt[i]
         tt = torch.full((2,), int(t), dtype=torch.long)
-        eps = model.schedule.eps_from_raw(model.raw(model.parameters(), torch.from_numpy(xt), tt), torch.from_numpy(xt), tt)
+        eps = model.schedule.eps_from_raw(model.raw(model.parameters(), torch.from_numpy(xt), tt),
+                                          torch.from_numpy(xt), tt)
         assert_close(traj.x0_pred[i], direct_x0(model, xt, int(t), eps))
     if prediction_type == "v_prediction":  # the network's raw output is not the noise: the check above has teeth
         raw = model.raw(model.parameters(), torch.from_numpy(traj.xt[0]), torch.full((2,), int(traj.timesteps[0])))
@@ -107,7 +108,8 @@ def test_a_model_that_does_not_predict_the_noise_needs_its_prediction_type(digit
 @pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "ScoreSdeVeScheduler", "EDMEulerScheduler"])
 def test_a_scheduler_the_sampler_cannot_drive_is_refused(tmp_path, name):
     tiny("epsilon").unet.save_pretrained(str(tmp_path / "m"), safe_serialization=True)
-    (tmp_path / "m" / "scheduler_config.json").write_text(json.dumps({"_class_name": name, "num_train_timesteps": 1000}))
+    (tmp_path / "m" / "scheduler_config.json").write_text(json.dumps({"_class_name": name,
+                                                                      "num_train_timesteps": 1000}))
     with pytest.raises(CheckpointError, match=name) as exc:
         load_model(str(tmp_path / "m"), "cpu")
     assert "\n" not in str(exc.value) and isinstance(exc.value, AttributionError)

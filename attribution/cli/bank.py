@@ -59,7 +59,8 @@ def cmd_bank_build(args) -> int:
         probe_address(address)  # fail in seconds, before torch is even imported
     from dataclasses import replace  # lazy: keeps the start of the other commands fast
 
-    from ..evaluation.bank import BankSpec, build_bank, default_randomness  # lazy: keeps the start of the other commands fast
+    from ..evaluation.bank import (BankSpec, build_bank,  # lazy: keeps the start of the other commands fast
+                                   default_randomness)
     from ..evaluation.recipes import get_recipe, recipe_from_run  # lazy: keeps the start of the other commands fast
 
     if args.num_cpus is not None and args.num_cpus < 1:

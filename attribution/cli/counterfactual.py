@@ -77,9 +77,11 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         probe_address(address)  # fail in seconds, before any model is loaded
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be at least 1, got {args.num_cpus}")
-    from ..evaluation.counterfactual import (StudySpec, Study, parse_removals, parse_targets, run_study,  # lazy: keeps the start of the other commands fast
+    from ..evaluation.counterfactual import (StudySpec, Study,  # lazy: keeps the start of the other commands fast
+                                             parse_removals, parse_targets, run_study,
                                              source_from_bank, source_from_checkpoint)
-    from ..evaluation.counterfactual_stats import seed_noise, summary_rows  # lazy: keeps the start of the other commands fast
+    from ..evaluation.counterfactual_stats import (seed_noise,  # lazy: keeps the start of the other commands fast
+                                                   summary_rows)
 
     targets = parse_targets(args.targets)
     removals = parse_removals(args.remove_grid or args.remove)
@@ -126,7 +128,8 @@ def cmd_estimators(args: argparse.Namespace) -> int:
     import numpy as np  # lazy: keeps the start of the other commands fast
 
     from ..evaluation.bank import Bank  # lazy: keeps the start of the other commands fast
-    from ..evaluation.evaluate import SPLITS, finished_bank, score_bank  # lazy: keeps the start of the other commands fast
+    from ..evaluation.evaluate import (SPLITS, finished_bank,  # lazy: keeps the start of the other commands fast
+                                       score_bank)
     from ..evaluation.retraining_estimators import heldout_lds_table  # lazy: keeps the start of the other commands fast
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]

@@ -104,7 +104,8 @@ def cmd_lds(args: argparse.Namespace) -> int:
     # lazy: the engine, diffusers and plotly add seconds to the start of every other command
     from ..evaluation.bank import Bank  # lazy: keeps the start of the other commands fast
     from ..evaluation.lds import SINGLE_SEED, VARIANTS, holm  # lazy: keeps the start of the other commands fast
-    from ..evaluation.evaluate import (SPLITS, check_external_scores, finished_bank, lambda_report, lds_table,  # lazy: keeps the start of the other commands fast
+    from ..evaluation.evaluate import (SPLITS,  # lazy: keeps the start of the other commands fast
+                                       check_external_scores, finished_bank, lambda_report, lds_table,
                                        option_sweep, score_bank)
     from ..figures import lds_lambda_figure, lds_option_figure  # lazy: keeps the start of the other commands fast
     from ..methods import curvature_options, get_method  # lazy: keeps the start of the other commands fast
@@ -167,7 +168,8 @@ def cmd_lds(args: argparse.Namespace) -> int:
                   f"{shares['standard']:>13} {row['centered']:+9.3f} "
                   f"{_ci((row['centered_ci_two_way_low'], row['centered_ci_two_way_high'])):>18} "
                   f"{shares['centered']:>13}")
-            rows_out.append({"split": split, **row, **{f"{v}_of_reachable": _fraction(table, row, v) for v in VARIANTS}})
+            rows_out.append({"split": split, **row,
+                             **{f"{v}_of_reachable": _fraction(table, row, v) for v in VARIANTS}})
         if table.ceilings.seed is None:
             print(f"  {SINGLE_SEED}")
         else:

@@ -169,7 +169,8 @@ def _stage_progress():
 
 def cmd_validate(args) -> int:
     from ..magic.runs import open_run  # lazy: keeps the start of the other commands fast
-    from ..magic.validate import check_fraction, evaluate, finite_difference_check, retrain  # lazy: keeps the start of the other commands fast
+    from ..magic.validate import (check_fraction, evaluate,  # lazy: keeps the start of the other commands fast
+                                  finite_difference_check, retrain)
 
     check_fraction(args.fraction)
     if args.workers < 1:

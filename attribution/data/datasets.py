@@ -11,7 +11,7 @@ A dataset spec is a string:
 | `animals:cat,dog` | any subset of animal classes, named or numbered | 28 |
 | `cifar10:ROOT` | CIFAR-10 from the python batches under ROOT (`cifar-10-batches-py/`), never downloaded | 32 |
 | `cifar2:ROOT` | CIFAR-2 as in the paper: automobile vs horse, 5,000 train (of 10,000) / 1,000 val | 32 |
-| `folder:PATH` | an ImageFolder-style directory: one subfolder per class (or `train/` and `val/` holding those) | image size |
+| `folder:PATH` | ImageFolder-style: one subfolder per class (or `train/` and `val/` holding those) | image size |
 | `npz:PATH` | an .npz with `images` (uint8 N x H x W [x C]) and optional `labels` | image size |
 
 Splits: every built-in has `train` and `val`. Built-in validation sets are fixed, seeded, stratified 10% hold-outs

@@ -26,7 +26,8 @@ Every retrain of a bank (its full model included) uses the recipe's `randomness`
 random numbers in the full run's batches, the default for new banks: every draw tied to the image it belongs to,
 and a removed image leaves only its own batch changed), `crn` (the same draws, re-batched after each removal) or
 `stream` (a bank.json that does not record it, as the banks built before CRN existed). A bank never mixes them:
-resuming it with another one is refused. Its targets can be copied from another bank (`targets_from`) so two banks measure F on the same images.
+resuming it with another one is refused. Its targets can be copied from another bank (`targets_from`) so two banks
+measure F on the same images.
 """
 
 from __future__ import annotations
@@ -600,7 +601,8 @@ def bank_recipe(meta: dict) -> Recipe:
 
 
 def bank_randomness(meta: dict) -> str:
-    """How a bank's models were retrained (bank.json): crn-slots, crn or stream; stream when it does not say (every bank built
+    """How a bank's models were retrained (bank.json): crn-slots, crn or stream; stream when it does not say
+    (every bank built
     before CRN existed, and stream recipes' identities, which leave it out to keep their keys)."""
     return meta.get("identity", {}).get("recipe", {}).get("randomness", "stream")
 

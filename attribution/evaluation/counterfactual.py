@@ -19,7 +19,8 @@ original image bit for bit (the retraining is the same procedure as the original
 shows the retraining-seed noise of an unchanged training set.
 
 Retrains use `randomness` (train.py; `crn-slots` by default: the paper's protocol with common random numbers in
-the full run's batches, so that a removal changes only which images are present). The "before" model must be trained the same way as the removals:
+the full run's batches, so that a removal changes only which images are present). The "before" model must be
+trained the same way as the removals:
 when the source's model was trained with the other randomness (a stream bank or run), the source's recipe is
 retrained on the full split at its seed with the asked randomness, once (the cache folder a bank of that recipe
 shares), and that model is the one attributed, regenerated and compared with.
@@ -264,7 +265,8 @@ def _weights_hash(model_spec: str) -> str:
 def study_folder(source: Source, spec: StudySpec, dataset_hash: str, cache: str | None = None) -> Path:
 
     identity = source.identity(spec, dataset_hash)
-    slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}" + ("" if source.recipe.randomness == "stream" else f"-{source.recipe.randomness}")
+    slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}" + ("" if source.recipe.randomness == "stream"
+                                                                  else f"-{source.recipe.randomness}")
     if source.studies_root is not None:
         return source.studies_root / f"{slug.replace(':', '_')}-{identity_hash(identity)}"
     return counterfactual_dir(source.model_hash, slug, identity, cache)

@@ -187,7 +187,7 @@ def option_sweep(bank: Bank, method: str, sweep: str, values=None, splits=("val"
         else:
             opts[SWEEPS[sweep]] = v
             attribution = open_on_bank(bank, method, device, **opts)
-        attribution.featurize((lambda member: progress(f"{method} {sweep}={v}")) if progress else None)
+        attribution.featurize((lambda member, v=v: progress(f"{method} {sweep}={v}")) if progress else None)
         run = run_on_bank(bank, attribution, opts)
         scores = run.scores()
         tables = {split: lds_table(bank, {method: scores}, split, n_resamples=n_resamples) for split in splits}

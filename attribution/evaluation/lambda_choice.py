@@ -13,7 +13,8 @@ generalized cross-validation score (Golub, Heath & Wahba 1979) is
 
 and from the kernel's thin SVD (c = V^T g, s = sigma) both terms cost O(r) per lambda:
 
-    ||(I - H) g||^2 = ||g||^2 - ||c||^2 + sum_j (lambda / (s_j^2 + lambda))^2 c_j^2,    tr H = sum_j s_j^2/(s_j^2+lambda).
+    ||(I - H) g||^2 = ||g||^2 - ||c||^2 + sum_j (lambda / (s_j^2 + lambda))^2 c_j^2,
+    tr H = sum_j s_j^2/(s_j^2+lambda).
 
 Summed over a set of targets (their residuals added, the degrees of freedom shared) this picks the lambda at which
 the training features explain the targets' features best out of sample, using nothing but the cached kernel and

@@ -4,7 +4,8 @@ LDS compares an attribution of one model with the outputs of models retrained on
 the attributed model and every subset model must come from the same recipe. A recipe is either named (`RECIPES`,
 e.g. "digits-eval", chosen so one half-subset retrain takes one to two minutes on one CPU thread) or read from a
 training run folder's run.json (`recipe_from_run`). `Recipe.key(dataset_hash)` hashes every field that reaches the
-weights plus the training data's content hash; it names the retrained models' cache folder. `randomness` (crn-slots, crn or
+weights plus the training data's content hash; it names the retrained models' cache folder.
+`randomness` (crn-slots, crn or
 stream, train.py) is one of them; the named recipes are stream recipes (the shipped banks were built with them), and
 a bank or study picks the randomness it retrains with (`dataclasses.replace(recipe, randomness="crn-slots")`).
 """

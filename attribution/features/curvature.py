@@ -199,7 +199,8 @@ def copy_inputs(model: DiffusionModel, x0: torch.Tensor, keys: list[str], spec: 
 
 class _Hooks:
     """Forward hooks that keep each tracked layer's inputs (as (B, positions, in) rows; the bias's ones column is
-    added by the consumers, in the small matrices) and tensor hooks that keep its output gradients ((B, positions, out))."""
+    added by the consumers, in the small matrices) and tensor hooks that keep its output gradients
+    ((B, positions, out))."""
 
     def __init__(self, layers: list[Layer]):
         self.layers = layers
@@ -384,7 +385,8 @@ def fit_ekfac(model: DiffusionModel, images: Callable[[np.ndarray], torch.Tensor
         def covariances(hooks, first):
             for i, layer in enumerate(lay.layers):
                 for a, g in hooks.pairs(layer):
-                    if first:  # float32 products (relative error ~1e-6, far below the sampling noise), summed in float64
+                    # float32 products (relative error ~1e-6, far below the sampling noise), summed in float64
+                    if first:
                         state[f"A_{i}"] += _second_moment(a.reshape(-1, a.shape[-1]), layer.bias is not None)
                     g = g.reshape(-1, g.shape[-1])
                     state[f"S_{i}"] += (g.T @ g).double().cpu().numpy()

@@ -8,9 +8,11 @@ expectation, E <Pg, Pg'> = <g, g'>. A Gaussian JL matrix with N(0, 1) entries is
 | name | what | where it fits |
 |---|---|---|
 | `identity` | no projection (k = P) | small models, exactness checks |
-| `sjlt` | ours: sparse JL / count-sketch with s non-zeros per coordinate (block construction, +-1/sqrt(s)) | any device; O(P s) per sample, memory O(P s) for the hash; the CPU default |
-| `gaussian` | traker's `BasicProjector` matrix (dense N(0,1) blocks regenerated per call), drawn on the CPU | the paper's estimator; slow for large P k |
+| `sjlt` | ours: sparse JL (count-sketch, s non-zeros +-1/sqrt(s) per coordinate) | any device; the CPU default |
+| `gaussian` | traker's `BasicProjector` (dense N(0,1) blocks regenerated per call), on the CPU | the paper's; slow |
 | `trak-cuda` | traker's `CudaProjector` (fast_jl kernel) | GPUs with fast_jl installed; the GPU default then |
+
+`sjlt` costs O(P s) per sample and O(P s) memory for its hash (block construction); `gaussian` costs O(P k).
 
 What the matrix depends on (`matrix_identity`, part of a feature store's identity): `sjlt` and `gaussian` draw it
 from a CPU generator, so it depends on (projector, k, seed) only, whatever device the model is on. fast_jl's matrix
@@ -179,8 +181,8 @@ class TrakCudaProjector(Projector):
         check_fast_jl_dim(proj_dim)
         if device.type != "cuda" or not fast_jl_available():
             raise ConfigError("projector 'trak-cuda' needs a CUDA device and the fast_jl package; use sjlt")
-        # optional: traker's CUDA projector
-        from trak.projectors import ChunkedCudaProjector, CudaProjector, ProjectionType  # optional: traker's CUDA projector (GPU only)
+        # optional: traker's CUDA projector (GPU only)
+        from trak.projectors import ChunkedCudaProjector, CudaProjector, ProjectionType
 
         self.chunks = fast_jl_chunks(grad_dim)
         parts = [CudaProjector(grad_dim=size, proj_dim=proj_dim, seed=seed + c, proj_type=ProjectionType.normal,

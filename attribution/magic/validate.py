@@ -168,7 +168,8 @@ def finite_difference_check(run: MagicRun, query: dict, indices, h: float = 0.5)
 def fit_summary(run: MagicRun, n: int = 8) -> dict:
     """How well the run has learnt its data, as mean bits/dim of n images each: training images (a seeded subset),
     the run's own samples (seeds 0..n-1) and uniform noise; `gap`, where the samples sit from the training images
-    (0) to noise (1; None when the training images are no likelier than noise). Samples nearer noise than the training images mean a run that has barely learnt to generate
+    (0) to noise (1; None when the training images are no likelier than noise). Samples nearer noise than the
+    training images mean a run that has barely learnt to generate
     (BENCHMARKS.md: the default 300-step run's samples score 9.9-10.7, its training images 7.9, noise 10.7; a
     1,000-step run's samples 7.7-8.2, training images 7.5). Computed once per run (fit.json in its folder)."""
     path = run.path / "fit.json"

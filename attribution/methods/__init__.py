@@ -70,4 +70,6 @@ def curvature_options(methods: list[str], **options) -> dict:
     return chosen
 
 
-__all__ = ["CURVATURE_OPTIONS", "curvature_options", "BASELINE_METHOD", "DEFAULT_METHOD", "RECOMMENDED_METHOD", "TIMESTEP_BIAS_METHODS", "METHODS", "get_method", "Method", "KernelMethod", "SimilarityMethod", "TrainFeatures"]
+__all__ = ["CURVATURE_OPTIONS", "curvature_options", "BASELINE_METHOD", "DEFAULT_METHOD", "RECOMMENDED_METHOD",
+           "TIMESTEP_BIAS_METHODS", "METHODS", "get_method", "Method", "KernelMethod", "SimilarityMethod",
+           "TrainFeatures"]

@@ -119,14 +119,14 @@ class Method(ABC):
         n = len(models)
         return [1.0 / n] * n, "" if n == 1 else "mean over the checkpoints", [None] * n
 
-    def check_members(self, specs: list[str]) -> None:
+    def check_members(self, specs: list[str]) -> None:  # noqa: B027 (a hook; the default accepts any set)
         """Refuse a set of checkpoints this method cannot use (default: any set)."""
 
     def target_member(self, n_members: int) -> int:
         """Which member's model generates `gen:SEED` targets (the checkpoint named)."""
         return 0
 
-    def check_targets(self, targets) -> None:
+    def check_targets(self, targets) -> None:  # noqa: B027 (a hook; the default accepts any target)
         """Refuse targets this method cannot attribute, before any featurizing (default: any target)."""
 
     def target_features(self, member, targets, progress=None, cache: str | None = None,

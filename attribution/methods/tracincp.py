@@ -2,7 +2,8 @@
 eta_c <phi_c(x), phi_c(x_n)>, phi_c the projected gradient of the training loss (Simple) at checkpoint c, averaged
 over the K feature timesteps (the same features as TRAK at that checkpoint). The D-TRAK paper averages four evenly
 spaced checkpoints with equal weights and a projection seed per checkpoint (`--checkpoint-weights uniform`); by
-default eta_c weights each by the learning rate it was trained at (`over_checkpoints.tracin_weights`, one projection)."""
+default eta_c weights each by the learning rate it was trained at (`over_checkpoints.tracin_weights`,
+one projection)."""
 
 from .base import dot_scores
 from .over_checkpoints import CheckpointMethod

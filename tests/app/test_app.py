@@ -6,54 +6,17 @@ AppTest runs the script in this process, so the app reads `ATTRIBUTION_CHECKPOIN
 
 from __future__ import annotations
 
-import io
 import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from attribution.errors import ImageError
 from app_pages._ui import display_size, page_indices, read_upload
-from page_support import mounted_value, tiles
-
-APP = Path(__file__).resolve().parents[2] / "app.py"
-# The attribution tests featurize the 1618 digits once per feature set (K=2, k=512): ~15-40 s on two busy cores.
-RUN_TIMEOUT = 300
-
-
-@pytest.fixture(scope="session")
-def feature_cache(tmp_path_factory) -> Path:
-    """One feature cache for the session (test_browser.py's server uses the same folder), never the repo's cache/."""
-    path = tmp_path_factory.getbasetemp() / "attribution-cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture
-def app(tiny_run, feature_cache, monkeypatch) -> AppTest:
-    """The app after its first run, pointed at the tiny run and the digits dataset."""
-    monkeypatch.setenv("ATTRIBUTION_CHECKPOINT", str(tiny_run))
-    monkeypatch.setenv("ATTRIBUTION_DATASET", "digits")
-    monkeypatch.setenv("ATTRIBUTION_CACHE", str(feature_cache))
-    at = AppTest.from_file(str(APP), default_timeout=60).run()
-    assert not at.exception
-    return at
-
-
-def shown_images(at: AppTest) -> list[str]:
-    """Captions of every image on the page (one st.image call can hold many images)."""
-    return [img.caption for element in at.get("image") for img in element.proto.imgs]
-
-
-def png_bytes(size=(40, 30), mode="RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size, 200).save(buf, format="PNG")
-    return buf.getvalue()
-
+from page_support import APP, RUN_TIMEOUT, mounted_value, png_bytes, shown_images, tiles
 
 def test_home_and_sidebar(app, tiny_run):
     assert app.title[0].value.startswith("Which training images")

@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 from attribution.analysis.norms import NormConfig, sample_curve
 from attribution.models import load_model
 from attribution.targets import resolve_targets
-from test_app import APP, app, feature_cache, png_bytes, shown_images  # noqa: F401 (fixtures)
+from page_support import APP, png_bytes, shown_images
 
 
 def curve_of(at: AppTest) -> tuple[str, np.ndarray]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from test_app import RUN_TIMEOUT, feature_cache  # noqa: F401 (fixtures)
+from page_support import RUN_TIMEOUT
 
 from attribution.cli import main
 

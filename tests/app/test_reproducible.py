@@ -17,7 +17,7 @@ from attribution.data.images import pixels_to_tensor
 from attribution.models import load_model
 from attribution.sampling import sample
 from attribution.targets import resolve_targets
-from test_app import RUN_TIMEOUT, app, feature_cache, tiles  # noqa: F401 (fixtures)
+from page_support import RUN_TIMEOUT, tiles
 
 
 def offered_files(monkeypatch) -> dict[str, bytes]:

@@ -169,7 +169,6 @@ def test_app_command_serves_the_app_and_stops_with_it():
     import time
     import urllib.request
 
-    sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: browser_support
     from browser_support import free_port
 
     def health() -> bytes | None:

@@ -11,14 +11,12 @@ project's 2-core CPU machine with OMP_NUM_THREADS=1. Rerun only when a result is
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402 (OMP_NUM_THREADS is set before torch loads)
 import torch  # noqa: E402
 
 OUT = Path(__file__).with_suffix(".npz")
@@ -76,7 +74,8 @@ def main() -> None:
     arrays["features_square"] = reference_features(model, "square")
     arrays["features_simple"] = reference_features(model, "simple")
     arrays["features_elbo"] = reference_features(model, "elbo")
-    arrays["features_square_per_image_t"] = reference_features(model, "square", torch.tensor([[5], [250], [500], [990]]))
+    arrays["features_square_per_image_t"] = reference_features(model, "square",
+                                                               torch.tensor([[5], [250], [500], [990]]))
     for sampler in ("ddpm", "ddim"):
         for k, v in sample(model, 2, 7, steps=3, sampler=sampler).arrays().items():
             arrays[f"sample_{sampler}_{k}"] = v

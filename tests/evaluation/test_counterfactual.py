@@ -19,7 +19,6 @@ from attribution.evaluation.counterfactual import (Cell, StudySpec, Study, empti
                                                    parse_targets, removal_count, run_study, source_from_checkpoint)
 from attribution.evaluation.counterfactual_stats import dose_response, paired, per_target, summary_rows
 from attribution.evaluation.image_metrics import pixel_l2, ssim, ssim_map
-from attribution.evaluation.ray_engine import RayCluster
 from attribution.evaluation.recipes import get_recipe
 
 N_DIGITS = 1618
@@ -134,12 +133,6 @@ def recipe_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("cf_model") / "run"
     return train(get_recipe("tiny-test").train_config(out, None, 0, "cpu"))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with RayCluster(num_cpus=2) as cluster:
-        yield cluster
 
 
 def tiny_spec(**kw) -> StudySpec:

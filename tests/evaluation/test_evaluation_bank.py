@@ -23,7 +23,7 @@ import torch
 from attribution.errors import ConfigError
 from attribution.evaluation.bank import Bank, BankSpec, build_bank, copied_targets, default_randomness, \
     random_masks, read_subset_file, simple_loss_outputs
-from attribution.evaluation.ray_engine import RayCluster, probe_address, run_tasks
+from attribution.evaluation.ray_engine import probe_address, run_tasks
 from attribution.evaluation.recipes import RECIPES, Recipe, get_recipe, recipe_from_run
 
 N_DIGITS = 1618
@@ -32,13 +32,6 @@ N_DIGITS = 1618
 def tiny_spec(out: Path) -> BankSpec:
     return BankSpec(name="tiny", recipe=get_recipe("tiny-test"), out=str(out), subsets=4, seeds=2,
                     val_targets=2, gen_targets=2, gen_steps=3, noise_sets=2, timesteps=5)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray (2 CPUs) for the module's builds: starting Ray and its workers is most of their cost."""
-    with RayCluster(num_cpus=2) as cluster:
-        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +272,8 @@ def test_crn_bank_beside_a_stream_bank_with_its_targets(tiny_bank, tmp_path, loc
     build_bank(spec, log=lambda m: None, cache_root=str(cache), cluster=local_ray)
     crn, stream = Bank.load(tmp_path / "crn"), Bank.load(folder)
     assert crn.meta["randomness"] == "crn" and stream.meta["randomness"] == "stream"
-    assert crn.meta["identity"]["recipe"]["randomness"] == "crn" and "randomness" not in stream.meta["identity"]["recipe"]
+    assert (crn.meta["identity"]["recipe"]["randomness"] == "crn" and
+            "randomness" not in stream.meta["identity"]["recipe"])
     assert crn.meta["identity"]["targets_from"] == {"bank": "tiny", "targets_hash": stream.meta["targets_hash"]}
     assert crn.target_keys == stream.target_keys and np.array_equal(crn.target_images, stream.target_images)
     assert crn.meta["model"]["content_hash"] != stream.meta["model"]["content_hash"]  # another full model

@@ -30,16 +30,6 @@ from attribution.kernel import Kernel
 from attribution.methods import TrainFeatures, curvature_options, get_method
 
 
-@pytest.fixture(scope="module")
-def npz12(tmp_path_factory):
-    from attribution.data import load_dataset
-
-    digits = load_dataset("digits")
-    path = tmp_path_factory.mktemp("dasekfac") / "digits12.npz"
-    np.savez(path, images=digits.pixels[:12, ..., 0], labels=digits.labels[:12])
-    return path
-
-
 def _open(name, tiny_run, npz12, cache, **options):
     return open_attribution(str(tiny_run), get_method(name), "cpu", dataset=f"npz:{npz12}", timesteps=2,
                             proj_dim=64, cache=str(cache), **options)

@@ -111,8 +111,8 @@ def _brute_force_ekfac(model, stride, x0, keys, spec, transpose_conv_qs=False):
 
     # A and S of the convolution: explicit patches; output gradients through d out / d (pre-activation)
     s = F.conv2d(x, p["conv.weight"], p["conv.bias"], stride=stride, padding=1)  # (copies, OUT_CH, h, w)
-    Js = torch.autograd.functional.jacobian(
-        lambda s_: F.linear(torch.tanh(s_).flatten(1), p["lin.weight"], p["lin.bias"]), s)  # (copies, D, copies, OUT_CH, h, w)
+    Js = torch.autograd.functional.jacobian(  # (copies, D, copies, OUT_CH, h, w)
+        lambda s_: F.linear(torch.tanh(s_).flatten(1), p["lin.weight"], p["lin.bias"]), s)
     Js = torch.stack([Js[c, :, c] for c in range(n_copies)]).flatten(3)  # (copies, D, OUT_CH, positions)
     g_conv = torch.einsum("crd,cdop->crpo", R, Js).reshape(-1, OUT_CH)
     a_conv = _patches(x, stride)

@@ -22,16 +22,6 @@ from attribution.targets import from_pixels, resolve_targets
 
 
 @pytest.fixture(scope="module")
-def npz12(tmp_path_factory):
-    from attribution.data import load_dataset
-
-    digits = load_dataset("digits")
-    path = tmp_path_factory.mktemp("contract") / "digits12.npz"
-    np.savez(path, images=digits.pixels[:12, ..., 0], labels=digits.labels[:12])
-    return path
-
-
-@pytest.fixture(scope="module")
 def clip_weights(tmp_path_factory, tiny_clip_name):
     """A tiny randomly initialised open_clip tower saved to a local file (no CLIP weights exist offline)."""
     from attribution.features.embeddings import ClipEmbedder

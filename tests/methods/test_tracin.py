@@ -61,11 +61,6 @@ def run_models(tiny_run):
     return [load_model(f"{tiny_run}@epoch-1", "cpu"), load_model(f"{tiny_run}@epoch-2", "cpu")]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
 # -- gradient norms ----------------------------------------------------------------------------------------------
 
 

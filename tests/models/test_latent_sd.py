@@ -32,18 +32,6 @@ def sd_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def npz12(tmp_path_factory):
-    """12 digits (classes 0..9) with labels, 16x16 grayscale, and a 4-image validation file beside them."""
-    from attribution.data import load_dataset
-
-    digits = load_dataset("digits")
-    path = tmp_path_factory.mktemp("data") / "d12.npz"
-    np.savez(path, images=digits.pixels[:12, ..., 0], labels=digits.labels[:12])
-    np.savez(path.with_name("d12_val.npz"), images=digits.pixels[12:16, ..., 0], labels=digits.labels[12:16])
-    return path
-
-
-@pytest.fixture(scope="module")
 def lora_run(sd_dir, npz12, tmp_path_factory):
     """`train-lora` through the CLI: rank 2, 2 epochs of 12 images, checkpoints at both epochs."""
     out = tmp_path_factory.mktemp("lora") / "run"

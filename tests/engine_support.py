@@ -1,0 +1,31 @@
+"""Helpers shared by the engine-level tests: a randomly initialised tiny pixel model, the first n images of a dataset
+as their own dataset, and feature-store keys. Not a test module (pytest collects only test_*.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from attribution.data.datasets import ImageDataset
+from attribution.models.adapter import DiffusionModel, NoiseSchedule
+from attribution.models.checkpoint import DEFAULT_SCHEDULE
+from attribution.models.pixel_ddpm import PixelDDPM
+from attribution.models.presets import unet_for
+
+TWO_STEPS = dict(timesteps=2)  # K=2 uniform: t = 0, 500
+
+
+def tiny_model(seed: int = 0, prediction_type: str = "epsilon") -> DiffusionModel:
+    """The "tiny" UNet (41,609 parameters) on 16x16 grayscale, random weights from `seed`, DDPM schedule."""
+    torch.manual_seed(seed)
+    schedule = NoiseSchedule.from_config({**DEFAULT_SCHEDULE, "prediction_type": prediction_type})
+    return PixelDDPM(unet_for(16, 1, "tiny"), schedule, None, "cpu")
+
+
+def subset(d: ImageDataset, n: int) -> ImageDataset:
+    """The first n images of `d`, as a dataset of their own (same spec, split and source indices)."""
+    return ImageDataset(d.spec, d.split, d.pixels[:n].copy(), d.labels[:n].copy(), list(d.class_names),
+                        d.source_index[:n].copy())
+
+
+def keys_for(split: str, rows) -> list[str]:
+    return [f"{split}/{i}" for i in rows]
