@@ -1,8 +1,9 @@
 """UI code of the Evaluation page: cached banks and bank runs, the λ curve, table rows, the callback that opens a
 bank target on the Attribute page. Not a page.
 
-A `BankRun` holds one method's target features on a bank (its attribution keeps the kernel decomposition), so the
-λ slider re-scores in milliseconds; it is shared by all sessions (`st.cache_resource`) and only read.
+A `Result` (the engine's) holds one method's target features on a bank (its attribution keeps the kernel
+decomposition), so the λ slider re-scores in milliseconds; it is shared by all sessions (`st.cache_resource`) and
+only read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from attribution import (
     Attribution,
     AttributionError,
     Bank,
-    BankRun,
+    Result,
     LdsTable,
     SweepPoint,
     checkpoint_tasks,
@@ -80,7 +81,7 @@ def checkpoint_note(name: str, method: str, timesteps: int, proj_dim: int) -> tu
 
 
 @st.cache_resource(max_entries=12, show_spinner="Scoring the bank's targets…")
-def bank_run(name: str, method: str, timesteps: int, proj_dim: int) -> BankRun:
+def bank_run(name: str, method: str, timesteps: int, proj_dim: int) -> Result:
     """One method's target features of every target of bank `name` (after `featurize_with_progress`)."""
     return run_on_bank(cached_bank(name), bank_attribution(name, method, timesteps, proj_dim))
 
@@ -138,7 +139,7 @@ def table_rows(table: LdsTable) -> list[dict]:
 @st.cache_data(max_entries=16, show_spinner="Fitting Empirical Influence and Datamodels…")
 def estimator_rows(name: str, methods: tuple[str, ...], timesteps: int, proj_dim: int, split: str) -> tuple:
     """The held-out LDS table of the retraining estimators beside `methods` (rows) and the split note."""
-    named = {m: bank_run(name, m, timesteps, proj_dim).scores() for m in methods}
+    named = {m: bank_run(name, m, timesteps, proj_dim).scores for m in methods}
     table, note = heldout_lds_table(cached_bank(name), named, split, n_resamples=200)
     return table_rows(table), note
 

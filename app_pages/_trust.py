@@ -21,7 +21,7 @@ from attribution import (
     BASELINE_SIMILARITY,
     Attribution,
     AttributionError,
-    BankRun,
+    Result,
     HeldOutLambda,
     bank_for_model,
     bank_targets_cached,
@@ -44,7 +44,7 @@ def bank_of(identity: str, root: str) -> str | None:
 
 
 @st.cache_resource(max_entries=12, show_spinner="Scoring the bank's targets…")
-def trust_run(folder: str, options_key: str, _att: Attribution) -> BankRun:
+def trust_run(folder: str, options_key: str, _att: Attribution) -> Result:
     """The attribution's target features of every bank target (keyed by the page's options digest)."""
     return run_on_bank(cached_bank(folder), _att)
 
@@ -55,7 +55,7 @@ def pixel_attribution(folder: str) -> Attribution:
     return open_on_bank(cached_bank(folder), BASELINE_SIMILARITY, load=cached_model)
 
 
-def pixel_run(folder: str, compute: bool) -> BankRun | None:
+def pixel_run(folder: str, compute: bool) -> Result | None:
     """Pixel similarity's scores of the bank's targets: read when cached, computed with `compute` (pixels, no
     gradients), else None."""
     att = pixel_attribution(folder)
@@ -67,15 +67,15 @@ def pixel_run(folder: str, compute: bool) -> BankRun | None:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def verdict_text(folder: str, options_key: str, lam: float | None, split: str, _run: BankRun,
-                 _pixels: BankRun | None, with_pixels: bool) -> tuple[str, str]:
+def verdict_text(folder: str, options_key: str, lam: float | None, split: str, _run: Result,
+                 _pixels: Result | None, with_pixels: bool) -> tuple[str, str]:
     """(sentence, details) of `verdict` (cached per options, λ and split: reruns cost nothing)."""
     v = verdict(cached_bank(folder), _run, lam, split, _pixels)
     return v.sentence(), v.details()
 
 
 @st.cache_data(max_entries=32, show_spinner="Choosing λ on the bank's targets…")
-def lambda_choice(folder: str, options_key: str, split: str, exclude: str | None, _run: BankRun) -> HeldOutLambda:
+def lambda_choice(folder: str, options_key: str, split: str, exclude: str | None, _run: Result) -> HeldOutLambda:
     return held_out_lambda(cached_bank(folder), _run, split, exclude)
 
 
@@ -91,7 +91,7 @@ def scoring_note(att: Attribution, folder: str) -> tuple[str, str]:
 
 
 def trust_caption(att: Attribution, options_key: str, lam: float | None, key: str,
-                  split: str = "val") -> tuple[str, BankRun] | None:
+                  split: str = "val") -> tuple[str, Result] | None:
     """Beside a ranking: from the model's bank, the verdict at `lam` on the bank's targets of `split` (the kind of
     the target attributed) when the bank's targets are scored with these options (cached, or once the button
     asks), else a button with what it will compute and how long; without a bank, a sentence that says so.
@@ -125,7 +125,7 @@ def trust_caption(att: Attribution, options_key: str, lam: float | None, key: st
     return folder, run
 
 
-def held_out_button(folder: str, run: BankRun, options_key: str, grid: list[float], current: float, choose,
+def held_out_button(folder: str, run: Result, options_key: str, grid: list[float], current: float, choose,
                     split: str, exclude: str | None, key: str) -> None:
     """"Use the λ chosen on held-out targets": `choose(λ)` (an on_click callback: it runs before the next run
     draws the slider) with the held-out choice on the bank, moved to the nearest value of the slider's `grid`."""

@@ -87,7 +87,7 @@ if not runs:
     st.stop()
 
 # -- the LDS table -------------------------------------------------------------------------------------------------
-table = lds_table(bank, {m: r.scores() for m, r in runs.items()}, split)
+table = lds_table(bank, {m: r.scores for m, r in runs.items()}, split)
 st.subheader("LDS with its noise ceilings")
 for m in [m for m, r in runs.items() if not r.covers(split)]:
     st.caption(f"{m} attributes generated images only (along their sampling trajectory): see the generated targets.")

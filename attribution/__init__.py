@@ -66,7 +66,7 @@ _API = {
     "analysis.memorisation": "class_ranks size_normalized",
     "analysis.norms": "NormConfig sample_curve training_norms",
     "evaluation.bank": "Bank bank_for_model banks_dir list_banks",
-    "evaluation.evaluate": "BankRun SweepPoint bank_targets_cached lambda_report lds_table open_on_bank option_sweep "
+    "evaluation.evaluate": "SweepPoint bank_targets_cached lambda_report lds_table open_on_bank option_sweep "
                            "run_on_bank score_bank split_rows",
     "evaluation.lds": "SINGLE_SEED LdsTable holm",
     "evaluation.retraining_estimators": "heldout_lds_table",

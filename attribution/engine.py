@@ -35,6 +35,7 @@ import torch
 
 from .data import ImageDataset, training_dataset_of
 from .errors import ConfigError
+from .fileio import save_npy
 from .features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS, FeatureConfig
 from .features.curvature import EKFAC, fit_ekfac, layout
 from .features.embeddings import make_embedder
@@ -48,6 +49,7 @@ from .features.projectors import (
 from .features.residuals import RESIDUAL_TIMESTEPS, ROW_STATISTICS, row_statistic
 from .features.timesteps import training_timesteps
 from .kernel import Kernel, check_lambda
+from .lambda_choice import gcv_lambda
 from .methods import Method, TrainFeatures
 from .models import load_model
 from .models.adapter import DiffusionModel
@@ -55,8 +57,10 @@ from .store import (
     CurvatureStore,
     FeatureStore,
     cache_root,
+    load_array,
     record_throughput,
     recorded_throughput,
+    saved_targets_path,
     stats_dir,
 )
 from .targets import Targets
@@ -399,13 +403,32 @@ class Attribution:
         plain image features."""
         return self.target_features(Targets(images, list(keys), list(keys), [None] * len(keys)))
 
-    def target_features(self, targets, cache: str | None = None) -> list[np.ndarray]:
+    def target_features(self, targets, cache: str | None = None, saved_as: str | None = None,
+                        partial: bool = False) -> list[np.ndarray]:
         """Per-member features of resolved `Targets` by this method's recipe (`Method.target_features`; for
         Journey TRAK the trajectory `target_model` samples for gen:SEED, sampled once and scored with every
-        member)."""
-        self.method.check_targets(targets)
-        return [self.method.target_features(att, targets, cache=cache, sampler_model=self.target_model)
-                for att in self.members]
+        member). `saved_as`: each member's features of these targets are read from (or saved to, once all are
+        computed) its feature folder under that name (`store.saved_targets_path`), so a fixed target set such as
+        a bank's costs no gradients the second time. `partial`: targets a generated-only method cannot attribute
+        (those without a trajectory) get NaN rows instead of a refusal."""
+        paths = [saved_targets_path(att.store_path, saved_as) for att in self.members] if saved_as else []
+        cached = [load_array(p) for p in paths]  # a damaged file is recomputed and saved over
+        if paths and all(g is not None and g.shape[0] == len(targets) for g in cached):
+            return cached
+        if partial and self.method.generated_only:
+            rows = [i for i, g in enumerate(targets.generated or [None] * len(targets)) if g is not None]
+            G = []
+            for g in self.target_features(targets.select(rows), cache=cache):
+                full = np.full((len(targets), *np.shape(g)[1:]), np.nan, dtype=np.float32)
+                full[rows] = g
+                G.append(full)
+        else:
+            self.method.check_targets(targets)
+            G = [self.method.target_features(att, targets, cache=cache, sampler_model=self.target_model)
+                 for att in self.members]
+        for path, g in zip(paths, G):
+            save_npy(path, np.asarray(g, dtype=np.float32))
+        return G
 
     def resolve_lambda(self, lam: float | None) -> float | None:
         """`lam`, checked; by default the mean of every member's default (each 0.1 x its mean eigenvalue), so an
@@ -429,17 +452,19 @@ class Attribution:
                    for w, att in zip(self.weights, self.members))
 
     def run(self, targets: Targets, lam: float | None = None,
-            progress: Callable[[Attributor], Progress | None] | None = None, cache: str | None = None) -> Result:
+            progress: Callable[[Attributor], Progress | None] | None = None, cache: str | None = None,
+            saved_as: str | None = None, partial: bool = False) -> Result:
         """The whole lifecycle, the one call the CLI, the pages and the evaluation make: check `targets` and
         `lam` (before any work), featurize every member (cached, resumable; `progress(member)` returns that
-        member's progress callback), the targets' features by the method's recipe, the default lambda (once),
-        and the scores at `lam` (default: that default) with their ranking. `Result.at(lam)` re-scores at
-        another lambda in milliseconds."""
-        self.method.check_targets(targets)
+        member's progress callback), the targets' features by the method's recipe (`saved_as`, `partial`: see
+        `target_features`), the default lambda (once), and the scores at `lam` (default: that default) with their
+        ranking. `Result.at(lam)` re-scores at another lambda in milliseconds."""
+        if not (partial and self.method.generated_only):
+            self.method.check_targets(targets)
         if lam is not None and self.method.uses_lambda:
             check_lambda(lam)
         self.featurize(progress)
-        G = self.target_features(targets, cache=cache)
+        G = self.target_features(targets, cache=cache, saved_as=saved_as, partial=partial)
         default = self.resolve_lambda(None)
         return Result(self, targets, G, default).at(lam)
 
@@ -471,6 +496,25 @@ class Result:
     def ranking(self) -> np.ndarray:
         """(M, N) training indices per target, strongest proponent first (ties in index order)."""
         return np.argsort(-self.scores, axis=1, kind="stable")
+
+    @property
+    def uses_lambda(self) -> bool:
+        return self.default_lambda is not None
+
+    def covers(self, split: str) -> bool:
+        """Whether the method attributes every target of a split ("val", "gen" or "all"; Journey TRAK: generated
+        targets only)."""
+        return split == "gen" or not self.attribution.method.generated_only
+
+    def lambda_grid(self, per_decade: int = 4) -> np.ndarray:
+        """The lambdas worth trying: log-spaced over the first member's kernel spectrum (`Kernel.lambda_grid`)."""
+        return self.attribution.members[0].train_features().kernel.lambda_grid(per_decade=per_decade)
+
+    def gcv(self, rows: np.ndarray | None = None) -> float:
+        """The retraining-free lambda (GCV over the feature dimensions; `lambda_choice.py`) from the targets' own
+        features (`rows`: a subset of the targets; validation or generated images, never training ones)."""
+        G = self.G[0] if rows is None else self.G[0][rows]
+        return gcv_lambda(self.attribution.members[0].train_features().kernel, G).best
 
 
 def format_duration(seconds: float) -> str:

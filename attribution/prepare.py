@@ -23,7 +23,7 @@ from .engine import Attribution, Progress, format_duration, open_attribution
 from .errors import ConfigError
 from .features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from .evaluation.bank import Bank, list_banks
-from .evaluation.evaluate import bank_target_features, bank_targets_cached, open_on_bank
+from .evaluation.evaluate import bank_targets_cached, open_on_bank, run_on_bank
 from .journey import JourneyConfig, journey_cached, run_journey
 from .methods import BASELINE_METHOD, DEFAULT_METHOD, get_method
 from .run_options import RunOptions
@@ -93,7 +93,7 @@ class Task:
             if progress:
                 progress(0, 1, f"features of the {len(self.bank.target_keys)} targets of bank "
                                f"{self.bank.meta['name']}")
-            bank_target_features(self.bank, self.attribution)
+            run_on_bank(self.bank, self.attribution)
         if self.journey is not None:
             run_journey(self.attribution.members[0], self.journey, progress, image=self.image,
                         name=f"gen:{self.journey.seed}" if self.image is None else None)

@@ -297,6 +297,12 @@ class CurvatureStore:
 
 
 
+def saved_targets_path(store_path: Path, name: str) -> Path:
+    """`<feature folder>/bank-targets/<name>.npy`: one member's features of a fixed set of targets (a bank's), kept
+    beside the training features they are scored against (`engine.Attribution.target_features(saved_as=name)`)."""
+    return Path(store_path) / "bank-targets" / f"{name}.npy"
+
+
 def load_array(path: Path) -> np.ndarray | None:
     """The array of an .npy the cache can recompute (a bank's target features); None when absent or damaged."""
     try:

@@ -56,7 +56,7 @@ def main() -> int:
                                      curvature_samples=int(samples), timesteps=args.timesteps, cache=args.cache)
             configs[label] = (rule, int(samples), damping)
             print(f"{label}: scored in {time.time() - start:.0f} s (the fit and features: once)", flush=True)
-    named = {k: r.scores() for k, r in runs.items()}
+    named = {k: r.scores for k, r in runs.items()}
     baselines = [k for k in runs if k not in configs]
     rows, md = [], []
     for split in ("val", "gen"):

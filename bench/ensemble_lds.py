@@ -71,7 +71,7 @@ def main() -> int:
             run = run_on_bank(bank, att)
             seconds = round(time.time() - start, 1)
             cost["featurize_seconds"].setdefault(f"{entry} M={m}", seconds)  # the first time: new members featurized
-            named[f"{entry} M={m}"] = run.scores()
+            named[f"{entry} M={m}"] = run.scores
             print(f"{entry} M={m}: {seconds} s", flush=True)
             cost_path.write_text(json.dumps(cost, indent=1))
     rows, md = [], [f"Bank `{bank.meta['name']}` "

@@ -78,7 +78,7 @@ def main() -> int:
         print(f"{label}: scored in {seconds:.0f} s", flush=True)
         timing_path.write_text(json.dumps(timing, indent=1))
     bank = Bank.load(args.bank)  # again: a bank still building has more outputs by now
-    named = {k: r.scores() for k, r in runs.items()}
+    named = {k: r.scores for k, r in runs.items()}
     rows, lam_rows, md = [], [], []
     done = bank.finished()
     md.append(f"Bank `{args.bank}`: {done.masks.shape[0]} subsets x {len(bank.meta['seeds'])} seeds x "

@@ -122,7 +122,7 @@ def test_damaged_bank_target_features_are_recomputed(fake_bank_dir, tmp_path):
     (cached,) = (tmp_path / "cache").rglob("bank-targets/*.npy")
     damage(cached, "cut short")
     again = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=64, cache=str(tmp_path / "cache"))
-    np.testing.assert_allclose(again.scores(), first.scores(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(again.scores, first.scores, rtol=1e-5, atol=1e-7)
     assert np.load(cached).shape[0] == len(bank.target_keys)  # saved over
 
 

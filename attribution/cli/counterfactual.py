@@ -143,7 +143,7 @@ def cmd_estimators(args: argparse.Namespace) -> int:
     for name in [m.strip() for m in args.method.split(",") if m.strip()]:
         run = score_bank(bank, name, progress=progress_bar(f"{name} features"), timesteps=args.timesteps,
                          proj_dim=args.proj_dim, cache=args.cache)
-        named[name] = run.scores()
+        named[name] = run.scores
     for split in splits:
         table, note = heldout_lds_table(bank, named, split, args.fit_fraction, n_resamples=args.resamples)
         print(f"\n{split} targets ({table.shape['targets']}): fitted on subsets {note['fit_subsets']}, LDS on the "

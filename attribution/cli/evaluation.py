@@ -151,7 +151,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
         runs[name] = run
         lam = args.lam if run.uses_lambda and args.lam is not None else run.default_lambda
         label = name + (f" (lambda={lam:.3g})" if lam is not None else "")
-        named[label] = run.scores(lam)
+        named[label] = run.at(lam).scores
     rows_out, sweeps = [], []
     for split in splits:
         table = lds_table(bank, named, split, n_resamples=args.resamples)

@@ -510,11 +510,11 @@ def _method_scores(folder: Path, method: str, attribution, spec: StudySpec, befo
     missing = [s for s in spec.targets if s not in have]
     if missing:
         log(f"{method}: scoring {len(missing)} target(s) (training features cached after the first run)")
-        attribution.featurize((lambda member: progress) if progress else None)
         targets = Targets(to_tensor(np.stack([before[s] for s in missing])), [f"gen/{s}" for s in missing],
                           [f"gen:{s}" for s in missing], [None] * len(missing),
                           generated=[Generated(s, spec.steps, spec.sampler) for s in missing])
-        new = attribution.scores(attribution.target_features(targets)).astype(np.float32)
+        new = attribution.run(targets, progress=(lambda member: progress) if progress else None).scores
+        new = new.astype(np.float32)
         have.update({s: row for s, row in zip(missing, new)})
         seeds = sorted(have)
         save_npz(path, seeds=np.array(seeds), scores=np.stack([have[s] for s in seeds]))

@@ -2,7 +2,7 @@
 
     bank = Bank.load("digits")
     run = score_bank(bank, "dtrak", progress=...)                   # featurizes (cached), target features once
-    table = lds_table(bank, {"D-TRAK": run.scores()}, split="val")   # LDS, centered LDS, ceilings, CIs
+    table = lds_table(bank, {"D-TRAK": run.scores}, split="val")     # LDS, centered LDS, ceilings, CIs
     sweep = lambda_sweep(bank, run, split="gen")                    # LDS at every lambda, milliseconds each
 
 The attributed model is the bank's full model (trained by the bank's recipe on the whole training split), the
@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..engine import Attribution, open_attribution
+from ..engine import Attribution, Result, open_attribution
 from ..errors import ConfigError
-from ..fileio import save_npy
 from ..methods import get_method
 from ..models.adapter import key_prompt
 from ..sampling import Prompt
-from ..store import load_array
+from ..store import saved_targets_path
 from ..targets import Generated, Targets
 from .bank import Bank
-from .lambda_choice import gcv_lambda
 from .lds import Ceilings, HeldOutChoice, LdsResult, LdsTable, Sweep, evaluate, lds, lds_sweep
 
 SPLITS = ("val", "gen", "all")
@@ -47,40 +45,6 @@ def bank_targets(bank: Bank) -> Targets:
                    [k.replace("/", ":") for k in keys], [None] * len(keys), generated=generated)
 
 
-@dataclass
-class BankRun:
-    """One method's attribution of every bank target: target features per member, and scores at any lambda."""
-
-    method: str
-    attribution: Attribution
-    G: list[np.ndarray] = field(repr=False)
-    default_lambda: float | None
-    options: dict
-
-    @property
-    def uses_lambda(self) -> bool:
-        return self.default_lambda is not None
-
-    def scores(self, lam: float | None = None) -> np.ndarray:
-        """(T, N) scores at `lam` (default: the method's default lambda)."""
-        return self.attribution.scores(self.G, lam if lam is not None else self.default_lambda)
-
-    def covers(self, split: str) -> bool:
-        """Whether the method attributes every target of the split (Journey TRAK: generated ones only)."""
-        return split == "gen" or not self.attribution.method.generated_only
-
-    def lambda_grid(self, per_decade: int = 4) -> np.ndarray:
-        kernel = self.attribution.members[0].train_features().kernel
-        return kernel.lambda_grid(per_decade=per_decade)
-
-    def gcv(self, rows: np.ndarray | None = None) -> float:
-        """The retraining-free lambda (GCV over the feature dimensions; `lambda_choice`) from the targets' own
-        features (rows: a subset of targets; validation or generated images, never training ones)."""
-        member = self.attribution.members[0]
-        G = self.G[0] if rows is None else self.G[0][rows]
-        return gcv_lambda(member.train_features().kernel, G).best
-
-
 def open_on_bank(bank: Bank, method: str, device: str = "auto", **options) -> Attribution:
     """`method` on the bank's model and training set; `options` are those of `engine.open_attributor` (fn,
     timesteps, proj_dim, projector, seed, ...). Validates; computes nothing."""
@@ -94,59 +58,31 @@ def open_on_bank(bank: Bank, method: str, device: str = "auto", **options) -> At
     return attribution
 
 
-def run_on_bank(bank: Bank, attribution: Attribution, options: dict | None = None) -> BankRun:
-    """Target features of every bank target for a featurized attribution (see `open_on_bank`)."""
-    return _bank_run(bank, attribution, options)
+def run_on_bank(bank: Bank, attribution: Attribution, progress: Progress | None = None) -> Result:
+    """`Attribution.run` on every bank target (see `open_on_bank`): featurizes (cached, resumable), then the
+    targets' features, read from (or saved to) each member's feature folder (`bank_features_name`): the targets
+    are fixed by the bank, so a second LDS of the same method costs no gradients. A generated-only method (Journey
+    TRAK) gets NaN rows for the validation targets, which it cannot attribute (`Result.covers`)."""
+    return attribution.run(bank_targets(bank), progress=(lambda member: progress) if progress else None,
+                           saved_as=bank_features_name(bank, attribution), partial=True)
 
 
 def score_bank(bank: Bank, method: str, progress: Progress | None = None, device: str = "auto",
-               **options) -> BankRun:
-    """Open `method` on the bank, featurize the training set (cached, resumable) and compute the target features
-    of every bank target (cached too, beside the training features)."""
-    return _bank_run(bank, open_on_bank(bank, method, device, **options), options, progress)
+               **options) -> Result:
+    """Open `method` on the bank and run it on every bank target (`run_on_bank`): scores at the default lambda,
+    `Result.at(lam)` at any other."""
+    return run_on_bank(bank, open_on_bank(bank, method, device, **options), progress)
 
 
-def _bank_run(bank: Bank, attribution: Attribution, options: dict | None,
-              progress: Progress | None = None) -> BankRun:
-    """`Attribution.run`'s lifecycle on the bank's targets, with their features read from (or written to) each
-    member's feature folder: the targets are fixed by the bank, so a second LDS of the same method costs no
-    gradients."""
-    attribution.featurize((lambda member: progress) if progress else None)
-    G = bank_target_features(bank, attribution)
-    return BankRun(attribution.method.name, attribution, G, attribution.resolve_lambda(None), dict(options or {}))
-
-
-def _bank_target_paths(bank: Bank, attribution: Attribution) -> list:
-    name = f"{attribution.method.name}-{bank.meta['targets_hash']}.npy"
-    return [member.store_path / "bank-targets" / name for member in attribution.members]
+def bank_features_name(bank: Bank, attribution: Attribution) -> str:
+    """The name the bank targets' features are saved under in each member's feature folder."""
+    return f"{attribution.method.name}-{bank.meta['targets_hash']}"
 
 
 def bank_targets_cached(bank: Bank, attribution: Attribution) -> bool:
-    """Whether `bank_target_features` would read every member's features from the cache (no gradients)."""
-    return all(p.exists() for p in _bank_target_paths(bank, attribution))
-
-
-def bank_target_features(bank: Bank, attribution: Attribution) -> list[np.ndarray]:
-    """Per-member features of the bank's targets by the method's recipe, cached as
-    `<feature folder>/bank-targets/<method>-<targets hash>.npy` (written atomically once all members are done)."""
-    paths = _bank_target_paths(bank, attribution)
-    n = len(bank.target_keys)
-    cached = [load_array(p) for p in paths]  # a damaged file is recomputed and saved over
-    if all(g is not None and g.shape[0] == n for g in cached):
-        return cached
-    targets = bank_targets(bank)
-    if attribution.method.generated_only:  # e.g. Journey TRAK: validation targets have no trajectory, so NaN rows
-        rows = split_rows(bank, "gen")
-        G = []
-        for g in attribution.target_features(targets.select(rows)):
-            full = np.full((n, *np.shape(g)[1:]), np.nan, dtype=np.float32)
-            full[rows] = g
-            G.append(full)
-    else:
-        G = attribution.target_features(targets)
-    for path, g in zip(paths, G):
-        save_npy(path, np.asarray(g, dtype=np.float32))
-    return G
+    """Whether `run_on_bank` would read every member's target features from the cache (no target gradients)."""
+    name = bank_features_name(bank, attribution)
+    return all(saved_targets_path(member.store_path, name).exists() for member in attribution.members)
 
 
 SWEEPS = {"K": "timesteps", "k": "proj_dim", "checkpoint": "checkpoint"}
@@ -187,10 +123,8 @@ def option_sweep(bank: Bank, method: str, sweep: str, values=None, splits=("val"
         else:
             opts[SWEEPS[sweep]] = v
             attribution = open_on_bank(bank, method, device, **opts)
-        attribution.featurize((lambda member, v=v: progress(f"{method} {sweep}={v}")) if progress else None)
-        run = run_on_bank(bank, attribution, opts)
-        scores = run.scores()
-        tables = {split: lds_table(bank, {method: scores}, split, n_resamples=n_resamples) for split in splits}
+        run = run_on_bank(bank, attribution, progress(f"{method} {sweep}={v}") if progress else None)
+        tables = {split: lds_table(bank, {method: run.scores}, split, n_resamples=n_resamples) for split in splits}
         label = str(v).rsplit("@", 1)[-1] if sweep == "checkpoint" else v
         points.append(SweepPoint(label, tables, run.default_lambda, time.time() - start))
     return points
@@ -230,17 +164,18 @@ def lds_table(bank: Bank, named_scores: dict[str, np.ndarray], split: str = "val
     return evaluate(named, done.masks, done.F[..., rows], n_resamples=n_resamples, seed=seed)
 
 
-def lambda_sweep(bank: Bank, run: BankRun, split: str = "val", lambdas: np.ndarray | None = None,
+def lambda_sweep(bank: Bank, run: Result, split: str = "val", lambdas: np.ndarray | None = None,
                  n_resamples: int = 1000) -> Sweep:
     """LDS of `run` at every lambda (default: the kernel's grid, 4 per decade), one split."""
     if not run.uses_lambda:
-        raise ConfigError(f"{run.method} has no lambda to sweep")
+        raise ConfigError(f"{run.attribution.method.name} has no lambda to sweep")
     done = finished_bank(bank)
     rows = split_rows(bank, split)
     if not run.covers(split):
-        raise ConfigError(f"{run.method} attributes generated targets only: it has no LDS on {split} targets")
+        raise ConfigError(f"{run.attribution.method.name} attributes generated targets only: it has no LDS on "
+                          f"{split} targets")
     lambdas = run.lambda_grid() if lambdas is None else np.asarray(lambdas, dtype=np.float64)
-    return lds_sweep(lambda lam: run.scores(lam)[rows], done.masks, done.F[..., rows], lambdas=lambdas,
+    return lds_sweep(lambda lam: run.at(lam).scores[rows], done.masks, done.F[..., rows], lambdas=lambdas,
                      n_resamples=n_resamples)
 
 
@@ -271,7 +206,7 @@ class LambdaReport:
         return self.at(self.gcv) / best if best > 0 else float("nan")
 
 
-def lambda_report(bank: Bank, run: BankRun, split: str = "val", n_resamples: int = 200) -> LambdaReport:
+def lambda_report(bank: Bank, run: Result, split: str = "val", n_resamples: int = 200) -> LambdaReport:
     """`lambda_sweep` over the kernel's grid plus the default and GCV lambdas themselves."""
     rows = split_rows(bank, split)
     default, gcv = run.default_lambda, run.gcv(rows)
@@ -284,12 +219,12 @@ def lambda_report(bank: Bank, run: BankRun, split: str = "val", n_resamples: int
                         sweep.best_held_out())
 
 
-def lds_at(bank: Bank, run: BankRun, lam: float | None, split: str = "val", n_resamples: int = 200) -> LdsResult:
+def lds_at(bank: Bank, run: Result, lam: float | None, split: str = "val", n_resamples: int = 200) -> LdsResult:
     """Standard and centered LDS (with CIs) of `run` at one lambda on one split: what the app shows beside a λ
     slider (a few milliseconds once the run's target features exist)."""
     done = finished_bank(bank)
     rows = split_rows(bank, split)
-    return lds(run.scores(lam)[rows], done.masks, done.F[..., rows], n_resamples=n_resamples)
+    return lds(run.at(lam).scores[rows], done.masks, done.F[..., rows], n_resamples=n_resamples)
 
 
 def bank_ceilings(bank: Bank, split: str = "val", n_resamples: int = 200) -> Ceilings:

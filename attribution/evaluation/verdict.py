@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..engine import Result
 from ..errors import ConfigError
 from ..targets import Targets
 from .bank import Bank
-from .evaluate import BankRun, bank_ceilings, lambda_sweep, lds_at, split_rows
+from .evaluate import bank_ceilings, lambda_sweep, lds_at, split_rows
 from .lds import Comparison, LdsResult, compare
 
 BASELINE_SIMILARITY = "pixel-cos"  # what a verdict compares a ranking with: the training images that look alike
@@ -90,7 +91,7 @@ class Verdict:
         return text + ". 95% intervals: bootstrap over retrained models and targets."
 
 
-def verdict(bank: Bank, run: BankRun, lam: float | None, split: str = "val", baseline: BankRun | None = None,
+def verdict(bank: Bank, run: Result, lam: float | None, split: str = "val", baseline: Result | None = None,
             n_resamples: int = 200) -> Verdict:
     """The verdict of `run` (a method and options on the bank) at `lam` on `split`; a method that attributes
     generated targets only is judged on those. `baseline`: pixel similarity's run on the same bank."""
@@ -129,12 +130,12 @@ class HeldOutLambda:
                 f"{self.halves[0]:.3g} / {self.halves[1]:.3g}), the honest figure for it.")
 
 
-def held_out_lambda(bank: Bank, run: BankRun, split: str = "val", exclude: str | None = None,
+def held_out_lambda(bank: Bank, run: Result, split: str = "val", exclude: str | None = None,
                     n_resamples: int = 20) -> HeldOutLambda:
     """`HeldOutLambda` over the kernel's λ grid (and the default λ) on `split`; `exclude`: the attributed target's
     key ("val/3"), left out of the choice when the bank has it."""
     if not run.uses_lambda:
-        raise ConfigError(f"{run.method} has no λ to choose")
+        raise ConfigError(f"{run.attribution.method.name} has no λ to choose")
     if not run.covers(split):
         split = "gen"
     rows = split_rows(bank, split)

@@ -52,7 +52,7 @@ def test_a_method_on_the_bank_and_its_lambda_sweep(fake_bank, tmp_path):
     targets; the sweep's LDS at the default lambda equals the table's; GCV gives a lambda on the grid's scale."""
     bank, _ = fake_bank
     run = score_bank(bank, "trak", device="cpu", timesteps=2, proj_dim=128, cache=str(tmp_path))
-    scores = run.scores()
+    scores = run.scores
     assert scores.shape == (6, N) and np.isfinite(scores).all()
     G = run.attribution.target_features(bank_targets(bank))
     np.testing.assert_allclose(scores, run.attribution.scores(G, run.default_lambda), rtol=1e-6)
@@ -67,11 +67,11 @@ def test_a_method_on_the_bank_and_its_lambda_sweep(fake_bank, tmp_path):
     assert len(cached) == 1
     np.testing.assert_array_equal(np.load(cached[0]), run.G[0])
     np.testing.assert_allclose(run.G[0], G[0], rtol=1e-5, atol=1e-6)
-    from attribution.engine import Attribution
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Attribution, "target_features", lambda *a, **k: pytest.fail("recomputed the bank's targets"))
+        mp.setattr(type(run.attribution.method), "target_features",
+                   lambda *a, **k: pytest.fail("recomputed the bank's targets"))
         again = score_bank(bank, "trak", device="cpu", timesteps=2, proj_dim=128, cache=str(tmp_path))
-    np.testing.assert_array_equal(again.scores(), scores)
+    np.testing.assert_array_equal(again.scores, scores)
 
 
 def test_journey_trak_on_a_bank_scores_its_generated_targets_only(fake_bank, tmp_path):
@@ -84,7 +84,7 @@ def test_journey_trak_on_a_bank_scores_its_generated_targets_only(fake_bank, tmp
     assert np.isnan(run.G[0][:4]).all() and np.isfinite(run.G[0][gen]).all()
     direct = run.attribution.target_features(bank_targets(bank).select(gen))
     np.testing.assert_allclose(run.G[0][gen], direct[0], rtol=1e-5, atol=1e-6)
-    scores = run.scores()
+    scores = run.scores
     assert "journey-trak" not in lds_table(bank, {"journey-trak": scores}, "val", n_resamples=20).methods
     table = lds_table(bank, {"journey-trak": scores}, "gen", n_resamples=20)
     assert table.methods["journey-trak"].standard.value == pytest.approx(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from attribution.evaluation.lambda_choice import gcv_lambda, gcv_scores
+from attribution.lambda_choice import gcv_lambda, gcv_scores
 from attribution.kernel import Kernel
 
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..kernel import Kernel
+from .errors import ConfigError
+from .kernel import Kernel
 
 
 @dataclass
