@@ -22,10 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from ..fileio import atomic_path, read_npy, read_npz
 from ..kernel import check_lambda
+from ..run_options import add_run_options, run_options
 from .common import info, progress_bar, write_figures
+
+# The options of an attribution (RunOptions) that `lds` takes: all but the checkpoint, training set and method, which
+# the bank and --method give.
+LDS_RUN_OPTIONS = ("fn", "eta", "timesteps", "strategy", "noises", "proj_dim", "projector", "seed", "params",
+                   "clip_model", "clip_weights", "damping", "damping_rule", "curvature_samples",
+                   "checkpoint_weights", "cache", "batch_size", "device")
 
 SCORES_FIX = ("give the score matrix (targets x training images, numbers) as a .npy saved with numpy.save, or the "
               ".npz that `score --out FILE.npz` writes")
@@ -52,18 +58,8 @@ def add_commands(sub) -> None:
                         "that `score --out` writes (its 'scores'); repeatable")
     p.add_argument("--split", default="val,gen", help="target splits to report: val, gen, all (comma-separated)")
     p.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: each method's default)")
-    p.add_argument("--fn", help="output function (D-TRAK only)")
-    p.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS,
-                   help=f"K of the features (default {DEFAULT_TIMESTEPS})")
-    p.add_argument("--proj-dim", type=int, default=DEFAULT_PROJ_DIM, help=f"k (default {DEFAULT_PROJ_DIM})")
-    p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
-    p.add_argument("--seed", type=int, default=0, help="feature noise and projection seed")
-    p.add_argument("--damping", type=float, help="ekfac: damping as a multiple of the mean EK-FAC eigenvalue "
-                                                 "(default 0.1)")
-    p.add_argument("--damping-rule", help="ekfac: global (default: one lambda, damping x the mean eigenvalue of all "
-                                          "tracked layers) or module (per layer: kronfluence's heuristic)")
-    p.add_argument("--curvature-samples", type=int, help="ekfac: noisy copies per training image for the EK-FAC "
-                                                         "factors (default 2)")
+    # the options of `score` (RunOptions), each applied to the methods that use it
+    add_run_options(p, only=LDS_RUN_OPTIONS)
     p.add_argument("--sweep", choices=["lambda", "K", "k", "checkpoint"],
                    help="also report LDS along lambda (instant, from the kernel's eigendecomposition), K (timesteps), "
                         "k (projection dimension) or the checkpoints of the bank's run (each featurizes once); a "
@@ -72,8 +68,6 @@ def add_commands(sub) -> None:
                                     "512,...,8192); a checkpoint sweep uses every checkpoint of the bank's run")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--out", help="folder for lds.csv (and sweep.csv / sweep.html)")
-    p.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_lds)
 
 
@@ -136,9 +130,16 @@ def cmd_lds(args: argparse.Namespace) -> int:
                                   curvature_samples=args.curvature_samples)
 
     def feature_options(name: str) -> dict:
-        return dict(fn=args.fn if args.fn in get_method(name).fn_choices() else None, timesteps=args.timesteps,
-                    proj_dim=args.proj_dim, projector=args.projector, seed=args.seed, cache=args.cache,
-                    **(curvature if get_method(name).uses_damping else {}))
+        """The options of `score` for `name` on the bank's model and training set: an option a method cannot use
+        (--fn for TRAK, the EK-FAC options for D-TRAK) applies to the others in the list and is left out here."""
+        m = get_method(name)
+        opts = run_options(args, checkpoint=str(args.bank), method=name,
+                           fn=args.fn if args.fn in m.fn_choices() else None,
+                           eta=args.eta if "interp" in m.fn_choices() else None,
+                           checkpoint_weights=args.checkpoint_weights if m.weightings else None,
+                           **(curvature if m.uses_damping else dict.fromkeys(curvature, None)))
+        options = {k: v for k, v in opts.feature_options().items() if k != "dataset"}
+        return {**options, "checkpoint_weights": opts.checkpoint_weights}
 
     if args.sweep in ("K", "k", "checkpoint") and not methods:
         raise ConfigError(f"a {args.sweep} sweep needs --method (score files have no options to sweep)")

@@ -273,6 +273,34 @@ def test_lds_command_sweeps_lambda_for_a_method(fake_bank, tmp_path, capsys):
     assert (tmp_path / "out" / "sweep.html").read_text().startswith("<!doctype html>")
 
 
+def test_lds_evaluates_what_score_computes(fake_bank, tmp_path):
+    """`lds` takes the options of `score` (the RunOptions schema): with --noises 2 --strategy cumulative its table
+    is the one of those features (computed here through the library), not of the defaults; an option a method in
+    the list cannot use (--fn for TRAK) applies to the others; one that none can use is one line."""
+    import csv
+
+    from attribution.cli import main
+
+    bank, _ = fake_bank
+    cache = str(tmp_path / "c")
+    base = ["lds", "--bank", str(bank.path), "--timesteps", "1", "--proj-dim", "64", "--split", "val",
+            "--resamples", "20", "--cache", cache, "--device", "cpu"]
+    assert main([*base, "--method", "dtrak,trak", "--fn", "avg", "--noises", "2", "--strategy", "cumulative",
+                 "--out", str(tmp_path / "out")]) == 0
+    rows = {r["name"]: float(r["standard"]) for r in csv.DictReader(open(tmp_path / "out" / "lds.csv"))}
+    for name, fn in (("dtrak", "avg"), ("trak", None)):
+        run = score_bank(bank, name, device="cpu", fn=fn, timesteps=1, proj_dim=64, noises=2, strategy="cumulative",
+                         cache=cache)
+        want = lds_table(bank, {name: run.scores}, "val", n_resamples=20).methods[name].standard.value
+        got = next(v for k, v in rows.items() if k.startswith(name + " "))
+        assert got == pytest.approx(want, abs=5e-7)
+    plain = score_bank(bank, "dtrak", device="cpu", fn="avg", timesteps=1, proj_dim=64, cache=cache)
+    other = next(v for k, v in rows.items() if k.startswith("dtrak "))
+    assert other != pytest.approx(lds_table(bank, {"d": plain.scores}, "val", n_resamples=20).methods["d"]
+                                  .standard.value, abs=1e-6)  # the options were used
+    assert main([*base, "--method", "trak", "--damping", "0.1"]) == 2  # no method here takes EK-FAC damping
+
+
 # -- the bank's checkpoint run: TracIn-family methods and the per-checkpoint study ------------------------------------
 
 @pytest.fixture(scope="module")
