@@ -13,7 +13,9 @@ import math
 
 from ..errors import ConfigError
 from ..features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
+from ..run_options import add_run_options
 from .common import add_ray_options, info, progress_bar
+from .evaluation import LDS_RUN_OPTIONS, bank_feature_options
 
 
 def add_commands(sub) -> None:
@@ -56,10 +58,8 @@ def add_commands(sub) -> None:
     e.add_argument("--method", default="", help="methods to compare on the same held-out subsets, e.g. dtrak,trak")
     e.add_argument("--split", default="val,gen", help="target splits: val, gen, all (comma-separated)")
     e.add_argument("--fit-fraction", type=float, default=0.5, help="share of the finished subsets used to fit")
-    e.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS)
-    e.add_argument("--proj-dim", type=int, default=DEFAULT_PROJ_DIM)
     e.add_argument("--resamples", type=int, default=1000)
-    e.add_argument("--cache", help="cache root (default: cache/ or $ATTRIBUTION_CACHE)")
+    add_run_options(e, only=LDS_RUN_OPTIONS)  # the options of `score` and `lds`, for the --method rows
     e.set_defaults(func=cmd_estimators)
 
 
@@ -140,9 +140,11 @@ def cmd_estimators(args: argparse.Namespace) -> int:
     finished_bank(bank)
     info(bank.summary())
     named: dict[str, np.ndarray] = {}
-    for name in [m.strip() for m in args.method.split(",") if m.strip()]:
-        run = score_bank(bank, name, progress=progress_bar(f"{name} features"), timesteps=args.timesteps,
-                         proj_dim=args.proj_dim, cache=args.cache)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    feature_options = bank_feature_options(args, methods)
+    for name in methods:
+        run = score_bank(bank, name, progress=progress_bar(f"{name} features"), device=args.device,
+                         **feature_options(name))
         named[name] = run.scores
     for split in splits:
         table, note = heldout_lds_table(bank, named, split, args.fit_fraction, n_resamples=args.resamples)

@@ -71,6 +71,29 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_lds)
 
 
+def bank_feature_options(args: argparse.Namespace, methods: list[str]):
+    """`options(name)`: the options of `score` (LDS_RUN_OPTIONS, from the RunOptions schema) for method `name` on a
+    bank's model and training set. An option a method cannot use (--fn for TRAK, the EK-FAC options for D-TRAK)
+    applies to the others in `methods` and is left out for it; one that none of them can use is refused here, in
+    one line, before any work."""
+    from ..methods import curvature_options, get_method  # lazy: keeps the start of the other commands fast
+
+    curvature = curvature_options(methods, damping=args.damping, damping_rule=args.damping_rule,
+                                  curvature_samples=args.curvature_samples)
+
+    def options(name: str) -> dict:
+        m = get_method(name)
+        opts = run_options(args, checkpoint=str(args.bank), method=name,
+                           fn=args.fn if args.fn in m.fn_choices() else None,
+                           eta=args.eta if "interp" in m.fn_choices() else None,
+                           checkpoint_weights=args.checkpoint_weights if m.weightings else None,
+                           **(curvature if m.uses_damping else dict.fromkeys(curvature, None)))
+        return {**{k: v for k, v in opts.feature_options().items() if k != "dataset"},
+                "checkpoint_weights": opts.checkpoint_weights}
+
+    return options
+
+
 def _ci(lo_hi) -> str:
     lo, hi = lo_hi
     return f"[{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else ""
@@ -102,7 +125,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
                                        check_external_scores, finished_bank, lambda_report, lds_table,
                                        option_sweep, score_bank)
     from ..figures import lds_lambda_figure, lds_option_figure  # lazy: keeps the start of the other commands fast
-    from ..methods import curvature_options, get_method  # lazy: keeps the start of the other commands fast
+    from ..methods import get_method  # lazy: keeps the start of the other commands fast
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     for s in splits:
@@ -126,20 +149,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
     runs = {}
     for name in methods:
         get_method(name)  # unknown names fail before any featurizing
-    curvature = curvature_options(methods, damping=args.damping, damping_rule=args.damping_rule,
-                                  curvature_samples=args.curvature_samples)
-
-    def feature_options(name: str) -> dict:
-        """The options of `score` for `name` on the bank's model and training set: an option a method cannot use
-        (--fn for TRAK, the EK-FAC options for D-TRAK) applies to the others in the list and is left out here."""
-        m = get_method(name)
-        opts = run_options(args, checkpoint=str(args.bank), method=name,
-                           fn=args.fn if args.fn in m.fn_choices() else None,
-                           eta=args.eta if "interp" in m.fn_choices() else None,
-                           checkpoint_weights=args.checkpoint_weights if m.weightings else None,
-                           **(curvature if m.uses_damping else dict.fromkeys(curvature, None)))
-        options = {k: v for k, v in opts.feature_options().items() if k != "dataset"}
-        return {**options, "checkpoint_weights": opts.checkpoint_weights}
+    feature_options = bank_feature_options(args, methods)
 
     if args.sweep in ("K", "k", "checkpoint") and not methods:
         raise ConfigError(f"a {args.sweep} sweep needs --method (score files have no options to sweep)")
