@@ -21,7 +21,7 @@ from app_pages._eval import (
 from app_pages._ui import fail, go_to
 from attribution import EVALUATION_SETTINGS as EVALUATION
 from attribution import (
-    METHODS,
+    method_entries,
     SINGLE_SEED,
     AttributionError,
     Bank,
@@ -52,8 +52,9 @@ st.caption(bank.summary().replace(f"{bank.path.parent}/", "").replace("\n", "  \
 
 with st.form("eval_form"):
     c1, c2, c3 = st.columns([3, 1, 1])
-    methods = c1.multiselect("Methods", list(METHODS), default=list(EVALUATION.methods), key="eval_methods",
-                             help="Each is computed on the bank's own model and training set.")
+    methods = c1.multiselect("Methods", method_entries(), default=list(EVALUATION.methods), key="eval_methods",
+                             help="Each is computed on the bank's own model and training set. METHOD:FN is a method "
+                                  "with another output function: dtrak:avg is the recommended D-TRAK Avg.")
     Ks, ks = [1, 2, 5, 10, 20, 50, 100], [512, 1024, 2048, 4096, 8192]
     timesteps = c2.selectbox("K (timesteps)", Ks, index=Ks.index(EVALUATION.timesteps), key="eval_K",
                              help="Timesteps the features average over (the paper's K).")

@@ -50,7 +50,8 @@ _API = {
     "features.timesteps": "training_timesteps",
     "store": "cache_root counterfactual_root uploads_dir",
     "kernel": "Kernel",
-    "methods": "DEFAULT_METHOD METHODS RECOMMENDED_METHOD TIMESTEP_BIAS_METHODS get_method",
+    "methods": "DEFAULT_METHOD METHODS RECOMMENDED_METHOD TIMESTEP_BIAS_METHODS get_method method_entries "
+               "parse_method_entry",
     "methods.over_checkpoints": "run_checkpoints",
     "journey": "JourneyConfig run_journey",
     "report": "Ranked agreement_caption export_metadata export_name metadata_arrays positive_share rank ranking_rows "

@@ -23,7 +23,7 @@ from .engine import Attribution, Progress, format_duration, open_attribution
 from .errors import ConfigError
 from .features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from .evaluation.bank import Bank, list_banks
-from .evaluation.evaluate import bank_targets_cached, open_on_bank, run_on_bank
+from .evaluation.evaluate import bank_targets_cached, method_options, open_on_bank, run_on_bank
 from .journey import JourneyConfig, journey_cached, run_journey
 from .methods import BASELINE_METHOD, DEFAULT_METHOD, get_method
 from .run_options import RunOptions
@@ -104,6 +104,7 @@ def checkpoint_tasks(bank: Bank, method: str, load: Callable | None = None, **op
     of the bank's run, `method` on it (`options`: those of `open_attribution`) with the bank's targets. Every
     checkpoint is the same network, so one that has not been timed here is estimated at the speed measured for
     the run's last checkpoint (the bank's model, which the Evaluation page featurizes first), else for any other."""
+    method, options = method_options(method, options)  # METHOD or METHOD:FN
     method_cls = get_method(method)
     if method_cls.weightings:
         raise ConfigError(f"{method} already sums over the run's checkpoints; pick a single-checkpoint method")

@@ -52,7 +52,8 @@ def read_score_file(p: Path) -> np.ndarray:
 def add_commands(sub) -> None:
     p = sub.add_parser("lds", help="linear datamodeling score of methods (or a score file) on a ground-truth bank")
     p.add_argument("--bank", required=True, help="a bank name under banks/ (e.g. digits) or a bank folder")
-    p.add_argument("--method", default="", help="comma-separated methods to evaluate, e.g. dtrak,trak,grad-cos")
+    p.add_argument("--method", default="", help="comma-separated methods to evaluate, METHOD:FN for an output "
+                                                "function, e.g. dtrak,dtrak:avg,trak")
     p.add_argument("--scores", action="append", default=[],
                    help="a score matrix, targets x training images in the bank's order: a .npy array, or the .npz "
                         "that `score --out` writes (its 'scores'); repeatable")
@@ -72,19 +73,20 @@ def add_commands(sub) -> None:
 
 
 def bank_feature_options(args: argparse.Namespace, methods: list[str]):
-    """`options(name)`: the options of `score` (LDS_RUN_OPTIONS, from the RunOptions schema) for method `name` on a
-    bank's model and training set. An option a method cannot use (--fn for TRAK, the EK-FAC options for D-TRAK)
-    applies to the others in `methods` and is left out for it; one that none of them can use is refused here, in
-    one line, before any work."""
-    from ..methods import curvature_options, get_method  # lazy: keeps the start of the other commands fast
+    """`options(entry)`: the options of `score` (LDS_RUN_OPTIONS, from the RunOptions schema) for the method of
+    `entry` (METHOD or METHOD:FN) on a bank's model and training set. An option a method cannot use (--fn for
+    TRAK, the EK-FAC options for D-TRAK) applies to the others in `methods` and is left out for it; one that none of
+    them can use is refused here, in one line, before any work."""
+    from ..methods import curvature_options, get_method, parse_method_entry  # lazy: keeps the start fast
 
-    curvature = curvature_options(methods, damping=args.damping, damping_rule=args.damping_rule,
-                                  curvature_samples=args.curvature_samples)
+    curvature = curvature_options([parse_method_entry(m)[0] for m in methods], damping=args.damping,
+                                  damping_rule=args.damping_rule, curvature_samples=args.curvature_samples)
 
-    def options(name: str) -> dict:
+    def options(entry: str) -> dict:
+        name, fn = parse_method_entry(entry)  # METHOD or METHOD:FN (dtrak:avg): the entry's output function wins
         m = get_method(name)
         opts = run_options(args, checkpoint=str(args.bank), method=name,
-                           fn=args.fn if args.fn in m.fn_choices() else None,
+                           fn=fn or (args.fn if args.fn in m.fn_choices() else None),
                            eta=args.eta if "interp" in m.fn_choices() else None,
                            checkpoint_weights=args.checkpoint_weights if m.weightings else None,
                            **(curvature if m.uses_damping else dict.fromkeys(curvature, None)))
@@ -125,7 +127,6 @@ def cmd_lds(args: argparse.Namespace) -> int:
                                        check_external_scores, finished_bank, lambda_report, lds_table,
                                        option_sweep, score_bank)
     from ..figures import lds_lambda_figure, lds_option_figure  # lazy: keeps the start of the other commands fast
-    from ..methods import get_method  # lazy: keeps the start of the other commands fast
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     for s in splits:
@@ -147,9 +148,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
         scores = read_score_file(p)
         named[p.stem] = check_external_scores(bank, scores, p.name)
     runs = {}
-    for name in methods:
-        get_method(name)  # unknown names fail before any featurizing
-    feature_options = bank_feature_options(args, methods)
+    feature_options = bank_feature_options(args, methods)  # unknown methods fail here, before any featurizing
 
     if args.sweep in ("K", "k", "checkpoint") and not methods:
         raise ConfigError(f"a {args.sweep} sweep needs --method (score files have no options to sweep)")

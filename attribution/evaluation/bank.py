@@ -668,11 +668,14 @@ def _meta_or_none(folder: Path) -> dict | None:
 
 def list_banks(root: Path | None = None) -> list[str]:
     """Names of the banks under banks/ that have targets (a build that got past its full model): first those
-    retrained with common random numbers (their ground truth is less noisy: BENCHMARKS.md), then the others, each
-    group by name."""
+    retrained with common random numbers (their ground truth is less noisy: BENCHMARKS.md), then the others; in
+    each group the half-subset banks (alpha 0.5, the LDS protocol the trust caption quotes) before other fractions,
+    then by name. `bank_for_model` picks the first bank of a model in this order."""
     root = root or banks_dir()
     names = [p.parent.name for p in root.glob("*/bank.json") if (p.parent / "targets.npz").is_file()]
-    return sorted(names, key=lambda n: (bank_randomness(_meta_or_none(root / n) or {}) == "stream", n))
+    metas = {n: _meta_or_none(root / n) or {} for n in names}
+    return sorted(names, key=lambda n: (bank_randomness(metas[n]) == "stream",
+                                        abs(float(metas[n].get("alpha", 0.5)) - 0.5) > 1e-9, n))
 
 
 @dataclass

@@ -55,7 +55,7 @@ from ..errors import AttributionError, ConfigError
 from ..features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from ..features.embeddings import ClipEmbedder
 from ..fileio import read_json, read_npz, save_npz, write_json
-from ..methods import METHODS, get_method
+from ..methods import METHODS, get_method, parse_method_entry
 from ..models import load_model
 from ..models.checkpoint import resolve_checkpoint
 from ..sampling import SAMPLERS, sample
@@ -161,13 +161,11 @@ class StudySpec:
         if not self.methods:
             raise ConfigError("give at least one method, e.g. --methods random,dtrak")
         for m in self.methods:
-            name, _, fn = m.partition(":")
-            if m != RANDOM and name not in METHODS:
+            if m != RANDOM and m.partition(":")[0] not in METHODS:
                 raise ConfigError(f"unknown method {m!r}; use random or one of: {', '.join(METHODS)} (METHOD:FN "
                                   "for an output function, e.g. dtrak:avg)")
-            if fn and fn not in get_method(name).fn_choices():
-                raise ConfigError(f"{name} has no output function {fn!r}; it has: "
-                                  f"{', '.join(get_method(name).fn_choices()) or 'none to choose'}")
+            if m != RANDOM:
+                parse_method_entry(m)  # an output function the method does not have: one line
         if not self.removals:
             raise ConfigError("give a removal size, e.g. --remove 0.05")
         for r in self.removals:
@@ -491,7 +489,7 @@ def _open_attributions(source: Source, spec: StudySpec, methods: list[str], cach
 
     out = {}
     for m in methods:
-        name, _, fn = m.partition(":")  # METHOD or METHOD:FN (an output function, e.g. dtrak:avg)
+        name, fn = parse_method_entry(m)  # METHOD or METHOD:FN (an output function, e.g. dtrak:avg)
         extra = {"clip_weights": spec.clip_weights, "clip_model": spec.clip_model} if "clip" in m else {}
         out[m] = open_attribution(source.model_spec, get_method(name), "cpu", dataset=source.recipe.dataset,
                                   cache=cache, fn=fn or None, **spec.feature_options(), **extra)

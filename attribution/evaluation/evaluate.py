@@ -22,7 +22,7 @@ import torch
 
 from ..engine import Attribution, Result, open_attribution
 from ..errors import ConfigError
-from ..methods import get_method
+from ..methods import get_method, parse_method_entry
 from ..models.adapter import key_prompt
 from ..sampling import Prompt
 from ..store import saved_targets_path
@@ -45,9 +45,21 @@ def bank_targets(bank: Bank) -> Targets:
                    [k.replace("/", ":") for k in keys], [None] * len(keys), generated=generated)
 
 
+def method_options(method: str, options: dict) -> tuple[str, dict]:
+    """(method name, options) of an entry METHOD or METHOD:FN (`methods.parse_method_entry`): the entry's output
+    function joins the options; another one given there too is one line."""
+    name, fn = parse_method_entry(method)
+    if fn is not None:
+        if options.get("fn") not in (None, fn):
+            raise ConfigError(f"{method} names the output function {fn}, but fn={options['fn']} was given too")
+        options = {**options, "fn": fn}
+    return name, options
+
+
 def open_on_bank(bank: Bank, method: str, device: str = "auto", **options) -> Attribution:
-    """`method` on the bank's model and training set; `options` are those of `engine.open_attributor` (fn,
-    timesteps, proj_dim, projector, seed, ...). Validates; computes nothing."""
+    """`method` (METHOD or METHOD:FN, e.g. dtrak:avg) on the bank's model and training set; `options` are those of
+    `engine.open_attributor` (fn, timesteps, proj_dim, projector, seed, ...). Validates; computes nothing."""
+    method, options = method_options(method, options)
     m = get_method(method)
     attribution = open_attribution(bank.model_spec_for(bool(m.weightings)), m, device, dataset=bank.dataset,
                                    **options)
@@ -102,11 +114,14 @@ class SweepPoint:
 def option_sweep(bank: Bank, method: str, sweep: str, values=None, splits=("val", "gen"),
                  progress: Callable[[str], Progress | None] | None = None, n_resamples: int = 1000,
                  device: str = "auto", **options) -> list[SweepPoint]:
-    """LDS of `method` (at its default lambda) as one option varies: "K" (timesteps of the features), "k"
-    (projection dimension) or "checkpoint" (attributions from each checkpoint of the bank's run, judged against
-    the final model's bank: the D-TRAK paper's checkpoint study). Each point featurizes once (cached)."""
+    """LDS of `method` (METHOD or METHOD:FN; at its default lambda) as one option varies: "K" (timesteps of the
+    features), "k" (projection dimension) or "checkpoint" (attributions from each checkpoint of the bank's run,
+    judged against the final model's bank: the D-TRAK paper's checkpoint study). Each point featurizes once
+    (cached); the tables name the method by the entry as given."""
     if sweep not in SWEEPS:
         raise ConfigError(f"unknown sweep {sweep!r}; use lambda or one of: {', '.join(SWEEPS)}")
+    entry = method
+    method, options = method_options(method, options)
     m = get_method(method)
     if sweep == "checkpoint":
         if m.weightings:
@@ -123,8 +138,8 @@ def option_sweep(bank: Bank, method: str, sweep: str, values=None, splits=("val"
         else:
             opts[SWEEPS[sweep]] = v
             attribution = open_on_bank(bank, method, device, **opts)
-        run = run_on_bank(bank, attribution, progress(f"{method} {sweep}={v}") if progress else None)
-        tables = {split: lds_table(bank, {method: run.scores}, split, n_resamples=n_resamples) for split in splits}
+        run = run_on_bank(bank, attribution, progress(f"{entry} {sweep}={v}") if progress else None)
+        tables = {split: lds_table(bank, {entry: run.scores}, split, n_resamples=n_resamples) for split in splits}
         label = str(v).rsplit("@", 1)[-1] if sweep == "checkpoint" else v
         points.append(SweepPoint(label, tables, run.default_lambda, time.time() - start))
     return points

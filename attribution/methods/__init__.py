@@ -51,6 +51,25 @@ def get_method(name: str) -> Method:
     return METHODS[name]()
 
 
+def parse_method_entry(entry: str) -> tuple[str, str | None]:
+    """An entry of a list of methods to compare: METHOD, or METHOD:FN for a method with one of its output functions
+    (e.g. dtrak:avg). (method name, output function or None); an unknown method or output function is one line."""
+    name, _, fn = entry.strip().partition(":")
+    method = get_method(name)
+    if fn and fn not in method.fn_choices():
+        raise ConfigError(f"{name} has no output function {fn!r}; it has: "
+                          f"{', '.join(method.fn_choices()) or 'none to choose'}")
+    return name, fn or None
+
+
+def method_entries() -> list[str]:
+    """Every method, then METHOD:FN for each other output function of the methods that offer several (what a
+    comparison can list: dtrak, ..., dtrak:avg, ...)."""
+    more = [f"{name}:{fn}" for name, cls in METHODS.items() for fn in cls().fn_choices()
+            if len(cls().fn_choices()) > 1 and fn not in (cls.default_fn, "interp")]  # interp needs its η
+    return [*METHODS, *more]
+
+
 CURVATURE_OPTIONS = ("damping", "damping_rule", "curvature_samples")
 
 
@@ -70,6 +89,6 @@ def curvature_options(methods: list[str], **options) -> dict:
     return chosen
 
 
-__all__ = ["CURVATURE_OPTIONS", "curvature_options", "BASELINE_METHOD", "DEFAULT_METHOD", "RECOMMENDED_METHOD",
-           "TIMESTEP_BIAS_METHODS", "METHODS", "get_method", "Method", "KernelMethod", "SimilarityMethod",
-           "TrainFeatures"]
+__all__ = ["CURVATURE_OPTIONS", "curvature_options", "method_entries", "parse_method_entry", "BASELINE_METHOD",
+           "DEFAULT_METHOD", "RECOMMENDED_METHOD", "TIMESTEP_BIAS_METHODS", "METHODS", "get_method", "Method",
+           "KernelMethod", "SimilarityMethod", "TrainFeatures"]

@@ -141,6 +141,7 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
     at.switch_page("app_pages/evaluation.py").run()
     assert not at.exception
     assert at.selectbox(key="eval_bank").value == "fake"
+    assert "dtrak:avg" in at.multiselect(key="eval_methods").options  # the recommended D-TRAK Avg can be evaluated
     # Before Evaluate, an estimate per default method from the measured throughput (issue 24, 4: a spinner only)
     note = next(c.value for c in at.main.caption if c.value.startswith("Before the first Evaluate"))
     assert "dtrak: about" in note and "trak: about" in note and "6 targets at" in note and "in all" in note
@@ -299,6 +300,13 @@ def test_lds_evaluates_what_score_computes(fake_bank, tmp_path):
     assert other != pytest.approx(lds_table(bank, {"d": plain.scores}, "val", n_resamples=20).methods["d"]
                                   .standard.value, abs=1e-6)  # the options were used
     assert main([*base, "--method", "trak", "--damping", "0.1"]) == 2  # no method here takes EK-FAC damping
+    # METHOD:FN entries: dtrak:avg is D-TRAK with the Avg output (the same features: read from the cache)
+    assert main([*base, "--method", "dtrak:avg", "--noises", "2", "--strategy", "cumulative",
+                 "--out", str(tmp_path / "out2")]) == 0
+    rows2 = {r["name"]: float(r["standard"]) for r in csv.DictReader(open(tmp_path / "out2" / "lds.csv"))}
+    assert next(v for k, v in rows2.items() if k.startswith("dtrak:avg ")) == next(
+        v for k, v in rows.items() if k.startswith("dtrak "))
+    assert main([*base, "--method", "trak:avg"]) == 2  # TRAK has no Avg output: one line
 
 
 # -- the bank's checkpoint run: TracIn-family methods and the per-checkpoint study ------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,9 +378,7 @@ TRAIN_RELATIVE_L2 = 1e-4
 def _reference_module():
     import importlib.util
 
-    from conftest import REPO_ROOT
-
-    path = REPO_ROOT / "tests" / "data" / "adapter_reference.py"
+    path = Path(__file__).resolve().parents[1] / "data" / "adapter_reference.py"
     spec = importlib.util.spec_from_file_location("adapter_reference", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
