@@ -101,6 +101,7 @@ def test_a_damaged_journey_is_recomputed(model, digits, tmp_path):
                                rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_the_cli_says_it_in_one_line(tiny_run, tmp_path, capsys):
     args = ["featurize", "--checkpoint", str(tiny_run), "--dataset", "digits", "--timesteps", "1",
             "--proj-dim", "32", "--projector", "sjlt", "--cache", str(tmp_path / "cache")]
@@ -113,6 +114,7 @@ def test_the_cli_says_it_in_one_line(tiny_run, tmp_path, capsys):
     assert err.startswith("error: cache file") and "done.npy is damaged (not a .npy array)" in err, err
 
 
+@pytest.mark.slow
 def test_damaged_bank_target_features_are_recomputed(fake_bank_dir, tmp_path):
     from attribution.evaluation.bank import Bank
     from attribution.evaluation.evaluate import score_bank

@@ -168,6 +168,7 @@ def run_attribution(at: AppTest, source: str, index: int, compare: str = "(none)
     return at
 
 
+@pytest.mark.slow
 def test_attribute_validation_target_with_comparison_and_lambda(app):
     run_attribution(app, "Validation image", 5, compare="trak")
     assert not app.main.error
@@ -394,6 +395,7 @@ def test_display_size():
     assert display_size(16, 96) == 96 and display_size(28, 96) == 84 and display_size(200, 96) == 200
 
 
+@pytest.mark.slow
 def test_attribute_with_a_checkpoint_method_matches_the_library(app, tiny_run, feature_cache):
     """TracInCP on the Attribute page sums over the run's two checkpoints, exactly as the library does."""
     from attribution.engine import open_attribution
@@ -413,6 +415,7 @@ def test_attribute_with_a_checkpoint_method_matches_the_library(app, tiny_run, f
     np.testing.assert_allclose([s for _, _, s in shown], scores[want], rtol=5e-3)
 
 
+@pytest.mark.slow
 def test_timesteps_page(app, tiny_run):
     app.switch_page("app_pages/timesteps.py").run(timeout=RUN_TIMEOUT)
     assert not app.exception, app.exception

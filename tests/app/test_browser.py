@@ -47,6 +47,7 @@ def browser():
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_generate_in_browser(server, browser, tmp_path):
     from playwright.sync_api import expect
 
@@ -70,6 +71,7 @@ def test_generate_in_browser(server, browser, tmp_path):
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_attribute_in_browser(server, browser, tmp_path):
     """Validation image 5, K=2, k=512, D-TRAK compared with TRAK: tiles with captions; a full-page screenshot."""
     from playwright.sync_api import expect
@@ -175,6 +177,7 @@ def _top5(page) -> list[str]:
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_four_concurrent_sessions_get_the_single_session_top5(server, browser):
     """Four browser contexts press Run within a second on the same generated digit: each gets the top-5 (indices
     and scores) that one session alone gets. Before the adapter's lock, each got a different, wrong list."""
@@ -193,6 +196,7 @@ def test_four_concurrent_sessions_get_the_single_session_top5(server, browser):
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_the_current_image_is_in_the_url_across_pages_and_links(server, browser):
     """Issue 24, 7 in a real browser (AppTest cannot see the URL bar): the seed generated is in the URL, stays
     there when the sidebar opens another page, and the URL opened in a new session shows the same image."""

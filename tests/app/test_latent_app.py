@@ -48,6 +48,7 @@ def run_attribute(at, prompt: str):
     return column.opts, column.result
 
 
+@pytest.mark.slow
 def test_attribute_page_with_a_prompt(start_app, tmp_path, library):
     """A generated target (seed 0, DDPM 50 steps, as the CLI's gen:0) under the typed prompt: its noise key carries
     the prompt, and the page's scores and top proponents are `Attribution.run`'s for that key and options."""
@@ -93,6 +94,7 @@ def test_attribute_page_with_a_prompt(start_app, tmp_path, library):
     assert np.abs(other - shown).max() > 0.1 * np.abs(shown).max()
 
 
+@pytest.mark.slow
 def test_journey_page_with_a_prompt(start_app, tmp_path, library):
     """The journey of seed 0 under the typed prompt: the page's steps, features and last-step proponents are the
     journey module's for the same configuration; another prompt gives another final image."""

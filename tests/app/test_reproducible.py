@@ -9,6 +9,7 @@ import json
 import shlex
 
 import numpy as np
+import pytest
 import torch
 
 from attribution.cli import main
@@ -116,6 +117,7 @@ def test_the_estimate_before_run_counts_every_comparison_column(app):
     assert "@epoch-1: about" in note and " in all. " in note
 
 
+@pytest.mark.slow
 def test_a_checkpoint_column_attributes_the_main_columns_pixels(app, tiny_run, feature_cache, tmp_path, capsys,
                                                                  monkeypatch):
     """Issue 24, 3: "…or with checkpoint" for a generated target attributes the main checkpoint's image (gen:SEED

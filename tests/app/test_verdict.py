@@ -51,6 +51,7 @@ def slider_lambda(at) -> float:
     return float(str(at.main.get_by_key("attr_result_0").select_slider[0].value).split()[0])
 
 
+@pytest.mark.slow
 def test_the_verdict_shows_at_once_when_the_bank_targets_are_cached(trust_bank, tmp_path, start_app):
     """With the bank's targets already scored with these options (and pixel similarity's), the sentence is beside
     the ranking without a click: the bank's LDS at the slider's λ, its share of the reachable, and how it compares
@@ -71,6 +72,7 @@ def test_the_verdict_shows_at_once_when_the_bank_targets_are_cached(trust_bank, 
     assert len(caption) <= 140
 
 
+@pytest.mark.slow
 def test_the_trust_button_says_what_it_computes_and_then_gives_the_verdict(trust_bank, tmp_path, start_app):
     """Without the bank's targets scored: the button, and one line with what it computes and about how long it
     takes here (from the throughput the run just measured); after the click, the sentence, beside pixel
@@ -89,6 +91,7 @@ def test_the_trust_button_says_what_it_computes_and_then_gives_the_verdict(trust
     assert "rankings like this match retraining at LDS" in caption
 
 
+@pytest.mark.slow
 def test_use_the_lambda_chosen_on_held_out_targets(trust_bank, tmp_path, start_app):
     """The button sets the λ chosen on the bank's validation targets other than this one (val/0): the slider, the
     scores and the command line all move to it (the slider's grid value nearest to the choice)."""
@@ -138,6 +141,7 @@ def _held_out_click(at, slider, choice, key_caption) -> float:
     return want
 
 
+@pytest.mark.slow
 def test_journey_and_self_influence_offer_the_held_out_lambda(trust_bank, tmp_path, start_app):
     """The same button beside the Journey's and the Self-influence page's λ slider: the Journey of validation image
     0 (a bank target: left out of the choice, as on Attribute) moves its slider and its command line to the λ

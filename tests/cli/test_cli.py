@@ -77,6 +77,7 @@ ERRORS = [
 
 
 @pytest.mark.parametrize("case,expected,alone", ERRORS, ids=[e[0] for e in ERRORS])
+@pytest.mark.slow
 def test_bad_input_gives_one_error_line(results, case, expected, alone):
     proc = results[case]
     lines = proc.stderr.strip().splitlines()

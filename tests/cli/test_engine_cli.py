@@ -101,6 +101,7 @@ def _kernel_pieces(store: Path):
     return X, np.linalg.eigvalsh(X @ X.T)
 
 
+@pytest.mark.slow
 def test_featurize_prints_its_store(env):
     res = env["results"]["featurize"]
     store = _store(env)

@@ -149,6 +149,7 @@ def study(recipe_run, local_ray, tmp_path_factory):
     return report, cache
 
 
+@pytest.mark.slow
 def test_end_to_end_study(study, recipe_run):
     report, cache = study
     assert (report.cells_total, report.cells_done_before, report.models_trained, report.models_reused) == (6, 0, 5, 0)

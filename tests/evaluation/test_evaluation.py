@@ -47,6 +47,7 @@ def test_true_effects_reach_the_planted_lds_and_the_table_matches_lds(fake_bank)
     assert table.methods["true"].standard.value == pytest.approx(direct.standard.value)
 
 
+@pytest.mark.slow
 def test_a_method_on_the_bank_and_its_lambda_sweep(fake_bank, tmp_path):
     """TRAK through the engine on the bank's model: scores (T, N) equal the attribution's own scores of the bank
     targets; the sweep's LDS at the default lambda equals the table's; GCV gives a lambda on the grid's scale."""
@@ -74,6 +75,7 @@ def test_a_method_on_the_bank_and_its_lambda_sweep(fake_bank, tmp_path):
     np.testing.assert_array_equal(again.scores, scores)
 
 
+@pytest.mark.slow
 def test_journey_trak_on_a_bank_scores_its_generated_targets_only(fake_bank, tmp_path):
     """Journey TRAK has no trajectory for validation targets: its bank features are NaN there and equal the
     method's own features of the generated targets; the table lists it on generated targets only, and its
@@ -134,6 +136,7 @@ def test_lds_command_with_a_score_file(fake_bank, tmp_path, capsys):
         assert err.strip().splitlines()[-1].startswith(f"error: --scores {name} is not a readable .npy array"), err
 
 
+@pytest.mark.slow
 def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
     """The page lists the bank, evaluates two methods on it, and shows the same LDS as the library; the λ
     section marks the default, retraining-free and optimal λ."""
@@ -243,6 +246,7 @@ def test_attribute_under_a_worst_predicted_target_opens_it(fake_bank_dir, tiny_r
     assert at.number_input(key="attr_val_idx").value == 2
 
 
+@pytest.mark.slow
 def test_lds_command_sweeps_lambda_for_a_method(fake_bank, tmp_path, capsys):
     """`lds --method trak --sweep lambda --out DIR`: the GCV and optimal lambda line, a sweep table whose best row
     is the reported optimum, and sweep.csv / sweep.html."""
@@ -330,6 +334,7 @@ def bank_with_run(fake_bank_dir, tiny_run, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_checkpoint_run_reproduces_the_bank_model_or_is_refused(bank_with_run, tmp_path):
     """`bank checkpoints` retrains the full model with saved epochs; its last checkpoint equals the bank's model
     bit for bit (checked by the command). A recipe that does not reproduce the model writes nothing."""
@@ -358,6 +363,7 @@ def test_checkpoint_run_reproduces_the_bank_model_or_is_refused(bank_with_run, t
     assert resolve_checkpoint(specs[-1]).content_hash() == resolve_checkpoint(bank.model_spec).content_hash()
 
 
+@pytest.mark.slow
 def test_lds_sweeps_over_checkpoints_and_K(bank_with_run, tmp_path, capsys):
     """`lds --sweep checkpoint`: one row per checkpoint of the run; the last checkpoint is the bank's model, so
     its LDS equals the plain table's. `--sweep K`: the point at the command's own K equals the plain table's."""
@@ -385,6 +391,7 @@ def test_lds_sweeps_over_checkpoints_and_K(bank_with_run, tmp_path, capsys):
     assert "LDS along checkpoint" in out and "LDS along K" in out
 
 
+@pytest.mark.slow
 def test_lds_per_checkpoint_is_estimated_before_compute(bank_with_run, tiny_run, tmp_path, start_app):
     """Issue 24, 4: "Compute LDS per checkpoint" showed a spinner only. Beside it, a line says how many checkpoints
     still need features and about how long they take here: a checkpoint not timed yet at the speed measured for
@@ -416,6 +423,7 @@ def test_checkpoint_methods_use_the_bank_run(bank_with_run, tmp_path):
     assert [m.model.spec.rsplit("@", 1)[1] for m in att.members] == ["epoch-1", "epoch-2"]
 
 
+@pytest.mark.slow
 def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_path, start_app):
     """With the bank's model as the checkpoint, the Attribute page offers to measure the LDS on the bank; the
     verdict beside the ranking then gives the LDS at the slider's λ on the bank's validation targets (the target

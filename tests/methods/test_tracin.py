@@ -276,6 +276,7 @@ def test_timestep_bias_on_the_shipped_digits_model():
 # -- the CLI -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_norms_command_writes_table_curve_and_figure(tiny_run, tmp_path):
     import csv
 

@@ -322,6 +322,7 @@ def test_generate_page_on_the_shipped_latent_model(start_app, tmp_path):
     assert any("--prompt 'a handwritten digit 7' --guidance 3" in c.value for c in at.code)
 
 
+@pytest.mark.slow
 def test_bank_of_a_lora_run_measures_f_with_prompts(lora_run, sd_dir, tmp_path):
     """`bank build --run` on a LoRA run: subset finetunes on Ray, generated targets from the class prompts (keys
     carry them), the bank's model shares the base pipeline through links, and F equals a direct per-target,

@@ -181,6 +181,7 @@ def test_stream_training_is_unchanged(tmp_path):
     assert crn.identity()["randomness"] == "crn" and crn.key(bank["dataset_hash"]) != bank["recipe_key"]
 
 
+@pytest.mark.slow
 def test_crn_run_reproduces_itself_and_records_its_timesteps(tmp_path):
     """CRN on the unchanged full split, given as no index file and as every index: the same bits; the recorded
     training timesteps are each image's own draw of that epoch."""

@@ -62,6 +62,7 @@ def digits_attributor(tmp_path_factory):
     return att
 
 
+@pytest.mark.slow
 def test_training_image_is_its_own_top_proponent(digits_attributor):
     """A consistency check, not a quality claim: it holds for random features too (the self-score is a leverage
     score), so it shows only that training rows and targets are featurized the same way (same noise keys)."""
