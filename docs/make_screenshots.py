@@ -4,7 +4,7 @@
     ATTRIBUTION_CHECKPOINT=runs/x python -m docs.make_screenshots --sampler ddim --steps 250
     OMP_NUM_THREADS=1 python -m docs.make_screenshots --explore    # Attribute progress/explore/details, Tour
 
-Starts `streamlit run app.py` on a free port (tests/browser_support.py, shared with tests/test_browser.py), drives
+Starts `streamlit run app.py` on a free port (tests/browser_support.py, shared with tests/app/test_browser.py), drives
 system Chromium (/usr/bin/chromium or chromium-headless-shell) with Playwright, and stops the server again.
 
 The app's defaults apply: the shipped `digits` checkpoint and dataset, and the repository's cache/ for features

@@ -1,4 +1,4 @@
-"""Helpers for driving the app in a real browser: used by tests/test_browser.py and docs/make_screenshots.py.
+"""Helpers for driving the app in a real browser: used by tests/app/test_browser.py and docs/make_screenshots.py.
 
 Not a test module (pytest collects only test_*.py). Nothing here imports pytest; Playwright is imported inside the
 functions that need it, so importing this module is cheap.

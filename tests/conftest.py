@@ -94,8 +94,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fake_bank_dir(tiny_run, tmp_path_factory) -> Path:
-    """A ground-truth bank made by hand (no retraining; tests/test_evaluation.py says how): banks/fake/ under a
-    temporary folder, with the true per-image effects in effect.npy."""
+    """A ground-truth bank made by hand (no retraining; tests/evaluation/test_evaluation.py says how): banks/fake/
+    under a temporary folder, with the true per-image effects in effect.npy."""
     import json
     import shutil
 

@@ -1,8 +1,12 @@
 """Helpers shared by the engine-level tests: a randomly initialised tiny pixel model, the first n images of a dataset
-as their own dataset, and feature-store keys. Not a test module (pytest collects only test_*.py)."""
+as their own dataset, feature-store keys, the relative error of an array against a reference, the check that an error
+message is one line, the CPU device and the mark for tests that need a CUDA GPU. Not a test module (pytest collects
+only test_*.py)."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from attribution.data.datasets import ImageDataset
@@ -12,6 +16,8 @@ from attribution.models.pixel_ddpm import PixelDDPM
 from attribution.models.presets import unet_for
 
 TWO_STEPS = dict(timesteps=2)  # K=2 uniform: t = 0, 500
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def tiny_model(seed: int = 0, prediction_type: str = "epsilon") -> DiffusionModel:
@@ -29,3 +35,14 @@ def subset(d: ImageDataset, n: int) -> ImageDataset:
 
 def keys_for(split: str, rows) -> list[str]:
     return [f"{split}/{i}" for i in rows]
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def one_line(exc_info) -> str:
+    msg = str(exc_info.value)
+    assert msg and "\n" not in msg, f"error message should be one line: {msg!r}"
+    return msg

@@ -2,7 +2,7 @@
 answer it would get alone, one featurization per feature store, an interrupted featurization (a browser that
 disconnects) leaves only whole rows and is resumed by the next session, written files get normal permissions.
 
-Everything runs on the randomly initialised tiny UNet of test_engine.py and a few digits images.
+Everything runs on the randomly initialised tiny UNet of engine_support.py and a few digits images.
 """
 
 from __future__ import annotations

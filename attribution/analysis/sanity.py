@@ -7,7 +7,7 @@ target's loss by approximately
     predicted change of the target's loss = -sum_{i in S} tau_i            (`predicted_loss_change`)
 
 up to a positive factor (the step size, for one SGD step with gradient-dot scores exactly -lr x tau_i to first
-order; tests/test_gpu_readiness.py checks this on a tiny model). The linear datamodeling score (LDS) of the
+order; tests/analysis/test_sanity.py checks this on a tiny model). The linear datamodeling score (LDS) of the
 evaluation correlates this prediction, over random subsets S, with the loss change measured after retraining on S
 (`attribution train --indices`): the same formula, no other sign flip.
 

@@ -45,8 +45,8 @@ Beyond the paper's figure (issues 11 and 16):
   only the two-way interval is evidence that a figure or a difference between methods is not an accident of the M
   retrained models. Paired comparisons use the same resamples for both methods. Resampling both ways counts the
   subset x target interaction twice, so the two-way interval errs on the wide (conservative) side; on synthetic banks
-  with a common mode (tests/test_lds.py) it covered the true mean LDS in 60 of 60 draws where the target interval
-  covered it in 44.
+  with a common mode (tests/evaluation/test_lds.py) it covered the true mean LDS in 60 of 60 draws where the target
+  interval covered it in 44.
 
 Resampled Spearman correlations are computed without re-sorting: a subset resample is a vector of counts c (how often
 each subset was drawn), and the average rank of subset j within it is ``(#drawn below) + (#drawn tied + 1) / 2``,

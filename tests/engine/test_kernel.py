@@ -3,11 +3,13 @@
 Every score is checked against `np.linalg.solve(X^T X + lam I, X^T)` computed in float64 from scratch, in both
 shapes of the thin SVD (N < k: eigendecomposition of X X^T, "push-through"; N > k: of X^T X) and with
 rank-deficient features (duplicate rows, low-rank products), where components below RANK_TOL must be dropped.
+Kernel.fit reads float32 features in blocks and never holds a float64 copy of them (GPU readiness, issue 9).
 """
 
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -178,3 +180,23 @@ def test_changing_lambda_is_fast():
         times.append(time.perf_counter() - start)
     assert s.shape == (1, n)
     assert np.median(times) < 0.05, f"lambda change took {np.median(times) * 1e3:.1f} ms (median of 5)"
+
+
+# -- memory: the kernel at large k with N > k (GPU readiness, issue 9, item 9) -----------------------------------
+
+
+@pytest.mark.parametrize("n, k", [(3000, 48), (40, 3000)])
+def test_kernel_fit_never_holds_the_features_in_float64(n, k):
+    """Kernel.fit reads float32 features in blocks: numpy never allocates a float64 copy of X (N x k x 8 bytes;
+    the Gram matrix and the factors are torch tensors, outside tracemalloc's view), and the factors equal the
+    dense float64 computation."""
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((n, k)) * np.linspace(3, 0.1, k)).astype(np.float32)
+    tracemalloc.start()
+    kernel = Kernel.fit(X, block=256)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 0.25 * n * k * 8, peak  # one 256-row (or -column) float64 block: <= 256 / 3000 of a full copy
+    Xd = X.astype(np.float64)
+    np.testing.assert_allclose(kernel.sigma, np.linalg.svd(Xd, compute_uv=False)[:len(kernel.sigma)], rtol=1e-9)
+    np.testing.assert_allclose(kernel.U * kernel.sigma @ kernel.V.T, Xd, atol=1e-9 * np.abs(Xd).max())

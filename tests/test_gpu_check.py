@@ -1,0 +1,47 @@
+"""The GPU check in one command (bench/gpu_check.py; GPU readiness, issue 9, item 10): its part b passes on any
+machine and names what it could not check; with a GPU, CPU and CUDA features agree for sjlt and gaussian. Tests
+marked `cuda` need a GPU and skip cleanly without one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine_support import needs_cuda
+
+
+# -- the GPU check in one command --------------------------------------------------------------------------------
+
+
+def _gpu_check_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_part_b_passes_and_names_what_it_could_not_check(capsys):
+    rc = _gpu_check_module().main(["--part", "b"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    summary = lines[-1]
+    assert rc == 0 and summary["summary"] == "ok"
+    checks = [x for x in lines if x.get("part") == "b"]
+    assert sum(1 for x in checks if x.get("ok")) >= 3  # the Gaussian reference and CPU determinism, both projectors
+    if not torch.cuda.is_available():
+        assert any("CPU/CUDA agreement" in m for m in summary["not_checked"])
+        assert sum(1 for x in checks if x.get("status") == "not checked") == 2
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cpu_and_cuda_features_agree_for_sjlt_and_gaussian():
+    records = _gpu_check_module().part_b(cuda=True)
+    agree = [r for r in records if "agree" in r["check"]]
+    assert len(agree) == 2 and all(r["ok"] for r in agree), agree
