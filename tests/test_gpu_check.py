@@ -17,14 +17,9 @@ from engine_support import needs_cuda
 
 
 def _gpu_check_module():
-    import importlib.util
-    from pathlib import Path
+    from bench import gpu_check  # the repository root is on the path (pyproject.toml: pythonpath)
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return gpu_check
 
 
 def test_gpu_check_part_b_passes_and_names_what_it_could_not_check(capsys):

@@ -376,13 +376,9 @@ TRAIN_RELATIVE_L2 = 1e-4
 
 
 def _reference_module():
-    import importlib.util
+    from tests.data import adapter_reference  # the repository root is on the path (pyproject.toml: pythonpath)
 
-    path = Path(__file__).resolve().parents[1] / "data" / "adapter_reference.py"
-    spec = importlib.util.spec_from_file_location("adapter_reference", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return adapter_reference
 
 
 @pytest.fixture(scope="module")
