@@ -90,11 +90,14 @@ with st.container(border=True):  # no form: the estimate below is for what these
 
 
 def options_for(method_name: str, checkpoint: str) -> RunOptions:
+    """A column's options: the form's values that apply to its method (`RunOptions.for_method`: a pixel-similarity
+    column ignores K and k rather than refusing them)."""
     cls = METHODS[method_name]
     chosen_fn = (fn or cls().fn_choices()[0]) if len(cls().fn_choices()) > 1 else None
-    return RunOptions(checkpoint, dataset, method_name, chosen_fn, eta if chosen_fn == "interp" else None,
-                      int(timesteps), strategy, proj_dim=int(proj_dim), projector=projector,
-                      checkpoint_weights=ckpt_weights if ckpt_weights in cls.weightings else None)
+    return RunOptions.for_method(method_name, checkpoint=checkpoint, dataset=dataset, fn=chosen_fn,
+                                 eta=eta if chosen_fn == "interp" else None, timesteps=int(timesteps),
+                                 strategy=strategy, proj_dim=int(proj_dim), projector=projector,
+                                 checkpoint_weights=ckpt_weights if ckpt_weights in cls.weightings else None)
 
 
 # The columns Run would compute: each attributes the same pixels, with its own options.

@@ -12,9 +12,10 @@ strategies, projectors), so the CLI and the app cannot offer something the libra
 Field metadata (`opt`): help (one line), flag (default --field-name), choices (a tuple or a zero-argument
 callable that returns one, evaluated when needed), required, run_only (how to compute, not what: cache folders,
 batch size, device; left out of the equivalent command line), label (the app's widget label), noun (what an
-error calls the value: "unknown projector 'x'"). A schema that refuses values outside their choices itself
-(`validate`, from its `__post_init__`) gets one-line errors instead of argparse's usage message:
-`add_arguments(..., argparse_choices=False)`.
+error calls the value: "unknown projector 'x'"), applies (the kind of method the option means something to, e.g.
+"gradients": a schema refuses it, set, for a method of another kind; `not_applicable`). A schema that refuses
+values outside their choices itself (`validate`, from its `__post_init__`) gets one-line errors instead of
+argparse's usage message: `add_arguments(..., argparse_choices=False)`.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from .errors import ConfigError
 
 def opt(help: str, *, flag: str | None = None, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
         required: bool = False, run_only: bool = False, metavar: str | None = None, label: str | None = None,
-        noun: str | None = None) -> dict:
+        noun: str | None = None, applies: str | None = None) -> dict:
     """Metadata for a schema field (see the module docstring)."""
     return {"help": help, "flag": flag, "choices": choices, "required": required, "run_only": run_only,
-            "metavar": metavar, "label": label, "noun": noun}
+            "metavar": metavar, "label": label, "noun": noun, "applies": applies}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class OptionSpec:
     metavar: str | None
     label: str  # the app's widget label (default: the name, capitalised)
     noun: str  # what errors call a value of it (default: the name in words)
+    applies: str | None = None  # the kind of method it applies to (None: every one); see `not_applicable`
 
     @property
     def optional(self) -> bool:
@@ -84,7 +86,21 @@ def fields_of(schema) -> list[OptionSpec]:
                               _base_type(f.type), _default(f), tuple(choices) if choices else None,
                               meta.get("required", False), meta.get("run_only", False), meta.get("metavar"),
                               meta.get("label") or f.name.replace("_", " ").capitalize(),
-                              meta.get("noun") or f.name.replace("_", " ")))
+                              meta.get("noun") or f.name.replace("_", " "), meta.get("applies")))
+    return out
+
+
+def not_applicable(schema, groups: set[str], values: dict[str, Any] | None = None) -> list[OptionSpec]:
+    """The fields of `schema` that apply only to a kind of method outside `groups` (their `applies`) and whose
+    value (from `values`, else the instance's) is not their default: options given to a method that cannot use
+    them."""
+    out = []
+    for spec in fields_of(schema):
+        if spec.applies is None or spec.applies in groups:
+            continue
+        value = values.get(spec.name, spec.default) if values is not None else getattr(schema, spec.name)
+        if value != spec.default:
+            out.append(spec)
     return out
 
 

@@ -30,7 +30,8 @@ from .features.timesteps import STRATEGIES
 from .methods import CURVATURE_OPTIONS, DEFAULT_METHOD, METHODS, curvature_options, get_method
 from .methods.over_checkpoints import CHECKPOINT_WEIGHTS
 from .models.adapter import DiffusionModel
-from .options import add_arguments, command_line, from_args, opt, validate
+from .errors import ConfigError
+from .options import add_arguments, command_line, from_args, not_applicable, opt, validate
 
 CHECKPOINT_HELP = ("digits, animals-2, NAME@epoch-N or a folder; several separated by commas = an ensemble "
                    "(checkpoint methods: the run's checkpoints up to the one given, or the list given)")
@@ -38,6 +39,10 @@ CHECKPOINT_HELP = ("digits, animals-2, NAME@epoch-N or a folder; several separat
 # features' seed is its --feature-seed).
 JOURNEY_OPTIONS = ("checkpoint", "dataset", "method", "timesteps", "proj_dim", "projector", "cache", "device")
 GRADIENT_FIELDS = ("fn", "eta", "timesteps", "strategy", "noises", "proj_dim", "projector", "seed", "params")
+# What an option of each kind (`opt(applies=...)`) applies to, for the one-line refusal of one set for another method.
+APPLIES_TO = {"gradients": "the gradient methods (a similarity baseline compares images: no gradients)",
+              "clip": "clip-dot and clip-cos", "curvature": "the EK-FAC influence methods (ekfac, ekfac-elbo) only",
+              "checkpoints": "the checkpoint methods"}
 
 
 def _method_help() -> str:
@@ -57,39 +62,43 @@ class RunOptions:
                                                              metavar="METHOD", label="Method"))
     fn: str | None = field(default=None, metadata=opt(
         "output function (D-TRAK only; default: the method's)", choices=OUTPUT_FUNCTIONS, label="Output function",
-        noun="output function"))
+        noun="output function", applies="gradients"))
     eta: float | None = field(default=None, metadata=opt(
-        "Simple/Square interpolation weight in [0, 1] (implies --fn interp)", label="η (interp)"))
-    timesteps: int = field(default=DEFAULT_TIMESTEPS, metadata=opt("K, timesteps averaged over", label="Timesteps K"))
+        "Simple/Square interpolation weight in [0, 1] (implies --fn interp)", label="η (interp)", applies="gradients"))
+    timesteps: int = field(default=DEFAULT_TIMESTEPS, metadata=opt("K, timesteps averaged over", label="Timesteps K",
+                                                                   applies="gradients"))
     strategy: str = field(default="uniform", metadata=opt(
         "uniform (0, T/K, ...), cumulative (0..K-1) or training (training images at their training timestep)",
-        choices=STRATEGIES, label="Timestep strategy", noun="timestep strategy"))
-    noises: int = field(default=1, metadata=opt("noise draws per timestep", label="Noise draws"))
-    proj_dim: int = field(default=DEFAULT_PROJ_DIM, metadata=opt("k, the projection dimension", label="Projection k"))
+        choices=STRATEGIES, label="Timestep strategy", noun="timestep strategy", applies="gradients"))
+    noises: int = field(default=1, metadata=opt("noise draws per timestep", label="Noise draws", applies="gradients"))
+    proj_dim: int = field(default=DEFAULT_PROJ_DIM, metadata=opt("k, the projection dimension", label="Projection k",
+                                                                 applies="gradients"))
     projector: str = field(default="auto", metadata=opt(
         "auto: trak-cuda on a GPU with fast_jl, else sjlt", choices=("auto", *PROJECTORS), label="Projector",
-        noun="projector"))
-    seed: int = field(default=0, metadata=opt("noise and projection seed", label="Seed"))
+        noun="projector", applies="gradients"))
+    seed: int = field(default=0, metadata=opt("noise and projection seed", label="Seed", applies="gradients"))
     params: str | None = field(default=None, metadata=opt(
-        "take gradients only over parameters with these comma-separated name prefixes", label="Parameters"))
+        "take gradients only over parameters with these comma-separated name prefixes", label="Parameters",
+        applies="gradients"))
     clip_model: str = field(default="ViT-B-32", metadata=opt(
-        "open_clip architecture of --clip-weights (the paper's CLIP ViT-B/32)", label="CLIP model"))
+        "open_clip architecture of --clip-weights (the paper's CLIP ViT-B/32)", label="CLIP model", applies="clip"))
     clip_weights: str | None = field(default=None, metadata=opt("clip-dot/clip-cos: " + CLIP_HELP, metavar="FILE",
-                                                                label="CLIP weights"))
+                                                                label="CLIP weights", applies="clip"))
     damping: float | None = field(default=None, metadata=opt(
-        "ekfac, ekfac-elbo: damping as a multiple of the mean EK-FAC eigenvalue (default 0.1)", label="Damping"))
+        "ekfac, ekfac-elbo: damping as a multiple of the mean EK-FAC eigenvalue (default 0.1)", label="Damping",
+        applies="curvature"))
     damping_rule: str | None = field(default=None, metadata=opt(
         "ekfac, ekfac-elbo: global (default: damping x the mean eigenvalue of all tracked layers, one lambda) or "
         "module (damping x each layer's own mean eigenvalue: kronfluence's heuristic)", choices=DAMPING_RULES,
-        label="Damping rule", noun="EK-FAC damping rule"))
+        label="Damping rule", noun="EK-FAC damping rule", applies="curvature"))
     curvature_samples: int | None = field(default=None, metadata=opt(
         f"ekfac, ekfac-elbo: noisy copies per training image for the EK-FAC factors (default {DEFAULT_SAMPLES})",
-        label="Curvature copies per image"))
+        label="Curvature copies per image", applies="curvature"))
     checkpoint_weights: str | None = field(default=None, metadata=opt(
         "checkpoint methods: lr (default) weights each checkpoint by the learning rate x epochs since the previous "
         "one, all projected with --seed; uniform is TracInCP/GAS as the D-TRAK paper runs them (appendix A.3): the "
         "mean over the checkpoints, checkpoint c projected with seed + c", choices=tuple(CHECKPOINT_WEIGHTS),
-        metavar="lr|uniform", label="Checkpoint weights", noun="--checkpoint-weights"))
+        metavar="lr|uniform", label="Checkpoint weights", noun="--checkpoint-weights", applies="checkpoints"))
     cache: str | None = field(default=None, metadata=opt("cache root (default: cache/ or $ATTRIBUTION_CACHE)",
                                                          run_only=True))
     store: str | None = field(default=None, metadata=opt(
@@ -99,7 +108,18 @@ class RunOptions:
 
     def __post_init__(self):
         validate(self)
+        for spec in not_applicable(self, METHODS[self.method].option_groups()):
+            raise ConfigError(f"{spec.flag} applies to {APPLIES_TO[spec.applies]}, not {self.method}")
         curvature_options([self.method], **{k: getattr(self, k) for k in CURVATURE_OPTIONS})
+
+    @classmethod
+    def for_method(cls, method: str, **values) -> RunOptions:
+        """The options of `method` from values meant for several methods at once (a comparison: the Attribute
+        page's second column, `lds --method dtrak,pixel-cos --timesteps 1`): the values of options of a kind the
+        method does not use (`applies`) are left out, so they keep their defaults instead of being refused."""
+        groups = METHODS[method].option_groups()
+        skip = {spec.name for spec in not_applicable(cls, groups, values)}
+        return cls(method=method, **{k: v for k, v in values.items() if k not in skip})
 
     def feature_options(self) -> dict[str, Any]:
         """The keyword options of `engine.open_attributor` (all but the model and the method)."""

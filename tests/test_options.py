@@ -95,3 +95,51 @@ def test_engine_commands_take_their_options_from_the_schema():
     args = _subparser("score").parse_args(["--checkpoint", "digits", "--method", "trak", "--proj-dim", "512",
                                            "--store", "/tmp/s", "--target", "gen:0"])
     assert run_options(args) == RunOptions("digits", method="trak", proj_dim=512, store="/tmp/s")
+
+
+@pytest.mark.parametrize("method, option, value", [
+    ("pixel-cos", "timesteps", 5), ("pixel-cos", "noises", 3), ("pixel-cos", "projector", "gaussian"),
+    ("clip-cos", "proj_dim", 512), ("dtrak", "clip_weights", "clip.pt"), ("trak", "clip_model", "RN50"),
+    ("dtrak", "damping", 0.1), ("trak", "curvature_samples", 4), ("dtrak", "checkpoint_weights", "uniform"),
+])
+def test_an_option_a_method_cannot_use_is_refused_by_the_schema(method, option, value):
+    """Bad input (issue 25): an option of a kind the method does not use, set, is one line naming the option and
+    the method, from the schema's `applies` (RunOptions) rather than per command; left at its default it is fine."""
+    from attribution.options import fields_of as specs
+    from attribution.run_options import RunOptions
+
+    flag = next(s.flag for s in specs(RunOptions) if s.name == option)
+    with pytest.raises(ConfigError) as exc:
+        RunOptions("digits", method=method, **{option: value})
+    msg = str(exc.value)
+    assert msg.startswith(f"{flag} applies to ") and msg.endswith(f", not {method}") and "\n" not in msg, msg
+    RunOptions("digits", method=method)  # the defaults apply to every method
+
+
+def test_for_method_keeps_only_the_options_that_apply():
+    """Values meant for a comparison (D-TRAK beside pixel cosine, K = 2, k = 512): pixel cosine keeps the defaults
+    of the gradient options, D-TRAK takes them; an option that applies is still checked."""
+    from attribution.run_options import RunOptions
+
+    values = dict(checkpoint="digits", timesteps=2, proj_dim=512, projector="sjlt", clip_weights=None)
+    pixel = RunOptions.for_method("pixel-cos", **values)
+    dtrak = RunOptions.for_method("dtrak", **values)
+    assert (pixel.timesteps, pixel.proj_dim, pixel.projector) == (RunOptions.timesteps, RunOptions.proj_dim, "auto")
+    assert (dtrak.timesteps, dtrak.proj_dim, dtrak.projector) == (2, 512, "sjlt")
+    with pytest.raises(ConfigError, match="unknown projector"):
+        RunOptions.for_method("dtrak", checkpoint="digits", projector="nope")
+
+
+def test_the_commands_refuse_an_option_the_method_cannot_use(capsys):
+    """score with a gradient option for a similarity method, lds with an option none of its methods uses: one
+    line each, before any work (no feature cache is made)."""
+    from attribution.cli import main
+
+    assert main(["score", "--checkpoint", "digits", "--target", "val:0", "--method", "pixel-cos",
+                 "--noises", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --noises applies to the gradient methods (a similarity baseline compares images: no gradients), "
+        "not pixel-cos")
+    assert main(["lds", "--bank", "digits", "--method", "pixel-cos,pixel-dot", "--timesteps", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --timesteps applies to the gradient methods") and "none of: pixel-cos" in err

@@ -4,7 +4,7 @@ top-k proponents per method over many targets, the Diffusion-ReTrac paper's "gen
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from ..methods import get_method
 from ..methods.over_checkpoints import run_checkpoints
 from ..models import load_model
 from ..options import add_arguments, from_args
-from ..run_options import add_run_options, run_options
+from ..run_options import RunOptions, add_run_options
 from ..targets import resolve_targets
 from .common import info, progress_bar, write_figures
 from .engine import member_progress
@@ -90,13 +90,15 @@ def cmd_influential(args) -> int:
     methods = [get_method(m) for m in names]  # unknown names fail here, before any work
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
-    base = run_options(args)
+    values = {f.name: getattr(args, f.name) for f in fields(RunOptions) if hasattr(args, f.name) and f.name != "method"}
+    # each method takes the options that apply to it; a bad value is refused here, before any work
+    options = {m.name: RunOptions.for_method(m.name, **values) for m in methods}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     targets = None
     stats, all_scores = [], {}
     for method in methods:
-        attribution = replace(base, method=method.name).open()
+        attribution = options[method.name].open()
         if targets is None:
             targets = resolve_targets(args.targets, attribution.target_model, attribution.train.spec)
             info(f"{len(targets)} target(s): {targets.names[0]} .. {targets.names[-1]}")

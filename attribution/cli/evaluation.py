@@ -24,7 +24,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..fileio import atomic_path, read_npy, read_npz
 from ..kernel import check_lambda
-from ..run_options import add_run_options, run_options
+from ..options import not_applicable
+from ..run_options import APPLIES_TO, RunOptions, add_run_options
 from .common import info, progress_bar, write_figures
 
 # The options of an attribution (RunOptions) that `lds` takes: all but the checkpoint, training set and method, which
@@ -79,17 +80,21 @@ def bank_feature_options(args: argparse.Namespace, methods: list[str]):
     them can use is refused here, in one line, before any work."""
     from ..methods import curvature_options, get_method, parse_method_entry  # lazy: keeps the start fast
 
-    curvature = curvature_options([parse_method_entry(m)[0] for m in methods], damping=args.damping,
-                                  damping_rule=args.damping_rule, curvature_samples=args.curvature_samples)
+    names = [parse_method_entry(m)[0] for m in methods]  # unknown methods and output functions: one line
+    values = {name: getattr(args, name) for name in LDS_RUN_OPTIONS}
+    groups = set().union(*(get_method(name).option_groups() for name in names))
+    for spec in not_applicable(RunOptions, groups, values):
+        raise ConfigError(f"{spec.flag} applies to {APPLIES_TO[spec.applies]}, none of: "
+                          f"{', '.join(methods) or 'no --method given'}")
+    curvature_options(names, damping=args.damping, damping_rule=args.damping_rule,
+                      curvature_samples=args.curvature_samples)  # the EK-FAC values, by FeatureConfig's rules
 
     def options(entry: str) -> dict:
         name, fn = parse_method_entry(entry)  # METHOD or METHOD:FN (dtrak:avg): the entry's output function wins
         m = get_method(name)
-        opts = run_options(args, checkpoint=str(args.bank), method=name,
-                           fn=fn or (args.fn if args.fn in m.fn_choices() else None),
-                           eta=args.eta if "interp" in m.fn_choices() else None,
-                           checkpoint_weights=args.checkpoint_weights if m.weightings else None,
-                           **(curvature if m.uses_damping else dict.fromkeys(curvature, None)))
+        opts = RunOptions.for_method(name, **{**values, "checkpoint": str(args.bank),
+                                              "fn": fn or (args.fn if args.fn in m.fn_choices() else None),
+                                              "eta": args.eta if "interp" in m.fn_choices() else None})
         return {**{k: v for k, v in opts.feature_options().items() if k != "dataset"},
                 "checkpoint_weights": opts.checkpoint_weights}
 

@@ -73,6 +73,13 @@ class Method(ABC):
     row_statistics: ClassVar[tuple[str, ...]] = ()  # per-training-row statistics its scores use (DAS's residuals)
     uses_damping: ClassVar[bool] = False  # takes a curvature damping (--damping; EK-FAC influence)
 
+    @classmethod
+    def option_groups(cls) -> set[str]:
+        """The kinds of options this method uses (`opt(applies=...)` in run_options.py): gradient features, EK-FAC
+        curvature, checkpoint weights; an option of another kind, set, is refused for it."""
+        return {"gradients"} | ({"curvature"} if cls.uses_damping else set()) | (
+            {"checkpoints"} if cls.weightings else set())
+
     @abstractmethod
     def score(self, train: TrainFeatures, G: np.ndarray, lam: float | None) -> np.ndarray:
         """Scores of targets G (M, k) against the N training rows: shape (M, N), float64."""
@@ -176,6 +183,10 @@ class SimilarityMethod(Method):
     uses_lambda = False
     fixed_fn = False
     has_self_influence = False
+
+    @classmethod
+    def option_groups(cls) -> set[str]:
+        return {"clip"} if cls.embedding == "clip" else set()  # no gradients: none of their options
 
     def feature_config(self, clip_model: str = "ViT-B-32", clip_weights: str | None = None, **_) -> FeatureConfig:
         return FeatureConfig(embedding=self.embedding, clip_model=clip_model, clip_weights=clip_weights)
