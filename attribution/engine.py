@@ -23,6 +23,7 @@ is `attribution.featurize(progress)` then `attribution.self_influence(lam)`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -57,6 +58,7 @@ from .store import (
     CurvatureStore,
     FeatureStore,
     cache_root,
+    compute_slot,
     load_array,
     record_throughput,
     recorded_throughput,
@@ -173,8 +175,15 @@ class Attributor:
             if progress:
                 progress(int(store.done().sum()), n, "another session is computing these features; waiting for it")
 
-        with store.exclusive(waiting):
+        def queued() -> None:
+            if progress:
+                progress(int(store.done().sum()), n, "queued: another featurization is running on this machine; "
+                                                     "they take turns, each with every core")
+
+        with store.exclusive(waiting), contextlib.ExitStack() as stack:
             todo = np.flatnonzero(~store.done())
+            if len(todo):  # work to do: wait for this process's compute slot (a cached store never waits)
+                stack.enter_context(compute_slot(self.cache_dir, queued))
             if len(todo) and self.curvature_spec is not None:
                 self.ekfac(progress)  # the curvature first (its own cache), then the whitened features
             done_before = n - len(todo)

@@ -47,6 +47,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -54,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CacheMismatchError, FileFormatError
+from .errors import CacheMismatchError, ConfigError, FileFormatError
 from .fileio import atomic_dir, read_json, reason, save_npy, save_npz, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -321,6 +322,69 @@ def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
             return {k: z[k] for k in z.files}
     except UNREADABLE:
         return None
+
+
+# Heavy computations (featurizing a training set) that run at once on one cache root: the app's server runs every
+# session's and background job's featurization in threads of one process, and a command may run beside it. Two at
+# once with torch's default threads oversubscribe the cores (BENCHMARKS.md, "Several featurizations at once"), so
+# by default they take turns and each gets every core. ATTRIBUTION_PARALLEL_JOBS raises the number.
+PARALLEL_JOBS_ENV = "ATTRIBUTION_PARALLEL_JOBS"
+_slot_depth = threading.local()
+
+
+def parallel_jobs() -> int:
+    value = os.environ.get(PARALLEL_JOBS_ENV, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{PARALLEL_JOBS_ENV} must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+@contextlib.contextmanager
+def compute_slot(root: str | os.PathLike | None = None, waiting: Callable[[], None] | None = None,
+                 poll: float = 0.5) -> Iterator[None]:
+    """Hold one of the heavy-computation slots of cache root `root` (`parallel_jobs()`, default 1) while the block
+    runs: featurizations in any thread or process take turns. `waiting()` is called at once and then every `poll`
+    seconds while every slot is taken. Each slot is an `fcntl.flock` on `<root>/locks/compute-<i>.lock` (released
+    by the OS when a holder is killed). Re-entrant within a thread; a read-only cache has nothing to guard."""
+    if getattr(_slot_depth, "n", 0):
+        _slot_depth.n += 1
+        try:
+            yield
+        finally:
+            _slot_depth.n -= 1
+        return
+    slots = parallel_jobs()
+    folder = cache_root(root) / "locks"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fds = [os.open(folder / f"compute-{i}.lock", os.O_RDWR | os.O_CREAT, 0o666) for i in range(slots)]
+    except OSError:
+        yield
+        return
+    held = None
+    try:
+        first = True
+        while held is None:
+            for fd in fds:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = fd
+                    break
+                except BlockingIOError:
+                    continue
+            if held is None:
+                if waiting:
+                    waiting()
+                time.sleep(0 if first else poll)
+                first = False
+        _slot_depth.n = 1
+        try:
+            yield
+        finally:
+            _slot_depth.n = 0
+    finally:
+        for fd in fds:
+            os.close(fd)  # releases the slot held
 
 
 def retrain_dir(recipe_key: str, index_set_hash: str, seed: int, root: str | os.PathLike | None = None) -> Path:

@@ -96,6 +96,67 @@ class Disconnected(Exception):
     """What Streamlit raises in a script thread when its session goes away (StopException) - any exception."""
 
 
+def test_featurizations_of_different_stores_take_turns_in_one_process(model, digits, tmp_path, monkeypatch):
+    """Two sessions featurize two different feature stores at once (another seed each): they take turns for the
+    process's compute slot (`device.compute_slot`), so their batches do not interleave, the one that waits says so,
+    and each gets the features it computes alone; a cached store never waits."""
+    import time
+
+    train = subset(digits, 16)
+    cfgs = [FeatureConfig(fn="square", projector="sjlt", proj_dim=64, timesteps=2, seed=s) for s in (0, 1)]
+    alone = [np.array(Attributor(model, train, c, cache=tmp_path / "alone", batch_size=4).featurize().features())
+             for c in cfgs]
+    original, order, lock = Attributor.features_of, [], threading.Lock()
+
+    def slow(self, images, keys, timesteps=None):
+        with lock:
+            order.append(self.cfg.seed)
+        time.sleep(0.05)  # long enough that batches would interleave without the slot
+        return original(self, images, keys, timesteps)
+
+    monkeypatch.setattr(Attributor, "features_of", slow)
+    atts = [Attributor(model, train, c, cache=tmp_path / "shared", batch_size=4) for c in cfgs]
+    barrier, messages = threading.Barrier(2), [[], []]
+
+    def job(i):
+        barrier.wait()
+        return np.array(atts[i].featurize(lambda d, n, m, i=i: messages[i].append(m)).features())
+
+    with ThreadPoolExecutor(2) as ex:
+        got = list(ex.map(job, range(2)))
+    assert len(order) == 8 and order in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4), order  # one after the other
+    assert sum(any(m.startswith("queued") for m in ms) for ms in messages) == 1, messages
+    for a, b in zip(alone, got):
+        np.testing.assert_array_equal(a, b)
+    with ThreadPoolExecutor(2) as ex:  # cached: nobody queues
+        list(ex.map(job, range(2)))
+    assert len(order) == 8
+
+
+def test_a_featurization_waits_for_another_process_on_the_same_cache(model, digits, tmp_path):
+    """A command beside the app's server (another process, the same cache root) holds the compute slot: this
+    featurization says it is queued, waits, then runs; a killed holder would release it (an OS file lock)."""
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom attribution.store import compute_slot\n"
+        f"with compute_slot({str(cache)!r}):\n    print('held', flush=True)\n    time.sleep(3)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        messages, start = [], time.perf_counter()
+        Attributor(model, subset(digits, 8), CFG, cache=cache, batch_size=4).featurize(
+            lambda d, n, m: messages.append((time.perf_counter() - start, m)))
+    finally:
+        holder.wait(timeout=30)
+    assert messages[0][1].startswith("queued: another featurization is running on this machine"), messages
+    computed = [t for t, m in messages if m.startswith(("4 / 8", "8 / 8"))]
+    assert computed and min(computed) > 1.0, messages  # the rows came after the other process let go
+
+
 def test_an_interrupted_featurization_is_resumed_by_the_waiting_session(model, digits, tmp_path, monkeypatch):
     """Session A stops after two batches (its browser went away) while B waits on the lock: A leaves whole rows
     only and releases the lock, B computes just the rest, and the result equals an uninterrupted run."""
