@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import AttributionError
 from . import analysis, bank, counterfactual, engine, evaluation, journey, magic, models, prepare
@@ -17,7 +18,9 @@ COMMAND_MODULES = (models, engine, journey, analysis, bank, evaluation, counterf
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m attribution",
+    # `attribution` (the console script of pyproject.toml) or `python -m attribution`
+    prog = "attribution" if Path(sys.argv[0]).name == "attribution" else "python -m attribution"
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Which training images made a diffusion model generate this?")
     sub = p.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
