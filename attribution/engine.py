@@ -182,7 +182,7 @@ class Attributor:
 
         with store.exclusive(waiting), contextlib.ExitStack() as stack:
             todo = np.flatnonzero(~store.done())
-            if len(todo):  # work to do: wait for this process's compute slot (a cached store never waits)
+            if len(todo):  # work to do: wait for a compute slot of this cache (a cached store never waits)
                 stack.enter_context(compute_slot(self.cache_dir, queued))
             if len(todo) and self.curvature_spec is not None:
                 self.ekfac(progress)  # the curvature first (its own cache), then the whitened features
