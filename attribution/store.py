@@ -324,12 +324,15 @@ def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-# Heavy computations (featurizing a training set) that run at once on one cache root: the app's server runs every
-# session's and background job's featurization in threads of one process, and a command may run beside it. Two at
-# once with torch's default threads oversubscribe the cores (BENCHMARKS.md, "Several featurizations at once"), so
-# by default they take turns and each gets every core. ATTRIBUTION_PARALLEL_JOBS raises the number.
+# Heavy computations (featurizing a training set) of several processes on one cache root: the app's server and a
+# command beside it, or two commands. Two processes at once with torch's default threads oversubscribe the cores (on
+# 2 cores, 400 images: 6.3 s alone, 43-44 s each for two at once), so processes take turns, each with every core
+# (6.4 and 13.6 s). Threads of one process share its slot and run together: one process's torch pool does not
+# oversubscribe (two at once in the server: 10.8 s each). BENCHMARKS.md, "Several featurizations at once".
+# ATTRIBUTION_PARALLEL_JOBS raises the number of processes that may run at once (a machine with many cores).
 PARALLEL_JOBS_ENV = "ATTRIBUTION_PARALLEL_JOBS"
-_slot_depth = threading.local()
+_slot = {"fd": None, "users": 0, "acquiring": False}  # this process's slot, shared by its threads
+_slot_changed = threading.Condition()
 
 
 def parallel_jobs() -> int:
@@ -342,49 +345,63 @@ def parallel_jobs() -> int:
 @contextlib.contextmanager
 def compute_slot(root: str | os.PathLike | None = None, waiting: Callable[[], None] | None = None,
                  poll: float = 0.5) -> Iterator[None]:
-    """Hold one of the heavy-computation slots of cache root `root` (`parallel_jobs()`, default 1) while the block
-    runs: featurizations in any thread or process take turns. `waiting()` is called at once and then every `poll`
-    seconds while every slot is taken. Each slot is an `fcntl.flock` on `<root>/locks/compute-<i>.lock` (released
-    by the OS when a holder is killed). Re-entrant within a thread; a read-only cache has nothing to guard."""
-    if getattr(_slot_depth, "n", 0):
-        _slot_depth.n += 1
-        try:
-            yield
-        finally:
-            _slot_depth.n -= 1
-        return
-    slots = parallel_jobs()
+    """Hold this process's heavy-computation slot of cache root `root` while the block runs: processes take turns
+    (`parallel_jobs()` at once, default 1); threads of a process that holds it join it at once. `waiting()` is called
+    at once and then every `poll` seconds while this process waits. A slot is an `fcntl.flock` on
+    `<root>/locks/compute-<i>.lock` (released by the OS when its process is killed); a read-only cache has nothing
+    to guard. (One slot per process: a process works on one cache root at a time.)"""
+    with _slot_changed:
+        _slot["users"] += 1
+    try:
+        must_acquire = False
+        with _slot_changed:
+            while _slot["fd"] is None and _slot["acquiring"]:  # another thread of this process is waiting for it
+                if waiting:
+                    waiting()
+                _slot_changed.wait(poll)
+            if _slot["fd"] is None:
+                _slot["acquiring"] = must_acquire = True
+        if must_acquire:
+            fd = None
+            try:
+                fd = _acquire_slot(root, waiting, poll)
+            finally:
+                with _slot_changed:
+                    _slot["fd"], _slot["acquiring"] = fd, False
+                    _slot_changed.notify_all()
+        yield
+    finally:
+        with _slot_changed:
+            _slot["users"] -= 1
+            if _slot["users"] == 0 and _slot["fd"] is not None:
+                if _slot["fd"] >= 0:
+                    os.close(_slot["fd"])  # releases the lock
+                _slot["fd"] = None
+
+
+def _acquire_slot(root, waiting, poll: float) -> int:
+    """The file descriptor of a free slot's lock, once one is free (-1: a read-only cache, nothing to hold)."""
     folder = cache_root(root) / "locks"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fds = [os.open(folder / f"compute-{i}.lock", os.O_RDWR | os.O_CREAT, 0o666) for i in range(slots)]
+        fds = [os.open(folder / f"compute-{i}.lock", os.O_RDWR | os.O_CREAT, 0o666) for i in range(parallel_jobs())]
     except OSError:
-        yield
-        return
-    held = None
-    try:
-        first = True
-        while held is None:
-            for fd in fds:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    held = fd
-                    break
-                except BlockingIOError:
-                    continue
-            if held is None:
-                if waiting:
-                    waiting()
-                time.sleep(0 if first else poll)
-                first = False
-        _slot_depth.n = 1
-        try:
-            yield
-        finally:
-            _slot_depth.n = 0
-    finally:
+        return -1
+    first = True
+    while True:
         for fd in fds:
-            os.close(fd)  # releases the slot held
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            for other in fds:
+                if other != fd:
+                    os.close(other)
+            return fd
+        if waiting:
+            waiting()
+        time.sleep(0 if first else poll)
+        first = False
 
 
 def retrain_dir(recipe_key: str, index_set_hash: str, seed: int, root: str | os.PathLike | None = None) -> Path:

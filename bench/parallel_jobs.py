@@ -1,12 +1,12 @@
-"""Several featurizations at once on one machine: taking turns (the default, `store.compute_slot`) against running
-together, with torch's default threads or with the cores shared out (threads = cores / jobs).
+"""Several featurizations at once on one machine: threads of one process (the app's sessions and background jobs)
+and separate processes (a command beside the server, two commands), with the default policy (`store.compute_slot`:
+processes take turns, threads of a process share its turn) against no coordination.
 
     python bench/parallel_jobs.py --jobs 1,2,4 --images 400 --out bench/results/parallel-jobs
 
 Each job featurizes the first --images digits training images (an .npz) with its own seed (its own feature store),
-K = 2, k = 512, D-TRAK Square, in a thread of this one process (as the app's sessions and background jobs do),
-all started together. Per job: wall time from the common start to its end, and its throughput (images/s) as a
-multiple of its fair share (what one job alone does, divided by the number of jobs). A fresh cache per
+K = 2, k = 512, D-TRAK Square, all started together. Per job: wall time from the common start to its end, and its
+throughput as a multiple of its fair share (one job alone, divided by the number of jobs). A fresh cache per
 measurement; the machine should be otherwise idle.
 """
 
@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -24,65 +25,87 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution import Attributor, FeatureConfig, get_method, load_dataset, load_model
-from attribution.store import PARALLEL_JOBS_ENV
-
 MODES = {
-    "turns": "one at a time (the default: ATTRIBUTION_PARALLEL_JOBS=1), torch's default threads",
-    "together": "all at once, torch's default threads each",
-    "together-shared": "all at once, torch threads = cores / jobs",
+    "threads": "threads of one process (they share its slot and run together: the default)",
+    "processes": "separate processes, taking turns (the default)",
+    "processes-together": "separate processes all at once, torch's default threads each (no coordination)",
+    "processes-shared": "separate processes all at once, torch threads = cores / jobs each",
 }
 
 
+def featurize(seed: int, cache: str, npz: str):
+    from attribution import Attributor, FeatureConfig, load_dataset, load_model
+
+    att = Attributor(load_model("digits", "cpu"), load_dataset(f"npz:{npz}"),
+                     FeatureConfig(fn="square", timesteps=2, proj_dim=512, projector="sjlt", seed=seed), cache=cache)
+    _ = att.store
+    return att
+
+
+def worker(seed: int, cache: str, npz: str, threads: int, start: float) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    att = featurize(seed, cache, npz)
+    while time.time() < start:
+        time.sleep(0.01)
+    att.featurize()
+    print(f"{time.time() - start:.3f}", flush=True)
+
+
 def run(mode: str, jobs: int, npz: Path, cores: int) -> list[float]:
-    os.environ[PARALLEL_JOBS_ENV] = "1" if mode == "turns" else str(jobs)
-    torch.set_num_threads(max(1, cores // jobs) if mode == "together-shared" else cores)
-    model = load_model("digits", "cpu")
-    train = load_dataset(f"npz:{npz}")
-    method = get_method("dtrak")
     with tempfile.TemporaryDirectory() as cache:
-        atts = [Attributor(model, train, FeatureConfig(fn="square", timesteps=2, proj_dim=512, projector="sjlt",
-                                                        seed=j), cache=cache, row_statistics=method.row_statistics)
-                for j in range(jobs)]
-        barrier, ends = threading.Barrier(jobs + 1), [0.0] * jobs
+        if mode == "threads":
+            atts = [featurize(j, cache, str(npz)) for j in range(jobs)]
+            barrier, ends = threading.Barrier(jobs + 1), [0.0] * jobs
 
-        def job(j: int) -> None:
+            def job(j: int) -> None:
+                barrier.wait()
+                atts[j].featurize()
+                ends[j] = time.perf_counter()
+
+            threads = [threading.Thread(target=job, args=(j,)) for j in range(jobs)]
+            for t in threads:
+                t.start()
             barrier.wait()
-            atts[j].featurize()
-            ends[j] = time.perf_counter()
-
-        threads = [threading.Thread(target=job, args=(j,)) for j in range(jobs)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for t in threads:
-            t.join()
-    return [e - start for e in ends]
+            start = time.perf_counter()
+            for t in threads:
+                t.join()
+            return [e - start for e in ends]
+        env = dict(os.environ, ATTRIBUTION_PARALLEL_JOBS="1" if mode == "processes" else str(jobs))
+        threads = max(1, cores // jobs) if mode == "processes-shared" else 0
+        start = time.time() + 15  # every worker loaded and waiting
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(j), cache, str(npz), str(threads),
+                                   str(start)], env=env, stdout=subprocess.PIPE, text=True) for j in range(jobs)]
+        return [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
 
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        seed, cache, npz, threads, start = sys.argv[2:7]
+        worker(int(seed), cache, npz, int(threads), float(start))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jobs", default="1,2,4")
     p.add_argument("--images", type=int, default=400)
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    from attribution import load_dataset
+
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cores = torch.get_num_threads()
     digits = load_dataset("digits")
     npz = out / f"digits-{a.images}.npz"
     np.savez(npz, images=digits.pixels[:a.images, ..., 0], labels=digits.labels[:a.images])
-    alone = statistics.median(run("turns", 1, npz, cores)[0] for _ in range(a.repeats))
-    results = {"cores": cores, "images": a.images, "alone_seconds": alone, "rows": []}
-    lines = [f"One job alone: {alone:.1f} s ({a.images / alone:.1f} images/s) on {cores} threads.", "",
+    alone = run("processes", 1, npz, cores)[0]
+    results = {"cores": cores, "images": a.images, "alone_seconds": alone, "modes": MODES, "rows": []}
+    lines = [f"One job alone (one process): {alone:.1f} s ({a.images / alone:.1f} images/s), {cores} threads.", "",
              "| jobs | mode | wall per job, s (first .. last) | worst job's throughput / fair share |",
              "|---|---|---|---|"]
     for jobs in [int(j) for j in a.jobs.split(",")]:
         for mode in a.modes.split(","):
-            if jobs == 1 and mode != "turns":
+            if jobs == 1 and mode != "processes":
                 continue
             walls = sorted(run(mode, jobs, npz, cores))
             worst = min((a.images / w) / (a.images / alone / jobs) for w in walls)

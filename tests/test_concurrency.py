@@ -96,10 +96,10 @@ class Disconnected(Exception):
     """What Streamlit raises in a script thread when its session goes away (StopException) - any exception."""
 
 
-def test_featurizations_of_different_stores_take_turns_in_one_process(model, digits, tmp_path, monkeypatch):
-    """Two sessions featurize two different feature stores at once (another seed each): they take turns for the
-    process's compute slot (`device.compute_slot`), so their batches do not interleave, the one that waits says so,
-    and each gets the features it computes alone; a cached store never waits."""
+def test_featurizations_in_one_process_share_its_compute_slot(model, digits, tmp_path, monkeypatch):
+    """Two sessions of one server featurize two different feature stores at once (another seed each): threads of
+    one process share its compute slot (`store.compute_slot`: one torch pool does not oversubscribe the cores), so
+    neither is queued, their batches interleave, and each gets the features it computes alone."""
     import time
 
     train = subset(digits, 16)
@@ -111,7 +111,7 @@ def test_featurizations_of_different_stores_take_turns_in_one_process(model, dig
     def slow(self, images, keys, timesteps=None):
         with lock:
             order.append(self.cfg.seed)
-        time.sleep(0.05)  # long enough that batches would interleave without the slot
+        time.sleep(0.2)  # each batch waits long enough for the other thread to start one
         return original(self, images, keys, timesteps)
 
     monkeypatch.setattr(Attributor, "features_of", slow)
@@ -124,13 +124,10 @@ def test_featurizations_of_different_stores_take_turns_in_one_process(model, dig
 
     with ThreadPoolExecutor(2) as ex:
         got = list(ex.map(job, range(2)))
-    assert len(order) == 8 and order in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4), order  # one after the other
-    assert sum(any(m.startswith("queued") for m in ms) for ms in messages) == 1, messages
+    assert sorted(order) == [0] * 4 + [1] * 4 and order not in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4), order
+    assert not any(m.startswith("queued") for ms in messages for m in ms), messages
     for a, b in zip(alone, got):
         np.testing.assert_array_equal(a, b)
-    with ThreadPoolExecutor(2) as ex:  # cached: nobody queues
-        list(ex.map(job, range(2)))
-    assert len(order) == 8
 
 
 def test_a_featurization_waits_for_another_process_on_the_same_cache(model, digits, tmp_path):
