@@ -355,10 +355,10 @@ def compute_slot(root: str | os.PathLike | None = None, waiting: Callable[[], No
     try:
         must_acquire = False
         with _slot_changed:
-            while _slot["fd"] is None and _slot["acquiring"]:  # another thread of this process is waiting for it
-                if waiting:
-                    waiting()
+            while _slot["fd"] is None and _slot["acquiring"]:  # another thread of this process is getting it
                 _slot_changed.wait(poll)
+                if _slot["fd"] is None and _slot["acquiring"] and waiting:  # still: another process has it
+                    waiting()
             if _slot["fd"] is None:
                 _slot["acquiring"] = must_acquire = True
         if must_acquire:

@@ -115,6 +115,15 @@ def test_featurizations_in_one_process_share_its_compute_slot(model, digits, tmp
         return original(self, images, keys, timesteps)
 
     monkeypatch.setattr(Attributor, "features_of", slow)
+    import attribution.store as store_mod
+
+    getting = store_mod._acquire_slot
+
+    def slow_lock(*args):  # the first thread takes a moment to get the lock: the second arrives meanwhile
+        time.sleep(0.3)
+        return getting(*args)
+
+    monkeypatch.setattr(store_mod, "_acquire_slot", slow_lock)
     atts = [Attributor(model, train, c, cache=tmp_path / "shared", batch_size=4) for c in cfgs]
     barrier, messages = threading.Barrier(2), [[], []]
 
