@@ -151,7 +151,8 @@ class RunOptions:
         if cfg is not None:
             if cfg.embedding:
                 skip |= set(GRADIENT_FIELDS)
-                opts = replace(opts, clip_weights=opts.clip_weights or cfg.clip_weights or "CLIP_WEIGHTS_FILE")
+                if cfg.embedding == "clip":  # (pixel similarity has no CLIP options to name)
+                    opts = replace(opts, clip_weights=opts.clip_weights or cfg.clip_weights or "CLIP_WEIGHTS_FILE")
             else:
                 opts = replace(opts, fn=cfg.fn, eta=cfg.eta if cfg.fn == "interp" else None,
                                strategy=cfg.strategy, projector=cfg.projector)

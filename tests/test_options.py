@@ -143,3 +143,18 @@ def test_the_commands_refuse_an_option_the_method_cannot_use(capsys):
     assert main(["lds", "--bank", "digits", "--method", "pixel-cos,pixel-dot", "--timesteps", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --timesteps applies to the gradient methods") and "none of: pixel-cos" in err
+
+
+def test_the_command_line_of_a_similarity_baseline_names_only_its_options():
+    """A pixel-similarity column's equivalent command line (the Attribute page, the trust verdict's baseline): no
+    gradient or CLIP options, and making it does not set an option pixel similarity cannot use (it set
+    --clip-weights to a placeholder, which the schema now refuses); CLIP's names its weights file."""
+    from attribution.methods import get_method
+    from attribution.run_options import RunOptions
+
+    pixel = RunOptions("digits", method="pixel-cos", timesteps=10)
+    line = pixel.command_line("score", cfg=get_method("pixel-cos").feature_config(), dataset="digits")
+    assert "--method pixel-cos" in line and "--clip" not in line and "--timesteps" not in line, line
+    clip = RunOptions("digits", method="clip-cos")
+    line = clip.command_line("score", cfg=get_method("clip-cos").feature_config(), dataset="digits")
+    assert "--clip-weights CLIP_WEIGHTS_FILE" in line, line
