@@ -326,9 +326,9 @@ def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
 
 # Heavy computations (featurizing a training set) of several processes on one cache root: the app's server and a
 # command beside it, or two commands. Two processes at once with torch's default threads oversubscribe the cores (on
-# 2 cores, 400 images: 6.3 s alone, 43-44 s each for two at once), so processes take turns, each with every core
-# (6.4 and 13.6 s). Threads of one process share its slot and run together: one process's torch pool does not
-# oversubscribe (two at once in the server: 10.8 s each). BENCHMARKS.md, "Several featurizations at once".
+# 2 cores, 400 images: 6.2 s alone, 48 s each for two at once), so processes take turns, each with every core
+# (5.9 and 12.8 s). Threads of one process share its slot and run together: one process's torch pool does not
+# oversubscribe (two at once in the server: 11.4 s each). BENCHMARKS.md, "Several featurizations at once".
 # ATTRIBUTION_PARALLEL_JOBS raises the number of processes that may run at once (a machine with many cores).
 PARALLEL_JOBS_ENV = "ATTRIBUTION_PARALLEL_JOBS"
 _slot = {"fd": None, "users": 0, "acquiring": False}  # this process's slot, shared by its threads
