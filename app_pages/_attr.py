@@ -40,6 +40,7 @@ from attribution import (
     get_method,
     key_prompt,
     metadata_arrays,
+    open_attribution,
     positive_share,
     prompt_key,
     rank,
@@ -79,7 +80,7 @@ def opts_key(opts: RunOptions) -> str:
 def cached_attribution(opts: RunOptions) -> Attribution:
     """One Attribution per (checkpoint, dataset, method, feature config): one attributor, or a run's checkpoints
     for the checkpoint methods; validation errors surface as AttributionError."""
-    return opts.open(load=cached_model)
+    return open_attribution(opts, load=cached_model)
 
 
 class BackgroundJob:

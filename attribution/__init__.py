@@ -12,8 +12,9 @@ scripts in bench/ and docs/ for everything listed here. Names are loaded on firs
 cheap (the command line imports what a command needs). A few names are qualified where the module's own name is
 generic (`prepare.run` is `run_preparation` here, `magic.validate.evaluate` is `evaluate_magic`).
 
-    from attribution import RunOptions, resolve_targets
-    attribution = RunOptions(checkpoint="digits", method="dtrak").open()   # featurizes the training set once (cache/)
+    from attribution import RunOptions, open_attribution, resolve_targets
+    attribution = open_attribution(RunOptions(checkpoint="digits", method="dtrak"))
+    # run featurizes the training set once (cached under cache/), then scores the target
     result = attribution.run(resolve_targets("val:0", attribution.target_model, "digits"))
     result.ranking[0][:10]        # the ten strongest proponents of val:0; result.at(0.1) re-scores at another lambda
 

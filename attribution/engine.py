@@ -8,11 +8,12 @@
 Several attributors form an `Attribution`: a weighted sum of their scores. Independently trained models or
 checkpoints averaged (the TRAK ensemble of the D-TRAK paper, Table 7), or, for the checkpoint methods (TracInCP,
 GAS, Diffusion-TracIn/ReTrac), the checkpoints of one training run weighted by the learning rate they were
-trained at (`Method.member_weights`). `open_attribution` builds either from user options, for the CLI and the app.
+trained at (`Method.member_weights`). `open_attribution` builds either from the user's options (`RunOptions`), for
+the CLI, the app and the evaluation.
 
 The lifecycle is one call, made by the CLI, every page and the evaluation:
 
-    attribution = open_attribution("digits", get_method("dtrak"), timesteps=10, proj_dim=4096)
+    attribution = open_attribution(RunOptions("digits", method="dtrak", timesteps=10, proj_dim=4096))
     result = attribution.run(targets, lam=None, progress=lambda member: callback)
     result.scores, result.ranking, result.lam     # (M, N), (M, N) strongest first, the lambda used (resolved once)
     result.at(0.5)                                # the same targets at another lambda, in milliseconds
@@ -24,8 +25,6 @@ is `attribution.featurize(progress)` then `attribution.self_influence(lam)`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,25 +36,16 @@ import torch
 from .data import ImageDataset, training_dataset_of
 from .errors import ConfigError
 from .fileio import save_npy
-from .features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS, FeatureConfig
-from .features.curvature import EKFAC, fit_ekfac, layout
-from .features.embeddings import make_embedder
-from .features.gradients import param_count, per_sample_gradients
-from .features.projectors import (
-    SCALING,
-    default_projector,
-    make_projector,
-    matrix_identity,
-)
-from .features.residuals import RESIDUAL_TIMESTEPS, ROW_STATISTICS, row_statistic
-from .features.timesteps import training_timesteps
+from .features.config import FeatureConfig
+from .features.featurizer import Featurizer
+from .features.projectors import SCALING, default_projector
 from .kernel import Kernel, check_lambda
 from .lambda_choice import gcv_lambda
-from .methods import Method, TrainFeatures
+from .methods import Method, TrainFeatures, get_method
 from .models import load_model
 from .models.adapter import DiffusionModel
+from .run_options import RunOptions
 from .store import (
-    CurvatureStore,
     FeatureStore,
     cache_root,
     compute_slot,
@@ -63,7 +53,6 @@ from .store import (
     record_throughput,
     recorded_throughput,
     saved_targets_path,
-    stats_dir,
 )
 from .targets import Targets
 
@@ -71,96 +60,48 @@ Progress = Callable[[int, int, str], None]
 
 
 class Attributor:
+    """One checkpoint's features of one training set (of the configuration's kind: `features.featurizer`), their
+    store, kernel and scores."""
+
     def __init__(self, model: DiffusionModel, train: ImageDataset, features: FeatureConfig,
-                 cache: str | None = None, store_dir: str | None = None, batch_size: int = 16,
-                 row_statistics: Sequence[str] = ()):
+                 cache: str | None = None, store_dir: str | None = None, batch_size: int = 16):
         if (train.resolution, train.channels) != (model.resolution, model.channels):
             raise ConfigError(f"dataset {train.spec} is {train.resolution}x{train.resolution}x{train.channels} but "
                               f"{model.spec} expects {model.resolution}x{model.resolution}x{model.channels}; "
                               "load the dataset at the model's resolution")
         model.check_training_set(train)  # also for a set not chosen by `training_dataset_of`
         self.model, self.train, self.cfg, self.batch_size = model, train, features, batch_size
-        self.row_statistics = tuple(row_statistics)  # per-row statistics featurize also computes (`row_statistic`)
         # Another attributor whose measured speed stands in for this one's until this one is timed (a checkpoint of
         # the same run: the same network, so the same speed); see `estimate_for`.
         self.rate_like: Attributor | None = None
-        self.grad_spec = features.gradient_spec(model.num_timesteps)
-        self.curvature_spec = self._ekfac = None  # influence functions: EK-FAC whitening (`features.curvature`)
-        self.embedder = None  # the similarity baselines' features: embeddings of the images, no gradients
-        if features.embedding:
-            self.embedder = make_embedder(features.embedding, model.channels, model.resolution, features.clip_model,
-                                          features.clip_weights, model.device)
-            self.grad_dim = self.proj_dim = self.embedder.dim
-        else:
-            self.grad_dim = param_count(model, features.params)
-            if features.curvature:  # whitened gradients (influence functions): the tracked layers' dimension
-                self.curvature_spec = features.curvature_spec()
-                self.grad_dim = layout(model, features.params).dim
-            self.proj_dim = self.grad_dim if features.projector == "identity" else features.proj_dim
+        root = self.cache_dir = cache_root(cache)
+        self.featurizer: Featurizer = features.featurizer(model, train, features, root, batch_size)
+        self.grad_dim, self.proj_dim = self.featurizer.grad_dim, self.featurizer.proj_dim
         self.identity = {"checkpoint": model.identity(), "dataset": train.spec, "dataset_hash": train.content_hash,
                          "split": train.split, "n": len(train), "features": features.to_dict(),
-                         "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "scaling": SCALING}
-        if self.embedder is not None:
-            self.identity["embedding"] = self.embedder.identity
-        if self.curvature_spec is not None:
-            self.identity["curvature"] = self.curvature_spec.to_dict()
-        matrix = matrix_identity(features.projector, model.device)
-        if matrix is not None:  # only trak-cuda: CPU-generated matrices keep the identity (and folder) they had
-            self.identity["projection"] = matrix
-        self.train_timesteps, self.train_timesteps_source = None, None
-        if features.strategy == "training":
-            self.train_timesteps, self.train_timesteps_source = training_timesteps(model, train, features.seed)
-            digest = hashlib.sha256(self.train_timesteps.astype(np.int64).tobytes()).hexdigest()[:16]
-            self.identity["train_timesteps"] = {"source": self.train_timesteps_source, "hash": digest}
-        root = self.cache_dir = cache_root(cache)
+                         "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "scaling": SCALING,
+                         **self.featurizer.identity()}
         self.store_path = (FeatureStore.default_path(root, self.identity, features.slug()) if store_dir is None
                            else Path(store_dir))
-        self._projector = None
         self._store = None
         self._train_features = None
 
     # -- features ----------------------------------------------------------------------------------------------
 
     @property
-    def projector(self):
-        if self._projector is None:
-            self._projector = make_projector(self.cfg.projector, self.grad_dim, self.proj_dim,
-                                             self.cfg.projection_seed, self.model.device)
-        return self._projector
-
-    @property
     def store(self) -> FeatureStore:
         if self._store is None:
-            provenance = {"checkpoint_spec": self.model.spec,
-                          "projector": (self.projector.describe() if self.embedder is None
-                                        else {"embedding": self.embedder.identity}),
-                          "timesteps": (f"each training image at its {self.train_timesteps_source} timestep"
-                                        if self.train_timesteps is not None else list(self.grad_spec.timesteps)),
+            provenance = {"checkpoint_spec": self.model.spec, **self.featurizer.provenance(),
                           "created": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__}
             self._store = FeatureStore.open(self.store_path, self.identity, len(self.train), self.proj_dim,
                                             provenance)
         return self._store
 
-    def features_of(self, images: torch.Tensor, keys: Sequence[str], timesteps: np.ndarray | None = None,
-                    fn: str | None = None) -> np.ndarray:
-        """Projected features of images (M, C, H, W) in [-1, 1] with noise keys; shape (M, k) float32.
-
-        `timesteps` (M, K) replaces the configured timesteps per image (training rows of the "training" strategy);
-        `fn` another output function for these images (a measurement other than the training features' function:
-        EK-FAC's ELBO queries).
-        """
-        spec = self.grad_spec if fn is None else dataclasses.replace(self.grad_spec, fn=fn)
-        if self.embedder is not None:
-            return self.embedder.embed(images)
-        out = []
-        for s in range(0, len(images), self.batch_size):
-            ts = None if timesteps is None else torch.as_tensor(timesteps[s:s + self.batch_size]).reshape(-1, 1)
-            g = per_sample_gradients(self.model, images[s:s + self.batch_size], list(keys[s:s + self.batch_size]),
-                                     spec, ts)
-            if self.curvature_spec is not None:
-                g = self.ekfac().whiten(g, self.cfg.effective_damping, self.cfg.effective_damping_rule)
-            out.append(self.projector.project(g).cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+    def features_of(self, images: torch.Tensor, keys: Sequence[str], fn: str | None = None) -> np.ndarray:
+        """Features of images (M, C, H, W) in [-1, 1] with noise keys, of this configuration's kind; shape (M, k)
+        float32. `fn`: another output function for these images (a measurement other than the training features'
+        function: EK-FAC's ELBO queries)."""
+        return self.featurizer.rows(images, keys, fn=fn)
 
     def featurize(self, progress: Progress | None = None) -> FeatureStore:
         """Compute the training features that are not cached yet; resumes after an interruption.
@@ -184,17 +125,14 @@ class Attributor:
             todo = np.flatnonzero(~store.done())
             if len(todo):  # work to do: wait for a compute slot of this cache (a cached store never waits)
                 stack.enter_context(compute_slot(self.cache_dir, queued))
-            if len(todo) and self.curvature_spec is not None:
-                self.ekfac(progress)  # the curvature first (its own cache), then the whitened features
+            if len(todo):
+                self.featurizer.prepare(progress)  # what the rows need first (the EK-FAC factors; own cache)
             done_before = n - len(todo)
-            per_row = 1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)
-            per_row *= self.cfg.noises
+            per_row = self.featurizer.samples_per_row()
             start = time.perf_counter()
             for s in range(0, len(todo), self.batch_size):
                 rows = todo[s:s + self.batch_size]
-                keys = [f"{self.train.split}/{i}" for i in rows]
-                ts = None if self.train_timesteps is None else self.train_timesteps[rows]
-                store.write_rows(rows, self.features_of(self.train.tensors(rows), keys, ts))
+                store.write_rows(rows, self.featurizer.train_rows(rows))
                 elapsed = time.perf_counter() - start
                 finished = s + len(rows)
                 if progress:
@@ -204,8 +142,7 @@ class Attributor:
                     record_throughput(self.cache_dir, self.throughput_key, finished * per_row / elapsed, elapsed)
             if progress and not len(todo):
                 progress(n, n, "cached")
-        for name in self.row_statistics:  # what the method's scores use beside the features (DAS's residuals)
-            self.row_statistic(name, progress)
+        self.featurizer.finish(progress)  # what the scores use beside the features (DAS's residual statistics)
         return store
 
     def featurize_estimate(self, probe: bool = False) -> tuple[float | None, str]:
@@ -217,13 +154,12 @@ class Attributor:
         missing = len(self.train) if store_done is None else int((~store_done).sum())
         if missing == 0:
             return 0.0, "cached"
-        per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
-        return self.estimate_for(missing * per_row, f"{missing} images", probe)
+        return self.estimate_for(missing * self.featurizer.samples_per_row(), f"{missing} images", probe)
 
     def targets_estimate(self, n: int, probe: bool = False) -> tuple[float | None, str]:
         """(seconds, basis) that the features of `n` targets will take (each at the configured timesteps and
         noises), from the same measured throughput as `featurize_estimate`."""
-        return self.estimate_for(n * len(self.grad_spec.timesteps) * self.cfg.noises, f"{n} targets", probe)
+        return self.estimate_for(n * self.featurizer.samples_per_target(), f"{n} targets", probe)
 
     def estimate_for(self, sample_timesteps: int, what: str, probe: bool = False) -> tuple[float | None, str]:
         """(seconds, basis) for `sample_timesteps` gradients (`what` names them in the basis) at this machine's
@@ -236,13 +172,11 @@ class Attributor:
                 f"{what} at {like['sample_timesteps_per_s']:.3g} sample-timesteps/s, measured here for "
                 f"{self.rate_like.model.spec.rsplit('@', 1)[-1]} (the same network)")
         if entry is None and probe:
-            per_row = (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
-            rows = list(range(min(3, len(self.train))))
-            keys = [f"{self.train.split}/{i}" for i in rows]
-            ts = None if self.train_timesteps is None else self.train_timesteps[rows]
-            self.features_of(self.train.tensors(rows[:1]), keys[:1], None if ts is None else ts[:1])  # warm-up:
-            start = time.perf_counter()  # the first call's set-up (projector, buffers) took ~4 s of a 5 s timing
-            self.features_of(self.train.tensors(rows), keys, ts)
+            per_row = self.featurizer.samples_per_row()
+            rows = np.arange(min(3, len(self.train)))
+            self.featurizer.train_rows(rows[:1])  # warm-up: the first call's set-up (projector, buffers) took
+            start = time.perf_counter()  # ~4 s of a 5 s timing
+            self.featurizer.train_rows(rows)
             elapsed = time.perf_counter() - start
             record_throughput(self.cache_dir, self.throughput_key, len(rows) * per_row / elapsed, elapsed, rough=True)
             entry = recorded_throughput(self.cache_dir, self.throughput_key)
@@ -252,54 +186,6 @@ class Attributor:
         how = ("timed on three images (a rough upper bound until the first featurization)" if entry.get("rough")
                else f"measured here {entry['measured']}")
         return sample_timesteps / rate, f"{what} at {rate:.3g} sample-timesteps/s, {how}"
-
-    def ekfac(self, progress: Progress | None = None):
-        """The EK-FAC factors of this checkpoint's training loss on the training set (fitted once, cached under
-        cache/curvature/, resumable; see `features.curvature`)."""
-        if self._ekfac is None:
-
-            lay = layout(self.model, self.cfg.params)
-            identity = {"checkpoint": self.identity["checkpoint"], "dataset": self.train.spec,
-                        "dataset_hash": self.train.content_hash, "split": self.train.split, "n": len(self.train),
-                        "curvature": self.curvature_spec.to_dict(), "tracked": lay.describe()}
-            spec = self.curvature_spec
-            store = CurvatureStore.open(identity, f"ekfac-{spec.fisher}-c{spec.samples}-s{spec.seed}",
-                                        self.cache_dir)
-            arrays = store.load_factors()
-            if arrays is None:
-                with store.exclusive():  # one fit per folder; the others wait and load it
-                    arrays = store.load_factors()
-                    if arrays is None:
-                        keys = [f"{self.train.split}/{i}" for i in range(len(self.train))]
-                        fitted = fit_ekfac(self.model, self.train.tensors, keys, spec, self.batch_size,
-                                           store.load_partial(), store.save_partial, progress)
-                        arrays = fitted.arrays()
-                        store.save_factors(arrays)
-            self._ekfac = EKFAC.from_arrays(lay, arrays)
-        return self._ekfac
-
-    def row_statistic(self, name: str, progress: Progress | None = None) -> np.ndarray:
-        """A per-training-row statistic (`features.residuals`), computed in batches into a one-column store
-        under cache/stats/ (resumable, like features)."""
-
-        if name not in ROW_STATISTICS:
-            raise ConfigError(f"unknown row statistic {name!r}; use one of: {', '.join(ROW_STATISTICS)}")
-        identity = {"checkpoint": self.identity["checkpoint"], "dataset": self.train.spec,
-                    "dataset_hash": self.train.content_hash, "split": self.train.split, "n": len(self.train),
-                    "statistic": name, "seed": self.cfg.seed, "timesteps": RESIDUAL_TIMESTEPS}
-        path = stats_dir(self.identity["checkpoint"], self.train.spec, self.train.split, name, identity,
-                         self.cache_dir)
-        store = FeatureStore.open(path, identity, len(self.train), 1, {"checkpoint_spec": self.model.spec})
-        with store.exclusive():
-            todo = np.flatnonzero(~store.done())
-            for s in range(0, len(todo), self.batch_size):
-                rows = todo[s:s + self.batch_size]
-                keys = [f"{self.train.split}/{i}" for i in rows]
-                values = row_statistic(name, self.model, self.train.tensors(rows), keys, self.cfg.seed)
-                store.write_rows(rows, values[:, None])
-                if progress:
-                    progress(len(self.train) - len(todo) + s + len(rows), len(self.train), name)
-        return np.asarray(store.features()[:, 0], dtype=np.float64)
 
     @property
     def throughput_key(self) -> str:
@@ -327,7 +213,7 @@ class Attributor:
                 done = int(self.store.done().sum())
                 raise ConfigError(f"training features are incomplete ({done}/{len(self.train)} rows); "
                                   "run featurize first (it resumes where it stopped)")
-            self._train_features = TrainFeatures(self.store.features(), self.kernel, self.row_statistic)
+            self._train_features = TrainFeatures(self.store.features(), self.kernel, self.featurizer.statistic)
         return self._train_features
 
     def resolve_lambda(self, method: Method, lam: float | None) -> float | None:
@@ -545,44 +431,31 @@ def progress_message(done: int, total: int, finished_now: int, elapsed: float) -
 
 
 
-def open_attributor(model: DiffusionModel, method: Method, dataset: str | None = None, fn: str | None = None,
-                    eta: float | None = None, timesteps: int = DEFAULT_TIMESTEPS, strategy: str = "uniform",
-                    noises: int = 1, proj_dim: int = DEFAULT_PROJ_DIM, projector: str = "auto", seed: int = 0,
-                    params: str | None = None, cache: str | None = None, store_dir: str | None = None,
-                    batch_size: int = 16,
-                    proj_seed: int | None = None, clip_model: str = "ViT-B-32", clip_weights: str | None = None,
-                    damping: float | None = None, damping_rule: str | None = None,
-                    curvature_samples: int | None = None) -> Attributor:
-    """An Attributor from user-facing options (shared by the CLI and the app); validates before touching disk.
-    The EK-FAC options (damping, damping_rule, curvature_samples) are passed on only when set: a method without
-    curvature refuses them (`FeatureConfig`)."""
-    train = training_dataset_of(model, dataset)
-    curvature = {k: v for k, v in (("damping", damping), ("damping_rule", damping_rule),
-                                   ("curvature_samples", curvature_samples)) if v is not None}
-    cfg = method.feature_config(fn=fn, eta=eta, timesteps=timesteps, strategy=strategy, noises=noises,
-                                proj_dim=proj_dim, seed=seed, params=params, proj_seed=proj_seed,
-                                projector=default_projector(model.device) if projector == "auto" else projector,
-                                clip_model=clip_model, clip_weights=clip_weights, **curvature)
+def open_attributor(model: DiffusionModel, options: RunOptions, proj_seed: int | None = None) -> Attributor:
+    """One checkpoint's Attributor with `options` (their checkpoint and device are what loaded `model`); validates
+    before touching disk. `proj_seed`: another projection seed for this member (`Method.member_weights`)."""
+    method = get_method(options.method)
+    train = training_dataset_of(model, options.dataset)
+    projector = default_projector(model.device) if options.projector == "auto" else options.projector
+    cfg = method.feature_config(**options.feature_options(), projector=projector, proj_seed=proj_seed)
     cfg.gradient_spec(model.num_timesteps)  # K against T
-    return Attributor(model, train, cfg, cache=cache, store_dir=store_dir, batch_size=batch_size,
-                      row_statistics=method.row_statistics)
+    return Attributor(model, train, cfg, cache=options.cache, store_dir=options.store, batch_size=options.batch_size)
 
 
-def open_attribution(checkpoints: str, method: Method, device: str = "auto", load=None,
-                     checkpoint_weights: str | None = None, **options) -> Attribution:
-    """An Attribution from user-facing options: `checkpoints` is one spec or several, comma-separated (an
-    ensemble; a checkpoint method expands one run checkpoint to the run's checkpoints up to it, see
-    `Method.checkpoints`); `options` are those of `open_attributor`; `load(spec)` loads a model (default
-    `load_model(spec, device)`; the app passes its cached loader).
+def open_attribution(options: RunOptions, load: Callable[[str], DiffusionModel] | None = None) -> Attribution:
+    """The Attribution `options` define: `options.checkpoint` is one spec or several, comma-separated (an ensemble;
+    a checkpoint method expands one run checkpoint to the run's checkpoints up to it, see `Method.checkpoints`);
+    `load(spec)` loads a model (default `load_model(spec, options.device)`; the app passes its cached loader).
 
-    `checkpoint_weights` (checkpoint methods): "lr" weights checkpoint c by the learning rate it was trained at
-    (`methods.over_checkpoints.tracin_weights`), every checkpoint projected with one seed; "uniform" is TracInCP / GAS
-    as the D-TRAK paper
-    runs them (appendix A.3): the mean over the C checkpoints, checkpoint c projected with seed + c."""
-    specs = method.checkpoints(checkpoints)
-    if options.get("store_dir") and len(specs) > 1:
+    `options.checkpoint_weights` (checkpoint methods): "lr" weights checkpoint c by the learning rate it was trained
+    at (`methods.over_checkpoints.tracin_weights`), every checkpoint projected with one seed; "uniform" is TracInCP /
+    GAS as the D-TRAK paper runs them (appendix A.3): the mean over the C checkpoints, checkpoint c projected with
+    seed + c."""
+    method = get_method(options.method)
+    specs = method.checkpoints(options.checkpoint)
+    if options.store and len(specs) > 1:
         raise ConfigError("--store names one feature folder; it cannot be used with several checkpoints")
-    models = [(load or (lambda s: load_model(s, device)))(spec) for spec in specs]
-    weights, note, proj_seeds = method.member_weights(models, checkpoint_weights, options.get("seed", 0))
-    members = [open_attributor(m, method, **options, proj_seed=ps) for m, ps in zip(models, proj_seeds)]
+    models = [(load or (lambda s: load_model(s, options.device)))(spec) for spec in specs]
+    weights, note, proj_seeds = method.member_weights(models, options.checkpoint_weights, options.seed)
+    members = [open_attributor(m, options, proj_seed=ps) for m, ps in zip(models, proj_seeds)]
     return Attribution(method, members, weights, note)

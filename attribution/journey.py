@@ -257,14 +257,14 @@ def journey_cached(att, cfg: JourneyConfig, cache: str | None = None, image: tor
 def step_features(att, x0: np.ndarray, timesteps: np.ndarray, keys: list[str], resamples: int,
                   progress: Progress | None = None) -> np.ndarray:
     """Projected features of images x0 (n, C, H, W), each re-noised at its own timestep with R draws: (n, k)."""
-    spec = dataclasses.replace(att.grad_spec, draws=int(resamples))
+    spec = dataclasses.replace(att.featurizer.grad_spec, draws=int(resamples))
     out = []
     for s in range(0, len(x0), att.batch_size):
         rows = slice(s, s + att.batch_size)
         ts = torch.as_tensor(np.asarray(timesteps[rows]), dtype=torch.long)[:, None]
         g = per_sample_gradients(att.model, torch.from_numpy(np.ascontiguousarray(x0[rows])), keys[rows], spec,
                                  timesteps=ts)
-        out.append(att.projector.project(g).cpu().numpy())
+        out.append(att.featurizer.projector.project(g).cpu().numpy())
         if progress:
             done = min(len(x0), s + att.batch_size)
             progress(done, len(x0), f"step features {done}/{len(x0)}")

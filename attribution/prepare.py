@@ -108,9 +108,8 @@ def checkpoint_tasks(bank: Bank, method: str, load: Callable | None = None, **op
     method_cls = get_method(method)
     if method_cls.weightings:
         raise ConfigError(f"{method} already sums over the run's checkpoints; pick a single-checkpoint method")
-    tasks = [Task(spec.rsplit("@", 1)[-1], open_attribution(spec, method_cls, dataset=bank.dataset,
-                                                          **({"load": load} if load else {}), **options), bank=bank)
-             for spec in bank.checkpoint_specs()]
+    tasks = [Task(spec.rsplit("@", 1)[-1], open_on_bank(bank, method, load=load, checkpoint=spec, **options),
+                  bank=bank) for spec in bank.checkpoint_specs()]
     share_measured_rate(tasks)
     return tasks
 
@@ -131,7 +130,7 @@ def plan(checkpoint: str = "digits", dataset: str | None = None, banks: Sequence
     it opens on), one per (bank, method) of `EVALUATION`. `banks` default: the bank the Evaluation page opens on
     (the first `list_banks` gives); [] for none. `load(spec)` loads a model (the app passes its cached loader)."""
     tour = Task(f"Tour and Attribute defaults: D-TRAK, K = {tour.timesteps}, k = {tour.proj_dim} on {checkpoint}",
-                tour.options(checkpoint, dataset).open(load=load), journey=tour.journey())
+                open_attribution(tour.options(checkpoint, dataset), load), journey=tour.journey())
     names = list_banks()[:1] if banks is None else list(banks)
     tasks = [tour]
     for name in names:
@@ -139,8 +138,8 @@ def plan(checkpoint: str = "digits", dataset: str | None = None, banks: Sequence
         for method in EVALUATION.methods:
             tasks.append(Task(f"Evaluation on bank {bank.meta['name']}: {method}, K = {EVALUATION.timesteps}, "
                               f"k = {EVALUATION.proj_dim}",
-                              open_on_bank(bank, method, timesteps=EVALUATION.timesteps,
-                                           proj_dim=EVALUATION.proj_dim, **({"load": load} if load else {})),
+                              open_on_bank(bank, method, load=load, timesteps=EVALUATION.timesteps,
+                                           proj_dim=EVALUATION.proj_dim),
                               bank=bank))
     return tasks
 

@@ -2,13 +2,14 @@
 
 `RunOptions` is the one schema (see options.py) behind the engine commands' argparse options (featurize, score,
 self-influence, journey, influential, norms: `add_run_options`), the values they read back (`from_args`), the
-command line a page shows for its result (`RunOptions.command_line`) and the app's option widgets (labels, help
-and choices from `fields_of(RunOptions)`). Choices come from the registries (methods, output functions, timestep
-strategies, projectors, checkpoint weightings); a value outside them is refused in one line when the options are
-made. Frozen and hashable: the app keys its caches by it.
+command line a page shows for its result (`RunOptions.command_line`), the app's option widgets (labels, help
+and choices from `fields_of(RunOptions)`) and the evaluation's options per method (`RunOptions.for_method`).
+Choices come from the registries (methods, output functions, timestep strategies, projectors, checkpoint
+weightings); a value outside them, or an option the method cannot use, is refused in one line when the options are
+made. Frozen and hashable: the app keys its caches by it. The feature defaults are `FeatureConfig`'s.
 
     opts = RunOptions("digits", method="trak", timesteps=2, proj_dim=512)
-    attribution = opts.open()                       # engine.open_attribution with these options
+    attribution = open_attribution(opts)            # engine: the Attribution these options define
     print(opts.command_line("score", cfg=attribution.cfg, dataset=attribution.train.spec,
                             extra=[("--target", "gen:1")]))
 """
@@ -16,23 +17,22 @@ made. Frozen and hashable: the app keys its caches by it.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .engine import Attribution, Attributor, open_attribution, open_attributor
-from .features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS, FeatureConfig
+from .features.config import FeatureConfig
 from .features.curvature import DAMPING_RULES, DEFAULT_SAMPLES
 from .features.embeddings import CLIP_HELP
 from .features.outputs import OUTPUT_FUNCTIONS
 from .features.projectors import PROJECTORS
 from .features.timesteps import STRATEGIES
-from .methods import CURVATURE_OPTIONS, DEFAULT_METHOD, METHODS, curvature_options, get_method
+from .methods import CURVATURE_OPTIONS, DEFAULT_METHOD, METHODS, curvature_options
 from .methods.over_checkpoints import CHECKPOINT_WEIGHTS
-from .models.adapter import DiffusionModel
 from .errors import ConfigError
 from .options import add_arguments, command_line, from_args, not_applicable, opt, validate
 
+FEATURE_DEFAULTS = FeatureConfig()  # each feature option's default, declared once (there)
 CHECKPOINT_HELP = ("digits, animals-2, NAME@epoch-N or a folder; several separated by commas = an ensemble "
                    "(checkpoint methods: the run's checkpoints up to the one given, or the list given)")
 # What a journey's training features take (the `journey` command's --seed names the generated image; the
@@ -65,22 +65,24 @@ class RunOptions:
         noun="output function", applies="gradients"))
     eta: float | None = field(default=None, metadata=opt(
         "Simple/Square interpolation weight in [0, 1] (implies --fn interp)", label="η (interp)", applies="gradients"))
-    timesteps: int = field(default=DEFAULT_TIMESTEPS, metadata=opt("K, timesteps averaged over", label="Timesteps K",
-                                                                   applies="gradients"))
-    strategy: str = field(default="uniform", metadata=opt(
+    timesteps: int = field(default=FEATURE_DEFAULTS.timesteps, metadata=opt(
+        "K, timesteps averaged over", label="Timesteps K", applies="gradients"))
+    strategy: str = field(default=FEATURE_DEFAULTS.strategy, metadata=opt(
         "uniform (0, T/K, ...), cumulative (0..K-1) or training (training images at their training timestep)",
         choices=STRATEGIES, label="Timestep strategy", noun="timestep strategy", applies="gradients"))
-    noises: int = field(default=1, metadata=opt("noise draws per timestep", label="Noise draws", applies="gradients"))
-    proj_dim: int = field(default=DEFAULT_PROJ_DIM, metadata=opt("k, the projection dimension", label="Projection k",
-                                                                 applies="gradients"))
+    noises: int = field(default=FEATURE_DEFAULTS.noises, metadata=opt(
+        "noise draws per timestep", label="Noise draws", applies="gradients"))
+    proj_dim: int = field(default=FEATURE_DEFAULTS.proj_dim, metadata=opt(
+        "k, the projection dimension", label="Projection k", applies="gradients"))
     projector: str = field(default="auto", metadata=opt(
         "auto: trak-cuda on a GPU with fast_jl, else sjlt", choices=("auto", *PROJECTORS), label="Projector",
         noun="projector", applies="gradients"))
-    seed: int = field(default=0, metadata=opt("noise and projection seed", label="Seed", applies="gradients"))
+    seed: int = field(default=FEATURE_DEFAULTS.seed, metadata=opt(
+        "noise and projection seed", label="Seed", applies="gradients"))
     params: str | None = field(default=None, metadata=opt(
         "take gradients only over parameters with these comma-separated name prefixes", label="Parameters",
         applies="gradients"))
-    clip_model: str = field(default="ViT-B-32", metadata=opt(
+    clip_model: str = field(default=FEATURE_DEFAULTS.clip_model, metadata=opt(
         "open_clip architecture of --clip-weights (the paper's CLIP ViT-B/32)", label="CLIP model", applies="clip"))
     clip_weights: str | None = field(default=None, metadata=opt("clip-dot/clip-cos: " + CLIP_HELP, metavar="FILE",
                                                                 label="CLIP weights", applies="clip"))
@@ -122,21 +124,13 @@ class RunOptions:
         return cls(method=method, **{k: v for k, v in values.items() if k not in skip})
 
     def feature_options(self) -> dict[str, Any]:
-        """The keyword options of `engine.open_attributor` (all but the model and the method)."""
-        return {"dataset": self.dataset, "fn": self.fn, "eta": self.eta, "timesteps": self.timesteps,
-                "strategy": self.strategy, "noises": self.noises, "proj_dim": self.proj_dim,
-                "projector": self.projector, "seed": self.seed, "params": self.params, "cache": self.cache,
-                "store_dir": self.store, "batch_size": self.batch_size, "clip_model": self.clip_model,
-                "clip_weights": self.clip_weights, **{k: getattr(self, k) for k in CURVATURE_OPTIONS}}
-
-    def open(self, load: Callable[[str], DiffusionModel] | None = None) -> Attribution:
-        """The Attribution these options define (`engine.open_attribution`; `load(spec)` loads a model)."""
-        return open_attribution(self.checkpoint, get_method(self.method), self.device, load=load,
-                                checkpoint_weights=self.checkpoint_weights, **self.feature_options())
-
-    def attributor(self, model: DiffusionModel) -> Attributor:
-        """One checkpoint's Attributor with these options (`engine.open_attributor`; e.g. for a journey)."""
-        return open_attributor(model, get_method(self.method), **self.feature_options())
+        """The options of the method's features (`Method.feature_config`): output function, timesteps, noises,
+        projection, seed, parameters, CLIP and EK-FAC options; the projector as given ("auto" is resolved by the
+        engine for the model's device)."""
+        return {"fn": self.fn, "eta": self.eta, "timesteps": self.timesteps, "strategy": self.strategy,
+                "noises": self.noises, "proj_dim": self.proj_dim, "seed": self.seed, "params": self.params,
+                "clip_model": self.clip_model, "clip_weights": self.clip_weights,
+                **{k: getattr(self, k) for k in CURVATURE_OPTIONS}}
 
     def command_line(self, command: str, cfg: FeatureConfig | None = None, dataset: str | None = None,
                      extra: Sequence[tuple[str, Any]] = (), only: Sequence[str] | None = None) -> str:
@@ -149,16 +143,17 @@ class RunOptions:
         if dataset is not None:
             opts = replace(opts, dataset=dataset)
         if cfg is not None:
-            if cfg.embedding:
-                skip |= set(GRADIENT_FIELDS)
-                if cfg.embedding == "clip":  # (pixel similarity has no CLIP options to name)
-                    opts = replace(opts, clip_weights=opts.clip_weights or cfg.clip_weights or "CLIP_WEIGHTS_FILE")
-            else:
+            groups = cfg.featurizer.option_groups
+            if "gradients" in groups:
                 opts = replace(opts, fn=cfg.fn, eta=cfg.eta if cfg.fn == "interp" else None,
                                strategy=cfg.strategy, projector=cfg.projector)
                 if cfg.projector == "identity":
                     skip.add("proj_dim")
-            if cfg.embedding != "clip":
+            else:
+                skip |= set(GRADIENT_FIELDS)
+            if "clip" in groups:  # (pixel similarity has no CLIP options to name)
+                opts = replace(opts, clip_weights=opts.clip_weights or cfg.clip_weights or "CLIP_WEIGHTS_FILE")
+            else:
                 skip |= {"clip_model", "clip_weights"}
         if only is not None:
             skip |= {f.name for f in fields(self)} - set(only)

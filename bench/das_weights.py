@@ -28,10 +28,10 @@ def main() -> int:
     print(f"{'weight':>20} {'N':>6} {'min':>8} {'max':>8} {'mean':>8} {'max/min':>8} {'CV':>7}")
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         member = open_on_bank(bank, name, "cpu", cache=args.cache).members[0]
-        for stat in get_method(name).row_statistics:
-            w = member.row_statistic(stat)
-            print(f"{stat:>20} {len(w):6d} {w.min():8.4f} {w.max():8.4f} {w.mean():8.4f} {w.max() / w.min():8.3f} "
-                  f"{w.std() / w.mean():7.1%}")
+        stat = get_method(name).features.statistic_name
+        w = member.featurizer.statistic(stat)
+        print(f"{stat:>20} {len(w):6d} {w.min():8.4f} {w.max():8.4f} {w.mean():8.4f} {w.max() / w.min():8.3f} "
+              f"{w.std() / w.mean():7.1%}")
     return 0
 
 

@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from attribution import Bank, get_method, holm, lds_table, load_dataset, open_attribution, run_on_bank
+from attribution import RunOptions, Bank, holm, lds_table, load_dataset, open_attribution, run_on_bank
 from attribution.evaluation.bank import FULL_SEED, bank_recipe, retrain_job, train_task
 
 
@@ -64,8 +64,9 @@ def main() -> int:
     for entry in [m.strip() for m in a.methods.split(",") if m.strip()]:
         method, _, fn = entry.partition(":")
         for m in sizes:
-            att = open_attribution(",".join(members[:m]), get_method(method), "cpu", dataset=bank.dataset,
-                                   fn=fn or None, timesteps=a.timesteps, proj_dim=a.proj_dim, cache=a.cache)
+            att = open_attribution(RunOptions(",".join(members[:m]), method=method, device="cpu",
+                                              dataset=bank.dataset, fn=fn or None, timesteps=a.timesteps,
+                                              proj_dim=a.proj_dim, cache=a.cache))
             start = time.time()
             att.featurize()
             run = run_on_bank(bank, att)

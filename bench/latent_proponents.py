@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from attribution import (atomic_path, get_method, grid_image, load_dataset, open_attribution, Prompt, resolve_targets,
+from attribution import (RunOptions, atomic_path, grid_image, load_dataset, open_attribution, Prompt, resolve_targets,
                          write_json)
 
 
@@ -48,8 +48,8 @@ def main():
     p.add_argument("--out", help="write the figures as JSON")
     a = p.parse_args()
     start = time.time()
-    att = open_attribution(a.checkpoint, get_method(a.method), "cpu", timesteps=a.timesteps, proj_dim=a.proj_dim,
-                           cache=a.cache)
+    att = open_attribution(RunOptions(a.checkpoint, method=a.method, device="cpu", timesteps=a.timesteps,
+                                      proj_dim=a.proj_dim, cache=a.cache))
     model, train = att.target_model, att.train
     table = model.prompts
     t0 = time.time()

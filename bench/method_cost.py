@@ -2,9 +2,10 @@
 
     OMP_NUM_THREADS=1 python bench/method_cost.py --bank /tmp/bank-digits-das --method ekfac --cache /tmp/das-cache
 
-Run one method per process (peak memory is the process's). Phases timed separately: the EK-FAC curvature fit
-(ekfac), the per-row statistics (DAS's residual weights), the training features, the kernel (methods with a
-lambda), then the features of the bank's targets. Prints one JSON line.
+Run one method per process (peak memory is the process's). Phases timed separately: what its kind of features needs
+before the rows ("prepare": the EK-FAC curvature fit for ekfac; nothing for the others), after them ("statistics":
+DAS's per-row residual weights), the training features, the kernel (methods with a lambda), then the features of
+the bank's targets. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -51,10 +52,8 @@ def main():
             last[0] = time.perf_counter()
             print(f"  {message}: {done}/{total}", file=sys.stderr, flush=True)
 
-    if member.curvature_spec is not None:
-        timed("curvature", lambda: member.ekfac(progress))
-    for stat in att.method.row_statistics:
-        timed(stat, lambda stat=stat: member.row_statistic(stat, progress))
+    timed("prepare", lambda: member.featurizer.prepare(progress))  # the EK-FAC factors, for its kind of features
+    timed("statistics", lambda: member.featurizer.finish(progress))  # DAS's residual statistics, for its kind
     timed("train_features", lambda: member.featurize(progress))
     if att.method.uses_lambda:
         timed("kernel", lambda: member.train_features().kernel)

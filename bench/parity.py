@@ -9,9 +9,11 @@ version of the code and compared with another's on the same machine.
 What is computed (the shipped `digits` model and dataset, K = 1, k = 256, one fresh feature cache per run): scores of
 val:0-4 and gen:0-1 by D-TRAK (Square and Avg), TRAK and pixel cosine through `open_attribution` and each method's
 lifecycle, their rankings, the scores of every target of the bank (`score_bank`) and its LDS table on both splits
-(200 resamples). The script reads only modules that exist in both versions (no public facade), so the older code
-can run it. Two runs of the same code on one machine agree bit for bit; `--compare` reports whether two files do,
-and the largest difference otherwise.
+(200 resamples); the target scores and rankings of the methods with their own kind of features (DAS's three,
+EK-FAC's two); every method's feature folder name (its cache identity: a change would orphan users' caches). The
+script reads only modules that exist in both versions (no public facade), so the older code can run it. Two runs
+of the same code on one machine agree bit for bit; `--compare` reports whether two files do, and the largest
+difference otherwise.
 """
 
 from __future__ import annotations
@@ -24,26 +26,33 @@ import tempfile
 import numpy as np
 
 METHODS = (("dtrak", None), ("dtrak", "avg"), ("trak", None), ("pixel-cos", None))
+# Methods with their own kind of features (residual statistics, EK-FAC whitening): their target scores, rankings and
+# feature folders only (no bank table: each would fit its statistics or curvature once more).
+FEATURE_KIND_METHODS = (("das", None), ("das0", None), ("das-size", None), ("ekfac", None), ("ekfac-elbo", None))
 
 
 def compute(out: str, bank_name: str) -> None:
     from attribution.engine import open_attribution
+    from attribution.run_options import RunOptions
     from attribution.evaluation.bank import Bank
     from attribution.evaluation.evaluate import lds_table, score_bank
-    from attribution.methods import get_method
     from attribution.targets import resolve_targets
 
     arrays, tables = {}, {}
     bank = Bank.load(bank_name)
     with tempfile.TemporaryDirectory() as cache:
         options = dict(timesteps=1, proj_dim=256, cache=cache)
-        for method, fn in METHODS:
+        for method, fn in METHODS + FEATURE_KIND_METHODS:
             label = method + (f":{fn}" if fn else "")
-            att = open_attribution("digits", get_method(method), "cpu", fn=fn, **options)
+            opts = RunOptions.for_method(method, checkpoint="digits", device="cpu", fn=fn, **options)
+            att = opts.open() if hasattr(opts, "open") else open_attribution(opts)  # older code: RunOptions.open
+            arrays[f"{label} feature folder"] = np.array(att.members[0].store_path.name)  # the cache identity
             for spec in ("val:0-4", "gen:0-1"):
                 result = att.run(resolve_targets(spec, att.target_model, "digits", steps=10))
                 arrays[f"{label} {spec} scores"] = result.scores
                 arrays[f"{label} {spec} ranking"] = result.ranking
+            if (method, fn) in FEATURE_KIND_METHODS:
+                continue
             run = score_bank(bank, method, device="cpu", fn=fn, **options)
             scores = run.scores() if callable(run.scores) else run.scores  # the older BankRun had a method
             arrays[f"{label} bank scores"] = scores

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from attribution import get_method, load_model, open_attributor, rank, sample, tensor_to_pixels
+from attribution import RunOptions, get_method, load_model, open_attributor, rank, sample, tensor_to_pixels
 
 
 def tile(pixels: np.ndarray, size: int) -> Image.Image:
@@ -69,7 +69,7 @@ def main():
 
     model = load_model(a.checkpoint)
     method = get_method("dtrak")
-    att = open_attributor(model, method, timesteps=a.timesteps, proj_dim=a.proj_dim)
+    att = open_attributor(model, RunOptions(model.spec, method=method.name, timesteps=a.timesteps, proj_dim=a.proj_dim))
     att.featurize()
     train = att.train
     lam = att.resolve_lambda(method, None)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from attribution import (atomic_path, formation, get_method, JourneyConfig, load_model, open_attributor, pixels_to_pil,
-                         run_journey, tensor_to_pixels, top_indices)
+from attribution import (RunOptions, atomic_path, formation, get_method, JourneyConfig, load_model, open_attributor,
+                         pixels_to_pil, run_journey, tensor_to_pixels, top_indices)
 
 CELL, PAD, LABEL_W, TOP = 64, 14, 110, 3
 COLORS = {"distance": (31, 119, 180), "similarity": (255, 127, 14), "overlap": (127, 127, 127)}
@@ -59,7 +59,7 @@ def main() -> None:
 
     model = load_model(args.checkpoint, "cpu")
     method = get_method(args.method)
-    att = open_attributor(model, method)
+    att = open_attributor(model, RunOptions(model.spec, method=method.name))
     att.featurize()
     j = run_journey(att, JourneyConfig(seed=args.seed, every=args.every))
     scores = j.scores(att, method)

@@ -17,6 +17,7 @@ import pytest
 
 from attribution.engine import Attributor, format_duration, progress_message
 from attribution.features.config import FeatureConfig
+from attribution.features.gradients import GradientFeatures
 from attribution.fileio import atomic_dir, save_npy, write_json
 from attribution.sampling import sample
 from engine_support import keys_for, subset
@@ -51,23 +52,24 @@ def test_threads_sampling_on_one_model_get_the_serial_images(model):
         np.testing.assert_array_equal(a, b)
 
 
-def counting_features_of(monkeypatch):
-    """Patch Attributor.features_of to record the keys of every batch it computes (thread-safe)."""
-    original, calls, lock = Attributor.features_of, [], threading.Lock()
+def counting_train_rows(monkeypatch):
+    """Patch the training-row step of gradient features to record the keys of every batch it computes
+    (thread-safe)."""
+    original, calls, lock = GradientFeatures.train_rows, [], threading.Lock()
 
-    def counting(self, images, keys, timesteps=None):
+    def counting(self, rows):
         with lock:
-            calls.append(list(keys))
-        return original(self, images, keys, timesteps)
+            calls.append(self.train_keys(rows))
+        return original(self, rows)
 
-    monkeypatch.setattr(Attributor, "features_of", counting)
+    monkeypatch.setattr(GradientFeatures, "train_rows", counting)
     return calls
 
 
 def test_threads_featurizing_one_store_do_the_work_once(model, digits, tmp_path, monkeypatch):
     train = subset(digits, 12)
     reference = np.array(Attributor(model, train, CFG, cache=tmp_path / "ref", batch_size=4).featurize().features())
-    calls = counting_features_of(monkeypatch)
+    calls = counting_train_rows(monkeypatch)
     # Separate Attributors (separate sessions or processes), one cache folder: the store is created once too.
     atts = [Attributor(model, train, CFG, cache=tmp_path / "shared", batch_size=4) for _ in range(4)]
     barrier = threading.Barrier(len(atts))
@@ -106,15 +108,15 @@ def test_featurizations_in_one_process_share_its_compute_slot(model, digits, tmp
     cfgs = [FeatureConfig(fn="square", projector="sjlt", proj_dim=64, timesteps=2, seed=s) for s in (0, 1)]
     alone = [np.array(Attributor(model, train, c, cache=tmp_path / "alone", batch_size=4).featurize().features())
              for c in cfgs]
-    original, order, lock = Attributor.features_of, [], threading.Lock()
+    original, order, lock = GradientFeatures.train_rows, [], threading.Lock()
 
-    def slow(self, images, keys, timesteps=None):
+    def slow(self, rows):
         with lock:
             order.append(self.cfg.seed)
         time.sleep(0.2)  # each batch waits long enough for the other thread to start one
-        return original(self, images, keys, timesteps)
+        return original(self, rows)
 
-    monkeypatch.setattr(Attributor, "features_of", slow)
+    monkeypatch.setattr(GradientFeatures, "train_rows", slow)
     import attribution.store as store_mod
 
     getting = store_mod._acquire_slot
@@ -168,7 +170,7 @@ def test_an_interrupted_featurization_is_resumed_by_the_waiting_session(model, d
     only and releases the lock, B computes just the rest, and the result equals an uninterrupted run."""
     train = subset(digits, 10)
     reference = np.array(Attributor(model, train, CFG, cache=tmp_path / "ref", batch_size=3).featurize().features())
-    calls = counting_features_of(monkeypatch)
+    calls = counting_train_rows(monkeypatch)
     a = Attributor(model, train, CFG, cache=tmp_path / "run", batch_size=3)
     b = Attributor(model, train, CFG, cache=tmp_path / "run", batch_size=3)
     a_started, b_waiting = threading.Event(), threading.Event()
@@ -265,7 +267,7 @@ def test_app_featurization_runs_on_when_the_session_goes_away(model, digits, tmp
     from app_pages import _attr, _ui
 
     train = subset(digits, 12)
-    calls = counting_features_of(monkeypatch)
+    calls = counting_train_rows(monkeypatch)
     first = Attributor(model, train, CFG, cache=tmp_path, batch_size=4)
     second = Attributor(model, train, CFG, cache=tmp_path, batch_size=4)  # another session's attributor
 

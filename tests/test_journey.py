@@ -182,14 +182,14 @@ def test_last_step_scores_approach_the_final_image_attribution(trak_att):
     at least 0.5 above the first step."""
     trak = get_method("trak")
     R = 16
-    spec = dataclasses.replace(trak_att.grad_spec, draws=R)
+    spec = dataclasses.replace(trak_att.featurizer.grad_spec, draws=R)
     from attribution.features.gradients import per_sample_gradients
 
     for seed in (0, 1):
         j = run_journey(trak_att, JourneyConfig(seed=seed, steps=10, at=(0, 9), resamples=R), use_cache=False)
         S = j.scores(trak_att, trak)
         g = per_sample_gradients(trak_att.model, torch.from_numpy(j.final[None]), [f"gen/{seed}"], spec)
-        final = trak_att.scores(trak, trak_att.projector.project(g).numpy())[0]
+        final = trak_att.scores(trak, trak_att.featurizer.projector.project(g).numpy())[0]
         first, last = (np.corrcoef(s, final)[0, 1] for s in S)
         assert last > 0.8, (seed, last)
         assert last > first + 0.5, (seed, first, last)
@@ -388,6 +388,7 @@ def compute_journey(at, **values):
 
 def test_journey_page_slider_play_and_film_strip(app, tiny_run, small_npz, cache):
     from attribution.engine import open_attributor
+    from attribution.run_options import RunOptions
 
     app.switch_page("app_pages/journey.py").run()
     assert "Compute journey" in app.main.info[0].value
@@ -397,8 +398,8 @@ def test_journey_page_slider_play_and_film_strip(app, tiny_run, small_npz, cache
 
     # What the page shows is the library's journey: step 7 (the last) first, its top proponents by score.
     trak = get_method("trak")
-    att = open_attributor(load_model(str(tiny_run), "cpu"), trak, f"npz:{small_npz}", timesteps=2, proj_dim=512,
-                          cache=str(cache))
+    att = open_attributor(load_model(str(tiny_run), "cpu"), RunOptions(method="trak", dataset=f"npz:{small_npz}",
+                                                                       timesteps=2, proj_dim=512, cache=str(cache)))
     lam = float(next(s for s in app.main.select_slider if s.label == "λ").value)
     S = j.scores(att, trak, lam)
     assert app.main.select_slider(key="jr_step").value == 7

@@ -61,7 +61,7 @@ def test_equivalent_cli_parses_back_to_the_same_options():
 
 def test_equivalent_cli_of_a_similarity_baseline_has_no_gradient_options():
     opts = RunOptions("digits", None, "clip-cos", clip_weights="w.pt")
-    line = opts.command_line("score", FeatureConfig(embedding="clip", clip_weights="w.pt"), "digits",
+    line = opts.command_line("score", FeatureConfig(kind="clip", clip_weights="w.pt"), "digits",
                              [("--target", "val:1")])
     assert line == ("python -m attribution score --checkpoint digits --dataset digits --method clip-cos "
                     "--clip-model ViT-B-32 --clip-weights w.pt --target val:1")

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..features.timesteps import training_timesteps
 from ..figures import influential_figure, norm_curve_figure, norm_scatter_figure, per_checkpoint_figure
 from ..fileio import atomic_path, save_npz, write_json
+from ..engine import open_attribution
 from ..methods import get_method
 from ..methods.over_checkpoints import run_checkpoints
 from ..models import load_model
@@ -98,7 +99,7 @@ def cmd_influential(args) -> int:
     targets = None
     stats, all_scores = [], {}
     for method in methods:
-        attribution = options[method.name].open()
+        attribution = open_attribution(options[method.name])
         if targets is None:
             targets = resolve_targets(args.targets, attribution.target_model, attribution.train.spec)
             info(f"{len(targets)} target(s): {targets.names[0]} .. {targets.names[-1]}")

@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from ..analysis.sanity import class_agreement
+from ..engine import open_attribution
 from ..errors import ConfigError
 from ..fileio import save_npy
 from ..kernel import check_lambda as check
@@ -19,7 +20,7 @@ from .common import add_prompt_options, info, progress_bar, prompt_from
 def build(args):
     """(Attribution, train dataset) from the shared options (`RunOptions`); several checkpoints form an ensemble,
     and a checkpoint method runs over a training run's checkpoints."""
-    attribution = run_options(args).open()
+    attribution = open_attribution(run_options(args))
     method = attribution.method
     if len(attribution.members) > 1:
         info(f"{method.title} over {len(attribution.members)} checkpoints, weights "
@@ -31,13 +32,16 @@ def build(args):
 def member_progress(att):
     """Says what one member will featurize and where, and returns its progress bar (`Attribution.featurize`'s
     and `Attribution.run`'s per-member progress)."""
-    strategy = (f"each training image at its {att.train_timesteps_source} training timestep, targets at K="
-                f"{att.cfg.timesteps}" if att.cfg.strategy == "training" else f"K={att.cfg.timesteps} "
-                f"{att.cfg.strategy}")
-    info(f"featurizing {att.train.spec} ({att.train.split}, {len(att.train)} images) with {att.model.spec}: "
-         f"fn={att.cfg.fn}, {strategy}, {att.cfg.noises} noise(s)"
-         + (", unit-normalised" if att.cfg.normalize else "")
-         + f", {att.grad_dim:,} parameters -> k={att.proj_dim} ({att.cfg.projector})")
+    what = f"featurizing {att.train.spec} ({att.train.split}, {len(att.train)} images) with {att.model.spec}: "
+    if "gradients" not in att.cfg.featurizer.option_groups:  # an embedding: no output function, timesteps or k
+        info(what + f"{att.cfg.featurizer.description}, {att.proj_dim:,} dimensions")
+    else:
+        strategy = (f"each training image at its {att.featurizer.train_timesteps_source} training timestep, targets "
+                    f"at K={att.cfg.timesteps}" if att.cfg.strategy == "training" else f"K={att.cfg.timesteps} "
+                    f"{att.cfg.strategy}")
+        info(what + f"fn={att.cfg.fn}, {strategy}, {att.cfg.noises} noise(s)"
+             + (", unit-normalised" if att.cfg.normalize else "")
+             + f", {att.grad_dim:,} parameters -> k={att.proj_dim} ({att.cfg.projector})")
     info(f"cache: {att.store_path}")
     return progress_bar("featurize")
 

@@ -95,8 +95,7 @@ def bank_feature_options(args: argparse.Namespace, methods: list[str]):
         opts = RunOptions.for_method(name, **{**values, "checkpoint": str(args.bank),
                                               "fn": fn or (args.fn if args.fn in m.fn_choices() else None),
                                               "eta": args.eta if "interp" in m.fn_choices() else None})
-        return {**{k: v for k, v in opts.feature_options().items() if k != "dataset"},
-                "checkpoint_weights": opts.checkpoint_weights}
+        return {k: getattr(opts, k) for k in LDS_RUN_OPTIONS if k != "device"}
 
     return options
 

@@ -19,6 +19,7 @@ import numpy as np
 from ..analysis.formation import formation, step_rankings, top_indices
 from ..data.images import load_image_pixels, pixels_to_tensor
 from ..errors import ConfigError, ImageError
+from ..engine import open_attributor
 from ..figures import formation_figure
 from ..fileio import save_npz, write_json
 from ..journey import JourneyConfig, parse_steps, run_journey
@@ -70,7 +71,7 @@ def cmd_journey(args) -> int:
     check_prompt(model, prompt)
     image, name = None, f"gen:{args.seed}"
     method = get_method(args.method)
-    att = run_options(args, seed=args.feature_seed).attributor(model)
+    att = open_attributor(model, run_options(args, seed=args.feature_seed))
     if args.image and DATASET_IMAGE.fullmatch(args.image):
         image, name = resolve_targets(args.image, model, att.train.spec).images[0], args.image
     elif args.image:

@@ -55,7 +55,8 @@ from ..errors import AttributionError, ConfigError
 from ..features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from ..features.embeddings import ClipEmbedder
 from ..fileio import read_json, read_npz, save_npz, write_json
-from ..methods import METHODS, get_method, parse_method_entry
+from ..methods import METHODS, parse_method_entry
+from ..run_options import RunOptions
 from ..models import load_model
 from ..models.checkpoint import resolve_checkpoint
 from ..sampling import SAMPLERS, sample
@@ -490,9 +491,9 @@ def _open_attributions(source: Source, spec: StudySpec, methods: list[str], cach
     out = {}
     for m in methods:
         name, fn = parse_method_entry(m)  # METHOD or METHOD:FN (an output function, e.g. dtrak:avg)
-        extra = {"clip_weights": spec.clip_weights, "clip_model": spec.clip_model} if "clip" in m else {}
-        out[m] = open_attribution(source.model_spec, get_method(name), "cpu", dataset=source.recipe.dataset,
-                                  cache=cache, fn=fn or None, **spec.feature_options(), **extra)
+        out[m] = open_attribution(RunOptions.for_method(
+            name, checkpoint=source.model_spec, device="cpu", dataset=source.recipe.dataset, cache=cache, fn=fn,
+            clip_weights=spec.clip_weights, clip_model=spec.clip_model, **spec.feature_options()))
     return out
 
 

@@ -24,6 +24,7 @@ from ..engine import Attribution, Result, open_attribution
 from ..errors import ConfigError
 from ..methods import get_method, parse_method_entry
 from ..models.adapter import key_prompt
+from ..run_options import RunOptions
 from ..sampling import Prompt
 from ..store import saved_targets_path
 from ..targets import Generated, Targets
@@ -56,13 +57,18 @@ def method_options(method: str, options: dict) -> tuple[str, dict]:
     return name, options
 
 
-def open_on_bank(bank: Bank, method: str, device: str = "auto", **options) -> Attribution:
-    """`method` (METHOD or METHOD:FN, e.g. dtrak:avg) on the bank's model and training set; `options` are those of
-    `engine.open_attributor` (fn, timesteps, proj_dim, projector, seed, ...). Validates; computes nothing."""
+def open_on_bank(bank: Bank, method: str, device: str = "auto", load: Callable | None = None,
+                 checkpoint: str | None = None, **options) -> Attribution:
+    """`method` (METHOD or METHOD:FN, e.g. dtrak:avg) on the bank's model (or `checkpoint`, another checkpoint of
+    its run: the checkpoint sweep) and training set; `options` are fields of `RunOptions` (fn, timesteps,
+    proj_dim, projector, seed, cache, ...) meant for the methods of a comparison: those of a kind this method does
+    not use are left out (`RunOptions.for_method`). `load(spec)` loads a model (the app's cached loader).
+    Validates; computes nothing."""
     method, options = method_options(method, options)
     m = get_method(method)
-    attribution = open_attribution(bank.model_spec_for(bool(m.weightings)), m, device, dataset=bank.dataset,
-                                   **options)
+    opts = RunOptions.for_method(method, checkpoint=checkpoint or bank.model_spec_for(bool(m.weightings)),
+                                 device=device, dataset=bank.dataset, **options)
+    attribution = open_attribution(opts, load)
     if len(attribution.train) != bank.masks.shape[1]:
         raise ConfigError(f"bank {bank.meta['name']} has masks over {bank.masks.shape[1]} training images but "
                           f"{attribution.train.spec} has {len(attribution.train)}; the bank was built for "
@@ -134,7 +140,7 @@ def option_sweep(bank: Bank, method: str, sweep: str, values=None, splits=("val"
         start = time.time()
         opts = dict(options)
         if sweep == "checkpoint":
-            attribution = open_attribution(str(v), m, device, dataset=bank.dataset, **opts)
+            attribution = open_on_bank(bank, method, device, checkpoint=str(v), **opts)
         else:
             opts[SWEEPS[sweep]] = v
             attribution = open_on_bank(bank, method, device, **opts)

@@ -60,6 +60,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models.adapter import DiffusionModel
+from ..store import CurvatureStore
+from .gradients import GradientFeatures
 from .timesteps import noise_seed
 
 FISHER = ("mc", "ggn")
@@ -415,3 +417,96 @@ def fit_ekfac(model: DiffusionModel, images: Callable[[np.ndarray], torch.Tensor
     run_pass("eigenvalues", lambda rows: forward_backward(rows, eigenvalues))
     copies = n * spec.samples
     return EKFAC(lay, QA, QS, [torch.from_numpy(state[f"L_{i}"] / copies) for i in range(len(lay.layers))])
+
+
+def effective_damping(cfg) -> float:
+    """The EK-FAC damping factor a feature configuration uses: its `damping`, else `DEFAULT_DAMPING`."""
+    return DEFAULT_DAMPING if cfg.damping is None else float(cfg.damping)
+
+
+def effective_damping_rule(cfg) -> str:
+    """The EK-FAC damping rule a feature configuration uses: its `damping_rule`, else "global"."""
+    return cfg.damping_rule or "global"
+
+
+class WhitenedGradients(GradientFeatures):
+    """The feature kind of influence functions: gradient features whitened by the EK-FAC curvature of the training
+    loss before the projection (`EKFAC.whiten`), so their dot products are influence scores. The factors are fitted
+    once per checkpoint and training set (cached under cache/curvature/ without the damping, resumable), before
+    the first training row."""
+
+    kind = "ekfac"
+    description = "EK-FAC-whitened gradient features"
+    options = ("damping", "damping_rule", "curvature_samples")
+    refusal = "applies to the influence-function (EK-FAC) methods only: use --method ekfac or ekfac-elbo"
+    option_groups = frozenset({"gradients", "curvature"})
+
+    @classmethod
+    def curvature_spec(cls, cfg) -> CurvatureSpec:
+        """How the factors are estimated (their copies per image, seed and parameters)."""
+        samples = {} if cfg.curvature_samples is None else {"samples": cfg.curvature_samples}
+        return CurvatureSpec(seed=cfg.seed, params=cfg.params, **samples)
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        check_damping(effective_damping(cfg), effective_damping_rule(cfg))
+        cls.curvature_spec(cfg)  # the copies per image
+
+    @classmethod
+    def config_dict(cls, cfg) -> dict:
+        d = {**super().config_dict(cfg), "curvature": cls.kind, "damping": effective_damping(cfg)}
+        if effective_damping_rule(cfg) != "global":  # absent when global: caches made before the option stay valid
+            d["damping_rule"] = effective_damping_rule(cfg)
+        return d  # the copies per image are in the identity's "curvature" entry (`CurvatureSpec.to_dict`)
+
+    @classmethod
+    def slug_infix(cls, cfg) -> str:
+        rule = "m" if effective_damping_rule(cfg) == "module" else ""
+        samples = cls.curvature_spec(cfg).samples
+        copies = "" if samples == DEFAULT_SAMPLES else f"c{samples}"
+        return f"-{cls.kind}{effective_damping(cfg):g}{rule}{copies}"
+
+    @classmethod
+    def cost_parts(cls, cfg) -> list[str]:
+        return [cls.kind]
+
+    def __init__(self, model, train, cfg, cache_dir, batch_size=16):
+        self.spec = self.curvature_spec(cfg)
+        super().__init__(model, train, cfg, cache_dir, batch_size)
+        self._ekfac = None
+
+    def gradient_dim(self) -> int:
+        return layout(self.model, self.cfg.params).dim  # the tracked layers' dimension
+
+    def identity(self) -> dict:
+        return {**super().identity(), "curvature": self.spec.to_dict()}
+
+    def prepare(self, progress=None) -> None:
+        self.ekfac(progress)
+
+    def transform(self, g: torch.Tensor) -> torch.Tensor:
+        return self.ekfac().whiten(g, effective_damping(self.cfg), effective_damping_rule(self.cfg))
+
+    def ekfac(self, progress=None) -> EKFAC:
+        """The EK-FAC factors of this checkpoint's training loss on the training set (fitted once, cached under
+        cache/curvature/, resumable)."""
+        if self._ekfac is None:
+            lay = layout(self.model, self.cfg.params)
+            identity = {"checkpoint": self.model.identity(), "dataset": self.train.spec,
+                        "dataset_hash": self.train.content_hash, "split": self.train.split, "n": len(self.train),
+                        "curvature": self.spec.to_dict(), "tracked": lay.describe()}
+            spec = self.spec
+            store = CurvatureStore.open(identity, f"ekfac-{spec.fisher}-c{spec.samples}-s{spec.seed}",
+                                        self.cache_dir)
+            arrays = store.load_factors()
+            if arrays is None:
+                with store.exclusive():  # one fit per folder; the others wait and load it
+                    arrays = store.load_factors()
+                    if arrays is None:
+                        keys = self.train_keys(range(len(self.train)))
+                        fitted = fit_ekfac(self.model, self.train.tensors, keys, spec, self.batch_size,
+                                           store.load_partial(), store.save_partial, progress)
+                        arrays = fitted.arrays()
+                        store.save_factors(arrays)
+            self._ekfac = EKFAC.from_arrays(lay, arrays)
+        return self._ekfac

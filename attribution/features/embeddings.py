@@ -7,6 +7,9 @@
   CLIP mean and standard deviation. No CLIP weights ship with any package and nothing is downloaded: the user names a
   local weights file (an open_clip checkpoint, `.pt`/`.bin` loaded with weights_only=True, or `.safetensors`).
   `ClipEmbedder.random(...)` builds a randomly initialised tower for tests only.
+
+Their feature kinds (`featurizer.Featurizer`): `PixelFeatures` and `ClipFeatures`, one row per image (no gradients,
+no projection).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .featurizer import Featurizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,16 +40,6 @@ class PixelEmbedder:
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
         return pixel_embeddings(images)
-
-
-def make_embedder(kind: str, channels: int, resolution: int, clip_model: str = "ViT-B-32",
-                  clip_weights: str | None = None, device: torch.device | str = "cpu"):
-    """The embedder of a similarity baseline: "pixels" or "clip" (CLIP weights from a local file)."""
-    if kind == "pixels":
-        return PixelEmbedder(channels, resolution)
-    if kind == "clip":
-        return ClipEmbedder.from_file(clip_weights, clip_model, device)
-    raise ConfigError(f"unknown embedding {kind!r}; use pixels or clip")
 
 
 def pixel_embeddings(images: torch.Tensor) -> np.ndarray:
@@ -119,3 +113,65 @@ class ClipEmbedder:
             x = self.preprocess(images[s:s + self.batch_size]).to(self.device)
             out.append(self.model.encode_image(x).float().cpu())
         return torch.cat(out).numpy().astype(np.float32)
+
+
+class EmbeddingFeatures(Featurizer):
+    """An image embedding as the features of a similarity baseline: one row per image, no gradients."""
+
+    def __init__(self, model, train, cfg, cache_dir, batch_size=16):
+        super().__init__(model, train, cfg, cache_dir, batch_size)
+        self.embedder = self.make_embedder()
+        self.grad_dim = self.proj_dim = self.embedder.dim
+
+    def make_embedder(self):
+        raise NotImplementedError
+
+    @classmethod
+    def cost_kind(cls, cfg) -> str:
+        return cls.slug(cfg)
+
+    def identity(self) -> dict:
+        return {"embedding": self.embedder.identity}
+
+    def provenance(self) -> dict:
+        return {"projector": {"embedding": self.embedder.identity}}
+
+    def rows(self, images, keys, fn=None) -> np.ndarray:
+        return self.embedder.embed(images)
+
+
+class PixelFeatures(EmbeddingFeatures):
+    """The flattened pixels (pixel-dot, pixel-cos)."""
+
+    kind = "pixels"
+    description = "pixel embeddings"
+
+    @classmethod
+    def config_dict(cls, cfg) -> dict:
+        return {"embedding": "pixels"}
+
+    @classmethod
+    def slug(cls, cfg) -> str:
+        return "pixels"
+
+    def make_embedder(self):
+        return PixelEmbedder(self.model.channels, self.model.resolution)
+
+
+class ClipFeatures(EmbeddingFeatures):
+    """CLIP image embeddings (clip-dot, clip-cos), the tower's weights from a local file."""
+
+    kind = "clip"
+    description = "CLIP embeddings"
+    option_groups = frozenset({"clip"})
+
+    @classmethod
+    def config_dict(cls, cfg) -> dict:
+        return {"embedding": "clip", "clip_model": cfg.clip_model}  # the weights: by digest, in `identity`
+
+    @classmethod
+    def slug(cls, cfg) -> str:
+        return f"clip-{cfg.clip_model}"
+
+    def make_embedder(self):
+        return ClipEmbedder.from_file(self.cfg.clip_weights, self.cfg.clip_model, self.model.device)

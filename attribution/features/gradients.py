@@ -14,18 +14,26 @@ image at the timestep it was drawn at in training, a Journey step at its own t).
 each per-timestep gradient g_k is divided by its norm before the average; `gradient_norms` returns the norms
 ||g_k|| themselves (the gradient-norm-versus-timestep analysis). Both need one gradient per (sample, timestep),
 so they vmap over (sample, timestep) pairs instead of over samples: the same UNet work, more gradient memory.
+
+`GradientFeatures` is the feature kind (`featurizer.Featurizer`) built on them: the gradients of D-TRAK, TRAK and
+every gradient method, projected (`projectors.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch.func import grad, vmap
 
 from ..models.adapter import DiffusionModel
+from .featurizer import Featurizer
 from .outputs import OUTPUT_FUNCTIONS, output_value
-from .timesteps import noise_for
+from .projectors import make_projector, matrix_identity
+from .timesteps import noise_for, training_timesteps
 
 # Roughly how many noisy images one vmap call pushes through the UNet (bounds activation memory).
 IMAGES_PER_CALL = 64
@@ -175,3 +183,119 @@ def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise
             g = g / n.clamp_min(1e-30)[:, None]
         acc.index_add_(0, owner[sl], g / k)
     return acc, norms.reshape(b, k)
+
+
+class GradientFeatures(Featurizer):
+    """Projected per-sample gradients of the configured output function, averaged over its K timesteps and noise
+    draws (training rows of the "training" strategy at their own training timestep)."""
+
+    kind = "gradients"
+    description = "plain gradient features"
+    option_groups = frozenset({"gradients"})
+
+    # -- the configuration's side
+
+    @classmethod
+    def config_dict(cls, cfg) -> dict:
+        d = {name: getattr(cfg, name) for name in ("fn", "eta", "timesteps", "strategy", "noises", "proj_dim",
+                                                   "projector", "seed", "params", "normalize", "proj_seed")}
+        if cfg.projector == "identity":
+            d["proj_dim"] = None
+        if cfg.fn != "interp":
+            d.pop("eta")
+        if not cfg.normalize:  # absent from configs made before the option existed: their caches stay valid
+            d.pop("normalize")
+        if cfg.proj_seed is None:  # absent unless set: caches made before the option stay valid
+            d.pop("proj_seed")
+        if cfg.strategy == "training":  # K applies to targets only: training rows use their own timestep
+            d.pop("timesteps")
+        return d
+
+    @classmethod
+    def slug(cls, cfg) -> str:
+        k = "exact" if cfg.projector == "identity" else f"k{cfg.proj_dim}"
+        fn = f"interp{cfg.eta:g}" if cfg.fn == "interp" else cfg.fn
+        unit = "-unit" if cfg.normalize else ""
+        ts = "Ttrain" if cfg.strategy == "training" else f"K{cfg.timesteps}{cfg.strategy[0]}"
+        ps = "" if cfg.proj_seed is None else f"-p{cfg.proj_seed}"
+        return f"{fn}-{ts}-n{cfg.noises}{unit}{cls.slug_infix(cfg)}-{cfg.projector}-{k}-s{cfg.seed}{ps}"
+
+    @classmethod
+    def slug_infix(cls, cfg) -> str:
+        """What a subclass adds to the folder name after the timesteps and noises (EK-FAC: its damping)."""
+        return ""
+
+    @classmethod
+    def cost_kind(cls, cfg) -> str:
+        proj = cfg.projector if cfg.projector == "identity" else f"{cfg.projector}{cfg.proj_dim}"
+        return "-".join([cfg.fn, proj, *cls.cost_parts(cfg), *(["normalize"] if cfg.normalize else [])])
+
+    @classmethod
+    def cost_parts(cls, cfg) -> list[str]:
+        """What a subclass adds to the cost of a sample (EK-FAC: its whitening)."""
+        return []
+
+    # -- one checkpoint and training set
+
+    def __init__(self, model, train, cfg, cache_dir, batch_size=16):
+        super().__init__(model, train, cfg, cache_dir, batch_size)
+        self.grad_spec = cfg.gradient_spec(model.num_timesteps)
+        self.grad_dim = self.gradient_dim()
+        self.proj_dim = self.grad_dim if cfg.projector == "identity" else cfg.proj_dim
+        self.train_timesteps = self.train_timesteps_source = None
+        if cfg.strategy == "training":
+            self.train_timesteps, self.train_timesteps_source = training_timesteps(model, train, cfg.seed)
+        self._projector = None
+
+    def gradient_dim(self) -> int:
+        """The dimension of a gradient before the projection."""
+        return param_count(self.model, self.cfg.params)
+
+    @property
+    def projector(self):
+        if self._projector is None:
+            self._projector = make_projector(self.cfg.projector, self.grad_dim, self.proj_dim,
+                                             self.cfg.projection_seed, self.model.device)
+        return self._projector
+
+    def identity(self) -> dict:
+        out = {}
+        matrix = matrix_identity(self.cfg.projector, self.model.device)
+        if matrix is not None:  # only trak-cuda: CPU-generated matrices keep the identity (and folder) they had
+            out["projection"] = matrix
+        if self.train_timesteps is not None:
+            digest = hashlib.sha256(self.train_timesteps.astype(np.int64).tobytes()).hexdigest()[:16]
+            out["train_timesteps"] = {"source": self.train_timesteps_source, "hash": digest}
+        return out
+
+    def provenance(self) -> dict:
+        return {"projector": self.projector.describe(),
+                "timesteps": (f"each training image at its {self.train_timesteps_source} timestep"
+                              if self.train_timesteps is not None else list(self.grad_spec.timesteps))}
+
+    def samples_per_row(self) -> int:
+        return (1 if self.train_timesteps is not None else len(self.grad_spec.timesteps)) * self.cfg.noises
+
+    def samples_per_target(self) -> int:
+        return len(self.grad_spec.timesteps) * self.cfg.noises
+
+    def train_rows(self, rows: np.ndarray) -> np.ndarray:
+        ts = None if self.train_timesteps is None else self.train_timesteps[rows]
+        return self.rows(self.train.tensors(rows), self.train_keys(rows), timesteps=ts)
+
+    def rows(self, images: torch.Tensor, keys: Sequence[str], fn: str | None = None,
+             timesteps: np.ndarray | None = None) -> np.ndarray:
+        """`timesteps` (M, K) replaces the configured timesteps per image (training rows of the "training"
+        strategy)."""
+        spec = self.grad_spec if fn is None else replace(self.grad_spec, fn=fn)
+        out = []
+        for s in range(0, len(images), self.batch_size):
+            ts = None if timesteps is None else torch.as_tensor(timesteps[s:s + self.batch_size]).reshape(-1, 1)
+            g = per_sample_gradients(self.model, images[s:s + self.batch_size], list(keys[s:s + self.batch_size]),
+                                     spec, ts)
+            out.append(self.projector.project(self.transform(g)).cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def transform(self, g: torch.Tensor) -> torch.Tensor:
+        """What a subclass does to a batch of flat gradients before the projection (EK-FAC: whitens them)."""
+        return g

@@ -2,6 +2,7 @@
 
 from ..errors import ConfigError
 from ..features.config import FeatureConfig
+from ..features.curvature import WhitenedGradients
 from .base import KernelMethod, Method, SimilarityMethod, TrainFeatures
 from .clip_cos import CLIPCos
 from .clip_dot import CLIPDot
@@ -70,7 +71,7 @@ def method_entries() -> list[str]:
     return [*METHODS, *more]
 
 
-CURVATURE_OPTIONS = ("damping", "damping_rule", "curvature_samples")
+CURVATURE_OPTIONS = WhitenedGradients.options  # damping, damping_rule, curvature_samples
 
 
 def curvature_options(methods: list[str], **options) -> dict:
@@ -81,11 +82,11 @@ def curvature_options(methods: list[str], **options) -> dict:
     unknown = set(chosen) - set(CURVATURE_OPTIONS)
     if unknown:
         raise ConfigError(f"not an EK-FAC option: {', '.join(sorted(unknown))}")
-    if chosen and not any(get_method(name).uses_damping for name in methods):
+    if chosen and not any(get_method(name).features is WhitenedGradients for name in methods):
         flags = ", ".join("--" + k.replace("_", "-") for k in chosen)
         raise ConfigError(f"{flags} applies to the EK-FAC influence methods (ekfac, ekfac-elbo) only")
     if chosen:
-        FeatureConfig(fn="simple", curvature="ekfac", **chosen)
+        FeatureConfig(kind=WhitenedGradients.kind, fn="simple", **chosen)
     return chosen
 
 

@@ -1,8 +1,10 @@
 """The interface every attribution method implements.
 
-A method is (1) the output function its features are built from and (2) a scoring rule over those features.
-Features, the kernel and caching live elsewhere (features/, kernel.py, store.py); the `engine.Attributor` wires
-them together, so the CLI, the app and the evaluations reach every method the same way:
+A method is (1) the kind of features it scores (`Method.features`, a `features.featurizer.Featurizer`: plain
+gradients, EK-FAC-whitened gradients, gradients with DAS's residual statistics, pixel or CLIP embeddings) and the
+output function they are built from, and (2) a scoring rule over those features. Features, the kernel and caching
+live elsewhere (features/, kernel.py, store.py); the `engine.Attributor` wires them together, so the CLI, the app
+and the evaluations reach every method the same way:
 
     method = get_method("dtrak")
     scores = method.score(train, G, lam)          # (M, N): targets x training images
@@ -25,6 +27,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..features.config import FeatureConfig
+from ..features.featurizer import Featurizer
+from ..features.gradients import GradientFeatures
 from ..features.outputs import OUTPUT_FUNCTIONS
 from ..kernel import Kernel
 
@@ -35,10 +39,10 @@ class TrainFeatures:
 
     X: np.ndarray  # (N, k) float32, possibly a read-only memmap
     kernel_loader: Callable[[], Kernel]  # loads (or fits and caches) the decomposition
-    stat_loader: Callable[[str], np.ndarray] | None = None  # a per-row statistic by name (`Method.row_statistics`)
+    stat_loader: Callable[[str], np.ndarray] | None = None  # a per-row statistic by name (`Featurizer.statistic`)
 
     def stat(self, name: str) -> np.ndarray:
-        """One number per training row (features/residuals.py ROW_STATISTICS), computed once and cached."""
+        """One number per training row beside the features (DAS's residual statistics), computed once and cached."""
         if self.stat_loader is None:
             raise ConfigError(f"these training features carry no {name!r} statistic")
         return np.asarray(self.stat_loader(name), dtype=np.float64)
@@ -70,15 +74,15 @@ class Method(ABC):
     generated_only: ClassVar[bool] = False  # attributes generated targets only (those with a sampling trajectory)
     per_step: ClassVar[bool] = False  # can score each denoising step of a journey (the Journey page and command)
     weightings: ClassVar[tuple[str, ...]] = ()  # how its checkpoints may be weighted (checkpoint methods)
-    row_statistics: ClassVar[tuple[str, ...]] = ()  # per-training-row statistics its scores use (DAS's residuals)
-    uses_damping: ClassVar[bool] = False  # takes a curvature damping (--damping; EK-FAC influence)
+    # The kind of features it scores (`features.featurizer`): plain gradients, EK-FAC-whitened gradients, gradients
+    # with a residual statistic, pixel or CLIP embeddings.
+    features: ClassVar[type[Featurizer]] = GradientFeatures
 
     @classmethod
     def option_groups(cls) -> set[str]:
-        """The kinds of options this method uses (`opt(applies=...)` in run_options.py): gradient features, EK-FAC
-        curvature, checkpoint weights; an option of another kind, set, is refused for it."""
-        return {"gradients"} | ({"curvature"} if cls.uses_damping else set()) | (
-            {"checkpoints"} if cls.weightings else set())
+        """The kinds of options this method uses (`opt(applies=...)` in run_options.py): those of its features
+        (gradients, CLIP, EK-FAC curvature) and checkpoint weights; an option of another kind, set, is refused."""
+        return set(cls.features.option_groups) | ({"checkpoints"} if cls.weightings else set())
 
     @abstractmethod
     def score(self, train: TrainFeatures, G: np.ndarray, lam: float | None) -> np.ndarray:
@@ -96,19 +100,21 @@ class Method(ABC):
         the method's, the method's timestep strategy and normalisation where it has them. `options` are the
         remaining `FeatureConfig` fields (timesteps, noises, proj_dim, projector, seed, params, proj_seed)."""
         fn = self.check_fn("interp" if eta is not None and fn is None else fn)
-        return FeatureConfig(fn=fn, eta=1.0 if eta is None else eta, strategy=self.strategy or strategy,
-                             normalize=self.normalize, **options)
+        return FeatureConfig(kind=self.features.kind, fn=fn, eta=1.0 if eta is None else eta,
+                             strategy=self.strategy or strategy, normalize=self.normalize, **options)
 
     def fn_choices(self) -> tuple[str, ...]:
         """The output functions the user may pick for this method (one: it has a fixed function)."""
         return OUTPUT_FUNCTIONS if not self.fixed_fn else (self.default_fn,)
 
     def check_features(self, cfg: FeatureConfig) -> None:
-        """Refuse features this method cannot score (e.g. TRAK needs features of the Simple loss)."""
-        if self.fixed_fn and not cfg.embedding and cfg.fn != self.default_fn:
+        """Refuse features this method cannot score: another kind (`features`), or another output function than its
+        fixed one (e.g. TRAK needs features of the Simple loss)."""
+        if cfg.kind != self.features.kind:
+            raise ConfigError(f"{self.title} scores {self.features.description}, these are "
+                              f"{cfg.featurizer.description}")
+        if self.fixed_fn and "gradients" in self.features.option_groups and cfg.fn != self.default_fn:
             raise ConfigError(f"{self.title} needs {self.default_fn} features, these are {cfg.fn} features")
-        if getattr(cfg, "curvature", None):
-            raise ConfigError(f"{self.title} scores plain gradient features, these are EK-FAC-whitened")
 
     def checkpoints(self, spec: str) -> list[str]:
         """The checkpoints it runs over: the comma-separated specs as given (several: an ensemble)."""
@@ -178,26 +184,16 @@ class SimilarityMethod(Method):
     image's embedding (flattened pixels, or a CLIP image embedding), by dot product or cosine. No gradients, no
     kernel, no lambda; the checkpoint only fixes the resolution the images are compared at."""
 
-    embedding: ClassVar[str]  # "pixels" or "clip"
     cosine: ClassVar[bool]
     uses_lambda = False
     fixed_fn = False
     has_self_influence = False
 
-    @classmethod
-    def option_groups(cls) -> set[str]:
-        return {"clip"} if cls.embedding == "clip" else set()  # no gradients: none of their options
-
     def feature_config(self, clip_model: str = "ViT-B-32", clip_weights: str | None = None, **_) -> FeatureConfig:
-        return FeatureConfig(embedding=self.embedding, clip_model=clip_model, clip_weights=clip_weights)
+        return FeatureConfig(kind=self.features.kind, clip_model=clip_model, clip_weights=clip_weights)
 
     def fn_choices(self) -> tuple[str, ...]:
         return ()  # no output function: no gradients
-
-    def check_features(self, cfg: FeatureConfig) -> None:
-        if cfg.embedding != self.embedding:
-            raise ConfigError(f"{self.title} scores {self.embedding} embeddings, not "
-                              f"{cfg.embedding or 'gradient'} features")
 
     def score(self, train, G, lam):
         return cosine_scores(train, G) if self.cosine else dot_scores(train, G)

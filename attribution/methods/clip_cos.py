@@ -1,6 +1,7 @@
 """CLIP cosine (D-TRAK paper, Sec. 4 and Table 7): cosine similarity of CLIP image embeddings (weights from a local
 file), a baseline without gradients."""
 
+from ..features.embeddings import ClipFeatures
 from .base import SimilarityMethod
 
 
@@ -8,5 +9,5 @@ class CLIPCos(SimilarityMethod):
     name = "clip-cos"
     title = "CLIP cosine"
     summary = "cosine similarity of CLIP image embeddings (weights from a local file)"
-    embedding = "clip"
+    features = ClipFeatures
     cosine = True

@@ -1,6 +1,7 @@
 """CLIP dot (D-TRAK paper, Sec. 4 and Table 7): dot product of CLIP image embeddings (weights from a local file), a
 baseline without gradients."""
 
+from ..features.embeddings import ClipFeatures
 from .base import SimilarityMethod
 
 
@@ -8,5 +9,5 @@ class CLIPDot(SimilarityMethod):
     name = "clip-dot"
     title = "CLIP dot"
     summary = "dot product of CLIP image embeddings (weights from a local file)"
-    embedding = "clip"
+    features = ClipFeatures
     cosine = False

@@ -34,9 +34,8 @@ changes no ranking.
 
 import numpy as np
 
+from ..features.residuals import ResidualShape
 from .base import KernelMethod
-
-RESIDUAL = "das-residual"
 
 
 class DAS(KernelMethod):
@@ -46,10 +45,10 @@ class DAS(KernelMethod):
                "predictor's output on the target, from D-TRAK's kernel on Avg-output gradients times the reference "
                "code's scale-free residual weight (2.8% spread on the digits model: D-TRAK Avg, reweighted slightly)")
     default_fn = "avg"
-    row_statistics = (RESIDUAL,)
+    features = ResidualShape
 
     def weights(self, train, lam):
-        return train.stat(RESIDUAL)
+        return train.stat(self.features.statistic_name)
 
     def score(self, train, G, lam):
         return train.kernel.scores(G, lam) * self.weights(train, lam)[None, :]
@@ -67,4 +66,4 @@ class DASLeverage(DAS):
 
     def weights(self, train, lam):
         leverage = train.kernel.self_influence(lam)
-        return train.stat(RESIDUAL) / np.maximum(1.0 - leverage, 1e-12)
+        return train.stat(self.features.statistic_name) / np.maximum(1.0 - leverage, 1e-12)

@@ -10,9 +10,8 @@ it scores level with D-TRAK Avg on both banks (digits +0.331 / +0.230 vs +0.333 
 +0.395 vs +0.539 / +0.388, validation / generated targets; every paired interval covers 0).
 """
 
+from ..features.residuals import ResidualSize
 from .das import DAS
-
-RESIDUAL_SIZE = "das-residual-size"
 
 
 class DASResidualSize(DAS):
@@ -21,7 +20,4 @@ class DASResidualSize(DAS):
     summary = ("DAS with the weight its derivation has: the kernel score on Avg-output gradients times the size of "
                "the training image's residual (its root-mean-squared training error, averaged over timesteps), so "
                "images the model fits worse weigh more")
-    row_statistics = (RESIDUAL_SIZE,)
-
-    def weights(self, train, lam):
-        return train.stat(RESIDUAL_SIZE)
+    features = ResidualSize

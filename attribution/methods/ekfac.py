@@ -28,8 +28,7 @@ wraps the model's modules in place, which the app's shared models cannot allow. 
 are not tracked; their parameters are left out of the scores (`features.curvature.Layout.skipped`).
 """
 
-from ..errors import ConfigError
-from ..features.config import FeatureConfig
+from ..features.curvature import WhitenedGradients
 from .base import Method, dot_scores
 
 
@@ -42,19 +41,8 @@ class EKFACInfluence(Method):
                "--damping-rule); no lambda")
     default_fn = "simple"
     uses_lambda = False
-    uses_damping = True
+    features = WhitenedGradients
     measurement = None  # the target's output function (None: the training loss itself)
-
-    def feature_config(self, fn=None, eta=None, strategy="uniform", clip_model="ViT-B-32", clip_weights=None,
-                       **options) -> FeatureConfig:
-        fn = self.check_fn("interp" if eta is not None and fn is None else fn)
-        return FeatureConfig(fn=fn, strategy=strategy, curvature="ekfac", **options)
-
-    def check_features(self, cfg: FeatureConfig) -> None:
-        if cfg.fn != self.default_fn:
-            raise ConfigError(f"{self.title} needs {self.default_fn} features, these are {cfg.fn} features")
-        if cfg.curvature != "ekfac":
-            raise ConfigError(f"{self.title} scores EK-FAC-whitened gradients, not plain gradient features")
 
     def target_features(self, member, targets, progress=None, cache=None, sampler_model=None):
         self.check_targets(targets)

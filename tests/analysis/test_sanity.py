@@ -53,9 +53,10 @@ def test_sign_one_sgd_step_changes_the_targets_loss_by_minus_lr_times_the_score(
     G = att.features_of(target, key)
     dot = att.scores(get_method("grad-dot"), G)[0]
     assert (dot < 0).any() and (dot > 0).any(), dot  # both signs are tested
-    loss0 = output_values(model, target, key, att.grad_spec).item()
+    spec = att.featurizer.grad_spec
+    loss0 = output_values(model, target, key, spec).item()
     lr = 1e-4
-    measured = np.array([output_values(model, target, key, att.grad_spec, params=_sgd_step(model, X[i:i + 1], lr))
+    measured = np.array([output_values(model, target, key, spec, params=_sgd_step(model, X[i:i + 1], lr))
                          .item() - loss0 for i in range(len(train))])
     np.testing.assert_allclose(measured, -lr * dot, rtol=0.03, atol=0.01 * lr * np.abs(dot).max())
     # lambda -> infinity: TRAK's scores are grad-dot / lambda, so their sign predicts the loss change
@@ -65,7 +66,7 @@ def test_sign_one_sgd_step_changes_the_targets_loss_by_minus_lr_times_the_score(
     assert (measured[tau > 0] < 0).all() and (measured[tau < 0] > 0).all()
     # a subset: the LDS sign
     S = np.array([0, 3, 5, 11, 17])
-    change = output_values(model, target, key, att.grad_spec, params=_sgd_step(model, X[S], lr)).item() - loss0
+    change = output_values(model, target, key, spec, params=_sgd_step(model, X[S], lr)).item() - loss0
     assert change == pytest.approx(lr * predicted_loss_change(dot, S), rel=0.03)
 
 

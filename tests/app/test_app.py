@@ -399,14 +399,14 @@ def test_display_size():
 def test_attribute_with_a_checkpoint_method_matches_the_library(app, tiny_run, feature_cache):
     """TracInCP on the Attribute page sums over the run's two checkpoints, exactly as the library does."""
     from attribution.engine import open_attribution
-    from attribution.methods import get_method
+    from attribution.run_options import RunOptions
     from attribution.targets import resolve_targets
 
     at = run_attribution(app, "Validation image", 4, method="tracincp")
     assert any("over 2 checkpoints" in c.value for c in at.caption), [c.value for c in at.caption]
     shown = tiles(at, "attr_pro_0")
-    att = open_attribution(str(tiny_run), get_method("tracincp"), dataset="digits", timesteps=2, proj_dim=512,
-                           projector="sjlt", cache=str(feature_cache))
+    att = open_attribution(RunOptions(str(tiny_run), method="tracincp", dataset="digits", timesteps=2, proj_dim=512,
+                                      projector="sjlt", cache=str(feature_cache)))
     target = resolve_targets("val:4", att.target_model, "digits")
     scores = att.scores(att.features_of(target.images, target.keys))[0]
     want = np.argsort(-scores, kind="stable")[:len(shown)]
@@ -449,7 +449,7 @@ def test_tour_walks_through_five_steps(app, tiny_run, feature_cache):
     """The Tour on the tiny model with the small feature set: each button runs its step; the proponents are the
     library's for the CLI's gen:0, and the journey and norm curve appear."""
     from attribution.engine import open_attribution
-    from attribution.methods import get_method
+    from attribution.run_options import RunOptions
     from attribution.targets import resolve_targets
 
     app.switch_page("app_pages/tour.py").run()
@@ -462,8 +462,8 @@ def test_tour_walks_through_five_steps(app, tiny_run, feature_cache):
     app.button(key="tour_go_2").click().run(timeout=RUN_TIMEOUT)
     assert not app.exception, app.exception
     shown = tiles(app, "tour_pro")
-    att = open_attribution(str(tiny_run), get_method("dtrak"), dataset="digits", timesteps=2, proj_dim=512,
-                           projector="sjlt", cache=str(feature_cache))
+    att = open_attribution(RunOptions(str(tiny_run), method="dtrak", dataset="digits", timesteps=2, proj_dim=512,
+                                      projector="sjlt", cache=str(feature_cache)))
     target = resolve_targets("gen:0", att.target_model, "digits")
     scores = att.scores(att.features_of(target.images, target.keys))[0]
     assert [i for i, _, _ in shown] == np.argsort(-scores, kind="stable")[:5].tolist()

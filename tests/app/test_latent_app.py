@@ -13,6 +13,7 @@ import pytest
 
 from attribution.data import load_dataset
 from attribution.engine import open_attribution
+from attribution.run_options import RunOptions
 from attribution.methods import get_method
 from attribution.models import load_model
 from attribution.sampling import Prompt
@@ -28,13 +29,14 @@ RTOL = 1e-4
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    """`open_attribution(checkpoint, method, options)` for the library's side, in a cache of its own."""
+    """`open_attribution` of a method with options for the library's side, in a cache of its own."""
     cache = tmp_path_factory.mktemp("library-cache")
     models = {}
 
     def open_(method: str, **options):
-        return open_attribution("digits-latent", get_method(method), "cpu", dataset=DATASET, cache=str(cache),
-                                load=lambda s: models.setdefault(s, load_model(s, "cpu")), **options)
+        return open_attribution(RunOptions("digits-latent", method=method, device="cpu", dataset=DATASET,
+                                           cache=str(cache), **options),
+                                load=lambda s: models.setdefault(s, load_model(s, "cpu")))
 
     return open_
 

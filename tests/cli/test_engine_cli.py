@@ -232,3 +232,19 @@ def test_bad_input_in_a_real_process(env, case):
 
 def test_score_and_self_influence_reuse_the_features(env):
     assert env["dirs at the end"] == env["dirs after featurize"]
+
+
+def test_what_is_featurized_names_an_embedding_not_gradient_settings(tiny_run, npz12, tmp_path, capsys):
+    """The line before featurizing says what the features are: an embedding's kind and size, or the gradients'
+    output function, timesteps and projection (not fn=square, K=10 for pixel similarity)."""
+    from attribution.cli.engine import member_progress
+    from attribution.engine import open_attribution
+    from attribution.run_options import RunOptions
+
+    for method, extra, says, never in (("pixel-cos", {}, "pixel embeddings, 256 dimensions", "fn="),
+                                       ("dtrak", {"timesteps": 2}, "fn=square, K=2 uniform", "embeddings")):
+        att = open_attribution(RunOptions(str(tiny_run), method=method, dataset=f"npz:{npz12}", cache=str(tmp_path),
+                                          **extra)).members[0]
+        member_progress(att)
+        line = capsys.readouterr().err.splitlines()[0]
+        assert says in line and never not in line, line

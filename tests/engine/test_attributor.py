@@ -17,10 +17,11 @@ from engine_support import CPU, TWO_STEPS, keys_for, one_line, rel_err, subset, 
 
 from attribution.data.datasets import ImageDataset
 from attribution.engine import Attribution, Attributor, open_attributor
+from attribution.run_options import RunOptions
 from attribution.report import rank
 from attribution.errors import AttributionError, CacheMismatchError, ConfigError
 from attribution.features.config import FeatureConfig
-from attribution.features.gradients import param_count, per_sample_gradients
+from attribution.features.gradients import GradientFeatures, param_count, per_sample_gradients
 from attribution.features.projectors import make_projector
 from attribution.methods import get_method
 
@@ -37,12 +38,12 @@ def test_identity_projection_scores_equal_the_direct_formula(model, digits, digi
     att = Attributor(model, train, FeatureConfig(fn="square", projector="identity", **TWO_STEPS), cache=tmp_path)
     att.featurize()
     P = param_count(model)
-    X = per_sample_gradients(model, train.tensors(), keys_for("train", range(24)), att.grad_spec)
+    X = per_sample_gradients(model, train.tensors(), keys_for("train", range(24)), att.featurizer.grad_spec)
     stored = np.asarray(att.store.features())
     assert stored.shape == (24, P) and att.proj_dim == P
     assert rel_err(stored, X) < 1e-6  # the very same float32 computation
     Gt = att.features_of(digits_val.tensors(range(4)), keys_for("val", range(4)))
-    G = per_sample_gradients(model, digits_val.tensors(range(4)), keys_for("val", range(4)), att.grad_spec)
+    G = per_sample_gradients(model, digits_val.tensors(range(4)), keys_for("val", range(4)), att.featurizer.grad_spec)
     assert rel_err(Gt, G) < 1e-6
     X, G = X.double().numpy(), G.double().numpy()
     gram = X @ X.T
@@ -112,7 +113,7 @@ def test_featurize_is_deterministic_and_cached_and_the_seed_matters(model, digit
     assert c.store_path != a.store_path
     assert rel_err(fc, fa) > 0.5
     # A fresh attributor on the same cache computes nothing and reports "cached".
-    monkeypatch.setattr(Attributor, "features_of", lambda *args: pytest.fail("recomputed cached features"))
+    monkeypatch.setattr(GradientFeatures, "train_rows", lambda *args: pytest.fail("recomputed cached features"))
     seen = []
     again = Attributor(model, train, cfg, cache=tmp_path / "a")
     np.testing.assert_array_equal(np.array(again.featurize(progress=lambda *x: seen.append(x)).features()), fa)
@@ -127,16 +128,16 @@ def test_featurize_resumes_after_an_interruption(model, digits, tmp_path, monkey
     cfg = FeatureConfig(fn="square", projector="sjlt", proj_dim=64, **TWO_STEPS)
     reference = np.array(Attributor(model, train, cfg, cache=tmp_path / "ref", batch_size=3).featurize().features())
 
-    original = Attributor.features_of
+    original = GradientFeatures.train_rows
     calls: list[list[str]] = []
 
-    def killed_after_two_batches(self, images, keys, timesteps=None):
+    def killed_after_two_batches(self, rows):
         if len(calls) == 2:
             raise RuntimeError("simulated kill")
-        calls.append(list(keys))
-        return original(self, images, keys, timesteps)
+        calls.append(self.train_keys(rows))
+        return original(self, rows)
 
-    monkeypatch.setattr(Attributor, "features_of", killed_after_two_batches)
+    monkeypatch.setattr(GradientFeatures, "train_rows", killed_after_two_batches)
     att = Attributor(model, train, cfg, cache=tmp_path / "run", batch_size=3)
     with pytest.raises(RuntimeError, match="simulated kill"):
         att.featurize()
@@ -149,11 +150,11 @@ def test_featurize_resumes_after_an_interruption(model, digits, tmp_path, monkey
 
     calls.clear()
 
-    def counting(self, images, keys, timesteps=None):
-        calls.append(list(keys))
-        return original(self, images, keys, timesteps)
+    def counting(self, rows):
+        calls.append(self.train_keys(rows))
+        return original(self, rows)
 
-    monkeypatch.setattr(Attributor, "features_of", counting)
+    monkeypatch.setattr(GradientFeatures, "train_rows", counting)
     progress = []
     resumed = Attributor(model, train, cfg, cache=tmp_path / "run", batch_size=3)
     store = resumed.featurize(progress=lambda done, n, msg: progress.append((done, n)))
@@ -223,10 +224,11 @@ def test_failed_configs_leave_nothing_in_the_cache(model, digits, tmp_path):
         # a dataset at another resolution than the model's
         lambda: Attributor(model, ImageDataset("x", "train", np.zeros((2, 8, 8, 1), np.uint8), np.zeros(2, np.int64),
                                                ["a"], np.arange(2)), FeatureConfig(**TWO_STEPS), cache=root),
-        lambda: open_attributor(model, get_method("trak"), "digits", fn="square", cache=str(root)),
-        lambda: open_attributor(model, get_method("dtrak"), "digits", timesteps=1001, cache=str(root)),
-        lambda: open_attributor(model, get_method("dtrak"), "digits", eta=2.0, cache=str(root)),
-        lambda: open_attributor(model, get_method("dtrak"), None, cache=str(root)),  # no recorded training set
+        lambda: open_attributor(model, RunOptions(method="trak", dataset="digits", fn="square", cache=str(root))),
+        lambda: open_attributor(model, RunOptions(method="dtrak", dataset="digits", timesteps=1001, cache=str(root))),
+        lambda: open_attributor(model, RunOptions(method="dtrak", dataset="digits", eta=2.0, cache=str(root))),
+        lambda: open_attributor(model, RunOptions(method="dtrak", dataset=None, cache=str(root))),
+                                                   # no recorded training set
     ]
     for make in bad:
         with pytest.raises(AttributionError) as exc:

@@ -53,15 +53,16 @@ def test_similarity_methods_score_the_embeddings_directly(tiny_run, tmp_path, ti
     """pixel-dot / pixel-cos through the engine equal a direct computation on the flattened pixels; clip-cos with
     a (random, tiny) tower from a local file equals the cosine of that tower's embeddings."""
     from attribution.engine import open_attribution
-    from attribution.methods import get_method
+    from attribution.run_options import RunOptions
     from attribution.targets import resolve_targets
 
     emb = ClipEmbedder.random(tiny_clip_name, seed=1)
     torch.save(emb.model.state_dict(), tmp_path / "clip.pt")
     ckpt = str(tiny_run / "epoch-2")
     for name in ("pixel-dot", "pixel-cos", "clip-cos"):
-        att = open_attribution(ckpt, get_method(name), "cpu", dataset="digits", cache=str(tmp_path / "cache"),
-                               clip_model=tiny_clip_name, clip_weights=str(tmp_path / "clip.pt"))
+        att = open_attribution(RunOptions.for_method(name, checkpoint=ckpt, device="cpu", dataset="digits",
+                                          cache=str(tmp_path / "cache"), clip_model=tiny_clip_name,
+                                          clip_weights=str(tmp_path / "clip.pt")))
         att.featurize()
         targets = resolve_targets("val:0-2", att.target_model, "digits")
         scores = att.scores(att.target_features(targets))
@@ -79,13 +80,13 @@ def test_similarity_methods_score_the_embeddings_directly(tiny_run, tmp_path, ti
 
 def test_similarity_methods_refuse_self_influence_and_missing_weights(tiny_run, tmp_path):
     from attribution.engine import open_attribution
-    from attribution.methods import get_method
+    from attribution.run_options import RunOptions
 
-    att = open_attribution(str(tiny_run / "epoch-2"), get_method("pixel-cos"), "cpu", dataset="digits",
-                           cache=str(tmp_path))
+    att = open_attribution(RunOptions(str(tiny_run / "epoch-2"), method="pixel-cos", device="cpu", dataset="digits",
+                                      cache=str(tmp_path)))
     att.featurize()
     with pytest.raises(ConfigError, match="no self-influence"):
         att.self_influence()
     with pytest.raises(ConfigError, match="need CLIP weights"):
-        open_attribution(str(tiny_run / "epoch-2"), get_method("clip-dot"), "cpu", dataset="digits",
-                         cache=str(tmp_path))
+        open_attribution(RunOptions(str(tiny_run / "epoch-2"), method="clip-dot", device="cpu", dataset="digits",
+                                    cache=str(tmp_path)))

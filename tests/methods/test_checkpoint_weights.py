@@ -15,7 +15,6 @@ from engine_support import CPU, one_line
 from attribution.data import load_dataset
 from attribution.errors import ConfigError
 from attribution.features.gradients import per_sample_gradients
-from attribution.methods import get_method
 
 
 # -- TracInCP and GAS with uniform checkpoint weights ------------------------------------------------------------
@@ -26,6 +25,7 @@ def test_uniform_checkpoint_weights_average_with_a_projection_seed_per_checkpoin
     own matrix); lr (the default) keeps the learning-rate weights and one projection. Scores equal the direct
     mean of per-checkpoint dot products / cosines of features projected with each checkpoint's seed."""
     from attribution.engine import open_attribution
+    from attribution.run_options import RunOptions
     from attribution.methods.over_checkpoints import tracin_weights
     from attribution.features.projectors import make_projector
 
@@ -35,21 +35,22 @@ def test_uniform_checkpoint_weights_average_with_a_projection_seed_per_checkpoin
     for name, score in (("tracincp", lambda G, X: G @ X.T),
                         ("gas", lambda G, X: (G / np.linalg.norm(G, axis=1, keepdims=True))
                          @ (X / np.linalg.norm(X, axis=1, keepdims=True)).T)):
-        uni = open_attribution(str(tiny_run), get_method(name), "cpu", checkpoint_weights="uniform", **opts)
-        lr = open_attribution(str(tiny_run), get_method(name), "cpu", **opts)
+        uni = open_attribution(RunOptions(str(tiny_run), method=name, device="cpu", checkpoint_weights="uniform",
+                                          **opts))
+        lr = open_attribution(RunOptions(str(tiny_run), method=name, device="cpu", **opts))
         assert uni.weights == [0.5, 0.5] and lr.weights == tracin_weights([a.model for a in lr.members])[0]
-        assert [a.projector.seed for a in uni.members] == [5, 6]
-        assert [a.projector.seed for a in lr.members] == [5, 5]
+        assert [a.featurizer.projector.seed for a in uni.members] == [5, 6]
+        assert [a.featurizer.projector.seed for a in lr.members] == [5, 5]
         assert uni.members[0].store_path == lr.members[0].store_path  # seed 5 either way: one store
         assert uni.members[1].store_path != lr.members[1].store_path
         uni.featurize()
         want = 0.0
         for att in uni.members:
             raw_x = per_sample_gradients(att.model, att.train.tensors(range(12)), [f"train/{i}" for i in range(12)],
-                                         att.grad_spec)
-            proj = make_projector("sjlt", att.grad_dim, 32, att.projector.seed, CPU)
+                                         att.featurizer.grad_spec)
+            proj = make_projector("sjlt", att.grad_dim, 32, att.featurizer.projector.seed, CPU)
             X = proj.project(raw_x).double().numpy()
-            G = proj.project(per_sample_gradients(att.model, targets, keys, att.grad_spec)).double().numpy()
+            G = proj.project(per_sample_gradients(att.model, targets, keys, att.featurizer.grad_spec)).double().numpy()
             want = want + 0.5 * score(G, X)
         got = uni.scores(uni.features_of(targets, keys))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
@@ -57,13 +58,14 @@ def test_uniform_checkpoint_weights_average_with_a_projection_seed_per_checkpoin
 
 def test_checkpoint_weights_bad_values_are_one_line_errors(tiny_run, npz12, tmp_path):
     from attribution.engine import open_attribution
+    from attribution.run_options import RunOptions
 
     cases = [("tracincp", "cosine", "unknown --checkpoint-weights 'cosine'; use one of: lr, uniform"),
              ("dtrak", "uniform", "applies to the checkpoint methods")]
     for method, value, match in cases:
         with pytest.raises(ConfigError) as exc:
-            open_attribution(str(tiny_run), get_method(method), "cpu", checkpoint_weights=value,
-                             dataset=f"npz:{npz12}", cache=str(tmp_path))
+            open_attribution(RunOptions(str(tiny_run), method=method, device="cpu", checkpoint_weights=value,
+                                        dataset=f"npz:{npz12}", cache=str(tmp_path)))
         assert match in one_line(exc)
     assert not any(tmp_path.rglob("*"))
 

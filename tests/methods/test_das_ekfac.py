@@ -21,6 +21,7 @@ import torch
 from module_model import ModuleModel
 
 from attribution.engine import open_attribution
+from attribution.run_options import RunOptions
 from attribution.errors import ConfigError
 from attribution.features.curvature import CurvatureSpec, copy_inputs, fit_ekfac, layout
 from attribution.features.gradients import GradientSpec, per_sample_gradients
@@ -31,8 +32,8 @@ from attribution.methods import TrainFeatures, curvature_options, get_method
 
 
 def _open(name, tiny_run, npz12, cache, **options):
-    return open_attribution(str(tiny_run), get_method(name), "cpu", dataset=f"npz:{npz12}", timesteps=2,
-                            proj_dim=64, cache=str(cache), **options)
+    return open_attribution(RunOptions(str(tiny_run), method=name, device="cpu", dataset=f"npz:{npz12}", timesteps=2,
+                                       proj_dim=64, cache=str(cache), **options))
 
 
 # -- DAS ----------------------------------------------------------------------------------------------------------
@@ -75,10 +76,10 @@ def test_das_scores_equal_a_direct_computation(tiny_run, npz12, tmp_path):
     att.featurize()
     member = att.members[0]
     model, train = member.model, member.train
-    ts = list(member.grad_spec.timesteps)
+    ts = list(member.featurizer.grad_spec.timesteps)
     imgs = train.tensors(list(range(12)))
     X = torch.stack([_avg_gradient(model, imgs[i], f"train/{i}", ts) for i in range(12)])
-    X = member.projector.project(X).double().numpy()
+    X = member.featurizer.projector.project(X).double().numpy()
     target_rows = [3, 7]
     G = X[target_rows]  # training images as targets: same keys, same features
     lam = att.resolve_lambda(None)
@@ -200,9 +201,9 @@ def test_ekfac_with_large_damping_is_the_gradient_dot_product(tiny_run, npz12, t
     member = att.members[0]
     imgs = member.train.tensors(list(range(12)))
     keys = [f"train/{i}" for i in range(12)]
-    lam = member.ekfac().damping_values(1e8)[0]
+    lam = member.featurizer.ekfac().damping_values(1e8)[0]
     got = att.scores(att.features_of(imgs[:4], keys[:4])) * lam
-    g = per_sample_gradients(member.model, imgs, keys, member.grad_spec).double()
+    g = per_sample_gradients(member.model, imgs, keys, member.featurizer.grad_spec).double()
     lay = layout(member.model)
     cols = torch.cat([torch.arange(s, s + n) for layer in lay.layers
                       for name in (layer.weight, layer.bias) if name for s, n in [lay.offsets[name]]])
@@ -238,12 +239,12 @@ def test_ekfac_damping_changes_scores_and_bad_damping_is_one_line(tiny_run, npz1
 def test_another_damping_reuses_the_fitted_factors(tiny_run, npz12, tmp_path, monkeypatch):
     first = _open("ekfac", tiny_run, npz12, tmp_path)
     first.featurize()
-    import attribution.engine
+    import attribution.features.curvature
 
     def refit(*args, **kwargs):
         raise AssertionError("the EK-FAC factors were fitted again")
 
-    monkeypatch.setattr(attribution.engine, "fit_ekfac", refit)
+    monkeypatch.setattr(attribution.features.curvature, "fit_ekfac", refit)
     imgs = first.members[0].train.tensors([0, 1])
     scores = {}
     for options in ({"damping": 1.0}, {"damping_rule": "module"}, {"damping": 1.0, "damping_rule": "module"}):

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from attribution.engine import open_attribution
+from attribution.run_options import RunOptions
 from attribution.errors import ConfigError
-from attribution.methods import METHODS, get_method
+from attribution.methods import METHODS
 from attribution.targets import from_pixels, resolve_targets
 
 
@@ -32,8 +33,10 @@ def clip_weights(tmp_path_factory, tiny_clip_name):
 
 
 def attribution_for(name, tiny_run, npz12, cache, clip_weights):
-    return open_attribution(str(tiny_run), get_method(name), "cpu", dataset=f"npz:{npz12}", timesteps=2,
-                            proj_dim=64, cache=str(cache), clip_model="tiny-clip-test", clip_weights=clip_weights)
+    # the options of a comparison of every method: each takes those of its kind (`RunOptions.for_method`)
+    return open_attribution(RunOptions.for_method(name, checkpoint=str(tiny_run), device="cpu",
+                                                  dataset=f"npz:{npz12}", timesteps=2, proj_dim=64, cache=str(cache),
+                                                  clip_model="tiny-clip-test", clip_weights=clip_weights))
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -21,7 +21,8 @@ from attribution.analysis.influential import top_k_stats
 from attribution.analysis.norms import NormConfig, TrainingNorms, grid_timesteps, sample_curve, training_norms
 from attribution.data import load_dataset
 from attribution.data.datasets import ImageDataset
-from attribution.engine import Attribution, Attributor, training_timesteps
+from attribution.engine import Attribution, Attributor
+from attribution.features.timesteps import training_timesteps
 from attribution.methods.over_checkpoints import tracin_weights
 from attribution.errors import ConfigError
 from attribution.features.config import FeatureConfig
@@ -178,7 +179,7 @@ def test_diffusion_tracin_and_retrac_equal_their_direct_sums(run_models, exact):
     weights, _ = tracin_weights(run_models)
     tracin = attribution_for("tracin", run_models, train, cache)
     retrac = attribution_for("retrac", run_models, train, cache)
-    assert tracin.members[0].train_timesteps_source == "sampled"
+    assert tracin.members[0].featurizer.train_timesteps_source == "sampled"
     want_tracin = sum(w * (G.mean(1) @ X.T).numpy() for w, (X, G) in zip(weights, per_ckpt))
     # ReTrac = cosine-weighted TracIn: sum_c eta_c mean_k cos(g_train, g_target,k)
     want_retrac = sum(w * np.mean([(Xu @ (G[:, k] / G[:, k].norm(dim=1, keepdim=True)).T).numpy().T

@@ -90,7 +90,7 @@ def test_trak_scores_agree_with_traker(tmp_path):
     ours = att.scores(get_method("trak"), att.features_of(targets, target_keys), lam_ours)  # (M, N)
 
     # -- traker ----------------------------------------------------------------------------------------------------
-    ts = torch.tensor(att.grad_spec.timesteps)
+    ts = torch.tensor(att.featurizer.grad_spec.timesteps)
     shape = (train.channels, train.resolution, train.resolution)
     projector = BasicProjector(grad_dim=P, proj_dim=K_PROJ, seed=0, proj_type=ProjectionType.normal, device="cpu",
                                block_size=100, dtype=torch.float32)

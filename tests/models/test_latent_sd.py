@@ -99,7 +99,7 @@ def test_finetune_records_prompts_and_lora(lora_run, sd_dir, npz12):
 def _direct_features(model, att, images, keys):
     """Per-sample gradients by an explicit autograd loop over the LoRA parameters (the UNet's own forward pass, no
     torch.func), projected by the attributor's projector."""
-    spec = att.grad_spec
+    spec = att.featurizer.grad_spec
     from attribution.features.outputs import output_value
     from attribution.features.timesteps import noise_for
 
@@ -125,18 +125,19 @@ def _direct_features(model, att, images, keys):
     finally:
         for p in params.values():
             p.requires_grad_(False)
-    return att.projector.project(torch.stack(rows)).cpu().numpy().astype(np.float64)
+    return att.featurizer.projector.project(torch.stack(rows)).cpu().numpy().astype(np.float64)
 
 
 @pytest.mark.parametrize("name", ["dtrak", "trak"])
 def test_scores_match_a_direct_computation(name, lora_run, npz12, tmp_path):
     from attribution.engine import open_attribution
+    from attribution.run_options import RunOptions
     from attribution.methods import get_method
     from attribution.sampling import Prompt
     from attribution.targets import resolve_targets
 
-    att_all = open_attribution(str(lora_run), get_method(name), "cpu", dataset=f"npz:{npz12}", timesteps=2,
-                               proj_dim=64, cache=str(tmp_path))
+    att_all = open_attribution(RunOptions(str(lora_run), method=name, device="cpu", dataset=f"npz:{npz12}",
+                                          timesteps=2, proj_dim=64, cache=str(tmp_path)))
     att = att_all.members[0]
     att_all.featurize()
     prompt = Prompt("a photo of digit 3", guidance=2.0)
@@ -174,6 +175,7 @@ def test_lora_saved_and_reloaded_gives_identical_gradients(lora_run, npz12, tmp_
 
 def test_generate_and_journey(lora_run, npz12, tmp_path):
     from attribution.engine import open_attribution
+    from attribution.run_options import RunOptions
     from attribution.journey import JourneyConfig, run_journey
     from attribution.methods import get_method
     from attribution.sampling import Prompt, sample
@@ -186,8 +188,8 @@ def test_generate_and_journey(lora_run, npz12, tmp_path):
     np.testing.assert_array_equal(t3.final, sample(model, 2, seed=5, steps=4, sampler="ddim", prompt=p3).final)
     # guidance 1 is the conditional prediction alone
     one = sample(model, 1, seed=5, steps=2, sampler="ddim", prompt=Prompt(p3.text, guidance=1.0))
-    att = open_attribution(str(lora_run), get_method("dtrak"), "cpu", dataset=f"npz:{npz12}", timesteps=2,
-                           proj_dim=64, cache=str(tmp_path)).members[0]
+    att = open_attribution(RunOptions(str(lora_run), method="dtrak", device="cpu", dataset=f"npz:{npz12}",
+                                      timesteps=2, proj_dim=64, cache=str(tmp_path))).members[0]
     att.featurize()
     cfg = JourneyConfig(seed=5, steps=4, sampler="ddim", every=2, resamples=2, prompt=p3.text)
     journey = run_journey(att, cfg, cache=str(tmp_path))
@@ -283,11 +285,12 @@ def test_shipped_latent_model_is_complete():
 def test_checkpoint_methods_run_over_the_lora_checkpoints(lora_run, npz12, tmp_path):
     """TracIn over the two LoRA checkpoints of the run (each training image at its recorded training timestep)."""
     from attribution.engine import open_attribution
+    from attribution.run_options import RunOptions
     from attribution.methods import get_method
     from attribution.targets import resolve_targets
 
-    att = open_attribution(str(lora_run), get_method("tracin"), "cpu", dataset=f"npz:{npz12}", timesteps=2,
-                           proj_dim=64, cache=str(tmp_path))
+    att = open_attribution(RunOptions(str(lora_run), method="tracin", device="cpu", dataset=f"npz:{npz12}",
+                                      timesteps=2, proj_dim=64, cache=str(tmp_path)))
     assert [m.model.spec.rsplit("@", 1)[1] for m in att.members] == ["epoch-1", "epoch-2"]
     targets = resolve_targets("train:3", att.target_model, f"npz:{npz12}")
     result = att.run(targets, cache=str(tmp_path))

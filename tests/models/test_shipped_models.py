@@ -14,6 +14,7 @@ import torch
 
 from attribution.data import load_dataset, tensor_to_pixels
 from attribution.engine import open_attributor
+from attribution.run_options import RunOptions
 from attribution.methods import get_method
 from attribution.models import SHIPPED, list_shipped, load_model, resolve_checkpoint
 from attribution.sampling import sample
@@ -56,8 +57,8 @@ def test_shipped_digits_generate_recognisable_digits(digits_classifier):
 @pytest.fixture(scope="module")
 def digits_attributor(tmp_path_factory):
     model = load_model("digits", "cpu")
-    att = open_attributor(model, get_method("dtrak"), timesteps=2, proj_dim=2048, projector="sjlt",
-                          cache=str(tmp_path_factory.mktemp("cache")))
+    att = open_attributor(model, RunOptions(method="dtrak", timesteps=2, proj_dim=2048, projector="sjlt",
+                                            cache=str(tmp_path_factory.mktemp("cache"))))
     att.featurize()
     return att
 
