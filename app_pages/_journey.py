@@ -9,23 +9,14 @@ import streamlit as st
 from app_pages._attr import METHOD_TITLES
 from app_pages._image import image_target, pick_image
 from app_pages._tiles import SCORED, tiles
-from app_pages._ui import cached_model, fail
+from app_pages._ui import fail
 from attribution import (
     JOURNEY_OPTIONS,
     AttributionError,
-    Attributor,
     RunOptions,
-    open_attributor,
     to_npz_bytes,
     top_indices,
 )
-
-
-@st.cache_resource(max_entries=4, show_spinner=False)
-def journey_attributor(opts: RunOptions) -> Attributor:
-    """One Attributor per (checkpoint, dataset, method, K, k); it keeps the kernel in memory (features and kernel
-    are shared with the other pages through the disk cache)."""
-    return open_attributor(cached_model(opts.checkpoint), opts)
 
 
 def journey_cli(opts: RunOptions, cfg, journey, dataset_spec: str, lam: float, forward: bool) -> str:

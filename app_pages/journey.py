@@ -21,7 +21,6 @@ from app_pages._journey import (
     attribute_overlap,
     choose_image,
     film_strip,
-    journey_attributor,
     journey_cli,
     toggle_play,
 )
@@ -34,7 +33,6 @@ from attribution import (
     JourneyConfig,
     formation,
     formation_figure,
-    get_method,
     pixels_to_pil,
     run_journey,
     tensor_to_pixels,
@@ -91,7 +89,7 @@ if run:
     with st.status("Computing the journey…", expanded=True) as status:
         try:
             cfg.check(model.num_timesteps)
-            att = journey_attributor(opts)
+            att = cached_attribution(opts).members[0]  # the Attribute page's features and kernel
             status.update(label="Training features (cached after the first run)…", expanded=True)
             featurize_job(att).watch(progress_bar(f"Featurizing {len(att.train)} training images"))
             status.update(label=f"Sampling and attributing {len(cfg.step_indices())} steps…", expanded=True)
@@ -114,12 +112,12 @@ if not result or result["id"] != image_id:
 
 # -- 3. results -----------------------------------------------------------------------------------------------------
 journey, opts, cfg = result["journey"], result["opts"], result["cfg"]
-att = journey_attributor(opts)
-m = get_method(opts.method)
+attribution = cached_attribution(opts)
+att = attribution.members[0]
 lam = lambda_slider("λ", att.train_features().kernel, result["lam"], "jr_lam")
-verdict_controls(cached_attribution(opts), opts, result["lam"], lam, "jr_lam", "val" if image is not None else "gen",
+verdict_controls(attribution, opts, result["lam"], lam, "jr_lam", "val" if image is not None else "gen",
                  ref.spec.replace(":", "/") if ref.kind in ("gen", "val") else None)  # a bank target's key
-scores = journey.scores(att, m, lam)
+scores = journey.result(attribution).at(lam).scores
 form = formation(journey, scores, att.train, top=FORMATION_TOP)
 labels = [int(s) for s in journey.steps]
 t_of = dict(zip(labels, (int(t) for t in journey.timesteps)))

@@ -27,13 +27,11 @@ from app_pages._prepare import prepare_panel
 from app_pages._tiles import record_scores, tiles
 from app_pages._ui import display_size, fail, keep, progress_bar, require_model
 from attribution import (
-    DEFAULT_METHOD,
     AttributionError,
     NormConfig,
     TourSettings,
     banks_dir,
     formation,
-    get_method,
     norm_curve_figure,
     pixels_to_pil,
     pixels_to_tensor,
@@ -143,7 +141,7 @@ if step(4, "Its journey", "Attribute every 10th denoising step: at each, the mod
 if "journey" in tour:
     jatt = cached_attribution(opts).members[0]
     j = tour["journey"]
-    S = j.scores(jatt, get_method(DEFAULT_METHOD))
+    S = j.result(cached_attribution(opts)).scores  # the tour's method (D-TRAK) at its default lambda
     x0 = tensor_to_pixels(torch.from_numpy(j.x0))
     with st.container(horizontal=True, gap="xsmall", key="tour_x0"):
         for s, pix in zip(j.steps, x0):

@@ -360,8 +360,13 @@ class Attribution:
             check_lambda(lam)
         self.featurize(progress)
         G = self.target_features(targets, cache=cache, saved_as=saved_as, partial=partial)
-        default = self.resolve_lambda(None)
-        return Result(self, targets, G, default).at(lam)
+        return self.result(targets, G, lam)
+
+    def result(self, targets: Targets, G: Sequence[np.ndarray], lam: float | None = None) -> Result:
+        """The lifecycle's last steps on per-member target features `G` (from `target_features`, or computed
+        elsewhere: a Journey's per-step features, `journey.Journey.result`): the default lambda (once) and the
+        scores at `lam` (default: that default). The training features must be cached (`featurize`)."""
+        return Result(self, targets, list(G), self.resolve_lambda(None)).at(lam)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Journey: attribution of each denoising step of one image (Journey-TRAK, Georgiev et al. 2023).
 
-    journey = run_journey(attributor, JourneyConfig(seed=3, steps=50, every=5, resamples=20), progress)
-    S = journey.scores(attributor, get_method("dtrak"), lam)        # (steps chosen, N): instant, from the kernel
-    f = formation(journey, S, attributor.train)                     # analysis/formation.py: how far each step is
+    journey = run_journey(attribution.members[0], JourneyConfig(seed=3, steps=50, every=5, resamples=20), progress)
+    result = journey.result(attribution).at(lam)    # engine.Result: (steps chosen, N) scores, instant at any lambda
+    f = formation(journey, result.scores, attribution.train)  # analysis/formation.py: how far each step is
 
 At sampling step i (timestep t_i) the model sees x_t and predicts the clean image x̂0(t_i). The step's target
 feature is the gradient of the attributor's output function at x̂0(t_i) re-noised to t_i, averaged over R noise
@@ -39,7 +39,7 @@ from .fileio import read_json, save_npz, write_json
 from .models.adapter import prompt_key
 from .sampling import DEFAULT_GUIDANCE, SAMPLERS, Prompt, Trajectory, check_sampling, gen_key, sample
 from .store import journey_dir, load_arrays
-from .targets import pixels_key
+from .targets import Targets, pixels_key
 
 Progress = Callable[[int, int, str], None]
 JOURNEY_VERSION = 1  # bump when the stored arrays change meaning
@@ -191,9 +191,20 @@ class Journey:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def scores(self, att, method, lam: float | None = None) -> np.ndarray:
-        """Scores of every chosen step against the N training images, shape (n, N)."""
-        return att.scores(method, self.features, lam)
+    def targets(self) -> Targets:
+        """The chosen steps as targets: x̂0 of each, named "step S"."""
+        name = self.meta.get("name", "journey")
+        names = [f"step {int(s)}" for s in self.steps]
+        return Targets(torch.from_numpy(np.ascontiguousarray(self.x0)), [f"{name}@{n}" for n in names], names,
+                       [None] * len(self))
+
+    def result(self, attribution):
+        """The steps' `engine.Result` under `attribution` (one checkpoint: the attributor whose features these
+        are): scores (n, N) at the default lambda, `.at(lam)` at any other in milliseconds (the lifecycle's last
+        steps, `Attribution.result`, on these per-step features)."""
+        if len(attribution.members) != 1:
+            raise ConfigError("a journey is attributed with one checkpoint, not an ensemble or a run's checkpoints")
+        return attribution.result(self.targets(), [self.features])
 
     def x0_distance(self) -> np.ndarray:
         """Root-mean-square pixel distance of x̂0 at each step to the final image ([-1, 1] units)."""

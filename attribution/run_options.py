@@ -27,7 +27,7 @@ from .features.embeddings import CLIP_HELP
 from .features.outputs import OUTPUT_FUNCTIONS
 from .features.projectors import PROJECTORS
 from .features.timesteps import STRATEGIES
-from .methods import CURVATURE_OPTIONS, DEFAULT_METHOD, METHODS, curvature_options
+from .methods import CURVATURE_OPTIONS, DEFAULT_METHOD, METHODS, curvature_options, get_method, parse_method_entry
 from .methods.over_checkpoints import CHECKPOINT_WEIGHTS
 from .errors import ConfigError
 from .options import add_arguments, command_line, from_args, not_applicable, opt, validate
@@ -38,6 +38,10 @@ CHECKPOINT_HELP = ("digits, animals-2, NAME@epoch-N or a folder; several separat
 # What a journey's training features take (the `journey` command's --seed names the generated image; the
 # features' seed is its --feature-seed).
 JOURNEY_OPTIONS = ("checkpoint", "dataset", "method", "timesteps", "proj_dim", "projector", "cache", "device")
+# The options that define a method's features (what a comparison of methods passes to each: lds, estimators, a
+# counterfactual study).
+FEATURE_OPTIONS = ("fn", "eta", "timesteps", "strategy", "noises", "proj_dim", "projector", "seed", "params",
+                   "clip_model", "clip_weights", "damping", "damping_rule", "curvature_samples")
 GRADIENT_FIELDS = ("fn", "eta", "timesteps", "strategy", "noises", "proj_dim", "projector", "seed", "params")
 # What an option of each kind (`opt(applies=...)`) applies to, for the one-line refusal of one set for another method.
 APPLIES_TO = {"gradients": "the gradient methods (a similarity baseline compares images: no gradients)",
@@ -160,10 +164,38 @@ class RunOptions:
         return command_line(command, [opts], extra, exclude=sorted(skip))
 
 
+def comparison_options(entries: Sequence[str], exempt: Sequence[str] = (), **values) -> dict[str, RunOptions]:
+    """The options of each method of a comparison (`entries`: METHOD or METHOD:FN, e.g. dtrak:avg) from `values`
+    (RunOptions fields) meant for all of them, as `lds`, `estimators` and a counterfactual study take them: each
+    method keeps those of its kind (`RunOptions.for_method`; the entry's output function wins, and an --fn or --eta
+    it cannot take is left out for it). An option that none of them can use is refused in one line before any work
+    (unless `exempt`: a study uses --clip-weights for its CLIP measure too), and every value is checked by the
+    schema."""
+    names = {entry: parse_method_entry(entry) for entry in entries}  # unknown methods or functions: one line
+    groups = set().union(*(METHODS[name].option_groups() for name, _ in names.values()))
+    for spec in not_applicable(RunOptions, groups, {k: v for k, v in values.items() if k not in exempt}):
+        raise ConfigError(f"{spec.flag} applies to {APPLIES_TO[spec.applies]}, none of: "
+                          f"{', '.join(entries) or 'no method given'}")
+    curvature_options([name for name, _ in names.values()], **{k: values.get(k) for k in CURVATURE_OPTIONS})
+    out = {}
+    for entry, (name, fn) in names.items():
+        choices = get_method(name).fn_choices()
+        out[entry] = RunOptions.for_method(name, **{
+            **values, "fn": fn or (values.get("fn") if values.get("fn") in choices else None),
+            "eta": values.get("eta") if "interp" in choices else None})
+    return out
+
+
 def add_run_options(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
     """The argparse options of `RunOptions` (those in `only` if given); values outside their choices are refused
     in one line when `run_options` makes the options, not with argparse's usage message."""
     add_arguments(parser, RunOptions, only=only, argparse_choices=False)
+
+
+def given_options(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The RunOptions fields among `names` that the command line set to something other than their default."""
+    defaults = {f.name: f.default for f in fields(RunOptions)}
+    return {name: getattr(args, name) for name in names if getattr(args, name) != defaults[name]}
 
 
 def run_options(args: argparse.Namespace, **overrides) -> RunOptions:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from attribution import (RunOptions, atomic_path, formation, get_method, JourneyConfig, load_model, open_attributor,
+from attribution import (RunOptions, atomic_path, formation, get_method, JourneyConfig, load_model, open_attribution,
                          pixels_to_pil, run_journey, tensor_to_pixels, top_indices)
 
 CELL, PAD, LABEL_W, TOP = 64, 14, 110, 3
@@ -59,10 +59,11 @@ def main() -> None:
 
     model = load_model(args.checkpoint, "cpu")
     method = get_method(args.method)
-    att = open_attributor(model, RunOptions(model.spec, method=method.name))
-    att.featurize()
+    attribution = open_attribution(RunOptions(model.spec, method=method.name), load=lambda spec: model)
+    attribution.featurize()
+    att = attribution.members[0]
     j = run_journey(att, JourneyConfig(seed=args.seed, every=args.every))
-    scores = j.scores(att, method)
+    scores = j.result(attribution).scores
     f = formation(j, scores, att.train, top=8)
     n = len(j)
     small, big = font(11), font(13)

@@ -19,7 +19,7 @@ import torch
 from attribution import journey as journey_mod
 from attribution.data import load_dataset
 from attribution.data.datasets import ImageDataset
-from attribution.engine import Attributor
+from attribution.engine import Attribution, Attributor
 from attribution.errors import ConfigError
 from attribution.features.config import FeatureConfig
 from attribution.features.timesteps import noise_for
@@ -187,7 +187,7 @@ def test_last_step_scores_approach_the_final_image_attribution(trak_att):
 
     for seed in (0, 1):
         j = run_journey(trak_att, JourneyConfig(seed=seed, steps=10, at=(0, 9), resamples=R), use_cache=False)
-        S = j.scores(trak_att, trak)
+        S = j.result(Attribution(trak, [trak_att])).scores
         g = per_sample_gradients(trak_att.model, torch.from_numpy(j.final[None]), [f"gen/{seed}"], spec)
         final = trak_att.scores(trak, trak_att.featurizer.projector.project(g).numpy())[0]
         first, last = (np.corrcoef(s, final)[0, 1] for s in S)
@@ -204,7 +204,7 @@ def test_journey_trak_baseline_is_the_mean_of_per_step_scores(model, trak_att, c
     baseline = trak_att.scores(jt, G, lam)[0]
     per_step = run_journey(trak_att, JourneyConfig(seed=4, steps=12, every=1, resamples=1), cache=str(cache))
     assert len(per_step) == 12
-    steps_scores = per_step.scores(trak_att, trak, lam)
+    steps_scores = per_step.result(Attribution(trak, [trak_att])).at(lam).scores
     np.testing.assert_allclose(baseline, steps_scores.mean(0), rtol=0,
                                atol=1e-5 * np.abs(baseline).max())  # float32 features
     assert np.corrcoef(baseline, steps_scores[-1])[0, 1] < 0.99  # the average is not just the last step
@@ -219,7 +219,15 @@ def test_journey_trak_baseline_is_the_mean_of_per_step_scores(model, trak_att, c
 
 def test_formation_measures_and_figure(trak_att):
     j = run_journey(trak_att, JourneyConfig(seed=1, steps=10, every=2, resamples=2), use_cache=False)
-    S = j.scores(trak_att, get_method("trak"))
+    result = j.result(Attribution(get_method("trak"), [trak_att]))
+    S = result.scores
+    # the steps' Result is the lifecycle's: scores of the per-step features through the kernel, at any lambda
+    np.testing.assert_array_equal(S, trak_att.scores(get_method("trak"), j.features))
+    lam = 10 * result.default_lambda
+    np.testing.assert_array_equal(result.at(lam).scores, trak_att.scores(get_method("trak"), j.features, lam))
+    assert result.targets.names == [f"step {int(s)}" for s in j.steps] and result.ranking.shape == S.shape
+    with pytest.raises(ConfigError, match="one checkpoint"):
+        j.result(Attribution(get_method("trak"), [trak_att, trak_att]))
     f = formation(j, S, trak_att.train, top=4)
     assert f.overlap[-1] == 1.0 and np.all((0 <= f.overlap) & (f.overlap <= 1))
     idx = top_indices(S, 4)
@@ -401,7 +409,7 @@ def test_journey_page_slider_play_and_film_strip(app, tiny_run, small_npz, cache
     att = open_attributor(load_model(str(tiny_run), "cpu"), RunOptions(method="trak", dataset=f"npz:{small_npz}",
                                                                        timesteps=2, proj_dim=512, cache=str(cache)))
     lam = float(next(s for s in app.main.select_slider if s.label == "λ").value)
-    S = j.scores(att, trak, lam)
+    S = att.scores(trak, j.features, lam)  # directly, through the attributor's kernel
     assert app.main.select_slider(key="jr_step").value == 7
     assert captions(app, "jr_images")[0] == f"x_t · step 7, t={int(j.timesteps[2])}"
     pro = tile_indices(app, "jr_pro")

@@ -12,8 +12,7 @@ import argparse
 import math
 
 from ..errors import ConfigError
-from ..features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
-from ..run_options import add_run_options
+from ..run_options import FEATURE_OPTIONS, add_run_options, given_options
 from .common import add_ray_options, info, progress_bar
 from .evaluation import LDS_RUN_OPTIONS, bank_feature_options
 
@@ -38,12 +37,8 @@ def add_commands(sub) -> None:
                                                            "(at the model's seed it must reproduce the original)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the bank's, else 50)")
     p.add_argument("--sampler", default="ddpm", help="ddpm or ddim (default ddpm)")
-    p.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS,
-                   help=f"K of the gradient features (default {DEFAULT_TIMESTEPS})")
-    p.add_argument("--proj-dim", type=int, default=DEFAULT_PROJ_DIM, help=f"k (default {DEFAULT_PROJ_DIM})")
-    p.add_argument("--projector", default="auto", help="auto, sjlt, gaussian, trak-cuda, identity")
-    p.add_argument("--clip-weights", help="a local open_clip weights file: adds the CLIP cosine measure")
-    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights")
+    # the methods' feature options, those of `score` (--clip-weights also adds the CLIP cosine measure)
+    add_run_options(p, only=FEATURE_OPTIONS)
     p.add_argument("--randomness", default="crn-slots",
                    help="of every retrain: crn-slots (default; common random numbers in the full run's batches: a "
                         "removal changes only which images are present), crn (re-batched) or stream; a model trained "
@@ -97,8 +92,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         source = source_from_checkpoint(args.checkpoint)
     spec = StudySpec(targets=targets, methods=methods, removals=removals, opponents=args.opponents,
                      seeds=args.seeds, controls=args.controls, steps=steps or 50, sampler=args.sampler,
-                     timesteps=args.timesteps, proj_dim=args.proj_dim, projector=args.projector,
-                     clip_weights=args.clip_weights, clip_model=args.clip_model, randomness=args.randomness)
+                     features=given_options(args, FEATURE_OPTIONS), randomness=args.randomness)
     report = run_study(source, spec, folder=args.out, address=args.ray_address, num_cpus=args.num_cpus,
                        progress=progress_bar("counterfactual"), log=info, cache=args.cache)
     info(f"{report.cells_total - report.cells_done_before} cells computed ({report.models_trained} models trained, "

@@ -24,15 +24,12 @@ import numpy as np
 from ..errors import ConfigError
 from ..fileio import atomic_path, read_npy, read_npz
 from ..kernel import check_lambda
-from ..options import not_applicable
-from ..run_options import APPLIES_TO, RunOptions, add_run_options
+from ..run_options import FEATURE_OPTIONS, add_run_options, comparison_options
 from .common import info, progress_bar, write_figures
 
 # The options of an attribution (RunOptions) that `lds` takes: all but the checkpoint, training set and method, which
 # the bank and --method give.
-LDS_RUN_OPTIONS = ("fn", "eta", "timesteps", "strategy", "noises", "proj_dim", "projector", "seed", "params",
-                   "clip_model", "clip_weights", "damping", "damping_rule", "curvature_samples",
-                   "checkpoint_weights", "cache", "batch_size", "device")
+LDS_RUN_OPTIONS = (*FEATURE_OPTIONS, "checkpoint_weights", "cache", "batch_size", "device")
 
 SCORES_FIX = ("give the score matrix (targets x training images, numbers) as a .npy saved with numpy.save, or the "
               ".npz that `score --out FILE.npz` writes")
@@ -75,27 +72,14 @@ def add_commands(sub) -> None:
 
 def bank_feature_options(args: argparse.Namespace, methods: list[str]):
     """`options(entry)`: the options of `score` (LDS_RUN_OPTIONS, from the RunOptions schema) for the method of
-    `entry` (METHOD or METHOD:FN) on a bank's model and training set. An option a method cannot use (--fn for
-    TRAK, the EK-FAC options for D-TRAK) applies to the others in `methods` and is left out for it; one that none of
-    them can use is refused here, in one line, before any work."""
-    from ..methods import curvature_options, get_method, parse_method_entry  # lazy: keeps the start fast
-
-    names = [parse_method_entry(m)[0] for m in methods]  # unknown methods and output functions: one line
-    values = {name: getattr(args, name) for name in LDS_RUN_OPTIONS}
-    groups = set().union(*(get_method(name).option_groups() for name in names))
-    for spec in not_applicable(RunOptions, groups, values):
-        raise ConfigError(f"{spec.flag} applies to {APPLIES_TO[spec.applies]}, none of: "
-                          f"{', '.join(methods) or 'no --method given'}")
-    curvature_options(names, damping=args.damping, damping_rule=args.damping_rule,
-                      curvature_samples=args.curvature_samples)  # the EK-FAC values, by FeatureConfig's rules
+    `entry` (METHOD or METHOD:FN) on a bank's model and training set (`run_options.comparison_options`: an option a
+    method cannot use applies to the others in `methods` and is left out for it; one that none of them can use is
+    refused here, in one line, before any work)."""
+    values = {name: getattr(args, name) for name in LDS_RUN_OPTIONS if name != "device"}
+    chosen = comparison_options(methods, **values, checkpoint=str(args.bank))
 
     def options(entry: str) -> dict:
-        name, fn = parse_method_entry(entry)  # METHOD or METHOD:FN (dtrak:avg): the entry's output function wins
-        m = get_method(name)
-        opts = RunOptions.for_method(name, **{**values, "checkpoint": str(args.bank),
-                                              "fn": fn or (args.fn if args.fn in m.fn_choices() else None),
-                                              "eta": args.eta if "interp" in m.fn_choices() else None})
-        return {k: getattr(opts, k) for k in LDS_RUN_OPTIONS if k != "device"}
+        return {k: getattr(chosen[entry], k) for k in values}
 
     return options
 

@@ -19,12 +19,12 @@ import numpy as np
 from ..analysis.formation import formation, step_rankings, top_indices
 from ..data.images import load_image_pixels, pixels_to_tensor
 from ..errors import ConfigError, ImageError
-from ..engine import open_attributor
+from ..engine import open_attribution
 from ..figures import formation_figure
 from ..fileio import save_npz, write_json
 from ..journey import JourneyConfig, parse_steps, run_journey
 from ..kernel import check_lambda
-from ..methods import METHODS, get_method
+from ..methods import METHODS
 from ..models import load_model
 from ..run_options import JOURNEY_OPTIONS, add_run_options, run_options
 from ..sampling import check_prompt
@@ -70,8 +70,8 @@ def cmd_journey(args) -> int:
     cfg.check(model.num_timesteps)
     check_prompt(model, prompt)
     image, name = None, f"gen:{args.seed}"
-    method = get_method(args.method)
-    att = open_attributor(model, run_options(args, seed=args.feature_seed))
+    attribution = open_attribution(run_options(args, seed=args.feature_seed), load=lambda spec: model)
+    att = attribution.members[0]
     if args.image and DATASET_IMAGE.fullmatch(args.image):
         image, name = resolve_targets(args.image, model, att.train.spec).images[0], args.image
     elif args.image:
@@ -85,19 +85,20 @@ def cmd_journey(args) -> int:
     info(f"training features: {att.train.spec} ({len(att.train)} images), fn={att.cfg.fn}, K={att.cfg.timesteps}, "
          f"k={att.proj_dim} ({att.cfg.projector}); cache: {att.store_path}")
     att.featurize(progress=progress_bar("featurize"))
-    run_journey_cli(att, method, cfg, args, image, name)
+    run_journey_cli(attribution, cfg, args, image, name)
     return 0
 
 
-def run_journey_cli(att, method, cfg, args, image, name) -> None:
+def run_journey_cli(attribution, cfg, args, image, name) -> None:
+    att, method = attribution.members[0], attribution.method
     steps = cfg.step_indices()
     info(f"journey of {name}: {cfg.sampler} {cfg.steps} steps, attributing {len(steps)} step(s) "
          f"{steps.tolist()} with {method.title}, R={cfg.resamples} re-noisings each")
     start = time.perf_counter()
     journey = run_journey(att, cfg, progress_bar("journey"), args.cache, image=image, name=name)
     info(f"journey ready in {time.perf_counter() - start:.1f} s (computed in {journey.meta['seconds']} s)")
-    lam = att.resolve_lambda(method, args.lam)
-    scores = journey.scores(att, method, lam)
+    result = journey.result(attribution).at(args.lam)  # the steps' scores at --lambda (default: the default)
+    lam, scores = result.lam, result.scores
     form = formation(journey, scores, att.train, top=max(args.top, 1))
     rankings = step_rankings(scores, att.train, args.top)
     a, b = form.window()

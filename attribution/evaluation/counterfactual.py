@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -52,11 +53,11 @@ from ..data import load_dataset
 from ..data.images import tensor_to_pixels
 from ..engine import open_attribution
 from ..errors import AttributionError, ConfigError
-from ..features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from ..features.embeddings import ClipEmbedder
 from ..fileio import read_json, read_npz, save_npz, write_json
 from ..methods import METHODS, parse_method_entry
-from ..run_options import RunOptions
+from ..options import fields_of
+from ..run_options import FEATURE_DEFAULTS, FEATURE_OPTIONS, RunOptions, comparison_options
 from ..models import load_model
 from ..models.checkpoint import resolve_checkpoint
 from ..sampling import SAMPLERS, sample
@@ -143,12 +144,9 @@ class StudySpec:
     controls: bool = False
     steps: int = 50
     sampler: str = "ddpm"
-    timesteps: int = DEFAULT_TIMESTEPS
-    proj_dim: int = DEFAULT_PROJ_DIM
-    projector: str = "auto"
-    feature_seed: int = 0
-    clip_weights: str | None = None
-    clip_model: str = "ViT-B-32"
+    # The methods' feature options (RunOptions fields: timesteps, proj_dim, projector, seed, fn, noises, ..., and
+    # clip_weights / clip_model, which also add the CLIP measure), those given: each method takes those of its kind.
+    features: dict = field(default_factory=dict)
     randomness: str = "crn-slots"  # of every retrain, the "before" model's included (module docstring)
 
     def __post_init__(self):
@@ -177,14 +175,37 @@ class StudySpec:
             raise ConfigError(f"unknown sampler {self.sampler!r}; use one of: {', '.join(SAMPLERS)}")
         if not 1 <= self.steps <= 1000:
             raise ConfigError(f"--steps must be within 1..1000, got {self.steps}")
+        unknown = set(self.features) - set(FEATURE_OPTIONS)
+        if unknown:
+            raise ConfigError(f"not a feature option of a study: {', '.join(sorted(unknown))}")
+        self.method_options()  # each method's options, by the schema: one line for a bad or unusable one
 
     @property
     def directions(self) -> tuple[str, ...]:
         return DIRECTIONS if self.opponents else DIRECTIONS[:1]
 
+    def method_options(self) -> dict[str, RunOptions]:
+        """The options of each method of the study (`run_options.comparison_options`)."""
+        return comparison_options([m for m in self.methods if m != RANDOM], exempt=("clip_weights", "clip_model"),
+                                  **self.features)
+
+    @property
+    def clip_weights(self) -> str | None:
+        """The CLIP weights file of the CLIP measure (and of clip-dot / clip-cos), if given."""
+        return self.features.get("clip_weights")
+
+    @property
+    def clip_model(self) -> str:
+        return self.features.get("clip_model", FEATURE_DEFAULTS.clip_model)
+
     def feature_options(self) -> dict:
-        return {"timesteps": self.timesteps, "proj_dim": self.proj_dim, "projector": self.projector,
-                "seed": self.feature_seed}
+        """The feature options in the study's identity: K, k, the projector and the seed always (as studies made
+        before the other options were offered recorded them), then any other option given except the CLIP weights
+        and model (the CLIP measure can be added to a study's finished cells)."""
+        base = {"timesteps": FEATURE_DEFAULTS.timesteps, "proj_dim": FEATURE_DEFAULTS.proj_dim, "projector": "auto",
+                "seed": 0}
+        return {**base, **{k: v for k, v in self.features.items()
+                           if v is not None and k not in ("clip_weights", "clip_model")}}
 
 
 @dataclass(frozen=True)
@@ -488,13 +509,9 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
 
 def _open_attributions(source: Source, spec: StudySpec, methods: list[str], cache: str | None) -> dict:
 
-    out = {}
-    for m in methods:
-        name, fn = parse_method_entry(m)  # METHOD or METHOD:FN (an output function, e.g. dtrak:avg)
-        out[m] = open_attribution(RunOptions.for_method(
-            name, checkpoint=source.model_spec, device="cpu", dataset=source.recipe.dataset, cache=cache, fn=fn,
-            clip_weights=spec.clip_weights, clip_model=spec.clip_model, **spec.feature_options()))
-    return out
+    chosen = spec.method_options()
+    return {m: open_attribution(replace(chosen[m], checkpoint=source.model_spec, device="cpu",
+                                        dataset=source.recipe.dataset, cache=cache)) for m in methods}
 
 
 def _method_scores(folder: Path, method: str, attribution, spec: StudySpec, before: dict, progress, log,
@@ -597,6 +614,14 @@ class Study:
         line += " --opponents" if a.get("opponents") else ""
         line += f" --seeds {a['seeds']}" if a.get("seeds", 1) > 1 else ""
         line += " --controls" if a.get("controls") else ""
+        # the feature options given (studies from before they were a dict recorded K, k, projector, feature_seed)
+        given = a.get("features", {k: a[old] for k, old in (("timesteps", "timesteps"), ("proj_dim", "proj_dim"),
+                                                             ("projector", "projector"), ("seed", "feature_seed"))
+                                   if old in a})
+        for spec in fields_of(RunOptions):
+            value = given.get(spec.name)
+            if value is not None and value != spec.default:
+                line += f" {spec.flag} {shlex.quote(str(value))}"
         return line + f" --randomness {self.meta.get('randomness', 'stream')}"
 
 

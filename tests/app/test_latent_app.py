@@ -139,7 +139,7 @@ def test_journey_page_with_a_prompt(start_app, tmp_path, library):
     np.testing.assert_allclose(journey.features, expected.features, rtol=RTOL,
                                atol=RTOL * np.abs(expected.features).max())
     lam = next(s for s in at.main.select_slider if s.label == "λ").value
-    scores = expected.scores(att, get_method("dtrak"), lam)
+    scores = att.scores(get_method("dtrak"), expected.features, lam)
     pro = tiles(at, "jr_pro")
     assert len(pro) == 6 and [i for i, _, _ in pro] == np.argsort(-scores[-1], kind="stable")[:6].tolist()
     np.testing.assert_allclose([s for _, _, s in pro], scores[-1][[i for i, _, _ in pro]], rtol=5e-3)

@@ -87,7 +87,8 @@ def test_a_method_with_its_output_function(tmp_path):
     without a colon; an output function the method does not have is one line."""
     from attribution.evaluation.counterfactual import Cell, _open_attributions
 
-    spec = StudySpec(targets=(0,), methods=("random", "dtrak:avg"), removals=(0.05,), proj_dim=512, timesteps=1)
+    spec = StudySpec(targets=(0,), methods=("random", "dtrak:avg"), removals=(0.05,),
+                     features={"proj_dim": 512, "timesteps": 1})
     assert Cell(0, "dtrak:avg", "proponents", 81, 0).name == "gen-0__dtrak-avg__proponents__k81__seed-0"
     source = source_from_checkpoint("digits")
     att = _open_attributions(source, spec, ["dtrak:avg"], str(tmp_path))["dtrak:avg"]
@@ -135,10 +136,46 @@ def recipe_run(tmp_path_factory) -> Path:
     return train(get_recipe("tiny-test").train_config(out, None, 0, "cpu"))
 
 
+def test_a_study_takes_the_options_of_score(tmp_path):
+    """A study's methods take every feature option of `score` from the one schema (each those of its kind); one
+    that none of its methods can use is refused in one line; the options are in its identity and its command."""
+    from attribution.evaluation.counterfactual import Study, _open_attributions
+
+    features = {"timesteps": 1, "proj_dim": 256, "noises": 2, "strategy": "cumulative", "seed": 3}
+    spec = StudySpec(targets=(0,), methods=("random", "dtrak", "pixel-cos"), removals=(0.05,), features=features)
+    source = source_from_checkpoint("digits")
+    atts = _open_attributions(source, spec, ["dtrak", "pixel-cos"], str(tmp_path))
+    cfg = atts["dtrak"].members[0].cfg
+    assert (cfg.timesteps, cfg.proj_dim, cfg.noises, cfg.strategy, cfg.seed) == (1, 256, 2, "cumulative", 3)
+    assert atts["pixel-cos"].members[0].cfg.kind == "pixels"  # the gradient options are not pixel similarity's
+    identity = source.identity(spec, "h")["features"]
+    assert identity == {"timesteps": 1, "proj_dim": 256, "projector": "auto", "seed": 3, "noises": 2,
+                        "strategy": "cumulative"}
+    plain = StudySpec(targets=(0,), methods=("random", "dtrak"), removals=(0.05,))
+    assert source.identity(plain, "h")["features"] == {"timesteps": 10, "proj_dim": 4096, "projector": "auto",
+                                                        "seed": 0}  # as studies before these options recorded it
+    for bad, says in (({"damping": 0.5}, "--damping applies to the EK-FAC influence methods"),
+                      ({"projector": "fft"}, "unknown projector 'fft'"),
+                      ({"nope": 1}, "not a feature option of a study: nope")):
+        with pytest.raises(ConfigError, match=says) as exc:
+            StudySpec(targets=(0,), methods=("random", "dtrak"), removals=(0.05,), features=bad)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="noises per timestep must be positive"):  # when opened: before retraining
+        _open_attributions(source, StudySpec(targets=(0,), methods=("random", "dtrak"), removals=(0.05,),
+                                             features={"noises": 0}), ["dtrak"], str(tmp_path))
+    StudySpec(targets=(0,), methods=("random", "dtrak"), removals=(0.05,),
+              features={"clip_weights": "w.pt"})  # the CLIP measure's weights, though no method uses them
+    study = Study(tmp_path, {"source": "--bank digits", "randomness": "crn-slots",
+                             "asked": {"targets": [0], "methods": ["random", "dtrak"], "removals": [0.05],
+                                       "features": features}}, [])
+    assert study.cli_line().endswith("--remove 0.05 --timesteps 1 --strategy cumulative --noises 2 --proj-dim 256 "
+                                     "--seed 3 --randomness crn-slots")
+
+
 def tiny_spec(**kw) -> StudySpec:
     """The stream study (recipe_run is a stream run: the control at its seed retrains it bit for bit)."""
     return StudySpec(**{"targets": (0, 1), "methods": ("random", "pixel-cos"), "removals": (100,), "steps": 3,
-                        "controls": True, "proj_dim": 512, "randomness": "stream", **kw})
+                        "controls": True, "randomness": "stream", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +228,9 @@ def test_rerun_is_instant_and_removal_sets_are_reused(study, recipe_run, local_r
     again = run_study(source_from_checkpoint(str(recipe_run)), tiny_spec(), log=lambda m: None, cache=str(cache))
     assert time.monotonic() - start < 30  # no Ray, no training: loading the model and the scores
     assert (again.cells_done_before, again.models_trained, again.models_reused) == (6, 0, 0)
-    # another study (other feature options: a new folder) with the same removal sets trains nothing
-    other = run_study(source_from_checkpoint(str(recipe_run)), tiny_spec(proj_dim=256), log=lambda m: None,
-                      cache=str(cache), cluster=local_ray)
+    # another study (its own folder, --out) with the same removal sets trains nothing
+    other = run_study(source_from_checkpoint(str(recipe_run)), tiny_spec(), folder=cache / "other-study",
+                      log=lambda m: None, cache=str(cache), cluster=local_ray)
     assert other.folder != report.folder
     assert (other.cells_done_before, other.models_trained, other.models_reused) == (0, 0, 5)
     assert [p.stat().st_mtime_ns for p in sorted((cache / "retrain").glob("*/*/retrain.json"))] == mtimes
@@ -203,8 +240,8 @@ def test_rerun_is_instant_and_removal_sets_are_reused(study, recipe_run, local_r
     # a run killed after some models: the cells of the missing model are redone from that model, nothing else
     lost = next(c for c in b.cells if c["method"] == "random" and c["target"] == 1)
     Path(other.folder, "cells", Cell(1, "random", "proponents", 100, 0).name + ".json").unlink()
-    resumed = run_study(source_from_checkpoint(str(recipe_run)), tiny_spec(proj_dim=256), log=lambda m: None,
-                        cache=str(cache), cluster=local_ray)
+    resumed = run_study(source_from_checkpoint(str(recipe_run)), tiny_spec(), folder=cache / "other-study",
+                        log=lambda m: None, cache=str(cache), cluster=local_ray)
     assert (resumed.cells_done_before, resumed.models_trained, resumed.models_reused) == (5, 0, 1)
     again = next(c for c in Study.load(other.folder).cells if c["method"] == "random" and c["target"] == 1)
     assert again["l2"] == lost["l2"] and again["model_hash"] == lost["model_hash"]
@@ -260,7 +297,7 @@ def test_counterfactual_command_prints_the_study(study, recipe_run, capsys):
 
     report, cache = study
     assert main(["counterfactual", "--checkpoint", str(recipe_run), "--targets", "gen:0-1", "--methods",
-                 "random,pixel-cos", "--remove", "100", "--steps", "3", "--controls", "--proj-dim", "512",
+                 "random,pixel-cos", "--remove", "100", "--steps", "3", "--controls",
                  "--cache", str(cache), "--randomness", "stream"]) == 0
     out = capsys.readouterr().out
     assert str(report.folder) in out and "pixel-cos" in out and "100 = 6.2%" in out
@@ -307,7 +344,10 @@ def test_a_bank_is_a_source_and_keeps_its_studies(fake_bank_dir, tmp_path):
     assert source.recipe.identity() == get_recipe("tiny-test").identity()
     folder = study_folder(source, tiny_spec(), "datahash")
     assert folder.parent == bank / "counterfactual"
-    assert study_folder(source, tiny_spec(proj_dim=256), "datahash") != folder
+    assert study_folder(source, tiny_spec(steps=4), "datahash") != folder
+    with_k = tiny_spec(methods=("random", "dtrak"), features={"proj_dim": 256})
+    assert study_folder(source, with_k, "datahash") != study_folder(source, tiny_spec(methods=("random", "dtrak")),
+                                                                   "datahash")
 
 
 def test_the_shipped_stream_study_keeps_its_folder():

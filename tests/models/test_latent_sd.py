@@ -188,14 +188,15 @@ def test_generate_and_journey(lora_run, npz12, tmp_path):
     np.testing.assert_array_equal(t3.final, sample(model, 2, seed=5, steps=4, sampler="ddim", prompt=p3).final)
     # guidance 1 is the conditional prediction alone
     one = sample(model, 1, seed=5, steps=2, sampler="ddim", prompt=Prompt(p3.text, guidance=1.0))
-    att = open_attribution(RunOptions(str(lora_run), method="dtrak", device="cpu", dataset=f"npz:{npz12}",
-                                      timesteps=2, proj_dim=64, cache=str(tmp_path))).members[0]
+    attribution = open_attribution(RunOptions(str(lora_run), method="dtrak", device="cpu", dataset=f"npz:{npz12}",
+                                              timesteps=2, proj_dim=64, cache=str(tmp_path)))
+    att = attribution.members[0]
     att.featurize()
     cfg = JourneyConfig(seed=5, steps=4, sampler="ddim", every=2, resamples=2, prompt=p3.text)
     journey = run_journey(att, cfg, cache=str(tmp_path))
     assert journey.x0.shape == (2, 3, 16, 16) and journey.xt.shape == (2, 4, 8, 8)
     np.testing.assert_allclose(journey.final, t3.final[0], atol=1e-4)  # batch of 1 vs 2: float32 reordering
-    assert journey.features.shape == (2, 64) and np.isfinite(journey.scores(att, get_method("dtrak"))).all()
+    assert journey.features.shape == (2, 64) and np.isfinite(journey.result(attribution).scores).all()
     assert one.final.shape == (1, 3, 16, 16)
 
     out = tmp_path / "gen"
