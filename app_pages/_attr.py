@@ -59,15 +59,18 @@ PROJECTORS = tuple(p for p in OPTION["projector"].choices if p == "auto" or p in
 METHOD_TITLES = {name: cls.title for name, cls in METHODS.items()}
 
 
-def option_widget(container, name: str, key: str, choices=None, label: str | None = None, **kwargs):
-    """The widget of one `RunOptions` field, labelled and explained by the schema: a selectbox over its choices
-    (or `choices`), else a number input (`kwargs`: min_value, max_value, ...)."""
-    spec = OPTION[name]
-    label = label or spec.label
+def option_widget(container, name: str, key: str, choices=None, label: str | None = None, schema=RunOptions,
+                  help: str | None = None, value=None, **kwargs):
+    """The widget of one field of an options schema (`RunOptions` unless `schema`: `JourneyConfig`, ...),
+    labelled, explained and defaulted by the schema (or `label`, `help`, `value`): a selectbox over its choices (or
+    `choices`), else a number input (`kwargs`: min_value, max_value, ...)."""
+    spec = OPTION[name] if schema is RunOptions else {s.name: s for s in fields_of(schema)}[name]
+    label, help = label or spec.label, help or spec.help
     if choices is not None or spec.choices:
         return container.selectbox(label, list(choices if choices is not None else spec.choices), key=key,
-                                   help=spec.help, **kwargs)
-    return container.number_input(label, value=spec.default, key=key, help=spec.help, **kwargs)
+                                   help=help, **kwargs)
+    return container.number_input(label, value=spec.default if value is None else value, key=key, help=help,
+                                  **kwargs)
 
 
 def opts_key(opts: RunOptions) -> str:

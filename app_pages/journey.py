@@ -11,6 +11,7 @@ from app_pages._attr import (
     featurize_job,
     journey_note,
     lambda_slider,
+    option_widget,
     ranked_tiles,
     top_lists,
     verdict_controls,
@@ -27,7 +28,6 @@ from app_pages._journey import (
 from app_pages._ui import display_size, fail, keep, progress_bar, require_model
 from attribution import (
     DEFAULT_PROJ_DIM,
-    DEFAULT_TIMESTEPS,
     METHODS,
     AttributionError,
     JourneyConfig,
@@ -57,18 +57,20 @@ image, ref, name, prompt = choose_image(model, dataset)
 # -- 2. options (no form: the estimate below is for what these widgets show; nothing runs until Compute) ----------
 with st.container(border=True):
     c1, c3, c4 = st.columns(3)
-    method = c1.selectbox("Method", JOURNEY_METHODS, format_func=lambda m: METHODS[m].title, key="jr_method")
-    steps = ref.steps if image is None else int(c3.number_input(
-        "Steps", 1, model.num_timesteps, 50, key="jr_fwd_steps",
+    # labels, help and defaults from the schemas (JourneyConfig: the steps; RunOptions: the training features)
+    method = option_widget(c1, "method", "jr_method", choices=JOURNEY_METHODS, format_func=lambda m: METHODS[m].title)
+    T = model.num_timesteps
+    steps = ref.steps if image is None else int(option_widget(
+        c3, "steps", "jr_fwd_steps", schema=JourneyConfig, min_value=1, max_value=T,
         help="The image has no trajectory: it is noised to the timesteps of this many DDPM steps."))
-    every = int(c4.number_input("Attribute every N-th step", 1, model.num_timesteps, 5, key="jr_every",
-                                help="Counted back from the last step, which is always attributed."))
+    every = int(option_widget(c4, "every", "jr_every", schema=JourneyConfig, value=5, min_value=1, max_value=T,
+                              help="Counted back from the last step, which is always attributed."))
     c5, c6, c7 = st.columns(3)
-    resamples = int(c5.number_input("Re-noisings per step (R)", 1, 64, 20, key="jr_R",
-                                    help="Noise draws of the re-noised x̂0 averaged per step (Journey-TRAK: 20)."))
-    timesteps = int(c6.number_input("Training-feature timesteps K", 1, model.num_timesteps, DEFAULT_TIMESTEPS,
-                                    key="jr_K"))
-    proj_dim = c7.selectbox("Projection k", PROJ_DIMS, index=PROJ_DIMS.index(DEFAULT_PROJ_DIM), key="jr_k")
+    resamples = int(option_widget(c5, "resamples", "jr_R", schema=JourneyConfig, min_value=1, max_value=64,
+                                  help="Noise draws of the re-noised x̂0 averaged per step (Journey-TRAK: 20)."))
+    timesteps = int(option_widget(c6, "timesteps", "jr_K", label="Training-feature timesteps K", min_value=1,
+                                  max_value=T))
+    proj_dim = option_widget(c7, "proj_dim", "jr_k", choices=PROJ_DIMS, index=PROJ_DIMS.index(DEFAULT_PROJ_DIM))
     run = st.button("Compute journey", type="primary")
 
 image_id = (model.spec, dataset, ref)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from .features.gradients import per_sample_gradients
 from .features.timesteps import noise_for
 from .fileio import read_json, save_npz, write_json
 from .models.adapter import prompt_key
+from .options import opt
 from .sampling import DEFAULT_GUIDANCE, SAMPLERS, Prompt, Trajectory, check_sampling, gen_key, sample
 from .store import journey_dir, load_arrays
 from .targets import Targets, pixels_key
@@ -46,6 +47,16 @@ JOURNEY_VERSION = 1  # bump when the stored arrays change meaning
 
 
 # -- configuration -------------------------------------------------------------------------------------------------
+
+
+def parse_steps(text: str | None) -> tuple[int, ...] | None:
+    """'0,10,49' -> (0, 10, 49); a one-line ConfigError for anything else."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(p) for p in text.replace(" ", "").split(",") if p)
+    except ValueError:
+        raise ConfigError(f"--at takes comma-separated step indices such as 0,10,49; got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -64,12 +75,19 @@ class JourneyConfig:
             an unconditional model. An uploaded image's steps are conditioned on `prompt` too.
     """
 
-    seed: int = 0
-    steps: int = 50
-    sampler: str = "ddpm"
-    every: int | None = None
-    at: tuple[int, ...] | None = None
-    resamples: int = 20
+    seed: int = field(default=0, metadata=opt("the generated image (gen:SEED)", label="Seed"))
+    steps: int = field(default=50, metadata=opt("sampling steps", label="Steps"))
+    sampler: str = field(default="ddpm", metadata=opt("the sampler whose trajectory is attributed",
+                                                        choices=SAMPLERS, label="Sampler", noun="sampler"))
+    every: int | None = field(default=None, metadata=opt(
+        "attribute every N-th step, counted back from the last (default: steps // 10)",
+        label="Attribute every N-th step"))
+    at: tuple[int, ...] | None = field(default=None, metadata=opt(
+        "explicit comma-separated step indices, 0 = the first (noisiest) step", parse=parse_steps, metavar="I,J,..",
+        label="Steps to attribute"))
+    resamples: int = field(default=20, metadata=opt("R, re-noisings of x̂0 averaged per step",
+                                                    label="Re-noisings per step (R)"))
+    # (the prompt options are every text-to-image command's: --prompt, --negative-prompt, --guidance)
     prompt: str | None = None
     negative: str = ""
     guidance: float = DEFAULT_GUIDANCE
@@ -113,16 +131,6 @@ class JourneyConfig:
         if self.prompt is not None:  # (absent for unconditional models: their cache keys stay as they were)
             out.update(self.text().to_dict())
         return out
-
-
-def parse_steps(text: str | None) -> tuple[int, ...] | None:
-    """'0,10,49' -> (0, 10, 49); a one-line ConfigError for anything else."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(p) for p in text.replace(" ", "").split(",") if p)
-    except ValueError:
-        raise ConfigError(f"--at takes comma-separated step indices such as 0,10,49; got {text!r}") from None
 
 
 # -- trajectories ----------------------------------------------------------------------------------------------------

@@ -10,10 +10,12 @@ strategies, projectors), so the CLI and the app cannot offer something the libra
         k: int = field(default=4096, metadata=opt("k, the projection dimension", flag="--proj-dim"))
 
 Field metadata (`opt`): help (one line), flag (default --field-name), choices (a tuple or a zero-argument
-callable that returns one, evaluated when needed), required, run_only (how to compute, not what: cache folders,
-batch size, device; left out of the equivalent command line), label (the app's widget label), noun (what an
-error calls the value: "unknown projector 'x'"), applies (the kind of method the option means something to, e.g.
-"gradients": a schema refuses it, set, for a method of another kind; `not_applicable`). A schema that refuses
+callable that returns one, evaluated when needed), parse (how the command line's text becomes the value, for a
+field that is not a plain int, float or string: "0,5,9" -> (0, 5, 9); default the field's type), required,
+run_only (how to compute, not what: cache folders, batch size, device; left out of the equivalent command line),
+label (the app's widget label), noun (what an error calls the value: "unknown projector 'x'"), applies (the kind
+of method the option means something to, e.g. "gradients": a schema refuses it, set, for a method of another kind;
+`not_applicable`). A schema that refuses
 values outside their choices itself (`validate`, from its `__post_init__`) gets one-line errors instead of
 argparse's usage message: `add_arguments(..., argparse_choices=False)`.
 """
@@ -33,10 +35,10 @@ from .errors import ConfigError
 
 def opt(help: str, *, flag: str | None = None, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
         required: bool = False, run_only: bool = False, metavar: str | None = None, label: str | None = None,
-        noun: str | None = None, applies: str | None = None) -> dict:
+        noun: str | None = None, applies: str | None = None, parse: Callable[[str], Any] | None = None) -> dict:
     """Metadata for a schema field (see the module docstring)."""
     return {"help": help, "flag": flag, "choices": choices, "required": required, "run_only": run_only,
-            "metavar": metavar, "label": label, "noun": noun, "applies": applies}
+            "metavar": metavar, "label": label, "noun": noun, "applies": applies, "parse": parse}
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class OptionSpec:
     name: str
     flag: str
     help: str
-    type: type
+    type: Callable[[str], Any]  # the command line's text -> the value: int, float, str, bool or the field's `parse`
     default: Any
     choices: tuple[str, ...] | None
     required: bool
@@ -60,6 +62,9 @@ class OptionSpec:
     def optional(self) -> bool:
         """Whether None is a valid value (the option may be left unset)."""
         return self.default is None
+
+
+PLAIN_TYPES = (int, float, str, bool)  # what argparse converts itself; other fields name their `parse`
 
 
 def _base_type(annotation) -> type:
@@ -83,7 +88,7 @@ def fields_of(schema) -> list[OptionSpec]:
         if callable(choices):
             choices = choices()
         out.append(OptionSpec(f.name, meta.get("flag") or "--" + f.name.replace("_", "-"), meta["help"],
-                              _base_type(f.type), _default(f), tuple(choices) if choices else None,
+                              meta.get("parse") or _base_type(f.type), _default(f), tuple(choices) if choices else None,
                               meta.get("required", False), meta.get("run_only", False), meta.get("metavar"),
                               meta.get("label") or f.name.replace("_", " ").capitalize(),
                               meta.get("noun") or f.name.replace("_", " "), meta.get("applies")))
@@ -120,12 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser, schema, exclude: Sequence[str
     for spec in fields_of(schema):
         if spec.name in exclude or (only is not None and spec.name not in only):
             continue
-        kwargs: dict[str, Any] = {"dest": spec.name, "help": _help(spec)}
+        kwargs: dict[str, Any] = {"dest": spec.name, "help": _help(spec).replace("%", "%%")}  # argparse formats %
         if spec.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["default"] = spec.default
         else:
-            kwargs.update(type=spec.type, default=spec.default, required=spec.required)
+            # a field's own `parse` runs in `from_args`, where its one-line error is the command's (not argparse's)
+            kwargs.update(type=spec.type if spec.type in PLAIN_TYPES else str, default=spec.default,
+                          required=spec.required)
             if spec.choices and argparse_choices:
                 kwargs["choices"] = spec.choices
             elif spec.choices:
@@ -137,14 +144,18 @@ def add_arguments(parser: argparse.ArgumentParser, schema, exclude: Sequence[str
 
 def _help(spec: OptionSpec) -> str:
     text = spec.help
-    if spec.default not in (None, False, "") and not spec.required:
+    if spec.default not in (None, False, "") and not spec.required and spec.type in PLAIN_TYPES:
         text += f" (default {spec.default})"
     return text
 
 
 def from_args(schema: type, args: argparse.Namespace, **overrides):
-    """An instance of `schema` from parsed arguments (fields absent from `args` keep their defaults)."""
+    """An instance of `schema` from parsed arguments (fields absent from `args` keep their defaults; a field with
+    its own `parse` is parsed here: a bad value is one line)."""
     values = {f.name: getattr(args, f.name) for f in fields(schema) if hasattr(args, f.name)}
+    for spec in fields_of(schema):
+        if spec.type not in PLAIN_TYPES and isinstance(values.get(spec.name), str):
+            values[spec.name] = spec.type(values[spec.name])
     values.update(overrides)
     return schema(**values)
 

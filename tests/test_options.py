@@ -97,6 +97,36 @@ def test_engine_commands_take_their_options_from_the_schema():
     assert run_options(args) == RunOptions("digits", method="trak", proj_dim=512, store="/tmp/s")
 
 
+def test_study_and_journey_commands_take_their_options_from_their_schemas(capsys):
+    """The counterfactual and journey commands' options are their specs' fields (help from the schema); a field
+    with its own parse (targets, removals, steps to attribute) is parsed by the schema: a bad value is one line."""
+    from attribution.cli import main
+    from attribution.evaluation.counterfactual import StudySpec
+    from attribution.journey import JourneyConfig
+    from attribution.run_options import FEATURE_OPTIONS
+
+    for command, schema, more in (("counterfactual", StudySpec, FEATURE_OPTIONS), ("journey", JourneyConfig, ())):
+        actions = {flag: a for a in _subparser(command)._actions for flag in a.option_strings}
+        for spec in fields_of(schema):
+            action = actions[spec.flag]
+            assert action.dest == spec.name and spec.help in action.help, (command, spec.name)
+        assert {"--" + name.replace("_", "-") for name in more} <= set(actions)
+    args = _subparser("counterfactual").parse_args(["--bank", "digits", "--targets", "gen:2-4", "--remove",
+                                                    "0.05,100", "--methods", "random,dtrak:avg,random"])
+    spec = from_args(StudySpec, args, steps=args.steps or 50)
+    assert (spec.targets, spec.removals, spec.methods) == ((2, 3, 4), (0.05, 100.0), ("random", "dtrak:avg"))
+    defaults = from_args(StudySpec, _subparser("counterfactual").parse_args(["--bank", "digits"]), steps=50)
+    assert defaults == StudySpec()  # gen:0-9, random,trak,dtrak, 0.05: the schema's defaults
+    args = _subparser("journey").parse_args(["--checkpoint", "digits", "--seed", "3", "--at", "0,5,9"])
+    assert from_args(JourneyConfig, args).at == (0, 5, 9)
+    for argv, says in ((["counterfactual", "--bank", "digits", "--targets", "val:3"], "only generated targets"),
+                       (["counterfactual", "--bank", "digits", "--remove", "-1"], "remove at least one image"),
+                       (["journey", "--checkpoint", "digits", "--seed", "1", "--at", "1,x"], "--at takes")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err, err
+
+
 @pytest.mark.parametrize("method, option, value", [
     ("pixel-cos", "timesteps", 5), ("pixel-cos", "noises", 3), ("pixel-cos", "projector", "gaussian"),
     ("clip-cos", "proj_dim", 512), ("dtrak", "clip_weights", "clip.pt"), ("trak", "clip_model", "RN50"),

@@ -12,6 +12,8 @@ import argparse
 import math
 
 from ..errors import ConfigError
+from ..evaluation.counterfactual import StudySpec  # (its module loads nothing the parser does not: no Ray)
+from ..options import add_arguments, from_args
 from ..run_options import FEATURE_OPTIONS, add_run_options, given_options
 from .common import add_ray_options, info, progress_bar
 from .evaluation import LDS_RUN_OPTIONS, bank_feature_options
@@ -23,26 +25,12 @@ def add_commands(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bank", help="a ground-truth bank: its model, recipe and seed (studies saved in the bank)")
     src.add_argument("--checkpoint", help="a training run folder: its final checkpoint, run.json recipe and seed")
-    p.add_argument("--targets", default="gen:0-9", help="generated targets: gen:0-9, gen:3, gen:1,gen:7 (default "
-                                                       "gen:0-9); only generated images can be regenerated")
-    p.add_argument("--methods", default="random,trak,dtrak",
-                   help="comma-separated: random (K random images) and any method, METHOD:FN for an output "
-                        "function, e.g. dtrak:avg (default random,trak,dtrak)")
-    p.add_argument("--remove", default="0.05", help="K: a count (100) or a fraction of the training set (0.05)")
-    p.add_argument("--remove-grid", help="dose-response: several K, e.g. 0.05,0.1,0.2 (replaces --remove)")
-    p.add_argument("--opponents", action="store_true", help="also remove the top opponents (the reverse test)")
-    p.add_argument("--seeds", type=int, default=1, help="retraining seeds per removal: the model's own, then the "
-                                                        "next ones (2 measures the retraining-seed noise)")
-    p.add_argument("--controls", action="store_true", help="also retrain the unchanged training set at each seed "
-                                                           "(at the model's seed it must reproduce the original)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the bank's, else 50)")
-    p.add_argument("--sampler", default="ddpm", help="ddpm or ddim (default ddpm)")
+    add_arguments(p, StudySpec, argparse_choices=False)  # what to compute: the study's schema
+    p.set_defaults(steps=None)  # the bank's sampling steps unless given
+    p.add_argument("--remove-grid", dest="removals", metavar="K,K,..", default=argparse.SUPPRESS,
+                   help="the same as --remove (several K: a dose-response)")
     # the methods' feature options, those of `score` (--clip-weights also adds the CLIP cosine measure)
     add_run_options(p, only=FEATURE_OPTIONS)
-    p.add_argument("--randomness", default="crn-slots",
-                   help="of every retrain: crn-slots (default; common random numbers in the full run's batches: a "
-                        "removal changes only which images are present), crn (re-batched) or stream; a model trained "
-                        "the other way is first retrained on the full split at its seed to be the 'before'")
     p.add_argument("--out", help="study folder (default: the bank's counterfactual/ folder, else the cache)")
     add_ray_options(p)
     p.set_defaults(func=cmd_counterfactual)
@@ -72,15 +60,11 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         probe_address(address)  # fail in seconds, before any model is loaded
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be at least 1, got {args.num_cpus}")
-    from ..evaluation.counterfactual import (StudySpec, Study,  # lazy: keeps the start of the other commands fast
-                                             parse_removals, parse_targets, run_study,
-                                             source_from_bank, source_from_checkpoint)
+    from ..evaluation.counterfactual import (Study,  # lazy: keeps the start of the other commands fast
+                                             run_study, source_from_bank, source_from_checkpoint)
     from ..evaluation.counterfactual_stats import (seed_noise,  # lazy: keeps the start of the other commands fast
                                                    summary_rows)
 
-    targets = parse_targets(args.targets)
-    removals = parse_removals(args.remove_grid or args.remove)
-    methods = tuple(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     steps = args.steps
     if args.bank:
         source = source_from_bank(args.bank)
@@ -90,9 +74,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
             steps = int(Bank.load(args.bank).meta["identity"].get("gen_steps", 50))
     else:
         source = source_from_checkpoint(args.checkpoint)
-    spec = StudySpec(targets=targets, methods=methods, removals=removals, opponents=args.opponents,
-                     seeds=args.seeds, controls=args.controls, steps=steps or 50, sampler=args.sampler,
-                     features=given_options(args, FEATURE_OPTIONS), randomness=args.randomness)
+    spec = from_args(StudySpec, args, steps=steps or 50, features=given_options(args, FEATURE_OPTIONS))
     report = run_study(source, spec, folder=args.out, address=args.ray_address, num_cpus=args.num_cpus,
                        progress=progress_bar("counterfactual"), log=info, cache=args.cache)
     info(f"{report.cells_total - report.cells_done_before} cells computed ({report.models_trained} models trained, "

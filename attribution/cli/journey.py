@@ -22,10 +22,11 @@ from ..errors import ConfigError, ImageError
 from ..engine import open_attribution
 from ..figures import formation_figure
 from ..fileio import save_npz, write_json
-from ..journey import JourneyConfig, parse_steps, run_journey
+from ..journey import JourneyConfig, run_journey
 from ..kernel import check_lambda
 from ..methods import METHODS
 from ..models import load_model
+from ..options import add_arguments, from_args
 from ..run_options import JOURNEY_OPTIONS, add_run_options, run_options
 from ..sampling import check_prompt
 from ..targets import resolve_targets
@@ -39,15 +40,12 @@ def add_commands(sub) -> None:
     j = sub.add_parser("journey", help="attribute every denoising step of one generated image (Journey-TRAK)")
     add_run_options(j, only=JOURNEY_OPTIONS)
     src = j.add_mutually_exclusive_group(required=True)
-    src.add_argument("--seed", type=int, help="the generated image (gen:SEED)")
+    add_arguments(src, JourneyConfig, only=("seed",))  # a generated image, or:
+    src.set_defaults(seed=None)
     src.add_argument("--image", help="an image without a trajectory, attributed by noising it forward: an image file, "
                                      "or train:I / val:I (an image of the training set's splits)")
-    j.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    j.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    j.add_argument("--every", type=int, help="every N-th step, counted back from the last (default: steps // 10)")
-    j.add_argument("--at", help="explicit comma-separated step indices, 0 = first (noisiest) step")
+    add_arguments(j, JourneyConfig, exclude=("seed",))  # which steps, and how each is attributed
     add_prompt_options(j)
-    j.add_argument("--resamples", type=int, default=20, help="R, re-noisings of x̂0 averaged per step (default 20)")
     j.add_argument("--lambda", dest="lam", type=float, help="ridge lambda (default: 0.1 x mean kernel eigenvalue)")
     j.add_argument("--top", type=int, default=5, help="proponents/opponents listed per step (default 5)")
     j.add_argument("--feature-seed", type=int, default=0, help="noise and projection seed of the features")
@@ -64,8 +62,7 @@ def cmd_journey(args) -> int:
         check_lambda(args.lam)
     prompt = prompt_from(args)
     text = {} if prompt is None else {"prompt": prompt.text, "negative": prompt.negative, "guidance": prompt.guidance}
-    cfg = JourneyConfig(seed=args.seed if args.seed is not None else 0, steps=args.steps, sampler=args.sampler,
-                        every=args.every, at=parse_steps(args.at), resamples=args.resamples, **text)
+    cfg = from_args(JourneyConfig, args, seed=args.seed if args.seed is not None else 0, **text)
     model = load_model(args.checkpoint, args.device)
     cfg.check(model.num_timesteps)
     check_prompt(model, prompt)

@@ -56,7 +56,7 @@ from ..errors import AttributionError, ConfigError
 from ..features.embeddings import ClipEmbedder
 from ..fileio import read_json, read_npz, save_npz, write_json
 from ..methods import METHODS, parse_method_entry
-from ..options import fields_of
+from ..options import fields_of, opt
 from ..run_options import FEATURE_DEFAULTS, FEATURE_OPTIONS, RunOptions, comparison_options
 from ..models import load_model
 from ..models.checkpoint import resolve_checkpoint
@@ -132,22 +132,45 @@ def removal_count(value: float, n: int) -> int:
     return k
 
 
+def parse_methods(text: str) -> tuple[str, ...]:
+    """`random,trak,dtrak:avg` -> the entries, each once, in order."""
+    return tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+
+
 @dataclass(frozen=True)
 class StudySpec:
-    """What to compute (validated; bad values raise one ConfigError line)."""
+    """What to compute (validated; bad values raise one ConfigError line). The fields with help are the
+    `counterfactual` command's options (options.py: argparse from the schema)."""
 
-    targets: tuple[int, ...]
-    methods: tuple[str, ...]
-    removals: tuple[float, ...]
-    opponents: bool = False
-    seeds: int = 1
-    controls: bool = False
-    steps: int = 50
-    sampler: str = "ddpm"
+    targets: tuple[int, ...] = field(default=tuple(range(10)), metadata=opt(
+        "generated targets: gen:0-9, gen:3, gen:1,gen:7 (default gen:0-9); only generated images can be regenerated",
+        parse=parse_targets, metavar="gen:SEEDS", label="Targets"))
+    methods: tuple[str, ...] = field(default=(RANDOM, "trak", "dtrak"), metadata=opt(
+        "comma-separated: random (K random images) and any method, METHOD:FN for an output function, e.g. "
+        "dtrak:avg (default random,trak,dtrak)", parse=parse_methods, metavar="M1,M2,..", label="Methods"))
+    removals: tuple[float, ...] = field(default=(0.05,), metadata=opt(
+        "K: a count (100) or a fraction of the training set (0.05); several for a dose-response, e.g. 0.05,0.1,0.2 "
+        "(default 0.05)", parse=parse_removals, flag="--remove", metavar="K[,K..]", label="Removal sizes"))
+    opponents: bool = field(default=False, metadata=opt("also remove the top opponents (the reverse test)",
+                                                        label="Also remove opponents"))
+    seeds: int = field(default=1, metadata=opt(
+        "retraining seeds per removal: the model's own, then the next ones (2 measures the retraining-seed noise)",
+        label="Retraining seeds"))
+    controls: bool = field(default=False, metadata=opt(
+        "also retrain the unchanged training set at each seed (at the model's seed it must reproduce the original)",
+        label="Controls"))
+    steps: int = field(default=50, metadata=opt("sampling steps (a bank's study: the bank's own unless given)",
+                                                  label="Steps"))
+    sampler: str = field(default="ddpm", metadata=opt("the sampler that regenerates the targets", choices=SAMPLERS,
+                                                      label="Sampler", noun="sampler"))
     # The methods' feature options (RunOptions fields: timesteps, proj_dim, projector, seed, fn, noises, ..., and
     # clip_weights / clip_model, which also add the CLIP measure), those given: each method takes those of its kind.
     features: dict = field(default_factory=dict)
-    randomness: str = "crn-slots"  # of every retrain, the "before" model's included (module docstring)
+    randomness: str = field(default="crn-slots", metadata=opt(
+        "of every retrain: crn-slots (common random numbers in the full run's batches: a removal changes only which "
+        "images are present), crn (re-batched) or stream; a model trained the other way is first retrained on the "
+        "full split at its seed to be the 'before'", choices=lambda: tuple(sorted(DRAWS)), label="Randomness",
+        noun="--randomness"))
 
     def __post_init__(self):
         if self.randomness not in DRAWS:
