@@ -27,7 +27,7 @@ import shlex
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, Field, dataclass, fields
+from dataclasses import MISSING, Field, dataclass, fields, replace
 from typing import Any
 
 from .errors import ConfigError
@@ -118,13 +118,20 @@ def _default(f: Field):
 
 
 def add_arguments(parser: argparse.ArgumentParser, schema, exclude: Sequence[str] = (),
-                  only: Sequence[str] | None = None, argparse_choices: bool = True) -> None:
+                  only: Sequence[str] | None = None, argparse_choices: bool = True,
+                  defaults: dict[str, Any] | None = None, required: Sequence[str] = ()) -> None:
     """Add one argparse option per schema field (those in `only` if given, except `exclude`). With
     `argparse_choices=False` the choices are shown but not enforced by argparse: the schema refuses a value
-    outside them itself, in one line (`validate`)."""
+    outside them itself, in one line (`validate`). `defaults` and `required`: this command's own defaults and
+    required options where they differ from the schema's (train-lora: fewer epochs, a lower learning rate, a
+    pipeline)."""
     for spec in fields_of(schema):
         if spec.name in exclude or (only is not None and spec.name not in only):
             continue
+        if spec.name in (defaults or {}):
+            spec = replace(spec, default=defaults[spec.name])
+        if spec.name in required:
+            spec = replace(spec, required=True)
         kwargs: dict[str, Any] = {"dest": spec.name, "help": _help(spec).replace("%", "%%")}  # argparse formats %
         if spec.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -144,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser, schema, exclude: Sequence[str
 
 def _help(spec: OptionSpec) -> str:
     text = spec.help
-    if spec.default not in (None, False, "") and not spec.required and spec.type in PLAIN_TYPES:
+    shown = spec.default is not None and spec.default is not False and spec.default != ""  # (0 is shown)
+    if shown and not spec.required and spec.type in PLAIN_TYPES:
         text += f" (default {spec.default})"
     return text
 

@@ -55,37 +55,73 @@ from .models.checkpoint import DEFAULT_SCHEDULE
 from .models.latent_sd import LatentSD, PromptTable, check_template
 from .models.pixel_ddpm import PixelDDPM
 from .models.presets import PRESETS
+from .options import opt
 
 Progress = Callable[[int, int, str], None]
 FLIP_DEFAULT = {"digits": False, "animals": True, "animals-2": True, "cifar10": True, "cifar2": True}
 
 
+def parse_flip(text: str) -> bool | None:
+    """--flip auto | on | off -> None (the dataset's default) | True | False."""
+    values = {"auto": None, "on": True, "off": False}
+    if text not in values:
+        raise ConfigError(f"--flip takes auto, on or off; got {text!r}")
+    return values[text]
+
+
+def parse_epochs(text: str) -> list[int]:
+    """'10,20,40' -> [10, 20, 40] (one line for anything else)."""
+    try:
+        return [int(e) for e in text.replace(" ", "").split(",") if e]
+    except ValueError:
+        raise ConfigError(f"--save-epochs takes comma-separated epochs such as 10,20,40; got {text!r}") from None
+
+
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run (saved as run.json)."""
+    """Everything that determines a training run (saved as run.json). The fields with help are the `train` and
+    `train-lora` commands' options (options.py: argparse from the schema)."""
 
-    dataset: str
-    out: str
-    epochs: int = 40
-    seed: int = 0
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_fraction: float = 0.1
-    weight_decay: float = 1e-6
-    checkpoints: int = 5  # saved epochs, evenly spaced, the last one included
-    flip: bool | None = None  # None: the dataset's default (no flips for digits)
-    preset: str = "small"
-    resolution: int | None = None
+    dataset: str = field(default="", metadata=opt(
+        "dataset spec, e.g. digits, animals-2, folder:PATH (train-lora: one with classes, e.g. animals:cat,dog)",
+        required=True))
+    out: str = field(default="", metadata=opt("run folder to write (epoch-N/ checkpoints + run.json)",
+                                              required=True))
+    epochs: int = field(default=40, metadata=opt("training epochs"))
+    seed: int = field(default=0, metadata=opt("seed of the initial weights and of every random draw"))
+    batch_size: int = field(default=64, metadata=opt("training images per step"))
+    lr: float = field(default=1e-3, metadata=opt("peak learning rate (AdamW, after the warm-up, cosine decay)"))
+    warmup_fraction: float = field(default=0.1, metadata=opt("share of the steps the learning rate warms up over"))
+    weight_decay: float = field(default=1e-6, metadata=opt("AdamW weight decay"))
+    checkpoints: int = field(default=5, metadata=opt("number of evenly spaced saved epochs, the last included"))
+    flip: bool | None = field(default=None, metadata=opt(  # None: the dataset's default (no flips for digits)
+        "random horizontal flips (auto: on except for digits)", parse=parse_flip, choices=("auto", "on", "off")))
+    preset: str = field(default="small", metadata=opt(
+        "UNet size: small (0.65M parameters), eval (0.36M, the banks' retraining recipe) or tiny (tests)",
+                                                      choices=tuple(PRESETS)))
+    resolution: int | None = field(default=None, metadata=opt("model resolution (default: the dataset's)"))
     indices: list[int] | None = None  # train on this subset of the training split (LDS / counterfactuals)
-    index_file: str | None = None
-    device: str = "auto"
-    save_epochs: list[int] = field(default_factory=list)
-    pipeline: str | None = None  # LoRA-finetune this Stable Diffusion folder instead of training a pixel DDPM
-    rank: int = 4  # LoRA rank (with `pipeline`)
-    prompt_template: str = "a {class} painting"  # each training image's prompt (with `pipeline`)
-    randomness: str = "stream"  # "crn" or "stream" (module docstring); a run.json without it is a stream run
+    index_file: str | None = field(default=None, metadata=opt(
+        "train only on these training-split indices (a .npy or a text file of integers)", flag="--indices",
+        metavar="FILE"))
+    device: str = field(default="auto", metadata=opt("cpu, cuda, mps or auto"))
+    save_epochs: list[int] = field(default_factory=list, metadata=opt(
+        "explicit comma-separated epochs to save instead of --checkpoints", parse=parse_epochs, metavar="E,E,.."))
+    pipeline: str | None = field(default=None, metadata=opt(  # LoRA-finetune it instead of training a pixel DDPM
+        "a local Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"))
+    rank: int = field(default=4, metadata=opt("LoRA rank (the D-TRAK paper uses 128)"))
+    prompt_template: str = field(default="a {class} painting", metadata=opt(
+        "each training image's prompt, {class} = its class name"))
+    randomness: str = field(default="stream", metadata=opt(  # a run.json without it is a stream run
+        "where the data order, timesteps, noises and flips come from: stream (one stream from the seed, as every "
+        "run made before CRN; a run.json without the field is one), crn-slots (common random numbers: each image's "
+        "draws keyed by seed, epoch and image, in the full split's batches, for runs to be compared with subset "
+        "retrains, e.g. a bank's --run) or crn (the same draws, re-batched over the images present)",
+        choices=lambda: tuple(sorted(DRAWS))))
 
     def __post_init__(self):
+        if not self.dataset or not self.out:
+            raise ConfigError("a training run needs a dataset and an output folder (--dataset, --out)")
         if self.randomness not in DRAWS:
             raise ConfigError(f"--randomness must be one of {', '.join(sorted(DRAWS))}, got {self.randomness!r}")
         if self.epochs < 1:

@@ -97,6 +97,43 @@ def test_engine_commands_take_their_options_from_the_schema():
     assert run_options(args) == RunOptions("digits", method="trak", proj_dim=512, store="/tmp/s")
 
 
+def test_training_and_bank_commands_take_their_options_from_their_schemas(tmp_path, capsys):
+    """train, train-lora and bank build: every option is a field of TrainConfig / BankSpec (help from the schema),
+    with the command's own defaults where they differ (train-lora: 10 epochs at 3e-4, a required pipeline)."""
+    from attribution.cli import main
+    from attribution.evaluation.bank import BankSpec
+    from attribution.evaluation.recipes import get_recipe
+    from attribution.train import TrainConfig
+
+    bank = next(a for a in _subparser("bank")._actions if isinstance(a, argparse._SubParsersAction)).choices["build"]
+    for parser, schema, skip in ((_subparser("train"), TrainConfig, ("pipeline", "rank", "prompt_template")),
+                                 (_subparser("train-lora"), TrainConfig, ("preset", "resolution")),
+                                 (bank, BankSpec, ())):
+        actions = {flag: a for a in parser._actions for flag in a.option_strings}
+        for spec in fields_of(schema):
+            if spec.name not in skip:
+                assert actions[spec.flag].dest == spec.name and spec.help in actions[spec.flag].help, spec.name
+    args = _subparser("train").parse_args(["--dataset", "digits", "--out", "o", "--flip", "off", "--save-epochs",
+                                           "2,4", "--lr", "5e-4"])
+    cfg = from_args(TrainConfig, args, indices=None)
+    assert (cfg.flip, cfg.save_epochs, cfg.lr, cfg.epochs) == (False, [2, 4], 5e-4, 40)
+    lora = _subparser("train-lora").parse_args(["--dataset", "d", "--out", "o", "--pipeline", "p"])
+    assert (lora.epochs, lora.lr, lora.rank) == (10, 3e-4, 4)
+    args = bank.parse_args(["--name", "b", "--run", "runs/x", "--alpha", "0.8"])
+    spec = from_args(BankSpec, args, recipe=get_recipe("tiny-test"))
+    assert (spec.full_model, spec.alpha, spec.subsets) == ("runs/x", 0.8, 24)
+    for argv, says in ((["train", "--dataset", "digits", "--out", str(tmp_path / "r"), "--save-epochs", "1,b"],
+                        "--save-epochs takes"),
+                       (["train", "--dataset", "digits", "--out", str(tmp_path / "r"), "--flip", "maybe"],
+                        "--flip takes auto, on or off"),
+                       (["bank", "build", "--name", "b", "--recipe", "tiny-test", "--alpha", "1.5",
+                         "--out", str(tmp_path / "b")], "--alpha must be within (0, 1)")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_study_and_journey_commands_take_their_options_from_their_schemas(capsys):
     """The counterfactual and journey commands' options are their specs' fields (help from the schema); a field
     with its own parse (targets, removals, steps to attribute) is parsed by the schema: a bad value is one line."""

@@ -13,28 +13,27 @@ from ..data.images import grid_image
 from ..fileio import atomic_path, save_npz
 from ..models import load_model
 from ..sampling import check_sampling, sample
+from ..options import add_arguments, from_args
 from ..train import TrainConfig, read_index_file, subset_indices, train
 from .common import add_prompt_options, info, progress_bar, prompt_from
 
 # -- train ---------------------------------------------------------------------------------------------------------
 
-def _run_options(args) -> dict:
-    """The TrainConfig fields `train` and `train-lora` share (the index file read and checked here)."""
-    indices = read_index_file(args.indices) if args.indices else None
-    return dict(dataset=args.dataset, out=args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
-                lr=args.lr, checkpoints=args.checkpoints, indices=indices, index_file=args.indices,
-                device=args.device, flip={"auto": None, "on": True, "off": False}[args.flip],
-                randomness=args.randomness,
-                save_epochs=[int(e) for e in args.save_epochs.split(",")] if args.save_epochs else [])
+LORA_OPTIONS = ("pipeline", "rank", "prompt_template")  # train-lora's own
+
+def _config(args, **more) -> TrainConfig:
+    """The TrainConfig of `train` or `train-lora` from its options (the index file read and checked here)."""
+    indices = read_index_file(args.index_file) if args.index_file else None
+    return from_args(TrainConfig, args, indices=indices, **more)
 
 
 def cmd_train(args) -> int:
-    cfg = TrainConfig(**_run_options(args), preset=args.preset, resolution=args.resolution)
+    cfg = _config(args)
     indices = cfg.indices
 
     subset_indices(cfg, len(load_dataset(cfg.dataset, "train", cfg.resolution)))  # validate before reporting
     info(f"training a {cfg.preset} DDPM on {cfg.dataset}"
-         f"{f' ({len(indices)} indices from {args.indices})' if indices else ''} for {cfg.epochs} epochs, "
+         f"{f' ({len(indices)} indices from {args.index_file})' if indices else ''} for {cfg.epochs} epochs, "
          f"seed {cfg.seed}, {cfg.randomness} randomness; checkpoints at epochs {cfg.save_epochs} -> {cfg.out}")
     out = train(cfg, progress=progress_bar("epochs"))
     print(out)
@@ -42,11 +41,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_lora(args) -> int:
-    cfg = TrainConfig(**_run_options(args), pipeline=args.pipeline, rank=args.rank,
-                      prompt_template=args.prompt_template)
+    cfg = _config(args)
     indices = cfg.indices
-    info(f"LoRA-finetuning {args.pipeline} (rank {cfg.rank}) on {cfg.dataset}"
-         f"{f' ({len(indices)} indices from {args.indices})' if indices else ''}, prompts "
+    info(f"LoRA-finetuning {cfg.pipeline} (rank {cfg.rank}) on {cfg.dataset}"
+         f"{f' ({len(indices)} indices from {args.index_file})' if indices else ''}, prompts "
          f"{cfg.prompt_template!r}, {cfg.epochs} epochs, seed {cfg.seed}, {cfg.randomness} randomness; checkpoints "
          f"at epochs {cfg.save_epochs} "
          f"-> {cfg.out}")
@@ -101,54 +99,16 @@ def cmd_app(args) -> int:
     os.execv(sys.executable, cmd)
 
 
-def _randomness_option(p) -> None:
-    p.add_argument("--randomness", default="stream",
-                   help="where the data order, timesteps, noises and flips come from: stream (default: one stream "
-                        "from the seed, as every run made before CRN; a run.json without the field is one), "
-                        "crn-slots (common random numbers: each image's draws keyed by seed, epoch and image, in the "
-                        "full split's batches, for runs to be compared with subset retrains, e.g. a bank's --run) "
-                        "or crn (the same draws, re-batched over the images present)")
-
-
 def add_commands(sub) -> None:
     t = sub.add_parser("train", help="train a small DDPM (UNet2DModel) on a dataset or a subset of it")
-    t.add_argument("--dataset", required=True, help="dataset spec, e.g. digits, animals-2, folder:PATH")
-    t.add_argument("--out", required=True, help="run folder to write (epoch-N/ checkpoints + run.json)")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--indices", help="train only on these training-split indices (.npy or text file)")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--checkpoints", type=int, default=5, help="number of evenly spaced saved epochs (default 5)")
-    t.add_argument("--save-epochs", help="explicit comma-separated epochs to save instead of --checkpoints")
-    t.add_argument("--preset", default="small", help="UNet size: small (0.65M parameters) or tiny (tests)")
-    t.add_argument("--resolution", type=int, help="model resolution (default: the dataset's)")
-    t.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
-                   help="random horizontal flips (auto: on except for digits)")
-    t.add_argument("--device", default="auto")
-    _randomness_option(t)
+    add_arguments(t, TrainConfig, exclude=LORA_OPTIONS, argparse_choices=False)  # TrainConfig's fields (it
+    # refuses a value outside their choices itself, in one line)
     t.set_defaults(func=cmd_train)
 
     lo = sub.add_parser("train-lora", help="LoRA-finetune a local Stable Diffusion folder on a dataset with class "
                                            "prompts (D-TRAK's SD-LoRA setting)")
-    lo.add_argument("--pipeline", required=True, help="a local Stable Diffusion folder (model_index.json, unet/, "
-                                                      "vae/, text_encoder/, tokenizer/, scheduler/)")
-    lo.add_argument("--dataset", required=True, help="dataset spec with classes, e.g. folder:PATH, animals:cat,dog")
-    lo.add_argument("--out", required=True, help="run folder to write (epoch-N/ LoRA checkpoints + run.json)")
-    lo.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4; the D-TRAK paper uses 128)")
-    lo.add_argument("--prompt-template", default="a {class} painting",
-                    help="each training image's prompt, {class} = its class name (default 'a {class} painting')")
-    lo.add_argument("--epochs", type=int, default=10)
-    lo.add_argument("--seed", type=int, default=0)
-    lo.add_argument("--indices", help="finetune only on these training-split indices (.npy or text file)")
-    lo.add_argument("--batch-size", type=int, default=64)
-    lo.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4, the paper's)")
-    lo.add_argument("--checkpoints", type=int, default=5, help="number of evenly spaced saved epochs (default 5)")
-    lo.add_argument("--save-epochs", help="explicit comma-separated epochs to save instead of --checkpoints")
-    lo.add_argument("--flip", choices=["auto", "on", "off"], default="auto",
-                    help="random horizontal flips (auto: on except for digits)")
-    lo.add_argument("--device", default="auto")
-    _randomness_option(lo)
+    add_arguments(lo, TrainConfig, exclude=("preset", "resolution"), required=("pipeline",), argparse_choices=False,
+                  defaults={"epochs": 10, "lr": 3e-4})  # the D-TRAK paper's learning rate for LoRA
     lo.set_defaults(func=cmd_train_lora)
 
     g = sub.add_parser("generate", help="generate images (PNGs + samples.npz)")

@@ -37,7 +37,7 @@ import hashlib
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ from ..fileio import (
 )
 from ..models import load_model
 from ..models.checkpoint import resolve_checkpoint
+from ..options import opt
 from ..sampling import DEFAULT_GUIDANCE, Prompt, gen_key, sample
 from ..store import identity_differences, retrain_dir
 from ..train import index_hash, train
@@ -192,26 +193,37 @@ def simple_loss_outputs(model, images: torch.Tensor, keys: list[str], k: int, no
 
 @dataclass
 class BankSpec:
-    """What to build (validated; bad values raise one ConfigError line)."""
+    """What to build (validated; bad values raise one ConfigError line). The fields with help are the `bank build`
+    command's options (options.py: argparse from the schema); the recipe comes from --recipe or --run."""
 
-    name: str
-    recipe: Recipe
-    out: str | None = None  # default banks/<name>
-    subsets: int = 24
-    seeds: int = 2
-    alpha: float = 0.5
-    subset_seed: int = 0
-    subset_file: str | None = None
-    val_targets: int = 100
-    gen_targets: int = 100
-    gen_steps: int = 50
-    noise_sets: int = 2
-    timesteps: int = 100
-    full_model: str | None = None  # a run folder whose final checkpoint is the bank's model (else trained here)
-    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance of a text-conditional model's generated targets
-    targets_from: str | None = None  # another bank (name or folder) whose targets to copy instead of making them
+    name: str = field(default="", metadata=opt("bank name (folder banks/NAME unless --out)", required=True))
+    recipe: Recipe | None = None
+    out: str | None = field(default=None, metadata=opt("bank folder (default banks/NAME)"))
+    subsets: int = field(default=24, metadata=opt("M, random subsets"))
+    seeds: int = field(default=2, metadata=opt("training seeds per subset"))
+    alpha: float = field(default=0.5, metadata=opt("subset fraction of the training split"))
+    subset_seed: int = field(default=0, metadata=opt("seed of the random subsets"))
+    subset_file: str | None = field(default=None, metadata=opt(
+        "subsets from a file instead: .npy (M, N) bool, .npy (M, k) indices, or text with one subset's indices per "
+        "line"))
+    val_targets: int = field(default=100, metadata=opt("validation images val:0.."))
+    gen_targets: int = field(default=100, metadata=opt("images of the full model, seeds 0.."))
+    gen_steps: int = field(default=50, metadata=opt("DDPM steps of the generated targets"))
+    noise_sets: int = field(default=2, metadata=opt("R, independent noise sets for F"))
+    timesteps: int = field(default=100, metadata=opt("K uniform timesteps of F"))
+    # a run folder whose final checkpoint is the bank's model (else trained here): --run
+    full_model: str | None = field(default=None, metadata=opt(
+        "a training run folder: its final checkpoint is the bank's model, subsets are retrained with its run.json "
+        "recipe", flag="--run", metavar="RUN"))
+    guidance: float = field(default=DEFAULT_GUIDANCE, metadata=opt(
+        "classifier-free guidance of a text-conditional model's generated targets"))
+    targets_from: str | None = field(default=None, metadata=opt(
+        "take the targets from another bank (name or folder: same data, the same val:/gen: keys) instead of making "
+        "them, so that both banks measure F on the same images", metavar="BANK"))
 
     def __post_init__(self):
+        if self.recipe is None:
+            raise ConfigError("a bank needs a retraining recipe: give --recipe NAME or --run RUN_FOLDER")
         if not self.name or "/" in self.name:
             raise ConfigError(f"bank name must be a plain name, got {self.name!r}")
         if not 0 < self.alpha < 1:
