@@ -20,9 +20,11 @@ from attribution import (
     Bank,
     Result,
     LdsTable,
+    RunOptions,
     SweepPoint,
     checkpoint_tasks,
     estimate_text,
+    fields_of,
     format_duration,
     heldout_lds_table,
     key_prompt,
@@ -37,36 +39,44 @@ from attribution import PreparationTask as Task
 from attribution import preparation_estimates as estimates
 
 
+def feature_flags(features: tuple) -> str:
+    """The command-line flags of the evaluation's feature options (RunOptions fields as (name, value) pairs, the
+    key of every cached result here): K and k always, the others where not the default (flags from the schema)."""
+    spec = {s.name: s for s in fields_of(RunOptions)}
+    return " ".join(f"{spec[k].flag} {v}" for k, v in features
+                    if k in ("timesteps", "proj_dim") or v != spec[k].default)
+
+
 @st.cache_resource(max_entries=4, show_spinner="Loading the bank…")
 def cached_bank(name: str) -> Bank:
     return Bank.load(name)
 
 
 @st.cache_resource(max_entries=12, show_spinner=False)
-def bank_attribution(name: str, method: str, timesteps: int, proj_dim: int) -> Attribution:
+def bank_attribution(name: str, method: str, features: tuple) -> Attribution:
     """`method` on bank `name`'s model and training set (validated; featurized separately, in the background)."""
-    return open_on_bank(cached_bank(name), method, timesteps=timesteps, proj_dim=proj_dim, load=cached_model)
+    return open_on_bank(cached_bank(name), method, **dict(features), load=cached_model)
 
 
-def evaluation_note(name: str, methods, timesteps: int, proj_dim: int) -> str:
+def evaluation_note(name: str, methods, features: tuple) -> str:
     """Before Evaluate: per method, cached, or about how long its training features and the bank's target
     features will take here (from the throughput measured for that kind of features)."""
-    total, lines = estimate_text([Task(m, bank_attribution(name, m, timesteps, proj_dim), bank=cached_bank(name))
+    total, lines = estimate_text([Task(m, bank_attribution(name, m, features), bank=cached_bank(name))
                                   for m in methods])
     return ("Before the first Evaluate here: " + "; ".join(lines.splitlines())
             + (f". About {format_duration(total)} in all on this machine." if total else "."))
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def checkpoint_plan(name: str, method: str, timesteps: int, proj_dim: int) -> list[Task]:
+def checkpoint_plan(name: str, method: str, features: tuple) -> list[Task]:
     """What the LDS per checkpoint computes, one task per checkpoint of bank `name`'s run (opened, not computed)."""
-    return checkpoint_tasks(cached_bank(name), method, load=cached_model, timesteps=timesteps, proj_dim=proj_dim)
+    return checkpoint_tasks(cached_bank(name), method, load=cached_model, **dict(features))
 
 
-def checkpoint_note(name: str, method: str, timesteps: int, proj_dim: int) -> tuple[str, str]:
+def checkpoint_note(name: str, method: str, features: tuple) -> tuple[str, str]:
     """(one line, one line per checkpoint) before the LDS per checkpoint: cached, or how many checkpoints still
     need their features and about how long that takes here, from the measured throughput."""
-    tasks = checkpoint_plan(name, method, timesteps, proj_dim)
+    tasks = checkpoint_plan(name, method, features)
     share_measured_rate(tasks)
     total, rows = estimates(tasks, probe=False)
     todo = sum(text != "cached" for _, text in rows)
@@ -81,15 +91,15 @@ def checkpoint_note(name: str, method: str, timesteps: int, proj_dim: int) -> tu
 
 
 @st.cache_resource(max_entries=12, show_spinner="Scoring the bank's targets…")
-def bank_run(name: str, method: str, timesteps: int, proj_dim: int) -> Result:
+def bank_run(name: str, method: str, features: tuple) -> Result:
     """One method's target features of every target of bank `name` (after `featurize_with_progress`)."""
-    return run_on_bank(cached_bank(name), bank_attribution(name, method, timesteps, proj_dim))
+    return run_on_bank(cached_bank(name), bank_attribution(name, method, features))
 
 
 @st.cache_data(max_entries=32, show_spinner="Sweeping λ…")
-def lambda_curve(name: str, method: str, timesteps: int, proj_dim: int, split: str) -> dict:
+def lambda_curve(name: str, method: str, features: tuple, split: str) -> dict:
     """LDS along the kernel's λ grid with the default, retraining-free (GCV) and optimal λ and their LDS."""
-    r = lambda_report(cached_bank(name), bank_run(name, method, timesteps, proj_dim), split)
+    r = lambda_report(cached_bank(name), bank_run(name, method, features), split)
     return {"lambdas": r.sweep.lambdas, "standard": r.sweep.standard, "centered": r.sweep.centered,
             "ci": r.sweep.standard_ci_targets, "default": r.default, "gcv": r.gcv, "best": r.best,
             "at_default": r.at(r.default), "at_gcv": r.at(r.gcv), "at_best": r.at(r.best), "ceiling": r.ceiling,
@@ -97,10 +107,10 @@ def lambda_curve(name: str, method: str, timesteps: int, proj_dim: int, split: s
 
 
 @st.cache_resource(max_entries=8, show_spinner="Featurizing each checkpoint (once)…")
-def checkpoint_curve(name: str, method: str, timesteps: int, proj_dim: int) -> list[SweepPoint]:
+def checkpoint_curve(name: str, method: str, features: tuple) -> list[SweepPoint]:
     """LDS of attributions from each checkpoint of the bank's run, against the final model's bank."""
     return option_sweep(cached_bank(name), method, "checkpoint", splits=("val", "gen"), n_resamples=200,
-                        timesteps=timesteps, proj_dim=proj_dim)
+                        **dict(features))
 
 
 def checkpoint_figure(points: list[SweepPoint], method: str):
@@ -137,14 +147,14 @@ def table_rows(table: LdsTable) -> list[dict]:
 
 
 @st.cache_data(max_entries=16, show_spinner="Fitting Empirical Influence and Datamodels…")
-def estimator_rows(name: str, methods: tuple[str, ...], timesteps: int, proj_dim: int, split: str) -> tuple:
+def estimator_rows(name: str, methods: tuple[str, ...], features: tuple, split: str) -> tuple:
     """The held-out LDS table of the retraining estimators beside `methods` (rows) and the split note."""
-    named = {m: bank_run(name, m, timesteps, proj_dim).scores for m in methods}
+    named = {m: bank_run(name, m, features).scores for m in methods}
     table, note = heldout_lds_table(cached_bank(name), named, split, n_resamples=200)
     return table_rows(table), note
 
 
-def estimators_section(name: str, methods: tuple[str, ...], timesteps: int, proj_dim: int, split: str) -> None:
+def estimators_section(name: str, methods: tuple[str, ...], features: tuple, split: str) -> None:
     """Empirical Influence and Datamodels (scores fitted on the bank's own retrained models) next to the methods,
     all measured on the held-out subsets only: the bank's subsets are split in two, one half fits, one half tests."""
     st.subheader("Retraining-based estimators")
@@ -156,7 +166,7 @@ def estimators_section(name: str, methods: tuple[str, ...], timesteps: int, proj
                      help="Fits in a second or two from the bank's stored measurements; no retraining."):
         return
     try:
-        rows, note = estimator_rows(name, methods, timesteps, proj_dim, split)
+        rows, note = estimator_rows(name, methods, features, split)
     except AttributionError as exc:
         st.warning(str(exc))
         return
@@ -165,7 +175,7 @@ def estimators_section(name: str, methods: tuple[str, ...], timesteps: int, proj
                + (f"; {note['ei_undefined']} images were in every or no fitting subset (EI 0)."
                   if note["ei_undefined"] else "."))
     st.code(f"python -m attribution estimators --bank {name} --method {','.join(methods)} --split {split} "
-            f"--timesteps {timesteps} --proj-dim {proj_dim}", language="bash")
+            f"{feature_flags(features)}", language="bash")
 
 
 def open_target(bank: Bank, key: str) -> None:

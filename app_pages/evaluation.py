@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_pages._attr import featurize_with_progress
+from app_pages._attr import PROJECTORS, featurize_with_progress, option_widget
 from app_pages._eval import (
     bank_attribution,
     bank_run,
@@ -14,6 +14,7 @@ from app_pages._eval import (
     checkpoint_note,
     estimators_section,
     evaluation_note,
+    feature_flags,
     lambda_curve,
     open_target,
     table_rows,
@@ -59,28 +60,36 @@ with st.form("eval_form"):
     timesteps = c2.selectbox("K (timesteps)", Ks, index=Ks.index(EVALUATION.timesteps), key="eval_K",
                              help="Timesteps the features average over (the paper's K).")
     proj_dim = c3.selectbox("k (projection)", ks, index=ks.index(EVALUATION.proj_dim), key="eval_k")
+    with st.expander("More feature options (those of the Attribute page and `score`)"):
+        e1, e2, e3, e4 = st.columns(4)
+        more = {"noises": int(option_widget(e1, "noises", "eval_noises", min_value=1, max_value=64)),
+                "strategy": option_widget(e2, "strategy", "eval_strategy"),
+                "seed": int(option_widget(e3, "seed", "eval_seed", min_value=0)),
+                "projector": option_widget(e4, "projector", "eval_projector", choices=PROJECTORS)}
     run = st.form_submit_button("Evaluate", type="primary")
+# every method takes the options of its kind (pixel similarity: none of them)
+features = (("timesteps", timesteps), ("proj_dim", proj_dim), *more.items())
 split = st.radio("Targets", ["val", "gen"], horizontal=True, key="eval_split",
                  format_func={"val": "validation images", "gen": "generated images"}.get)
 
 if run:
-    st.session_state["eval_ready"] = (name, tuple(methods), timesteps, proj_dim)
+    st.session_state["eval_ready"] = (name, tuple(methods), features)
 ready = st.session_state.get("eval_ready")
 if not ready or ready[0] != name:
     st.info("Pick methods and press **Evaluate**: features are computed once per method and cached.")
     try:
-        st.caption(evaluation_note(name, methods, timesteps, proj_dim),
+        st.caption(evaluation_note(name, methods, features),
                    help="For the options as the form was last submitted.")
     except AttributionError:
         pass  # options that do not make an attribution are reported by Evaluate, with the reason
     st.stop()
-_, methods, timesteps, proj_dim = ready
+_, methods, features = ready
 runs = {}
 with st.status("Scoring the bank's targets…", expanded=True) as status:
     for m in methods:
         try:
-            featurize_with_progress(bank_attribution(name, m, timesteps, proj_dim), m)
-            runs[m] = bank_run(name, m, timesteps, proj_dim)
+            featurize_with_progress(bank_attribution(name, m, features), m)
+            runs[m] = bank_run(name, m, features)
         except AttributionError as exc:
             st.warning(f"{m}: {exc}")
     status.update(label="Scores ready", state="complete", expanded=False)
@@ -111,14 +120,14 @@ if len(table.methods) > 1:
 st.download_button("LDS table (CSV)", pd.DataFrame(table_rows(table)).to_csv(index=False),
                    f"lds-{name}-{split}.csv", "text/csv")
 st.code(f"python -m attribution lds --bank {name} --method {','.join(runs)} --split {split} "
-        f"--timesteps {timesteps} --proj-dim {proj_dim}", language="bash")
+        f"{feature_flags(features)}", language="bash")
 
 # -- λ ---------------------------------------------------------------------------------------------------------------
 lam_methods = [m for m, r in runs.items() if r.uses_lambda and r.covers(split)]
 if lam_methods:
     st.subheader("LDS versus λ")
     m = st.selectbox("Method", lam_methods, key="eval_lam_method")
-    curve = lambda_curve(name, m, timesteps, proj_dim, split)
+    curve = lambda_curve(name, m, features, split)
     lam = st.select_slider("λ", curve["lambdas"].tolist(), value=curve["default"], key=f"eval_lam_{m}",
                            format_func=lambda v: f"{v:.3g}")
     i = int(np.argmin(np.abs(np.log(curve["lambdas"] / lam))))
@@ -149,23 +158,23 @@ else:
     m = st.selectbox("Method", [x for x in runs if x in lam_methods] or list(runs), key="eval_ckpt_method")
     if st.button("Compute LDS per checkpoint", key="eval_ckpt_run",
                  help="Featurizes the training set at each checkpoint once (cached on disk, shared by everyone)."):
-        st.session_state["eval_ckpt"] = (name, m, timesteps, proj_dim)
-    if st.session_state.get("eval_ckpt") != (name, m, timesteps, proj_dim):
+        st.session_state["eval_ckpt"] = (name, m, features)
+    if st.session_state.get("eval_ckpt") != (name, m, features):
         try:
-            line, per_checkpoint = checkpoint_note(name, m, timesteps, proj_dim)
+            line, per_checkpoint = checkpoint_note(name, m, features)
             st.caption(line, help=per_checkpoint)
         except AttributionError as exc:
             st.caption(f"No LDS per checkpoint for {m}: {exc}")
     else:
-        points = checkpoint_curve(name, m, timesteps, proj_dim)
+        points = checkpoint_curve(name, m, features)
         fig, frame = checkpoint_figure(points, m)
         st.plotly_chart(fig, key="eval_ckpt_fig")
         st.download_button("LDS per checkpoint (CSV)", frame.to_csv(index=False), f"lds-ckpt-{name}-{m}.csv",
                            "text/csv")
-    st.code(f"python -m attribution lds --bank {name} --method {m} --sweep checkpoint --timesteps {timesteps} "
-            f"--proj-dim {proj_dim}", language="bash")
+    st.code(f"python -m attribution lds --bank {name} --method {m} --sweep checkpoint {feature_flags(features)}",
+            language="bash")
 
-estimators_section(name, tuple(runs), timesteps, proj_dim, split)
+estimators_section(name, tuple(runs), features, split)
 
 # -- per target ------------------------------------------------------------------------------------------------------
 st.subheader("Per target")

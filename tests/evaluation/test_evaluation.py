@@ -151,12 +151,18 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
     at.multiselect(key="eval_methods").set_value(["pixel-cos", "trak"])
     at.selectbox(key="eval_K").set_value(1)
     at.selectbox(key="eval_k").set_value(512)
+    at.number_input(key="eval_noises").set_value(2)  # a feature option from the schema (pixel-cos has none)
     at.button[0].click().run()  # the form's Evaluate button
     assert not at.exception, at.exception
     table = at.dataframe[0].value
+    # TRAK was computed with 2 noise draws: the library's LDS of those features, and the command that reproduces it
+    bank = Bank.load(fake_bank_dir)
+    run = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=512, noises=2, cache=str(tmp_path))
+    trak = lds(run.scores[:4], bank.masks, bank.F[..., :4], n_resamples=50).standard.value
+    assert table.iloc[1, 2].startswith(f"{trak:+.3f}")
+    assert any("--timesteps 1 --proj-dim 512 --noises 2" in c.value for c in at.main.code)
     names = list(table.iloc[:, 0])
     assert names[:2] == ["pixel-cos", "trak"] and {SEED_CEILING, REACHABLE} <= set(names)
-    bank = Bank.load(fake_bank_dir)
     pixels = bank_targets(bank).images.reshape(6, -1).double().numpy()
     from attribution.data import load_dataset
 
