@@ -94,14 +94,16 @@ class Method(ABC):
 
     # -- the recipe ------------------------------------------------------------------------------------------------
 
-    def feature_config(self, fn: str | None = None, eta: float | None = None, strategy: str = "uniform",
-                       clip_model: str = "ViT-B-32", clip_weights: str | None = None, **options) -> FeatureConfig:
-        """The features this method scores with, from the user's options: their output function checked against
-        the method's, the method's timestep strategy and normalisation where it has them. `options` are the
-        remaining `FeatureConfig` fields (timesteps, noises, proj_dim, projector, seed, params, proj_seed)."""
+    def feature_config(self, fn: str | None = None, eta: float | None = None, strategy: str | None = None,
+                       clip_model: str | None = None, clip_weights: str | None = None, **options) -> FeatureConfig:
+        """The features this method scores with, from the user's options (None: `FeatureConfig`'s default):
+        their output function checked against the method's, the method's timestep strategy and normalisation
+        where it has them. `options` are the remaining `FeatureConfig` fields (timesteps, noises, proj_dim,
+        projector, seed, params, proj_seed, the EK-FAC options)."""
         fn = self.check_fn("interp" if eta is not None and fn is None else fn)
-        return FeatureConfig(kind=self.features.kind, fn=fn, eta=1.0 if eta is None else eta,
-                             strategy=self.strategy or strategy, normalize=self.normalize, **options)
+        return FeatureConfig(kind=self.features.kind, fn=fn, eta=FeatureConfig.eta if eta is None else eta,
+                             strategy=self.strategy or strategy or FeatureConfig.strategy, normalize=self.normalize,
+                             **options)
 
     def fn_choices(self) -> tuple[str, ...]:
         """The output functions the user may pick for this method (one: it has a fixed function)."""
@@ -189,8 +191,9 @@ class SimilarityMethod(Method):
     fixed_fn = False
     has_self_influence = False
 
-    def feature_config(self, clip_model: str = "ViT-B-32", clip_weights: str | None = None, **_) -> FeatureConfig:
-        return FeatureConfig(kind=self.features.kind, clip_model=clip_model, clip_weights=clip_weights)
+    def feature_config(self, clip_model: str | None = None, clip_weights: str | None = None, **_) -> FeatureConfig:
+        return FeatureConfig(kind=self.features.kind, clip_model=clip_model or FeatureConfig.clip_model,
+                             clip_weights=clip_weights)
 
     def fn_choices(self) -> tuple[str, ...]:
         return ()  # no output function: no gradients
