@@ -59,12 +59,14 @@ def write_figures(path, figures, title: str) -> list[str]:
     return written
 
 
-def add_ray_options(p, cache_help: str = "cache root (default: cache/ or $ATTRIBUTION_CACHE)") -> None:
-    """--ray-address, --num-cpus and --cache of the commands that fan out on Ray (bank build, counterfactual)."""
+def add_ray_options(p, cache_help: str | None = "cache root (default: cache/ or $ATTRIBUTION_CACHE)") -> None:
+    """--ray-address, --num-cpus and --cache (None: the command has its own) of the commands that fan out on Ray
+    (bank build, counterfactual, featurize --ray)."""
     p.add_argument("--ray-address", help="an existing Ray cluster (HOST:PORT; default $RAY_ADDRESS, else a local "
                                          "Ray sized to this machine)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--cache", help=cache_help)
+    if cache_help is not None:
+        p.add_argument("--cache", help=cache_help)
 
 
 def add_prompt_options(p) -> None:

@@ -14,7 +14,7 @@ from ..kernel import check_lambda as check
 from ..report import check_out, export_metadata, rank, write_scores
 from ..run_options import add_run_options, run_options
 from ..targets import resolve_targets
-from .common import add_prompt_options, info, progress_bar, prompt_from
+from .common import add_prompt_options, add_ray_options, info, progress_bar, prompt_from
 
 
 def build(args):
@@ -51,11 +51,35 @@ def featurize_all(attribution) -> None:
 
 
 def cmd_featurize(args) -> int:
-    attribution, _ = build(args)
-    featurize_all(attribution)
+    if args.ray or args.ray_address or args.shard_size is not None:
+        attribution = featurize_ray(args)
+    else:
+        attribution, _ = build(args)
+        featurize_all(attribution)
     for att in attribution.members:
         print(att.store_path)
     return 0
+
+
+def featurize_ray(args):
+    """`featurize --ray`: the missing training rows fanned out as Ray tasks (`evaluation.ray_featurize`)."""
+    import os  # lazy: keeps the start of the other commands fast
+
+    from ..evaluation.ray_engine import RayCluster, probe_address  # lazy: Ray only for a fan-out
+    from ..evaluation.ray_featurize import featurize_on_ray
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        probe_address(address)  # fail in seconds, before any model is loaded
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError(f"--num-cpus must be at least 1, got {args.num_cpus}")
+    if args.shard_size is not None and args.shard_size < 1:
+        raise ConfigError(f"--shard-size must be at least 1, got {args.shard_size}")
+    options = run_options(args)
+    models = {m.model.spec: m.model for m in open_attribution(options).members}  # bad options: before Ray starts
+    with RayCluster(address, args.num_cpus) as cluster:
+        info(f"featurizing on {cluster.describe()}")
+        return featurize_on_ray(options, cluster, args.shard_size, member_progress, load=models.__getitem__)
 
 
 def check_lambda(method, lam: float | None) -> None:
@@ -137,6 +161,10 @@ def cmd_self_influence(args) -> int:
 def add_commands(sub) -> None:
     f = sub.add_parser("featurize", help="compute and cache training-set features")
     add_run_options(f)
+    f.add_argument("--ray", action="store_true", help="split the training set into shards featurized as Ray tasks "
+                                                      "(a local Ray sized to this machine, or --ray-address)")
+    f.add_argument("--shard-size", type=int, help="training images per Ray task (default: about 4 tasks per slot)")
+    add_ray_options(f, cache_help=None)
     f.set_defaults(func=cmd_featurize)
 
     s = sub.add_parser("score", help="rank training images by influence on a target")

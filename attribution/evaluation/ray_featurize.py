@@ -1,0 +1,97 @@
+"""Featurization fanned out on Ray: the training set split into shards, each featurized by a Ray task, the rows
+written into the same resumable store by the driver.
+
+    with RayCluster(address, num_cpus) as cluster:
+        featurize_on_ray(options, cluster, progress=...)   # the features `Attribution.featurize` would compute
+
+Each task loads the checkpoint, opens the member's Attributor with the same options (the same kind of features,
+identity and folder: checked) and computes its shard's rows (`Featurizer.train_rows`); the driver, holding the
+store's lock and this machine's compute slot like a local featurization, writes each shard as it arrives and
+reports n / N images, the rate and the time left. What a kind of features needs first (the EK-FAC factors) is
+computed by the driver before the fan-out and cached, so the tasks load it; what it computes after the rows (DAS's
+residual statistics) runs in the driver afterwards. A task whose worker dies is retried by Ray; a killed driver
+leaves every shard written so far, and the next run computes only the missing rows.
+
+Rows do not depend on which task computes them (noise is keyed by each image, the projection by the seed), so the
+features equal a single process's up to float32 summation order (one torch thread per task): the test compares
+them at a relative tolerance of 1e-5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from ..engine import Attribution, open_attribution, open_attributor, progress_message
+from ..errors import ConfigError
+from ..run_options import RunOptions
+from ..store import compute_slot
+from .ray_engine import RayCluster, single_thread
+
+Progress = Callable[[int, int, str], None]
+SHARDS_PER_SLOT = 4  # shards per task slot: small enough to balance and to lose little to a killed worker
+
+
+def shard_rows(rows: np.ndarray, slots: int, shard_size: int | None = None) -> list[np.ndarray]:
+    """The missing rows in shards: `shard_size` each, else about SHARDS_PER_SLOT per task slot (at least 1 row)."""
+    if shard_size is not None and shard_size < 1:
+        raise ConfigError(f"--shard-size must be at least 1, got {shard_size}")
+    size = shard_size or max(1, -(-len(rows) // (SHARDS_PER_SLOT * max(1, slots))))
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def _shard(payload: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """A Ray task: the features of one shard's training rows under one member (loaded here, on CPU or the GPU)."""
+    single_thread()
+    from ..models import load_model  # lazy: in the worker
+
+    options, spec, proj_seed, store_path, rows = payload
+    att = open_attributor(load_model(spec, options.device), options, proj_seed=proj_seed)
+    if str(att.store_path) != store_path:
+        raise ConfigError(f"a Ray worker made other features ({att.store_path}) than the driver ({store_path}); "
+                          "give it the same repository and cache (a shared filesystem on a multi-node cluster)")
+    return rows, att.featurizer.train_rows(rows)
+
+
+def featurize_on_ray(options: RunOptions, cluster: RayCluster, shard_size: int | None = None,
+                     progress: Callable[[object], Progress | None] | None = None, load=None) -> Attribution:
+    """Featurize every member of the attribution `options` define with its missing training rows fanned out as Ray
+    tasks (see the module docstring); `progress(member)` returns that member's `(done, total, message)` callback.
+    Returns the attribution (its stores complete)."""
+    import ray  # lazy: importing Ray takes seconds; only a fan-out needs it
+
+    attribution = open_attribution(options, load)
+    for att in attribution.members:
+        _ = att.store  # every member's folder opened (or refused) before any work
+    remote = ray.remote(_shard).options(**cluster.task_options())
+    device, where = "cuda" if cluster.uses_gpu() else "cpu", cluster.describe()
+    for att in attribution.members:
+        report = progress(att) if progress else None
+        store, n = att.store, len(att.train)
+        with store.exclusive(), contextlib.ExitStack() as stack:
+            todo = np.flatnonzero(~store.done())
+            if len(todo):
+                stack.enter_context(compute_slot(att.cache_dir))
+                att.featurizer.prepare(report)  # the EK-FAC factors first (cached: the tasks load them)
+                member_options = replace(options, checkpoint=att.model.spec, device=device)
+                shards = shard_rows(todo, cluster.slots(), shard_size)
+                pending = [remote.remote((member_options, att.model.spec, att.cfg.proj_seed, str(att.store_path),
+                                          rows)) for rows in shards]
+                done_before, finished, start = n - len(todo), 0, time.perf_counter()
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1)
+                    rows, values = ray.get(ready[0])
+                    store.write_rows(rows, values)
+                    finished += len(rows)
+                    if report:
+                        report(done_before + finished, n, progress_message(
+                            done_before + finished, n, finished, time.perf_counter() - start)
+                               + f" ({len(pending)} of {len(shards)} shards left on {where})")
+            elif report:
+                report(n, n, "cached")
+        att.featurizer.finish(report)  # what the scores use beside the features (DAS's residual statistics)
+    return attribution

@@ -1,0 +1,83 @@
+"""Featurization fanned out on Ray (`evaluation.ray_featurize`): the features a single process computes, in the
+same store, resumable, with progress; DAS's residual statistics and EK-FAC's factors through the same path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attribution.engine import open_attribution
+from attribution.errors import ConfigError
+from attribution.evaluation.ray_featurize import featurize_on_ray, shard_rows
+from attribution.run_options import RunOptions
+
+# Rows do not depend on the process that computes them; a Ray task runs one torch thread, the single process two,
+# so float32 sums may differ in order: relative 1e-5 is ~100x float32's epsilon and far below any score's meaning.
+RTOL = 1e-5
+
+
+def test_shards_cover_the_rows_once():
+    rows = np.arange(3, 50)
+    shards = shard_rows(rows, slots=2)
+    assert len(shards) == 8 and np.array_equal(np.concatenate(shards), rows)  # ~4 per slot
+    assert [len(s) for s in shard_rows(rows, 2, shard_size=20)] == [20, 20, 7]
+    with pytest.raises(ConfigError, match="--shard-size must be at least 1"):
+        shard_rows(rows, 2, shard_size=0)
+
+
+@pytest.mark.slow
+def test_ray_features_equal_one_process_and_resume(tiny_run, npz12, tmp_path, local_ray):
+    base = dict(checkpoint=str(tiny_run), dataset=f"npz:{npz12}", timesteps=2, proj_dim=64, device="cpu")
+    alone = open_attribution(RunOptions(**base, method="dtrak", cache=str(tmp_path / "alone")))
+    alone.featurize()
+    want = np.array(alone.members[0].store.features())
+
+    options = RunOptions(**base, method="dtrak", cache=str(tmp_path / "ray"))
+    seen = []
+    att = featurize_on_ray(options, local_ray, shard_size=5, progress=lambda m: lambda *a: seen.append(a))
+    store = att.members[0].store
+    assert store.complete and store.path.name == alone.members[0].store_path.name  # the same identity and folder
+    np.testing.assert_allclose(np.array(store.features()), want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+    assert [s[0] for s in seen] == [5, 10, 12] and all(s[1] == 12 for s in seen)  # n / N per shard
+    assert "images/s" in seen[0][2] and "shards left" in seen[0][2]
+
+    # a run killed after some shards: the next computes only the missing rows
+    done = store.done()
+    done[4:] = False
+    np.save(store.path / "done.npy", done)
+    seen.clear()
+    featurize_on_ray(options, local_ray, shard_size=5, progress=lambda m: lambda *a: seen.append(a))
+    assert [s[0] for s in seen] == [9, 12] and store.complete
+    np.testing.assert_allclose(np.array(store.features()), want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+    seen.clear()
+    featurize_on_ray(options, local_ray, progress=lambda m: lambda *a: seen.append(a))
+    assert seen == [(12, 12, "cached")]
+
+
+@pytest.mark.slow
+def test_kinds_with_a_step_before_or_after_the_rows(tiny_run, npz12, tmp_path, local_ray):
+    """EK-FAC's factors are fitted by the driver before the fan-out (the tasks load them); DAS's residual
+    statistics after it: both as a single process computes them."""
+    base = dict(checkpoint=str(tiny_run), dataset=f"npz:{npz12}", timesteps=2, proj_dim=64, device="cpu")
+    for method in ("ekfac", "das"):
+        alone = open_attribution(RunOptions(**base, method=method, cache=str(tmp_path / f"alone-{method}")))
+        alone.featurize()
+        ray = featurize_on_ray(RunOptions(**base, method=method, cache=str(tmp_path / f"ray-{method}")), local_ray,
+                               shard_size=4)
+        a, b = alone.members[0], ray.members[0]
+        want = np.array(a.store.features())
+        np.testing.assert_allclose(np.array(b.store.features()), want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+        if method == "das":
+            np.testing.assert_allclose(b.train_features().stat("das-residual"),
+                                       a.train_features().stat("das-residual"), rtol=RTOL)
+
+
+def test_featurize_on_ray_bad_input_is_one_line(capsys):
+    from attribution.cli import main
+
+    for argv, says in ((["--shard-size", "0"], "--shard-size must be at least 1"),
+                       (["--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
+                       (["--ray", "--num-cpus", "0"], "--num-cpus must be at least 1")):
+        assert main(["featurize", "--checkpoint", "digits", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err, err
