@@ -76,10 +76,10 @@ def featurize_ray(args):
     if args.shard_size is not None and args.shard_size < 1:
         raise ConfigError(f"--shard-size must be at least 1, got {args.shard_size}")
     options = run_options(args)
-    models = {m.model.spec: m.model for m in open_attribution(options).members}  # bad options: before Ray starts
+    attribution = open_attribution(options)  # bad options: one line before Ray starts
     with RayCluster(address, args.num_cpus) as cluster:
         info(f"featurizing on {cluster.describe()}")
-        return featurize_on_ray(options, cluster, args.shard_size, member_progress, load=models.__getitem__)
+        return featurize_on_ray(options, cluster, args.shard_size, member_progress, attribution)
 
 
 def check_lambda(method, lam: float | None) -> None:

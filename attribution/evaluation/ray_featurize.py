@@ -58,13 +58,14 @@ def _shard(payload: tuple) -> tuple[np.ndarray, np.ndarray]:
 
 
 def featurize_on_ray(options: RunOptions, cluster: RayCluster, shard_size: int | None = None,
-                     progress: Callable[[object], Progress | None] | None = None, load=None) -> Attribution:
-    """Featurize every member of the attribution `options` define with its missing training rows fanned out as Ray
-    tasks (see the module docstring); `progress(member)` returns that member's `(done, total, message)` callback.
-    Returns the attribution (its stores complete)."""
+                     progress: Callable[[object], Progress | None] | None = None,
+                     attribution: Attribution | None = None) -> Attribution:
+    """Featurize every member of the attribution `options` define (or `attribution`, already opened from them)
+    with its missing training rows fanned out as Ray tasks (see the module docstring); `progress(member)` returns
+    that member's `(done, total, message)` callback. Returns the attribution (its stores complete)."""
     import ray  # lazy: importing Ray takes seconds; only a fan-out needs it
 
-    attribution = open_attribution(options, load)
+    attribution = attribution or open_attribution(options)
     for att in attribution.members:
         _ = att.store  # every member's folder opened (or refused) before any work
     remote = ray.remote(_shard).options(**cluster.task_options())

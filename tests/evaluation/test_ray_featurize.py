@@ -81,3 +81,27 @@ def test_featurize_on_ray_bad_input_is_one_line(capsys):
         assert main(["featurize", "--checkpoint", "digits", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and says in err and "\n" not in err, err
+
+
+@pytest.mark.slow
+def test_featurize_command_on_ray(tiny_run, npz12, tmp_path):
+    """`featurize --ray` as a user runs it (its own local Ray, in a process of its own): the folder it prints holds
+    the features one process computes."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["featurize", "--checkpoint", str(tiny_run), "--dataset", f"npz:{npz12}", "--timesteps", "2",
+            "--proj-dim", "64", "--device", "cpu"]
+    out = subprocess.run([sys.executable, "-m", "attribution", *args, "--ray", "--num-cpus", "1", "--shard-size",
+                          "5", "--cache", str(tmp_path / "ray")], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    folder = out.stdout.strip().splitlines()[-1]
+    alone = open_attribution(RunOptions(str(tiny_run), dataset=f"npz:{npz12}", timesteps=2, proj_dim=64,
+                                        device="cpu", cache=str(tmp_path / "alone")))
+    alone.featurize()
+    want = np.array(alone.members[0].store.features())
+    got = np.load(f"{folder}/features.npy")
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+    assert "3 of 3 shards" not in out.stderr and "0 of 3 shards left" in out.stderr
