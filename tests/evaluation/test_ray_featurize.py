@@ -38,7 +38,8 @@ def test_ray_features_equal_one_process_and_resume(tiny_run, npz12, tmp_path, lo
     store = att.members[0].store
     assert store.complete and store.path.name == alone.members[0].store_path.name  # the same identity and folder
     np.testing.assert_allclose(np.array(store.features()), want, rtol=RTOL, atol=RTOL * np.abs(want).max())
-    assert [s[0] for s in seen] == [5, 10, 12] and all(s[1] == 12 for s in seen)  # n / N per shard
+    # n / N as each shard arrives (in whatever order they finish): shards of 5, 5 and 2 rows
+    assert sorted(np.diff([0] + [s[0] for s in seen])) == [2, 5, 5] and all(s[1] == 12 for s in seen)
     assert "images/s" in seen[0][2] and "shards left" in seen[0][2]
 
     # a run killed after some shards: the next computes only the missing rows
@@ -47,7 +48,7 @@ def test_ray_features_equal_one_process_and_resume(tiny_run, npz12, tmp_path, lo
     np.save(store.path / "done.npy", done)
     seen.clear()
     featurize_on_ray(options, local_ray, shard_size=5, progress=lambda m: lambda *a: seen.append(a))
-    assert [s[0] for s in seen] == [9, 12] and store.complete
+    assert sorted(np.diff([4] + [s[0] for s in seen])) == [3, 5] and seen[-1][0] == 12 and store.complete
     np.testing.assert_allclose(np.array(store.features()), want, rtol=RTOL, atol=RTOL * np.abs(want).max())
     seen.clear()
     featurize_on_ray(options, local_ray, progress=lambda m: lambda *a: seen.append(a))
