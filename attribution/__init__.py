@@ -47,7 +47,7 @@ _API = {
     "sampling": "DEFAULT_GUIDANCE Prompt SAMPLERS gen_key sample",
     "targets": "Generated Targets from_pixels resolve_targets",
     "features.config": "DEFAULT_PROJ_DIM DEFAULT_TIMESTEPS FeatureConfig",
-    "features.projectors": "usable_projectors",
+    "features.projectors": "make_projector usable_projectors",
     "features.timesteps": "training_timesteps",
     "store": "cache_root counterfactual_root uploads_dir",
     "kernel": "Kernel",

@@ -39,7 +39,7 @@ class FeatureConfig:
             their training timestep, targets at the uniform K; see `timesteps.py`).
         noises: noise draws per timestep.
         proj_dim: k, the projection dimension (ignored by the identity projector).
-        projector: "sjlt", "gaussian", "trak-cuda" or "identity".
+        projector: "sjlt", "gaussian", "trak-cuda", "identity" or "grass" (`projectors.py`).
         seed: seed of the noise and of the projection.
         proj_seed: another seed for the projection only (None: `seed`); TracInCP/GAS with uniform checkpoint
             weights draw one projection per checkpoint (D-TRAK appendix A.3).

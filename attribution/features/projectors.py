@@ -9,10 +9,14 @@ expectation, E <Pg, Pg'> = <g, g'>. A Gaussian JL matrix with N(0, 1) entries is
 |---|---|---|
 | `identity` | no projection (k = P) | small models, exactness checks |
 | `sjlt` | ours: sparse JL (count-sketch, s non-zeros +-1/sqrt(s) per coordinate) | any device; the CPU default |
+| `grass` | random mask of m = 8k coordinates, scaled by sqrt(P/m), then `sjlt` (GraSS, 2025) | large P |
 | `gaussian` | traker's `BasicProjector` (dense N(0,1) blocks regenerated per call), on the CPU | the paper's; slow |
 | `trak-cuda` | traker's `CudaProjector` (fast_jl kernel) | GPUs with fast_jl installed; the GPU default then |
 
-`sjlt` costs O(P s) per sample and O(P s) memory for its hash (block construction); `gaussian` costs O(P k).
+`sjlt` costs O(P s) per sample and O(P s) memory for its hash (block construction); `grass` O(m s) after a gather
+of m coordinates, with O(m s) memory; `gaussian` costs O(P k). Both `sjlt` and `grass` keep inner products unbiased
+(the mask's scaling makes E<Mg, Mg'> = <g, g'> over the random mask); `grass` adds the mask's variance, which grows
+with how unevenly a gradient's energy is spread over its coordinates.
 
 What the matrix depends on (`matrix_identity`, part of a feature store's identity): `sjlt` and `gaussian` draw it
 from a CPU generator, so it depends on (projector, k, seed) only, whatever device the model is on. fast_jl's matrix
@@ -32,7 +36,8 @@ import torch
 
 from ..errors import ConfigError
 
-PROJECTORS = ("sjlt", "gaussian", "trak-cuda", "identity")
+PROJECTORS = ("sjlt", "gaussian", "trak-cuda", "identity", "grass")
+GRASS_MASK_FACTOR = 8  # m = 8k kept coordinates (at most P): GraSS's sparsification before the sketch
 SCALING = "inner products preserved in expectation: E<Pg,Pg'> = <g,g'> (Gaussian JL divided by sqrt(k))"
 
 
@@ -98,6 +103,31 @@ class SparseJLProjector(Projector):
 
     def describe(self):
         return {**super().describe(), "sparsity": self.sparsity}
+
+
+class MaskedSJLTProjector(Projector):
+    """GraSS's compressor (Hu et al., 2025, "GraSS: scalable data attribution with gradient sparsification and
+    sparse projection"): keep a random set of m = `GRASS_MASK_FACTOR` x k input coordinates (drawn once from the
+    seed, on the CPU), scale them by sqrt(P / m) so that inner products stay unbiased over the mask, then project
+    the m-vector with `sjlt`. The sketch touches m coordinates instead of P, so its cost and its hash memory stop
+    growing with the model."""
+
+    name = "grass"
+
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int, device: torch.device):
+        super().__init__(grad_dim, proj_dim, seed, device)
+        self.mask_dim = min(grad_dim, GRASS_MASK_FACTOR * proj_dim)
+        gen = torch.Generator().manual_seed(seed + 1_000_003)  # another stream than the sketch's
+        self.keep = torch.randperm(grad_dim, generator=gen)[:self.mask_dim].sort().values
+        self.scale = math.sqrt(grad_dim / self.mask_dim)
+        self.sketch = SparseJLProjector(self.mask_dim, proj_dim, seed, device)
+
+    def project(self, grads):
+        kept = grads.index_select(1, self.keep.to(grads.device)).float() * self.scale
+        return self.sketch.project(kept)
+
+    def describe(self):
+        return {**super().describe(), "mask_dim": self.mask_dim, "sparsity": self.sketch.sparsity}
 
 
 class TrakGaussianProjector(Projector):
@@ -215,6 +245,8 @@ class TrakCudaProjector(Projector):
 def matrix_identity(name: str, device: torch.device) -> dict | None:
     """What the projection matrix depends on beyond (projector, k, seed), for a store's identity: None for the
     CPU-generated matrices (`sjlt`, `gaussian`: the same on every device), the GPU for `trak-cuda`."""
+    if name == "grass":  # the mask's size is part of the matrix
+        return {"mask_factor": GRASS_MASK_FACTOR}
     if name != "trak-cuda":
         return None
     if device.type != "cuda":
@@ -242,7 +274,7 @@ def default_projector(device: torch.device) -> str:
 
 def make_projector(name: str, grad_dim: int, proj_dim: int, seed: int, device: torch.device) -> Projector:
     classes = {"identity": IdentityProjector, "sjlt": SparseJLProjector, "gaussian": TrakGaussianProjector,
-               "trak-cuda": TrakCudaProjector}
+               "trak-cuda": TrakCudaProjector, "grass": MaskedSJLTProjector}
     if name not in classes:
         raise ConfigError(f"unknown projector {name!r}; use one of: {', '.join(PROJECTORS)}")
     if name != "identity" and proj_dim < 1:

@@ -97,6 +97,29 @@ def test_sjlt_is_deterministic_and_linear():
     assert p.sparsity == 4 and SparseJLProjector(10, 6, 0, CPU).sparsity == 3  # s divides k
 
 
+def test_grass_is_a_scaled_random_mask_then_sjlt_and_unbiased(raw):
+    """GraSS's compressor: m = 8k coordinates kept (a seed-determined set, the same for every row), scaled by
+    sqrt(P/m), then the sparse JL sketch; inner products unbiased over the seeds (mask and sketch)."""
+    from attribution.features.projectors import GRASS_MASK_FACTOR, MaskedSJLTProjector
+
+    X, _ = raw
+    P, k = X.shape[1], 64
+    p = MaskedSJLTProjector(P, k, seed=3, device=CPU)
+    assert p.mask_dim == GRASS_MASK_FACTOR * k and len(set(p.keep.tolist())) == p.mask_dim
+    rows = torch.from_numpy(X[:3]).float()
+    direct = SparseJLProjector(p.mask_dim, k, 3, CPU).project(rows[:, p.keep] * (P / p.mask_dim) ** 0.5)
+    torch.testing.assert_close(p.project(rows), direct, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(MaskedSJLTProjector(P, k, seed=4, device=CPU).project(rows), p.project(rows))
+    assert MaskedSJLTProjector(100, 64, 0, CPU).mask_dim == 100  # never more than P
+    g, h = rows[0], rows[1]
+    dot = float(g.double() @ h.double())
+    est = np.array([float(pr.double() @ qr.double()) for pr, qr in
+                    (make_projector("grass", P, k, seed, CPU).project(torch.stack([g, h])) for seed in range(300))])
+    # no bias: the mean of 300 seeds within 4.5 standard errors of the exact inner product (a missing sqrt(P/m)
+    # would put it at m/P ~ 1% of it)
+    assert abs(est.mean() - dot) < 4.5 * est.std(ddof=1) / np.sqrt(300), (est.mean(), dot)
+
+
 def test_random_projection_approximates_exact_scores_better_with_larger_k(raw):
     """Scores from projected features converge to the exact ones as k grows (JL distortion ~ 1/sqrt(k)).
 
