@@ -2,16 +2,20 @@
 
     python bench/gpu_check.py                 # both parts; without CUDA part (b) on the CPU only, and says so
     python bench/gpu_check.py --part b        # the agreement checks only
+    python bench/gpu_check.py --part c        # the Ray fan-out only
 
 (a) Throughput (CUDA only). A synthetic CIFAR-2-sized workload: --n random 32x32x3 images (default 5,000, the size
     of CIFAR-2's training set), the D-TRAK CIFAR UNet config (diffusers' DDPM CIFAR-10 UNet, 35.7M parameters) with
     random weights, TRAK features (Simple loss, K=10 uniform timesteps), k=32768, projected with `trak-cuda` (when
-    fast_jl is installed) and with `sjlt`. A few batches are timed after a warm-up batch; it prints sample-timesteps
-    per second, peak GPU memory, and the projected time for all --n images.
+    fast_jl is installed), with `sjlt` and with `grass` (mask-then-sketch). A few batches are timed after a warm-up
+    batch; it prints sample-timesteps per second, peak GPU memory, and the projected time for all --n images.
 (b) Agreement. A tiny UNet and 8 digits: features computed on the CPU and on CUDA with `sjlt` and `gaussian` (both
     draw their matrices on the CPU) must agree up to float32/TF32 arithmetic; without CUDA, the CPU side is
     computed and checked for determinism and against the CPU-generated Gaussian reference, and the CUDA comparison
-    is reported as not checked.
+    is reported as not checked. `grass` is checked like `sjlt` (its mask is drawn on the CPU too).
+(c) Ray. `featurize --ray`'s fan-out (`evaluation.ray_featurize`) on a local Ray (GPU fractions per task where CUDA
+    is present): 64 digits featurized by the shipped model in shards must equal one process's features on the same
+    device (relative 1e-5 on the CPU; the agreement tolerance on CUDA).
 
 Prints one JSON line per measurement or check, then a summary line; exit status 1 when a check fails.
 """
@@ -66,7 +70,7 @@ def part_a(n: int, k: int, K: int, batch: int, batches: int) -> list[dict]:
     data = synthetic_cifar(n)
     params = sum(p.numel() for p in model.parameters().values())
     out = []
-    for projector in ("trak-cuda", "sjlt"):
+    for projector in ("trak-cuda", "sjlt", "grass"):
         if projector == "trak-cuda" and not fast_jl_available():
             out.append(emit({"part": "a", "projector": projector, "status": "not checked",
                              "reason": "fast_jl is not installed (pip install traker[fast])"}))
@@ -107,7 +111,7 @@ def part_b(cuda: bool) -> list[dict]:
     ref = torch.empty(1000, 63).normal_(generator=torch.Generator().manual_seed(3))
     out.append(emit({"part": "b", "check": "gaussian block 0 is the CPU-generated reference",
                      "ok": bool(torch.equal(p.block(0, torch.device("cpu")), ref))}))
-    for projector in ("sjlt", "gaussian"):
+    for projector in ("sjlt", "gaussian", "grass"):
         cfg = FeatureConfig(fn="simple", timesteps=2, proj_dim=256, projector=projector)
         model = PixelDDPM(unet, NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
         cpu = Attributor(model, train, cfg, cache="/tmp/gpu_check_cache").features_of(images, keys)
@@ -127,9 +131,37 @@ def part_b(cuda: bool) -> list[dict]:
     return out
 
 
+def part_c(cuda: bool) -> list[dict]:
+    import tempfile
+
+    from attribution import RunOptions, open_attribution
+    from attribution.evaluation.ray_engine import RayCluster
+    from attribution.evaluation.ray_featurize import featurize_on_ray
+
+    digits = load_dataset("digits")
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = f"{tmp}/d64.npz"
+        np.savez(npz, images=digits.pixels[:64, ..., 0], labels=digits.labels[:64])
+        base = dict(checkpoint="digits", dataset=f"npz:{npz}", method="dtrak", timesteps=2, proj_dim=512,
+                    projector="sjlt", device="cuda" if cuda else "cpu")
+        alone = open_attribution(RunOptions(**base, cache=f"{tmp}/alone"))
+        alone.featurize()
+        want = np.array(alone.members[0].store.features())
+        start = time.perf_counter()
+        with RayCluster() as cluster:
+            where = cluster.describe()
+            ray = featurize_on_ray(RunOptions(**base, cache=f"{tmp}/ray"), cluster, shard_size=8)
+        seconds = time.perf_counter() - start
+        got = np.array(ray.members[0].store.features())
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    tol = AGREE_TOL if cuda else 1e-5
+    return [emit({"part": "c", "check": f"Ray fan-out equals one process ({'CUDA' if cuda else 'CPU'})",
+                  "rel_error": rel, "tolerance": tol, "ok": rel < tol, "on": where, "seconds": round(seconds, 1)})]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("a", "b", "all"), default="all")
+    ap.add_argument("--part", choices=("a", "b", "c", "all"), default="all")
     ap.add_argument("--n", type=int, default=5000, help="images of the synthetic workload (CIFAR-2: 5,000)")
     ap.add_argument("--proj-dim", type=int, default=32768)
     ap.add_argument("--timesteps", type=int, default=10)
@@ -146,7 +178,11 @@ def main(argv=None) -> int:
     if a.part in ("b", "all"):
         records += part_b(cuda)
         if not cuda:
-            missing.append("part (b): CPU/CUDA agreement of sjlt and gaussian features (ran on the CPU only)")
+            missing.append("part (b): CPU/CUDA agreement of sjlt, gaussian and grass features (ran on the CPU only)")
+    if a.part in ("c", "all"):
+        records += part_c(cuda)
+        if not cuda:
+            missing.append("part (c): the Ray fan-out with GPU fractions (ran on the CPU only)")
     missing += [f"{r.get('part')}: {r.get('check') or r.get('projector')} ({r['reason']})" for r in records
                 if r.get("status") == "not checked" and r.get("part") == "a"]
     failed = [r for r in records if r.get("ok") is False]
