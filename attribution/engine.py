@@ -444,7 +444,12 @@ def open_attributor(model: DiffusionModel, options: RunOptions, proj_seed: int |
     projector = default_projector(model.device) if options.projector == "auto" else options.projector
     cfg = method.feature_config(**options.feature_options(), projector=projector, proj_seed=proj_seed)
     cfg.gradient_spec(model.num_timesteps)  # K against T
-    return Attributor(model, train, cfg, cache=options.cache, store_dir=options.store, batch_size=options.batch_size)
+    att = Attributor(model, train, cfg, cache=options.cache, store_dir=options.store, batch_size=options.batch_size)
+    if options.memory_budget is not None:
+        if not options.memory_budget > 0:
+            raise ConfigError(f"--memory-budget must be a positive number of GiB, got {options.memory_budget}")
+        att.batch_size, _ = att.featurizer.fit_memory(int(options.memory_budget * 2**30))
+    return att
 
 
 def open_attribution(options: RunOptions, load: Callable[[str], DiffusionModel] | None = None) -> Attribution:

@@ -110,6 +110,10 @@ class RunOptions:
     store: str | None = field(default=None, metadata=opt(
         "use this feature-store folder instead of the automatic one", run_only=True))
     batch_size: int = field(default=16, metadata=opt("training images per gradient batch", run_only=True))
+    memory_budget: float | None = field(default=None, metadata=opt(
+        "featurize within about this many GiB: fewer images and noisy copies per call as needed (the estimate of "
+        "`GradientFeatures.memory_estimate`); refused in one line when one image at a time does not fit",
+        metavar="GIB", run_only=True))
     device: str = field(default="auto", metadata=opt("cpu, cuda, mps or auto", run_only=True))
 
     def __post_init__(self):

@@ -76,7 +76,7 @@ def test_run_options_choices_come_from_the_registries_and_refuse_in_one_line():
     specs = {s.name: s for s in fields_of(RunOptions)}
     assert specs["method"].choices == tuple(METHODS) and specs["strategy"].choices == STRATEGIES
     assert specs["projector"].choices == ("auto", *PROJECTORS)
-    assert {s.name for s in specs.values() if s.run_only} == {"cache", "store", "batch_size", "device"}
+    assert {s.name for s in specs.values() if s.run_only} == {"cache", "store", "batch_size", "memory_budget", "device"}
     for bad, match in [({"projector": "x"}, "unknown projector 'x'; use one of: auto, sjlt"),
                        ({"method": "x"}, "unknown method 'x'"), ({"fn": "x"}, "unknown output function 'x'"),
                        ({"checkpoint_weights": "x"}, "unknown --checkpoint-weights 'x'; use one of: lr, uniform")]:
@@ -225,3 +225,13 @@ def test_the_command_line_of_a_similarity_baseline_names_only_its_options():
     clip = RunOptions("digits", method="clip-cos")
     line = clip.command_line("score", cfg=get_method("clip-cos").feature_config(), dataset="digits")
     assert "--clip-weights CLIP_WEIGHTS_FILE" in line, line
+
+
+def test_a_memory_budget_too_small_for_one_image_is_one_line(capsys, tmp_path):
+    from attribution.cli import main
+
+    for budget, says in (("0.5", "needs about 1.2 GiB even one image"), ("-1", "--memory-budget must be a positive")):
+        assert main(["featurize", "--checkpoint", "digits", "--memory-budget", budget, "--cache", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err, err
+    assert not list(tmp_path.iterdir())  # refused before anything is written

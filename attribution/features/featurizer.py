@@ -134,6 +134,12 @@ class Featurizer:
     def finish(self, progress: Progress | None = None) -> None:
         """What is computed after the training rows (per-row statistics; cached, resumable)."""
 
+    def fit_memory(self, budget_bytes: int) -> tuple[int, int]:
+        """Choose how many images (and noisy copies) a call computes so that featurizing fits `budget_bytes`
+        (gradient kinds: `GradientFeatures.fit_memory`); (batch size, noisy images per call). Default: nothing to
+        fit (an embedding's memory does not grow with a model's parameters)."""
+        return self.batch_size, 0
+
     def statistic(self, name: str) -> np.ndarray:
         """One number per training row beside the features (`finish`), by name."""
         raise ConfigError(f"these training features carry no {name!r} statistic")

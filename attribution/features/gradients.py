@@ -29,14 +29,20 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
+from ..errors import ConfigError
 from ..models.adapter import DiffusionModel
 from .featurizer import Featurizer
 from .outputs import OUTPUT_FUNCTIONS, output_value
-from .projectors import make_projector, matrix_identity
+from .projectors import GRASS_MASK_FACTOR, make_projector, matrix_identity
 from .timesteps import noise_for, training_timesteps
 
 # Roughly how many noisy images one vmap call pushes through the UNet (bounds activation memory).
 IMAGES_PER_CALL = 64
+# The memory a featurizing process holds besides its model and buffers (interpreter, torch, diffusers): measured
+# 0.9 GiB on the CPU (BENCHMARKS.md, "Paper-sized models within memory").
+PROCESS_BYTES = int(0.9 * 2**30)
+# Measured peaks were 0.85-1.27x `memory_estimate` (BENCHMARKS.md): a budget is met with this margin.
+MEMORY_MARGIN = 1.3
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ def param_count(model: DiffusionModel, subset: str | None = None) -> int:
 
 
 def per_sample_gradients(model: DiffusionModel, x0: torch.Tensor, keys: list[str], spec: GradientSpec,
-                         timesteps: torch.Tensor | None = None) -> torch.Tensor:
+                         timesteps: torch.Tensor | None = None, images_per_call: int = IMAGES_PER_CALL,
+                         ) -> torch.Tensor:
     """Flattened per-sample gradients, shape (B, P) float32, in `named_parameters` order.
 
     Args:
@@ -79,8 +86,11 @@ def per_sample_gradients(model: DiffusionModel, x0: torch.Tensor, keys: list[str
         keys: one noise key per image (see `timesteps.noise_for`).
         spec: output function, timesteps, noise draws and seed, parameter subset, normalisation.
         timesteps: optional int (B, K): per-sample timesteps replacing `spec.timesteps`.
+        images_per_call: noisy images one vmap call pushes through the network (bounds activation memory; the
+            result does not depend on it beyond float32 summation order).
     """
-    mean, _ = _gradients(model, x0, keys, spec, timesteps, per_timestep=spec.normalize)
+    mean, _ = _gradients(model, x0, keys, spec, timesteps, per_timestep=spec.normalize,
+                         images_per_call=images_per_call)
     return mean
 
 
@@ -131,7 +141,8 @@ def output_values(model: DiffusionModel, x0: torch.Tensor, keys: list[str], spec
                                 model.condition_rows(cond, i)).double() / n for i in range(b)])
 
 
-def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise: bool = False):
+def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise: bool = False,
+               images_per_call: int = IMAGES_PER_CALL):
     device = model.device
     params = model.parameters(spec.params)
     names = list(params)
@@ -159,7 +170,7 @@ def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise
     acc = torch.zeros(b, dim, device=device)
     if not per_timestep:  # vmap over samples, each call a chunk of every sample's K*D noisy copies
         per_sample = vmap(grad(f), in_dims=(None, 0, 0, 0, 0, None, cond_dim))
-        step = max(1, IMAGES_PER_CALL // b)
+        step = max(1, images_per_call // b)
         for s in range(0, k * d, step):
             acc += flat(per_sample(params, z0, noise[:, s:s + step], t_all[:, s:s + step], w_all[:, s:s + step],
                                    1.0 / (k * d), cond), b)
@@ -172,7 +183,7 @@ def _gradients(model, x0, keys, spec, timesteps, per_timestep: bool, fixed_noise
     eps_items = noise.reshape(b * k, d, *noise.shape[2:])
     t_items, w_items = t_all.reshape(b * k, d), w_all.reshape(b * k, d)
     norms = torch.empty(b * k, device=device)
-    step = max(1, IMAGES_PER_CALL // d)
+    step = max(1, images_per_call // d)
     for s in range(0, b * k, step):
         sl = slice(s, s + step)
         g = flat(per_item(params, z_items[sl], eps_items[sl], t_items[sl], w_items[sl], 1.0 / d,
@@ -246,6 +257,7 @@ class GradientFeatures(Featurizer):
         if cfg.strategy == "training":
             self.train_timesteps, self.train_timesteps_source = training_timesteps(model, train, cfg.seed)
         self._projector = None
+        self.images_per_call = IMAGES_PER_CALL
 
     def gradient_dim(self) -> int:
         """The dimension of a gradient before the projection."""
@@ -292,10 +304,65 @@ class GradientFeatures(Featurizer):
         for s in range(0, len(images), self.batch_size):
             ts = None if timesteps is None else torch.as_tensor(timesteps[s:s + self.batch_size]).reshape(-1, 1)
             g = per_sample_gradients(self.model, images[s:s + self.batch_size], list(keys[s:s + self.batch_size]),
-                                     spec, ts)
+                                     spec, ts, self.images_per_call)
             out.append(self.projector.project(self.transform(g)).cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
     def transform(self, g: torch.Tensor) -> torch.Tensor:
         """What a subclass does to a batch of flat gradients before the projection (EK-FAC: whitens them)."""
         return g
+
+    def memory_estimate(self, batch: int, images_per_call: int, activation: int) -> int:
+        """Peak bytes of featurizing `batch` images per call, `images_per_call` noisy images per vmap call, with
+        `activation` bytes per noisy image (`activation_bytes`):
+
+            PROCESS_BYTES + 4 P (weights) + projector + 12 P B (accumulator, per-sample gradients, flattened copy)
+            + n A,   n = B x min(K D, max(1, images_per_call // B)) noisy images per call, A per image,
+
+        the projector's hash 5 s P bytes for `sjlt` (5 s m for `grass`, m kept coordinates; nothing for the
+        identity), P the parameters taken. A model for choosing chunks, checked against measured peaks in
+        BENCHMARKS.md, not a bound."""
+        P, kd = self.gradient_dim(), max(1, len(self.grad_spec.timesteps)) * self.cfg.noises
+        if self.cfg.projector in ("sjlt", "grass"):
+            hashed = P if self.cfg.projector == "sjlt" else min(P, GRASS_MASK_FACTOR * self.proj_dim)
+            projector = 5 * 4 * hashed
+        else:
+            projector = 4 * P * 2 if self.cfg.projector == "gaussian" else 0  # a dense block at a time, roughly
+        n = batch * min(kd, max(1, images_per_call // batch))
+        return PROCESS_BYTES + 4 * P + projector + 12 * P * batch + n * activation
+
+    def fit_memory(self, budget_bytes: int) -> tuple[int, int]:
+        """Choose the largest (batch size, noisy images per call) up to the configured ones whose
+        `memory_estimate`, times `MEMORY_MARGIN`, fits `budget_bytes`, fewer images per call first; one line when
+        even one image at a time does not fit. Features do not depend on the choice (beyond float32 summation
+        order)."""
+        activation = activation_bytes(self.model)
+        for batch in range(self.batch_size, 0, -1):
+            for per_call in sorted({min(self.images_per_call, v) for v in (self.images_per_call, 32, 16, 8, 4, 2,
+                                                                              1)}, reverse=True):
+                if MEMORY_MARGIN * self.memory_estimate(batch, per_call, activation) <= budget_bytes:
+                    self.batch_size, self.images_per_call = batch, per_call
+                    return batch, per_call
+        need = MEMORY_MARGIN * self.memory_estimate(1, 1, activation) / 2**30
+        raise ConfigError(f"featurizing {self.gradient_dim():,} parameters needs about {need:.1f} GiB even one image "
+                          f"and one noisy copy at a time, over the --memory-budget of {budget_bytes / 2**30:.1f} GiB; "
+                          "give a larger budget, or fewer parameters (--params)")
+
+
+def activation_bytes(model: DiffusionModel) -> int:
+    """Bytes autograd keeps for the backward of one noisy image's forward pass (what a vmap call holds per image),
+    counted on one zero image with saved-tensor hooks: the activation memory per noisy image."""
+    x = torch.zeros(1, model.channels, model.resolution, model.resolution, device=model.device)
+    params = {k: v.detach().requires_grad_(True) for k, v in model.parameters().items()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        z = model.encode(x)
+        t = torch.full((1,), model.num_timesteps // 2, dtype=torch.long, device=model.device)
+        model.raw(params, z, t, model.condition(["train/0"]))
+    return total

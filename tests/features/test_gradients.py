@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_support import TWO_STEPS, keys_for, rel_err, subset, tiny_model
+from engine_support import TWO_STEPS, keys_for, one_line, rel_err, subset, tiny_model
 
 from attribution.engine import Attributor
 from attribution.errors import ConfigError
@@ -95,6 +95,32 @@ def test_gradients_do_not_depend_on_batching_or_chunking(model, digits, monkeypa
     monkeypatch.setattr(gradients_mod, "IMAGES_PER_CALL", 1)
     chunked = Attributor(model, train, cfg, batch_size=3).features_of(x0, keys)
     assert rel_err(chunked, big) < 1e-5
+
+
+def test_a_memory_budget_picks_smaller_chunks_and_refuses_what_cannot_fit(model, digits):
+    """--memory-budget: the estimate (gradients.memory_estimate: process, weights, projector hash, 12 P B, noisy
+    images per call x their activations) with its margin decides the batch and the noisy copies per call; the
+    features do not change; a budget below one image at a time is one line."""
+    from attribution.features.gradients import MEMORY_MARGIN, PROCESS_BYTES, activation_bytes
+
+    rows = list(range(6))
+    cfg = FeatureConfig(fn="square", noises=2, projector="sjlt", proj_dim=256, **TWO_STEPS)
+    train = subset(digits, 6)
+    x0, keys = train.tensors(rows), keys_for("train", rows)
+    free = Attributor(model, train, cfg, batch_size=16)
+    want = free.features_of(x0, keys)
+    fz = Attributor(model, train, cfg, batch_size=16).featurizer
+    A, P = activation_bytes(model), fz.gradient_dim()
+    assert A > 0 and fz.memory_estimate(2, 8, A) == PROCESS_BYTES + 4 * P + 20 * P + 24 * P + 2 * 4 * A  # K D = 4
+    one = MEMORY_MARGIN * fz.memory_estimate(1, 1, A)
+    batch, per_call = fz.fit_memory(int(one + 1))  # room for one image and one noisy copy at a time, no more
+    assert (batch, per_call) == (1, 1) and fz.batch_size == 1
+    assert rel_err(fz.rows(x0, keys), want) < 1e-5  # the same features, computed a copy at a time
+    with pytest.raises(ConfigError, match="even one image and one noisy copy at a time") as exc:
+        fz.fit_memory(int(one - 1))
+    one_line(exc)
+    roomy = Attributor(model, train, cfg, batch_size=16).featurizer
+    assert roomy.fit_memory(2**40) == (16, gradients_mod.IMAGES_PER_CALL)  # a large budget changes nothing
 
 
 # -- v-prediction (GPU readiness, issue 9, item 6) ---------------------------------------------------------------
