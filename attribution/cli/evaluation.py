@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_path, read_npy, read_npz
 from ..kernel import check_lambda
 from ..run_options import FEATURE_OPTIONS, add_run_options, comparison_options
-from .common import info, progress_bar, write_figures
+from .common import add_ray_options, info, progress_bar, write_figures
 
 # The options of an attribution (RunOptions) that `lds` takes: all but the checkpoint, training set and method, which
 # the bank and --method give.
@@ -66,6 +66,9 @@ def add_commands(sub) -> None:
     p.add_argument("--values", help="values of a K or k sweep, comma-separated (default K: 1,2,5,10,20; k: "
                                     "512,...,8192); a checkpoint sweep uses every checkpoint of the bank's run")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--ray", action="store_true", help="featurize each method's training set as Ray tasks first "
+                                                      "(`featurize --ray`): a local Ray, or --ray-address")
+    add_ray_options(p, cache_help=None)
     p.add_argument("--out", help="folder for lds.csv (and sweep.csv / sweep.html)")
     p.set_defaults(func=cmd_lds)
 
@@ -82,6 +85,26 @@ def bank_feature_options(args: argparse.Namespace, methods: list[str]):
         return {k: getattr(chosen[entry], k) for k in values}
 
     return options
+
+
+def featurize_bank_on_ray(bank, methods: list[str], feature_options, args) -> None:
+    """`lds --ray`: each method's training features on the bank's model fanned out as Ray tasks, before scoring."""
+    import os  # lazy: keeps the start of the other commands fast
+
+    from ..evaluation.evaluate import bank_run_options  # lazy: keeps the start of the other commands fast
+    from ..evaluation.ray_engine import RayCluster, probe_address  # lazy: Ray only for a fan-out
+    from ..evaluation.ray_featurize import featurize_on_ray
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        probe_address(address)
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError(f"--num-cpus must be at least 1, got {args.num_cpus}")
+    options = {name: bank_run_options(bank, name, args.device, **feature_options(name)) for name in methods}
+    with RayCluster(address, args.num_cpus) as cluster:
+        info(f"featurizing on {cluster.describe()}")
+        for name, opts in options.items():
+            featurize_on_ray(opts, cluster, progress=lambda member, name=name: progress_bar(f"{name} features"))
 
 
 def _ci(lo_hi) -> str:
@@ -142,6 +165,8 @@ def cmd_lds(args: argparse.Namespace) -> int:
         raise ConfigError(f"a {args.sweep} sweep needs --method (score files have no options to sweep)")
     if args.sweep == "checkpoint":
         bank.checkpoint_specs()  # the one-line error when the bank has no checkpoint run, before featurizing
+    if args.ray and methods:
+        featurize_bank_on_ray(bank, methods, feature_options, args)
     for name in methods:
         info(f"{name}: featurizing {bank.dataset} with the bank's model (cached after the first run)")
         run = score_bank(bank, name, progress=progress_bar(f"{name} features"), device=args.device,

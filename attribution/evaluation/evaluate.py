@@ -64,16 +64,22 @@ def open_on_bank(bank: Bank, method: str, device: str = "auto", load: Callable |
     proj_dim, projector, seed, cache, ...) meant for the methods of a comparison: those of a kind this method does
     not use are left out (`RunOptions.for_method`). `load(spec)` loads a model (the app's cached loader).
     Validates; computes nothing."""
-    method, options = method_options(method, options)
-    m = get_method(method)
-    opts = RunOptions.for_method(method, checkpoint=checkpoint or bank.model_spec_for(bool(m.weightings)),
-                                 device=device, dataset=bank.dataset, **options)
-    attribution = open_attribution(opts, load)
+    attribution = open_attribution(bank_run_options(bank, method, device, checkpoint, **options), load)
     if len(attribution.train) != bank.masks.shape[1]:
         raise ConfigError(f"bank {bank.meta['name']} has masks over {bank.masks.shape[1]} training images but "
                           f"{attribution.train.spec} has {len(attribution.train)}; the bank was built for "
                           "another dataset")
     return attribution
+
+
+def bank_run_options(bank: Bank, method: str, device: str = "auto", checkpoint: str | None = None,
+                     **options) -> RunOptions:
+    """The `RunOptions` of `method` (METHOD or METHOD:FN) on the bank's model (or `checkpoint`) and training set, from
+    options meant for the methods of a comparison (`open_on_bank`)."""
+    method, options = method_options(method, options)
+    m = get_method(method)
+    return RunOptions.for_method(method, checkpoint=checkpoint or bank.model_spec_for(bool(m.weightings)),
+                                 device=device, dataset=bank.dataset, **options)
 
 
 def run_on_bank(bank: Bank, attribution: Attribution, progress: Progress | None = None) -> Result:

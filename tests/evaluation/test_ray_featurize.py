@@ -106,3 +106,24 @@ def test_featurize_command_on_ray(tiny_run, npz12, tmp_path):
     got = np.load(f"{folder}/features.npy")
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
     assert "3 of 3 shards" not in out.stderr and "0 of 3 shards left" in out.stderr
+
+
+@pytest.mark.slow
+def test_lds_with_ray_reports_the_same_table(fake_bank_dir, tmp_path):
+    """`lds --ray` featurizes each method on Ray first, then reports the table a plain `lds` reports."""
+    import os
+    import subprocess
+    import sys
+
+    def lds(*extra, cache):
+        out = subprocess.run([sys.executable, "-m", "attribution", "lds", "--bank", str(fake_bank_dir), "--method",
+                              "trak,dtrak:avg", "--split", "val", "--timesteps", "1", "--proj-dim", "64",
+                              "--resamples", "20", "--device", "cpu", "--cache", str(cache), *extra],
+                             capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert out.returncode == 0, out.stderr
+        return out.stdout, out.stderr
+
+    plain, _ = lds(cache=tmp_path / "plain")
+    ray, said = lds("--ray", "--num-cpus", "1", cache=tmp_path / "ray")
+    assert "featurizing on a local Ray (1 CPUs)" in said and "shards left" in said  # the fan-out ran
+    assert ray == plain and "trak" in plain and "dtrak:avg" in plain
