@@ -365,14 +365,14 @@ class ColumnTarget:
     @classmethod
     def of(cls, target: Targets, spec: str) -> ColumnTarget:
         """`target` under the spec the page picked it by; an image generated otherwise than the CLI's gen:SEED
-        (DDPM, 50 steps) is named by its PNG, which the column offers."""
+        (the default sampler, 50 steps) is named by its PNG, which the column offers."""
         made = target.generated[0] if target.generated else None
         if made is None or spec.startswith("gen:"):
             return cls(target, (("--target", spec), *prompt_options(target)))
         return cls(target, (("--target", spec), *prompt_options(target)),
                    (spec, _ui.png_bytes(tensor_to_pixels(target.images)[0])),
-                   f"Sampled with {made.sampler}, {made.steps} steps (gen:SEED is DDPM, 50): the command line reads "
-                   f"`{spec}` (download above).")
+                   f"Sampled with {made.sampler}, {made.steps} steps (gen:SEED is the default sampler, 50): the "
+                   f"command line reads `{spec}` (download above).")
 
     def on_another_checkpoint(self, checkpoint: str) -> ColumnTarget:
         """This target, picked with `checkpoint`, for a column with another checkpoint: the same pixels. gen:SEED

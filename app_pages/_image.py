@@ -45,21 +45,24 @@ KEY = "current_image"  # the session's ImageRef
 PARAMS = ("image", "steps", "sampler", "prompt", "negative", "guidance")  # its query parameters
 SOURCES = {"gen": "Generated", "upload": "Uploaded", "train": "Training image", "val": "Validation image"}
 KIND_OF = {label: kind for kind, label in SOURCES.items()}
-CLI_STEPS, CLI_SAMPLER = 50, "ddpm"  # how the command line's gen:SEED is sampled
+CLI_STEPS = 50  # how the command line's gen:SEED is sampled: 50 steps of the model's default sampler
+SAMPLER_HELP = ("DDPM models: ddim is deterministic given the seed; ddpm adds fresh (seeded) noise at every step. "
+                "Flow-matching models: euler or heun (an ODE solver, two network calls per step).")
 MAX_NUMBER = 2**31 - 1  # the largest seed (and index) the picker takes
 _SPEC = re.compile(r"(gen|train|val):(\d+)|upload:([0-9a-f]{16})")
 
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image, by name: `kind` "gen" (seed `number`, sampled with `steps` and `sampler`), "upload" (the file
+    """One image, by name: `kind` "gen" (seed `number`, sampled with `steps` and `sampler`, None: the model's
+    default, ddpm or euler for flow matching), "upload" (the file
     with sha256 prefix `upload`), "train" or "val" (index `number`). `prompt`, `negative` and `guidance`: what a
     text-conditional model generates the image from, or attributes an upload under (None: unconditional)."""
 
     kind: str = "gen"
     number: int = 0
     steps: int = CLI_STEPS
-    sampler: str = CLI_SAMPLER
+    sampler: str | None = None
     prompt: str | None = None
     negative: str = ""
     guidance: float | None = None
@@ -71,8 +74,8 @@ class ImageRef:
 
     @property
     def as_cli_samples(self) -> bool:
-        """A generated image sampled as the command line's gen:SEED is (DDPM, 50 steps)."""
-        return (self.steps, self.sampler) == (CLI_STEPS, CLI_SAMPLER)
+        """A generated image sampled as the command line's gen:SEED is (the default sampler, 50 steps)."""
+        return self.steps == CLI_STEPS and self.sampler is None
 
     def the_prompt(self) -> Prompt | None:
         if self.prompt is None:
@@ -83,7 +86,7 @@ class ImageRef:
         """"gen:7 · ddim, 20 steps · “a handwritten digit 7”, guidance 3" (`name`: an upload's file name)."""
         parts = [name or self.spec]
         if self.kind == "gen" and not self.as_cli_samples:
-            parts.append(f"{self.sampler}, {self.steps} steps")
+            parts.append(f"{self.sampler or 'default sampler'}, {self.steps} steps")
         prompt = self.the_prompt()
         if prompt is not None:
             parts.append(f"“{prompt.text}”, guidance {prompt.guidance:g}")
@@ -93,7 +96,7 @@ class ImageRef:
         """The query parameters that name it (sampling options only where they are not gen:SEED's)."""
         out = {"image": self.spec}
         if self.kind == "gen" and not self.as_cli_samples:
-            out.update(steps=str(self.steps), sampler=self.sampler)
+            out.update(steps=str(self.steps), **({} if self.sampler is None else {"sampler": self.sampler}))
         prompt = self.the_prompt()
         if prompt is not None:
             out.update(prompt=prompt.text, guidance=f"{prompt.guidance:g}")
@@ -221,12 +224,15 @@ def pick_image(model, prefix: str) -> ImageRef:
                        f"{model.num_timesteps}.", icon=":material/warning:")
             ref = replace(ref, steps=model.num_timesteps)
         seed = c1.number_input("Seed", 0, MAX_NUMBER, key=show(f"{prefix}_seed", ref.number),
-                               help="A seed names one image: gen:SEED on the command line (DDPM, 50 steps).")
+                               help="A seed names one image: gen:SEED on the command line (50 steps of the model's "
+                                    "default sampler).")
         steps = c2.number_input("Sampling steps", 1, model.num_timesteps, key=show(f"{prefix}_steps", ref.steps))
-        sampler = c3.selectbox("Sampler", SAMPLERS, key=show(f"{prefix}_sampler", ref.sampler),
-                               help="ddim is deterministic given the seed; ddpm adds fresh (seeded) noise at every "
-                                    "step.")
-        picked = ImageRef("gen", int(seed), int(steps), sampler)
+        samplers, default = model.schedule.samplers, model.schedule.default_sampler
+        if ss.get(f"{prefix}_sampler") not in (None, *samplers):  # a sampler of another kind of model
+            ss[f"{prefix}_sampler"] = default
+        sampler = c3.selectbox("Sampler", samplers, key=show(f"{prefix}_sampler", ref.sampler or default),
+                               help=SAMPLER_HELP)
+        picked = ImageRef("gen", int(seed), int(steps), None if sampler == default else sampler)
     elif kind == "upload":
         up = ss.get("uploaded")
         sha = ref.upload or (up["sha256"] if up else "")
@@ -254,7 +260,7 @@ def pick_image(model, prefix: str) -> ImageRef:
 
 @st.cache_data(max_entries=16, show_spinner="Generating the image…")
 def generated_pixels(checkpoint: str, seed: int, prompt: tuple | None = None, steps: int = CLI_STEPS,
-                     sampler: str = CLI_SAMPLER) -> np.ndarray:
+                     sampler: str | None = None) -> np.ndarray:
     """uint8 (R, R, C): the image `checkpoint` generates from `seed` (`prompt`: (text, negative, guidance) for a
     text-conditional model); with the defaults, the command line's gen:SEED. Sampled once per arguments, not on
     every rerun of a page."""
@@ -269,7 +275,7 @@ def _batch_pixels(model, ref: ImageRef) -> np.ndarray | None:
     gen = st.session_state.get("generated")
     prompt = ref.the_prompt()
     if (not gen or gen.get("pixels") is None or gen["checkpoint"] != model.spec or ref.number not in gen["seeds"]
-            or (int(gen["steps"]), gen["sampler"]) != (ref.steps, ref.sampler)
+            or (int(gen["steps"]), gen["sampler"]) != (ref.steps, ref.sampler or model.schedule.default_sampler)
             or gen.get("prompt") != (None if prompt is None else prompt.to_dict())):
         return None
     return gen["pixels"][gen["seeds"].index(ref.number)]
@@ -317,7 +323,7 @@ def image_target(model, ref: ImageRef, dataset: str | None) -> tuple[Targets, st
         target = from_pixels(pixels[None], [spec])
         if ref.as_cli_samples:
             target.keys[0] = gen_key(ref.number, prompt)  # the noise key the CLI gives gen:SEED
-        target.generated = [Generated(ref.number, ref.steps, ref.sampler, prompt)]
+        target.generated = [Generated(ref.number, ref.steps, ref.sampler or model.schedule.default_sampler, prompt)]
     elif ref.kind == "upload":
         up = upload_record(model, ref.upload)
         spec = up["name"]

@@ -4,10 +4,10 @@ import time
 
 import streamlit as st
 
-from app_pages._image import ImageRef, set_current
+from app_pages._image import SAMPLER_HELP, ImageRef, set_current
 from app_pages._prompt import as_prompt, demo_of, prompt_flags, prompt_from_state, prompt_inputs
 from app_pages._ui import display_size, fail, generate_images, image_grid, pngs_zip, progress_bar, require_model
-from attribution import SAMPLERS, AttributionError
+from attribution import AttributionError
 
 st.title("Generate")
 model = require_model()
@@ -33,8 +33,9 @@ with st.form("generate"):
     c2.number_input("Images", 1, 64, 8, key="gen_n")
     c3.number_input("Steps", 1, model.num_timesteps, 50, key="gen_steps",
                     help="Sampling steps; fewer is faster and rougher.")
-    c4.selectbox("Sampler", SAMPLERS, key="gen_sampler",
-                 help="ddim is deterministic given the seed; ddpm adds fresh (seeded) noise at every step.")
+    if st.session_state.get("gen_sampler") not in (None, *model.schedule.samplers):  # another kind of model's
+        del st.session_state["gen_sampler"]
+    c4.selectbox("Sampler", model.schedule.samplers, key="gen_sampler", help=SAMPLER_HELP)
     prompt_inputs(model, "gen")
     st.form_submit_button("Generate", type="primary", on_click=_queue, disabled=job is not None)
 
@@ -51,7 +52,8 @@ if job is not None:
         status.update(label=f"Generated {job['n']} images in {time.time() - start:.1f} s", state="complete")
     st.session_state["generated"] = {**result, "seconds": round(time.time() - start, 1)}
     made = job["prompt"]
-    set_current(ImageRef("gen", int(job["seed"]), int(job["steps"]), job["sampler"],
+    set_current(ImageRef("gen", int(job["seed"]), int(job["steps"]),
+                         None if job["sampler"] == model.schedule.default_sampler else job["sampler"],
                          *(() if made is None else (made.text, made.negative, made.guidance))))
     st.rerun()  # redraw with the form enabled
 

@@ -62,7 +62,7 @@ with st.container(border=True):
     T = model.num_timesteps
     steps = ref.steps if image is None else int(option_widget(
         c3, "steps", "jr_fwd_steps", schema=JourneyConfig, min_value=1, max_value=T,
-        help="The image has no trajectory: it is noised to the timesteps of this many DDPM steps."))
+        help="The image has no trajectory: it is noised to the timesteps of this many sampling steps."))
     every = int(option_widget(c4, "every", "jr_every", schema=JourneyConfig, value=5, min_value=1, max_value=T,
                               help="Counted back from the last step, which is always attributed."))
     c5, c6, c7 = st.columns(3)
@@ -75,11 +75,12 @@ with st.container(border=True):
 
 image_id = (model.spec, dataset, ref)
 cfg = JourneyConfig(seed=ref.number if image is None else 0, steps=steps,
-                    sampler=ref.sampler if image is None else "ddpm", every=every, resamples=resamples, **prompt)
+                    sampler=ref.sampler if image is None else None, every=every, resamples=resamples,
+                    **prompt).for_model(model)
 opts = RunOptions(model.spec, dataset, method, timesteps=timesteps, proj_dim=int(proj_dim))
 if not run:
     try:
-        cfg.check(model.num_timesteps)
+        cfg.check(model.schedule)
         st.caption(journey_note(cached_attribution(opts), cfg, image), help="The training features (once per "
                    "feature set, shared with the other pages) and the attributed steps' features.")
     except AttributionError:
@@ -90,7 +91,7 @@ if run:
     previous = st.session_state.pop("jr_result", None)
     with st.status("Computing the journey…", expanded=True) as status:
         try:
-            cfg.check(model.num_timesteps)
+            cfg.check(model.schedule)
             att = cached_attribution(opts).members[0]  # the Attribute page's features and kernel
             status.update(label="Training features (cached after the first run)…", expanded=True)
             featurize_job(att).watch(progress_bar(f"Featurizing {len(att.train)} training images"))

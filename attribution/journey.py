@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,8 @@ class JourneyConfig:
     Attributes:
         seed: the generated image (its own CPU generator, as everywhere: `gen:SEED`).
         steps: sampling steps of the sampler.
-        sampler: "ddpm" or "ddim".
+        sampler: the model's schedule's: "ddpm" or "ddim" (DDPM), "euler" or "heun" (flow matching); None: its
+            default (`for_model` fills it in).
         every: attribute every N-th step, counted back from the last one (so the last step is always included);
             None with `at` None: about 10 steps (every = steps // 10).
         at: explicit step indices in sampling order (0 = the first, noisiest step; steps-1 = the last).
@@ -77,8 +78,9 @@ class JourneyConfig:
 
     seed: int = field(default=0, metadata=opt("the generated image (gen:SEED)", label="Seed"))
     steps: int = field(default=50, metadata=opt("sampling steps", label="Steps"))
-    sampler: str = field(default="ddpm", metadata=opt("the sampler whose trajectory is attributed",
-                                                        choices=SAMPLERS, label="Sampler", noun="sampler"))
+    sampler: str | None = field(default=None, metadata=opt(
+        "the sampler whose trajectory is attributed (default: the model's, ddpm, or euler for flow matching)",
+        choices=SAMPLERS, label="Sampler", noun="sampler"))
     every: int | None = field(default=None, metadata=opt(
         "attribute every N-th step, counted back from the last (default: steps // 10)",
         label="Attribute every N-th step"))
@@ -96,12 +98,16 @@ class JourneyConfig:
         """The `sampling.Prompt` (None without a prompt)."""
         return None if self.prompt is None else Prompt(self.prompt, self.negative, self.guidance)
 
-    def check(self, num_timesteps: int) -> None:
-        """Raise `ConfigError` (one line) for options no sampler run can honour."""
-        if self.sampler not in SAMPLERS:
+    def for_model(self, model) -> JourneyConfig:
+        """This config with the model's default sampler where none is given."""
+        return self if self.sampler is not None else replace(self, sampler=model.schedule.default_sampler)
+
+    def check(self, schedule) -> None:
+        """Raise `ConfigError` (one line) for options no run of the schedule's samplers can honour."""
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; use one of: {', '.join(SAMPLERS)}")
-        if not 1 <= self.steps <= num_timesteps:
-            raise ConfigError(f"--steps must be within 1..{num_timesteps}, got {self.steps}")
+        schedule.check_sampler(self.sampler or schedule.default_sampler)
+        schedule.check_steps(self.steps)
         if self.prompt is not None:
             self.text().check()
         if self.resamples < 1:
@@ -138,7 +144,8 @@ class JourneyConfig:
 
 def sampled_trajectory(model, cfg: JourneyConfig, progress: Progress | None = None) -> Trajectory:
     """The sampling run of image `cfg.seed` (x_t and x̂0 at every step)."""
-    cfg.check(model.num_timesteps)
+    cfg = cfg.for_model(model)
+    cfg.check(model.schedule)
     check_sampling(model, 1, cfg.steps, cfg.sampler, cfg.text())
     return sample(model, 1, cfg.seed, cfg.steps, cfg.sampler, progress=progress, prompt=cfg.text())
 
@@ -148,10 +155,9 @@ def forward_trajectory(model, image: torch.Tensor, cfg: JourneyConfig, key: str)
     """A trajectory for an image that has none: x_t = the image (encoded) noised to each sampling timestep (noise
     keyed by `key`), x̂0 = the model's one-step prediction from x_t, decoded and clipped to [-1, 1]; `final` is the
     image itself."""
-    cfg.check(model.num_timesteps)
-    sched = model.schedule.make_scheduler(cfg.sampler)
-    sched.set_timesteps(cfg.steps)
-    ts = sched.timesteps.to(torch.long)
+    cfg = cfg.for_model(model)
+    cfg.check(model.schedule)
+    ts = model.schedule.sampler(cfg.sampler, cfg.steps).timesteps
     x0 = image.reshape(1, *image.shape[-3:]).float()
     z0 = model.encode(x0.to(model.device)).float().cpu()
     eps = noise_for([key], ts, tuple(z0.shape[1:]), seed=0)[0]  # (S, *latent_shape)
@@ -161,8 +167,8 @@ def forward_trajectory(model, image: torch.Tensor, cfg: JourneyConfig, key: str)
     for s in range(0, len(ts), 16):
         t = ts[s:s + 16]
         c = model.repeat_condition(model.condition_rows(cond, 0), len(t))
-        e = model.predict_eps(xt[s:s + 16].to(model.device), t.to(model.device), c).float().cpu()
-        preds.append(model.decode(model.schedule.predict_x0(xt[s:s + 16], e, t).to(model.device)).float().cpu())
+        raw = model.predict_raw(xt[s:s + 16].to(model.device), t.to(model.device), c).float().cpu()
+        preds.append(model.decode(model.schedule.x0_from_raw(raw, xt[s:s + 16], t).to(model.device)).float().cpu())
     x0_pred = torch.cat(preds).clamp(-1, 1)
     return Trajectory(ts.numpy().astype(np.int64), xt[:, None].numpy(), x0_pred[:, None].numpy(),
                       x0.clamp(-1, 1).numpy(), np.array([-1], dtype=np.int64), cfg.sampler)
@@ -251,6 +257,7 @@ def journey_path(att, cfg: JourneyConfig, source: str, cache: str | None = None,
                  ) -> Path:
     """cache/journey/<checkpoint hash>/<readable slug>-<hash of everything the result depends on> (no suffix).
     `sampled_by`: the weights hash of another checkpoint that sampled the trajectory (an ensemble member)."""
+    cfg = cfg.for_model(att.model)
     ident = {"version": JOURNEY_VERSION, "features": att.identity, "journey": cfg.to_dict(), "source": source}
     if sampled_by is not None and sampled_by != att.identity["checkpoint"]:
         ident["sampled_by"] = sampled_by
@@ -299,7 +306,8 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
     `sampler_model` samples the trajectory instead of `att.model` (default): an ensemble's members score the one
     trajectory of the image the target checkpoint generates, each with its own gradients."""
     sampler_model = sampler_model or att.model
-    cfg.check(att.model.num_timesteps)
+    cfg = cfg.for_model(att.model)
+    cfg.check(att.model.schedule)
     source = journey_source(cfg, image)
     sampled_by = sampler_model.identity() if image is None and sampler_model is not att.model else None
     path = journey_path(att, cfg, source, cache, sampled_by)
@@ -347,7 +355,7 @@ def run_journey(att, cfg: JourneyConfig, progress: Progress | None = None, cache
 # -- the "Journey TRAK" baseline (D-TRAK paper, appendix A.3) ---------------------------------------------------
 
 
-def baseline_features(att, seed: int, steps: int = 50, sampler: str = "ddpm", resamples: int = 1,
+def baseline_features(att, seed: int, steps: int = 50, sampler: str | None = None, resamples: int = 1,
                       progress: Progress | None = None, cache: str | None = None, sampler_model=None,
                       prompt: Prompt | None = None) -> np.ndarray:
     """Mean of the per-step features over every sampling step of image `seed` (sampled by `sampler_model`, default

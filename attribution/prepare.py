@@ -42,8 +42,9 @@ class TourSettings:
         return RunOptions(checkpoint, dataset, DEFAULT_METHOD, timesteps=self.timesteps, proj_dim=self.proj_dim)
 
     def journey(self, seed: int | None = None) -> JourneyConfig:
-        """The Tour's journey (step 4): every 10th of 50 DDPM steps, 5 re-noisings each."""
-        return JourneyConfig(seed=self.seed if seed is None else seed, steps=50, sampler="ddpm", every=10,
+        """The Tour's journey (step 4): every 10th of 50 sampling steps (the model's default sampler), 5
+        re-noisings each."""
+        return JourneyConfig(seed=self.seed if seed is None else seed, steps=50, every=10,
                              resamples=5)
 
 

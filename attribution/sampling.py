@@ -10,7 +10,10 @@ latents.
 
 A text-conditional model samples with a `Prompt`: the prompt's condition (the image's key carries the prompt,
 "gen/SEED/p=TEXT"), and classifier-free guidance against the negative prompt (empty: the unconditional
-embedding) with scale `guidance`: eps = eps_neg + guidance * (eps_prompt - eps_neg).
+embedding) with scale `guidance` on the network's output: out = out_neg + guidance * (out_prompt - out_neg).
+
+The walk itself is the model's schedule's (`Schedule.sampler`): diffusers' DDPM or DDIM step for DDPM models, Euler or
+Heun on the time grid for flow-matching models.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import torch
 from .errors import ConfigError
 from .models.adapter import DiffusionModel, prompt_key
 
-# DDPM first (the default): on the small CPU-trained models DDIM's deterministic path gives visibly blurrier samples
-# than DDPM at the same 50 steps. Both are deterministic given the seed.
-SAMPLERS = ("ddpm", "ddim")
+# Every sampler of every schedule (a model takes its schedule's: `model.schedule.samplers`, the first its default).
+# DDPM first: on the small CPU-trained models DDIM's deterministic path gives visibly blurrier samples than DDPM at
+# the same 50 steps. Flow-matching models sample with an ODE solver: Euler (the default) or Heun. All are
+# deterministic given the seed.
+SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's default classifier-free guidance scale
 
 
@@ -60,10 +65,14 @@ def check_prompt(model: DiffusionModel, prompt: Prompt | None) -> None:
     is invalid."""
     if prompt is None:
         if model.conditional:
+            if model.conditioned_on == "class":
+                shown = ", ".join(model.class_prompts()[:12])
+                raise ConfigError(f"{model.spec} is class-conditional: give a prompt, the class name (--prompt CLASS, "
+                                  f"one of {shown})")
             raise ConfigError(f"{model.spec} is text-conditional: give a prompt (--prompt)")
         return
     if not model.conditional:
-        raise ConfigError(f"{model.spec} is not text-conditional: drop the prompt")
+        raise ConfigError(f"{model.spec} is not conditional: drop the prompt")
     prompt.check()
 
 
@@ -96,20 +105,21 @@ def check_sampling(model: DiffusionModel, n: int, steps: int, sampler: str, prom
     check_prompt(model, prompt)
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; use one of: {', '.join(SAMPLERS)}")
+    model.schedule.check_sampler(sampler)
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
-    if not 1 <= steps <= model.num_timesteps:
-        raise ConfigError(f"--steps must be within 1..{model.num_timesteps}, got {steps}")
+    model.schedule.check_steps(steps)
 
 
 @torch.no_grad()
-def sample(model: DiffusionModel, n: int, seed: int = 0, steps: int = 50, sampler: str = "ddpm",
+def sample(model: DiffusionModel, n: int, seed: int = 0, steps: int = 50, sampler: str | None = None,
            progress: Callable[[int, int, str], None] | None = None, prompt: Prompt | None = None) -> Trajectory:
     """Generate `n` images with seeds seed..seed+n-1, keeping x_t and the predicted x0 at every step (with
-    `prompt`, and classifier-free guidance, for a text-conditional model)."""
+    `prompt`, and classifier-free guidance, for a text-conditional model); `sampler` None: the schedule's
+    default."""
+    sampler = sampler or model.schedule.default_sampler
     check_sampling(model, n, steps, sampler, prompt)
-    sched = model.schedule.make_scheduler(sampler)
-    sched.set_timesteps(steps)
+    walk = model.schedule.sampler(sampler, steps)
     seeds = np.arange(seed, seed + n, dtype=np.int64)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(model.latent_shape, generator=g) for g in gens]).to(model.device)
@@ -117,20 +127,24 @@ def sample(model: DiffusionModel, n: int, seed: int = 0, steps: int = 50, sample
     cond = model.condition([gen_key(s, prompt) for s in seeds])
     guided = prompt is not None and prompt.guidance != 1
     negative = model.prompt_condition([prompt.negative] * n) if guided else None
+
+    def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output, guided: out_neg + guidance (out - out_neg) (the noise and the velocity are both
+        affine in the output at fixed x_t, so guiding the output guides them)."""
+        out = model.raw(params, x_t, t, cond)
+        if not guided:
+            return out
+        out_neg = model.raw(params, x_t, t, negative)
+        return out_neg + prompt.guidance * (out - out_neg)
+
     xts, x0s = [], []
-    for i, t in enumerate(sched.timesteps):
-        tt = torch.full((n,), int(t), device=model.device, dtype=torch.long)
-        eps = model.eps(params, x, tt, cond)
-        if guided:
-            eps_neg = model.eps(params, x, tt, negative)
-            eps = eps_neg + prompt.guidance * (eps - eps_neg)
-        extra = {"generator": gens} if sampler == "ddpm" else {}
-        step = sched.step(eps.cpu() if sampler == "ddpm" else eps, t, x.cpu() if sampler == "ddpm" else x, **extra)
+    total = len(walk.timesteps)
+    for i, t in enumerate(walk.timesteps.tolist()):
         xts.append(x.float().cpu())
-        x0s.append(model.decode(step.pred_original_sample.to(model.device)).float().cpu())
-        x = step.prev_sample.to(model.device)
+        x, x0 = walk.step(predict, i, x, gens)
+        x0s.append(model.decode(x0).float().cpu())
         if progress:
-            progress(i + 1, len(sched.timesteps), f"step {i + 1}/{len(sched.timesteps)} (t={int(t)})")
+            progress(i + 1, total, f"step {i + 1}/{total} (t={t})")
     final = model.decode(x).float().cpu().clamp(-1, 1)
-    return Trajectory(sched.timesteps.numpy().astype(np.int64), torch.stack(xts).numpy(),
+    return Trajectory(walk.timesteps.numpy().astype(np.int64), torch.stack(xts).numpy(),
                       torch.stack(x0s).numpy(), final.numpy(), seeds, sampler)

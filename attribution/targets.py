@@ -38,7 +38,7 @@ class Generated:
 
     seed: int
     steps: int = 50
-    sampler: str = "ddpm"
+    sampler: str = "ddpm"  # (a flow-matching model's are "euler": the schedule's default sampler)
     prompt: Prompt | None = None  # a text-conditional model's prompt, negative prompt and guidance
 
 
@@ -109,7 +109,7 @@ def _resolve(spec: str, model: DiffusionModel, dataset: str, steps: int, prompt:
     if kind == "gen" and arg.lstrip("-").isdigit():
         traj = sample(model, 1, int(arg), steps=steps, prompt=prompt)
         return Targets(_as_8bit(traj.final), [gen_key(int(arg), prompt)], [spec], [None],
-                       generated=[Generated(int(arg), steps, "ddpm", prompt)])
+                       generated=[Generated(int(arg), steps, traj.sampler, prompt)])
     seeds = re.fullmatch(r"(\d+)-(\d+)", arg) if kind == "gen" else None
     if seeds:
         first, last = int(seeds.group(1)), int(seeds.group(2))
@@ -118,7 +118,7 @@ def _resolve(spec: str, model: DiffusionModel, dataset: str, steps: int, prompt:
         traj = sample(model, last - first + 1, first, steps=steps, prompt=prompt)
         return Targets(_as_8bit(traj.final), [gen_key(s, prompt) for s in traj.seeds],
                        [f"gen:{s}" for s in traj.seeds], [None] * len(traj.seeds),
-                       generated=[Generated(int(s), steps, "ddpm", prompt) for s in traj.seeds])
+                       generated=[Generated(int(s), steps, traj.sampler, prompt) for s in traj.seeds])
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".npz":
         images, labels = load_npz_images(path)

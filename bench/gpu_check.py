@@ -32,9 +32,9 @@ import torch
 
 from attribution import Attributor, FeatureConfig, ImageDataset, load_dataset
 from attribution.features.projectors import TrakGaussianProjector, fast_jl_available
-from attribution.models.adapter import NoiseSchedule
+from attribution.models.schedules import DDPMSchedule
 from attribution.models.pixel_ddpm import PixelDDPM
-from attribution.models.checkpoint import DEFAULT_SCHEDULE
+from attribution.models.schedules import DEFAULT_SCHEDULE
 from attribution.models.presets import unet_for
 
 # diffusers' DDPM CIFAR-10 UNet (google/ddpm-cifar10-32), the architecture D-TRAK's CIFAR experiments use.
@@ -66,7 +66,7 @@ def part_a(n: int, k: int, K: int, batch: int, batches: int) -> list[dict]:
 
     torch.manual_seed(0)
     device = torch.device("cuda")
-    model = PixelDDPM(UNet2DModel(**CIFAR_UNET), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, device)
+    model = PixelDDPM(UNet2DModel(**CIFAR_UNET), DDPMSchedule.from_config(DEFAULT_SCHEDULE), None, device)
     data = synthetic_cifar(n)
     params = sum(p.numel() for p in model.parameters().values())
     out = []
@@ -113,7 +113,7 @@ def part_b(cuda: bool) -> list[dict]:
                      "ok": bool(torch.equal(p.block(0, torch.device("cpu")), ref))}))
     for projector in ("sjlt", "gaussian", "grass"):
         cfg = FeatureConfig(fn="simple", timesteps=2, proj_dim=256, projector=projector)
-        model = PixelDDPM(unet, NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
+        model = PixelDDPM(unet, DDPMSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
         cpu = Attributor(model, train, cfg, cache="/tmp/gpu_check_cache").features_of(images, keys)
         again = Attributor(model, train, cfg, cache="/tmp/gpu_check_cache").features_of(images, keys)
         out.append(emit({"part": "b", "check": f"{projector}: CPU features are deterministic",
@@ -122,7 +122,7 @@ def part_b(cuda: bool) -> list[dict]:
             out.append(emit({"part": "b", "check": f"{projector}: CPU and CUDA features agree",
                              "status": "not checked", "reason": "no CUDA device"}))
             continue
-        gmodel = PixelDDPM(unet_for(16, 1, "tiny"), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cuda")
+        gmodel = PixelDDPM(unet_for(16, 1, "tiny"), DDPMSchedule.from_config(DEFAULT_SCHEDULE), None, "cuda")
         gmodel.unet.load_state_dict(model.unet.state_dict())
         gpu = Attributor(gmodel, train, cfg, cache="/tmp/gpu_check_cache").features_of(images, keys)
         rel = float(np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu))

@@ -42,15 +42,15 @@ def measure(size: str, batch: int, batches: int) -> dict:
     from diffusers import UNet2DModel
 
     from attribution import Attributor, FeatureConfig, ImageDataset
-    from attribution.models.adapter import NoiseSchedule
-    from attribution.models.checkpoint import DEFAULT_SCHEDULE
+    from attribution.models.schedules import DDPMSchedule
+    from attribution.models.schedules import DEFAULT_SCHEDULE
     from attribution.models.pixel_ddpm import PixelDDPM
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     config, channels, res = SIZES[size]
     model = PixelDDPM(UNet2DModel(sample_size=res, in_channels=channels, out_channels=channels, **config),
-                      NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
+                      DDPMSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
     params = sum(p.numel() for p in model.parameters().values())
     n = batch * (batches + 1)
     pixels = np.random.default_rng(0).integers(0, 256, (n, res, res, channels), dtype=np.uint8)

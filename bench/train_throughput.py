@@ -27,7 +27,7 @@ import time
 import torch
 
 from attribution import load_dataset, train_model as train, TrainConfig
-from attribution.models.checkpoint import DEFAULT_SCHEDULE
+from attribution.models.schedules import DEFAULT_SCHEDULE
 from attribution.models.presets import unet_for
 from attribution.train import lr_lambda
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from attribution.data.datasets import ImageDataset
-from attribution.models.adapter import DiffusionModel, NoiseSchedule
-from attribution.models.checkpoint import DEFAULT_SCHEDULE
+from attribution.models.adapter import DiffusionModel
+from attribution.models.schedules import DDPMSchedule
+from attribution.models.schedules import DEFAULT_SCHEDULE
 from attribution.models.pixel_ddpm import PixelDDPM
 from attribution.models.presets import unet_for
 
@@ -23,7 +24,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def tiny_model(seed: int = 0, prediction_type: str = "epsilon") -> DiffusionModel:
     """The "tiny" UNet (41,609 parameters) on 16x16 grayscale, random weights from `seed`, DDPM schedule."""
     torch.manual_seed(seed)
-    schedule = NoiseSchedule.from_config({**DEFAULT_SCHEDULE, "prediction_type": prediction_type})
+    schedule = DDPMSchedule.from_config({**DEFAULT_SCHEDULE, "prediction_type": prediction_type})
     return PixelDDPM(unet_for(16, 1, "tiny"), schedule, None, "cpu")
 
 

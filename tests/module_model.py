@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from attribution.models.adapter import DiffusionModel, NoiseSchedule
+from attribution.models.adapter import DiffusionModel
+from attribution.models.schedules import DDPMSchedule
 
 
 class ModuleModel(DiffusionModel):
@@ -13,7 +14,7 @@ class ModuleModel(DiffusionModel):
     channels = 1
 
     def __init__(self, net: torch.nn.Module, side: int):
-        super().__init__(NoiseSchedule.from_config({"num_train_timesteps": 50}), None, "cpu")
+        super().__init__(DDPMSchedule.from_config({"num_train_timesteps": 50}), None, "cpu")
         self.net = net.requires_grad_(False)
         self.side = side
 

@@ -28,6 +28,7 @@ from attribution.figures import formation_figure
 from attribution.journey import JourneyConfig, run_journey
 from attribution.methods import get_method
 from attribution.models import load_model
+from attribution.models.schedules import DEFAULT_SCHEDULE, DDPMSchedule
 from attribution.targets import from_pixels, resolve_targets
 
 N_TRAIN = 96
@@ -96,11 +97,12 @@ def test_step_choice():
     (JourneyConfig(resamples=0), "--resamples must be at least 1, got 0"),
     (JourneyConfig(every=0), "--every must be at least 1"),
     (JourneyConfig(every=2, at=(1,)), "not both"),
-    (JourneyConfig(sampler="euler"), "unknown sampler"),
+    (JourneyConfig(sampler="lms"), "unknown sampler"),
+    (JourneyConfig(sampler="euler"), "a DDPM model samples with ddpm or ddim"),
 ])
 def test_bad_configs_are_one_line_errors(cfg, match):
     with pytest.raises(ConfigError, match=match) as exc:
-        cfg.check(1000)
+        cfg.check(DDPMSchedule.from_config(DEFAULT_SCHEDULE))
     one_line(exc)
 
 

@@ -107,7 +107,7 @@ def test_training_and_bank_commands_take_their_options_from_their_schemas(tmp_pa
 
     bank = next(a for a in _subparser("bank")._actions if isinstance(a, argparse._SubParsersAction)).choices["build"]
     for parser, schema, skip in ((_subparser("train"), TrainConfig, ("pipeline", "rank", "prompt_template")),
-                                 (_subparser("train-lora"), TrainConfig, ("preset", "resolution")),
+                                 (_subparser("train-lora"), TrainConfig, ("preset", "resolution", "schedule")),
                                  (bank, BankSpec, ())):
         actions = {flag: a for a in parser._actions for flag in a.option_strings}
         for spec in fields_of(schema):

@@ -71,7 +71,8 @@ def add_ray_options(p, cache_help: str | None = "cache root (default: cache/ or 
 
 def add_prompt_options(p) -> None:
     """--prompt, --negative-prompt and --guidance: what a text-conditional (latent) model generates."""
-    p.add_argument("--prompt", help="text prompt of a text-conditional model (e.g. 'a cat painting')")
+    p.add_argument("--prompt", help="text prompt of a text-conditional model (e.g. 'a cat painting'), or the class "
+                                    "name of a class-conditional one (e.g. 7)")
     p.add_argument("--negative-prompt", default="", help="classifier-free guidance pushes away from it (default: "
                                                          "the empty, unconditional prompt)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,

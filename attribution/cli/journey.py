@@ -64,7 +64,8 @@ def cmd_journey(args) -> int:
     text = {} if prompt is None else {"prompt": prompt.text, "negative": prompt.negative, "guidance": prompt.guidance}
     cfg = from_args(JourneyConfig, args, seed=args.seed if args.seed is not None else 0, **text)
     model = load_model(args.checkpoint, args.device)
-    cfg.check(model.num_timesteps)
+    cfg = cfg.for_model(model)
+    cfg.check(model.schedule)
     check_prompt(model, prompt)
     image, name = None, f"gen:{args.seed}"
     attribution = open_attribution(run_options(args, seed=args.feature_seed), load=lambda spec: model)

@@ -12,7 +12,7 @@ from ..data import load_dataset, pixels_to_pil, tensor_to_pixels
 from ..data.images import grid_image
 from ..fileio import atomic_path, save_npz
 from ..models import load_model
-from ..sampling import check_sampling, sample
+from ..sampling import SAMPLERS, check_sampling, sample
 from ..options import add_arguments, from_args
 from ..train import TrainConfig, read_index_file, subset_indices, train
 from .common import add_prompt_options, info, progress_bar, prompt_from
@@ -32,7 +32,8 @@ def cmd_train(args) -> int:
     indices = cfg.indices
 
     subset_indices(cfg, len(load_dataset(cfg.dataset, "train", cfg.resolution)))  # validate before reporting
-    info(f"training a {cfg.preset} DDPM on {cfg.dataset}"
+    kind = "DDPM" if cfg.schedule == "ddpm" else "rectified-flow (flow-matching) model"
+    info(f"training a {cfg.preset} {kind} on {cfg.dataset}"
          f"{f' ({len(indices)} indices from {args.index_file})' if indices else ''} for {cfg.epochs} epochs, "
          f"seed {cfg.seed}, {cfg.randomness} randomness; checkpoints at epochs {cfg.save_epochs} -> {cfg.out}")
     out = train(cfg, progress=progress_bar("epochs"))
@@ -58,6 +59,7 @@ def cmd_train_lora(args) -> int:
 def cmd_generate(args) -> int:
     model = load_model(args.checkpoint, args.device)
     prompt = prompt_from(args)
+    args.sampler = args.sampler or model.schedule.default_sampler
     check_sampling(model, args.n, args.steps, args.sampler, prompt)
     out = Path(args.out)
     said = "" if prompt is None else f" for {prompt.text!r} (guidance {prompt.guidance:g})"
@@ -100,15 +102,16 @@ def cmd_app(args) -> int:
 
 
 def add_commands(sub) -> None:
-    t = sub.add_parser("train", help="train a small DDPM (UNet2DModel) on a dataset or a subset of it")
+    t = sub.add_parser("train", help="train a small DDPM or flow-matching model (UNet2DModel) on a dataset or a "
+                                      "subset of it")
     add_arguments(t, TrainConfig, exclude=LORA_OPTIONS, argparse_choices=False)  # TrainConfig's fields (it
     # refuses a value outside their choices itself, in one line)
     t.set_defaults(func=cmd_train)
 
     lo = sub.add_parser("train-lora", help="LoRA-finetune a local Stable Diffusion folder on a dataset with class "
                                            "prompts (D-TRAK's SD-LoRA setting)")
-    add_arguments(lo, TrainConfig, exclude=("preset", "resolution"), required=("pipeline",), argparse_choices=False,
-                  defaults={"epochs": 10, "lr": 3e-4})  # the D-TRAK paper's learning rate for LoRA
+    add_arguments(lo, TrainConfig, exclude=("preset", "resolution", "schedule"), required=("pipeline",),
+                  argparse_choices=False, defaults={"epochs": 10, "lr": 3e-4})  # lr: the D-TRAK paper's for LoRA
     lo.set_defaults(func=cmd_train_lora)
 
     g = sub.add_parser("generate", help="generate images (PNGs + samples.npz)")
@@ -116,8 +119,9 @@ def add_commands(sub) -> None:
     g.add_argument("--n", type=int, default=16)
     g.add_argument("--seed", type=int, default=0, help="image i gets seed SEED+i")
     g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-                   help="ddpm (default; crisper on small models) or ddim; both deterministic given the seed")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="DDPM models: ddpm (default; crisper on small models) or ddim; flow-matching models: euler "
+                        "(default) or heun; all deterministic given the seed")
     add_prompt_options(g)
     g.add_argument("--out", required=True)
     g.add_argument("--trajectory", action="store_true", help="also store x_t and predicted x0 of every step")

@@ -56,7 +56,7 @@ from ..fileio import (
     save_npz,
     write_json,
 )
-from ..models import load_model
+from ..models import SCHEDULES, load_model
 from ..models.checkpoint import resolve_checkpoint
 from ..options import opt
 from ..sampling import DEFAULT_GUIDANCE, Prompt, gen_key, sample
@@ -183,8 +183,9 @@ def simple_loss_outputs(model, images: torch.Tensor, keys: list[str], k: int, no
             eps = eps.reshape(-1, *shape)
             cond = None if cond is None else {name: v.repeat_interleave(len(ts), 0) for name, v in cond.items()}
             x_t = model.schedule.add_noise(z0r.to(model.device), eps.to(model.device), tt.to(model.device))
-            eps_hat = model.eps(params, x_t, tt.to(model.device), cond)
-            loss = ((eps_hat.float().cpu() - eps) ** 2).flatten(1).mean(1).double().reshape(n, len(ts))
+            raw = model.raw(params, x_t, tt.to(model.device), cond)
+            pred, target = model.schedule.f_pair(raw, z0r, eps, x_t, tt.to(model.device))
+            loss = ((pred.float().cpu() - target.cpu()) ** 2).flatten(1).mean(1).double().reshape(n, len(ts))
             out[r, b:b + n] = loss.mean(1).numpy()
     return out
 
@@ -256,7 +257,8 @@ def _identity(spec: BankSpec, recipe_key: str, dataset_hash: str, subset_source:
     """What every output of the bank depends on (a rerun with another identity is refused)."""
     return {"recipe": spec.recipe.identity(), "recipe_key": recipe_key, "dataset_hash": dataset_hash,
             "subsets_from": subset_source, "noise_sets": spec.noise_sets, "timesteps": spec.timesteps,
-            "targets": spec.target_specs(), "gen_steps": spec.gen_steps, "sampler": "ddpm",
+            "targets": spec.target_specs(), "gen_steps": spec.gen_steps,
+            "sampler": SCHEDULES[spec.recipe.schedule].samplers[0],
             "full_model_seed": FULL_SEED, "F": "simple loss, uniform timesteps, noise key bank/{r}/{target key}",
             **({"full_model": full_model_hash} if full_model_hash else {}),
             **({"targets_from": targets_from} if targets_from else {}),
@@ -572,12 +574,12 @@ def copy_checkpoint(src: Path, tmp: Path, final: Path) -> None:
 
 
 def generate_targets(model, n: int, steps: int, guidance: float = DEFAULT_GUIDANCE) -> tuple[np.ndarray, list[str]]:
-    """n images of the model (DDPM, seeds 0..n-1) and their keys. A text-conditional model generates from its
-    finetuning set's class prompts in contiguous blocks of seeds (n/P each, the first classes one more when P does
-    not divide n), with classifier-free guidance `guidance`; each key carries its prompt ("gen/7/p=a handwritten
-    digit 5"; the guidance is the bank's, recorded in bank.json)."""
+    """n images of the model (its schedule's default sampler, seeds 0..n-1) and their keys. A text-conditional
+    model generates from its finetuning set's class prompts in contiguous blocks of seeds (n/P each, the first
+    classes one more when P does not divide n), with classifier-free guidance `guidance`; each key carries its
+    prompt ("gen/7/p=a handwritten digit 5"; the guidance is the bank's, recorded in bank.json)."""
     if not model.conditional:
-        traj = sample(model, n, 0, steps, "ddpm")
+        traj = sample(model, n, 0, steps)
         return traj.final, [gen_key(s) for s in traj.seeds]
     prompts = model.class_prompts()
     if not prompts:
@@ -589,7 +591,7 @@ def generate_targets(model, n: int, steps: int, guidance: float = DEFAULT_GUIDAN
     for text, lo, hi in zip(prompts, bounds[:-1], bounds[1:]):
         if hi > lo:
             prompt = Prompt(text, guidance=guidance)
-            traj = sample(model, int(hi - lo), int(lo), steps, "ddpm", prompt=prompt)
+            traj = sample(model, int(hi - lo), int(lo), steps, prompt=prompt)
             parts.append(traj.final)
             keys += [gen_key(s, prompt) for s in traj.seeds]
     return np.concatenate(parts), keys

@@ -58,7 +58,7 @@ from ..fileio import read_json, read_npz, save_npz, write_json
 from ..methods import METHODS, parse_method_entry
 from ..options import fields_of, opt
 from ..run_options import FEATURE_DEFAULTS, FEATURE_OPTIONS, RunOptions, comparison_options
-from ..models import load_model
+from ..models import SCHEDULES, load_model
 from ..models.checkpoint import resolve_checkpoint
 from ..sampling import SAMPLERS, sample
 from ..store import counterfactual_dir, identity_differences, identity_hash, load_arrays
@@ -161,8 +161,9 @@ class StudySpec:
         label="Controls"))
     steps: int = field(default=50, metadata=opt("sampling steps (a bank's study: the bank's own unless given)",
                                                   label="Steps"))
-    sampler: str = field(default="ddpm", metadata=opt("the sampler that regenerates the targets", choices=SAMPLERS,
-                                                      label="Sampler", noun="sampler"))
+    sampler: str | None = field(default=None, metadata=opt(
+        "the sampler that regenerates the targets (default: the model's, ddpm, or euler for a flow-matching model)",
+        choices=SAMPLERS, label="Sampler", noun="sampler"))
     # The methods' feature options (RunOptions fields: timesteps, proj_dim, projector, seed, fn, noises, ..., and
     # clip_weights / clip_model, which also add the CLIP measure), those given: each method takes those of its kind.
     features: dict = field(default_factory=dict)
@@ -194,7 +195,7 @@ class StudySpec:
             removal_count(r, 10 ** 9)  # the sign and form; the size is checked against the training set later
         if not 1 <= self.seeds <= 8:
             raise ConfigError(f"--seeds must be within 1..8 (retraining seeds per removal), got {self.seeds}")
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; use one of: {', '.join(SAMPLERS)}")
         if not 1 <= self.steps <= 1000:
             raise ConfigError(f"--steps must be within 1..1000, got {self.steps}")
@@ -242,7 +243,18 @@ class Source:
     label: str  # what the CLI names it with: "--bank digits" or "--checkpoint PATH"
     studies_root: Path | None = None  # a bank's own counterfactual/ folder; None: the cache
 
+    def resolve(self, spec: StudySpec) -> StudySpec:
+        """`spec` with the sampler of this model's schedule where none is given (one line for another's)."""
+        schedule = SCHEDULES[self.recipe.schedule]
+        if spec.sampler is None:
+            return replace(spec, sampler=schedule.samplers[0])
+        if spec.sampler not in schedule.samplers:
+            raise ConfigError(f"a {schedule.title} model samples with {' or '.join(schedule.samplers)}, not "
+                              f"{spec.sampler!r}")
+        return spec
+
     def identity(self, spec: StudySpec, dataset_hash: str) -> dict:
+        spec = self.resolve(spec)
         return {"model": self.model_hash, "recipe": self.recipe.identity(),
                 "recipe_key": self.recipe.key(dataset_hash), "dataset_hash": dataset_hash, "seed": self.seed,
                 "steps": spec.steps, "sampler": spec.sampler, "features": spec.feature_options()}
@@ -307,6 +319,7 @@ def _weights_hash(model_spec: str) -> str:
 
 def study_folder(source: Source, spec: StudySpec, dataset_hash: str, cache: str | None = None) -> Path:
 
+    spec = source.resolve(spec)
     identity = source.identity(spec, dataset_hash)
     slug = f"{source.recipe.name}-{spec.sampler}{spec.steps}" + ("" if source.recipe.randomness == "stream"
                                                                   else f"-{source.recipe.randomness}")
@@ -409,6 +422,7 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
               cluster: RayCluster | None = None) -> RunReport:
     """Compute every missing cell of `spec` (see the module docstring); return what was done."""
 
+    spec = source.resolve(spec)
     start = time.time()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and cluster is None:

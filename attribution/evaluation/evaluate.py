@@ -39,7 +39,8 @@ def bank_targets(bank: Bank) -> Targets:
     """The bank's targets as engine targets (generated ones keep their seed, so Journey TRAK can re-sample them)."""
     keys = list(bank.target_keys)
     steps = int(bank.meta.get("identity", {}).get("gen_steps", 50))
-    generated = [Generated(int(k.split("/")[1]), steps, "ddpm", None if key_prompt(k) is None
+    sampler = bank.meta.get("identity", {}).get("sampler", "ddpm")
+    generated = [Generated(int(k.split("/")[1]), steps, sampler, None if key_prompt(k) is None
                            else Prompt(key_prompt(k), guidance=bank.gen_guidance)) if k.startswith("gen/") else None
                  for k in keys]
     return Targets(torch.from_numpy(np.asarray(bank.target_images, dtype=np.float32)), keys,

@@ -39,6 +39,7 @@ class Recipe:
     rank: int = 4
     prompt_template: str = "a {class} painting"
     randomness: str = "stream"  # "crn-slots", "crn" or "stream" (train.py); recorded without it: a stream recipe
+    schedule: str = "ddpm"  # the noise process (models/schedules.py); recorded without it: a DDPM recipe
 
     def __post_init__(self):
         self.train_config("unused", None, 0)  # TrainConfig validates every field (one ConfigError line)
@@ -51,14 +52,16 @@ class Recipe:
                            batch_size=self.batch_size, lr=self.lr, warmup_fraction=self.warmup_fraction,
                            weight_decay=self.weight_decay, checkpoints=checkpoints, flip=self.flip, preset=self.preset,
                            resolution=self.resolution, indices=indices, device=device, pipeline=self.pipeline,
-                           rank=self.rank, prompt_template=self.prompt_template, randomness=self.randomness)
+                           rank=self.rank, prompt_template=self.prompt_template, randomness=self.randomness,
+                           schedule=self.schedule)
 
     def identity(self) -> dict:
         """The fields that determine the weights (the name is only a label). LoRA fields are absent for pixel
-        recipes and `randomness` for stream recipes: the keys of recipes made before them stay as they were."""
+        recipes, `randomness` for stream recipes and `schedule` for DDPM ones: the keys of recipes made before
+        them stay as they were."""
         lora = ("pipeline", "rank", "prompt_template")
         return {k: v for k, v in asdict(self).items() if k != "name" and (self.pipeline is not None or k not in lora)
-                and (k != "randomness" or v != "stream")}
+                and (k != "randomness" or v != "stream") and (k != "schedule" or v != "ddpm")}
 
     def key(self, dataset_hash: str) -> str:
         """16 hex digits of sha256 over the identity and the training data's content hash."""

@@ -4,7 +4,8 @@ Nothing outside attribution/models/ touches a UNet, a VAE or a diffusers schedul
 (`DiffusionModel`) to
 - `encode` images in [-1, 1] into the space the diffusion runs in and `decode` back (identity for pixel DDPMs; a
   VAE for latent models); `latent_shape` is the per-sample shape there, `resolution`/`channels` the image's;
-- noise: `schedule` (`NoiseSchedule`: add-noise, x̂0 from a noise prediction, ELBO weights, sampling schedulers);
+- noise: `schedule` (a `schedules.Schedule`: DDPM or flow matching; add-noise, the training target, x̂0 from the
+  network's output, ELBO weights, the time grid, samplers);
 - build per-sample `condition`s from noise keys (none for unconditional models; class labels or prompt embeddings
   for conditional ones), as UNet keyword arguments with one row per sample;
 - name the `parameters` that get gradients (all, a named subset, or what the implementation trains: LoRA weights)
@@ -26,8 +27,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -36,8 +36,12 @@ from torch.func import functional_call
 from ..device import resolve_device
 from ..errors import ConfigError
 from .checkpoint import CheckpointInfo
+from .schedules import Schedule
 
 Condition = dict[str, torch.Tensor] | None
+# Reads a dataset split for training (split, resolution, channels; None: the dataset's own) -> a data.ImageDataset
+# (models/ sits beside data/, so the training command hands the reader in).
+Loader = Callable[[str, int | None, int | None], object]
 
 # A noise key may carry the prompt of its sample: "gen/3/p=a cat painting" (and, for a Journey step,
 # "gen/3/p=a cat painting/step500"). Text-conditional models read it in `condition`; the noise derived from the key
@@ -59,9 +63,10 @@ def key_prompt(key: str) -> str | None:
     return head if head and tail.isdigit() else text
 
 
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Schedule values at a batch's timesteps, shaped to broadcast against `like` ((B,) -> (B, 1, 1, 1))."""
-    return values.reshape(values.shape + (1,) * (like.dim() - values.dim()))
+def sample_side(config) -> int:
+    """The side of a diffusers network's square input (its config's `sample_size`: an int or a pair)."""
+    size = config.sample_size
+    return int(size if isinstance(size, int) else size[0])
 
 
 def use_classic_attention(module: torch.nn.Module) -> None:
@@ -72,90 +77,6 @@ def use_classic_attention(module: torch.nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, Attention):
             m.set_processor(AttnProcessor())
-
-
-@dataclass
-class NoiseSchedule:
-    """The DDPM forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
-
-    abar_t is the float64 cumulative product of the betas (exact to float32 rounding when cast). Training uses
-    diffusers' own float32 product (`add_noise(..., as_trained=True)`), which differs from it by up to 2.4e-7: the
-    shipped models were trained with that one, and cached features were computed with this one, so both stay.
-    """
-
-    betas: torch.Tensor  # (T,) float64
-    prediction_type: str
-    config: dict
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> NoiseSchedule:
-        from diffusers import DDPMScheduler  # lazy: diffusers takes seconds to import
-
-        sched = DDPMScheduler.from_config(cfg)
-        return cls(sched.betas.double(), cfg.get("prediction_type", "epsilon"), dict(cfg))
-
-    @property
-    def num_timesteps(self) -> int:
-        return int(self.betas.shape[0])
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return torch.cumprod(1.0 - self.betas, 0)
-
-    @property
-    def training_alphas_cumprod(self) -> torch.Tensor:
-        """abar_t as diffusers' `DDPMScheduler` computes it (float32 throughout), the table training noised with."""
-        return torch.cumprod(1.0 - self.betas.float(), 0)
-
-    def _abar(self, t: torch.Tensor, like: torch.Tensor, as_trained: bool = False) -> torch.Tensor:
-        table = self.training_alphas_cumprod if as_trained else self.alphas_cumprod
-        return _per_sample(table.to(like.device)[t].to(like.dtype), like)
-
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, as_trained: bool = False,
-                  ) -> torch.Tensor:
-        """x_t for a batch; `t` is an int tensor of shape (B,) or (). `as_trained`: with training's abar table."""
-        abar = self._abar(t, x0, as_trained)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-
-    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The clean sample implied by a noise prediction: (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        abar = self._abar(t, x_t)
-        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
-
-    def prediction_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the network is trained to predict: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0."""
-        if self.prediction_type != "v_prediction":
-            return eps
-        abar = self._abar(t, eps)
-        return abar.sqrt() * eps - (1 - abar).sqrt() * x0
-
-    def eps_from_raw(self, raw: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The noise prediction from the network's output (the output itself for epsilon models)."""
-        if self.prediction_type != "v_prediction":
-            return raw
-        abar = self._abar(t, x_t)
-        return abar.sqrt() * raw + (1 - abar).sqrt() * x_t
-
-    def elbo_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """w_t = beta_t / (2 alpha_t (1 - abar_t)), the ELBO weight of the epsilon MSE (D-TRAK's convention)."""
-        betas = self.betas.to(t.device)
-        abar = self.alphas_cumprod.to(t.device)
-        return (betas[t] / (2 * (1 - betas[t]) * (1 - abar[t]))).float()
-
-    def make_scheduler(self, sampler: str):
-        """A fresh diffusers scheduler for sampling: 'ddim' (deterministic, eta=0) or 'ddpm'.
-
-        Its `step` takes a noise prediction: the sampler converts the network's output with `eps_from_raw` first
-        (and combines guided predictions as noise), so the scheduler is told "epsilon" whatever the checkpoint's
-        `prediction_type`; handing a v-prediction scheduler epsilon would silently predict the wrong x0."""
-        from diffusers import DDIMScheduler, DDPMScheduler  # lazy: diffusers takes seconds to import
-
-        if sampler == "ddim":
-            return DDIMScheduler.from_config(self.config, clip_sample=self.config.get("clip_sample", True),
-                                             set_alpha_to_one=False, prediction_type="epsilon")
-        if sampler == "ddpm":
-            return DDPMScheduler.from_config(self.config, prediction_type="epsilon")
-        raise ConfigError(f"unknown sampler {sampler!r}; use ddim or ddpm")
 
 
 # At the last timestep x_t is all but pure noise (sqrt(abar) = 0.0064 for the default schedule), so a trained
@@ -195,17 +116,15 @@ class DiffusionModel(ABC):
     """
 
     kind: str = ""  # the registry name, e.g. "pixel-ddpm"
-    conditional: bool = False  # text-conditional: generation takes a prompt (`prompt_condition`)
+    conditional: bool = False  # conditional: generation takes a prompt (`prompt_condition`)
+    conditioned_on: str = "prompt"  # what that prompt is: free text, or a "class" name (a class-conditional model)
 
-    def __init__(self, schedule: NoiseSchedule, info: CheckpointInfo | None, device: torch.device | str):
+    def __init__(self, schedule: Schedule, info: CheckpointInfo | None, device: torch.device | str):
         self.device = resolve_device(device)
         self.schedule = schedule
         self.info = info
         self._lock = threading.RLock()
         self._identity = info.content_hash() if info is not None else None
-        if schedule.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(f"prediction_type {schedule.prediction_type!r} is not supported; "
-                              "use an epsilon- or v-prediction model")
 
     # -- what an implementation provides ----------------------------------------------------------------------
 
@@ -218,6 +137,18 @@ class DiffusionModel(ABC):
     @abstractmethod
     def load(cls, info: CheckpointInfo, device: str | torch.device = "auto") -> DiffusionModel:
         """Load the checkpoint (weights only from safetensors or torch.load(weights_only=True))."""
+
+    @classmethod
+    def trains(cls, cfg) -> bool:
+        """Whether `train` builds this kind of model for a training config (a `train.TrainConfig`)."""
+        return False
+
+    @classmethod
+    def for_training(cls, cfg, load: Loader, device: torch.device) -> tuple[DiffusionModel, object]:
+        """A fresh, trainable model for the config (seed torch's global generator first: its initial weights come
+        from it) and its training split, read with `load(split, resolution, channels)` (None: the dataset's own)
+        at the model's size."""
+        raise ConfigError(f"{cls.kind} models are not trained by this tool")
 
     @abstractmethod
     def save(self, target: Path, extra: dict | None = None) -> None:
@@ -260,7 +191,7 @@ class DiffusionModel(ABC):
     def prompt_condition(self, prompts: Sequence[str]) -> Condition:
         """UNet keyword arguments for free-text prompts, one row each (an empty prompt is the unconditional one, as
         classifier-free guidance uses it); only text-conditional models take prompts."""
-        raise ConfigError(f"{self.spec} is not text-conditional: prompts do not apply to it")
+        raise ConfigError(f"{self.spec} is not conditional: prompts do not apply to it")
 
     def class_prompts(self) -> list[str]:
         """The prompt of each class of the training set, for a text-conditional model that records them (its
@@ -272,6 +203,7 @@ class DiffusionModel(ABC):
         the training split chosen for it). Pixel models accept any set, as their training images need nothing
         recorded per index; a model that reads per-image information by index (a LoRA finetune's prompt table)
         checks that it was recorded for these images."""
+        return None
 
     def describe_parameters(self) -> str:
         """What attribution differentiates, for people: "all N parameters" (a LoRA model says "LoRA, N ...")."""
@@ -324,22 +256,30 @@ class DiffusionModel(ABC):
     def buffers(self) -> dict[str, torch.Tensor]:
         return dict(self.module.named_buffers())
 
+    def network_inputs(self, x_t: torch.Tensor, time: torch.Tensor, cond: Condition) -> tuple[tuple, dict]:
+        """The network's (positional, keyword) arguments for a batch at network time `time`: (x_t, time) and the
+        condition's keywords, as a UNet's or a DiT's forward takes them; a network with another order overrides."""
+        return (x_t, time), dict(cond or {})
+
     def _call(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        """The module's forward pass on a batch (caller holds the lock); returns its output tensor."""
-        return self.module(x_t, t, **(cond or {}), return_dict=False)[0]
+        """The module's forward pass on a batch at grid times t (caller holds the lock); returns its output tensor."""
+        args, kwargs = self.network_inputs(x_t, self.schedule.model_time(t), cond)
+        return self.module(*args, **kwargs, return_dict=False)[0]
 
     def raw(self, params: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: Condition = None,
             ) -> torch.Tensor:
-        """The network's output (noise for epsilon models, velocity for v-prediction), a pure function of `params`
-        (others stay at their checkpoint values). Output functions act on it against `prediction_target`, as the
-        model was trained (and as D-TRAK does).
+        """The network's output at grid times t (noise for epsilon models, v for v-prediction, the velocity eps - x0
+        for flow matching; the network is told `schedule.model_time(t)`), a pure function of `params` (others stay
+        at their checkpoint values). Output functions act on it against `prediction_target`, as the model was
+        trained (and as D-TRAK does).
 
         Thread-safe: `functional_call` swaps `params` into the shared module while the forward pass runs, so the pass
         holds this model's lock (the backward pass of a gradient does not touch the module and runs unlocked).
         """
+        args, kwargs = self.network_inputs(x_t, self.schedule.model_time(t), cond)
         with self._lock:
-            return functional_call(self.module, (params, self.buffers()), (x_t, t),
-                                   dict(cond or {}, return_dict=False), strict=False)[0]
+            return functional_call(self.module, (params, self.buffers()), args, dict(kwargs, return_dict=False),
+                                   strict=False)[0]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
         """The network's output with its own parameters, differentiable (training), under the lock."""
@@ -355,8 +295,9 @@ class DiffusionModel(ABC):
         return self.schedule.eps_from_raw(self.raw(params, x_t, t, cond), x_t, t)
 
     @torch.no_grad()
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
-        return self.eps(self.parameters(), x_t, t, cond)
+    def predict_raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition = None) -> torch.Tensor:
+        """The network's output with its own parameters, without gradients."""
+        return self.raw(self.parameters(), x_t, t, cond)
 
     def training_loss(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Condition = None,
                       ) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Checkpoints: naming, loading and saving diffusers `UNet2DModel` DDPMs, safely and offline.
 
 A checkpoint spec is one of:
-- a shipped alias: `digits`, `animals-2`, `digits-latent` (the models under `models/` in this repository);
+- a shipped alias: `digits`, `animals-2`, `digits-latent`, `digits-flow` (the models under `models/` in this
+  repository);
 - a training run folder (made by `python -m attribution train`), whose `epoch-NNNN/` subfolders are checkpoints;
 - a `DDPMPipeline` folder (`model_index.json`, `unet/`, optional `scheduler/`), e.g. a downloaded
   google/ddpm-cifar10-32;
@@ -32,10 +33,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_DIR = REPO_ROOT / "models"
 SHIPPED = {"digits": SHIPPED_DIR / "digits", "animals-2": SHIPPED_DIR / "animals-2",
            # a tiny latent text-to-image model LoRA-finetuned on digits 5-9 (bench/tiny_latent.py)
-           "digits-latent": SHIPPED_DIR / "digits-latent"}
+           "digits-latent": SHIPPED_DIR / "digits-latent",
+           # a rectified-flow (flow-matching) model of the digits, trained by `train --schedule flow-matching`
+           "digits-flow": SHIPPED_DIR / "digits-flow"}
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-DEFAULT_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
-                    "beta_schedule": "linear", "prediction_type": "epsilon"}
+NETWORK_FOLDERS = ("unet", "transformer")  # a pipeline folder's denoising network (UNet or diffusion transformer)
 # Besides the UNet weights, what a checkpoint's identity covers where present (a latent pipeline's other components,
 # a LoRA checkpoint's adapter weights and prompt table); pixel DDPM folders have none, so their hashes are unchanged.
 IDENTITY_EXTRAS = ("vae", "text_encoder", "tokenizer", "lora", "prompts.json")
@@ -99,18 +101,19 @@ class CheckpointInfo:
 
     @property
     def pipeline_dir(self) -> Path:
-        """The pipeline folder (holding `model_index.json`, `unet/`, ...), or the bare UNet folder."""
-        return self.unet_dir.parent if self.unet_dir.name == "unet" else self.unet_dir
+        """The pipeline folder (holding `model_index.json`, `unet/` or `transformer/`, ...), or the bare network
+        folder."""
+        return self.unet_dir.parent if self.unet_dir.name in NETWORK_FOLDERS else self.unet_dir
 
     def pipeline_class(self) -> str | None:
         """The `_class_name` of the folder's `model_index.json` (e.g. "DDPMPipeline"), None without one: what the
         model registry reads to pick an implementation."""
         index = self.pipeline_dir / "model_index.json"
-        return _read_config(index).get("_class_name") if index.is_file() else None
+        return read_config(index).get("_class_name") if index.is_file() else None
 
     def unet_config(self) -> dict:
         """The UNet's `config.json`."""
-        return _read_config(self.unet_dir / "config.json")
+        return read_config(self.unet_dir / "config.json")
 
     def run_metadata(self) -> dict:
         if self.run_dir and (self.run_dir / "run.json").is_file():
@@ -142,7 +145,7 @@ class Demo:
 
     @classmethod
     def read(cls, path: Path) -> Demo:
-        d = _read_config(path)
+        d = read_config(path)
         unknown = sorted(set(d) - {"seed", "prompt", "guidance", "note"})
         if unknown:
             raise CheckpointError(f"{path} has unknown fields {', '.join(unknown)} (seed, prompt, guidance, note)")
@@ -156,7 +159,7 @@ class Demo:
         return demo
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -176,9 +179,11 @@ def _run_epochs(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _pipeline_parts(folder: Path) -> tuple[Path, Path | None]:
-    """(unet_dir, scheduler_config or None) for a pipeline folder or a bare UNet folder."""
-    if (folder / "unet").is_dir():
-        unet_dir = folder / "unet"
+    """(unet_dir, scheduler_config or None) for a pipeline folder (its `unet/` or `transformer/`: the network) or a
+    bare network folder."""
+    network = next((folder / n for n in NETWORK_FOLDERS if (folder / n).is_dir()), None)
+    if network is not None:
+        unet_dir = network
         sched = folder / "scheduler" / "scheduler_config.json"
     else:
         unet_dir = folder
@@ -238,15 +243,16 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                               "convert it to safetensors") from None
 
 
-def load_unet(info: CheckpointInfo):
-    """Build the `UNet2DModel` from its config and load its weights (eval mode, CPU, float32)."""
-    from diffusers import UNet2DModel  # lazy: diffusers takes seconds to import
+def load_unet(info: CheckpointInfo, network_class: str = "UNet2DModel"):
+    """Build the network (a diffusers `UNet2DModel`, or another diffusers model class named by `network_class`)
+    from its config and load its weights (eval mode, CPU, float32)."""
+    import diffusers  # lazy: diffusers takes seconds to import
 
     try:
         config = json.loads((info.unet_dir / "config.json").read_text())
-        unet = UNet2DModel.from_config(config)
+        unet = getattr(diffusers, network_class).from_config(config)
     except Exception as exc:
-        raise CheckpointError(f"{info.unet_dir / 'config.json'} is not a UNet2DModel config ({exc})") from None
+        raise CheckpointError(f"{info.unet_dir / 'config.json'} is not a {network_class} config ({exc})") from None
     state = _read_weights(info.weights_path)
     try:
         missing, unexpected = unet.load_state_dict(state, strict=False)
@@ -260,63 +266,29 @@ def load_unet(info: CheckpointInfo):
     return unet.float().eval()
 
 
-# Scheduler classes whose config describes the discrete DDPM (variance-preserving) noise process by its betas, the
-# process the sampler drives (with diffusers' DDPM and DDIM steps): any of them may name a checkpoint's schedule.
-# Others (flow matching, variance-exploding or EDM sigma schedules, consistency models) define another process.
-VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-                 "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-                 "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
-                 "DPMSolverSDEScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "DDPMParallelScheduler",
-                 "DDIMParallelScheduler", "LCMScheduler", "TCDScheduler", "DDPMWuerstchenScheduler")
-
-
-def read_scheduler_config(info: CheckpointInfo) -> dict | None:
-    """The checkpoint's `scheduler_config.json` as written (None without one); one CheckpointError line when it is
-    unreadable or names a scheduler class whose noise process the sampler cannot drive."""
-    if info.scheduler_config is None:
-        return None
-    cfg = _read_config(info.scheduler_config)
-    name = cfg.get("_class_name")
-    if name is not None and name not in VP_SCHEDULERS:
-        raise CheckpointError(f"{info.scheduler_config} names {name}, a noise process this tool cannot sample or "
-                              f"attribute; supported are the DDPM-family schedulers ({', '.join(VP_SCHEDULERS[:3])}, "
-                              "Euler, DPM-Solver, ...), whose config gives the betas")
-    return cfg
-
-
-def states_prediction_type(info: CheckpointInfo) -> bool:
-    """Whether the checkpoint's scheduler config says what the network predicts (`prediction_type`)."""
-    cfg = read_scheduler_config(info)
-    return cfg is not None and cfg.get("prediction_type") is not None
-
-
-def load_schedule_config(info: CheckpointInfo) -> dict:
-    """The DDPM noise-schedule config: the checkpoint's own when it has one, else `DEFAULT_SCHEDULE`."""
-    cfg = read_scheduler_config(info)
-    if cfg is None:
-        return dict(DEFAULT_SCHEDULE)
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas",
-            "clip_sample", "clip_sample_range", "rescale_betas_zero_snr")
-    out = dict(DEFAULT_SCHEDULE)
-    out.update({k: cfg[k] for k in keys if k in cfg and cfg[k] is not None})
-    return out
-
-
-def save_checkpoint(target: Path, unet, schedule: dict, extra: dict | None = None) -> None:
-    """Write a DDPMPipeline-style folder atomically: model_index.json, unet/, scheduler/, attribution.json."""
+def save_checkpoint(target: Path, unet, schedule: dict, extra: dict | None = None,
+                    scheduler_class: str = "DDPMScheduler", pipeline_class: str = "DDPMPipeline",
+                    network_folder: str = "unet", index_extra: dict | None = None,
+                    files: dict[str, str] | None = None) -> None:
+    """Write a pipeline folder atomically: model_index.json (`pipeline_class`, its components and `index_extra`),
+    the network in `network_folder`/ (config + safetensors), scheduler/ (`schedule` as the config of
+    `scheduler_class`), attribution.json (`extra`) and any other `files` (name -> text)."""
     with atomic_dir(target) as tmp:
-        (tmp / "unet").mkdir()
+        (tmp / network_folder).mkdir()
         (tmp / "scheduler").mkdir()
-        (tmp / "unet" / "config.json").write_text(json.dumps(dict(unet.config), indent=2, default=list) + "\n")
+        config = {"_class_name": type(unet).__name__, **dict(unet.config)}  # as diffusers writes it
+        (tmp / network_folder / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-        save_file(state, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
-        sched = {"_class_name": "DDPMScheduler", **schedule}
+        save_file(state, str(tmp / network_folder / "diffusion_pytorch_model.safetensors"))
+        sched = {"_class_name": scheduler_class, **schedule}
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
-        index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-                 "scheduler": ["diffusers", "DDPMScheduler"]}
+        index = {"_class_name": pipeline_class, network_folder: ["diffusers", type(unet).__name__],
+                 "scheduler": ["diffusers", scheduler_class], **(index_extra or {})}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if extra:
             (tmp / "attribution.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
 
 
 def list_shipped() -> list[str]:

@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DatasetError
 from ..fileio import atomic_dir
-from .adapter import Condition, DiffusionModel, NoiseSchedule, key_prompt, use_classic_attention
-from .checkpoint import CheckpointInfo, load_schedule_config, resolve_checkpoint
+from .adapter import Condition, DiffusionModel, key_prompt, sample_side, use_classic_attention
+from .checkpoint import CheckpointInfo, resolve_checkpoint
+from .schedules import Schedule, load_schedule
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline",)
 COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
@@ -78,6 +79,18 @@ class PromptTable:
 
     def class_prompts(self) -> dict[str, str]:
         return {c: self.template.replace("{class}", c.replace("_", " ")) for c in self.classes}
+
+
+def prompt_table(load, dataset: str, template: str, resolution: int, channels: int) -> PromptTable:
+    """Every training and validation image's prompt: its class name through `template` (`load(split, resolution,
+    channels)` reads a split; a folder dataset without a validation split has train prompts only)."""
+    train_set = load("train", resolution, channels)
+    labels = {"train": train_set.labels.tolist()}
+    try:
+        labels["val"] = load("val", resolution, channels).labels.tolist()
+    except DatasetError:
+        pass
+    return PromptTable(template, dataset, list(train_set.class_names), labels)
 
 
 def _names(classes: Sequence[str], labels: Sequence[int]) -> list[str]:
@@ -200,7 +213,45 @@ def load_lora(unet, lora_dir: Path) -> int:
 # -- the model -----------------------------------------------------------------------------------------------------
 
 
-class LatentSD(DiffusionModel):
+def read_prompt_table(path: Path) -> PromptTable | None:
+    """A checkpoint's prompt table (None when the folder has none); one CheckpointError line when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return PromptTable(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a prompt table ({exc})") from None
+
+
+class PromptKeys:
+    """The prompt a text-conditional model conditions a noise key on: the key's own ("gen/3/p=a cat"), else a
+    training or validation image's from the model's `prompts` table (a mixin of `DiffusionModel`s with one)."""
+
+    prompts: PromptTable | None
+    missing_table = "attribute a checkpoint made by train-lora, which records one"  # what to do without a table
+
+    def prompt_for(self, key: str) -> str:
+        text = key_prompt(key)
+        kind, _, rest = key.partition("/")
+        if text is not None:
+            if not text.strip():
+                raise ConfigError(f"{self.spec} is text-conditional: the prompt is empty; give one (--prompt)")
+            return text
+        if kind in ("train", "val"):
+            if self.prompts is None:
+                raise ConfigError(f"{self.spec} has no prompt table ({PROMPTS_FILE}) for its training images; "
+                                  f"{self.missing_table}")
+            return self.prompts.prompt(kind, int(rest.split("/")[0]))
+        raise ConfigError(f"{self.spec} is text-conditional: give a prompt for {kind} images (--prompt)")
+
+    def class_prompts(self) -> list[str]:
+        return list(self.prompts.class_prompts().values()) if self.prompts is not None else []
+
+    def condition(self, keys: Sequence[str]) -> Condition:
+        return self.prompt_condition([self.prompt_for(k) for k in keys])
+
+
+class LatentSD(PromptKeys, DiffusionModel):
     """A Stable-Diffusion-shaped latent, text-conditional model (see the module docstring).
 
     `trainable=False` (attribution, sampling): everything frozen, eval mode, classic attention (vmap). With
@@ -210,7 +261,7 @@ class LatentSD(DiffusionModel):
     kind = "latent-sd"
     conditional = True
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, info: CheckpointInfo | None,
+    def __init__(self, unet, vae, text_encoder, tokenizer, schedule: Schedule, info: CheckpointInfo | None,
                  device: torch.device | str = "cpu", base_dir: Path | None = None,
                  prompts: PromptTable | None = None, lora_rank: int | None = None, trainable: bool = False):
         super().__init__(schedule, info, device)
@@ -244,15 +295,25 @@ class LatentSD(DiffusionModel):
         check_components(folder)
         parts = {name: _load_component(folder, name) for name in ("unet", "vae", "text_encoder", "tokenizer")}
         rank = load_lora(parts["unet"], folder / LORA_DIR) if (folder / LORA_DIR).is_dir() else None
-        prompts = None
-        if (folder / PROMPTS_FILE).is_file():
-            try:
-                prompts = PromptTable(**json.loads((folder / PROMPTS_FILE).read_text()))
-            except (ValueError, TypeError) as exc:
-                raise CheckpointError(f"{folder / PROMPTS_FILE} is not a prompt table ({exc})") from None
-        schedule = NoiseSchedule.from_config(load_schedule_config(info))
+        prompts = read_prompt_table(folder / PROMPTS_FILE)
+        schedule = load_schedule(info)
         return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], schedule, info, device,
                    base_dir=_base_of(folder), prompts=prompts, lora_rank=rank, trainable=trainable)
+
+    @classmethod
+    def trains(cls, cfg) -> bool:
+        return cfg.pipeline is not None
+
+    @classmethod
+    def for_training(cls, cfg, load, device):
+        """The pipeline with a fresh LoRA adapter of `cfg.rank`; every training and validation image's prompt is its
+        class name through `cfg.prompt_template` (the model's prompt table)."""
+        model = cls.for_finetuning(cfg.pipeline, cfg.rank, device)
+        if cfg.resolution is not None and cfg.resolution != model.resolution:
+            raise ConfigError(f"{cfg.pipeline} generates {model.resolution}px images; drop --resolution or give "
+                              f"{model.resolution}")
+        model.prompts = prompt_table(load, cfg.dataset, cfg.prompt_template, model.resolution, model.channels)
+        return model, load("train", model.resolution, model.channels)
 
     @classmethod
     def for_finetuning(cls, pipeline: str, rank: int, device: str | torch.device = "cpu",
@@ -310,9 +371,7 @@ class LatentSD(DiffusionModel):
 
     @property
     def resolution(self) -> int:
-        size = self.unet.config.sample_size
-        latent = int(size if isinstance(size, int) else size[0])
-        return latent * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return sample_side(self.unet.config) * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def channels(self) -> int:
@@ -320,8 +379,7 @@ class LatentSD(DiffusionModel):
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        size = self.unet.config.sample_size
-        latent = int(size if isinstance(size, int) else size[0])
+        latent = sample_side(self.unet.config)
         return (int(self.unet.config.in_channels), latent, latent)
 
     @torch.no_grad()
@@ -375,27 +433,7 @@ class LatentSD(DiffusionModel):
                           "prompts.json gives each training image's prompt by index, so attribute it against "
                           f"--dataset {self.prompts.dataset}")
 
-    # -- conditions --
-
-    def prompt_for(self, key: str) -> str:
-        text = key_prompt(key)
-        kind, _, rest = key.partition("/")
-        if text is not None:
-            if not text.strip():
-                raise ConfigError(f"{self.spec} is text-conditional: the prompt is empty; give one (--prompt)")
-            return text
-        if kind in ("train", "val"):
-            if self.prompts is None:
-                raise ConfigError(f"{self.spec} has no prompt table ({PROMPTS_FILE}) for its training images; "
-                                  "attribute a checkpoint made by train-lora, which records one")
-            return self.prompts.prompt(kind, int(rest.split("/")[0]))
-        raise ConfigError(f"{self.spec} is text-conditional: give a prompt for {kind} images (--prompt)")
-
-    def class_prompts(self) -> list[str]:
-        return list(self.prompts.class_prompts().values()) if self.prompts is not None else []
-
-    def condition(self, keys: Sequence[str]) -> Condition:
-        return self.prompt_condition([self.prompt_for(k) for k in keys])
+    # -- conditions (prompt_for, class_prompts, condition: PromptKeys) --
 
     def prompt_condition(self, prompts: Sequence[str]) -> Condition:
         return {"encoder_hidden_states": torch.stack([self._embed(p) for p in prompts])}

@@ -1,5 +1,8 @@
-"""The pixel-space, unconditional DDPM: a diffusers `UNet2DModel` on images in [-1, 1] (the shipped models, training
-runs made by `train`, DDPMPipeline folders such as google/ddpm-cifar10-32, bare UNet2DModel folders)."""
+"""The pixel-space, unconditional diffusion model: a diffusers `UNet2DModel` on images in [-1, 1] (the shipped models,
+training runs made by `train`, DDPMPipeline folders such as google/ddpm-cifar10-32, bare UNet2DModel folders), with
+the noise process its scheduler config names: DDPM, or flow matching (`train --schedule flow-matching`: the folder's
+scheduler is a `FlowMatchEulerDiscreteScheduler`; diffusers has no pixel flow-matching pipeline class, so the folder
+keeps the DDPMPipeline layout)."""
 
 from __future__ import annotations
 
@@ -7,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .adapter import DiffusionModel, NoiseSchedule, use_classic_attention
-from .checkpoint import CheckpointInfo, load_schedule_config, load_unet, save_checkpoint
+from .adapter import DiffusionModel, sample_side, use_classic_attention
+from .checkpoint import CheckpointInfo, load_unet, save_checkpoint
 from .presets import unet_for
+from .schedules import Schedule, load_schedule, new_schedule
 
 PIPELINES = (None, "DDPMPipeline", "DDIMPipeline")
 
@@ -24,7 +28,7 @@ class PixelDDPM(DiffusionModel):
 
     kind = "pixel-ddpm"
 
-    def __init__(self, unet, schedule: NoiseSchedule, info: CheckpointInfo | None = None,
+    def __init__(self, unet, schedule: Schedule, info: CheckpointInfo | None = None,
                  device: torch.device | str = "cpu", trainable: bool = False):
         super().__init__(schedule, info, device)
         if trainable:
@@ -42,16 +46,26 @@ class PixelDDPM(DiffusionModel):
 
     @classmethod
     def load(cls, info: CheckpointInfo, device: str | torch.device = "auto") -> PixelDDPM:
-        return cls(load_unet(info), NoiseSchedule.from_config(load_schedule_config(info)), info, device)
+        return cls(load_unet(info), load_schedule(info), info, device)
 
     @classmethod
-    def initialise(cls, resolution: int, channels: int, preset: str, schedule: NoiseSchedule,
+    def trains(cls, cfg) -> bool:
+        return cfg.pipeline is None
+
+    @classmethod
+    def for_training(cls, cfg, load, device):
+        """A fresh UNet of `cfg.preset` at the data's size, with a fresh schedule of `cfg.schedule`."""
+        data = load("train", cfg.resolution, None)
+        return cls.initialise(data.resolution, data.channels, cfg.preset, new_schedule(cfg.schedule), device), data
+
+    @classmethod
+    def initialise(cls, resolution: int, channels: int, preset: str, schedule: Schedule,
                    device: str | torch.device = "cpu") -> PixelDDPM:
         """A freshly initialised, trainable model (weights from torch's global generator: seed it first)."""
         return cls(unet_for(resolution, channels, preset), schedule, None, device, trainable=True)
 
     def save(self, target: Path, extra: dict | None = None) -> None:
-        save_checkpoint(target, self.unet, self.schedule.config, extra)
+        save_checkpoint(target, self.unet, self.schedule.config, extra, self.schedule.scheduler_class)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -59,8 +73,7 @@ class PixelDDPM(DiffusionModel):
 
     @property
     def resolution(self) -> int:
-        size = self.unet.config.sample_size
-        return int(size if isinstance(size, int) else size[0])
+        return sample_side(self.unet.config)
 
     @property
     def channels(self) -> int:

@@ -12,11 +12,14 @@ import torch
 
 from ..errors import CheckpointError
 from .adapter import DiffusionModel, check_predicts_noise
-from .checkpoint import CheckpointInfo, resolve_checkpoint, states_prediction_type
+from .checkpoint import CheckpointInfo, resolve_checkpoint
+from .schedules import states_prediction_type
+from .dit import DiT
 from .latent_sd import LatentSD
 from .pixel_ddpm import PixelDDPM
+from .sd3 import LatentSD3
 
-MODEL_KINDS: dict[str, type[DiffusionModel]] = {m.kind: m for m in (PixelDDPM, LatentSD)}
+MODEL_KINDS: dict[str, type[DiffusionModel]] = {m.kind: m for m in (PixelDDPM, LatentSD, DiT, LatentSD3)}
 
 
 def implementation_for(info: CheckpointInfo) -> type[DiffusionModel]:
@@ -43,3 +46,11 @@ def load_model(spec: str, device: str | torch.device = "auto") -> DiffusionModel
     if not states_prediction_type(info):
         check_predicts_noise(model, info.scheduler_config or info.unet_dir / "scheduler_config.json")
     return model
+
+
+def training_kind(cfg) -> type[DiffusionModel]:
+    """The implementation that `train` builds for a training config (a `train.TrainConfig`)."""
+    for cls in MODEL_KINDS.values():
+        if cls.trains(cfg):
+            return cls
+    raise CheckpointError("no model implementation trains this configuration")

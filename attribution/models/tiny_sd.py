@@ -109,3 +109,44 @@ def build_tiny_pipeline(folder: str | Path, words: Sequence[str], cfg: TinySDCon
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULE, indent=2) + "\n")
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
     return folder
+
+
+SD3_SCHEDULE = {"num_train_timesteps": 1000, "shift": 3.0}  # Stable Diffusion 3's
+
+
+def build_tiny_sd3(folder: str | Path, words: Sequence[str], seed: int = 0, resolution: int = 16,
+                   latent_channels: int = 4, text_dim: int = 32, max_tokens: int = 16) -> Path:
+    """Write a tiny `StableDiffusion3Pipeline` folder with random weights (seeded): an SD3Transformer2DModel (2
+    layers, 2 heads of 8), a 2-block VAE with a shift factor, two CLIP text encoders with projections and
+    tokenizers for `words`, no T5 (the pipeline uses zeros there) and SD3's flow-matching scheduler (shift 3)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(16, 32),
+                        layers_per_block=1, norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=resolution, scaling_factor=1.5,
+                        shift_factor=0.1)
+    proj = text_dim // 2
+    encoders, tokenizers = [], []
+    for _ in range(2):
+        tok = tiny_tokenizer(words, max_tokens)
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=text_dim, intermediate_size=2 * text_dim, num_attention_heads=4,
+            num_hidden_layers=2, max_position_embeddings=max_tokens, projection_dim=proj,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)))
+        tokenizers.append(tok)
+    transformer = SD3Transformer2DModel(sample_size=resolution // 2, patch_size=2, in_channels=latent_channels,
+                                        out_channels=latent_channels, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=2 * text_dim,
+                                        caption_projection_dim=16, pooled_projection_dim=2 * proj,
+                                        pos_embed_max_size=resolution // 2)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
+                                    vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0],
+                                    text_encoder_2=encoders[1], tokenizer_2=tokenizers[1], text_encoder_3=None,
+                                    tokenizer_3=None)
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+    return folder

@@ -176,13 +176,13 @@ def test_random_masks_are_half_subsets_and_grow_stably():
 
 def test_simple_loss_equals_direct_computation():
     from attribution.features.timesteps import noise_for
-    from attribution.models.adapter import NoiseSchedule
+    from attribution.models.schedules import DDPMSchedule
     from attribution.models.pixel_ddpm import PixelDDPM
-    from attribution.models.checkpoint import DEFAULT_SCHEDULE
+    from attribution.models.schedules import DEFAULT_SCHEDULE
     from attribution.models.presets import unet_for
 
     torch.manual_seed(0)
-    model = PixelDDPM(unet_for(16, 1, "tiny"), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
+    model = PixelDDPM(unet_for(16, 1, "tiny"), DDPMSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
     images = torch.rand(3, 1, 16, 16) * 2 - 1
     keys = ["val/0", "val/1", "gen/5"]
     got = simple_loss_outputs(model, images, keys, k=4, noise_sets=2, batch=8)  # 2 targets per forward batch

@@ -24,7 +24,7 @@ from attribution.features.gradients import GradientSpec, output_values, param_co
 from attribution.features.outputs import OUTPUT_FUNCTIONS, output_value
 from attribution.features.timesteps import noise_for
 from attribution.models.adapter import DiffusionModel
-from attribution.models.checkpoint import DEFAULT_SCHEDULE
+from attribution.models.schedules import DEFAULT_SCHEDULE
 
 
 # -- per-sample gradients ----------------------------------------------------------------------------------------
@@ -156,5 +156,5 @@ def test_v_prediction_simple_is_the_training_loss_exactly(digits):
     feats = per_sample_gradients(model, x0, keys, spec)
     torch.testing.assert_close(feats, torch.stack(grads), rtol=1e-4, atol=1e-6)
     # The epsilon MSE of the converted prediction is another loss (so another feature): it must differ.
-    eps_hat = model.predict_eps(model.schedule.add_noise(x0[0].expand_as(eps[0]), eps[0], ts), ts)
+    eps_hat = model.eps(model.parameters(), model.schedule.add_noise(x0[0].expand_as(eps[0]), eps[0], ts), ts)
     assert abs(torch.nn.functional.mse_loss(eps_hat, eps[0]).item() - losses[0]) > 1e-3 * losses[0]

@@ -1,5 +1,5 @@
 """Output functions and the noise schedule (attribution/features/outputs.py; the schedule is the model adapter's
-NoiseSchedule): every output function against its closed-form formula in float64 (the interpolation's anchors
+DDPMSchedule): every output function against its closed-form formula in float64 (the interpolation's anchors
 included), and the schedule's ELBO weights and forward process against diffusers' DDPMScheduler. Numerical
 identities on random tensors: no model is needed.
 """
@@ -12,8 +12,8 @@ import torch
 
 from attribution.errors import ConfigError
 from attribution.features.outputs import OUTPUT_FUNCTIONS, output_value
-from attribution.models.adapter import NoiseSchedule
-from attribution.models.checkpoint import DEFAULT_SCHEDULE
+from attribution.models.schedules import DDPMSchedule
+from attribution.models.schedules import DEFAULT_SCHEDULE
 
 
 # -- output functions ------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def test_output_functions_match_their_formulas():
 def test_schedule_matches_diffusers_ddpm():
     from diffusers import DDPMScheduler
 
-    sched = NoiseSchedule.from_config(DEFAULT_SCHEDULE)
+    sched = DDPMSchedule.from_config(DEFAULT_SCHEDULE)
     ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     betas = ref.betas.double().numpy()
     abar = np.cumprod(1 - betas)

@@ -37,9 +37,9 @@ from attribution.engine import Attributor
 from attribution.features.config import FeatureConfig
 from attribution.features.timesteps import noise_for
 from attribution.methods import get_method
-from attribution.models.adapter import NoiseSchedule
+from attribution.models.schedules import DDPMSchedule
 from attribution.models.pixel_ddpm import PixelDDPM
-from attribution.models.checkpoint import DEFAULT_SCHEDULE
+from attribution.models.schedules import DEFAULT_SCHEDULE
 from attribution.models.presets import unet_for
 
 trak = pytest.importorskip("trak")
@@ -73,7 +73,7 @@ def test_trak_scores_agree_with_traker(tmp_path):
     from trak.projectors import BasicProjector, ProjectionType
 
     torch.manual_seed(0)
-    model = PixelDDPM(unet_for(16, 1, "tiny"), NoiseSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
+    model = PixelDDPM(unet_for(16, 1, "tiny"), DDPMSchedule.from_config(DEFAULT_SCHEDULE), None, "cpu")
     digits, val = load_dataset("digits"), load_dataset("digits", "val")
     # N > k, so X^T X (k x k) is invertible and traker's formula is well posed.
     train = ImageDataset("digits", "train", digits.pixels[:N_TRAIN].copy(), digits.labels[:N_TRAIN].copy(),

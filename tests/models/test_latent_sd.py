@@ -132,7 +132,6 @@ def _direct_features(model, att, images, keys):
 def test_scores_match_a_direct_computation(name, lora_run, npz12, tmp_path):
     from attribution.engine import open_attribution
     from attribution.run_options import RunOptions
-    from attribution.methods import get_method
     from attribution.sampling import Prompt
     from attribution.targets import resolve_targets
 
@@ -177,7 +176,6 @@ def test_generate_and_journey(lora_run, npz12, tmp_path):
     from attribution.engine import open_attribution
     from attribution.run_options import RunOptions
     from attribution.journey import JourneyConfig, run_journey
-    from attribution.methods import get_method
     from attribution.sampling import Prompt, sample
 
     model = load_model(str(lora_run), "cpu")
@@ -263,7 +261,7 @@ def test_prompt_errors(sd_dir, tmp_path, capsys):
 def test_unconditional_model_refuses_a_prompt(tiny_run):
     from attribution.sampling import Prompt, sample
 
-    with pytest.raises(ConfigError, match="not text-conditional"):
+    with pytest.raises(ConfigError, match="is not conditional: drop the prompt"):
         sample(load_model(str(tiny_run), "cpu"), 1, steps=2, prompt=Prompt("a cat"))
 
 
@@ -287,7 +285,6 @@ def test_checkpoint_methods_run_over_the_lora_checkpoints(lora_run, npz12, tmp_p
     """TracIn over the two LoRA checkpoints of the run (each training image at its recorded training timestep)."""
     from attribution.engine import open_attribution
     from attribution.run_options import RunOptions
-    from attribution.methods import get_method
     from attribution.targets import resolve_targets
 
     att = open_attribution(RunOptions(str(lora_run), method="tracin", device="cpu", dataset=f"npz:{npz12}",
@@ -345,9 +342,11 @@ def test_bank_of_a_lora_run_measures_f_with_prompts(lora_run, sd_dir, tmp_path):
     bank = Bank.load(folder)
     assert bank.meta["status"] == "complete" and np.isfinite(bank.F).all()
     prompts = [TEMPLATE.replace("{class}", str(c)) for c in range(10)]
-    assert list(bank.target_keys) == ["val/0", "val/1", prompt_key("gen/0", prompts[0]), prompt_key("gen/1", prompts[1]),
-                                      prompt_key("gen/2", prompts[2]), prompt_key("gen/3", prompts[3])]
-    assert (folder / "model" / "unet").is_symlink() and (folder / "model" / "unet").resolve() == (sd_dir / "unet").resolve()
+    assert list(bank.target_keys) == ["val/0", "val/1", prompt_key("gen/0", prompts[0]),
+                                      prompt_key("gen/1", prompts[1]), prompt_key("gen/2", prompts[2]),
+                                      prompt_key("gen/3", prompts[3])]
+    unet = folder / "model" / "unet"
+    assert unet.is_symlink() and unet.resolve() == (sd_dir / "unet").resolve()
     assert (folder / "model" / "lora").is_dir() and not (folder / "model" / "lora").is_symlink()
     targets = bank_targets(bank)  # what Journey TRAK re-samples: the prompt and the bank's guidance
     assert bank.gen_guidance == 2.0 and targets.generated[3].prompt == Prompt(prompts[1], guidance=2.0)
@@ -363,8 +362,9 @@ def test_bank_of_a_lora_run_measures_f_with_prompts(lora_run, sd_dir, tmp_path):
             z0 = model.encode(x[None])
             cond = model.prompt_condition([prompt])
             eps = noise_for([f"bank/0/{key}"], ts, tuple(z0.shape[1:]), 0)[0]
-            return float(torch.stack([((model.predict_eps(model.schedule.add_noise(z0, e[None], t[None]), t[None],
-                                                           cond) - e[None]) ** 2).mean() for t, e in zip(ts, eps)]).mean())
+            x_t = [model.schedule.add_noise(z0, e[None], t[None]) for t, e in zip(ts, eps)]
+            return float(torch.stack([((model.eps(model.parameters(), x, t[None], cond) - e[None]) ** 2).mean()
+                                      for x, t, e in zip(x_t, ts, eps)]).mean())
 
     right = [direct(x, k, key_prompt(k) or model.prompt_for(k)) for x, k in zip(images, keys)]
     np.testing.assert_allclose(got, right, rtol=1e-5)  # float32, batched vs one target and timestep at a time

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +26,9 @@ from attribution.features.timesteps import noise_for
 from attribution.journey import JourneyConfig, forward_trajectory, run_journey
 from attribution.methods import get_method
 from attribution.models import DEFAULT_SCHEDULE, load_model, resolve_checkpoint, save_checkpoint, unet_for
-from attribution.models.adapter import DiffusionModel, NoiseSchedule, use_classic_attention
-from attribution.models.checkpoint import load_schedule_config
+from attribution.models.adapter import DiffusionModel, use_classic_attention
+from attribution.models.schedules import DDPMSchedule
+from attribution.models.schedules import load_schedule_config
 from attribution.models.pixel_ddpm import PixelDDPM
 from attribution.sampling import sample
 from attribution.train import TrainConfig, index_hash, train
@@ -334,7 +334,8 @@ def test_ddpm_sampler(model):
     ({"n": 0}, "--n must be at least 1"),
     ({"steps": 0}, "--steps must be within 1..1000"),
     ({"steps": 1001}, "--steps must be within 1..1000"),
-    ({"sampler": "euler"}, "unknown sampler 'euler'"),
+    ({"sampler": "lms"}, "unknown sampler 'lms'"),
+    ({"sampler": "euler"}, "a DDPM model samples with ddpm or ddim, not 'euler'"),
 ])
 def test_sample_bad_options(model, kwargs, expected):
     with pytest.raises(ConfigError, match=expected) as exc:
@@ -424,7 +425,8 @@ def _adapter_outputs(model, timesteps=None) -> dict:
            "features_square_per_image_t": ref.reference_features(
                model, "square", torch.tensor(timesteps or [[5], [250], [500], [990]]))}
     for sampler in ("ddpm", "ddim"):
-        out.update({f"sample_{sampler}_{k}": v for k, v in sample(model, 2, 7, steps=3, sampler=sampler).arrays().items()})
+        arrays = sample(model, 2, 7, steps=3, sampler=sampler).arrays()
+        out.update({f"sample_{sampler}_{k}": v for k, v in arrays.items()})
     out.update(ref.reference_forward(model))
     return out
 
@@ -489,7 +491,7 @@ class LatentClassModel(DiffusionModel):
 
         torch.manual_seed(seed)
         unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, num_class_embeds=10, **PRESETS["tiny"])
-        return cls(unet, NoiseSchedule.from_config(DEFAULT_SCHEDULE), labels)
+        return cls(unet, DDPMSchedule.from_config(DEFAULT_SCHEDULE), labels)
 
     @classmethod
     def accepts(cls, info):
@@ -500,7 +502,7 @@ class LatentClassModel(DiffusionModel):
         from attribution.models.checkpoint import load_unet
 
         labels = {s: load_dataset("digits", s).labels for s in ("train", "val")}
-        return cls(load_unet(info), NoiseSchedule.from_config(load_schedule_config(info)), labels, info, device)
+        return cls(load_unet(info), DDPMSchedule.from_config(load_schedule_config(info)), labels, info, device)
 
     def save(self, target, extra=None):
         save_checkpoint(target, self.unet, self.schedule.config, extra)

@@ -27,8 +27,8 @@ from attribution.errors import ConfigError
 from attribution.evaluation.bank import simple_loss_outputs
 from attribution.evaluation.recipes import RECIPES
 from attribution.models import load_model
-from attribution.train import CrnDraws, CrnSlotDraws, StreamDraws, TrainConfig, _model_and_data, crn_order, image_draws, \
-    lr_lambda, subset_indices, train
+from attribution.train import (CrnDraws, CrnSlotDraws, StreamDraws, TrainConfig, _model_and_data, crn_order,
+                               image_draws, lr_lambda, subset_indices, train)
 
 N_DIGITS = 1618
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -133,7 +133,7 @@ def old_stream_train(cfg: TrainConfig) -> tuple[dict, np.ndarray]:
     """The training loop of train.py before CRN existed (one generator for everything), without its bookkeeping:
     (final weights, the last epoch's training timesteps)."""
     torch.manual_seed(cfg.seed)
-    model, data, _ = _model_and_data(cfg, torch.device("cpu"))
+    model, data = _model_and_data(cfg, torch.device("cpu"))
     idx = subset_indices(cfg, len(data))
     x_all = data.tensors(idx)
     n = len(x_all)
