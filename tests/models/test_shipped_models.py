@@ -20,12 +20,13 @@ from attribution.models import SHIPPED, list_shipped, load_model, resolve_checkp
 from attribution.sampling import sample
 
 
-@pytest.mark.parametrize("alias,dataset", [("digits", "digits"), ("animals-2", "animals-2")])
-def test_shipped_model_is_complete(alias, dataset):
+@pytest.mark.parametrize("alias,dataset,checkpoints", [("digits", "digits", 5), ("animals-2", "animals-2", 5),
+                                                       ("digits-flow", "digits", 3)])
+def test_shipped_model_is_complete(alias, dataset, checkpoints):
     info = resolve_checkpoint(alias)
     meta = json.loads((SHIPPED[alias] / "run.json").read_text())
     assert meta["config"]["dataset"] == dataset
-    assert len(info.siblings) >= 5, "at least 4 intermediate checkpoints plus the final one"
+    assert len(info.siblings) >= checkpoints, "intermediate checkpoints plus the final one"
     for spec in info.siblings:
         sib = resolve_checkpoint(spec)
         assert sib.weights_path.suffix == ".safetensors"
@@ -45,8 +46,10 @@ def digits_classifier():
     return clf
 
 
-def test_shipped_digits_generate_recognisable_digits(digits_classifier):
-    model = load_model("digits", "cpu")
+@pytest.mark.parametrize("alias", ["digits", "digits-flow"])
+def test_shipped_digits_generate_recognisable_digits(digits_classifier, alias):
+    """The DDPM (DDPM sampler) and the rectified-flow model (Euler), each at its default sampler and 50 steps."""
+    model = load_model(alias, "cpu")
     pixels = tensor_to_pixels(torch.from_numpy(sample(model, 32, seed=0).final))
     proba = digits_classifier.predict_proba(pixels.reshape(32, -1) / 255.0)
     # Recognisable: the classifier is confident on most samples, and they are not all one digit.
