@@ -23,7 +23,8 @@ snapped to the nearest grid time (they lie on it at shift 1 whenever (T - 1) / (
 
 `load_schedule(info)` reads a checkpoint's scheduler config and picks the schedule whose diffusers classes name it;
 a class no schedule drives is one line naming it and the supported ones. Adding a schedule (e.g. EDM) is one class
-here with its `scheduler_classes` and one entry in `SCHEDULES`.
+(in this file or its own in models/, imported by models/__init__.py) with its `name` and `scheduler_classes`: it
+registers itself in `SCHEDULES`.
 """
 
 from __future__ import annotations
@@ -66,8 +67,17 @@ class Sampler(ABC):
         """Step i from x (on the model's device); x̂0 is the clean sample the network's output at step i implies."""
 
 
+SCHEDULES: dict[str, type[Schedule]] = {}  # by name; a subclass with a `name` registers itself when defined
+
+
 class Schedule(ABC):
-    """A noise process (see the module docstring). Subclasses are dataclasses built from a scheduler config."""
+    """A noise process (see the module docstring). Subclasses are dataclasses built from a scheduler config; one
+    with a `name` is registered in `SCHEDULES` when its module is imported (models/__init__.py imports them)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            SCHEDULES[cls.name] = cls
 
     name: ClassVar[str] = ""  # what `train --schedule` calls it
     title: ClassVar[str] = ""  # for people: "DDPM", "flow-matching"
@@ -393,7 +403,6 @@ class FlowMatchingSchedule(Schedule):
 
 # -- a checkpoint's schedule -----------------------------------------------------------------------------------------
 
-SCHEDULES: dict[str, type[Schedule]] = {s.name: s for s in (DDPMSchedule, FlowMatchingSchedule)}
 
 
 def schedule_for_class(name: str | None) -> type[Schedule]:
@@ -403,10 +412,9 @@ def schedule_for_class(name: str | None) -> type[Schedule]:
     for cls in SCHEDULES.values():
         if name in cls.scheduler_classes:
             return cls
-    raise CheckpointError(
-        f"{name} is a noise process this tool cannot sample or attribute; supported: the DDPM family "
-        f"({', '.join(DDPMSchedule.scheduler_classes[:3])}, Euler, DPM-Solver, ...) and flow matching "
-        f"({', '.join(FlowMatchingSchedule.scheduler_classes)})")
+    supported = "; ".join(f"{cls.title} ({', '.join(cls.scheduler_classes[:3])}"
+                          f"{', ...' if len(cls.scheduler_classes) > 3 else ''})" for cls in SCHEDULES.values())
+    raise CheckpointError(f"{name} is a noise process this tool cannot sample or attribute; supported: {supported}")
 
 
 def read_scheduler_config(info: CheckpointInfo) -> dict | None:
