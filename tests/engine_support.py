@@ -47,3 +47,20 @@ def one_line(exc_info) -> str:
     msg = str(exc_info.value)
     assert msg and "\n" not in msg, f"error message should be one line: {msg!r}"
     return msg
+
+
+def tiny_dit(schedule: str, train, val=None, seed: int = 0, out_channels: int = 1):
+    """A class-conditional DiT (~20k parameters, 16x16 grayscale, patch 4, 2 layers, 10 classes), random weights from
+    `seed`, with `train`'s (and `val`'s) labels as its label table."""
+    from diffusers import DiTTransformer2DModel
+
+    from attribution.models.dit import DiT
+    from attribution.models.latent_sd import PromptTable
+    from attribution.models.schedules import new_schedule
+
+    torch.manual_seed(seed)
+    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=out_channels,
+                                num_layers=2, sample_size=16, patch_size=4, num_embeds_ada_norm=10, norm_num_groups=1)
+    labels = {"train": train.labels.tolist(), **({"val": val.labels.tolist()} if val is not None else {})}
+    table = PromptTable("{class}", train.spec, list(train.class_names), labels)
+    return DiT(net, new_schedule(schedule), train.class_names, table)

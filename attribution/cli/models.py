@@ -11,7 +11,7 @@ import torch
 from ..data import load_dataset, pixels_to_pil, tensor_to_pixels
 from ..data.images import grid_image
 from ..fileio import atomic_path, save_npz
-from ..models import load_model
+from ..models import SCHEDULES, load_model
 from ..sampling import SAMPLERS, check_sampling, sample
 from ..options import add_arguments, from_args
 from ..train import TrainConfig, read_index_file, subset_indices, train
@@ -32,8 +32,7 @@ def cmd_train(args) -> int:
     indices = cfg.indices
 
     subset_indices(cfg, len(load_dataset(cfg.dataset, "train", cfg.resolution)))  # validate before reporting
-    kind = "DDPM" if cfg.schedule == "ddpm" else "rectified-flow (flow-matching) model"
-    info(f"training a {cfg.preset} {kind} on {cfg.dataset}"
+    info(f"training a {cfg.preset} {SCHEDULES[cfg.schedule].title} model on {cfg.dataset}"
          f"{f' ({len(indices)} indices from {args.index_file})' if indices else ''} for {cfg.epochs} epochs, "
          f"seed {cfg.seed}, {cfg.randomness} randomness; checkpoints at epochs {cfg.save_epochs} -> {cfg.out}")
     out = train(cfg, progress=progress_bar("epochs"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_support import keys_for, one_line, rel_err, subset
+from engine_support import keys_for, one_line, rel_err, subset, tiny_dit
 
 from attribution.data import load_dataset
 from attribution.engine import Attributor
@@ -25,21 +25,7 @@ from attribution.features.timesteps import noise_for
 from attribution.methods import get_method
 from attribution.models import load_model
 from attribution.models.dit import DiT
-from attribution.models.latent_sd import PromptTable
-from attribution.models.schedules import DEFAULT_FLOW_SCHEDULE, DEFAULT_SCHEDULE, SCHEDULES
 from attribution.sampling import Prompt, sample
-
-
-def tiny_dit(schedule: str, train, val=None, seed: int = 0, out_channels: int = 1) -> DiT:
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=out_channels,
-                                num_layers=2, sample_size=16, patch_size=4, num_embeds_ada_norm=10, norm_num_groups=1)
-    config = DEFAULT_FLOW_SCHEDULE if schedule == "flow-matching" else DEFAULT_SCHEDULE
-    labels = {"train": train.labels.tolist(), **({"val": val.labels.tolist()} if val is not None else {})}
-    table = PromptTable("{class}", train.spec, list(train.class_names), labels)
-    return DiT(net, SCHEDULES[schedule].from_config(dict(config)), train.class_names, table)
 
 
 @pytest.fixture(scope="module")
