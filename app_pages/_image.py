@@ -232,7 +232,8 @@ def pick_image(model, prefix: str) -> ImageRef:
             ss[f"{prefix}_sampler"] = default
         sampler = c3.selectbox("Sampler", samplers, key=show(f"{prefix}_sampler", ref.sampler or default),
                                help=SAMPLER_HELP)
-        picked = ImageRef("gen", int(seed), int(steps), None if sampler == default else sampler)
+        as_cli = sampler == default and int(steps) == CLI_STEPS  # gen:SEED (the sampler named otherwise)
+        picked = ImageRef("gen", int(seed), int(steps), None if as_cli else sampler)
     elif kind == "upload":
         up = ss.get("uploaded")
         sha = ref.upload or (up["sha256"] if up else "")

@@ -4,7 +4,7 @@ import time
 
 import streamlit as st
 
-from app_pages._image import SAMPLER_HELP, ImageRef, set_current
+from app_pages._image import CLI_STEPS, SAMPLER_HELP, ImageRef, set_current
 from app_pages._prompt import as_prompt, demo_of, prompt_flags, prompt_from_state, prompt_inputs
 from app_pages._ui import display_size, fail, generate_images, image_grid, pngs_zip, progress_bar, require_model
 from attribution import AttributionError
@@ -52,8 +52,8 @@ if job is not None:
         status.update(label=f"Generated {job['n']} images in {time.time() - start:.1f} s", state="complete")
     st.session_state["generated"] = {**result, "seconds": round(time.time() - start, 1)}
     made = job["prompt"]
-    set_current(ImageRef("gen", int(job["seed"]), int(job["steps"]),
-                         None if job["sampler"] == model.schedule.default_sampler else job["sampler"],
+    as_cli = job["sampler"] == model.schedule.default_sampler and int(job["steps"]) == CLI_STEPS  # gen:SEED
+    set_current(ImageRef("gen", int(job["seed"]), int(job["steps"]), None if as_cli else job["sampler"],
                          *(() if made is None else (made.text, made.negative, made.guidance))))
     st.rerun()  # redraw with the form enabled
 
