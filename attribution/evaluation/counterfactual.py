@@ -248,9 +248,7 @@ class Source:
         schedule = SCHEDULES[self.recipe.schedule]
         if spec.sampler is None:
             return replace(spec, sampler=schedule.samplers[0])
-        if spec.sampler not in schedule.samplers:
-            raise ConfigError(f"a {schedule.title} model samples with {' or '.join(schedule.samplers)}, not "
-                              f"{spec.sampler!r}")
+        schedule.check_sampler(spec.sampler)
         return spec
 
     def identity(self, spec: StudySpec, dataset_hash: str) -> dict:

@@ -103,9 +103,10 @@ class Schedule(ABC):
     def default_sampler(self) -> str:
         return self.samplers[0]
 
-    def check_sampler(self, sampler: str) -> None:
-        if sampler not in self.samplers:
-            raise ConfigError(f"a {self.title} model samples with {' or '.join(self.samplers)}, not {sampler!r}")
+    @classmethod
+    def check_sampler(cls, sampler: str) -> None:
+        if sampler not in cls.samplers:
+            raise ConfigError(f"a {cls.title} model samples with {' or '.join(cls.samplers)}, not {sampler!r}")
 
     @abstractmethod
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, as_trained: bool = False,

@@ -547,3 +547,22 @@ def test_counterfactual_page_says_a_damaged_cell_in_one_line(tmp_path, tiny_run,
     assert not at.exception, at.exception
     (error,) = at.error
     assert "rerun the study to remake it" in error.value and "\n" not in error.value
+
+
+def test_a_studys_sampler_is_its_models_own():
+    """A study regenerates with the model's default sampler (euler for a flow-matching recipe), refuses another
+    process's in one line, and records the resolved one in its identity; DDPM recipes keep their keys."""
+    from dataclasses import replace
+
+    from attribution.evaluation.counterfactual import Source
+    from attribution.evaluation.recipes import Recipe
+
+    spec = StudySpec(targets=(0,), methods=("random",))
+    flow = Source("m", "h", Recipe("r", "digits", preset="tiny", schedule="flow-matching"), 0, "x")
+    ddpm = Source("m", "h", Recipe("r", "digits", preset="tiny"), 0, "x")
+    assert flow.resolve(spec).sampler == "euler" and ddpm.resolve(spec).sampler == "ddpm"
+    with pytest.raises(ConfigError, match="a DDPM model samples with ddpm or ddim, not 'heun'") as exc:
+        ddpm.resolve(replace(spec, sampler="heun"))
+    assert "\n" not in str(exc.value)
+    assert flow.identity(spec, "d")["sampler"] == "euler" and flow.recipe.identity()["schedule"] == "flow-matching"
+    assert "schedule" not in ddpm.recipe.identity()
