@@ -170,9 +170,11 @@ class DiffusionModel(ABC):
         """Channels of those images (image space)."""
 
     @property
-    @abstractmethod
     def latent_shape(self) -> tuple[int, ...]:
-        """Shape of one sample in the space the diffusion runs in, e.g. (C, H, W)."""
+        """Shape of one sample in the space the diffusion runs in, (C, H, W): the network's input channels and
+        side (a diffusers config's `in_channels` and `sample_size`)."""
+        side = sample_side(self.module.config)
+        return (int(self.module.config.in_channels), side, side)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] -> the diffusion space (identity for pixel models)."""

@@ -92,11 +92,6 @@ class DiT(DiffusionModel):
     def channels(self) -> int:
         return int(self.transformer.config.in_channels if self.vae is None else self.vae.config.in_channels)
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        side = sample_side(self.transformer.config)
-        return (int(self.transformer.config.in_channels), side, side)
-
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.vae is None:

@@ -377,11 +377,6 @@ class LatentSD(PromptKeys, DiffusionModel):
     def channels(self) -> int:
         return int(self.vae.config.in_channels)
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        latent = sample_side(self.unet.config)
-        return (int(self.unet.config.in_channels), latent, latent)
-
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         with self._lock:

@@ -91,11 +91,6 @@ class LatentSD3(PromptKeys, DiffusionModel):
     def channels(self) -> int:
         return int(self.vae.config.in_channels)
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        side = sample_side(self.transformer.config)
-        return (int(self.transformer.config.in_channels), side, side)
-
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.vae.config
