@@ -38,22 +38,28 @@ def prompt_inputs(model, key: str) -> Prompt | None:
     if not model.conditional:
         return None
     c1, c2, c3 = st.columns([3, 2, 1])
+    # Defaults go into the session before the widgets are drawn, and the widgets take theirs from there only: a
+    # widget given both a default and a session value (the image picker's `show`) makes Streamlit log a warning.
+    ss = st.session_state
     if model.conditioned_on == "class":  # a class-conditional model: its class names, the null class to guide from
         classes = model.class_prompts()
-        if st.session_state.get(f"{key}_prompt") not in (None, *classes):  # another model's prompt
-            del st.session_state[f"{key}_prompt"]
-        text = c1.selectbox("Class", classes, index=classes.index(default_prompt(model)), key=f"{key}_prompt",
+        if ss.get(f"{key}_prompt") not in (None, *classes):  # another model's prompt
+            del ss[f"{key}_prompt"]
+        ss.setdefault(f"{key}_prompt", default_prompt(model))
+        text = c1.selectbox("Class", classes, key=f"{key}_prompt",
                             help="The class the class-conditional model generates; training images keep their own.")
         negative = ""
         c2.caption("Guidance pushes away from the null class (the unconditional model).")
     else:
-        text = c1.text_input("Prompt", default_prompt(model), key=f"{key}_prompt",
+        ss.setdefault(f"{key}_prompt", default_prompt(model))
+        text = c1.text_input("Prompt", key=f"{key}_prompt",
                              help="What the text-conditional model generates; training images keep their own "
                                   "prompts (their class through the finetuning template).")
-        negative = c2.text_input("Negative prompt", "", key=f"{key}_negative",
+        negative = c2.text_input("Negative prompt", key=f"{key}_negative",
                                  help="Classifier-free guidance pushes away from it (empty: the unconditional "
                                       "prompt).")
-    guidance = c3.number_input("Guidance", 1.0, 30.0, default_guidance(model), 0.5, key=f"{key}_guidance",
+    ss.setdefault(f"{key}_guidance", float(default_guidance(model)))
+    guidance = c3.number_input("Guidance", 1.0, 30.0, step=0.5, key=f"{key}_guidance",
                                help="Classifier-free guidance scale (1 = none). The default is the model's recorded "
                                     "demo value (demo.json) where it has one, else Stable Diffusion's 7.5.")
     return Prompt(text, negative, float(guidance))
