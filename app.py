@@ -9,7 +9,8 @@ Defaults: the shipped `digits` checkpoint and dataset when present; the environm
 
 At its first run a server starts computing, in the background, what the Tour, the Attribute page's defaults and the
 Evaluation page's defaults use for the default checkpoint and dataset, when not cached yet (app_pages/_prepare.py;
-the sidebar shows its progress); `ATTRIBUTION_PREPARE=0` turns that off (the tests do).
+the sidebar shows its progress); `ATTRIBUTION_PREPARE=0` turns that off (the tests do). With `RAY_ADDRESS` set
+(HOST:PORT, or `local`) the server's background featurizations run as Ray tasks on that cluster.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ memory, so moving the lambda slider costs milliseconds); the functions without S
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from attribution import (
     Targets,
     export_metadata,
     export_name,
+    featurize_on_cluster,
     fields_of,
     format_duration,
     from_pixels,
@@ -138,8 +140,19 @@ def find_job(key: str) -> BackgroundJob | None:
         return _JOBS.get(key)
 
 
+def ray_address() -> str | None:
+    """Where the server's background featurizations run: on the Ray cluster at $RAY_ADDRESS when the server was
+    started with one (HOST:PORT, or `local` for a Ray on this machine), else in the server's process."""
+    return os.environ.get("RAY_ADDRESS", "").strip() or None
+
+
 def featurize_job(member: Attributor) -> BackgroundJob:
-    """The background featurization of `member`'s store (one per store, whoever asks)."""
+    """The background featurization of `member`'s store (one per store, whoever asks), fanned out on Ray when the
+    server was started with $RAY_ADDRESS."""
+    address = ray_address()
+    if address:
+        return background_job(str(member.store_path), lambda progress: featurize_on_cluster(member, address, progress),
+                              len(member.train))
     return background_job(str(member.store_path), lambda progress: member.featurize(progress=progress),
                           len(member.train))
 

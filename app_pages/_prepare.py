@@ -14,7 +14,7 @@ import os
 
 import streamlit as st
 
-from app_pages._attr import BackgroundJob, background_job, find_job
+from app_pages._attr import BackgroundJob, background_job, find_job, ray_address
 from app_pages._ui import cached_model, fail, progress_bar
 from attribution import TOUR_SETTINGS as TOUR
 from attribution import AttributionError, TourSettings, banks_dir, cache_root, format_duration, resolve_checkpoint
@@ -39,9 +39,9 @@ def prepare_key(checkpoint: str, dataset: str | None, tour: TourSettings, banks_
 
 
 def start_job(checkpoint: str, dataset: str | None, tour: TourSettings, banks_root: str) -> BackgroundJob:
-    tasks = cached_plan(checkpoint, dataset, tour, banks_root)
-    return background_job(prepare_key(checkpoint, dataset, tour, banks_root), lambda progress: run(tasks, progress),
-                          len(tasks))
+    tasks, address = cached_plan(checkpoint, dataset, tour, banks_root), ray_address()
+    return background_job(prepare_key(checkpoint, dataset, tour, banks_root),
+                          lambda progress: run(tasks, progress, address), len(tasks))
 
 
 def prepare_at_start_enabled() -> bool:

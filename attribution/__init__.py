@@ -72,6 +72,7 @@ _API = {
                            "run_on_bank score_bank split_rows",
     "evaluation.lds": "SINGLE_SEED LdsTable holm",
     "evaluation.retraining_estimators": "heldout_lds_table",
+    "evaluation.ray_featurize": "featurize_on_cluster",
     "evaluation.verdict": "BASELINE_SIMILARITY HeldOutLambda held_out_lambda target_split verdict",
     "evaluation.counterfactual": "COUNTERFACTUAL_CONTROL=CONTROL COUNTERFACTUAL_RANDOM=RANDOM "
                                  "CounterfactualStudy=Study list_studies",

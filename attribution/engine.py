@@ -74,6 +74,7 @@ class Attributor:
         # Another attributor whose measured speed stands in for this one's until this one is timed (a checkpoint of
         # the same run: the same network, so the same speed); see `estimate_for`.
         self.rate_like: Attributor | None = None
+        self.options: RunOptions | None = None  # what opened it (`open_attributor`): a Ray task opens it again
         root = self.cache_dir = cache_root(cache)
         self.featurizer: Featurizer = features.featurizer(model, train, features, root, batch_size)
         self.grad_dim, self.proj_dim = self.featurizer.grad_dim, self.featurizer.proj_dim
@@ -445,6 +446,7 @@ def open_attributor(model: DiffusionModel, options: RunOptions, proj_seed: int |
     cfg = method.feature_config(**options.feature_options(), projector=projector, proj_seed=proj_seed)
     cfg.gradient_spec(model.num_timesteps)  # K against T
     att = Attributor(model, train, cfg, cache=options.cache, store_dir=options.store, batch_size=options.batch_size)
+    att.options = options
     if options.memory_budget is not None:
         if not options.memory_budget > 0:
             raise ConfigError(f"--memory-budget must be a positive number of GiB, got {options.memory_budget}")

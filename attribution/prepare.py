@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .features.config import DEFAULT_PROJ_DIM, DEFAULT_TIMESTEPS
 from .evaluation.bank import Bank, list_banks
 from .evaluation.evaluate import bank_targets_cached, method_options, open_on_bank, run_on_bank
+from .evaluation.ray_featurize import featurize_on_cluster
 from .journey import JourneyConfig, journey_cached, run_journey
 from .methods import BASELINE_METHOD, DEFAULT_METHOD, get_method
 from .run_options import RunOptions
@@ -88,8 +89,14 @@ class Task:
                                                                  probe)
         return (None, [basis]) if extra is None else (seconds + extra, [*bases, basis])
 
-    def run(self, progress: Progress | None = None) -> None:
-        self.attribution.featurize((lambda member: progress) if progress else None)
+    def run(self, progress: Progress | None = None, ray_address: str | None = None) -> None:
+        """Compute what is missing; the training features on the Ray cluster at `ray_address` when one is named
+        (`evaluation.ray_featurize.featurize_on_cluster`), else in this process."""
+        if ray_address:
+            for member in self.attribution.members:
+                featurize_on_cluster(member, ray_address, progress)
+        else:
+            self.attribution.featurize((lambda member: progress) if progress else None)
         if self.bank is not None:
             if progress:
                 progress(0, 1, f"features of the {len(self.bank.target_keys)} targets of bank "
@@ -167,8 +174,9 @@ def estimate_text(tasks: Sequence[Task], probe: bool = True) -> tuple[float | No
     return total, "\n".join(f"{title}: {text}" for title, text in rows)
 
 
-def run(tasks: Sequence[Task], progress: Progress | None = None) -> None:
-    """Compute every task in turn; `progress(done, total, message)` is prefixed with the task's title."""
+def run(tasks: Sequence[Task], progress: Progress | None = None, ray_address: str | None = None) -> None:
+    """Compute every task in turn; `progress(done, total, message)` is prefixed with the task's title; training
+    features on the Ray cluster at `ray_address` when one is named."""
     for i, t in enumerate(tasks):
         prefix = f"{i + 1}/{len(tasks)} {t.title}"
 
@@ -176,6 +184,6 @@ def run(tasks: Sequence[Task], progress: Progress | None = None) -> None:
             if progress:
                 progress(done, total, f"{prefix}: {message}" if message else prefix)
 
-        t.run(step)
+        t.run(step, ray_address)
     if not tasks:
         raise ConfigError("nothing to prepare")

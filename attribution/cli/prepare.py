@@ -26,6 +26,9 @@ def add_commands(sub) -> None:
     p.add_argument("--bank", default=None, help="comma-separated banks for the Evaluation page's default methods "
                                                 "(default: the bank the page opens on; 'none' for none)")
     p.add_argument("--dry-run", action="store_true", help="print the estimate and stop")
+    p.add_argument("--ray-address", default=None, help="featurize the training sets as Ray tasks on this cluster "
+                                                       "(HOST:PORT, or 'local' for a Ray on this machine; default: "
+                                                       "in this process)")
     p.set_defaults(func=cmd_prepare)
 
 
@@ -38,6 +41,6 @@ def cmd_prepare(args) -> int:
                       f"about {format_duration(total)} on this machine" if total is not None else "unknown"))
     if args.dry_run or total == 0:
         return 0
-    run(tasks, progress_bar("prepare"))
+    run(tasks, progress_bar("prepare"), args.ray_address)
     info("prepared: the Tour, the Attribute page's defaults and the Evaluation page's defaults read the cache")
     return 0

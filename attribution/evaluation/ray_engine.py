@@ -1,7 +1,7 @@
 """Ray as the engine for fan-outs (retraining subset models, computing model outputs on them).
 
-- `RayCluster(address)`: a local Ray sized to the machine by default (`address=None`), or an existing cluster
-  (`--ray-address HOST:PORT`, `ray://HOST:PORT`, or $RAY_ADDRESS). An address that does not answer fails within
+- `RayCluster(address)`: a local Ray sized to the machine by default (`address=None` or `local`), or an existing
+  cluster (`--ray-address HOST:PORT`, `ray://HOST:PORT`, or $RAY_ADDRESS). An address that does not answer fails within
   `PROBE_TIMEOUT_S` seconds with one line: the GCS port is probed with a plain socket before `ray.init`.
 - `task_options()`: one CPU and one torch thread per task on CPU-only machines; a fraction of a GPU per task when
   CUDA is present. Failed tasks are retried (`max_retries` covers a killed worker process, `retry_exceptions` an
@@ -68,7 +68,9 @@ class RayCluster:
     """A connection to Ray for the length of a `with` block (a local Ray is started and stopped with it)."""
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None):
-        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.address = (address or os.environ.get("RAY_ADDRESS", "")).strip() or None
+        if self.address is not None and self.address.lower() == "local":  # Ray's own word for a new local Ray
+            self.address = None
         self.num_cpus = num_cpus
         self.started_here = False
 

@@ -20,13 +20,14 @@ them at a relative tolerance of 1e-5.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 
-from ..engine import Attribution, open_attribution, open_attributor, progress_message
+from ..engine import Attribution, Attributor, open_attribution, open_attributor, progress_message
 from ..errors import ConfigError
 from ..run_options import RunOptions
 from ..store import compute_slot
@@ -63,36 +64,56 @@ def featurize_on_ray(options: RunOptions, cluster: RayCluster, shard_size: int |
     """Featurize every member of the attribution `options` define (or `attribution`, already opened from them)
     with its missing training rows fanned out as Ray tasks (see the module docstring); `progress(member)` returns
     that member's `(done, total, message)` callback. Returns the attribution (its stores complete)."""
-    import ray  # lazy: importing Ray takes seconds; only a fan-out needs it
-
     attribution = attribution or open_attribution(options)
     for att in attribution.members:
         _ = att.store  # every member's folder opened (or refused) before any work
+    for att in attribution.members:
+        featurize_member_on_ray(att, options, cluster, shard_size, progress(att) if progress else None)
+    return attribution
+
+
+def featurize_member_on_ray(att: Attributor, options: RunOptions, cluster: RayCluster,
+                            shard_size: int | None = None, report: Progress | None = None) -> None:
+    """One member's missing training rows as Ray tasks on `cluster`, written into its store as they arrive
+    (`options`: what opened it, so that a task opens the same one)."""
+    import ray  # lazy: importing Ray takes seconds; only a fan-out needs it
+
     remote = ray.remote(_shard).options(**cluster.task_options())
     device, where = "cuda" if cluster.uses_gpu() else "cpu", cluster.describe()
-    for att in attribution.members:
-        report = progress(att) if progress else None
-        store, n = att.store, len(att.train)
-        with store.exclusive(), contextlib.ExitStack() as stack:
-            todo = np.flatnonzero(~store.done())
-            if len(todo):
-                stack.enter_context(compute_slot(att.cache_dir))
-                att.featurizer.prepare(report)  # the EK-FAC factors first (cached: the tasks load them)
-                member_options = replace(options, checkpoint=att.model.spec, device=device)
-                shards = shard_rows(todo, cluster.slots(), shard_size)
-                pending = [remote.remote((member_options, att.model.spec, att.cfg.proj_seed, str(att.store_path),
-                                          rows)) for rows in shards]
-                done_before, finished, start = n - len(todo), 0, time.perf_counter()
-                while pending:
-                    ready, pending = ray.wait(pending, num_returns=1)
-                    rows, values = ray.get(ready[0])
-                    store.write_rows(rows, values)
-                    finished += len(rows)
-                    if report:
-                        report(done_before + finished, n, progress_message(
-                            done_before + finished, n, finished, time.perf_counter() - start)
-                               + f" ({len(pending)} of {len(shards)} shards left on {where})")
-            elif report:
-                report(n, n, "cached")
-        att.featurizer.finish(report)  # what the scores use beside the features (DAS's residual statistics)
-    return attribution
+    store, n = att.store, len(att.train)
+    with store.exclusive(), contextlib.ExitStack() as stack:
+        todo = np.flatnonzero(~store.done())
+        if len(todo):
+            stack.enter_context(compute_slot(att.cache_dir))
+            att.featurizer.prepare(report)  # the EK-FAC factors first (cached: the tasks load them)
+            member_options = replace(options, checkpoint=att.model.spec, device=device)
+            shards = shard_rows(todo, cluster.slots(), shard_size)
+            pending = [remote.remote((member_options, att.model.spec, att.cfg.proj_seed, str(att.store_path), rows))
+                       for rows in shards]
+            done_before, finished, start = n - len(todo), 0, time.perf_counter()
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                rows, values = ray.get(ready[0])
+                store.write_rows(rows, values)
+                finished += len(rows)
+                if report:
+                    report(done_before + finished, n, progress_message(
+                        done_before + finished, n, finished, time.perf_counter() - start)
+                           + f" ({len(pending)} of {len(shards)} shards left on {where})")
+        elif report:
+            report(n, n, "cached")
+    att.featurizer.finish(report)  # what the scores use beside the features (DAS's residual statistics)
+
+
+_CONNECTION = threading.Lock()  # Ray keeps one connection per process: fan-outs of one process take turns
+
+
+def featurize_on_cluster(att: Attributor, address: str, report: Progress | None = None) -> None:
+    """`att`'s training features fanned out on the Ray cluster at `address` (a server's background job, several
+    of which may run at once: they take turns for this process's one Ray connection). `att` must have been opened
+    by `open_attribution` / `open_attributor` (its `options` say how a task opens it again)."""
+    if att.options is None:
+        raise ConfigError("these features were not opened from run options, so Ray tasks cannot open them again; "
+                          "featurize them in this process")
+    with _CONNECTION, RayCluster(address) as cluster:
+        featurize_member_on_ray(att, att.options, cluster, report=report)
