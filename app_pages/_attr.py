@@ -442,8 +442,8 @@ def result_footer(i: int, column: Column, att: Attribution, scores: np.ndarray, 
     share = positive_share(scores, n_pro)
     st.caption(f"The top {n_pro} hold {share:.0%} of the positive score mass (a normalised share, not a "
                f"probability). Same-class share of the top {n_pro}: "
-               + (f"{np.mean([r.class_name == target.labels[0] for r in pro]):.0%}" if target.labels[0]
-                  and pro else "n/a"))
+               + (f"{np.mean([r.class_name == target.labels[0] for r in pro]):.0%}"
+                  if target.labels[0] in att.train.class_names and pro else "n/a"))
     meta = export_metadata(dict(cli)["--target"], column.opts.method, lam, column.opts.checkpoint, att.train.spec,
                            att.cfg)
     rows = ranking_rows(scores, att.train, meta)

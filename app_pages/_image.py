@@ -33,6 +33,7 @@ from attribution import (
     Targets,
     from_pixels,
     gen_key,
+    generated_label,
     prompt_key,
     resolve_targets,
     sample,
@@ -321,7 +322,7 @@ def image_target(model, ref: ImageRef, dataset: str | None) -> tuple[Targets, st
             pixels = generated_pixels(model.spec, ref.number, None if prompt is None else
                                       (prompt.text, prompt.negative, prompt.guidance), ref.steps, ref.sampler)
         spec = f"gen:{ref.number}" if ref.as_cli_samples else f"seed-{ref.number:06d}.png"
-        target = from_pixels(pixels[None], [spec])
+        target = from_pixels(pixels[None], [spec], [generated_label(model, prompt)])
         if ref.as_cli_samples:
             target.keys[0] = gen_key(ref.number, prompt)  # the noise key the CLI gives gen:SEED
         target.generated = [Generated(ref.number, ref.steps, ref.sampler or model.schedule.default_sampler, prompt)]

@@ -45,7 +45,7 @@ _API = {
     "models.adapter": "key_prompt prompt_key",
     "train": "TrainConfig train_model=train",
     "sampling": "DEFAULT_GUIDANCE Prompt SAMPLERS gen_key sample",
-    "targets": "Generated Targets from_pixels resolve_targets",
+    "targets": "Generated Targets from_pixels generated_label resolve_targets",
     "features.config": "DEFAULT_PROJ_DIM DEFAULT_TIMESTEPS FeatureConfig",
     "features.projectors": "make_projector usable_projectors",
     "features.timesteps": "training_timesteps",

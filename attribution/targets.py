@@ -77,6 +77,13 @@ def _as_8bit(images: np.ndarray) -> torch.Tensor:
     return pixels_to_tensor(tensor_to_pixels(torch.from_numpy(images)))
 
 
+def generated_label(model: DiffusionModel, prompt: Prompt | None) -> str | None:
+    """The label of an image `model` generates under `prompt`: a class-conditional model's image belongs to the
+    class it was asked for (so its proponents' class agreement can be checked); a text-conditional or
+    unconditional model's has none."""
+    return prompt.text if prompt is not None and model.conditioned_on == "class" else None
+
+
 def resolve_targets(spec: str, model: DiffusionModel, dataset: str, steps: int = 50, prompt: Prompt | None = None,
                     ) -> Targets:
     """The targets of a spec (module docstring). `prompt`: what a text-conditional model generates gen:SEED
@@ -108,7 +115,7 @@ def _resolve(spec: str, model: DiffusionModel, dataset: str, steps: int, prompt:
                        [data.label_name(i) for i in idx])
     if kind == "gen" and arg.lstrip("-").isdigit():
         traj = sample(model, 1, int(arg), steps=steps, prompt=prompt)
-        return Targets(_as_8bit(traj.final), [gen_key(int(arg), prompt)], [spec], [None],
+        return Targets(_as_8bit(traj.final), [gen_key(int(arg), prompt)], [spec], [generated_label(model, prompt)],
                        generated=[Generated(int(arg), steps, traj.sampler, prompt)])
     seeds = re.fullmatch(r"(\d+)-(\d+)", arg) if kind == "gen" else None
     if seeds:
@@ -117,7 +124,7 @@ def _resolve(spec: str, model: DiffusionModel, dataset: str, steps: int, prompt:
             raise ImageError(f"target {spec!r}: the seed range must go upwards (gen:A-B with A <= B)")
         traj = sample(model, last - first + 1, first, steps=steps, prompt=prompt)
         return Targets(_as_8bit(traj.final), [gen_key(s, prompt) for s in traj.seeds],
-                       [f"gen:{s}" for s in traj.seeds], [None] * len(traj.seeds),
+                       [f"gen:{s}" for s in traj.seeds], [generated_label(model, prompt)] * len(traj.seeds),
                        generated=[Generated(int(s), steps, traj.sampler, prompt) for s in traj.seeds])
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".npz":

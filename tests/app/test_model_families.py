@@ -66,3 +66,7 @@ def test_attribute_page_on_a_class_conditional_dit(start_app, tmp_path, npz12):
     expected = att.run(targets).at(lam).scores[0]
     shown = at.session_state["scored_rankings"][(dataset, "D-TRAK · gen:1")]
     np.testing.assert_allclose(shown, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())  # as the latent test
+    # the generated image's class is the one asked for: the proponents' same-class share is computed, not "n/a"
+    names = [load_dataset(dataset).label_name(int(i)) for i in np.argsort(-expected, kind="stable")[:5]]
+    footer = next(c.value for c in at.main.caption if "Same-class share of the top 5" in c.value)
+    assert footer.endswith(f"{np.mean([n == '7' for n in names]):.0%}"), footer

@@ -136,6 +136,7 @@ def test_the_cli_attributes_a_dit_folder(tmp_path, npz12, capsys):
     assert main(["score", *common, "--target", "gen:0", "--prompt", "4", "--top", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["proponents"]) == 3 and all(0 <= e["index"] < 12 for e in out["proponents"])
+    assert out["target_label"] == "4"  # a class-conditional model's image belongs to the class it was asked for
     assert main(["score", *common, "--target", "gen:0", "--prompt", "four"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: class 'four' is not one of") and "\n" not in err

@@ -118,6 +118,7 @@ def test_the_cli_attributes_an_sd3_folder(sd3_folder, npz12, tmp_path, capsys):
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["proponents"]) == 3 and all(0 <= e["index"] < 12 for e in out["proponents"])
+    assert out["target_label"] is None  # free text names no class
     assert main(["score", *common, "--target", "gen:0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the libraries' loading progress bars)
     assert err.startswith("error: ") and err.endswith("is text-conditional: give a prompt (--prompt)")
