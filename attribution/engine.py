@@ -59,6 +59,25 @@ from .targets import Targets
 Progress = Callable[[int, int, str], None]
 
 
+def lock_messages(store: FeatureStore, n: int, progress: Progress | None) -> tuple[Callable[[], None],
+                                                                                 Callable[[], None]]:
+    """(waiting, queued): what a featurization of `store` reports while another one holds the store (a session, a
+    command, another cluster's driver: this one then computes only the rows still missing) or this machine's
+    compute slot."""
+
+    def waiting() -> None:
+        if progress:
+            progress(int(store.done().sum()), n, "another featurization (a session, a command or a Ray driver) is "
+                                                 "computing these features; waiting for it, its rows are kept")
+
+    def queued() -> None:
+        if progress:
+            progress(int(store.done().sum()), n, "queued: another featurization is running on this machine; they "
+                                                 "take turns, each with every core")
+
+    return waiting, queued
+
+
 class Attributor:
     """One checkpoint's features of one training set (of the configuration's kind: `features.featurizer`), their
     store, kernel and scores."""
@@ -112,16 +131,7 @@ class Attributor:
         """
         store = self.store
         n = len(self.train)
-
-        def waiting() -> None:
-            if progress:
-                progress(int(store.done().sum()), n, "another session is computing these features; waiting for it")
-
-        def queued() -> None:
-            if progress:
-                progress(int(store.done().sum()), n, "queued: another featurization is running on this machine; "
-                                                     "they take turns, each with every core")
-
+        waiting, queued = lock_messages(store, n, progress)
         with store.exclusive(waiting), contextlib.ExitStack() as stack:
             todo = np.flatnonzero(~store.done())
             if len(todo):  # work to do: wait for a compute slot of this cache (a cached store never waits)

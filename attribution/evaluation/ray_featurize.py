@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..engine import Attribution, Attributor, open_attribution, open_attributor, progress_message
+from ..engine import Attribution, Attributor, lock_messages, open_attribution, open_attributor, progress_message
 from ..errors import ConfigError
 from ..run_options import RunOptions
 from ..store import compute_slot
@@ -81,10 +81,11 @@ def featurize_member_on_ray(att: Attributor, options: RunOptions, cluster: RayCl
     remote = ray.remote(_shard).options(**cluster.task_options())
     device, where = "cuda" if cluster.uses_gpu() else "cpu", cluster.describe()
     store, n = att.store, len(att.train)
-    with store.exclusive(), contextlib.ExitStack() as stack:
+    waiting, queued = lock_messages(store, n, report)
+    with store.exclusive(waiting), contextlib.ExitStack() as stack:
         todo = np.flatnonzero(~store.done())
         if len(todo):
-            stack.enter_context(compute_slot(att.cache_dir))
+            stack.enter_context(compute_slot(att.cache_dir, queued))
             att.featurizer.prepare(report)  # the EK-FAC factors first (cached: the tasks load them)
             member_options = replace(options, checkpoint=att.model.spec, device=device)
             shards = shard_rows(todo, cluster.slots(), shard_size)

@@ -1,6 +1,7 @@
 """A server's background featurizations on Ray (`evaluation.ray_featurize.featurize_on_cluster`, what the app runs
 when started with $RAY_ADDRESS): each opens its own connection, several at once take turns for the process's one
-Ray connection, and the features equal a single process's.
+Ray connection, one whose store another featurization holds says so and waits, and the features equal a single
+process's.
 
 Not with the module-scoped `local_ray` fixture: every call here starts and stops its own local Ray, which would
 stop a shared one."""
@@ -8,6 +9,7 @@ stop a shared one."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -55,12 +57,21 @@ def test_two_background_jobs_take_turns_and_equal_one_process(tiny_run, npz12, t
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
+    # the first job's store is held by another featurization (another cluster's driver, say) until the job says so
+    held = on_ray[0].members[0].store.exclusive()
+    held.__enter__()
     threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 300
+    while not any("waiting for it" in m[2] for m in messages[0]) and time.monotonic() < deadline and not errors:
+        time.sleep(0.2)
+    held.__exit__(None, None, None)
     for t in threads:
         t.join(timeout=600)
     assert not errors, errors
+    waited = next(m for m in messages[0] if "waiting for it" in m[2])
+    assert waited[:2] == (0, 12) and "its rows are kept" in waited[2]
     for a, r, seen in zip(alone, on_ray, messages):
         a.featurize()
         want = np.array(a.members[0].store.features())
