@@ -38,3 +38,17 @@ def test_the_attribute_pages_job_runs_on_the_servers_ray(start_app, tiny_run, np
     want = np.array(alone.members[0].store.features())
     assert member.store.complete
     np.testing.assert_allclose(np.array(member.store.features()), want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+
+
+@pytest.mark.slow
+def test_a_ray_address_that_does_not_answer_is_one_line_on_the_page(start_app, tiny_run, npz12, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # the discard port: nothing listens there
+    at = start_app(str(tiny_run), tmp_path / "cache", dataset=f"npz:{npz12}", timeout=RUN_TIMEOUT)
+    at.switch_page("app_pages/attribute.py").run()
+    at.number_input(key="attr_K").set_value(1)
+    at.selectbox(key="attr_k").set_value(512)
+    next(b for b in at.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.main.error]
+    assert len(errors) == 1 and "no Ray cluster answers at 127.0.0.1:9" in errors[0] and "\n" not in errors[0], errors
