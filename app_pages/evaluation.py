@@ -19,13 +19,14 @@ from app_pages._eval import (
     open_target,
     table_rows,
 )
-from app_pages._ui import fail, go_to
+from app_pages._ui import cached_model, fail, go_to
 from attribution import EVALUATION_SETTINGS as EVALUATION
 from attribution import (
     method_entries,
     SINGLE_SEED,
     AttributionError,
     Bank,
+    bank_for_model,
     holm,
     lds_lambda_figure,
     lds_table,
@@ -44,7 +45,19 @@ if not banks:
     st.info("No ground-truth bank yet. Build one with `python -m attribution bank build --name digits "
             "--recipe digits-eval` (resumable; it retrains models on random halves of the training set).")
     st.stop()
-name = st.selectbox("Bank", banks, key="eval_bank", bind="query-params")
+
+
+def bank_of_sidebar_model(banks: list[str]) -> int:
+    """The page opens on the bank built for the sidebar's checkpoint when there is one (digits-flow's for
+    digits-flow), else on the first listed (CRN and α = 0.5 first)."""
+    try:
+        found = bank_for_model(cached_model(st.session_state.get("checkpoint", "")).identity())
+    except AttributionError:  # the sidebar says why the checkpoint does not load
+        return 0
+    return banks.index(found) if found in banks else 0
+
+
+name = st.selectbox("Bank", banks, index=bank_of_sidebar_model(banks), key="eval_bank", bind="query-params")
 try:
     bank: Bank = cached_bank(name)
 except AttributionError as exc:

@@ -32,6 +32,9 @@ def test_generate_page_offers_the_flow_models_samplers(start_app, tmp_path):
     assert not at.exception, at.exception
     assert at.selectbox(key="attr_sampler").options == ["euler", "heun"]
     assert at.selectbox(key="attr_sampler").value == "heun"
+    at.switch_page("app_pages/evaluation.py").run()  # opens on the flow model's own bank, not the first listed
+    assert not at.exception, at.exception
+    assert at.selectbox(key="eval_bank").value == "digits-flow"
 
 
 @pytest.mark.slow
