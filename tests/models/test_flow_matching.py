@@ -252,3 +252,19 @@ def test_bad_training_schedules_are_one_line(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match) as exc:
         TrainConfig(dataset="digits", out=str(tmp_path), **kwargs)
     one_line(exc)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"use_dynamic_shifting": True}, "with use_dynamic_shifting set is not supported"),
+    ({"use_karras_sigmas": True}, "with use_karras_sigmas set is not supported"),
+    ({"shift": 0.0}, "the time shift must be positive, got 0.0"),
+    ({"num_train_timesteps": 1}, "num_train_timesteps must be at least 2, got 1"),
+])
+def test_flow_scheduler_configs_the_grid_cannot_hold_are_one_line(config, match):
+    """Every time a flow model is given lies in (0, 1]: the grid's s = shift u / (1 + (shift - 1) u), u in (0, 1],
+    for a positive shift; configs whose times depend on more than the step are refused."""
+    with pytest.raises(ConfigError, match=match) as exc:
+        FlowMatchingSchedule.from_config({"num_train_timesteps": 1000, "shift": 3.0, **config})
+    one_line(exc)
+    s = FlowMatchingSchedule.from_config({"num_train_timesteps": 1000, "shift": 3.0}).sigmas()
+    assert float(s.min()) > 0 and float(s.max()) == 1.0
