@@ -1,4 +1,5 @@
-"""Helpers of the AppTests (tests/app/): the app's path, the run timeout, reading ranked tiles and images, a PNG."""
+"""Helpers of the AppTests (tests/app/): the app's path, the run timeout, reading ranked tiles and images,
+pressing Run attribution, a PNG."""
 
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ def mounted_value(slider) -> float:
 def shown_images(at) -> list[str]:
     """Captions of every image on the page (one st.image call can hold many images)."""
     return [img.caption for element in at.get("image") for img in element.proto.imgs]
+
+
+def press_run_attribution(at, K: int = 1, k: int = 512, timeout: int = RUN_TIMEOUT):
+    """The Attribute page's feature form at K timesteps and projection k, then Run attribution; returns `at`."""
+    at.number_input(key="attr_K").set_value(K)
+    at.selectbox(key="attr_k").set_value(k)
+    next(b for b in at.button if b.label == "Run attribution").click().run(timeout=timeout)
+    return at
 
 
 def png_bytes(size=(40, 30), mode="RGB") -> bytes:

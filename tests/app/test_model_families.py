@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from page_support import press_run_attribution
 
 from attribution.data import load_dataset
 from attribution.engine import open_attribution
@@ -52,10 +53,8 @@ def test_attribute_page_on_a_class_conditional_dit(start_app, tmp_path, npz12):
     picker.set_value("7")
     at.number_input(key="attr_seed").set_value(1)
     at.selectbox(key="attr_method").set_value("dtrak").run()
-    at.number_input(key="attr_K").set_value(1)
-    at.selectbox(key="attr_k").set_value(512)
     at.number_input(key="attr_guidance").set_value(2.0)
-    next(b for b in at.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
+    press_run_attribution(at, K=1, k=512, timeout=RUN_TIMEOUT)
     assert not at.exception, at.exception
     assert not at.main.error, [e.value for e in at.main.error]
     column, = at.session_state["attr_computed"].columns

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from page_support import press_run_attribution
 
 from app_pages._attr import find_job
 from attribution.engine import open_attribution
@@ -23,9 +24,7 @@ def test_the_attribute_pages_job_runs_on_the_servers_ray(start_app, tiny_run, np
     at.switch_page("app_pages/attribute.py").run()
     at.radio(key="attr_source").set_value("Validation image").run()
     at.number_input(key="attr_val_idx").set_value(1)
-    at.number_input(key="attr_K").set_value(1)
-    at.selectbox(key="attr_k").set_value(512)
-    next(b for b in at.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
+    press_run_attribution(at, K=1, k=512, timeout=RUN_TIMEOUT)
     assert not at.exception, at.exception
     assert not at.main.error, [e.value for e in at.main.error]
 
@@ -46,9 +45,7 @@ def test_a_ray_address_that_does_not_answer_is_one_line_on_the_page(start_app, t
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # the discard port: nothing listens there
     at = start_app(str(tiny_run), tmp_path / "cache", dataset=f"npz:{npz12}", timeout=RUN_TIMEOUT)
     at.switch_page("app_pages/attribute.py").run()
-    at.number_input(key="attr_K").set_value(1)
-    at.selectbox(key="attr_k").set_value(512)
-    next(b for b in at.button if b.label == "Run attribution").click().run(timeout=RUN_TIMEOUT)
+    press_run_attribution(at, K=1, k=512, timeout=RUN_TIMEOUT)
     assert not at.exception, at.exception
     errors = [e.value for e in at.main.error]
     assert len(errors) == 1 and "no Ray cluster answers at 127.0.0.1:9" in errors[0] and "\n" not in errors[0], errors
