@@ -3,6 +3,8 @@ same store, resumable, with progress; DAS's residual statistics and EK-FAC's fac
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -126,4 +128,11 @@ def test_lds_with_ray_reports_the_same_table(fake_bank_dir, tmp_path):
     plain, _ = lds(cache=tmp_path / "plain")
     ray, said = lds("--ray", "--num-cpus", "1", cache=tmp_path / "ray")
     assert "featurizing on a local Ray (1 CPUs)" in said and "shards left" in said  # the fan-out ran
-    assert ray == plain and "trak" in plain and "dtrak:avg" in plain
+    # Ray's shards batch the rows differently, so features agree to float32 summation order (RTOL), not bit for
+    # bit. Every LDS figure (rank-based, three decimals) must come out the same; the GCV lambda is the argmin of a
+    # curve that is flat on this bank (4 validation targets, k = 64), so it may land on the neighbouring point of
+    # its grid (8 per decade: a factor 10^(1/8)), as it did on one CPU (0.237 against 0.178).
+    gcv = re.compile(r"\(GCV\) ([0-9.e+-]+)")
+    assert gcv.sub("(GCV) _", ray) == gcv.sub("(GCV) _", plain) and "trak" in plain and "dtrak:avg" in plain
+    pairs = list(zip(gcv.findall(ray), gcv.findall(plain)))
+    assert len(pairs) == 2 and all(abs(np.log10(float(a) / float(b))) <= 1 / 8 + 1e-3 for a, b in pairs), pairs
