@@ -1,6 +1,7 @@
 """Shared fixtures for the test suite.
 
-- `fake_bank_dir`: a ground-truth bank made by hand around the tiny model (planted linear F; no retraining).
+- `fake_bank_dir`: a ground-truth bank made by hand around the tiny model (planted linear F; no retraining), on the
+  digits 0 and 1 (`FAKE_BANK_DATASET`).
 - `tiny_clip_name`: a tiny open_clip architecture (random weights) for the CLIP baselines.
 - `start_app`: the Streamlit app (AppTest) after its first run, with the checkpoint, feature cache and banks a test
   names in the environment.
@@ -26,6 +27,7 @@ os.environ.setdefault("ATTRIBUTION_PREPARE", "0")
 
 import numpy as np
 import pytest
+from engine_support import FAKE_BANK_DATASET
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,12 +110,12 @@ def fake_bank_dir(tiny_run, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("banks") / "fake"
     shutil.copytree(tiny_run / "epoch-2", folder / "model")
     model = load_model(str(folder / "model"), "cpu")
-    val = load_dataset("digits", "val", model.resolution, model.channels)
+    val = load_dataset(FAKE_BANK_DATASET, "val", model.resolution, model.channels)
     gen = sample(model, 2, 0, steps=3)
     images = np.concatenate([val.tensors(list(range(4))).numpy(), gen.final]).astype(np.float32)
     keys = [f"val/{i}" for i in range(4)] + ["gen/0", "gen/1"]
     rng = np.random.default_rng(0)
-    N = 1618  # the digits training split
+    N = len(load_dataset(FAKE_BANK_DATASET))
     masks = rng.random((16, N)) < 0.5
     effect = rng.normal(size=(N, len(keys)))  # the true effect of each image on each target's loss
     F = (masks @ effect)[:, None, None, :] + rng.normal(scale=0.5, size=(16, 2, 2, len(keys)))
@@ -123,7 +125,7 @@ def fake_bank_dir(tiny_run, tmp_path_factory) -> Path:
             np.savez(folder / "outputs" / f"subset-{j:03d}-seed-{s}.npz", F=F[j, s], targets_hash=np.array("t"))
     np.save(folder / "masks.npy", masks)
     np.savez(folder / "targets.npz", images=images, keys=np.array(keys))
-    meta = {"name": "fake", "dataset": "digits", "seeds": [0, 1], "noise_sets": 2, "targets_hash": "t",
+    meta = {"name": "fake", "dataset": FAKE_BANK_DATASET, "seeds": [0, 1], "noise_sets": 2, "targets_hash": "t",
             "status": "complete", "recipe_name": "tiny", "alpha": 0.5, "timesteps": [0, 500],
             "identity": {"recipe_key": "x", "gen_steps": 3}}
     (folder / "bank.json").write_text(json.dumps(meta))

@@ -17,6 +17,9 @@ from attribution.models.pixel_ddpm import PixelDDPM
 from attribution.models.presets import unet_for
 
 TWO_STEPS = dict(timesteps=2)  # K=2 uniform: t = 0, 500
+# The hand-made bank's training set (conftest's `fake_bank_dir`): the digits 0 and 1 of the digits training split,
+# 324 images, so a test that featurizes the bank's training set does a fifth of the full split's work.
+FAKE_BANK_DATASET = "digits:0,1"
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

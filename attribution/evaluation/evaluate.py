@@ -87,7 +87,13 @@ def run_on_bank(bank: Bank, attribution: Attribution, progress: Progress | None 
     """`Attribution.run` on every bank target (see `open_on_bank`): featurizes (cached, resumable), then the
     targets' features, read from (or saved to) each member's feature folder (`bank_features_name`): the targets
     are fixed by the bank, so a second LDS of the same method costs no gradients. A generated-only method (Journey
-    TRAK) gets NaN rows for the validation targets, which it cannot attribute (`Result.covers`)."""
+    TRAK) gets NaN rows for the validation targets, which it cannot attribute (`Result.covers`). An attribution
+    against another training set than the bank's is refused in one line, before any work."""
+    n, spec = len(attribution.train), attribution.train.spec
+    if n != bank.masks.shape[1]:
+        raise ConfigError(f"the {bank.meta['name']} bank was retrained on subsets of {bank.dataset} "
+                          f"({bank.masks.shape[1]:,} images); this attribution is against {spec} ({n:,} images): "
+                          f"attribute against {bank.dataset} to measure it on this bank")
     return attribution.run(bank_targets(bank), progress=(lambda member: progress) if progress else None,
                            saved_as=bank_features_name(bank, attribution), partial=True)
 

@@ -14,6 +14,7 @@ import shutil
 import pytest
 
 from attribution.evaluation.bank import Bank
+from engine_support import FAKE_BANK_DATASET
 
 TIMEOUT = 600
 
@@ -63,7 +64,8 @@ def test_the_verdict_shows_at_once_when_the_bank_targets_are_cached(trust_bank, 
     bank = Bank.load(trust_bank)
     run = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=512, cache=str(cache))
     pixels = score_bank(bank, "pixel-cos", device="cpu", cache=str(cache))
-    at = attribute(start_app(trust_bank / "model", cache, banks=trust_bank.parent, timeout=TIMEOUT))
+    at = attribute(start_app(trust_bank / "model", cache, banks=trust_bank.parent, timeout=TIMEOUT,
+                            dataset=FAKE_BANK_DATASET))
     assert not [b for b in at.button if b.label.startswith("How far to trust this?")]
     (caption,) = trust_captions(at)
     want = verdict(bank, run, slider_lambda(at), "val", pixels)
@@ -77,7 +79,8 @@ def test_the_trust_button_says_what_it_computes_and_then_gives_the_verdict(trust
     """Without the bank's targets scored: the button, and one line with what it computes and about how long it
     takes here (from the throughput the run just measured); after the click, the sentence, beside pixel
     similarity's (computed with it: pixels, no gradients). A method without λ gets its sentence too."""
-    at = attribute(start_app(trust_bank / "model", tmp_path / "cache", banks=trust_bank.parent, timeout=TIMEOUT))
+    at = attribute(start_app(trust_bank / "model", tmp_path / "cache", banks=trust_bank.parent, timeout=TIMEOUT,
+                            dataset=FAKE_BANK_DATASET))
     note = next(c for c in at.main.get_by_key("attr_result_0").caption if c.value.startswith("Measuring scores"))
     assert re.search(r"the bank's 6 targets with these options: (about \d+ (s|min) here|seconds), once",
                      note.value), note.value
@@ -103,7 +106,8 @@ def test_use_the_lambda_chosen_on_held_out_targets(trust_bank, tmp_path, start_a
     cache = tmp_path / "cache"
     bank = Bank.load(trust_bank)
     run = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=512, cache=str(cache))
-    at = attribute(start_app(trust_bank / "model", cache, banks=trust_bank.parent, timeout=TIMEOUT))
+    at = attribute(start_app(trust_bank / "model", cache, banks=trust_bank.parent, timeout=TIMEOUT,
+                            dataset=FAKE_BANK_DATASET))
     choice = held_out_lambda(bank, run, "val", exclude="val/0")
     assert choice.excluded == "val/0" and choice.n_targets == 3
     slider = at.main.get_by_key("attr_result_0").select_slider[0]
@@ -152,7 +156,8 @@ def test_journey_and_self_influence_offer_the_held_out_lambda(trust_bank, tmp_pa
     cache = tmp_path / "cache"
     bank = Bank.load(trust_bank)
     run = score_bank(bank, "trak", device="cpu", timesteps=1, proj_dim=512, cache=str(cache))
-    at = start_app(trust_bank / "model", cache, banks=trust_bank.parent, timeout=TIMEOUT)
+    at = start_app(trust_bank / "model", cache, banks=trust_bank.parent, timeout=TIMEOUT,
+               dataset=FAKE_BANK_DATASET)
     at.switch_page("app_pages/journey.py").run()
     at.radio(key="jr_source").set_value("Validation image").run()
     at.number_input(key="jr_val_idx").set_value(0)

@@ -1,8 +1,9 @@
 """Engine methods evaluated on a ground-truth bank (attribution/evaluation/evaluate.py) and the `lds` command.
 
 The bank here is made by hand (no retraining): the tiny test model as the bank's model, 16 random half-subsets of
-the digits training split, 4 validation + 2 generated targets, and F planted as a linear function of the subsets so
-the expected LDS is known: F = masks @ effect + noise, with `effect` the true per-image effect on each target.
+the digits 0 and 1 of the digits training split (324 images), 4 validation + 2 generated targets, and F planted as
+a linear function of the subsets so the expected LDS is known: F = masks @ effect + noise, with `effect` the true
+per-image effect on each target.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from attribution.evaluation.bank import Bank
 from attribution.evaluation.evaluate import (bank_targets, check_external_scores, lambda_sweep, lds_table,
                                              score_bank, split_rows)
 from attribution.evaluation.lds import REACHABLE, SEED_CEILING, lds
+from attribution.data import load_dataset
+from engine_support import FAKE_BANK_DATASET
 
-N = 1618  # the digits training split
+N = len(load_dataset(FAKE_BANK_DATASET))  # the hand-made bank's training set
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +101,27 @@ def test_journey_trak_on_a_bank_scores_its_generated_targets_only(fake_bank, tmp
         lds_table(bank, {"journey-trak": scores}, "all", n_resamples=20)
 
 
+def test_an_attribution_against_another_training_set_is_refused_before_any_work(fake_bank, tmp_path):
+    """The trust caption scores the bank's targets with the page's attribution: against another training set than
+    the bank's, one line that names both sets (it said only "scores must have shape (4, 324), got (4, 1618)")."""
+    from attribution.engine import open_attribution
+    from attribution.evaluation.evaluate import run_on_bank
+    from attribution.run_options import RunOptions
+
+    bank, _ = fake_bank
+    other = open_attribution(RunOptions(str(bank.model_spec), dataset="digits:0,1,2", method="trak", timesteps=1,
+                                        proj_dim=64, device="cpu", cache=str(tmp_path)))
+    with pytest.raises(ConfigError) as err:
+        run_on_bank(bank, other)
+    assert str(err.value) == (f"the fake bank was retrained on subsets of {FAKE_BANK_DATASET} ({N} images); this "
+                              f"attribution is against digits:0,1,2 ({len(load_dataset('digits:0,1,2'))} images): "
+                              f"attribute against {FAKE_BANK_DATASET} to measure it on this bank")
+    assert not list(tmp_path.rglob("*.npy"))  # nothing featurized
+
+
 def test_external_scores_are_checked(fake_bank):
     bank, _ = fake_bank
-    with pytest.raises(ConfigError, match="needs 6 targets x 1618"):
+    with pytest.raises(ConfigError, match=f"needs 6 targets x {N}"):
         check_external_scores(bank, np.zeros((5, N)))
     bad = np.zeros((6, N))
     bad[0, 0] = np.nan
@@ -164,9 +185,7 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
     names = list(table.iloc[:, 0])
     assert names[:2] == ["pixel-cos", "trak"] and {SEED_CEILING, REACHABLE} <= set(names)
     pixels = bank_targets(bank).images.reshape(6, -1).double().numpy()
-    from attribution.data import load_dataset
-
-    X = load_dataset("digits", "train", 16, 1).tensors().reshape(N, -1).double().numpy()
+    X = load_dataset(FAKE_BANK_DATASET, "train", 16, 1).tensors().reshape(N, -1).double().numpy()
     cos = (pixels @ X.T) / np.linalg.norm(pixels, axis=1)[:, None] / np.linalg.norm(X, axis=1)[None, :]
     expected = lds(cos[:4], bank.masks, bank.F[..., :4], n_resamples=50).standard.value
     assert table.iloc[0, 2].startswith(f"{expected:+.3f}")
@@ -191,12 +210,12 @@ def test_evaluation_page(fake_bank_dir, tiny_run, tmp_path, start_app):
         assert len(row) == 1 and row.iloc[0, 2].startswith(f"{held.methods[name].standard.value:+.3f}")
 
 
-def evaluated(start_app, tiny_run, fake_bank_dir, cache, methods):
-    """The Evaluation page on the fake bank after Evaluate with `methods` (K=1, k=512)."""
+def evaluated(start_app, tiny_run, fake_bank_dir, cache, methods, K: int = 1):
+    """The Evaluation page on the fake bank after Evaluate with `methods` (K timesteps, k=512)."""
     at = start_app(tiny_run, cache, banks=fake_bank_dir.parent, timeout=300)
     at.switch_page("app_pages/evaluation.py").run()
     at.multiselect(key="eval_methods").set_value(methods)
-    at.selectbox(key="eval_K").set_value(1)
+    at.selectbox(key="eval_K").set_value(K)
     at.selectbox(key="eval_k").set_value(512)
     at.button[0].click().run()  # the form's Evaluate button
     assert not at.exception, at.exception
@@ -243,7 +262,7 @@ def test_attribute_under_a_worst_predicted_target_opens_it(fake_bank_dir, tiny_r
     assert not at.exception, at.exception
     assert at.title[0].value == "Attribute"
     assert at.session_state["checkpoint"] == str(fake_bank_dir / "model")
-    assert at.session_state["dataset"] == "digits"
+    assert at.session_state["dataset"] == FAKE_BANK_DATASET
     assert at.radio(key="attr_source").value == "Generated" and at.number_input(key="attr_seed").value == 1
     at.switch_page("app_pages/evaluation.py").run()
     at.button(key="eval_open_val/2").click().run()
@@ -405,7 +424,8 @@ def test_lds_per_checkpoint_is_estimated_before_compute(bank_with_run, tiny_run,
     from attribution.evaluation.bank import build_checkpoint_run
 
     build_checkpoint_run(Bank.load(bank_with_run), 2, log=lambda m: None)  # reused if a test above made it
-    at = evaluated(start_app, tiny_run, bank_with_run, tmp_path / "cache", ["trak"])
+    # K = 5: the 324 images' featurization takes over the 2 s a throughput needs to be recorded (store.py)
+    at = evaluated(start_app, tiny_run, bank_with_run, tmp_path / "cache", ["trak"], K=5)
     note = next(c for c in at.main.caption if "checkpoints to featurize" in c.value)
     assert re.fullmatch(r"1 of 2 checkpoints to featurize \(the training set and the bank's targets each\): about "
                         r"\d+ (s|min) here\.", note.value), note.value
@@ -446,7 +466,8 @@ def test_attribute_page_shows_the_lds_at_the_slider_lambda(fake_bank_dir, tmp_pa
     meta = json.loads((folder / "bank.json").read_text())
     meta["model"] = {"content_hash": resolve_checkpoint(str(folder / "model")).content_hash()}
     (folder / "bank.json").write_text(json.dumps(meta))
-    at = start_app(folder / "model", tmp_path / "cache", banks=folder.parent, timeout=600)
+    at = start_app(folder / "model", tmp_path / "cache", banks=folder.parent, timeout=600,
+                   dataset=FAKE_BANK_DATASET)
     at.switch_page("app_pages/attribute.py").run()
     at.radio(key="attr_source").set_value("Validation image").run()
     at.number_input(key="attr_K").set_value(1)
