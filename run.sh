@@ -2,7 +2,8 @@
 # The one entry point.
 #
 #   ./run.sh app             set up .venv if needed, then serve the Streamlit app on http://localhost:${PORT:-8501}
-#   ./run.sh test [ARGS...]  set up .venv (+ test tools, + Debian chromium when possible), then run pytest ARGS
+#   ./run.sh test [ARGS...]  set up .venv (+ test tools, + Debian chromium when possible), then run pytest ARGS in
+#                            one process per core (2 to 4; -n 0 runs it in one)
 #   ./run.sh test --fast     the inner loop: every test but those marked slow or browser (a few minutes)
 #   ./run.sh lint            ruff and the import contracts (pyproject.toml), as the test suite checks them
 #
@@ -105,6 +106,14 @@ case "$cmd" in
             fi
         done
         [[ " $* " == *" --fast "* ]] || ensure_chromium
+        # Two or more test processes (pytest-xdist; one per core, at most 4), a module's tests in one of them, unless
+        # the arguments choose (-n N, -n 0, -p no:xdist). Tests use one torch thread each (tests/conftest.py).
+        if [[ " $* " != *" -n"* && " $* " != *" --numprocesses"* && " $* " != *"no:xdist"* ]]; then
+            workers=$(nproc 2>/dev/null || echo 2)
+            (( workers > 4 )) && workers=4
+            (( workers < 2 )) && workers=2
+            args=(-n "$workers" --dist loadfile "${args[@]}")
+        fi
         say "running: python -m pytest ${args[*]}"
         exec "$PY" -m pytest "${args[@]}"
         ;;

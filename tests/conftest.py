@@ -12,7 +12,9 @@
   (a trained run's) define their own fixture of that name, which takes precedence in that module.
 - `npz12`: the first 12 digits training images as an .npz file (and the next 4 as `<name>_val.npz` beside it).
 
-Everything is written under pytest's temporary folders, never into the working tree.
+Everything is written under pytest's temporary folders, never into the working tree. `./run.sh test` runs the
+suite in several processes (pytest-xdist, a module's tests in one); the modules that start Ray take turns
+(`one_ray_module_at_a_time`).
 """
 
 from __future__ import annotations
@@ -147,3 +149,25 @@ def tiny_clip_name(tmp_path_factory) -> str:
     (folder / "tiny-clip-test.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(folder)
     return "tiny-clip-test"
+
+
+
+# Test modules that start Ray (a local Ray in this process, a `--ray` command, an app server with RAY_ADDRESS):
+# `./run.sh test` runs the suite in two processes (pytest-xdist, `--dist loadfile`: a module's tests in one
+# process, so its module fixtures are built once), and these modules take turns rather than start two Rays at once.
+RAY_MODULES = {"test_ray_app.py", "test_counterfactual.py", "test_evaluation_bank.py", "test_ray_featurize.py",
+               "test_ray_on_cluster.py"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_ray_module_at_a_time(request, tmp_path_factory):
+    """Holds a lock shared by the test processes of this run for the length of a module that starts Ray."""
+    if Path(request.module.__file__).name not in RAY_MODULES:
+        yield
+        return
+    import fcntl
+
+    lock = tmp_path_factory.getbasetemp().parent / "ray-modules.lock"  # the run's temporary root, shared by workers
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
