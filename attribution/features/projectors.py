@@ -16,7 +16,9 @@ expectation, E <Pg, Pg'> = <g, g'>. A Gaussian JL matrix with N(0, 1) entries is
 `sjlt` costs O(P s) per sample and O(P s) memory for its hash (block construction); `grass` O(m s) after a gather
 of m coordinates, with O(m s) memory; `gaussian` costs O(P k). Both `sjlt` and `grass` keep inner products unbiased
 (the mask's scaling makes E<Mg, Mg'> = <g, g'> over the random mask); `grass` adds the mask's variance, which grows
-with how unevenly a gradient's energy is spread over its coordinates.
+with how unevenly a gradient's energy is spread over its coordinates. On the 0.65M-parameter digits model that
+variance dominates: at k = 2048 `grass` keeps 63% of an image's exact top-5 gradient neighbours, `sjlt` 86%
+(BENCHMARKS.md, "What the mask costs in fidelity"), so `grass` is for models whose sketch cost dominates.
 
 What the matrix depends on (`matrix_identity`, part of a feature store's identity): `sjlt` and `gaussian` draw it
 from a CPU generator, so it depends on (projector, k, seed) only, whatever device the model is on. fast_jl's matrix
@@ -114,9 +116,11 @@ class MaskedSJLTProjector(Projector):
 
     name = "grass"
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int, device: torch.device):
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int, device: torch.device, mask_dim: int | None = None):
         super().__init__(grad_dim, proj_dim, seed, device)
-        self.mask_dim = min(grad_dim, GRASS_MASK_FACTOR * proj_dim)
+        # m: GRASS_MASK_FACTOR x k by default (what features are keyed by); another m only for measuring the mask's
+        # cost and fidelity (bench/compressor_fidelity.py)
+        self.mask_dim = min(grad_dim, mask_dim or GRASS_MASK_FACTOR * proj_dim)
         gen = torch.Generator().manual_seed(seed + 1_000_003)  # another stream than the sketch's
         self.keep = torch.randperm(grad_dim, generator=gen)[:self.mask_dim].sort().values
         self.scale = math.sqrt(grad_dim / self.mask_dim)
