@@ -151,12 +151,12 @@ def tiny_clip_name(tmp_path_factory) -> str:
     return "tiny-clip-test"
 
 
-
-# Test modules that start Ray (a local Ray in this process, a `--ray` command, an app server with RAY_ADDRESS):
-# `./run.sh test` runs the suite in two processes (pytest-xdist, `--dist loadfile`: a module's tests in one
-# process, so its module fixtures are built once), and these modules take turns rather than start two Rays at once.
-RAY_MODULES = {"test_ray_app.py", "test_counterfactual.py", "test_evaluation_bank.py", "test_ray_featurize.py",
-               "test_ray_on_cluster.py"}
+# Test modules that start Ray (a local Ray in this process, a `--ray` command, a bank built on Ray, an app server
+# with RAY_ADDRESS): `./run.sh test` runs the suite in several processes (pytest-xdist, `--dist loadfile`: a
+# module's tests in one process, so its module fixtures are built once), and these modules take turns rather than
+# start two Rays at once.
+RAY_MODULES = {"test_ray_app.py", "test_counterfactual.py", "test_evaluation_bank.py", "test_latent_sd.py",
+               "test_ray_featurize.py", "test_ray_on_cluster.py"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -167,7 +167,8 @@ def one_ray_module_at_a_time(request, tmp_path_factory):
         return
     import fcntl
 
-    lock = tmp_path_factory.getbasetemp().parent / "ray-modules.lock"  # the run's temporary root, shared by workers
+    # the parent of this process's temporary folder: the run's, shared by its workers (without xdist, the user's)
+    lock = tmp_path_factory.getbasetemp().parent / "ray-modules.lock"
     with open(lock, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
