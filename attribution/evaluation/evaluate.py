@@ -66,11 +66,17 @@ def open_on_bank(bank: Bank, method: str, device: str = "auto", load: Callable |
     not use are left out (`RunOptions.for_method`). `load(spec)` loads a model (the app's cached loader).
     Validates; computes nothing."""
     attribution = open_attribution(bank_run_options(bank, method, device, checkpoint, **options), load)
-    if len(attribution.train) != bank.masks.shape[1]:
-        raise ConfigError(f"bank {bank.meta['name']} has masks over {bank.masks.shape[1]} training images but "
-                          f"{attribution.train.spec} has {len(attribution.train)}; the bank was built for "
-                          "another dataset")
+    check_training_set(bank, attribution)
     return attribution
+
+
+def check_training_set(bank: Bank, attribution: Attribution) -> None:
+    """One line when `attribution` is against another training set than the one the bank's subsets are of."""
+    n = len(attribution.train)
+    if n != bank.masks.shape[1]:
+        raise ConfigError(f"the {bank.meta['name']} bank was retrained on subsets of {bank.dataset} "
+                          f"({bank.masks.shape[1]:,} images); this attribution is against {attribution.train.spec} "
+                          f"({n:,} images): attribute against {bank.dataset} to measure it on this bank")
 
 
 def bank_run_options(bank: Bank, method: str, device: str = "auto", checkpoint: str | None = None,
@@ -89,11 +95,7 @@ def run_on_bank(bank: Bank, attribution: Attribution, progress: Progress | None 
     are fixed by the bank, so a second LDS of the same method costs no gradients. A generated-only method (Journey
     TRAK) gets NaN rows for the validation targets, which it cannot attribute (`Result.covers`). An attribution
     against another training set than the bank's is refused in one line, before any work."""
-    n, spec = len(attribution.train), attribution.train.spec
-    if n != bank.masks.shape[1]:
-        raise ConfigError(f"the {bank.meta['name']} bank was retrained on subsets of {bank.dataset} "
-                          f"({bank.masks.shape[1]:,} images); this attribution is against {spec} ({n:,} images): "
-                          f"attribute against {bank.dataset} to measure it on this bank")
+    check_training_set(bank, attribution)
     return attribution.run(bank_targets(bank), progress=(lambda member: progress) if progress else None,
                            saved_as=bank_features_name(bank, attribution), partial=True)
 
