@@ -87,11 +87,15 @@ def bank_feature_options(args: argparse.Namespace, methods: list[str]):
     return options
 
 
-def featurize_bank_on_ray(bank, methods: list[str], feature_options, args) -> None:
-    """`lds --ray`: each method's training features on the bank's model fanned out as Ray tasks, before scoring."""
+def featurize_bank_on_ray(bank, methods: list[str], feature_options, args) -> dict:
+    """`lds --ray`: each method's training features on the bank's model fanned out as Ray tasks, before scoring.
+    Returns each method's opened attribution (its stores complete), for scoring without loading the model again;
+    the methods share each loaded model (a model is read-only once loaded, as in the app)."""
+    import functools  # lazy: keeps the start of the other commands fast
     import os  # lazy: keeps the start of the other commands fast
 
-    from ..evaluation.evaluate import bank_run_options  # lazy: keeps the start of the other commands fast
+    from ..evaluation.evaluate import bank_run_options, open_on_bank  # lazy: keeps the start of the other commands fast
+    from ..models import load_model  # lazy: keeps the start of the other commands fast
     from ..evaluation.ray_engine import RayCluster, probe_address  # lazy: Ray only for a fan-out
     from ..evaluation.ray_featurize import featurize_on_ray
 
@@ -101,10 +105,14 @@ def featurize_bank_on_ray(bank, methods: list[str], feature_options, args) -> No
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be at least 1, got {args.num_cpus}")
     options = {name: bank_run_options(bank, name, args.device, **feature_options(name)) for name in methods}
+    load = functools.cache(lambda spec: load_model(spec, args.device))
+    opened = {name: open_on_bank(bank, name, args.device, load, **feature_options(name)) for name in methods}
     with RayCluster(address, args.num_cpus) as cluster:
         info(f"featurizing on {cluster.describe()}")
         for name, opts in options.items():
-            featurize_on_ray(opts, cluster, progress=lambda member, name=name: progress_bar(f"{name} features"))
+            featurize_on_ray(opts, cluster, progress=lambda member, name=name: progress_bar(f"{name} features"),
+                             attribution=opened[name])
+    return opened
 
 
 def _ci(lo_hi) -> str:
@@ -136,7 +144,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
     from ..evaluation.lds import SINGLE_SEED, VARIANTS, holm  # lazy: keeps the start of the other commands fast
     from ..evaluation.evaluate import (SPLITS,  # lazy: keeps the start of the other commands fast
                                        check_external_scores, finished_bank, lambda_report, lds_table,
-                                       option_sweep, score_bank)
+                                       option_sweep, run_on_bank, score_bank)
     from ..figures import lds_lambda_figure, lds_option_figure  # lazy: keeps the start of the other commands fast
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
@@ -165,12 +173,14 @@ def cmd_lds(args: argparse.Namespace) -> int:
         raise ConfigError(f"a {args.sweep} sweep needs --method (score files have no options to sweep)")
     if args.sweep == "checkpoint":
         bank.checkpoint_specs()  # the one-line error when the bank has no checkpoint run, before featurizing
-    if args.ray and methods:
-        featurize_bank_on_ray(bank, methods, feature_options, args)
+    opened = featurize_bank_on_ray(bank, methods, feature_options, args) if args.ray and methods else {}
     for name in methods:
         info(f"{name}: featurizing {bank.dataset} with the bank's model (cached after the first run)")
-        run = score_bank(bank, name, progress=progress_bar(f"{name} features"), device=args.device,
-                         **feature_options(name))
+        if name in opened:  # featurized on Ray: score the attribution opened for it (the model loaded once)
+            run = run_on_bank(bank, opened[name], progress=progress_bar(f"{name} features"))
+        else:
+            run = score_bank(bank, name, progress=progress_bar(f"{name} features"), device=args.device,
+                             **feature_options(name))
         runs[name] = run
         lam = args.lam if run.uses_lambda and args.lam is not None else run.default_lambda
         label = name + (f" (lambda={lam:.3g})" if lam is not None else "")

@@ -110,6 +110,55 @@ def test_featurize_command_on_ray(tiny_run, npz12, tmp_path):
     assert "3 of 3 shards" not in out.stderr and "0 of 3 shards left" in out.stderr
 
 
+def test_lds_with_ray_scores_what_it_featurized_with_one_model_load(fake_bank_dir, tmp_path, monkeypatch, capsys):
+    """`lds --ray` loads the bank's model once for all its methods (they share the loaded model), hands the opened
+    attributions to the fan-out and scores those, reporting what a plain `lds` reports. The fan-out itself is
+    stood in for by in-process featurization here (the Ray path is the test below)."""
+    import attribution.engine
+    import attribution.models
+    from attribution.cli import main
+    from attribution.evaluation import ray_engine, ray_featurize
+
+    args = ["lds", "--bank", str(fake_bank_dir), "--method", "trak,dtrak:avg", "--split", "val", "--timesteps", "1",
+            "--proj-dim", "64", "--resamples", "20", "--device", "cpu"]
+    assert main([*args, "--cache", str(tmp_path / "plain")]) == 0
+    plain = capsys.readouterr().out
+
+    loads, fanned = [], []
+    real_load = attribution.models.load_model
+
+    def counting_load(spec, device="auto"):
+        loads.append(spec)
+        return real_load(spec, device)
+
+    class Cluster:  # stands in for a local Ray
+        def __init__(self, address, num_cpus):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def describe(self):
+            return "a stand-in cluster"
+
+    def fan_out(options, cluster, shard_size=None, progress=None, attribution=None):
+        fanned.append(attribution)
+        attribution.featurize()
+        return attribution
+
+    monkeypatch.setattr(attribution.models, "load_model", counting_load)
+    monkeypatch.setattr(attribution.engine, "load_model", counting_load)
+    monkeypatch.setattr(ray_engine, "RayCluster", Cluster)
+    monkeypatch.setattr(ray_featurize, "featurize_on_ray", fan_out)
+    assert main([*args, "--ray", "--cache", str(tmp_path / "ray")]) == 0
+    assert len(loads) == 1 and len(fanned) == 2 and all(a is not None for a in fanned)
+    assert fanned[0].members[0].model is fanned[1].members[0].model
+    assert capsys.readouterr().out == plain  # the same features (one process), so the same table
+
+
 @pytest.mark.slow
 def test_lds_with_ray_reports_the_same_table(fake_bank_dir, tmp_path):
     """`lds --ray` featurizes each method on Ray first, then reports the table a plain `lds` reports."""
