@@ -189,8 +189,18 @@ def estimate_note(named: list[tuple[str, Attribution]], n_targets: int = 1) -> s
     basis = ("timed on three images here, a rough upper bound" if rough
              else "from the featurization speed measured on this machine")
     return (f"Not cached yet, so this run featurizes the training set first: {'; '.join(parts)} ({basis}). "
-            + ("" if unknown else f"About {format_duration(total)} in all. ")
+            + ("" if unknown else f"About {format_duration(total)} in all. ") + ray_clause()
             + "Progress is shown; the result is cached and an interrupted run resumes.")
+
+
+def ray_clause() -> str:
+    """What an estimate from this machine's one-process speed means when the training features run on Ray."""
+    address = ray_address()
+    if not address:
+        return ""
+    where = "a Ray on this machine" if address == "local" else f"the Ray cluster at {address}"
+    return (f"The training features run as tasks on {where}: the figure is this server's one-process speed, not "
+            "the cluster's. ")
 
 
 def journey_note(att: Attribution, cfg: JourneyConfig, image=None) -> str:
@@ -201,7 +211,9 @@ def journey_note(att: Attribution, cfg: JourneyConfig, image=None) -> str:
         return "This journey is cached: it shows in seconds."
     if seconds is None:
         return f"No estimate yet ({'; '.join(bases)})."
-    return f"About {format_duration(seconds)} on this machine ({'; '.join(bases)}); cached afterwards."
+    featurized = all(m.featurize_estimate()[0] == 0 for m in att.members)
+    return (f"About {format_duration(seconds)} on this machine ({'; '.join(bases)}); cached afterwards. "
+            + ("" if featurized else ray_clause())).rstrip()
 
 
 def featurize_note(att: Attribution) -> str:

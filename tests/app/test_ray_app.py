@@ -45,6 +45,9 @@ def test_a_ray_address_that_does_not_answer_is_one_line_on_the_page(start_app, t
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # the discard port: nothing listens there
     at = start_app(str(tiny_run), tmp_path / "cache", dataset=f"npz:{npz12}", timeout=RUN_TIMEOUT)
     at.switch_page("app_pages/attribute.py").run()
+    # the estimate before Run says it is this machine's one-process speed, not the cluster's
+    note = next(c.value for c in at.main.caption if c.value.startswith("Not cached yet"))
+    assert "run as tasks on the Ray cluster at 127.0.0.1:9" in note and "not the cluster's" in note, note
     press_run_attribution(at, K=1, k=512, timeout=RUN_TIMEOUT)
     assert not at.exception, at.exception
     errors = [e.value for e in at.main.error]
