@@ -22,6 +22,7 @@ every gradient method, projected (`projectors.py`).
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -257,6 +258,7 @@ class GradientFeatures(Featurizer):
         if cfg.strategy == "training":
             self.train_timesteps, self.train_timesteps_source = training_timesteps(model, train, cfg.seed)
         self._projector = None
+        self._projector_lock = threading.Lock()  # sessions share a featurizer: one builds the projector, once
         self.images_per_call = IMAGES_PER_CALL
 
     def gradient_dim(self) -> int:
@@ -266,8 +268,10 @@ class GradientFeatures(Featurizer):
     @property
     def projector(self):
         if self._projector is None:
-            self._projector = make_projector(self.cfg.projector, self.grad_dim, self.proj_dim,
-                                             self.cfg.projection_seed, self.model.device)
+            with self._projector_lock:
+                if self._projector is None:
+                    self._projector = make_projector(self.cfg.projector, self.grad_dim, self.proj_dim,
+                                                     self.cfg.projection_seed, self.model.device)
         return self._projector
 
     def identity(self) -> dict:

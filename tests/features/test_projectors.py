@@ -232,3 +232,29 @@ def test_power_of_two_prescaling_survives_the_fp16_cast():
     plain = ((g.half().float() - g).norm(dim=1) / g.norm(dim=1))
     assert plain[1] > 0.5 and plain[0] > 0.01  # measured: 1.0 (the small row vanishes) and 0.017
     assert rel(back) < 1e-3  # measured 2e-4 on every row: fp16's 11-bit mantissa
+
+
+def test_sessions_sharing_a_featurizer_build_its_projector_once(digits, tmp_path, monkeypatch):
+    """The app's sessions share one attributor: threads asking for the projector at once get one build, the same
+    object (building SJLT's indices at paper size costs seconds and memory)."""
+    import threading
+    import time
+
+    from attribution.features import gradients
+
+    built = []
+
+    def slow_make(*args):
+        built.append(args)
+        time.sleep(0.2)  # long enough for every thread to arrive while the first builds
+        return SparseJLProjector(*args[1:])
+
+    monkeypatch.setattr(gradients, "make_projector", slow_make)
+    att = Attributor(tiny_model(), subset(digits, 3), FeatureConfig(timesteps=2, proj_dim=512), cache=tmp_path)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(att.featurizer.projector)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and len(got) == 4 and all(p is got[0] for p in got)
