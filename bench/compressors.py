@@ -14,14 +14,13 @@ then the sparse JL), at equal k.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from results_io import emit
 
 from attribution import Bank, lds_table, make_projector, open_on_bank, score_bank
 
@@ -99,11 +98,7 @@ def main() -> int:
         result["featurization"] = featurize_speed(bank)
     if "quality" not in skip:
         result["lds"] = quality(bank, a.cache)
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    return 0
+    return emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import emit
 
 SIZES = {  # name -> (UNet2DModel config, channels, resolution)
     "digits": (dict(layers_per_block=1, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "DownBlock2D"),
@@ -107,11 +107,7 @@ def main() -> int:
             else:
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    text = json.dumps(rows, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    return 0
+    return emit(rows, a.out)
 
 
 if __name__ == "__main__":

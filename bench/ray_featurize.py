@@ -12,14 +12,13 @@ projects a 16-worker cluster from those per-task costs: fixed cost + N x (time p
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+from results_io import emit
 
 N = 1618
 BASE = ["featurize", "--checkpoint", "digits", "--method", "dtrak", "--timesteps", "2", "--proj-dim", "512",
@@ -64,11 +63,7 @@ def main() -> int:
                                                          / one["median_wall_s"], 2),
                          "ray 2 CPUs / one process": round(summary["ray, 2 CPUs"]["median_wall_s"]
                                                            / summary["one process"]["median_wall_s"], 2)}
-    text = json.dumps({"configs": results, "summary": summary, "n": N, "command": BASE}, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    return 0
+    return emit({"configs": results, "summary": summary, "n": N, "command": BASE}, a.out)
 
 
 if __name__ == "__main__":
