@@ -3,7 +3,7 @@ Influence and Datamodels fitted on a bank's subset models, LDS on held-out subse
 
     python -m attribution counterfactual --bank digits --targets gen:0-9 --remove 0.05 \\
         --methods random,pixel-cos,trak,dtrak [--opponents] [--remove-grid 0.05,0.1,0.2] [--seeds 2] [--controls]
-    python -m attribution estimators --bank digits --method dtrak,trak
+    python -m attribution estimators --bank digits --method dtrak,trak [--ray]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..evaluation.counterfactual import StudySpec  # (its module loads nothing t
 from ..options import add_arguments, from_args
 from ..run_options import FEATURE_OPTIONS, add_run_options, given_options
 from .common import add_ray_options, info, progress_bar
-from .evaluation import LDS_RUN_OPTIONS, bank_feature_options
+from .evaluation import LDS_RUN_OPTIONS, bank_feature_options, bank_runs
 
 
 def add_commands(sub) -> None:
@@ -43,6 +43,9 @@ def add_commands(sub) -> None:
     e.add_argument("--fit-fraction", type=float, default=0.5, help="share of the finished subsets used to fit")
     e.add_argument("--resamples", type=int, default=1000)
     add_run_options(e, only=LDS_RUN_OPTIONS)  # the options of `score` and `lds`, for the --method rows
+    e.add_argument("--ray", action="store_true", help="featurize each method's training set as Ray tasks first "
+                                                      "(`featurize --ray`): a local Ray, or --ray-address")
+    add_ray_options(e, cache_help=None)
     e.set_defaults(func=cmd_estimators)
 
 
@@ -104,8 +107,7 @@ def cmd_estimators(args: argparse.Namespace) -> int:
     import numpy as np  # lazy: keeps the start of the other commands fast
 
     from ..evaluation.bank import Bank  # lazy: keeps the start of the other commands fast
-    from ..evaluation.evaluate import (SPLITS, finished_bank,  # lazy: keeps the start of the other commands fast
-                                       score_bank)
+    from ..evaluation.evaluate import SPLITS, finished_bank  # lazy: keeps the start of the other commands fast
     from ..evaluation.retraining_estimators import heldout_lds_table  # lazy: keeps the start of the other commands fast
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
@@ -118,9 +120,7 @@ def cmd_estimators(args: argparse.Namespace) -> int:
     named: dict[str, np.ndarray] = {}
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     feature_options = bank_feature_options(args, methods)
-    for name in methods:
-        run = score_bank(bank, name, progress=progress_bar(f"{name} features"), device=args.device,
-                         **feature_options(name))
+    for name, run in bank_runs(bank, methods, feature_options, args).items():
         named[name] = run.scores
     for split in splits:
         table, note = heldout_lds_table(bank, named, split, args.fit_fraction, n_resamples=args.resamples)

@@ -88,9 +88,9 @@ def bank_feature_options(args: argparse.Namespace, methods: list[str]):
 
 
 def featurize_bank_on_ray(bank, methods: list[str], feature_options, args) -> dict:
-    """`lds --ray`: each method's training features on the bank's model fanned out as Ray tasks, before scoring.
-    Returns each method's opened attribution (its stores complete), for scoring without loading the model again;
-    the methods share each loaded model (a model is read-only once loaded, as in the app)."""
+    """`lds --ray`, `estimators --ray`: each method's training features on the bank's model fanned out as Ray tasks,
+    before scoring. Returns each method's opened attribution (its stores complete), for scoring without loading the
+    model again; the methods share each loaded model (a model is read-only once loaded, as in the app)."""
     import functools  # lazy: keeps the start of the other commands fast
     import os  # lazy: keeps the start of the other commands fast
 
@@ -113,6 +113,23 @@ def featurize_bank_on_ray(bank, methods: list[str], feature_options, args) -> di
             featurize_on_ray(opts, cluster, progress=lambda member, name=name: progress_bar(f"{name} features"),
                              attribution=opened[name])
     return opened
+
+
+def bank_runs(bank, methods: list[str], feature_options, args) -> dict:
+    """Each method run on every bank target (`score_bank`), its training features first fanned out on Ray with
+    `--ray` (`featurize_bank_on_ray`, then the attributions it opened are scored): `lds` and `estimators`."""
+    from ..evaluation.evaluate import run_on_bank, score_bank  # lazy: keeps the start of the other commands fast
+
+    opened = featurize_bank_on_ray(bank, methods, feature_options, args) if args.ray and methods else {}
+    runs = {}
+    for name in methods:
+        info(f"{name}: featurizing {bank.dataset} with the bank's model (cached after the first run)")
+        if name in opened:  # featurized on Ray: score the attribution opened for it (the model loaded once)
+            runs[name] = run_on_bank(bank, opened[name], progress=progress_bar(f"{name} features"))
+        else:
+            runs[name] = score_bank(bank, name, progress=progress_bar(f"{name} features"), device=args.device,
+                                    **feature_options(name))
+    return runs
 
 
 def _ci(lo_hi) -> str:
@@ -144,7 +161,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
     from ..evaluation.lds import SINGLE_SEED, VARIANTS, holm  # lazy: keeps the start of the other commands fast
     from ..evaluation.evaluate import (SPLITS,  # lazy: keeps the start of the other commands fast
                                        check_external_scores, finished_bank, lambda_report, lds_table,
-                                       option_sweep, run_on_bank, score_bank)
+                                       option_sweep)
     from ..figures import lds_lambda_figure, lds_option_figure  # lazy: keeps the start of the other commands fast
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
@@ -173,14 +190,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
         raise ConfigError(f"a {args.sweep} sweep needs --method (score files have no options to sweep)")
     if args.sweep == "checkpoint":
         bank.checkpoint_specs()  # the one-line error when the bank has no checkpoint run, before featurizing
-    opened = featurize_bank_on_ray(bank, methods, feature_options, args) if args.ray and methods else {}
-    for name in methods:
-        info(f"{name}: featurizing {bank.dataset} with the bank's model (cached after the first run)")
-        if name in opened:  # featurized on Ray: score the attribution opened for it (the model loaded once)
-            run = run_on_bank(bank, opened[name], progress=progress_bar(f"{name} features"))
-        else:
-            run = score_bank(bank, name, progress=progress_bar(f"{name} features"), device=args.device,
-                             **feature_options(name))
+    for name, run in bank_runs(bank, methods, feature_options, args).items():
         runs[name] = run
         lam = args.lam if run.uses_lambda and args.lam is not None else run.default_lambda
         label = name + (f" (lambda={lam:.3g})" if lam is not None else "")

@@ -110,17 +110,20 @@ def test_featurize_command_on_ray(tiny_run, npz12, tmp_path):
     assert "3 of 3 shards" not in out.stderr and "0 of 3 shards left" in out.stderr
 
 
-def test_lds_with_ray_scores_what_it_featurized_with_one_model_load(fake_bank_dir, tmp_path, monkeypatch, capsys):
-    """`lds --ray` loads the bank's model once for all its methods (they share the loaded model), hands the opened
-    attributions to the fan-out and scores those, reporting what a plain `lds` reports. The fan-out itself is
-    stood in for by in-process featurization here (the Ray path is the test below)."""
+@pytest.mark.parametrize("command", ["lds", "estimators"])
+def test_bank_tables_with_ray_score_what_they_featurized_with_one_model_load(command, fake_bank_dir, tmp_path,
+                                                                            monkeypatch, capsys):
+    """`lds --ray` and `estimators --ray` load the bank's model once for all their methods (they share the loaded
+    model), hand the opened attributions to the fan-out and score those, reporting what the command reports
+    without --ray. The fan-out itself is stood in for by in-process featurization here (the Ray path is the test
+    below)."""
     import attribution.engine
     import attribution.models
     from attribution.cli import main
     from attribution.evaluation import ray_engine, ray_featurize
 
-    args = ["lds", "--bank", str(fake_bank_dir), "--method", "trak,dtrak:avg", "--split", "val", "--timesteps", "1",
-            "--proj-dim", "64", "--resamples", "20", "--device", "cpu"]
+    args = [command, "--bank", str(fake_bank_dir), "--method", "trak,dtrak:avg", "--split", "val", "--timesteps",
+            "1", "--proj-dim", "64", "--resamples", "20", "--device", "cpu"]
     assert main([*args, "--cache", str(tmp_path / "plain")]) == 0
     plain = capsys.readouterr().out
 
