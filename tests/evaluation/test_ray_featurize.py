@@ -4,6 +4,7 @@ same store, resumable, with progress; DAS's residual statistics and EK-FAC's fac
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +56,48 @@ def test_ray_features_equal_one_process_and_resume(tiny_run, npz12, tmp_path, lo
     seen.clear()
     featurize_on_ray(options, local_ray, progress=lambda m: lambda *a: seen.append(a))
     assert seen == [(12, 12, "cached")]
+
+
+def _kill_first_shard_task(killed: list, timeout: float = 120.0) -> None:
+    """SIGKILL the first Ray worker seen running a shard (Ray titles a busy worker `ray::<task>`)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if title.startswith(b"ray::_shard"):
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_is_redone(tiny_run, npz12, tmp_path, local_ray):
+    """A Ray worker killed while it featurizes a shard: Ray runs that shard again on another worker, and the store
+    ends complete and equal to one process's features."""
+    import threading
+
+    base = dict(checkpoint=str(tiny_run), dataset=f"npz:{npz12}", timesteps=2, proj_dim=64, device="cpu",
+                method="dtrak")
+    alone = open_attribution(RunOptions(**base, cache=str(tmp_path / "alone")))
+    alone.featurize()
+    want = np.array(alone.members[0].store.features())
+
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_first_shard_task, args=(killed,))
+    killer.start()
+    att = featurize_on_ray(RunOptions(**base, cache=str(tmp_path / "ray")), local_ray, shard_size=6)
+    killer.join()
+    store = att.members[0].store
+    assert killed and store.complete
+    np.testing.assert_allclose(np.array(store.features()), want, rtol=RTOL, atol=RTOL * np.abs(want).max())
 
 
 @pytest.mark.slow
