@@ -262,3 +262,12 @@ def test_the_evaluation_page_shows_a_damaged_bank_in_one_line(tiny_run, tmp_path
                                            "the bank"]
     at.selectbox(key="eval_bank").set_value("good").run()
     assert not at.exception and not at.error
+
+
+def test_a_remote_tasks_failure_is_quoted_in_one_line():
+    from attribution.errors import one_line
+
+    traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\n    raise\nValueError: bad shard\n\n"
+    assert one_line(RuntimeError(traceback)) == "RuntimeError: ValueError: bad shard"
+    assert one_line(RuntimeError("x" * 300)) == "RuntimeError: " + "x" * 200
+    assert one_line(RuntimeError()) == "RuntimeError"

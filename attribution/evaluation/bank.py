@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..data import load_dataset
-from ..errors import AttributionError, ConfigError, FileFormatError
+from ..errors import AttributionError, ConfigError, FileFormatError, one_line
 from ..features.timesteps import noise_for, select_timesteps
 from ..fileio import (
     atomic_dir,
@@ -494,7 +494,7 @@ def build_bank(spec: BankSpec, address: str | None = None, num_cpus: int | None 
             try:
                 result = ray.get(done_refs[0])
             except Exception as exc:  # retries exhausted: report, keep the rest going
-                failures.append(f"{kind} {name}: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
+                failures.append(f"{kind} {name}: {one_line(exc)}")
                 meter.step(note=f"FAILED {kind} {name}")
                 continue
             if kind == "train" and jb["subset"] is None:

@@ -52,7 +52,7 @@ import torch
 from ..data import load_dataset
 from ..data.images import tensor_to_pixels
 from ..engine import open_attribution
-from ..errors import AttributionError, ConfigError
+from ..errors import AttributionError, ConfigError, one_line
 from ..features.embeddings import ClipEmbedder
 from ..fileio import read_json, read_npz, save_npz, write_json
 from ..methods import METHODS, parse_method_entry
@@ -519,7 +519,7 @@ def run_study(source: Source, spec: StudySpec, folder: str | Path | None = None,
                 try:
                     result = ray.get(ready[0])
                 except Exception as exc:  # retries exhausted: report, keep the rest going
-                    failures.append(f"{g['job']['subset']}: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
+                    failures.append(f"{g['job']['subset']}: {one_line(exc)}")
                     meter.step(note="FAILED")
                     continue
                 trained += result["trained_now"]

@@ -8,6 +8,8 @@
   exception raised by the task).
 - `ProgressMeter`: done/total with a rate and the time left, sent to a `(done, total, message)` callback like the
   CLI's tqdm bar.
+- A task whose retries are used up: the fan-outs quote it with `errors.one_line` (Ray's error carries the worker's
+  traceback), keep going with the other tasks and end in one ConfigError line.
 
 Idempotency is the tasks' own business: each checks for its completion marker (written last) before working, and
 the driver does not submit work whose outputs exist, so a crash, kill or rerun never redoes a finished task.
@@ -21,7 +23,7 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -176,22 +178,3 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
-
-
-def run_tasks(cluster: RayCluster, fn: Callable, items: Iterable, progress: Callable | None = None,
-              unit: str = "tasks") -> list:
-    """Run `fn(item)` for every item as Ray tasks (retried on failure); results in item order."""
-    import ray  # lazy: importing Ray takes seconds; only a running cluster needs it
-
-    items = list(items)
-    remote = ray.remote(fn).options(**cluster.task_options())
-    refs = [remote.remote(item) for item in items]
-    index = {ref: i for i, ref in enumerate(refs)}
-    results: list = [None] * len(items)
-    meter = ProgressMeter(len(items), progress, unit)
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        results[index[ready[0]]] = ray.get(ready[0])
-        meter.step()
-    return results

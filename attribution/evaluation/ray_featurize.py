@@ -9,8 +9,9 @@ identity and folder: checked) and computes its shard's rows (`Featurizer.train_r
 store's lock and this machine's compute slot like a local featurization, writes each shard as it arrives and
 reports n / N images, the rate and the time left. What a kind of features needs first (the EK-FAC factors) is
 computed by the driver before the fan-out and cached, so the tasks load it; what it computes after the rows (DAS's
-residual statistics) runs in the driver afterwards. A task whose worker dies is retried by Ray; a killed driver
-leaves every shard written so far, and the next run computes only the missing rows.
+residual statistics) runs in the driver afterwards. A task whose worker dies is retried by Ray; a shard whose retries
+are used up ends the run in one line after the other shards are written; a killed driver leaves every shard written
+so far, and the next run computes only the missing rows.
 
 Rows do not depend on which task computes them (noise is keyed by each image, the projection by the seed), so the
 features equal a single process's up to float32 summation order (one torch thread per task): the test compares
@@ -28,7 +29,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..engine import Attribution, Attributor, lock_messages, open_attribution, open_attributor, progress_message
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from ..run_options import RunOptions
 from ..store import compute_slot
 from .ray_engine import RayCluster, single_thread
@@ -92,15 +93,23 @@ def featurize_member_on_ray(att: Attributor, options: RunOptions, cluster: RayCl
             pending = [remote.remote((member_options, att.model.spec, att.cfg.proj_seed, str(att.store_path), rows))
                        for rows in shards]
             done_before, finished, start = n - len(todo), 0, time.perf_counter()
+            failures: list[str] = []
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
-                rows, values = ray.get(ready[0])
+                try:
+                    rows, values = ray.get(ready[0])
+                except Exception as exc:  # Ray's retries used up: the other shards go on and are written
+                    failures.append(one_line(exc))
+                    continue
                 store.write_rows(rows, values)
                 finished += len(rows)
                 if report:
                     report(done_before + finished, n, progress_message(
                         done_before + finished, n, finished, time.perf_counter() - start)
                            + f" ({len(pending)} of {len(shards)} shards left on {where})")
+            if failures:
+                raise ConfigError(f"{len(failures)} of {len(shards)} shards failed after Ray's retries, e.g. "
+                                  f"{failures[0]}; rerun to compute their rows (the other shards are kept)")
         elif report:
             report(n, n, "cached")
     att.featurizer.finish(report)  # what the scores use beside the features (DAS's residual statistics)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from ..fileio import write_json
 from ..store import REPO_ROOT
 from .runs import MagicRun, load_theta, open_run, save_theta
@@ -82,12 +82,20 @@ def retrain(run: MagicRun, fraction: float, n_sets: int, seed: int = 0, workers:
                                                                 "OMP_NUM_THREADS": "1"}})
         task = ray.remote(num_cpus=1)(_ray_retrain)
         pending = [task.remote(str(run.path), sets[j], str(folder / f"retrain-{j:04d}.safetensors")) for j in todo]
+        failures: list[str] = []
         while pending:
             ready, pending = ray.wait(pending)
-            ray.get(ready)
+            try:
+                ray.get(ready)
+            except Exception as exc:  # retries used up: the other retrains go on and are kept
+                failures.append(one_line(exc))
+                continue
             done += len(ready)
             if progress:
                 progress(done, len(sets))
+        if failures:
+            raise ConfigError(f"{len(failures)} of {len(todo)} retrains failed, e.g. {failures[0]}; rerun to retry "
+                              "them (the finished retrains are kept)")
     else:
         for j in todo:
             save_theta(folder / f"retrain-{j:04d}.safetensors", _retrain_one(run, sets[j]))

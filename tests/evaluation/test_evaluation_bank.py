@@ -23,7 +23,7 @@ import torch
 from attribution.errors import ConfigError
 from attribution.evaluation.bank import Bank, BankSpec, build_bank, copied_targets, default_randomness, \
     random_masks, read_subset_file, simple_loss_outputs
-from attribution.evaluation.ray_engine import probe_address, run_tasks
+from attribution.evaluation.ray_engine import probe_address
 from attribution.evaluation.recipes import RECIPES, Recipe, get_recipe, recipe_from_run
 
 N_DIGITS = 1618
@@ -307,23 +307,6 @@ def test_bank_from_a_run_folder_attributes_that_run(tiny_run, tmp_path, local_ra
     assert bank.meta["identity"]["recipe"]["epochs"] == 2 and np.isfinite(bank.F).all()
     retrained = sorted((tmp_path / "cache").glob("retrain/*/*/retrain.json"))
     assert len(retrained) == 2 and all('"epochs": 2' in p.read_text() for p in retrained)
-
-
-@pytest.mark.slow
-def test_killed_worker_task_is_redone(tmp_path, local_ray):
-    marker = tmp_path / "attempted"
-
-    def crash_once(x: int) -> int:
-        path = marker.with_name(f"attempted-{x}")
-        if x == 1 and not path.exists():
-            path.write_text("1")
-            os._exit(1)  # the worker process dies mid-task
-        return x * x
-
-    seen = []
-    assert run_tasks(local_ray, crash_once, [0, 1, 2], progress=lambda d, t, m: seen.append((d, t, m))) == [0, 1, 4]
-    assert (tmp_path / "attempted-1").exists()
-    assert [d for d, _, _ in seen] == [1, 2, 3] and "left" in seen[-1][2] and "/min" in seen[-1][2]
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def _kill_first_shard_task(killed: list, timeout: float = 120.0) -> None:
 @pytest.mark.slow
 def test_a_worker_killed_mid_shard_is_redone(tiny_run, npz12, tmp_path, local_ray):
     """A Ray worker killed while it featurizes a shard: Ray runs that shard again on another worker, and the store
-    ends complete and equal to one process's features."""
+    ends complete and equal to one process's features. With Ray's retries used up, one line, and nothing lost."""
     import threading
 
     base = dict(checkpoint=str(tiny_run), dataset=f"npz:{npz12}", timesteps=2, proj_dim=64, device="cpu",
@@ -98,6 +98,33 @@ def test_a_worker_killed_mid_shard_is_redone(tiny_run, npz12, tmp_path, local_ra
     store = att.members[0].store
     assert killed and store.complete
     np.testing.assert_allclose(np.array(store.features()), want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+
+    # with no retry left, the killed shard ends the run in one line; the other shards are written, a rerun adds it
+    killed.clear()
+    killer = threading.Thread(target=_kill_first_shard_task, args=(killed,))
+    killer.start()
+    with pytest.raises(ConfigError) as err:
+        featurize_on_ray(RunOptions(**base, cache=str(tmp_path / "no-retry")), _NoRetries(local_ray), shard_size=6)
+    killer.join()
+    assert killed and re.fullmatch(r"1 of 2 shards failed after Ray's retries, e\.g\. \w+: .+; rerun to compute "
+                                   r"their rows \(the other shards are kept\)", str(err.value)), str(err.value)
+    store = open_attribution(RunOptions(**base, cache=str(tmp_path / "no-retry"))).members[0].store
+    assert store.done().sum() == 6 and not store.complete
+    store = featurize_on_ray(RunOptions(**base, cache=str(tmp_path / "no-retry")), local_ray).members[0].store
+    np.testing.assert_allclose(np.array(store.features()), want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+
+
+class _NoRetries:
+    """The module's Ray with Ray's task retries turned off."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+
+    def __getattr__(self, name):
+        return getattr(self.cluster, name)
+
+    def task_options(self) -> dict:
+        return {**self.cluster.task_options(), "max_retries": 0, "retry_exceptions": False}
 
 
 @pytest.mark.slow
