@@ -253,6 +253,10 @@ class GradientFeatures(Featurizer):
         super().__init__(model, train, cfg, cache_dir, batch_size)
         self.grad_spec = cfg.gradient_spec(model.num_timesteps)
         self.grad_dim = self.gradient_dim()
+        if cfg.projector != "identity" and cfg.proj_dim > self.grad_dim:
+            raise ConfigError(f"k = {cfg.proj_dim} is more than the {self.grad_dim:,} parameters whose gradient it "
+                              f"projects: choose k <= {self.grad_dim} (--proj-dim) or the identity projector "
+                              "(--projector identity: the exact gradients, no larger)")
         self.proj_dim = self.grad_dim if cfg.projector == "identity" else cfg.proj_dim
         self.train_timesteps = self.train_timesteps_source = None
         if cfg.strategy == "training":

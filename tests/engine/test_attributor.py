@@ -219,6 +219,8 @@ def test_failed_configs_leave_nothing_in_the_cache(model, digits, tmp_path):
     bad = [
         lambda: Attributor(model, train, FeatureConfig(timesteps=5000), cache=root),
         lambda: Attributor(model, train, FeatureConfig(params="nonexistent", **TWO_STEPS), cache=root),
+        # a projection to more dimensions than the gradient has (it cannot carry more than `identity`)
+        lambda: Attributor(model, train, FeatureConfig(proj_dim=param_count(model) + 4, **TWO_STEPS), cache=root),
         # trak-cuda needs CUDA and fast_jl: refused when the projector is built, before the store is created.
         lambda: Attributor(model, train, FeatureConfig(projector="trak-cuda", **TWO_STEPS), cache=root).featurize(),
         # a dataset at another resolution than the model's
@@ -235,6 +237,10 @@ def test_failed_configs_leave_nothing_in_the_cache(model, digits, tmp_path):
             make()
         one_line(exc)
         assert files_under(root) == [], exc.value
+    with pytest.raises(ConfigError, match=f"k = {param_count(model) + 4} is more than the {param_count(model):,} "
+                       f"parameters .* choose k <= {param_count(model)} \\(--proj-dim\\) or the identity projector"):
+        bad[2]()
+    Attributor(model, train, FeatureConfig(proj_dim=param_count(model), **TWO_STEPS), cache=root)  # k = P: allowed
     # lambda <= 0 on a featurized attributor: refused, nothing new written.
     att = Attributor(model, train, FeatureConfig(projector="sjlt", proj_dim=64, **TWO_STEPS), cache=root)
     att.featurize()
