@@ -27,15 +27,20 @@ PREPARED = ("Prepared: every step of the Tour, the Attribute page's defaults and
             "the cache.")
 
 
-@st.cache_resource(max_entries=4, show_spinner="Opening what the Tour and the Evaluation page use…")
 def cached_plan(checkpoint: str, dataset: str | None, tour: TourSettings, banks_root: str):
-    """The preparation tasks (opened, nothing computed), shared by all sessions."""
+    """The preparation tasks (opened, nothing computed), shared by all sessions that use the same cache folder."""
+    return _plan(checkpoint, dataset, tour, banks_root, str(cache_root()))
+
+
+@st.cache_resource(max_entries=4, show_spinner="Opening what the Tour and the Evaluation page use…")
+def _plan(checkpoint: str, dataset: str | None, tour: TourSettings, banks_root: str, cache: str):
     return plan(checkpoint, dataset, load=cached_model, tour=tour)
 
 
 def prepare_key(checkpoint: str, dataset: str | None, tour: TourSettings, banks_root: str) -> str:
-    """The background job's key: one job per (resolved checkpoint, dataset, Tour settings, banks folder)."""
-    return f"prepare:{checkpoint}|{dataset}|{tour}|{banks_root}"
+    """The background job's key: one job per (resolved checkpoint, dataset, Tour settings, banks folder, cache
+    folder)."""
+    return f"prepare:{checkpoint}|{dataset}|{tour}|{banks_root}|{cache_root()}"
 
 
 def start_job(checkpoint: str, dataset: str | None, tour: TourSettings, banks_root: str) -> BackgroundJob:

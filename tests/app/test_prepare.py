@@ -98,3 +98,19 @@ def test_a_server_with_preparation_off_starts_nothing(tiny_run, start_app, tmp_p
     assert not app.exception, app.exception
     assert find_job(prepare_key(f"{tiny_run}@epoch-2", "digits", TOUR, str(tmp_path / "no-banks"))) is None
     assert not app.sidebar.get("progress")
+
+
+def test_the_shared_plan_and_job_follow_the_cache_folder(tiny_run, tmp_path, monkeypatch):
+    """The plan is shared by sessions (cached once per process): a different cache folder gets its own plan, whose
+    features live there, and its own job key."""
+    from app_pages._prepare import cached_plan, prepare_key
+    from attribution.prepare import TOUR
+
+    folders, keys = [], []
+    for name in ("a", "b", "a"):
+        monkeypatch.setenv("ATTRIBUTION_CACHE", str(tmp_path / name))
+        tasks = cached_plan(f"{tiny_run}@epoch-2", "digits", TOUR, str(tmp_path / "no-banks"))
+        folders.append(tasks[0].attribution.members[0].cache_dir)
+        keys.append(prepare_key(f"{tiny_run}@epoch-2", "digits", TOUR, str(tmp_path / "no-banks")))
+    assert [f.is_relative_to(tmp_path / n) for f, n in zip(folders, "aba")] == [True] * 3, folders
+    assert keys[0] == keys[2] != keys[1]
