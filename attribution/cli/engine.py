@@ -75,11 +75,10 @@ def featurize_ray(args):
         raise ConfigError(f"--num-cpus must be at least 1, got {args.num_cpus}")
     if args.shard_size is not None and args.shard_size < 1:
         raise ConfigError(f"--shard-size must be at least 1, got {args.shard_size}")
-    options = run_options(args)
-    attribution = open_attribution(options)  # bad options: one line before Ray starts
+    attribution = open_attribution(run_options(args))  # bad options: one line before Ray starts
     with RayCluster(address, args.num_cpus) as cluster:
         info(f"featurizing on {cluster.describe()}")
-        return featurize_on_ray(options, cluster, args.shard_size, member_progress, attribution)
+        return featurize_on_ray(attribution, cluster, args.shard_size, member_progress)
 
 
 def check_lambda(method, lam: float | None) -> None:

@@ -94,7 +94,7 @@ def featurize_bank_on_ray(bank, methods: list[str], feature_options, args) -> di
     import functools  # lazy: keeps the start of the other commands fast
     import os  # lazy: keeps the start of the other commands fast
 
-    from ..evaluation.evaluate import bank_run_options, open_on_bank  # lazy: keeps the start of the other commands fast
+    from ..evaluation.evaluate import open_on_bank  # lazy: keeps the start of the other commands fast
     from ..models import load_model  # lazy: keeps the start of the other commands fast
     from ..evaluation.ray_engine import RayCluster, probe_address  # lazy: Ray only for a fan-out
     from ..evaluation.ray_featurize import featurize_on_ray
@@ -104,14 +104,12 @@ def featurize_bank_on_ray(bank, methods: list[str], feature_options, args) -> di
         probe_address(address)
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus must be at least 1, got {args.num_cpus}")
-    options = {name: bank_run_options(bank, name, args.device, **feature_options(name)) for name in methods}
     load = functools.cache(lambda spec: load_model(spec, args.device))
     opened = {name: open_on_bank(bank, name, args.device, load, **feature_options(name)) for name in methods}
     with RayCluster(address, args.num_cpus) as cluster:
         info(f"featurizing on {cluster.describe()}")
-        for name, opts in options.items():
-            featurize_on_ray(opts, cluster, progress=lambda member, name=name: progress_bar(f"{name} features"),
-                             attribution=opened[name])
+        for name, attribution in opened.items():
+            featurize_on_ray(attribution, cluster, progress=lambda member, name=name: progress_bar(f"{name} features"))
     return opened
 
 

@@ -65,7 +65,11 @@ def open_on_bank(bank: Bank, method: str, device: str = "auto", load: Callable |
     proj_dim, projector, seed, cache, ...) meant for the methods of a comparison: those of a kind this method does
     not use are left out (`RunOptions.for_method`). `load(spec)` loads a model (the app's cached loader).
     Validates; computes nothing."""
-    attribution = open_attribution(bank_run_options(bank, method, device, checkpoint, **options), load)
+    method, options = method_options(method, options)
+    m = get_method(method)
+    run = RunOptions.for_method(method, checkpoint=checkpoint or bank.model_spec_for(bool(m.weightings)),
+                                device=device, dataset=bank.dataset, **options)
+    attribution = open_attribution(run, load)
     check_training_set(bank, attribution)
     return attribution
 
@@ -77,16 +81,6 @@ def check_training_set(bank: Bank, attribution: Attribution) -> None:
         raise ConfigError(f"the {bank.meta['name']} bank was retrained on subsets of {bank.dataset} "
                           f"({bank.masks.shape[1]:,} images); this attribution is against {attribution.train.spec} "
                           f"({n:,} images): attribute against {bank.dataset} to measure it on this bank")
-
-
-def bank_run_options(bank: Bank, method: str, device: str = "auto", checkpoint: str | None = None,
-                     **options) -> RunOptions:
-    """The `RunOptions` of `method` (METHOD or METHOD:FN) on the bank's model (or `checkpoint`) and training set, from
-    options meant for the methods of a comparison (`open_on_bank`)."""
-    method, options = method_options(method, options)
-    m = get_method(method)
-    return RunOptions.for_method(method, checkpoint=checkpoint or bank.model_spec_for(bool(m.weightings)),
-                                 device=device, dataset=bank.dataset, **options)
 
 
 def run_on_bank(bank: Bank, attribution: Attribution, progress: Progress | None = None) -> Result:

@@ -59,24 +59,27 @@ def _shard(payload: tuple) -> tuple[np.ndarray, np.ndarray]:
     return rows, att.featurizer.train_rows(rows)
 
 
-def featurize_on_ray(options: RunOptions, cluster: RayCluster, shard_size: int | None = None,
-                     progress: Callable[[object], Progress | None] | None = None,
-                     attribution: Attribution | None = None) -> Attribution:
-    """Featurize every member of the attribution `options` define (or `attribution`, already opened from them)
-    with its missing training rows fanned out as Ray tasks (see the module docstring); `progress(member)` returns
-    that member's `(done, total, message)` callback. Returns the attribution (its stores complete)."""
-    attribution = attribution or open_attribution(options)
+def featurize_on_ray(what: RunOptions | Attribution, cluster: RayCluster, shard_size: int | None = None,
+                     progress: Callable[[object], Progress | None] | None = None) -> Attribution:
+    """Featurize every member of the attribution `what` defines (run options) or is (already opened from run
+    options) with its missing training rows fanned out as Ray tasks (see the module docstring); `progress(member)`
+    returns that member's `(done, total, message)` callback. Returns the attribution (its stores complete)."""
+    attribution = what if isinstance(what, Attribution) else open_attribution(what)
     for att in attribution.members:
         _ = att.store  # every member's folder opened (or refused) before any work
     for att in attribution.members:
-        featurize_member_on_ray(att, options, cluster, shard_size, progress(att) if progress else None)
+        featurize_member_on_ray(att, cluster, shard_size, progress(att) if progress else None)
     return attribution
 
 
-def featurize_member_on_ray(att: Attributor, options: RunOptions, cluster: RayCluster,
-                            shard_size: int | None = None, report: Progress | None = None) -> None:
-    """One member's missing training rows as Ray tasks on `cluster`, written into its store as they arrive
-    (`options`: what opened it, so that a task opens the same one)."""
+def featurize_member_on_ray(att: Attributor, cluster: RayCluster, shard_size: int | None = None,
+                            report: Progress | None = None) -> None:
+    """One member's missing training rows as Ray tasks on `cluster`, written into its store as they arrive. `att`
+    must have been opened from run options (`open_attribution` / `open_attributor`): its `options` say how a task
+    opens the same one."""
+    if att.options is None:
+        raise ConfigError("these features were not opened from run options, so Ray tasks cannot open them again; "
+                          "featurize them in this process")
     import ray  # lazy: importing Ray takes seconds; only a fan-out needs it
 
     remote = ray.remote(_shard).options(**cluster.task_options())
@@ -88,7 +91,7 @@ def featurize_member_on_ray(att: Attributor, options: RunOptions, cluster: RayCl
         if len(todo):
             stack.enter_context(compute_slot(att.cache_dir, queued))
             att.featurizer.prepare(report)  # the EK-FAC factors first (cached: the tasks load them)
-            member_options = replace(options, checkpoint=att.model.spec, device=device)
+            member_options = replace(att.options, checkpoint=att.model.spec, device=device)
             shards = shard_rows(todo, cluster.slots(), shard_size)
             pending = [remote.remote((member_options, att.model.spec, att.cfg.proj_seed, str(att.store_path), rows))
                        for rows in shards]
@@ -122,8 +125,5 @@ def featurize_on_cluster(att: Attributor, address: str, report: Progress | None 
     """`att`'s training features fanned out on the Ray cluster at `address` (a server's background job, several
     of which may run at once: they take turns for this process's one Ray connection). `att` must have been opened
     by `open_attribution` / `open_attributor` (its `options` say how a task opens it again)."""
-    if att.options is None:
-        raise ConfigError("these features were not opened from run options, so Ray tasks cannot open them again; "
-                          "featurize them in this process")
     with _CONNECTION, RayCluster(address) as cluster:
-        featurize_member_on_ray(att, att.options, cluster, report=report)
+        featurize_member_on_ray(att, cluster, report=report)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attribution.engine import open_attribution
+from attribution.engine import Attribution, open_attribution
 from attribution.errors import ConfigError
 from attribution.evaluation.ray_featurize import featurize_on_ray, shard_rows
 from attribution.run_options import RunOptions
@@ -217,17 +217,17 @@ def test_bank_tables_with_ray_score_what_they_featurized_with_one_model_load(com
         def describe(self):
             return "a stand-in cluster"
 
-    def fan_out(options, cluster, shard_size=None, progress=None, attribution=None):
-        fanned.append(attribution)
-        attribution.featurize()
-        return attribution
+    def fan_out(what, cluster, shard_size=None, progress=None):
+        fanned.append(what)
+        what.featurize()
+        return what
 
     monkeypatch.setattr(attribution.models, "load_model", counting_load)
     monkeypatch.setattr(attribution.engine, "load_model", counting_load)
     monkeypatch.setattr(ray_engine, "RayCluster", Cluster)
     monkeypatch.setattr(ray_featurize, "featurize_on_ray", fan_out)
     assert main([*args, "--ray", "--cache", str(tmp_path / "ray")]) == 0
-    assert len(loads) == 1 and len(fanned) == 2 and all(a is not None for a in fanned)
+    assert len(loads) == 1 and len(fanned) == 2 and all(isinstance(a, Attribution) for a in fanned)
     assert fanned[0].members[0].model is fanned[1].members[0].model
     assert capsys.readouterr().out == plain  # the same features (one process), so the same table
 
